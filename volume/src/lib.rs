@@ -1,0 +1,15 @@
+//! Ballast's domain types and local storage engine.
+//!
+//! - [`api`]: volume names, specs, statuses, errors and the [`api::VolumeControl`] trait that
+//!   every protocol adapter calls.
+//! - [`device`]: the [`device::BlockDevice`] trait with real-disk semantics.
+//! - [`io`]: the I/O engines (io_uring and sync) and owned aligned buffers.
+//! - [`pool`]: the on-disk format, extent allocation, checksums, crash-safe metadata and
+//!   replicas.
+//!
+//! This crate imports no other Ballast crate.
+
+pub mod api;
+pub mod device;
+pub mod io;
+pub mod pool;
