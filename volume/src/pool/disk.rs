@@ -1,0 +1,769 @@
+//! One pool device at run time: allocation, checksums, commits and crash recovery.
+//!
+//! # State and where it lives
+//!
+//! - The extent table, volume table and free list live in memory under one short mutex
+//!   ([`DiskState`]), which is never held across I/O.
+//! - Each volume's logical→physical map is an array of atomics, so the data path looks up
+//!   extents without a lock; entries change only under the state mutex.
+//! - Block checksums live in memory as atomics (one `u32` per 4 KiB block; 1 MiB of RAM per
+//!   GiB of pool) and on disk in the checksum area, written back at each commit.
+//!
+//! # Checksums
+//!
+//! A stored checksum of `0` means "never written or zeroed": the block reads as zeros with no
+//! I/O. Any other value is the block's CRC32C (a CRC of exactly `0` is stored as `1`; see
+//! [`encode_crc`]). Every read verifies every block; a mismatch is an error and is counted.
+//!
+//! # Commits and crash safety
+//!
+//! A commit (every flush, FUA write and control operation) does, under the commit lock:
+//! 1. snapshot: the metadata body, the open set (below) and the dirty checksum pages;
+//! 2. write the dirty checksum pages in place, then `fdatasync` (this also makes all data
+//!    writes that completed before the flush durable);
+//! 3. write the changed pages of the metadata slot `seq % 2` with its header, then `fdatasync`.
+//!
+//! Data blocks are overwritten in place, and their checksums on disk only catch up at the
+//! next commit. So a crash can leave blocks whose data is newer than their durable checksum.
+//! The **open set** bounds where that can happen: an extent whose allocation is durable may be
+//! written only while it is in the open set of the durable commit *and* of any commit being
+//! written. A write to any other extent first asks for a commit that opens it. Recovery
+//! recomputes the checksums of the blocks of open extents that had a durable checksum; blocks
+//! with a durable `0` stay zero (their first write was never flushed). Extents leave the open
+//! set after [`KEEP_OPEN_COMMITS`] commits without writes, and all of them at a clean close.
+//!
+//! Freed extents are reused only after the commit recording the free is durable and no I/O
+//! still pins them, so a crash never shows one volume's data to another.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::format::{detect_foreign, Layout, Superblock, BLOCK, BLOCKS_PER_EXTENT, EXTENT};
+use super::metadata::{check_slot, encode_header, ExtentEntry, MetaState, MetadataError, VolumeRecord};
+use super::stats::IoCounters;
+use super::PoolError;
+use crate::api::VolumeName;
+use crate::io::{IoBuf, IoEngine, IoFile, IoOp, IoRequest, Segment};
+
+/// Commits without writes after which an extent leaves the open set.
+pub const KEEP_OPEN_COMMITS: u64 = 8;
+
+/// "No physical extent" in a volume map.
+pub(crate) const UNMAPPED: u32 = u32::MAX;
+
+const CSUM_PER_PAGE: usize = (BLOCK / 4) as usize;
+
+/// The stored form of a block's CRC32C: never `0`, which means "reads as zeros".
+pub fn encode_crc(data: &[u8]) -> u32 {
+    match crc32c::crc32c(data) {
+        0 => 1,
+        c => c,
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Per physical extent, lock-free run-time state.
+#[derive(Debug, Default)]
+pub(crate) struct ExtentRt {
+    /// Writes in flight.
+    pub writes: AtomicU32,
+    /// Reads and writes in flight: a pinned extent is never reused.
+    pub pins: AtomicU32,
+    /// Bumped at the start and end of every write and by discards; reads retry a checksum
+    /// mismatch if it moved.
+    pub version: AtomicU64,
+    /// The commit interval of the last write's start.
+    pub last_write: AtomicU64,
+    /// The owner's write sequence at the last write.
+    pub generation: AtomicU64,
+    /// The extent's allocation is part of a commit snapshot.
+    pub committed: AtomicBool,
+}
+
+/// A volume's run-time state on its disk.
+#[derive(Debug)]
+pub(crate) struct VolRt {
+    pub index: u32,
+    pub name: VolumeName,
+    pub uuid: [u8; 16],
+    pub created_at: u64,
+    pub replicas: u8,
+    pub size: AtomicU64,
+    /// The write sequence; stamped on extents as their generation.
+    pub seq: AtomicU64,
+    /// Logical extent → physical extent or [`UNMAPPED`].
+    pub map: RwLock<Vec<AtomicU32>>,
+    pub allocated_extents: AtomicU64,
+    pub deleted: AtomicBool,
+    pub counters: IoCounters,
+}
+
+impl VolRt {
+    fn record(&self) -> VolumeRecord {
+        VolumeRecord {
+            name: self.name.clone(),
+            uuid: self.uuid,
+            size: self.size.load(SeqCst),
+            created_at: self.created_at,
+            generation: self.seq.load(SeqCst),
+            replicas: self.replicas,
+        }
+    }
+
+    pub(crate) fn lookup(&self, logical: u64) -> u32 {
+        self.map.read().expect("volume map lock").get(logical as usize).map_or(UNMAPPED, |a| a.load(SeqCst))
+    }
+}
+
+#[derive(Debug)]
+struct DiskState {
+    volumes: Vec<Option<Arc<VolRt>>>,
+    owners: Vec<ExtentEntry>,
+    free: BTreeSet<u32>,
+    /// Freed extents and the interval they were freed in.
+    pending_free: Vec<(u32, u64)>,
+}
+
+#[derive(Debug)]
+struct OpenState {
+    /// The open set of the newest durable commit.
+    durable: Vec<bool>,
+    /// Extents writable without a commit: `durable` ∩ the commit being written.
+    safe: Vec<bool>,
+    /// Extents writers asked to open.
+    wanted: Vec<u32>,
+}
+
+#[derive(Debug)]
+struct CommitState {
+    seq: u64,
+    /// The body each slot is known to hold, if known.
+    slot_body: [Option<Vec<u8>>; 2],
+}
+
+/// What opening a disk found.
+#[derive(Debug, Clone, Default)]
+pub struct OpenReport {
+    /// The device was formatted now.
+    pub formatted: bool,
+    /// Open extents whose checksums were recomputed after an unclean shutdown.
+    pub recovered_extents: u64,
+}
+
+/// One opened pool device.
+#[derive(Debug)]
+pub(crate) struct Disk {
+    pub path: PathBuf,
+    file: IoFile,
+    engine: Arc<dyn IoEngine>,
+    pub sb: Superblock,
+    pub layout: Layout,
+    state: Mutex<DiskState>,
+    csums: Box<[AtomicU32]>,
+    csum_dirty: Box<[AtomicU64]>,
+    pub ext: Box<[ExtentRt]>,
+    open: Mutex<OpenState>,
+    interval: AtomicU64,
+    commit_lock: tokio::sync::Mutex<CommitState>,
+    pub checksum_errors: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().expect("pool state lock poisoned")
+}
+
+fn device_size(path: &Path, file: &IoFile) -> std::io::Result<u64> {
+    let meta = std::fs::metadata(path)?;
+    if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+        let mut size: u64 = 0;
+        // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+        const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+        // SAFETY: the fd is open; the ioctl writes one u64 into `size`, which outlives the call.
+        let rc = unsafe { libc::ioctl(file.raw_fd(), BLKGETSIZE64, &raw mut size) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(size)
+    } else if meta.is_file() {
+        Ok(meta.len())
+    } else {
+        Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file or block device"))
+    }
+}
+
+impl Disk {
+    /// Open `path`, formatting it if it is empty (or if `force`), and recover after a crash.
+    pub(crate) async fn open(
+        path: &Path,
+        create_size: Option<u64>,
+        node_id: &str,
+        pool_uuid: Option<[u8; 16]>,
+        force: bool,
+        engine: Arc<dyn IoEngine>,
+    ) -> Result<(Self, OpenReport), PoolError> {
+        let p = path.to_path_buf();
+        let io_err = |op: &'static str| {
+            let p = p.clone();
+            move |source| PoolError::Io { path: p, op, source }
+        };
+        if !path.exists() {
+            let Some(size) = create_size else {
+                return Err(PoolError::Missing { path: p });
+            };
+            let f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(io_err("create"))?;
+            f.set_len(size).map_err(io_err("size"))?;
+        }
+        let (file, direct) = crate::io::open_direct(path, false).map_err(io_err("open"))?;
+        if !direct {
+            tracing::warn!(path = %path.display(), "pool device opened without O_DIRECT");
+        }
+        let size = device_size(path, &file).map_err(io_err("size"))?;
+        let layout = Layout::for_device(size).map_err(|source| PoolError::Format { path: p.clone(), source })?;
+        let head_len = (1u64 << 20).min(layout.device_bytes) as usize;
+        let head = read_at(&*engine, &file, 0, head_len).await.map_err(io_err("read"))?;
+        let mut sb = Superblock::decode(&head[..BLOCK as usize]).ok();
+        let mut rewrite_a = false;
+        if sb.is_none() && &head[..8] == super::format::SB_MAGIC {
+            let b = read_at(&*engine, &file, layout.sb_b_offset(), BLOCK as usize).await.map_err(io_err("read"))?;
+            sb = Superblock::decode(&b).ok();
+            rewrite_a = sb.is_some();
+            if rewrite_a {
+                tracing::warn!(path = %path.display(), "superblock A is damaged; using copy B");
+            }
+        }
+        let format_reason = match &sb {
+            Some(sb) if pool_uuid.is_some_and(|u| u != sb.pool_uuid) => {
+                let what = format!("a Ballast pool of another node pool ({})", uuid::Uuid::from_bytes(sb.pool_uuid));
+                Some(what)
+            }
+            Some(_) => None,
+            None => detect_foreign(&head).map(Some).unwrap_or(Some(String::new())),
+        };
+        match format_reason {
+            None => {
+                let sb = sb.expect("checked");
+                let disk = Self::new(p.clone(), file, engine, sb);
+                if rewrite_a {
+                    disk.write_raw(0, &disk.sb.encode()).await.map_err(io_err("write"))?;
+                }
+                let report = disk.load().await?;
+                if disk.sb.node_id != node_id {
+                    tracing::warn!(path = %path.display(), recorded = %disk.sb.node_id, node_id, "pool device was formatted by another node ID");
+                }
+                Ok((disk, report))
+            }
+            Some(what) if !what.is_empty() && !force => Err(PoolError::Foreign { path: p, what }),
+            Some(what) => {
+                if !what.is_empty() {
+                    tracing::warn!(path = %path.display(), found = %what, "formatting over existing content because force was given");
+                }
+                let sb = Superblock {
+                    pool_uuid: pool_uuid.unwrap_or_else(|| *uuid::Uuid::new_v4().as_bytes()),
+                    disk_uuid: *uuid::Uuid::new_v4().as_bytes(),
+                    node_id: node_id.to_owned(),
+                    created_at: now_secs(),
+                    layout,
+                };
+                let disk = Self::new(p.clone(), file, engine, sb);
+                disk.format().await?;
+                tracing::info!(path = %path.display(), capacity = layout.capacity_bytes(), "formatted pool device");
+                Ok((disk, OpenReport { formatted: true, recovered_extents: 0 }))
+            }
+        }
+    }
+
+    fn new(path: PathBuf, file: IoFile, engine: Arc<dyn IoEngine>, sb: Superblock) -> Self {
+        let layout = sb.layout;
+        let n = layout.n_extents as usize;
+        let blocks = n * BLOCKS_PER_EXTENT as usize;
+        let csum_pages = blocks.div_ceil(CSUM_PER_PAGE);
+        Self {
+            path,
+            file,
+            engine,
+            sb,
+            layout,
+            state: Mutex::new(DiskState {
+                volumes: vec![None; layout.max_volumes as usize],
+                owners: vec![ExtentEntry::default(); n],
+                free: (0..n as u32).collect(),
+                pending_free: Vec::new(),
+            }),
+            csums: (0..blocks).map(|_| AtomicU32::new(0)).collect(),
+            csum_dirty: (0..csum_pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            ext: (0..n).map(|_| ExtentRt::default()).collect(),
+            open: Mutex::new(OpenState { durable: vec![false; n], safe: vec![false; n], wanted: Vec::new() }),
+            interval: AtomicU64::new(1),
+            commit_lock: tokio::sync::Mutex::new(CommitState { seq: 0, slot_body: [None, None] }),
+            checksum_errors: AtomicU64::new(0),
+        }
+    }
+
+    fn io_err(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> PoolError + '_ {
+        move |source| PoolError::Io { path: self.path.clone(), op, source }
+    }
+
+    async fn format(&self) -> Result<(), PoolError> {
+        // An empty metadata commit first, then the superblocks: a crash before the
+        // superblocks leaves a device that is still "not a pool".
+        self.commit(true).await?;
+        let sb = self.sb.encode();
+        self.write_raw(self.layout.sb_b_offset(), &sb).await.map_err(self.io_err("write"))?;
+        self.write_raw(0, &sb).await.map_err(self.io_err("write"))?;
+        self.fsync().await.map_err(self.io_err("fdatasync"))
+    }
+
+    /// Load the newest valid metadata slot and the checksum area; recover open extents.
+    async fn load(&self) -> Result<OpenReport, PoolError> {
+        let l = self.layout;
+        let meta_err = |source| PoolError::Metadata { path: self.path.clone(), source };
+        let mut best: Option<(u64, usize, Vec<u8>)> = None;
+        let mut last_err = MetadataError::BadHeader;
+        for (i, off) in l.meta_slot_offset.iter().enumerate() {
+            let slot = read_at(&*self.engine, &self.file, *off, l.meta_slot_bytes as usize).await.map_err(self.io_err("read"))?;
+            match check_slot(&l, &self.sb.disk_uuid, &slot) {
+                Ok(seq) if best.as_ref().is_none_or(|b| seq > b.0) => {
+                    best = Some((seq, i, slot[l.header_pages as usize * BLOCK as usize..].to_vec()));
+                }
+                Ok(_) => {}
+                Err(e) => last_err = e,
+            }
+        }
+        let Some((seq, slot, body)) = best else { return Err(meta_err(last_err)) };
+        let meta = MetaState::decode_body(&l, &body).map_err(meta_err)?;
+        {
+            let mut cs = self.commit_lock.lock().await;
+            cs.seq = seq;
+            cs.slot_body[slot] = Some(body);
+        }
+        let csum_area = read_at(&*self.engine, &self.file, l.csum_offset, l.csum_bytes as usize).await.map_err(self.io_err("read"))?;
+        for (i, c) in self.csums.iter().enumerate() {
+            c.store(super::format::get_u32(&csum_area, i * 4), SeqCst);
+        }
+        {
+            let mut st = lock(&self.state);
+            for (i, rec) in meta.volumes.iter().enumerate() {
+                let Some(rec) = rec else { continue };
+                st.volumes[i] = Some(Arc::new(VolRt {
+                    index: i as u32,
+                    name: rec.name.clone(),
+                    uuid: rec.uuid,
+                    created_at: rec.created_at,
+                    replicas: rec.replicas,
+                    size: AtomicU64::new(rec.size),
+                    seq: AtomicU64::new(rec.generation),
+                    map: RwLock::new((0..rec.size / EXTENT).map(|_| AtomicU32::new(UNMAPPED)).collect()),
+                    allocated_extents: AtomicU64::new(0),
+                    deleted: AtomicBool::new(false),
+                    counters: IoCounters::default(),
+                }));
+            }
+            st.free.clear();
+            for (p, e) in meta.extents.iter().enumerate() {
+                st.owners[p] = *e;
+                if e.owner == 0 {
+                    st.free.insert(p as u32);
+                    for b in self.block_range(p as u32) {
+                        if self.csums[b].swap(0, SeqCst) != 0 {
+                            self.mark_dirty(b);
+                        }
+                    }
+                    continue;
+                }
+                let vol = st.volumes[e.owner as usize - 1].clone().expect("decode checked owners");
+                vol.lookup_slot_store(e.logical, p as u32);
+                vol.allocated_extents.fetch_add(1, SeqCst);
+                vol.seq.fetch_max(e.generation, SeqCst);
+                self.ext[p].generation.store(e.generation, SeqCst);
+                self.ext[p].committed.store(true, SeqCst);
+            }
+        }
+        // Recovery: recompute the checksums of open extents from their data.
+        let mut recovered = 0;
+        for (p, _) in meta.open.iter().enumerate().filter(|(_, o)| **o) {
+            let data = read_at(&*self.engine, &self.file, l.data_block_offset(p as u64 * BLOCKS_PER_EXTENT), EXTENT as usize)
+                .await
+                .map_err(self.io_err("read"))?;
+            for (k, b) in self.block_range(p as u32).enumerate() {
+                if self.csums[b].load(SeqCst) == 0 {
+                    continue;
+                }
+                let c = encode_crc(&data[k * BLOCK as usize..(k + 1) * BLOCK as usize]);
+                if self.csums[b].swap(c, SeqCst) != c {
+                    self.mark_dirty(b);
+                }
+            }
+            recovered += 1;
+        }
+        {
+            let mut os = lock(&self.open);
+            os.durable.clone_from(&meta.open);
+            os.safe.clone_from(&meta.open);
+        }
+        if recovered > 0 {
+            tracing::warn!(path = %self.path.display(), extents = recovered, "recovered after an unclean shutdown: recomputed checksums of open extents");
+        }
+        // Commit now so the other slot is known and the recovered checksums are durable.
+        self.commit(recovered > 0).await?;
+        Ok(OpenReport { formatted: false, recovered_extents: recovered })
+    }
+
+    pub(crate) fn block_range(&self, p: u32) -> std::ops::Range<usize> {
+        let start = p as usize * BLOCKS_PER_EXTENT as usize;
+        start..start + BLOCKS_PER_EXTENT as usize
+    }
+
+    pub(crate) fn csum(&self, pblock: usize) -> u32 {
+        self.csums[pblock].load(SeqCst)
+    }
+
+    pub(crate) fn set_csum(&self, pblock: usize, value: u32) {
+        if self.csums[pblock].swap(value, SeqCst) != value {
+            self.mark_dirty(pblock);
+        }
+    }
+
+    fn mark_dirty(&self, pblock: usize) {
+        let page = pblock / CSUM_PER_PAGE;
+        self.csum_dirty[page / 64].fetch_or(1 << (page % 64), SeqCst);
+    }
+
+    pub(crate) fn current_interval(&self) -> u64 {
+        self.interval.load(SeqCst)
+    }
+
+    pub(crate) fn engine(&self) -> &dyn IoEngine {
+        &*self.engine
+    }
+
+    pub(crate) fn file(&self) -> &IoFile {
+        &self.file
+    }
+
+    /// Every live volume.
+    pub(crate) fn volumes(&self) -> Vec<Arc<VolRt>> {
+        lock(&self.state).volumes.iter().flatten().cloned().collect()
+    }
+
+    /// Allocated and total extents.
+    pub(crate) fn usage(&self) -> (u64, u64) {
+        let st = lock(&self.state);
+        let used = st.owners.iter().filter(|e| e.owner != 0).count() as u64;
+        (used, u64::from(self.layout.n_extents))
+    }
+
+    pub(crate) fn free_volume_slots(&self) -> usize {
+        lock(&self.state).volumes.iter().filter(|v| v.is_none()).count()
+    }
+
+    /// Add a volume record and commit it.
+    pub(crate) async fn create_volume(&self, name: &VolumeName, size: u64, replicas: u8) -> Result<Arc<VolRt>, PoolError> {
+        let vol = {
+            let mut st = lock(&self.state);
+            let Some(index) = st.volumes.iter().position(Option::is_none) else {
+                return Err(PoolError::Full { path: self.path.clone(), what: "volume table" });
+            };
+            let vol = Arc::new(VolRt {
+                index: index as u32,
+                name: name.clone(),
+                uuid: *uuid::Uuid::new_v4().as_bytes(),
+                created_at: now_secs(),
+                replicas,
+                size: AtomicU64::new(size),
+                seq: AtomicU64::new(0),
+                map: RwLock::new((0..size / EXTENT).map(|_| AtomicU32::new(UNMAPPED)).collect()),
+                allocated_extents: AtomicU64::new(0),
+                deleted: AtomicBool::new(false),
+                counters: IoCounters::default(),
+            });
+            st.volumes[index] = Some(vol.clone());
+            vol
+        };
+        self.commit(false).await?;
+        Ok(vol)
+    }
+
+    /// Remove a volume, free its extents, and commit.
+    pub(crate) async fn delete_volume(&self, vol: &VolRt) -> Result<(), PoolError> {
+        {
+            let mut st = lock(&self.state);
+            vol.deleted.store(true, SeqCst);
+            st.volumes[vol.index as usize] = None;
+            let map = vol.map.read().expect("volume map lock");
+            for le in 0..map.len() as u64 {
+                self.free_extent_locked(&mut st, vol, &map, le);
+            }
+        }
+        self.commit(false).await
+    }
+
+    /// Grow a volume and commit.
+    pub(crate) async fn grow_volume(&self, vol: &VolRt, new_size: u64) -> Result<(), PoolError> {
+        {
+            let _st = lock(&self.state);
+            let mut map = vol.map.write().expect("volume map lock");
+            let extents = (new_size / EXTENT) as usize;
+            while map.len() < extents {
+                map.push(AtomicU32::new(UNMAPPED));
+            }
+            vol.size.store(new_size, SeqCst);
+        }
+        self.commit(false).await
+    }
+
+    /// The physical extent backing `logical`, allocating one if needed.
+    pub(crate) async fn map_or_alloc(&self, vol: &VolRt, logical: u64) -> Result<u32, AllocError> {
+        let mut committed_for_space = false;
+        loop {
+            let p = vol.lookup(logical);
+            if p != UNMAPPED {
+                return Ok(p);
+            }
+            {
+                let mut st = lock(&self.state);
+                if vol.deleted.load(SeqCst) {
+                    return Err(AllocError::Closed);
+                }
+                let p = vol.lookup(logical);
+                if p != UNMAPPED {
+                    return Ok(p);
+                }
+                // Prefer the extent after the previous logical extent's, for sequential locality.
+                let prev = logical.checked_sub(1).map_or(UNMAPPED, |l| vol.lookup(l));
+                let pick = if prev != UNMAPPED && st.free.contains(&(prev + 1)) { Some(prev + 1) } else { st.free.first().copied() };
+                if let Some(p) = pick {
+                    st.free.remove(&p);
+                    st.owners[p as usize] = ExtentEntry { owner: vol.index + 1, logical: logical as u32, generation: 0 };
+                    for b in self.block_range(p) {
+                        self.set_csum(b, 0);
+                    }
+                    let e = &self.ext[p as usize];
+                    e.committed.store(false, SeqCst);
+                    e.generation.store(0, SeqCst);
+                    vol.lookup_slot_store(logical as u32, p);
+                    vol.allocated_extents.fetch_add(1, SeqCst);
+                    return Ok(p);
+                }
+                if st.pending_free.is_empty() || committed_for_space {
+                    return Err(AllocError::NoSpace);
+                }
+            }
+            // Freed extents become reusable once a commit records the free.
+            self.commit(false).await.map_err(AllocError::Commit)?;
+            committed_for_space = true;
+        }
+    }
+
+    /// Drop `logical` from `vol`'s map and queue its extent for reuse. Caller holds the state lock.
+    fn free_extent_locked(&self, st: &mut DiskState, vol: &VolRt, map: &[AtomicU32], logical: u64) {
+        let p = map[logical as usize].swap(UNMAPPED, SeqCst);
+        if p == UNMAPPED {
+            return;
+        }
+        st.owners[p as usize] = ExtentEntry::default();
+        self.ext[p as usize].version.fetch_add(1, SeqCst);
+        for b in self.block_range(p) {
+            self.set_csum(b, 0);
+        }
+        st.pending_free.push((p, self.interval.load(SeqCst)));
+        vol.allocated_extents.fetch_sub(1, SeqCst);
+    }
+
+    /// Free `logical` of `vol` (a whole-extent discard).
+    pub(crate) fn free_extent(&self, vol: &VolRt, logical: u64) {
+        let mut st = lock(&self.state);
+        let map = vol.map.read().expect("volume map lock");
+        if (logical as usize) < map.len() {
+            self.free_extent_locked(&mut st, vol, &map, logical);
+        }
+    }
+
+    /// Make sure writes to `p` are covered by the open set; commits if they are not.
+    pub(crate) async fn ensure_open(&self, p: u32) -> Result<(), PoolError> {
+        loop {
+            if !self.ext[p as usize].committed.load(SeqCst) {
+                return Ok(());
+            }
+            {
+                let mut os = lock(&self.open);
+                if os.safe[p as usize] {
+                    return Ok(());
+                }
+                os.wanted.push(p);
+            }
+            self.commit(false).await?;
+        }
+    }
+
+    /// Commit: make every completed write and metadata change durable. With `closing`, the
+    /// open set is emptied of every extent without a write in flight (clean shutdown).
+    pub(crate) async fn commit(&self, closing: bool) -> Result<(), PoolError> {
+        let mut cs = self.commit_lock.lock().await;
+        let cur = self.interval.fetch_add(1, SeqCst);
+        let n = self.layout.n_extents as usize;
+        // 1. Snapshot under the open and state locks (in that order).
+        let (meta, new_open, releasable) = {
+            let mut os = lock(&self.open);
+            let st = lock(&self.state);
+            for (p, e) in st.owners.iter().enumerate() {
+                if e.owner != 0 {
+                    self.ext[p].committed.store(true, SeqCst);
+                }
+            }
+            let mut new_open = vec![false; n];
+            for &p in &os.wanted {
+                new_open[p as usize] = true;
+            }
+            os.wanted.clear();
+            for (p, open) in new_open.iter_mut().enumerate() {
+                let e = &self.ext[p];
+                let recent = !closing && e.last_write.load(SeqCst) + KEEP_OPEN_COMMITS > cur;
+                *open = st.owners[p].owner != 0 && (*open || e.writes.load(SeqCst) > 0 || recent);
+            }
+            for p in 0..n {
+                os.safe[p] = os.durable[p] && new_open[p];
+            }
+            let mut meta = MetaState::empty(&self.layout);
+            for (i, v) in st.volumes.iter().enumerate() {
+                meta.volumes[i] = v.as_ref().map(|v| v.record());
+            }
+            for (p, e) in st.owners.iter().enumerate() {
+                meta.extents[p] = ExtentEntry { generation: if e.owner == 0 { 0 } else { self.ext[p].generation.load(SeqCst) }, ..*e };
+            }
+            meta.open.clone_from(&new_open);
+            let releasable: Vec<u32> = st.pending_free.iter().filter(|(_, at)| *at <= cur).map(|(p, _)| *p).collect();
+            (meta, new_open, releasable)
+        };
+        let result = self.write_commit(&mut cs, &meta).await;
+        let mut os = lock(&self.open);
+        match result {
+            Ok(()) => {
+                os.durable.clone_from(&new_open);
+                os.safe = new_open;
+                drop(os);
+                let mut st = lock(&self.state);
+                let DiskState { free, pending_free, .. } = &mut *st;
+                pending_free.retain(|&(p, _)| {
+                    let release = releasable.contains(&p) && self.ext[p as usize].pins.load(SeqCst) == 0;
+                    if release {
+                        free.insert(p);
+                    }
+                    !release
+                });
+                Ok(())
+            }
+            Err(e) => {
+                // `safe` stays the intersection: writers keep waiting for a good commit.
+                tracing::error!(path = %self.path.display(), error = %e, "metadata commit failed");
+                Err(e)
+            }
+        }
+    }
+
+    async fn write_commit(&self, cs: &mut CommitState, meta: &MetaState) -> Result<(), PoolError> {
+        let l = self.layout;
+        // 2. Dirty checksum pages, in place.
+        let mut pages = Vec::new();
+        for (w, word) in self.csum_dirty.iter().enumerate() {
+            let mut bits = word.swap(0, SeqCst);
+            while bits != 0 {
+                let bit = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                pages.push(w * 64 + bit);
+            }
+        }
+        if !pages.is_empty() {
+            let mut buf = IoBuf::zeroed(pages.len() * BLOCK as usize);
+            let mut segments = Vec::with_capacity(pages.len());
+            for (i, &page) in pages.iter().enumerate() {
+                let base = page * CSUM_PER_PAGE;
+                for k in 0..CSUM_PER_PAGE {
+                    let v = self.csums.get(base + k).map_or(0, |a| a.load(SeqCst));
+                    super::format::put_u32(&mut buf, i * BLOCK as usize + k * 4, v);
+                }
+                push_segment(&mut segments, l.csum_offset + page as u64 * BLOCK, i * BLOCK as usize, BLOCK as usize);
+            }
+            let c = self.engine.submit(IoRequest { op: IoOp::Write { dsync: false }, file: self.file.clone(), buf: Some(buf), segments }).await;
+            if let Err(e) = c.result {
+                for page in pages {
+                    self.csum_dirty[page / 64].fetch_or(1 << (page % 64), SeqCst);
+                }
+                return Err(self.io_err("write checksums")(e));
+            }
+        }
+        // 3. Data and checksums durable before the metadata that refers to them.
+        self.fsync().await.map_err(self.io_err("fdatasync"))?;
+        // 4. The metadata slot: changed body pages and the header, then sync.
+        let seq = cs.seq + 1;
+        let slot = (seq % 2) as usize;
+        let body = meta.encode_body(&l);
+        let header = encode_header(&l, seq, &self.sb.disk_uuid, &body);
+        let mut buf = IoBuf::zeroed(header.len() + body.len());
+        buf[..header.len()].copy_from_slice(&header);
+        buf[header.len()..].copy_from_slice(&body);
+        let base = l.meta_slot_offset[slot];
+        let mut segments = Vec::new();
+        push_segment(&mut segments, base, 0, header.len());
+        for (i, page) in body.chunks(BLOCK as usize).enumerate() {
+            let known = cs.slot_body[slot].as_ref().map(|b| &b[i * BLOCK as usize..(i + 1) * BLOCK as usize]);
+            if known != Some(page) {
+                let off = header.len() + i * BLOCK as usize;
+                push_segment(&mut segments, base + off as u64, off, BLOCK as usize);
+            }
+        }
+        cs.slot_body[slot] = None;
+        let c = self.engine.submit(IoRequest { op: IoOp::Write { dsync: false }, file: self.file.clone(), buf: Some(buf), segments }).await;
+        c.result.map_err(self.io_err("write metadata"))?;
+        self.fsync().await.map_err(self.io_err("fdatasync"))?;
+        cs.slot_body[slot] = Some(body);
+        cs.seq = seq;
+        Ok(())
+    }
+
+    async fn fsync(&self) -> std::io::Result<()> {
+        self.engine.submit(IoRequest::fsync(&self.file)).await.result
+    }
+
+    async fn write_raw(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.engine.submit(IoRequest::write(&self.file, offset, IoBuf::from_slice(data), false)).await.result
+    }
+}
+
+/// Append a segment, merging it with the previous one when both are contiguous.
+pub(crate) fn push_segment(segments: &mut Vec<Segment>, file_offset: u64, buf_offset: usize, len: usize) {
+    if let Some(last) = segments.last_mut() {
+        if last.file_offset + last.len as u64 == file_offset && last.buf_offset + last.len == buf_offset {
+            last.len += len;
+            return;
+        }
+    }
+    segments.push(Segment { file_offset, buf_offset, len });
+}
+
+async fn read_at(engine: &dyn IoEngine, file: &IoFile, offset: u64, len: usize) -> std::io::Result<IoBuf> {
+    let c = engine.submit(IoRequest::read(file, offset, IoBuf::zeroed(len))).await;
+    c.result?;
+    c.buf.ok_or_else(|| std::io::Error::other("the I/O engine lost a buffer"))
+}
+
+/// Why an extent could not be allocated.
+#[derive(Debug)]
+pub(crate) enum AllocError {
+    NoSpace,
+    Closed,
+    Commit(PoolError),
+}
+
+impl VolRt {
+    pub(crate) fn lookup_slot_store(&self, logical: u32, p: u32) {
+        if let Some(a) = self.map.read().expect("volume map lock").get(logical as usize) {
+            a.store(p, SeqCst);
+        }
+    }
+}

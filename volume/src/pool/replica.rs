@@ -1,0 +1,337 @@
+//! A volume's local replica as a [`BlockDevice`]: thin provisioning and checksums on the data
+//! path.
+//!
+//! - Requests are checked for alignment and range before any I/O.
+//! - A read maps each block: unallocated or zeroed blocks are filled with zeros without I/O;
+//!   the rest are read in as few segments as the physical layout allows and every block is
+//!   verified against its CRC32C. A mismatch is retried only if a write to the same extent
+//!   raced with the read; otherwise it is a [`DeviceErrorKind::Checksum`] error and counted.
+//! - A write allocates extents on first touch, pins them, makes sure they are in the open set
+//!   (see `disk.rs`), writes the data, and only then publishes the new checksums.
+//! - Every extent touched by an operation is pinned until the operation completes, so a
+//!   concurrent discard can never hand the extent to another volume under it.
+
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::disk::{encode_crc, push_segment, AllocError, Disk, VolRt, UNMAPPED};
+use super::format::{BLOCK, BLOCKS_PER_EXTENT, EXTENT};
+use crate::device::{BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, WriteFlags};
+use crate::io::{IoBuf, IoOp, IoRequest};
+
+/// How many times a read whose checksum raced with a write is retried.
+const RACE_RETRIES: usize = 16;
+
+/// One volume's local replica: a thin-provisioned, checksummed block device.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    disk: Arc<Disk>,
+    vol: Arc<VolRt>,
+}
+
+/// Extents pinned for the duration of one operation; unpinned on drop.
+struct Pins<'a> {
+    disk: &'a Disk,
+    extents: Vec<u32>,
+    writing: bool,
+}
+
+impl Pins<'_> {
+    /// Pin the extent mapped at `logical`, or return `UNMAPPED`.
+    fn pin(&mut self, vol: &VolRt, logical: u64) -> u32 {
+        loop {
+            let p = vol.lookup(logical);
+            if p == UNMAPPED {
+                return p;
+            }
+            let e = &self.disk.ext[p as usize];
+            e.pins.fetch_add(1, SeqCst);
+            if self.writing {
+                e.writes.fetch_add(1, SeqCst);
+                e.version.fetch_add(1, SeqCst);
+                e.last_write.store(self.disk.current_interval(), SeqCst);
+            }
+            if vol.lookup(logical) == p {
+                self.extents.push(p);
+                return p;
+            }
+            self.release(p);
+        }
+    }
+
+    fn release(&self, p: u32) {
+        let e = &self.disk.ext[p as usize];
+        if self.writing {
+            e.version.fetch_add(1, SeqCst);
+            e.writes.fetch_sub(1, SeqCst);
+        }
+        e.pins.fetch_sub(1, SeqCst);
+    }
+}
+
+impl Drop for Pins<'_> {
+    fn drop(&mut self) {
+        for &p in &self.extents {
+            self.release(p);
+        }
+    }
+}
+
+impl Replica {
+    pub(crate) fn new(disk: Arc<Disk>, vol: Arc<VolRt>) -> Self {
+        Self { disk, vol }
+    }
+
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        self.vol.name.as_str()
+    }
+
+    /// Bytes of pool space the replica occupies.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.vol.allocated_extents.load(SeqCst) * EXTENT
+    }
+
+    /// Checksum mismatches seen on this volume's reads.
+    pub fn checksum_errors(&self) -> u64 {
+        self.vol.counters.checksum_errors.load(SeqCst)
+    }
+
+    fn check(&self, op: &'static str, offset: u64, len: u64) -> Result<(), DeviceError> {
+        if self.vol.deleted.load(SeqCst) {
+            return Err(DeviceError::new(DeviceErrorKind::Closed, op, offset, len, format!("volume {} was deleted", self.vol.name)));
+        }
+        if offset % BLOCK != 0 || len % BLOCK != 0 || len == 0 {
+            return Err(DeviceError::new(
+                DeviceErrorKind::Unaligned,
+                op,
+                offset,
+                len,
+                format!("offset and length must be non-zero multiples of {BLOCK} bytes"),
+            ));
+        }
+        let size = self.vol.size.load(SeqCst);
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(DeviceError::new(
+                DeviceErrorKind::OutOfRange,
+                op,
+                offset,
+                len,
+                format!("the request ends beyond the volume's {size} bytes"),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn read_inner(&self, offset: u64, mut buf: IoBuf) -> BufResult {
+        let len = buf.len() as u64;
+        if let Err(error) = self.check("read", offset, len) {
+            return Err(BufError { error, buf });
+        }
+        let first = offset / BLOCK;
+        let nblocks = (len / BLOCK) as usize;
+        for attempt in 0..=RACE_RETRIES {
+            let mut pins = Pins { disk: &self.disk, extents: Vec::new(), writing: false };
+            // (buffer block index, physical block, extent version at mapping time)
+            let mut to_verify = Vec::with_capacity(nblocks);
+            let mut segments = Vec::new();
+            let mut logical = u64::MAX;
+            let mut p = UNMAPPED;
+            for i in 0..nblocks {
+                let lb = first + i as u64;
+                if lb / BLOCKS_PER_EXTENT != logical {
+                    logical = lb / BLOCKS_PER_EXTENT;
+                    p = pins.pin(&self.vol, logical);
+                }
+                let range = i * BLOCK as usize..(i + 1) * BLOCK as usize;
+                if p == UNMAPPED {
+                    buf[range].fill(0);
+                    continue;
+                }
+                let pb = u64::from(p) * BLOCKS_PER_EXTENT + lb % BLOCKS_PER_EXTENT;
+                if self.disk.csum(pb as usize) == 0 {
+                    buf[range].fill(0);
+                    continue;
+                }
+                let version = self.disk.ext[p as usize].version.load(SeqCst);
+                to_verify.push((i, p, pb, version));
+                push_segment(&mut segments, self.disk.layout.data_block_offset(pb), range.start, BLOCK as usize);
+            }
+            if !segments.is_empty() {
+                let req = IoRequest { op: IoOp::Read, file: self.disk.file().clone(), buf: Some(buf), segments };
+                let c = self.disk.engine().submit(req).await;
+                buf = c.buf.unwrap_or_else(|| IoBuf::zeroed(len as usize));
+                if let Err(e) = c.result {
+                    return Err(BufError { error: DeviceError::io("read", offset, len, e), buf });
+                }
+            }
+            let mut raced = false;
+            let mut bad = None;
+            for &(i, p, pb, version) in &to_verify {
+                let data = &buf[i * BLOCK as usize..(i + 1) * BLOCK as usize];
+                if encode_crc(data) == self.disk.csum(pb as usize) {
+                    continue;
+                }
+                let e = &self.disk.ext[p as usize];
+                if e.version.load(SeqCst) != version || e.writes.load(SeqCst) > 0 {
+                    raced = true;
+                } else {
+                    bad = Some(i);
+                    break;
+                }
+            }
+            drop(pins);
+            if let Some(i) = bad {
+                self.vol.counters.checksum_errors.fetch_add(1, SeqCst);
+                self.disk.checksum_errors.fetch_add(1, SeqCst);
+                let at = offset + i as u64 * BLOCK;
+                tracing::error!(volume = %self.vol.name, offset = at, pool = %self.disk.path.display(), "checksum mismatch on read");
+                let error = DeviceError::new(
+                    DeviceErrorKind::Checksum,
+                    "read",
+                    offset,
+                    len,
+                    format!("block at volume offset {at} does not match its CRC32C checksum"),
+                );
+                return Err(BufError { error, buf });
+            }
+            if !raced {
+                return Ok(buf);
+            }
+            if attempt > 2 {
+                std::thread::yield_now();
+            }
+        }
+        let error = DeviceError::new(DeviceErrorKind::Io, "read", offset, len, "the blocks kept changing under concurrent writes");
+        Err(BufError { error, buf })
+    }
+
+    async fn write_inner(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BufResult {
+        let len = buf.len() as u64;
+        if let Err(error) = self.check("write", offset, len) {
+            return Err(BufError { error, buf });
+        }
+        let first = offset / BLOCK;
+        let nblocks = (len / BLOCK) as usize;
+        let mut pins = Pins { disk: &self.disk, extents: Vec::new(), writing: true };
+        let mut segments = Vec::new();
+        let mut physical = Vec::with_capacity(nblocks);
+        let mut logical = u64::MAX;
+        let mut p = UNMAPPED;
+        for i in 0..nblocks {
+            let lb = first + i as u64;
+            if lb / BLOCKS_PER_EXTENT != logical {
+                logical = lb / BLOCKS_PER_EXTENT;
+                loop {
+                    if let Err(e) = self.disk.map_or_alloc(&self.vol, logical).await {
+                        let error = match e {
+                            AllocError::NoSpace => DeviceError::new(DeviceErrorKind::NoSpace, "write", offset, len, format!("pool {} has no free extent", self.disk.path.display())),
+                            AllocError::Closed => DeviceError::new(DeviceErrorKind::Closed, "write", offset, len, "the volume was deleted"),
+                            AllocError::Commit(e) => DeviceError::new(DeviceErrorKind::Io, "write", offset, len, e.to_string()),
+                        };
+                        return Err(BufError { error, buf });
+                    }
+                    p = pins.pin(&self.vol, logical);
+                    if p != UNMAPPED {
+                        break;
+                    }
+                }
+                if let Err(e) = self.disk.ensure_open(p).await {
+                    return Err(BufError { error: DeviceError::new(DeviceErrorKind::Io, "write", offset, len, e.to_string()), buf });
+                }
+            }
+            let pb = u64::from(p) * BLOCKS_PER_EXTENT + lb % BLOCKS_PER_EXTENT;
+            physical.push(pb as usize);
+            push_segment(&mut segments, self.disk.layout.data_block_offset(pb), i * BLOCK as usize, BLOCK as usize);
+        }
+        let crcs: Vec<u32> = buf.chunks(BLOCK as usize).map(encode_crc).collect();
+        let generation = self.vol.seq.fetch_add(1, SeqCst) + 1;
+        let req = IoRequest { op: IoOp::Write { dsync: false }, file: self.disk.file().clone(), buf: Some(buf), segments };
+        let c = self.disk.engine().submit(req).await;
+        let buf = c.buf.unwrap_or_else(|| IoBuf::zeroed(len as usize));
+        if let Err(e) = c.result {
+            return Err(BufError { error: DeviceError::io("write", offset, len, e), buf });
+        }
+        for (pb, crc) in physical.iter().zip(crcs) {
+            self.disk.set_csum(*pb, crc);
+        }
+        for &p in &pins.extents {
+            self.disk.ext[p as usize].generation.fetch_max(generation, SeqCst);
+        }
+        drop(pins);
+        if flags.fua {
+            if let Err(e) = self.disk.commit(false).await {
+                return Err(BufError { error: DeviceError::new(DeviceErrorKind::Io, "write", offset, len, e.to_string()), buf });
+            }
+        }
+        Ok(buf)
+    }
+
+    fn zero_range(&self, op: &'static str, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.check(op, offset, len)?;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let logical = pos / EXTENT;
+            let ext_end = ((logical + 1) * EXTENT).min(end);
+            if pos % EXTENT == 0 && ext_end - pos == EXTENT {
+                self.disk.free_extent(&self.vol, logical);
+            } else {
+                let p = self.vol.lookup(logical);
+                if p != UNMAPPED {
+                    let base = u64::from(p) * BLOCKS_PER_EXTENT;
+                    for lb in pos / BLOCK..ext_end / BLOCK {
+                        self.disk.set_csum((base + lb % BLOCKS_PER_EXTENT) as usize, 0);
+                    }
+                    self.disk.ext[p as usize].version.fetch_add(1, SeqCst);
+                }
+            }
+            pos = ext_end;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for Replica {
+    fn size(&self) -> u64 {
+        self.vol.size.load(SeqCst)
+    }
+
+    async fn read(&self, offset: u64, buf: IoBuf) -> BufResult {
+        let start = Instant::now();
+        let len = buf.len() as u64;
+        let r = self.read_inner(offset, buf).await;
+        self.vol.counters.read.record(len, start.elapsed(), r.is_ok());
+        r
+    }
+
+    async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BufResult {
+        let start = Instant::now();
+        let len = buf.len() as u64;
+        let r = self.write_inner(offset, buf, flags).await;
+        self.vol.counters.write.record(len, start.elapsed(), r.is_ok());
+        r
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        let start = Instant::now();
+        let r = self.disk.commit(false).await.map_err(|e| DeviceError::new(DeviceErrorKind::Io, "flush", 0, 0, e.to_string()));
+        self.vol.counters.flush.record(0, start.elapsed(), r.is_ok());
+        r
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        let start = Instant::now();
+        let r = self.zero_range("discard", offset, len);
+        self.vol.counters.discard.record(len, start.elapsed(), r.is_ok());
+        r
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        let start = Instant::now();
+        let r = self.zero_range("write_zeroes", offset, len);
+        self.vol.counters.discard.record(len, start.elapsed(), r.is_ok());
+        r
+    }
+}
