@@ -154,7 +154,9 @@ impl IoEngine for UringEngine {
         let (done, completion) = Completion::channel();
         let worker = &self.workers[self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len()];
         let sent = match &worker.tx {
-            Some(tx) => tx.send(Job { req, done }).map_err(|e| e.into_inner()),
+            Some(tx) => tx
+                .send(Job { req, done })
+                .map_err(crossbeam_channel::SendError::into_inner),
             None => Err(Job { req, done }),
         };
         match sent {
@@ -520,7 +522,7 @@ impl Worker {
     /// The SQE for `ud`, or `None` if its request has already failed.
     fn build_sqe(&mut self, ud: u64) -> Option<squeue::Entry> {
         if ud == WAKE_TOKEN {
-            let ptr: *mut u64 = &mut *self.wake_buf;
+            let ptr: *mut u64 = &raw mut *self.wake_buf;
             let fd = types::Fd(self.bell.eventfd.as_raw_fd());
             return Some(
                 opcode::Read::new(fd, ptr.cast(), 8)

@@ -291,15 +291,6 @@ impl VolumeControl for Storage {
                 format!("replicas must be between 1 and {MAX_REPLICAS}, got {}", spec.replicas),
             ));
         }
-        if spec.replicas > 1 {
-            return Err(ControlError::new(
-                ErrorKind::Unimplemented,
-                format!(
-                    "replicas={} needs replication, which this release does not have yet; create the volume with 1 replica",
-                    spec.replicas
-                ),
-            ));
-        }
         let size = round_volume_size(spec.size_bytes)?;
         let _guard = self.control.lock().await;
         if let Some((d, v)) = self.find(&spec.name) {
@@ -315,6 +306,15 @@ impl VolumeControl for Storage {
                     format_size(have),
                     v.replicas,
                     format_size(size),
+                    spec.replicas
+                ),
+            ));
+        }
+        if spec.replicas > 1 {
+            return Err(ControlError::new(
+                ErrorKind::Unimplemented,
+                format!(
+                    "replicas={} needs replication, which this release does not have yet; create the volume with 1 replica",
                     spec.replicas
                 ),
             ));
