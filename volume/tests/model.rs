@@ -1,0 +1,163 @@
+//! Model-based test: random sequences of writes, FUA writes, reads, discards, write-zeroes,
+//! flushes, clean reopens and crash-style reopens, checked against an in-memory model.
+//!
+//! A "crash" reopen drops the storage without closing it: writes since the last flush may be
+//! lost, exactly as on a disk with a volatile cache, so after it each block must hold one of
+//! the values it could legitimately have (its value at the last flush or FUA, or any value
+//! written since), and never anything else. The separate `crash` test does the same with real
+//! SIGKILLs.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{open, tempdir, volume};
+use proptest::prelude::*;
+use volume::api::{VolumeControl, VolumeName};
+use volume::device::{BlockDevice, WriteFlags};
+use volume::io::{EngineKind, IoBuf};
+
+const BLOCKS: u64 = 1024; // 4 MiB volume: 4 extents
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { block: u64, count: u64, seed: u8, fua: bool },
+    Read { block: u64, count: u64 },
+    Discard { block: u64, count: u64 },
+    WriteZeroes { block: u64, count: u64 },
+    Flush,
+    Reopen { clean: bool },
+}
+
+fn range() -> impl Strategy<Value = (u64, u64)> {
+    prop_oneof![
+        (0..BLOCKS).prop_flat_map(|b| (Just(b), 1..=(BLOCKS - b).min(64))),
+        // Whole extents, to exercise freeing.
+        (0..4u64).prop_map(|e| (e * 256, 256)),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (range(), any::<u8>(), any::<bool>()).prop_map(|((block, count), seed, fua)| Op::Write { block, count, seed, fua: fua && seed % 4 == 0 }),
+        4 => range().prop_map(|(block, count)| Op::Read { block, count }),
+        2 => range().prop_map(|(block, count)| Op::Discard { block, count }),
+        1 => range().prop_map(|(block, count)| Op::WriteZeroes { block, count }),
+        1 => Just(Op::Flush),
+        1 => any::<bool>().prop_map(|clean| Op::Reopen { clean }),
+    ]
+}
+
+fn block_data(block: u64, seed: u8) -> Vec<u8> {
+    let mut v = vec![seed; 4096];
+    v[..8].copy_from_slice(&block.to_le_bytes());
+    v
+}
+
+async fn run(ops: Vec<Op>) {
+    let dir = tempdir();
+    let path = dir.path().join("pool");
+    let name = VolumeName::new("m").unwrap();
+    let mut s = open(&path, 64 * MIB, EngineKind::Auto).await;
+    let mut r = volume(&s, "m", BLOCKS * 4096).await;
+    let mut model: BTreeMap<u64, u8> = BTreeMap::new();
+    // Per block, the values a crash may leave (None = zeros). Absent = only the model value.
+    let mut candidates: BTreeMap<u64, Vec<Option<u8>>> = BTreeMap::new();
+    let remember = |candidates: &mut BTreeMap<u64, Vec<Option<u8>>>, model: &BTreeMap<u64, u8>, b: u64| {
+        candidates.entry(b).or_insert_with(|| vec![model.get(&b).copied()]);
+    };
+    for op in ops {
+        match op {
+            Op::Write { block, count, seed, fua } => {
+                let data: Vec<u8> = (block..block + count).flat_map(|b| block_data(b, seed)).collect();
+                r.write(block * 4096, IoBuf::from_slice(&data), WriteFlags { fua }).await.unwrap();
+                for b in block..block + count {
+                    if fua {
+                        candidates.insert(b, vec![Some(seed)]);
+                    } else {
+                        remember(&mut candidates, &model, b);
+                        candidates.get_mut(&b).unwrap().push(Some(seed));
+                    }
+                    model.insert(b, seed);
+                }
+            }
+            Op::Read { block, count } => {
+                let got = r.read(block * 4096, IoBuf::zeroed(count as usize * 4096)).await.unwrap();
+                for b in block..block + count {
+                    let want = model.get(&b).map_or_else(|| vec![0; 4096], |&seed| block_data(b, seed));
+                    let at = ((b - block) * 4096) as usize;
+                    assert!(got[at..at + 4096] == want[..], "block {b} differs from the model");
+                }
+            }
+            Op::Discard { block, count } | Op::WriteZeroes { block, count } => {
+                if matches!(op, Op::Discard { .. }) {
+                    r.discard(block * 4096, count * 4096).await.unwrap();
+                } else {
+                    r.write_zeroes(block * 4096, count * 4096).await.unwrap();
+                }
+                for b in block..block + count {
+                    remember(&mut candidates, &model, b);
+                    candidates.get_mut(&b).unwrap().push(None);
+                    model.remove(&b);
+                }
+            }
+            Op::Flush => {
+                r.flush().await.unwrap();
+                candidates.clear();
+            }
+            Op::Reopen { clean } => {
+                if clean {
+                    s.close().await.unwrap();
+                }
+                drop(r);
+                drop(s);
+                s = open(&path, 64 * MIB, EngineKind::Auto).await;
+                r = s.replica(&name).unwrap();
+                if clean {
+                    candidates.clear();
+                } else {
+                    let got = r.read(0, IoBuf::zeroed((BLOCKS * 4096) as usize)).await.unwrap();
+                    for (b, allowed) in std::mem::take(&mut candidates) {
+                        let data = &got[(b * 4096) as usize..((b + 1) * 4096) as usize];
+                        let seen = allowed.iter().find(|v| match v {
+                            None => data.iter().all(|&x| x == 0),
+                            Some(seed) => data == block_data(b, *seed).as_slice(),
+                        });
+                        let seen = seen.unwrap_or_else(|| panic!("block {b} after a crash holds none of {allowed:?}"));
+                        match seen {
+                            None => model.remove(&b),
+                            Some(seed) => model.insert(b, *seed),
+                        };
+                    }
+                }
+            }
+        }
+        // Accounting is exact: allocated extents are exactly those holding live blocks, or
+        // partially zeroed ones that were allocated before.
+        let pools = s.list_pools().await.unwrap();
+        assert_eq!(pools[0].allocated_bytes, r.allocated_bytes());
+        assert_eq!(pools[0].allocated_bytes + pools[0].free_bytes, pools[0].capacity_bytes);
+        for e in 0..4u64 {
+            if (e * 256..(e + 1) * 256).any(|b| model.contains_key(&b)) {
+                assert!(r.allocated_bytes() >= MIB, "extent {e} has data but nothing is allocated");
+            }
+        }
+    }
+    // Final full comparison.
+    let got = r.read(0, IoBuf::zeroed((BLOCKS * 4096) as usize)).await.unwrap();
+    for b in 0..BLOCKS {
+        let want = model.get(&b).map_or_else(|| vec![0; 4096], |&seed| block_data(b, seed));
+        assert!(got[(b * 4096) as usize..((b + 1) * 4096) as usize] == want[..], "final: block {b}");
+    }
+    assert_eq!(r.checksum_errors(), 0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn engine_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(run(ops));
+    }
+}
