@@ -22,12 +22,14 @@ fn main() -> ExitCode {
         Command::Daemon(args) => match run_daemon(&args, cli.api_socket.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", error_chain(&*e));
                 ExitCode::FAILURE
             }
         },
         command => {
-            let socket = cli.api_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCKET));
+            let socket = cli
+                .api_socket
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCKET));
             run_client(command, &socket)
         }
     }
@@ -47,7 +49,10 @@ fn run_daemon(args: &daemon::cli::DaemonArgs, api_socket: Option<&Path>) -> anyh
 }
 
 fn run_client(command: Command, socket: &Path) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

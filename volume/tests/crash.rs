@@ -37,7 +37,7 @@ enum Op {
 
 /// The deterministic operation sequence of iteration `iter`.
 fn ops(iter: u64) -> impl Iterator<Item = Op> {
-    let mut rng = StdRng::seed_from_u64(0xBA11_A57 ^ iter);
+    let mut rng = StdRng::seed_from_u64(0x0BA1_1A57 ^ iter);
     (0u64..).map(move |i| {
         if i % FLUSH_EVERY == FLUSH_EVERY - 1 {
             return Op::Flush;
@@ -199,6 +199,6 @@ fn main() {
 
 fn nix_kill(pid: u32) {
     // SAFETY: sending a signal has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    let rc = unsafe { libc::kill(libc::pid_t::try_from(pid).expect("pid fits pid_t"), libc::SIGKILL) };
     assert_eq!(rc, 0, "kill failed");
 }

@@ -137,13 +137,13 @@ fn control_operations_and_accounting() {
         let dir = tempdir();
         let s = open(&dir.path().join("pool"), 64 * MIB, EngineKind::Auto).await;
         let cap = s.list_pools().await.unwrap()[0].capacity_bytes;
-        assert!(cap >= 56 * MIB && cap < 64 * MIB, "{cap}");
+        assert!((56 * MIB..64 * MIB).contains(&cap), "{cap}");
         let name = VolumeName::new("db").unwrap();
         let spec = VolumeSpec { name: name.clone(), size_bytes: 10 * MIB + 1, replicas: 1 };
-        let a = s.create_volume(spec.clone()).await.unwrap();
-        assert_eq!(a.size_bytes, 11 * MIB, "rounded up to the extent size");
-        let b = s.create_volume(spec.clone()).await.unwrap();
-        assert_eq!(a.id, b.id, "identical create is idempotent");
+        let first = s.create_volume(spec.clone()).await.unwrap();
+        assert_eq!(first.size_bytes, 11 * MIB, "rounded up to the extent size");
+        let again = s.create_volume(spec.clone()).await.unwrap();
+        assert_eq!(first.id, again.id, "identical create is idempotent");
         let e = s.create_volume(VolumeSpec { size_bytes: 20 * MIB, ..spec.clone() }).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Conflict);
         assert!(e.message().contains("already exists"), "{}", e.message());
@@ -339,7 +339,9 @@ fn foreign_devices_are_never_formatted_without_force() {
         // Too small.
         let small = dir.path().join("small");
         let e = try_open(&small, MIB, EngineKind::Auto, false).await.unwrap_err();
-        assert!(e.to_string().contains("at least"), "{e}");
+        assert!(e.to_string().contains("cannot hold a Ballast pool"), "{e}");
+        let cause = std::error::Error::source(&e).expect("the cause is attached").to_string();
+        assert!(cause.contains("at least"), "{cause}");
         // Missing without a size.
         let engine = volume::io::probe(EngineKind::Auto, 1).unwrap();
         let e = volume::pool::Storage::open(volume::pool::StorageConfig {

@@ -55,7 +55,8 @@ fn run(req: &mut IoRequest) -> io::Result<()> {
         while done < seg.len {
             let ptr = buf[seg.buf_offset + done..].as_mut_ptr();
             let len = seg.len - done;
-            let off = (seg.file_offset + done as u64) as libc::off_t;
+            let off = libc::off_t::try_from(seg.file_offset + done as u64)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset does not fit off_t"))?;
             let n = match req.op {
                 // SAFETY: `ptr..ptr+len` lies inside `buf` (validated), which we own exclusively.
                 IoOp::Read => unsafe { libc::pread(fd, ptr.cast(), len, off) },

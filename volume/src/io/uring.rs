@@ -65,6 +65,9 @@ const MAX_SQE_LEN: usize = 1 << 30;
 /// The most requests a worker takes from its channel before submitting what it has.
 const MAX_ADMIT_PER_ROUND: usize = RING_ENTRIES as usize;
 
+/// How long a worker that just completed requests busy-waits for new ones before sleeping.
+const SPIN_LIMIT: Duration = Duration::from_micros(50);
+
 /// `user_data` of the wake-up read on the doorbell `eventfd`.
 const WAKE_TOKEN: u64 = u64::MAX;
 
@@ -317,6 +320,8 @@ struct Worker {
     overflow_seen: u32,
     /// An `io_uring_enter` failure has been logged (only the first is).
     enter_error_logged: bool,
+    /// Completions went out since the last spin, so callers may be about to submit more.
+    expect_requests: bool,
 }
 
 impl Worker {
@@ -369,6 +374,7 @@ impl Worker {
             reaped: Vec::new(),
             overflow_seen: 0,
             enter_error_logged: false,
+            expect_requests: false,
         })
     }
 
@@ -391,6 +397,14 @@ impl Worker {
             // Work that could not be pushed although the ring has room means the SQ was full:
             // submit without waiting, then push the rest.
             let backlog = !self.queue.is_empty() && self.in_ring < self.max_in_ring;
+            if !backlog && self.in_ring > 0 && std::mem::take(&mut self.expect_requests) && !self.closing {
+                if !self.ring.submission().is_empty() {
+                    self.enter(0);
+                }
+                if self.wait_for_requests(SPIN_LIMIT) {
+                    continue;
+                }
+            }
             let want = if backlog || self.in_ring == 0 {
                 0
             } else {
@@ -402,6 +416,19 @@ impl Worker {
             self.bell.sleeping.store(false, Ordering::SeqCst);
             self.reap();
         }
+    }
+
+    /// Busy-wait up to `limit` for a request: callers usually resubmit right after a
+    /// completion, and catching that here spares a doorbell write and a wake-up.
+    fn wait_for_requests(&self, limit: Duration) -> bool {
+        let start = std::time::Instant::now();
+        while self.rx.is_empty() {
+            if start.elapsed() >= limit {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+        true
     }
 
     /// Take up to a batch of requests from the channel into the table.
@@ -667,6 +694,7 @@ impl Worker {
         let f = entry.take().expect("checked above");
         self.free_slots.push(slot);
         self.live -= 1;
+        self.expect_requests = true;
         let result = f.error.map_or(Ok(()), Err);
         // The receiver may be gone (the caller stopped waiting); then the buffer just drops,
         // which is safe because no SQE of this request remains in the kernel.

@@ -243,7 +243,7 @@ impl Disk {
                 Some(what)
             }
             Some(_) => None,
-            None => detect_foreign(&head).map(Some).unwrap_or(Some(String::new())),
+            None => Some(detect_foreign(&head).unwrap_or_default()),
         };
         match format_reason {
             None => {
@@ -369,7 +369,7 @@ impl Disk {
                 st.owners[p] = *e;
                 if e.owner == 0 {
                     st.free.insert(p as u32);
-                    for b in self.block_range(p as u32) {
+                    for b in Self::block_range(p as u32) {
                         if self.csums[b].swap(0, SeqCst) != 0 {
                             self.mark_dirty(b);
                         }
@@ -390,7 +390,7 @@ impl Disk {
             let data = read_at(&*self.engine, &self.file, l.data_block_offset(p as u64 * BLOCKS_PER_EXTENT), EXTENT as usize)
                 .await
                 .map_err(self.io_err("read"))?;
-            for (k, b) in self.block_range(p as u32).enumerate() {
+            for (k, b) in Self::block_range(p as u32).enumerate() {
                 if self.csums[b].load(SeqCst) == 0 {
                     continue;
                 }
@@ -414,7 +414,7 @@ impl Disk {
         Ok(OpenReport { formatted: false, recovered_extents: recovered })
     }
 
-    pub(crate) fn block_range(&self, p: u32) -> std::ops::Range<usize> {
+    pub(crate) fn block_range(p: u32) -> std::ops::Range<usize> {
         let start = p as usize * BLOCKS_PER_EXTENT as usize;
         start..start + BLOCKS_PER_EXTENT as usize
     }
@@ -540,7 +540,7 @@ impl Disk {
                 if let Some(p) = pick {
                     st.free.remove(&p);
                     st.owners[p as usize] = ExtentEntry { owner: vol.index + 1, logical: logical as u32, generation: 0 };
-                    for b in self.block_range(p) {
+                    for b in Self::block_range(p) {
                         self.set_csum(b, 0);
                     }
                     let e = &self.ext[p as usize];
@@ -568,7 +568,7 @@ impl Disk {
         }
         st.owners[p as usize] = ExtentEntry::default();
         self.ext[p as usize].version.fetch_add(1, SeqCst);
-        for b in self.block_range(p) {
+        for b in Self::block_range(p) {
             self.set_csum(b, 0);
         }
         st.pending_free.push((p, self.interval.load(SeqCst)));
@@ -626,8 +626,9 @@ impl Disk {
                 let recent = !closing && e.last_write.load(SeqCst) + KEEP_OPEN_COMMITS > cur;
                 *open = st.owners[p].owner != 0 && (*open || e.writes.load(SeqCst) > 0 || recent);
             }
-            for p in 0..n {
-                os.safe[p] = os.durable[p] && new_open[p];
+            let OpenState { durable, safe, .. } = &mut *os;
+            for ((safe, durable), open) in safe.iter_mut().zip(durable.iter()).zip(&new_open) {
+                *safe = *durable && *open;
             }
             let mut meta = MetaState::empty(&self.layout);
             for (i, v) in st.volumes.iter().enumerate() {

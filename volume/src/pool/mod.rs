@@ -81,7 +81,7 @@ pub enum PoolError {
         what: String,
     },
     /// The device's geometry or superblock is unusable.
-    #[error("pool device {path}: {source}")]
+    #[error("pool device {path} cannot hold a Ballast pool")]
     Format {
         /// The device.
         path: PathBuf,
@@ -301,7 +301,7 @@ impl VolumeControl for Storage {
             return Err(ControlError::new(
                 ErrorKind::Conflict,
                 format!(
-                    "volume {} already exists with size {} and {} replica(s); the request asked for {} and {}",
+                    "volume {} already exists with size {} and {} replica(s); the request asked for {} and {} replica(s)",
                     spec.name,
                     format_size(have),
                     v.replicas,

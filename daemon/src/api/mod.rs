@@ -1,0 +1,170 @@
+//! The local control API: HTTP/1 + JSON on the daemon's unix socket.
+//!
+//! | method and path | body | success |
+//! |---|---|---|
+//! | `POST /v1/volumes` | [`CreateVolumeRequest`] | `201` new, `200` already existed identically; [`VolumeStatus`](volume::api::VolumeStatus) |
+//! | `GET /v1/volumes` | | `200` [`VolumeList`] |
+//! | `GET /v1/volumes/{name}` | | `200` `VolumeStatus` |
+//! | `DELETE /v1/volumes/{name}` | | `204` |
+//! | `POST /v1/volumes/{name}/resize` | [`ResizeVolumeRequest`] | `200` `VolumeStatus` |
+//! | `GET /v1/pools` | | `200` [`PoolList`] |
+//! | `GET /v1/status` | | `200` [`NodeStatus`] |
+//!
+//! Every failure is `{"code": "...", "message": "..."}` with the status chosen in
+//! [`error::status_for`]; unknown routes are `404 not_found` and wrong methods
+//! `405 invalid_argument`, in the same shape.
+//!
+//! The router is generic over [`VolumeControl`], like the CSI and Docker adapters, so the API
+//! only translates between HTTP and the control trait: names and body shapes are validated
+//! here, everything about storage (replica counts, size rounding, idempotency) is decided, and
+//! logged, by the control implementation.
+
+pub mod error;
+pub mod json_body;
+pub mod wire;
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use volume::api::{ErrorKind, VolumeControl, VolumeName, VolumeSpec};
+
+use self::error::ApiError;
+use self::json_body::ApiJson;
+use self::wire::{
+    CreateVolumeRequest, NodeStatus, PoolList, PoolsSummary, ResizeVolumeRequest, VolumeList,
+};
+use crate::node_info::{NodeInfo, VERSION};
+
+/// What the API handlers share.
+#[derive(Debug)]
+pub struct ApiState<C> {
+    control: Arc<C>,
+    node: Arc<NodeInfo>,
+}
+
+impl<C> Clone for ApiState<C> {
+    fn clone(&self) -> Self {
+        Self {
+            control: Arc::clone(&self.control),
+            node: Arc::clone(&self.node),
+        }
+    }
+}
+
+/// The local API's router over `control`.
+pub fn router<C: VolumeControl>(control: Arc<C>, node: Arc<NodeInfo>) -> Router {
+    Router::new()
+        .route(
+            "/v1/volumes",
+            post(create_volume::<C>).get(list_volumes::<C>),
+        )
+        .route(
+            "/v1/volumes/{name}",
+            get(get_volume::<C>).delete(delete_volume::<C>),
+        )
+        .route("/v1/volumes/{name}/resize", post(resize_volume::<C>))
+        .route("/v1/pools", get(list_pools::<C>))
+        .route("/v1/status", get(node_status::<C>))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
+        .with_state(ApiState { control, node })
+}
+
+fn volume_name(name: &str) -> Result<VolumeName, ApiError> {
+    VolumeName::new(name).map_err(ApiError::from)
+}
+
+async fn create_volume<C: VolumeControl>(
+    State(st): State<ApiState<C>>,
+    ApiJson(req): ApiJson<CreateVolumeRequest>,
+) -> Result<Response, ApiError> {
+    let name = volume_name(&req.name)?;
+    // Only used to choose between 201 and 200; the control implementation decides whether an
+    // existing volume matches the spec (idempotent) or conflicts with it.
+    let existed = st.control.get_volume(&name).await.is_ok();
+    let spec = VolumeSpec {
+        name,
+        size_bytes: req.size.bytes(),
+        replicas: req.replicas,
+    };
+    let status = st.control.create_volume(spec).await?;
+    let code = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((code, Json(status)).into_response())
+}
+
+async fn list_volumes<C: VolumeControl>(
+    State(st): State<ApiState<C>>,
+) -> Result<Json<VolumeList>, ApiError> {
+    Ok(Json(VolumeList {
+        volumes: st.control.list_volumes().await?,
+    }))
+}
+
+async fn get_volume<C: VolumeControl>(
+    State(st): State<ApiState<C>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let status = st.control.get_volume(&volume_name(&name)?).await?;
+    Ok(Json(status).into_response())
+}
+
+async fn delete_volume<C: VolumeControl>(
+    State(st): State<ApiState<C>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let name = volume_name(&name)?;
+    st.control.delete_volume(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn resize_volume<C: VolumeControl>(
+    State(st): State<ApiState<C>>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<ResizeVolumeRequest>,
+) -> Result<Response, ApiError> {
+    let name = volume_name(&name)?;
+    let status = st.control.resize_volume(&name, req.size.bytes()).await?;
+    Ok(Json(status).into_response())
+}
+
+async fn list_pools<C: VolumeControl>(
+    State(st): State<ApiState<C>>,
+) -> Result<Json<PoolList>, ApiError> {
+    Ok(Json(PoolList {
+        pools: st.control.list_pools().await?,
+    }))
+}
+
+async fn node_status<C: VolumeControl>(
+    State(st): State<ApiState<C>>,
+) -> Result<Json<NodeStatus>, ApiError> {
+    let pools = st.control.list_pools().await?;
+    let volumes = st.control.list_volumes().await?;
+    Ok(Json(NodeStatus {
+        version: VERSION.to_owned(),
+        node_id: st.node.node_id().to_owned(),
+        engine: st.node.engine().to_owned(),
+        uptime_seconds: st.node.uptime().as_secs(),
+        pools: PoolsSummary::of(&pools),
+        volumes: volumes.len(),
+    }))
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        ErrorKind::NotFound,
+        format!("no such API route: {method} {}", uri.path()),
+    )
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> Response {
+    error::method_not_allowed(&method, uri.path())
+}

@@ -1,0 +1,142 @@
+//! The local API's unix socket: binding it safely and removing it on shutdown.
+//!
+//! Invariants:
+//! - a live socket (one where `connect` succeeds) is never replaced: that means another daemon
+//!   is serving there, and this one refuses to start;
+//! - a stale socket (left by a daemon that was killed) is removed and re-bound;
+//! - a path that exists but is not a socket is never deleted;
+//! - the socket is mode 0600 (only root, or the daemon's user, may manage volumes); it is
+//!   bound and then `chmod`ed before any connection is accepted, and its parent directory, if
+//!   the daemon creates it, is mode 0700;
+//! - the file is removed when the [`ApiSocket`] guard drops.
+
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use tokio::net::UnixListener;
+
+/// Errors binding the API socket.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// A daemon already answers on the socket.
+    #[error("a ballast daemon is already running and serving its API on {0}")]
+    InUse(PathBuf),
+    /// The path exists and is not a socket.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// The path is longer than a unix socket address allows.
+    #[error("the API socket path {0} is too long for a unix socket (at most 107 bytes)")]
+    TooLong(PathBuf),
+    /// Creating, removing, binding or `chmod`ing failed.
+    #[error("cannot {action} {path}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A bound API socket; the file is removed when this drops.
+#[derive(Debug)]
+pub struct ApiSocket {
+    path: PathBuf,
+}
+
+impl ApiSocket {
+    /// Bind `path`, replacing a stale socket, and return the guard and the listener.
+    ///
+    /// Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`SocketError::InUse`] if a daemon answers there, [`SocketError::NotASocket`] if the
+    /// path is something else, otherwise the I/O error.
+    pub fn bind(path: &Path) -> Result<(Self, UnixListener), SocketError> {
+        let io = |action, source| SocketError::Io {
+            action,
+            path: path.to_owned(),
+            source,
+        };
+        // sun_path is 108 bytes including the terminating NUL.
+        if path.as_os_str().len() > 107 {
+            return Err(SocketError::TooLong(path.to_owned()));
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|e| io("create the directory of", e))?;
+            }
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(SocketError::InUse(path.to_owned()));
+                }
+                tracing::info!(path = %path.display(), "removing a stale API socket left by a previous daemon");
+                std::fs::remove_file(path).map_err(|e| io("remove the stale socket", e))?;
+            }
+            Ok(_) => return Err(SocketError::NotASocket(path.to_owned())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("inspect", e)),
+        }
+        let listener = UnixListener::bind(path).map_err(|e| io("bind", e))?;
+        let guard = Self {
+            path: path.to_owned(),
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io("set the permissions of", e))?;
+        Ok((guard, listener))
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => tracing::debug!(path = %self.path.display(), "removed the API socket"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the API socket");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stale_live_and_foreign_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/api.sock");
+
+        let (guard, listener) = ApiSocket::bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(ApiSocket::bind(&path), Err(SocketError::InUse(_))));
+
+        // A socket whose listener is gone is stale and gets replaced.
+        drop(listener);
+        std::mem::forget(guard);
+        let (guard, _listener) = ApiSocket::bind(&path).unwrap();
+        drop(guard);
+        assert!(!path.exists(), "the guard removes the socket");
+
+        std::fs::write(&path, b"not a socket").unwrap();
+        assert!(matches!(
+            ApiSocket::bind(&path),
+            Err(SocketError::NotASocket(_))
+        ));
+    }
+}

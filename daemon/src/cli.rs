@@ -1,0 +1,270 @@
+//! The command line of the `ballast` binary: one daemon subcommand and the client commands.
+//!
+//! This module only describes the command line (clap derive types). What the daemon does with
+//! its flags is in [`crate::config`] and [`crate::node`]; what the client commands do is in
+//! [`crate::client`].
+//!
+//! Invariants:
+//! - Daemon flags are all optional here, so that [`crate::config`] can tell a flag the user
+//!   gave from one left out, and let flags override the config file. Defaults are therefore
+//!   written in the help text rather than as clap defaults.
+//! - The exit codes listed in the long help are the ones [`crate::client::exit_code`] defines.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+/// The environment variable naming the API socket, for the CLI and the daemon alike.
+pub const API_SOCKET_ENV: &str = "BALLAST_API_SOCKET";
+
+/// The API socket used when neither a flag, the environment nor the config file names one.
+pub const DEFAULT_API_SOCKET: &str = "/run/ballast/api.sock";
+
+const LONG_ABOUT: &str = "\
+Ballast: replicated block storage for containers, one daemon per node.
+
+`ballast daemon` runs the node daemon. Every other command is a client that talks to the
+daemon's local API socket (--api-socket, or the BALLAST_API_SOCKET environment variable,
+default /run/ballast/api.sock).
+
+Exit codes of the client commands:
+  0  success
+  1  generic or internal error
+  2  usage error (bad flags or arguments)
+  3  the daemon is not reachable on its API socket
+  4  not found (no such volume)
+  5  conflict (for example, a volume exists with a different spec)
+  6  invalid argument (a bad name, size or option, found by the CLI or the daemon)";
+
+/// The `ballast` command line.
+#[derive(Debug, Parser)]
+#[command(name = "ballast", version, about = "Ballast: replicated block storage for containers", long_about = LONG_ABOUT)]
+pub struct Cli {
+    /// The daemon's local API socket [default: /run/ballast/api.sock].
+    #[arg(long, global = true, env = API_SOCKET_ENV, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node daemon (storage, local API, health and metrics).
+    Daemon(DaemonArgs),
+    /// Create, list, inspect, resize and delete volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Show this node's storage pools.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Show the daemon's status: version, node, engine, capacity, volumes.
+    Status(OutputArgs),
+}
+
+/// Flags of `ballast daemon`. Each one overrides the same setting in `--config`.
+#[derive(Debug, Default, Args)]
+pub struct DaemonArgs {
+    /// A TOML config file with the same settings as these flags; flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Where the daemon keeps its state: lock file, default pool, http.addr
+    /// [default: /var/lib/ballast].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// A backing device or file, repeatable. A missing file is created sparse at SIZE
+    /// (e.g. /srv/pool.img:100GiB). Without any, <data-dir>/pool.img of 10 GiB is used.
+    #[arg(long = "pool", value_name = "PATH[:SIZE]")]
+    pub pools: Vec<String>,
+
+    /// This node's ID [default: the hostname].
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+
+    /// Address for /healthz, /readyz and /metrics [default: 127.0.0.1:9470]. Port 0 picks a
+    /// free port; the bound address is logged and written to <data-dir>/http.addr.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
+
+    /// The I/O engine [default: auto, which uses io_uring when the kernel allows it].
+    #[arg(long, value_enum)]
+    pub engine: Option<EngineChoice>,
+
+    /// Data-path threads [default: 2].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub io_threads: Option<u16>,
+
+    /// Format devices even if they hold a filesystem, a partition table or another pool.
+    #[arg(long)]
+    pub force_format: bool,
+
+    /// Log format [default: text]. RUST_LOG selects what is logged (default: info).
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Which I/O engine the daemon uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineChoice {
+    /// io_uring if the kernel allows it, else the sync engine.
+    #[default]
+    Auto,
+    /// io_uring, or fail to start.
+    Uring,
+    /// The portable thread-pool engine.
+    Sync,
+}
+
+impl From<EngineChoice> for volume::io::EngineKind {
+    fn from(choice: EngineChoice) -> Self {
+        match choice {
+            EngineChoice::Auto => Self::Auto,
+            EngineChoice::Uring => Self::Uring,
+            EngineChoice::Sync => Self::Sync,
+        }
+    }
+}
+
+/// How the daemon writes its logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `ballast volume …`
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume (idempotent when the spec is identical).
+    Create {
+        /// The volume name: a lowercase DNS label of at most 63 characters.
+        name: String,
+        /// The size, e.g. 10GiB, 500MiB, 1G or a number of bytes.
+        #[arg(long)]
+        size: String,
+        /// Synchronous replicas (only 1 until replication exists).
+        #[arg(long, default_value_t = 1)]
+        replicas: u8,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// List volumes.
+    #[command(alias = "ls")]
+    List(OutputArgs),
+    /// Show one volume.
+    Inspect {
+        /// The volume name.
+        name: String,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Delete a volume and free its space.
+    #[command(alias = "rm")]
+    Delete {
+        /// The volume name.
+        name: String,
+    },
+    /// Grow a volume (shrinking is refused).
+    Resize {
+        /// The volume name.
+        name: String,
+        /// The new size, e.g. 20GiB.
+        #[arg(long)]
+        size: String,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+}
+
+/// `ballast pool …`
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// List this node's pool devices with capacity and allocation.
+    #[command(alias = "ls")]
+    List(OutputArgs),
+}
+
+/// The `-o/--output` flag of client commands.
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub struct OutputArgs {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
+}
+
+/// How client commands print their result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned, human-readable text.
+    #[default]
+    Table,
+    /// JSON, as the API returns it.
+    Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_parse() {
+        let cli = Cli::parse_from([
+            "ballast",
+            "daemon",
+            "--pool",
+            "/a.img:1GiB",
+            "--pool",
+            "/dev/sdb",
+            "--http",
+            "127.0.0.1:0",
+            "--engine",
+            "sync",
+            "--io-threads",
+            "4",
+        ]);
+        let Command::Daemon(args) = cli.command else {
+            panic!("not the daemon command")
+        };
+        assert_eq!(args.pools, ["/a.img:1GiB", "/dev/sdb"]);
+        assert_eq!(args.engine, Some(EngineChoice::Sync));
+        assert_eq!(args.io_threads, Some(4));
+
+        let cli = Cli::parse_from([
+            "ballast",
+            "volume",
+            "list",
+            "-o",
+            "json",
+            "--api-socket",
+            "/x",
+        ]);
+        assert_eq!(cli.api_socket.as_deref(), Some(std::path::Path::new("/x")));
+        assert!(matches!(
+            cli.command,
+            Command::Volume(VolumeCommand::List(OutputArgs {
+                format: OutputFormat::Json
+            }))
+        ));
+    }
+}

@@ -1,0 +1,291 @@
+//! The client commands of the CLI: `volume …`, `pool list` and `status`.
+//!
+//! Each command validates what it can locally (names, sizes) so that a typo gets a precise
+//! message without a round trip, calls the local API, and renders the answer: aligned text by
+//! default, or exactly the API's JSON with `-o json` (lists as JSON arrays).
+//!
+//! Invariant: commands return their whole output as a string and print nothing themselves,
+//! so that `main` alone decides how output and errors reach the terminal.
+
+use std::fmt::Write;
+
+use hyper::StatusCode;
+use serde::Serialize;
+use volume::api::{format_size, PoolStatus, VolumeName, VolumeStatus};
+
+use crate::api::wire::{
+    CreateVolumeRequest, NodeStatus, PoolList, ResizeVolumeRequest, VolumeList,
+};
+use crate::byte_size::ByteSize;
+use crate::cli::{OutputFormat, PoolCommand, VolumeCommand};
+use crate::client::table::{duration, key_values, utc_timestamp, Table};
+use crate::client::{ApiClient, ClientError};
+
+/// The outcome of a successful command: what to print on standard output.
+pub type Output = String;
+
+/// Run a `ballast volume …` command.
+///
+/// # Errors
+/// A local validation failure, the daemon being unreachable, or the daemon's error answer.
+pub async fn volume(client: &ApiClient, command: VolumeCommand) -> Result<Output, ClientError> {
+    match command {
+        VolumeCommand::Create {
+            name,
+            size,
+            replicas,
+            output,
+        } => {
+            let name = validate_name(&name)?;
+            let size = validate_size(&size)?;
+            let request = CreateVolumeRequest {
+                name: name.to_string(),
+                size,
+                replicas,
+            };
+            let (status, volume): (_, VolumeStatus) = client.post("/v1/volumes", &request).await?;
+            Ok(match output.format {
+                OutputFormat::Json => json(&volume),
+                OutputFormat::Table if status == StatusCode::CREATED => {
+                    format!("volume {} created: {}\n", volume.name, summary(&volume))
+                }
+                OutputFormat::Table => {
+                    format!(
+                        "volume {} already exists with this spec: {}\n",
+                        volume.name,
+                        summary(&volume)
+                    )
+                }
+            })
+        }
+        VolumeCommand::List(output) => {
+            let list: VolumeList = client.get("/v1/volumes").await?;
+            Ok(match output.format {
+                OutputFormat::Json => json(&list.volumes),
+                OutputFormat::Table => volume_table(&list.volumes),
+            })
+        }
+        VolumeCommand::Inspect { name, output } => {
+            let name = validate_name(&name)?;
+            let volume: VolumeStatus = client.get(&volume_path(&name)).await?;
+            Ok(match output.format {
+                OutputFormat::Json => json(&volume),
+                OutputFormat::Table => volume_details(&volume),
+            })
+        }
+        VolumeCommand::Delete { name } => {
+            let name = validate_name(&name)?;
+            client.delete(&volume_path(&name)).await?;
+            Ok(format!("volume {name} deleted\n"))
+        }
+        VolumeCommand::Resize { name, size, output } => {
+            let name = validate_name(&name)?;
+            let size = validate_size(&size)?;
+            let path = format!("{}/resize", volume_path(&name));
+            let (_, volume): (_, VolumeStatus) =
+                client.post(&path, &ResizeVolumeRequest { size }).await?;
+            Ok(match output.format {
+                OutputFormat::Json => json(&volume),
+                OutputFormat::Table => {
+                    format!(
+                        "volume {} resized to {}\n",
+                        volume.name,
+                        format_size(volume.size_bytes)
+                    )
+                }
+            })
+        }
+    }
+}
+
+/// Run a `ballast pool …` command.
+///
+/// # Errors
+/// The daemon being unreachable, or its error answer.
+pub async fn pool(client: &ApiClient, command: PoolCommand) -> Result<Output, ClientError> {
+    match command {
+        PoolCommand::List(output) => {
+            let list: PoolList = client.get("/v1/pools").await?;
+            Ok(match output.format {
+                OutputFormat::Json => json(&list.pools),
+                OutputFormat::Table => pool_table(&list.pools),
+            })
+        }
+    }
+}
+
+/// Run `ballast status`.
+///
+/// # Errors
+/// The daemon being unreachable, or its error answer.
+pub async fn status(client: &ApiClient, format: OutputFormat) -> Result<Output, ClientError> {
+    let status: NodeStatus = client.get("/v1/status").await?;
+    Ok(match format {
+        OutputFormat::Json => json(&status),
+        OutputFormat::Table => {
+            let p = &status.pools;
+            key_values(&[
+                ("node", status.node_id.clone()),
+                ("version", status.version.clone()),
+                ("engine", status.engine.clone()),
+                ("uptime", duration(status.uptime_seconds)),
+                ("api socket", client.socket().display().to_string()),
+                ("pool devices", p.devices.to_string()),
+                ("capacity", format_size(p.capacity_bytes)),
+                (
+                    "allocated",
+                    format!(
+                        "{} ({})",
+                        format_size(p.allocated_bytes),
+                        percent(p.allocated_bytes, p.capacity_bytes)
+                    ),
+                ),
+                ("free", format_size(p.free_bytes)),
+                ("checksum errors", p.checksum_errors.to_string()),
+                ("volumes", status.volumes.to_string()),
+            ])
+        }
+    })
+}
+
+/// A hint to print under the error message, where one helps.
+pub fn hint(err: &ClientError) -> Option<String> {
+    match err {
+        ClientError::NotRunning { .. } => Some(
+            "start it with `ballast daemon` (or `sudo systemctl start ballast`), or point the CLI \
+             at its socket with --api-socket or BALLAST_API_SOCKET"
+                .to_owned(),
+        ),
+        ClientError::PermissionDenied { .. } => Some(
+            "the API socket is only accessible to the daemon's user (mode 0600); run the command \
+             as that user, e.g. with sudo"
+                .to_owned(),
+        ),
+        ClientError::Api { code, .. } if code == "not_found" => {
+            Some("`ballast volume list` shows the volumes that exist".to_owned())
+        }
+        _ => None,
+    }
+}
+
+fn validate_name(name: &str) -> Result<VolumeName, ClientError> {
+    VolumeName::new(name).map_err(|e| ClientError::InvalidArgument(e.message().to_owned()))
+}
+
+fn validate_size(size: &str) -> Result<ByteSize, ClientError> {
+    ByteSize::parse(size).map_err(|e| ClientError::InvalidArgument(e.message().to_owned()))
+}
+
+fn volume_path(name: &VolumeName) -> String {
+    // A valid name is a DNS label, so it needs no escaping in a URL path.
+    format!("/v1/volumes/{name}")
+}
+
+fn json<T: Serialize + ?Sized>(value: &T) -> Output {
+    let mut out = serde_json::to_string_pretty(value).expect("API types always serialize");
+    out.push('\n');
+    out
+}
+
+fn summary(v: &VolumeStatus) -> String {
+    let replicas = if v.replicas == 1 {
+        "1 replica".to_owned()
+    } else {
+        format!("{} replicas", v.replicas)
+    };
+    format!("{}, {replicas}, id {}", format_size(v.size_bytes), v.id)
+}
+
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        return "-".to_owned();
+    }
+    format!("{:.1}%", part as f64 * 100.0 / whole as f64)
+}
+
+fn volume_table(volumes: &[VolumeStatus]) -> Output {
+    if volumes.is_empty() {
+        return "no volumes\n".to_owned();
+    }
+    let mut t = Table::new(["NAME", "SIZE", "ALLOCATED", "REPLICAS", "STATE", "ID"]);
+    for v in volumes {
+        t.row([
+            v.name.to_string(),
+            format_size(v.size_bytes),
+            format_size(v.allocated_bytes),
+            v.replicas.to_string(),
+            v.state.to_string(),
+            v.id.clone(),
+        ]);
+    }
+    t.render()
+}
+
+fn volume_details(v: &VolumeStatus) -> Output {
+    let mut out = key_values(&[
+        ("name", v.name.to_string()),
+        ("id", v.id.clone()),
+        (
+            "size",
+            format!("{} ({} bytes)", format_size(v.size_bytes), v.size_bytes),
+        ),
+        (
+            "allocated",
+            format!(
+                "{} ({})",
+                format_size(v.allocated_bytes),
+                percent(v.allocated_bytes, v.size_bytes)
+            ),
+        ),
+        ("replicas", v.replicas.to_string()),
+        ("state", v.state.to_string()),
+        ("created", utc_timestamp(v.created_at)),
+    ]);
+    if !v.replica_status.is_empty() {
+        let mut t = Table::new(["NODE", "POOL", "ALLOCATED", "STATE"]);
+        for r in &v.replica_status {
+            t.row([
+                r.node_id.clone(),
+                r.pool_id.clone(),
+                format_size(r.allocated_bytes),
+                r.state.clone(),
+            ]);
+        }
+        out.push_str("\nreplicas:\n");
+        for line in t.render().lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    out
+}
+
+fn pool_table(pools: &[PoolStatus]) -> Output {
+    if pools.is_empty() {
+        return "no pools\n".to_owned();
+    }
+    let mut t = Table::new([
+        "PATH",
+        "CAPACITY",
+        "ALLOCATED",
+        "FREE",
+        "USED",
+        "VOLUMES",
+        "CHECKSUM-ERRORS",
+        "STATE",
+        "ID",
+    ]);
+    for p in pools {
+        t.row([
+            p.path.clone(),
+            format_size(p.capacity_bytes),
+            format_size(p.allocated_bytes),
+            format_size(p.free_bytes),
+            percent(p.allocated_bytes, p.capacity_bytes),
+            p.volumes.to_string(),
+            p.checksum_errors.to_string(),
+            p.state.clone(),
+            p.id.clone(),
+        ]);
+    }
+    t.render()
+}

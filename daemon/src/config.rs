@@ -1,0 +1,400 @@
+//! The daemon's configuration: the TOML file, the flags, and the settings they resolve to.
+//!
+//! Precedence, highest first: command-line flags (and `BALLAST_API_SOCKET` for the socket),
+//! then the `--config` file, then the built-in defaults. [`ConfigFile`] is what a user writes
+//! and refuses unknown keys; [`DaemonConfig`] is the resolved, runtime form.
+//!
+//! Invariants of a [`DaemonConfig`]:
+//! - `pools` is never empty: with no pool configured anywhere it holds the default pool file
+//!   `<data_dir>/pool.img`, created sparse at [`DEFAULT_POOL_SIZE`] if missing;
+//! - `io_threads` is at least 1;
+//! - `node_id` is non-empty.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use volume::pool::DeviceSpec;
+
+use crate::byte_size::ByteSize;
+use crate::cli::{DaemonArgs, EngineChoice, LogFormat, DEFAULT_API_SOCKET};
+
+/// The data directory used when none is configured.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/ballast";
+
+/// The metrics and health address used when none is configured.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9470";
+
+/// The size of the default pool file created under the data directory.
+pub const DEFAULT_POOL_SIZE: u64 = 10 << 30;
+
+/// The file name of the default pool under the data directory.
+pub const DEFAULT_POOL_FILE: &str = "pool.img";
+
+/// The number of data-path threads used when none is configured.
+pub const DEFAULT_IO_THREADS: u16 = 2;
+
+/// Errors reading or resolving the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has unknown or mistyped keys.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's description, with line and column.
+        message: String,
+    },
+    /// A `--pool` value is malformed.
+    #[error("invalid pool {spec:?}: {message}")]
+    Pool {
+        /// The value as given.
+        spec: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// No node ID was given and the hostname could not be read.
+    #[error("cannot determine the node ID from the hostname; pass --node-id")]
+    NodeId(#[source] nix::Error),
+    /// A setting has a value the daemon cannot use.
+    #[error("invalid {setting}: {message}")]
+    Invalid {
+        /// The setting's flag name.
+        setting: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// The TOML config file. Every key is optional and matches a `ballast daemon` flag.
+///
+/// ```toml
+/// data_dir = "/var/lib/ballast"
+/// node_id = "node-a"
+/// api_socket = "/run/ballast/api.sock"
+/// http = "0.0.0.0:9470"
+/// engine = "auto"          # auto | uring | sync
+/// io_threads = 2
+/// force_format = false
+/// log_format = "text"      # text | json
+///
+/// [[pool]]
+/// path = "/srv/ballast/pool0.img"
+/// size = "100GiB"          # only used to create a missing file
+/// ```
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// See `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// See `--pool`.
+    #[serde(default, rename = "pool")]
+    pub pools: Vec<PoolEntry>,
+    /// See `--node-id`.
+    pub node_id: Option<String>,
+    /// See `--api-socket`.
+    pub api_socket: Option<PathBuf>,
+    /// See `--http`.
+    pub http: Option<SocketAddr>,
+    /// See `--engine`.
+    pub engine: Option<EngineChoice>,
+    /// See `--io-threads`.
+    pub io_threads: Option<u16>,
+    /// See `--force-format`.
+    pub force_format: Option<bool>,
+    /// See `--log-format`.
+    pub log_format: Option<LogFormat>,
+}
+
+/// One `[[pool]]` table of the config file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolEntry {
+    /// The backing file or block device.
+    pub path: PathBuf,
+    /// Create a missing file sparse at this size.
+    pub size: Option<ByteSize>,
+}
+
+impl PoolEntry {
+    /// Parse a `--pool PATH[:SIZE]` value.
+    ///
+    /// The text after the last `:` is a size when it starts with a digit; otherwise the whole
+    /// value is a path (so paths containing `:` still work when no size is given).
+    ///
+    /// # Errors
+    /// [`ConfigError::Pool`] for an empty path or an unparseable size.
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |message: String| ConfigError::Pool {
+            spec: spec.to_owned(),
+            message,
+        };
+        let (path, size) = match spec.rsplit_once(':') {
+            Some((path, size)) if size.trim_start().starts_with(|c: char| c.is_ascii_digit()) => {
+                let size = ByteSize::parse(size).map_err(|e| bad(e.message().to_owned()))?;
+                (path, Some(size))
+            }
+            _ => (spec, None),
+        };
+        if path.is_empty() {
+            return Err(bad(
+                "the path is empty; use PATH[:SIZE], e.g. /srv/pool.img:100GiB".into(),
+            ));
+        }
+        Ok(Self {
+            path: PathBuf::from(path),
+            size,
+        })
+    }
+}
+
+impl ConfigFile {
+    /// Read and parse `path`.
+    ///
+    /// # Errors
+    /// The file cannot be read, is not TOML, or has unknown or mistyped keys.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parse TOML text; the error is the parser's message.
+    fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.message().to_owned() + &span_suffix(text, e.span()))
+    }
+}
+
+/// ` (line N)` for a parse error's span, if the parser gave one.
+fn span_suffix(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    span.map(|s| {
+        format!(
+            " (line {})",
+            text[..s.start.min(text.len())].lines().count().max(1)
+        )
+    })
+    .unwrap_or_default()
+}
+
+/// The resolved settings the daemon runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// The state directory (lock file, default pool, `http.addr`).
+    pub data_dir: PathBuf,
+    /// The backing devices; never empty.
+    pub pools: Vec<PoolEntry>,
+    /// This node's ID.
+    pub node_id: String,
+    /// The local API socket.
+    pub api_socket: PathBuf,
+    /// The health and metrics address.
+    pub http: SocketAddr,
+    /// The I/O engine.
+    pub engine: EngineChoice,
+    /// Data-path threads, at least 1.
+    pub io_threads: u16,
+    /// Format devices even if they hold a foreign signature.
+    pub force_format: bool,
+    /// The log format.
+    pub log_format: LogFormat,
+}
+
+impl DaemonConfig {
+    /// Resolve flags over the config file (if `args.config` names one) over the defaults.
+    /// `api_socket` is the global `--api-socket` flag or `BALLAST_API_SOCKET`.
+    ///
+    /// # Errors
+    /// The config file is unreadable or invalid, a flag is malformed, or the node ID cannot be
+    /// determined.
+    pub fn resolve(args: &DaemonArgs, api_socket: Option<&Path>) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => ConfigFile::load(path)?,
+            None => ConfigFile::default(),
+        };
+        Self::merge(args, api_socket, file, hostname)
+    }
+
+    fn merge(
+        args: &DaemonArgs,
+        api_socket: Option<&Path>,
+        file: ConfigFile,
+        hostname: impl FnOnce() -> Result<String, nix::Error>,
+    ) -> Result<Self, ConfigError> {
+        let data_dir = args
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let mut pools = if args.pools.is_empty() {
+            file.pools
+        } else {
+            args.pools
+                .iter()
+                .map(|p| PoolEntry::parse(p))
+                .collect::<Result<_, _>>()?
+        };
+        if pools.is_empty() {
+            pools.push(PoolEntry {
+                path: data_dir.join(DEFAULT_POOL_FILE),
+                size: ByteSize::from_bytes(DEFAULT_POOL_SIZE),
+            });
+        }
+        let node_id = match args.node_id.clone().or(file.node_id) {
+            Some(id) => id,
+            None => hostname().map_err(ConfigError::NodeId)?,
+        };
+        if node_id.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                setting: "--node-id",
+                message: "it is empty".into(),
+            });
+        }
+        let io_threads = args
+            .io_threads
+            .or(file.io_threads)
+            .unwrap_or(DEFAULT_IO_THREADS);
+        if io_threads == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "io_threads",
+                message: "it must be at least 1".into(),
+            });
+        }
+        Ok(Self {
+            data_dir,
+            pools,
+            node_id,
+            api_socket: api_socket
+                .map(Path::to_owned)
+                .or(file.api_socket)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCKET)),
+            http: args.http.or(file.http).unwrap_or_else(|| {
+                DEFAULT_HTTP_ADDR
+                    .parse()
+                    .expect("the default HTTP address is valid")
+            }),
+            engine: args.engine.or(file.engine).unwrap_or_default(),
+            io_threads,
+            force_format: args.force_format || file.force_format.unwrap_or(false),
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        })
+    }
+
+    /// The devices to hand to the storage engine.
+    pub fn device_specs(&self) -> Vec<DeviceSpec> {
+        self.pools
+            .iter()
+            .map(|p| DeviceSpec {
+                path: p.path.clone(),
+                create_size: p.size.map(ByteSize::bytes),
+            })
+            .collect()
+    }
+
+    /// The file the daemon writes its bound HTTP address into.
+    pub fn http_addr_file(&self) -> PathBuf {
+        self.data_dir.join("http.addr")
+    }
+
+    /// The data directory's lock file.
+    pub fn lock_file(&self) -> PathBuf {
+        self.data_dir.join("lock")
+    }
+}
+
+fn hostname() -> Result<String, nix::Error> {
+    Ok(nix::unistd::gethostname()?.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(clippy::unnecessary_wraps)] // the signature `merge` expects
+    fn fixed_host() -> Result<String, nix::Error> {
+        Ok("host-1".into())
+    }
+
+    #[test]
+    fn pool_specs() {
+        let p = PoolEntry::parse("/srv/a.img:10GiB").unwrap();
+        assert_eq!(p.path, Path::new("/srv/a.img"));
+        assert_eq!(p.size.unwrap().bytes(), 10 << 30);
+        let p = PoolEntry::parse("/dev/disk/by-id/x:y").unwrap();
+        assert_eq!(p.path, Path::new("/dev/disk/by-id/x:y"));
+        assert!(p.size.is_none());
+        let e = PoolEntry::parse("/a.img:10XB").unwrap_err().to_string();
+        assert!(e.contains("invalid size"), "{e}");
+        assert!(PoolEntry::parse(":1G").is_err());
+    }
+
+    #[test]
+    fn defaults() {
+        let cfg = DaemonConfig::merge(
+            &DaemonArgs::default(),
+            None,
+            ConfigFile::default(),
+            fixed_host,
+        )
+        .unwrap();
+        assert_eq!(cfg.data_dir, Path::new(DEFAULT_DATA_DIR));
+        assert_eq!(cfg.pools.len(), 1);
+        assert_eq!(cfg.pools[0].path, Path::new("/var/lib/ballast/pool.img"));
+        assert_eq!(cfg.pools[0].size.unwrap().bytes(), DEFAULT_POOL_SIZE);
+        assert_eq!(cfg.node_id, "host-1");
+        assert_eq!(cfg.api_socket, Path::new(DEFAULT_API_SOCKET));
+        assert_eq!(cfg.http.port(), 9470);
+        assert_eq!(cfg.io_threads, 2);
+        assert_eq!(cfg.engine, EngineChoice::Auto);
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file = ConfigFile::parse(
+            r#"
+            data_dir = "/d"
+            node_id = "from-file"
+            engine = "sync"
+            io_threads = 8
+            http = "127.0.0.1:1"
+            [[pool]]
+            path = "/file.img"
+            size = "1GiB"
+            "#,
+        )
+        .unwrap();
+        let args = DaemonArgs {
+            node_id: Some("from-flag".into()),
+            pools: vec!["/flag.img:2GiB".into()],
+            ..DaemonArgs::default()
+        };
+        let cfg = DaemonConfig::merge(&args, Some(Path::new("/s.sock")), file, fixed_host).unwrap();
+        assert_eq!(cfg.data_dir, Path::new("/d"));
+        assert_eq!(cfg.node_id, "from-flag");
+        assert_eq!(cfg.engine, EngineChoice::Sync);
+        assert_eq!(cfg.io_threads, 8);
+        assert_eq!(cfg.pools, [PoolEntry::parse("/flag.img:2GiB").unwrap()]);
+        assert_eq!(cfg.api_socket, Path::new("/s.sock"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = ConfigFile::parse("data_dri = \"/x\"\n").unwrap_err();
+        assert!(e.contains("unknown field `data_dri`"), "{e}");
+        let e = ConfigFile::parse("[[pool]]\npath = \"/a\"\nsise = 1\n").unwrap_err();
+        assert!(e.contains("unknown field `sise`"), "{e}");
+    }
+}

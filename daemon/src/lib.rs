@@ -1,0 +1,44 @@
+//! The Ballast node daemon and CLI: the composition root of the project.
+//!
+//! One binary, `ballast`, runs either the daemon (`ballast daemon`) or a client command
+//! (`ballast volume …`, `ballast pool list`, `ballast status`).
+//!
+//! - [`cli`]: the command line (clap);
+//! - [`config`]: flags over the TOML config file over defaults;
+//! - [`node`]: the daemon's start-up, serving and shutdown, wiring storage to the endpoints;
+//! - [`data_dir_lock`], [`api_socket`]: the exclusive resources a daemon holds;
+//! - [`api`]: the local control API (HTTP + JSON on the unix socket) and its one error mapping;
+//! - [`ops_endpoint`], [`metrics`]: `/healthz`, `/readyz` and `/metrics` over TCP;
+//! - [`client`]: the CLI's client of the local API, its output and its exit codes;
+//! - [`node_info`], [`byte_size`], [`logging`]: shared facts, sizes and log set-up.
+//!
+//! Only `main.rs` uses `anyhow`; every module here has its own `thiserror` error type.
+
+pub mod api;
+pub mod api_socket;
+pub mod byte_size;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod data_dir_lock;
+pub mod logging;
+pub mod metrics;
+pub mod node;
+pub mod node_info;
+pub mod ops_endpoint;
+
+/// `err` followed by each of its sources, joined with `: `, for one-line messages.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        // Some errors repeat their source's message; don't print it twice.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}

@@ -1,0 +1,279 @@
+//! The daemon's life: start-up, serving, and clean shutdown. This is the composition root
+//! that wires the storage engine to the local API and the operator endpoint.
+//!
+//! Start-up order, each step only after the previous one succeeded:
+//! 1. install SIGTERM/SIGINT handlers (a signal during start-up is handled once storage is
+//!    open, so the engine is never abandoned half-opened);
+//! 2. lock the data directory ([`DataDirLock`]): two daemons never share one;
+//! 3. bind the API socket ([`ApiSocket`]), refusing if another daemon answers on it;
+//!    connections queue until step 6;
+//! 4. start the I/O engine, bind the operator endpoint (`--http`), write the bound address to
+//!    `<data-dir>/http.addr` and serve `/healthz` (200), `/readyz` (503 for now) and `/metrics`;
+//! 5. open storage;
+//! 6. serve the local API on the socket, and only then report ready.
+//!
+//! Shutdown (SIGTERM or SIGINT): report not ready, stop accepting on both listeners and let
+//! requests in flight finish (bounded by [`DRAIN_TIMEOUT`]), flush and close storage
+//! ([`Storage::close`]), remove the socket and `http.addr`, release the lock.
+//!
+//! Invariant: once storage is open, every way out of [`run`] goes through `Storage::close`.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use volume::pool::{PoolError, Storage, StorageConfig};
+
+use crate::api;
+use crate::api_socket::{ApiSocket, SocketError};
+use crate::config::DaemonConfig;
+use crate::data_dir_lock::{DataDirLock, LockError};
+use crate::metrics::MetricsExporter;
+use crate::node_info::{NodeInfo, Phase};
+use crate::ops_endpoint;
+
+/// How long shutdown waits for requests in flight before closing storage anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The data directory could not be created.
+    #[error("cannot create the data directory {path}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another daemon uses the data directory, or the lock failed.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// The operator endpoint could not listen.
+    #[error("cannot listen for HTTP on {addr}")]
+    HttpBind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound HTTP address could not be recorded.
+    #[error("cannot write the HTTP address to {path}")]
+    AddrFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The API socket could not be bound.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    /// The I/O engine could not start.
+    #[error("cannot start the I/O engine")]
+    Engine(#[source] std::io::Error),
+    /// Storage could not be opened.
+    #[error("cannot open storage")]
+    Open(#[source] PoolError),
+    /// Storage could not be flushed and closed.
+    #[error("cannot close storage cleanly")]
+    Close(#[source] PoolError),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+    /// A server stopped on its own.
+    #[error("the {0} server stopped unexpectedly")]
+    Serve(&'static str, #[source] std::io::Error),
+}
+
+/// Run the daemon until SIGTERM or SIGINT; `Ok` means a clean shutdown.
+///
+/// Must be called inside a multi-threaded tokio runtime.
+///
+/// # Errors
+/// Any start-up failure (the data directory is in use, the socket is live, storage does not
+/// open, …), a server failing, or storage failing to close.
+pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
+    let mut signals = ShutdownSignals::install()?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| NodeError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    let lock = DataDirLock::acquire(&cfg.lock_file())?;
+    tracing::debug!(path = %lock.path().display(), "locked the data directory");
+
+    let (socket, listener) = ApiSocket::bind(&cfg.api_socket)?;
+    let engine =
+        volume::io::probe(cfg.engine.into(), cfg.io_threads.into()).map_err(NodeError::Engine)?;
+    let node = Arc::new(NodeInfo::new(cfg.node_id.clone(), engine.name()));
+    let metrics = Arc::new(MetricsExporter::<Storage>::new(Arc::clone(&node)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let tcp = TcpListener::bind(cfg.http)
+        .await
+        .map_err(|source| NodeError::HttpBind {
+            addr: cfg.http,
+            source,
+        })?;
+    let http_addr = tcp.local_addr().map_err(|source| NodeError::HttpBind {
+        addr: cfg.http,
+        source,
+    })?;
+    let addr_file = AddrFile::write(cfg.http_addr_file(), http_addr)?;
+    tracing::info!(%http_addr, addr_file = %addr_file.path.display(), "serving /healthz, /readyz and /metrics");
+    let ops = ops_endpoint::router(Arc::clone(&node), Arc::clone(&metrics));
+    let mut http_task = spawn_server(
+        axum::serve(tcp, ops)
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
+    );
+
+    tracing::info!(
+        node_id = %cfg.node_id,
+        engine = engine.name(),
+        devices = ?cfg.pools.iter().map(|p| p.path.display().to_string()).collect::<Vec<_>>(),
+        "opening storage"
+    );
+    let storage = Storage::open(StorageConfig {
+        devices: cfg.device_specs(),
+        node_id: cfg.node_id.clone(),
+        force_format: cfg.force_format,
+        engine,
+    })
+    .await
+    .map_err(NodeError::Open)?;
+    let storage = Arc::new(storage);
+    metrics.attach(Arc::clone(&storage));
+
+    let api = api::router(Arc::clone(&storage), Arc::clone(&node));
+    let mut api_task = spawn_server(
+        axum::serve(listener, api)
+            .with_graceful_shutdown(stopped(stop_rx))
+            .into_future(),
+    );
+    node.advance(Phase::Ready);
+    tracing::info!(api_socket = %socket.path().display(), %http_addr, "ballast daemon ready");
+
+    let served = tokio::select! {
+        name = signals.recv() => {
+            tracing::info!(signal = name, "shutting down");
+            Ok(())
+        }
+        r = &mut api_task => Err(NodeError::Serve("local API", server_failure(r))),
+        r = &mut http_task => Err(NodeError::Serve("HTTP", server_failure(r))),
+    };
+
+    node.advance(Phase::Stopping);
+    let _ = stop_tx.send(true);
+    drain("local API", api_task).await;
+    let closed = storage.close().await.map_err(NodeError::Close);
+    match &closed {
+        Ok(()) => tracing::info!("storage flushed and closed"),
+        Err(e) => tracing::error!(error = %crate::error_chain(e), "storage did not close cleanly"),
+    }
+    drop(socket);
+    drain("HTTP", http_task).await;
+    drop(addr_file);
+    drop(lock);
+    served.and(closed)
+}
+
+type ServerTask = JoinHandle<std::io::Result<()>>;
+
+fn spawn_server(server: impl Future<Output = std::io::Result<()>> + Send + 'static) -> ServerTask {
+    tokio::spawn(server)
+}
+
+/// Resolves once shutdown is requested (or the sender is gone).
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// The error of a server task that ended before shutdown was requested.
+fn server_failure(r: Result<std::io::Result<()>, tokio::task::JoinError>) -> std::io::Error {
+    match r {
+        Ok(Ok(())) => std::io::Error::other("it returned without an error"),
+        Ok(Err(e)) => e,
+        Err(e) => std::io::Error::other(e.to_string()),
+    }
+}
+
+/// Wait for a server to finish its requests in flight, at most [`DRAIN_TIMEOUT`].
+async fn drain(name: &'static str, task: ServerTask) {
+    if task.is_finished() {
+        return;
+    }
+    let abort = task.abort_handle();
+    if tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_ok() {
+        tracing::debug!(server = name, "server stopped");
+    } else {
+        tracing::warn!(server = name, timeout = ?DRAIN_TIMEOUT, "requests still in flight; closing their connections");
+        abort.abort();
+    }
+}
+
+/// SIGTERM and SIGINT, installed once at start-up.
+#[derive(Debug)]
+struct ShutdownSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> Result<Self, NodeError> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).map_err(NodeError::Signals)?,
+            int: signal(SignalKind::interrupt()).map_err(NodeError::Signals)?,
+        })
+    }
+
+    /// The name of the next shutdown signal to arrive.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// `<data-dir>/http.addr`: the operator endpoint's bound address, for tools and tests that
+/// asked for port 0. Written atomically; removed when dropped.
+#[derive(Debug)]
+struct AddrFile {
+    path: PathBuf,
+}
+
+impl AddrFile {
+    fn write(path: PathBuf, addr: SocketAddr) -> Result<Self, NodeError> {
+        let tmp = path.with_extension("addr.tmp");
+        std::fs::write(&tmp, format!("{addr}\n"))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|source| NodeError::AddrFile {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for AddrFile {
+    fn drop(&mut self) {
+        remove_quietly(&self.path);
+    }
+}
+
+fn remove_quietly(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove file");
+        }
+    }
+}
