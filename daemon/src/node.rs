@@ -10,7 +10,8 @@
 //! 4. start the I/O engine, bind the operator endpoint (`--http`), write the bound address to
 //!    `<data-dir>/http.addr` and serve `/healthz` (200), `/readyz` (503 for now) and `/metrics`;
 //! 5. open storage;
-//! 6. serve the local API on the socket, and only then report ready.
+//! 6. serve the local API on the socket, start the periodic checkpoint
+//!    ([`CHECKPOINT_INTERVAL`]), and only then report ready.
 //!
 //! Shutdown (SIGTERM or SIGINT): report not ready, stop accepting on both listeners and let
 //! requests in flight finish (bounded by [`DRAIN_TIMEOUT`]), flush and close storage
@@ -154,11 +155,13 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     metrics.attach(Arc::clone(&storage));
 
     let api = api::router(Arc::clone(&storage), Arc::clone(&node));
+    let stop_rx_checkpoint = stop_rx.clone();
     let mut api_task = spawn_server(
         axum::serve(listener, api)
             .with_graceful_shutdown(stopped(stop_rx))
             .into_future(),
     );
+    let checkpoints = tokio::spawn(checkpoint_loop(Arc::clone(&storage), stop_rx_checkpoint));
     node.advance(Phase::Ready);
     tracing::info!(api_socket = %socket.path().display(), %http_addr, "ballast daemon ready");
 
@@ -173,6 +176,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
 
     node.advance(Phase::Stopping);
     let _ = stop_tx.send(true);
+    let _ = checkpoints.await;
     drain("local API", api_task).await;
     let closed = storage.close().await.map_err(NodeError::Close);
     match &closed {
@@ -184,6 +188,25 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     drop(addr_file);
     drop(lock);
     served.and(closed)
+}
+
+/// How often storage commits on its own when something changed (see [`Storage::checkpoint`]).
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Commit changed pools every [`CHECKPOINT_INTERVAL`] until shutdown is requested.
+async fn checkpoint_loop(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = storage.checkpoint().await {
+                    tracing::error!(error = %crate::error_chain(&e), "periodic checkpoint failed");
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 type ServerTask = JoinHandle<std::io::Result<()>>;

@@ -66,7 +66,7 @@ const MAX_SQE_LEN: usize = 1 << 30;
 const MAX_ADMIT_PER_ROUND: usize = RING_ENTRIES as usize;
 
 /// How long a worker that just completed requests busy-waits for new ones before sleeping.
-const SPIN_LIMIT: Duration = Duration::from_micros(50);
+const SPIN_LIMIT: Duration = Duration::from_micros(200);
 
 /// `user_data` of the wake-up read on the doorbell `eventfd`.
 const WAKE_TOKEN: u64 = u64::MAX;

@@ -84,6 +84,83 @@ pub(crate) struct ExtentRt {
     pub generation: AtomicU64,
     /// The extent's allocation is part of a commit snapshot.
     pub committed: AtomicBool,
+    /// Writes in flight on this extent's blocks.
+    pub pending: Mutex<PendingWrites>,
+    /// Signalled whenever a write leaves `pending`.
+    pub released: tokio::sync::Notify,
+}
+
+/// The blocks of one extent that have a write in flight, and the checksums those writes
+/// will publish.
+///
+/// Overlapping writes to one block are ordered: the second waits until the first has
+/// published its checksum, so the data on disk and the published checksum always come from
+/// the same write. A read that sees data whose checksum is not published yet finds it here.
+#[derive(Debug, Default)]
+pub(crate) struct PendingWrites {
+    busy: [u64; 4],
+    crcs: Vec<(usize, u32)>,
+}
+
+impl PendingWrites {
+    fn bit(pblock: usize) -> (usize, u64) {
+        let k = pblock % BLOCKS_PER_EXTENT as usize;
+        (k / 64, 1 << (k % 64))
+    }
+
+    /// Whether a write in flight will publish `crc` for `pblock`.
+    pub(crate) fn contains(&self, pblock: usize, crc: u32) -> bool {
+        self.crcs.contains(&(pblock, crc))
+    }
+}
+
+impl ExtentRt {
+    /// Register a write of `(pblock, crc)` entries, after any in-flight write to the same
+    /// blocks has finished.
+    pub(crate) async fn begin_write(&self, entries: &[(usize, u32)]) {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            {
+                let mut p = self.pending.lock().expect("pending lock");
+                let conflict = entries.iter().any(|&(pb, _)| {
+                    let (w, m) = PendingWrites::bit(pb);
+                    p.busy[w] & m != 0
+                });
+                if !conflict {
+                    for &(pb, _) in entries {
+                        let (w, m) = PendingWrites::bit(pb);
+                        p.busy[w] |= m;
+                    }
+                    p.crcs.extend_from_slice(entries);
+                    return;
+                }
+            }
+            released.await;
+        }
+    }
+
+    /// Unregister a write begun with [`ExtentRt::begin_write`] and wake waiters.
+    pub(crate) fn end_write(&self, entries: &[(usize, u32)]) {
+        let mut mine = [0u64; 4];
+        for &(pb, _) in entries {
+            let (w, m) = PendingWrites::bit(pb);
+            mine[w] |= m;
+        }
+        {
+            let mut p = self.pending.lock().expect("pending lock");
+            for (busy, mine) in p.busy.iter_mut().zip(mine) {
+                *busy &= !mine;
+            }
+            // Only one write per block is in flight, so every entry on these blocks is ours.
+            p.crcs.retain(|&(pb, _)| {
+                let (w, m) = PendingWrites::bit(pb);
+                mine[w] & m == 0
+            });
+        }
+        self.released.notify_waiters();
+    }
 }
 
 /// A volume's run-time state on its disk.
@@ -172,6 +249,10 @@ pub(crate) struct Disk {
     interval: AtomicU64,
     commit_lock: tokio::sync::Mutex<CommitState>,
     pub checksum_errors: AtomicU64,
+    /// Bumped by every change a commit would persist; compared by [`Disk::commit_if_changed`].
+    changes: AtomicU64,
+    /// The value of `changes` at the start of the last successful commit.
+    committed_changes: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -302,6 +383,8 @@ impl Disk {
             interval: AtomicU64::new(1),
             commit_lock: tokio::sync::Mutex::new(CommitState { seq: 0, slot_body: [None, None] }),
             checksum_errors: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
+            committed_changes: AtomicU64::new(0),
         }
     }
 
@@ -430,6 +513,7 @@ impl Disk {
     }
 
     fn mark_dirty(&self, pblock: usize) {
+        self.changes.fetch_add(1, SeqCst);
         let page = pblock / CSUM_PER_PAGE;
         self.csum_dirty[page / 64].fetch_or(1 << (page % 64), SeqCst);
     }
@@ -548,6 +632,7 @@ impl Disk {
                     e.generation.store(0, SeqCst);
                     vol.lookup_slot_store(logical as u32, p);
                     vol.allocated_extents.fetch_add(1, SeqCst);
+                    self.changes.fetch_add(1, SeqCst);
                     return Ok(p);
                 }
                 if st.pending_free.is_empty() || committed_for_space {
@@ -572,6 +657,7 @@ impl Disk {
             self.set_csum(b, 0);
         }
         st.pending_free.push((p, self.interval.load(SeqCst)));
+        self.changes.fetch_add(1, SeqCst);
         vol.allocated_extents.fetch_sub(1, SeqCst);
     }
 
@@ -601,10 +687,28 @@ impl Disk {
         }
     }
 
+    /// Commit if anything changed since the last commit, or if the open set can shrink.
+    pub(crate) async fn commit_if_changed(&self) -> Result<(), PoolError> {
+        let changed = self.changes.load(SeqCst) != self.committed_changes.load(SeqCst);
+        let shrinkable = {
+            let os = lock(&self.open);
+            let cur = self.interval.load(SeqCst);
+            os.durable.iter().enumerate().any(|(p, &open)| {
+                let e = &self.ext[p];
+                open && e.writes.load(SeqCst) == 0 && e.last_write.load(SeqCst) + KEEP_OPEN_COMMITS <= cur
+            })
+        };
+        if changed || shrinkable {
+            self.commit(false).await?;
+        }
+        Ok(())
+    }
+
     /// Commit: make every completed write and metadata change durable. With `closing`, the
     /// open set is emptied of every extent without a write in flight (clean shutdown).
     pub(crate) async fn commit(&self, closing: bool) -> Result<(), PoolError> {
         let mut cs = self.commit_lock.lock().await;
+        let changes = self.changes.load(SeqCst);
         let cur = self.interval.fetch_add(1, SeqCst);
         let n = self.layout.n_extents as usize;
         // 1. Snapshot under the open and state locks (in that order).
@@ -645,6 +749,7 @@ impl Disk {
         let mut os = lock(&self.open);
         match result {
             Ok(()) => {
+                self.committed_changes.store(changes, SeqCst);
                 os.durable.clone_from(&new_open);
                 os.safe = new_open;
                 drop(os);

@@ -78,6 +78,20 @@ impl Drop for Pins<'_> {
     }
 }
 
+/// Writes registered as in flight; unregistered on drop, also if the write is cancelled.
+struct Registered<'a> {
+    disk: &'a Disk,
+    groups: Vec<(u32, Vec<(usize, u32)>)>,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        for (p, entries) in &self.groups {
+            self.disk.ext[*p as usize].end_write(entries);
+        }
+    }
+}
+
 impl Replica {
     pub(crate) fn new(disk: Arc<Disk>, vol: Arc<VolRt>) -> Self {
         Self { disk, vol }
@@ -150,12 +164,13 @@ impl Replica {
                     continue;
                 }
                 let pb = u64::from(p) * BLOCKS_PER_EXTENT + lb % BLOCKS_PER_EXTENT;
-                if self.disk.csum(pb as usize) == 0 {
+                let before = self.disk.csum(pb as usize);
+                if before == 0 {
                     buf[range].fill(0);
                     continue;
                 }
                 let version = self.disk.ext[p as usize].version.load(SeqCst);
-                to_verify.push((i, p, pb, version));
+                to_verify.push((i, p, pb as usize, version, before));
                 push_segment(&mut segments, self.disk.layout.data_block_offset(pb), range.start, BLOCK as usize);
             }
             if !segments.is_empty() {
@@ -168,12 +183,15 @@ impl Replica {
             }
             let mut raced = false;
             let mut bad = None;
-            for &(i, p, pb, version) in &to_verify {
+            for &(i, p, pb, version, before) in &to_verify {
                 let data = &buf[i * BLOCK as usize..(i + 1) * BLOCK as usize];
-                if encode_crc(data) == self.disk.csum(pb as usize) {
+                let crc = encode_crc(data);
+                let e = &self.disk.ext[p as usize];
+                // The data as it was when the read started, as it is now, or as a write in
+                // flight is putting it: all are valid results of a racing read.
+                if crc == self.disk.csum(pb) || crc == before || e.pending.lock().expect("pending lock").contains(pb, crc) {
                     continue;
                 }
-                let e = &self.disk.ext[p as usize];
                 if e.version.load(SeqCst) != version || e.writes.load(SeqCst) > 0 {
                     raced = true;
                 } else {
@@ -214,6 +232,7 @@ impl Replica {
         }
         let first = offset / BLOCK;
         let nblocks = (len / BLOCK) as usize;
+        let crcs: Vec<u32> = buf.chunks(BLOCK as usize).map(encode_crc).collect();
         let mut pins = Pins { disk: &self.disk, extents: Vec::new(), writing: true };
         let mut segments = Vec::new();
         let mut physical = Vec::with_capacity(nblocks);
@@ -242,19 +261,36 @@ impl Replica {
                 }
             }
             let pb = u64::from(p) * BLOCKS_PER_EXTENT + lb % BLOCKS_PER_EXTENT;
-            physical.push(pb as usize);
+            physical.push((p, pb as usize));
             push_segment(&mut segments, self.disk.layout.data_block_offset(pb), i * BLOCK as usize, BLOCK as usize);
         }
-        let crcs: Vec<u32> = buf.chunks(BLOCK as usize).map(encode_crc).collect();
+        // Per extent, the (physical block, checksum) entries of this write, in logical order.
+        let mut groups: Vec<(u32, Vec<(usize, u32)>)> = Vec::new();
+        for (&(p, pb), &crc) in physical.iter().zip(&crcs) {
+            match groups.last_mut() {
+                Some((q, entries)) if *q == p => entries.push((pb, crc)),
+                _ => groups.push((p, vec![(pb, crc)])),
+            }
+        }
+        // Ordered after any write in flight on the same blocks. Extents are taken in logical
+        // order, the same for every write of this volume, so waits cannot form a cycle.
+        let mut registered = Registered { disk: &self.disk, groups: Vec::with_capacity(groups.len()) };
+        for (p, entries) in groups {
+            self.disk.ext[p as usize].begin_write(&entries).await;
+            registered.groups.push((p, entries));
+        }
         let generation = self.vol.seq.fetch_add(1, SeqCst) + 1;
         let req = IoRequest { op: IoOp::Write { dsync: false }, file: self.disk.file().clone(), buf: Some(buf), segments };
         let c = self.disk.engine().submit(req).await;
         let buf = c.buf.unwrap_or_else(|| IoBuf::zeroed(len as usize));
+        if c.result.is_ok() {
+            for (&(_, pb), &crc) in physical.iter().zip(&crcs) {
+                self.disk.set_csum(pb, crc);
+            }
+        }
+        drop(registered);
         if let Err(e) = c.result {
             return Err(BufError { error: DeviceError::io("write", offset, len, e), buf });
-        }
-        for (pb, crc) in physical.iter().zip(crcs) {
-            self.disk.set_csum(*pb, crc);
         }
         for &p in &pins.extents {
             self.disk.ext[p as usize].generation.fetch_max(generation, SeqCst);
