@@ -17,11 +17,10 @@
 //!
 //! If `fio` is installed, its numbers for the raw file are printed for reference.
 //!
-//! Everything is created in a temporary directory under `--dir`, removed at the end, on error
-//! and on Ctrl-C.
+//! Everything is created in a temporary directory under `--dir`, removed at the end, on error,
+//! on Ctrl-C and on SIGTERM.
 
 use std::future::Future;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,17 +56,21 @@ struct Args {
     #[arg(long, default_value_t = 32)]
     qd: usize,
     /// Runs per figure and target; targets alternate between runs.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 5)]
     rounds: u32,
     /// Data-path threads of the I/O engine.
     #[arg(long, default_value_t = 1)]
     engine_threads: usize,
-    /// Worker threads of the tokio runtime that drives the engine side.
+    /// Worker threads of the tokio runtime that drives the engine side (0: a current-thread
+    /// runtime on the main thread).
     #[arg(long, default_value_t = 1)]
     tokio_threads: usize,
     /// Do not run fio for reference numbers even if it is installed.
     #[arg(long)]
     no_fio: bool,
+    /// The tests to run, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Test::ALL)]
+    tests: Vec<Test>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -82,10 +85,16 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 /// One benchmark figure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Test {
+    /// 4 KiB random read.
+    #[value(name = "randread")]
     RandRead4k,
+    /// 4 KiB random write.
+    #[value(name = "randwrite")]
     RandWrite4k,
+    /// 1 MiB sequential write.
+    #[value(name = "seqwrite")]
     SeqWrite1m,
 }
 
@@ -438,6 +447,8 @@ struct Bench {
     raw_path: PathBuf,
     storage: Storage,
     replica: Arc<Replica>,
+    /// The largest share of CPU used by anything but this benchmark during a run.
+    max_other_load: std::cell::Cell<f64>,
 }
 
 impl Bench {
@@ -473,11 +484,11 @@ impl Bench {
         self.run_one(Target::RawDirect, Test::SeqWrite1m, Stop::OnePass, 1)
             .await
             .context("prefill the raw file")?;
-        // SAFETY: `fdatasync` takes only a descriptor, kept open by `self.raw`.
-        ensure!(
-            unsafe { libc::fdatasync(self.raw.raw_fd()) } == 0,
-            "fdatasync of the raw file failed"
-        );
+        self.engine
+            .submit(IoRequest::fsync(&self.raw))
+            .await
+            .result
+            .context("fdatasync the raw file")?;
         let raw_secs = t.elapsed().as_secs_f64();
         let t = Instant::now();
         self.run_one(Target::Ballast, Test::SeqWrite1m, Stop::OnePass, 2)
@@ -499,7 +510,9 @@ impl Bench {
         let targets = [Target::RawDirect, Target::RawEngine, Target::Ballast];
         let rounds = self.args.rounds.max(1);
         let per_run = Duration::from_secs_f64(self.args.seconds as f64 / f64::from(rounds));
-        let mut results: Vec<(Test, [Sample; 3])> = Test::ALL
+        let mut results: Vec<(Test, [Sample; 3])> = self
+            .args
+            .tests
             .iter()
             .map(|&t| (t, [Sample::default(); 3]))
             .collect();
@@ -511,22 +524,87 @@ impl Bench {
                 }
                 for i in order {
                     let seed = u64::from(round) * 1000 + i as u64;
+                    let before = CpuSnapshot::take();
                     let s = self
                         .run_one(targets[i], *test, Stop::After(per_run), seed)
                         .await?;
+                    let cpu = CpuSnapshot::take().since(&before);
                     eprintln!(
-                        "round {}/{rounds} {:<24} {:<15} {:>12.0} {}",
+                        "round {}/{rounds} {:<24} {:<15} {:>12.0} {}  (CPU: this process {:.0}%, everything else {:.0}%)",
                         round + 1,
                         test.label(),
                         target_name(targets[i]),
                         test.figure(s),
-                        test.unit()
+                        test.unit(),
+                        cpu.own * 100.0,
+                        cpu.other * 100.0,
                     );
+                    self.max_other_load
+                        .set(self.max_other_load.get().max(cpu.other));
                     samples[i] += s;
                 }
             }
         }
         Ok(results)
+    }
+}
+
+/// CPU time, system-wide and of this process, at one instant.
+#[derive(Debug, Clone, Copy)]
+struct CpuSnapshot {
+    /// Busy and total jiffies of all CPUs, from `/proc/stat`.
+    system: Option<(u64, u64)>,
+    /// This process's user + system CPU time.
+    own: Duration,
+    at: Instant,
+}
+
+/// The share of all CPUs used between two snapshots, by this process and by everything else
+/// (other processes, interrupts).
+#[derive(Debug, Clone, Copy)]
+struct CpuShare {
+    own: f64,
+    other: f64,
+}
+
+impl CpuSnapshot {
+    fn take() -> Self {
+        let system = std::fs::read_to_string("/proc/stat").ok().and_then(|stat| {
+            let line = stat.lines().next()?.strip_prefix("cpu ")?.to_owned();
+            let v: Vec<u64> = line
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            let total: u64 = v.iter().take(8).sum();
+            let idle = v.get(3)? + v.get(4)?;
+            Some((total - idle, total))
+        });
+        // SAFETY: `getrusage` writes one `rusage` into the zeroed local it is given.
+        let own = unsafe {
+            let mut ru: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_SELF, &raw mut ru);
+            let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+            tv(ru.ru_utime) + tv(ru.ru_stime)
+        };
+        Self {
+            system,
+            own,
+            at: Instant::now(),
+        }
+    }
+
+    fn since(&self, before: &Self) -> CpuShare {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
+        let wall = self.at.duration_since(before.at).as_secs_f64().max(1e-9) * cpus;
+        let own = (self.own.saturating_sub(before.own)).as_secs_f64() / wall;
+        let busy = match (before.system, self.system) {
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => (b1 - b0) as f64 / (t1 - t0) as f64,
+            _ => own,
+        };
+        CpuShare {
+            own,
+            other: (busy - own).max(0.0),
+        }
     }
 }
 
@@ -582,7 +660,7 @@ fn fio_reference(args: &Args, raw_path: &Path) -> Option<Vec<(Test, f64)>> {
         .ok()
         .filter(|o| o.status.success())?;
     let mut out = Vec::new();
-    for test in Test::ALL {
+    for &test in &args.tests {
         let rw = match test {
             Test::RandRead4k => "randread",
             Test::RandWrite4k => "randwrite",
@@ -687,6 +765,7 @@ async fn open_bench(args: Args, dir: &Path) -> Result<Bench> {
         raw_path,
         storage,
         replica,
+        max_other_load: std::cell::Cell::new(0.0),
     })
 }
 
@@ -711,6 +790,23 @@ async fn bench_main(args: Args, dir: &Path) -> Result<()> {
     };
     bench.storage.close().await.context("close the pool")?;
     print_table(&bench.args, engine_name, &results);
+    if engine_name == "sync" {
+        println!(
+            "Note: the sync engine has one I/O in flight per data-path thread; \
+             pass --engine-threads {} to give it the same queue depth.",
+            bench.args.qd
+        );
+    }
+    let other = bench.max_other_load.get();
+    if other > 0.15 {
+        println!(
+            "Warning: up to {:.0}% of the CPUs were busy outside this benchmark during a run \
+             (other processes or interrupts). The engine side needs two threads scheduled per \
+             round trip and the raw side one, so CPU contention lowers the ratios; run on an \
+             idle machine or under `nice -n -10`.",
+            other * 100.0
+        );
+    }
     if let Some(fio) = fio {
         let figures: Vec<String> = fio
             .iter()
@@ -730,8 +826,14 @@ fn main() -> Result<()> {
     if !args.dir.is_dir() {
         bail!("--dir {} is not a directory", args.dir.display());
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.tokio_threads.max(1))
+    let mut builder = if args.tokio_threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(args.tokio_threads);
+        b
+    };
+    let runtime = builder
         .enable_all()
         .build()
         .context("start the tokio runtime")?;
@@ -741,9 +843,12 @@ fn main() -> Result<()> {
         .tempdir_in(&args.dir)
         .with_context(|| format!("create a temporary directory in {}", args.dir.display()))?;
     let result = runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("listen for SIGTERM")?;
         tokio::select! {
             r = bench_main(args, dir.path()) => r,
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+            _ = term.recv() => Err(anyhow!("terminated")),
         }
     });
     // Stop the runtime (and any raw-baseline thread, which ends at its deadline) before the

@@ -7,7 +7,7 @@
 //!    thread over a channel (round-robin).
 //! 2. If that worker is asleep in the kernel, the submitter rings its doorbell: an `eventfd` on
 //!    which the worker always keeps a read armed in its ring. A worker that is awake is not
-//!    disturbed, so a busy engine costs no `eventfd` write per request (see [`Doorbell`]).
+//!    disturbed, so a busy engine costs no `eventfd` write per request (see `Doorbell`).
 //! 3. The worker drains every queued request into its in-flight table, turns each segment into
 //!    one SQE (`Read`, `Write` with `RWF_DSYNC` for dsync writes, `Fsync` with `DATASYNC`), and
 //!    submits the whole batch with a single `io_uring_enter`, which also waits for completions
@@ -64,9 +64,6 @@ const MAX_SQE_LEN: usize = 1 << 30;
 
 /// The most requests a worker takes from its channel before submitting what it has.
 const MAX_ADMIT_PER_ROUND: usize = RING_ENTRIES as usize;
-
-/// How long a worker that just completed requests busy-waits for new ones before sleeping.
-const SPIN_LIMIT: Duration = Duration::from_micros(200);
 
 /// `user_data` of the wake-up read on the doorbell `eventfd`.
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -320,8 +317,6 @@ struct Worker {
     overflow_seen: u32,
     /// An `io_uring_enter` failure has been logged (only the first is).
     enter_error_logged: bool,
-    /// Completions went out since the last spin, so callers may be about to submit more.
-    expect_requests: bool,
 }
 
 impl Worker {
@@ -374,7 +369,6 @@ impl Worker {
             reaped: Vec::new(),
             overflow_seen: 0,
             enter_error_logged: false,
-            expect_requests: false,
         })
     }
 
@@ -397,14 +391,6 @@ impl Worker {
             // Work that could not be pushed although the ring has room means the SQ was full:
             // submit without waiting, then push the rest.
             let backlog = !self.queue.is_empty() && self.in_ring < self.max_in_ring;
-            if !backlog && self.in_ring > 0 && std::mem::take(&mut self.expect_requests) && !self.closing {
-                if !self.ring.submission().is_empty() {
-                    self.enter(0);
-                }
-                if self.wait_for_requests(SPIN_LIMIT) {
-                    continue;
-                }
-            }
             let want = if backlog || self.in_ring == 0 {
                 0
             } else {
@@ -416,19 +402,6 @@ impl Worker {
             self.bell.sleeping.store(false, Ordering::SeqCst);
             self.reap();
         }
-    }
-
-    /// Busy-wait up to `limit` for a request: callers usually resubmit right after a
-    /// completion, and catching that here spares a doorbell write and a wake-up.
-    fn wait_for_requests(&self, limit: Duration) -> bool {
-        let start = std::time::Instant::now();
-        while self.rx.is_empty() {
-            if start.elapsed() >= limit {
-                return false;
-            }
-            std::hint::spin_loop();
-        }
-        true
     }
 
     /// Take up to a batch of requests from the channel into the table.
@@ -694,7 +667,6 @@ impl Worker {
         let f = entry.take().expect("checked above");
         self.free_slots.push(slot);
         self.live -= 1;
-        self.expect_requests = true;
         let result = f.error.map_or(Ok(()), Err);
         // The receiver may be gone (the caller stopped waiting); then the buffer just drops,
         // which is safe because no SQE of this request remains in the kernel.
@@ -834,6 +806,48 @@ mod tests {
         let c = block_on(e.submit(req));
         assert_eq!(c.result.unwrap_err().kind(), io::ErrorKind::InvalidInput);
         assert!(c.buf.is_some());
+    }
+
+    /// A submitter racing its worker as it goes to sleep, with delays swept from "still
+    /// awake" to "long asleep". Each engine has a single submitter, so a lost wake-up leaves its
+    /// request waiting forever, which the timeout turns into a failure.
+    #[test]
+    fn wake_ups_are_never_lost() {
+        let threads: Vec<_> = (0..2_u64)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let e = UringEngine::start(1).unwrap();
+                    let zero = IoFile::new(std::fs::File::open("/dev/zero").unwrap().into());
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_time()
+                        .build()
+                        .unwrap();
+                    for i in 0..3000_u64 {
+                        // Busy-wait 0-160 µs: the worker may be awake, dozing off or asleep.
+                        let delay = Duration::from_micros((i * 7 + t * 13) % 161);
+                        let start = std::time::Instant::now();
+                        while start.elapsed() < delay {
+                            std::hint::spin_loop();
+                        }
+                        let c = rt
+                            .block_on(async {
+                                let c = e.submit(IoRequest::read(
+                                    &zero,
+                                    0,
+                                    IoBuf::from_slice(&[1; 512]),
+                                ));
+                                tokio::time::timeout(Duration::from_secs(5), c).await
+                            })
+                            .expect("a request was never completed: lost wake-up");
+                        c.result.unwrap();
+                        assert!(c.buf.unwrap().iter().all(|&b| b == 0));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     /// More requests than the SQ and CQ hold, all queued before the worker can drain them,

@@ -86,8 +86,10 @@ pub(crate) struct ExtentRt {
     pub committed: AtomicBool,
     /// Writes in flight on this extent's blocks.
     pub pending: Mutex<PendingWrites>,
-    /// Signalled whenever a write leaves `pending`.
+    /// Signalled whenever a write leaves `pending` while another waits.
     pub released: tokio::sync::Notify,
+    /// Writes waiting in [`ExtentRt::begin_write`]; `end_write` signals only if non-zero.
+    waiters: AtomicU32,
 }
 
 /// The blocks of one extent that have a write in flight, and the checksums those writes
@@ -118,27 +120,39 @@ impl ExtentRt {
     /// Register a write of `(pblock, crc)` entries, after any in-flight write to the same
     /// blocks has finished.
     pub(crate) async fn begin_write(&self, entries: &[(usize, u32)]) {
+        // Fast path: no overlapping write in flight, no waiter registration.
+        if self.try_begin_write(entries) {
+            return;
+        }
+        // Slow path. The waiter count is raised before the re-check, and `end_write` reads it
+        // after clearing its blocks, so either we see the blocks free or it wakes us.
+        self.waiters.fetch_add(1, SeqCst);
         loop {
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            {
-                let mut p = self.pending.lock().expect("pending lock");
-                let conflict = entries.iter().any(|&(pb, _)| {
-                    let (w, m) = PendingWrites::bit(pb);
-                    p.busy[w] & m != 0
-                });
-                if !conflict {
-                    for &(pb, _) in entries {
-                        let (w, m) = PendingWrites::bit(pb);
-                        p.busy[w] |= m;
-                    }
-                    p.crcs.extend_from_slice(entries);
-                    return;
-                }
+            if self.try_begin_write(entries) {
+                break;
             }
             released.await;
         }
+        self.waiters.fetch_sub(1, SeqCst);
+    }
+
+    fn try_begin_write(&self, entries: &[(usize, u32)]) -> bool {
+        let mut p = self.pending.lock().expect("pending lock");
+        let conflict = entries.iter().any(|&(pb, _)| {
+            let (w, m) = PendingWrites::bit(pb);
+            p.busy[w] & m != 0
+        });
+        if !conflict {
+            for &(pb, _) in entries {
+                let (w, m) = PendingWrites::bit(pb);
+                p.busy[w] |= m;
+            }
+            p.crcs.extend_from_slice(entries);
+        }
+        !conflict
     }
 
     /// Unregister a write begun with [`ExtentRt::begin_write`] and wake waiters.
@@ -159,7 +173,9 @@ impl ExtentRt {
                 mine[w] & m == 0
             });
         }
-        self.released.notify_waiters();
+        if self.waiters.load(SeqCst) > 0 {
+            self.released.notify_waiters();
+        }
     }
 }
 
