@@ -85,7 +85,11 @@ pub struct ControlError {
 impl ControlError {
     /// A new error of `kind` with a sentence-case `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), source: None }
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// Attach the underlying cause.
@@ -108,8 +112,10 @@ impl ControlError {
     /// The message followed by every source in the chain, joined with `: `.
     pub fn full_message(&self) -> String {
         let mut out = self.message.clone();
-        let mut cur: Option<&(dyn std::error::Error + 'static)> =
-            self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static));
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = self
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static));
         while let Some(e) = cur {
             out.push_str(": ");
             out.push_str(&e.to_string());
@@ -140,7 +146,9 @@ impl VolumeName {
         let rule = "names are lowercase DNS labels: 1-63 characters of a-z, 0-9 and '-', \
                     starting and ending with a letter or digit";
         if name.is_empty() {
-            return Err(ControlError::invalid(format!("volume name is empty; {rule}")));
+            return Err(ControlError::invalid(format!(
+                "volume name is empty; {rule}"
+            )));
         }
         if name.len() > Self::MAX_LEN {
             return Err(ControlError::invalid(format!(
@@ -148,8 +156,9 @@ impl VolumeName {
                 name.len()
             )));
         }
-        if let Some(c) =
-            name.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+        if let Some(c) = name
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
         {
             return Err(ControlError::invalid(format!(
                 "volume name {name:?} contains {c:?}; {rule}"
@@ -210,7 +219,9 @@ pub fn parse_size(input: &str) -> Result<u64, ControlError> {
         ))
     };
     let s = input.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     if num.is_empty() {
         return Err(bad("it does not start with a number"));
@@ -234,12 +245,24 @@ pub fn parse_size(input: &str) -> Result<u64, ControlError> {
         if frac.contains('.') || (int.is_empty() && frac.is_empty()) {
             return Err(bad("malformed number"));
         }
-        let int: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad("too large"))? };
+        let int: u64 = if int.is_empty() {
+            0
+        } else {
+            int.parse().map_err(|_| bad("too large"))?
+        };
         let digits = frac.len().min(9) as u32;
-        let frac_val: u64 = if digits == 0 { 0 } else { frac[..digits as usize].parse().map_err(|_| bad("malformed number"))? };
+        let frac_val: u64 = if digits == 0 {
+            0
+        } else {
+            frac[..digits as usize]
+                .parse()
+                .map_err(|_| bad("malformed number"))?
+        };
         let whole = int.checked_mul(mult).ok_or_else(|| bad("too large"))?;
         let part = (u128::from(frac_val) * u128::from(mult)) / 10_u128.pow(digits);
-        whole.checked_add(part as u64).ok_or_else(|| bad("too large"))?
+        whole
+            .checked_add(part as u64)
+            .ok_or_else(|| bad("too large"))?
     } else {
         let n: u64 = num.parse().map_err(|_| bad("too large"))?;
         n.checked_mul(mult).ok_or_else(|| bad("too large"))?
@@ -274,7 +297,9 @@ pub fn format_size(bytes: u64) -> String {
 /// `InvalidArgument` when the result is zero or above [`MAX_VOLUME_SIZE`].
 pub fn round_volume_size(bytes: u64) -> Result<u64, ControlError> {
     if bytes == 0 {
-        return Err(ControlError::invalid("volume size must be greater than zero"));
+        return Err(ControlError::invalid(
+            "volume size must be greater than zero",
+        ));
     }
     if bytes > MAX_VOLUME_SIZE {
         return Err(ControlError::invalid(format!(
@@ -446,7 +471,16 @@ mod tests {
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
         assert_eq!(parse_size(" 2 mib ").unwrap(), 2 << 20);
-        for bad in ["", "banana", "10XB", "GiB", "0", "1.2.3", "99999999999999999999", "20000PiB"] {
+        for bad in [
+            "",
+            "banana",
+            "10XB",
+            "GiB",
+            "0",
+            "1.2.3",
+            "99999999999999999999",
+            "20000PiB",
+        ] {
             let e = parse_size(bad).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{bad}");
             assert!(e.message().contains("invalid size"), "{}", e.message());

@@ -63,13 +63,33 @@ pub struct DeviceError {
 
 impl DeviceError {
     /// A new error without an OS source.
-    pub fn new(kind: DeviceErrorKind, op: &'static str, offset: u64, len: u64, message: impl Into<String>) -> Self {
-        Self { kind, op, offset, len, message: message.into(), source: None }
+    pub fn new(
+        kind: DeviceErrorKind,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            kind,
+            op,
+            offset,
+            len,
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// An I/O error from the backing store.
     pub fn io(op: &'static str, offset: u64, len: u64, source: std::io::Error) -> Self {
-        Self { kind: DeviceErrorKind::Io, op, offset, len, message: "the backing store failed".into(), source: Some(source) }
+        Self {
+            kind: DeviceErrorKind::Io,
+            op,
+            offset,
+            len,
+            message: "the backing store failed".into(),
+            source: Some(source),
+        }
     }
 
     /// The errno a kernel-facing frontend should return for this error.
@@ -122,14 +142,27 @@ pub trait BlockDevice: Send + Sync {
     fn read(&self, offset: u64, buf: IoBuf) -> impl Future<Output = BufResult> + Send;
 
     /// Write all of `buf` at `offset`.
-    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> impl Future<Output = BufResult> + Send;
+    fn write(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+    ) -> impl Future<Output = BufResult> + Send;
 
     /// Make every completed write durable.
     fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send;
 
     /// Release `len` bytes at `offset`; the range reads back as zeros.
-    fn discard(&self, offset: u64, len: u64) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<(), DeviceError>> + Send;
 
     /// Make `len` bytes at `offset` read back as zeros.
-    fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<(), DeviceError>> + Send;
 }

@@ -44,12 +44,26 @@ fn ops(iter: u64) -> impl Iterator<Item = Op> {
         }
         let block = rng.gen_range(0..BLOCKS);
         match rng.gen_range(0..100) {
-            0..=79 => Op::Write { block, count: rng.gen_range(1..=32).min(BLOCKS - block), fua: false },
-            80..=84 => Op::Write { block, count: rng.gen_range(1..=8).min(BLOCKS - block), fua: true },
-            85..=92 => Op::Discard { block, count: rng.gen_range(1..=64).min(BLOCKS - block) },
+            0..=79 => Op::Write {
+                block,
+                count: rng.gen_range(1..=32).min(BLOCKS - block),
+                fua: false,
+            },
+            80..=84 => Op::Write {
+                block,
+                count: rng.gen_range(1..=8).min(BLOCKS - block),
+                fua: true,
+            },
+            85..=92 => Op::Discard {
+                block,
+                count: rng.gen_range(1..=64).min(BLOCKS - block),
+            },
             _ => {
                 let e = block / 256;
-                Op::Discard { block: e * 256, count: 256 }
+                Op::Discard {
+                    block: e * 256,
+                    count: 256,
+                }
             }
         }
     })
@@ -60,7 +74,10 @@ fn tag(iter: u64, op: u64) -> u64 {
 }
 
 fn child(path: &Path, iter: u64) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let s = open(path, POOL, EngineKind::Auto).await;
         let name = VolumeName::new("crash").unwrap();
@@ -72,10 +89,16 @@ fn child(path: &Path, iter: u64) {
         for (i, op) in ops(iter).enumerate() {
             match op {
                 Op::Write { block, count, fua } => {
-                    let data: Vec<u8> = (block..block + count).flat_map(|b| pattern(b, tag(iter, i as u64))).collect();
-                    r.write(block * 4096, IoBuf::from_slice(&data), WriteFlags { fua }).await.unwrap();
+                    let data: Vec<u8> = (block..block + count)
+                        .flat_map(|b| pattern(b, tag(iter, i as u64)))
+                        .collect();
+                    r.write(block * 4096, IoBuf::from_slice(&data), WriteFlags { fua })
+                        .await
+                        .unwrap();
                 }
-                Op::Discard { block, count } => r.discard(block * 4096, count * 4096).await.unwrap(),
+                Op::Discard { block, count } => {
+                    r.discard(block * 4096, count * 4096).await.unwrap()
+                }
                 Op::Flush => r.flush().await.unwrap(),
             }
             println!("DONE {i}");
@@ -114,7 +137,13 @@ fn verify(model: &mut Model, iter: u64, completed: Option<u64>, got: &[u8]) -> u
     let mut checked = 0;
     for b in 0..BLOCKS {
         let data = &got[(b * 4096) as usize..((b + 1) * 4096) as usize];
-        let holds = |t: u64| if t == 0 { data.iter().all(|&x| x == 0) } else { data == pattern(b, t).as_slice() };
+        let holds = |t: u64| {
+            if t == 0 {
+                data.iter().all(|&x| x == 0)
+            } else {
+                data == pattern(b, t).as_slice()
+            }
+        };
         let base = durable.get(&b).copied().unwrap_or(0);
         let seen = if holds(base) {
             base
@@ -134,16 +163,25 @@ fn verify(model: &mut Model, iter: u64, completed: Option<u64>, got: &[u8]) -> u
 
 fn main() {
     if let Some(path) = std::env::var_os("BALLAST_CRASH_CHILD") {
-        let iter = std::env::var("BALLAST_CRASH_ITER").unwrap().parse().unwrap();
+        let iter = std::env::var("BALLAST_CRASH_ITER")
+            .unwrap()
+            .parse()
+            .unwrap();
         child(Path::new(&path), iter);
         return;
     }
-    let iterations: u64 = std::env::var("BALLAST_CRASH_ITERATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    let iterations: u64 = std::env::var("BALLAST_CRASH_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
     let dir = tempdir();
     let path = dir.path().join("pool");
     let mut model = Model::new();
     let mut rng = StdRng::seed_from_u64(7);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let started = Instant::now();
     let mut total_ops = 0;
     for iter in 0..iterations {
@@ -172,9 +210,16 @@ fn main() {
         nix_kill(child.id());
         let status = child.wait().unwrap();
         let (ready, completed) = reader.join().unwrap();
-        assert!(ready, "iteration {iter}: the child never opened the pool (status {status})");
+        assert!(
+            ready,
+            "iteration {iter}: the child never opened the pool (status {status})"
+        );
         use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(9), "iteration {iter}: the child exited before the kill: {status}");
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "iteration {iter}: the child exited before the kill: {status}"
+        );
         total_ops += completed.map_or(0, |c| c + 1);
         rt.block_on(async {
             let s = open(&path, POOL, EngineKind::Auto).await;
@@ -192,13 +237,24 @@ fn main() {
             }
         });
     }
-    assert!(total_ops > iterations * 10, "the children did too little work to mean anything ({total_ops} ops)");
-    println!("crash: {iterations} kills, {total_ops} operations, {:?}", started.elapsed());
+    assert!(
+        total_ops > iterations * 10,
+        "the children did too little work to mean anything ({total_ops} ops)"
+    );
+    println!(
+        "crash: {iterations} kills, {total_ops} operations, {:?}",
+        started.elapsed()
+    );
     println!("1 passed, 0 failed");
 }
 
 fn nix_kill(pid: u32) {
     // SAFETY: sending a signal has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(libc::pid_t::try_from(pid).expect("pid fits pid_t"), libc::SIGKILL) };
+    let rc = unsafe {
+        libc::kill(
+            libc::pid_t::try_from(pid).expect("pid fits pid_t"),
+            libc::SIGKILL,
+        )
+    };
     assert_eq!(rc, 0, "kill failed");
 }

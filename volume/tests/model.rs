@@ -22,12 +22,28 @@ const MIB: u64 = 1 << 20;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { block: u64, count: u64, seed: u8, fua: bool },
-    Read { block: u64, count: u64 },
-    Discard { block: u64, count: u64 },
-    WriteZeroes { block: u64, count: u64 },
+    Write {
+        block: u64,
+        count: u64,
+        seed: u8,
+        fua: bool,
+    },
+    Read {
+        block: u64,
+        count: u64,
+    },
+    Discard {
+        block: u64,
+        count: u64,
+    },
+    WriteZeroes {
+        block: u64,
+        count: u64,
+    },
     Flush,
-    Reopen { clean: bool },
+    Reopen {
+        clean: bool,
+    },
 }
 
 fn range() -> impl Strategy<Value = (u64, u64)> {
@@ -64,14 +80,26 @@ async fn run(ops: Vec<Op>) {
     let mut model: BTreeMap<u64, u8> = BTreeMap::new();
     // Per block, the values a crash may leave (None = zeros). Absent = only the model value.
     let mut candidates: BTreeMap<u64, Vec<Option<u8>>> = BTreeMap::new();
-    let remember = |candidates: &mut BTreeMap<u64, Vec<Option<u8>>>, model: &BTreeMap<u64, u8>, b: u64| {
-        candidates.entry(b).or_insert_with(|| vec![model.get(&b).copied()]);
-    };
+    let remember =
+        |candidates: &mut BTreeMap<u64, Vec<Option<u8>>>, model: &BTreeMap<u64, u8>, b: u64| {
+            candidates
+                .entry(b)
+                .or_insert_with(|| vec![model.get(&b).copied()]);
+        };
     for op in ops {
         match op {
-            Op::Write { block, count, seed, fua } => {
-                let data: Vec<u8> = (block..block + count).flat_map(|b| block_data(b, seed)).collect();
-                r.write(block * 4096, IoBuf::from_slice(&data), WriteFlags { fua }).await.unwrap();
+            Op::Write {
+                block,
+                count,
+                seed,
+                fua,
+            } => {
+                let data: Vec<u8> = (block..block + count)
+                    .flat_map(|b| block_data(b, seed))
+                    .collect();
+                r.write(block * 4096, IoBuf::from_slice(&data), WriteFlags { fua })
+                    .await
+                    .unwrap();
                 for b in block..block + count {
                     if fua {
                         candidates.insert(b, vec![Some(seed)]);
@@ -83,11 +111,19 @@ async fn run(ops: Vec<Op>) {
                 }
             }
             Op::Read { block, count } => {
-                let got = r.read(block * 4096, IoBuf::zeroed(count as usize * 4096)).await.unwrap();
+                let got = r
+                    .read(block * 4096, IoBuf::zeroed(count as usize * 4096))
+                    .await
+                    .unwrap();
                 for b in block..block + count {
-                    let want = model.get(&b).map_or_else(|| vec![0; 4096], |&seed| block_data(b, seed));
+                    let want = model
+                        .get(&b)
+                        .map_or_else(|| vec![0; 4096], |&seed| block_data(b, seed));
                     let at = ((b - block) * 4096) as usize;
-                    assert!(got[at..at + 4096] == want[..], "block {b} differs from the model");
+                    assert!(
+                        got[at..at + 4096] == want[..],
+                        "block {b} differs from the model"
+                    );
                 }
             }
             Op::Discard { block, count } | Op::WriteZeroes { block, count } => {
@@ -117,14 +153,19 @@ async fn run(ops: Vec<Op>) {
                 if clean {
                     candidates.clear();
                 } else {
-                    let got = r.read(0, IoBuf::zeroed((BLOCKS * 4096) as usize)).await.unwrap();
+                    let got = r
+                        .read(0, IoBuf::zeroed((BLOCKS * 4096) as usize))
+                        .await
+                        .unwrap();
                     for (b, allowed) in std::mem::take(&mut candidates) {
                         let data = &got[(b * 4096) as usize..((b + 1) * 4096) as usize];
                         let seen = allowed.iter().find(|v| match v {
                             None => data.iter().all(|&x| x == 0),
                             Some(seed) => data == block_data(b, *seed).as_slice(),
                         });
-                        let seen = seen.unwrap_or_else(|| panic!("block {b} after a crash holds none of {allowed:?}"));
+                        let seen = seen.unwrap_or_else(|| {
+                            panic!("block {b} after a crash holds none of {allowed:?}")
+                        });
                         match seen {
                             None => model.remove(&b),
                             Some(seed) => model.insert(b, *seed),
@@ -137,18 +178,32 @@ async fn run(ops: Vec<Op>) {
         // partially zeroed ones that were allocated before.
         let pools = s.list_pools().await.unwrap();
         assert_eq!(pools[0].allocated_bytes, r.allocated_bytes());
-        assert_eq!(pools[0].allocated_bytes + pools[0].free_bytes, pools[0].capacity_bytes);
+        assert_eq!(
+            pools[0].allocated_bytes + pools[0].free_bytes,
+            pools[0].capacity_bytes
+        );
         for e in 0..4u64 {
             if (e * 256..(e + 1) * 256).any(|b| model.contains_key(&b)) {
-                assert!(r.allocated_bytes() >= MIB, "extent {e} has data but nothing is allocated");
+                assert!(
+                    r.allocated_bytes() >= MIB,
+                    "extent {e} has data but nothing is allocated"
+                );
             }
         }
     }
     // Final full comparison.
-    let got = r.read(0, IoBuf::zeroed((BLOCKS * 4096) as usize)).await.unwrap();
+    let got = r
+        .read(0, IoBuf::zeroed((BLOCKS * 4096) as usize))
+        .await
+        .unwrap();
     for b in 0..BLOCKS {
-        let want = model.get(&b).map_or_else(|| vec![0; 4096], |&seed| block_data(b, seed));
-        assert!(got[(b * 4096) as usize..((b + 1) * 4096) as usize] == want[..], "final: block {b}");
+        let want = model
+            .get(&b)
+            .map_or_else(|| vec![0; 4096], |&seed| block_data(b, seed));
+        assert!(
+            got[(b * 4096) as usize..((b + 1) * 4096) as usize] == want[..],
+            "final: block {b}"
+        );
     }
     assert_eq!(r.checksum_errors(), 0);
 }

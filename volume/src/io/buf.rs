@@ -33,7 +33,9 @@ impl IoBuf {
         let layout = Layout::from_size_align(cap, IO_ALIGN).expect("IoBuf layout");
         // SAFETY: `layout` has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
         Self { ptr, len, cap }
     }
 
@@ -111,7 +113,9 @@ impl Clone for IoBuf {
 
 impl fmt::Debug for IoBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IoBuf").field("len", &self.len).finish_non_exhaustive()
+        f.debug_struct("IoBuf")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
     }
 }
 

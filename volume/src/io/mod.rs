@@ -96,7 +96,11 @@ impl IoRequest {
             op: IoOp::Read,
             file: file.clone(),
             buf: Some(buf),
-            segments: vec![Segment { file_offset: offset, buf_offset: 0, len }],
+            segments: vec![Segment {
+                file_offset: offset,
+                buf_offset: 0,
+                len,
+            }],
         }
     }
 
@@ -107,13 +111,22 @@ impl IoRequest {
             op: IoOp::Write { dsync },
             file: file.clone(),
             buf: Some(buf),
-            segments: vec![Segment { file_offset: offset, buf_offset: 0, len }],
+            segments: vec![Segment {
+                file_offset: offset,
+                buf_offset: 0,
+                len,
+            }],
         }
     }
 
     /// `fdatasync` the file.
     pub fn fsync(file: &IoFile) -> Self {
-        Self { op: IoOp::Fsync, file: file.clone(), buf: None, segments: Vec::new() }
+        Self {
+            op: IoOp::Fsync,
+            file: file.clone(),
+            buf: None,
+            segments: Vec::new(),
+        }
     }
 
     /// Check the request's shape; engines call this before touching the kernel.
@@ -123,10 +136,16 @@ impl IoRequest {
     pub fn validate(&self) -> io::Result<()> {
         match (self.op, &self.buf) {
             (IoOp::Fsync, _) => Ok(()),
-            (_, None) => Err(io::Error::new(io::ErrorKind::InvalidInput, "read or write without a buffer")),
+            (_, None) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "read or write without a buffer",
+            )),
             (_, Some(buf)) => {
                 for s in &self.segments {
-                    if s.buf_offset.checked_add(s.len).is_none_or(|end| end > buf.len()) {
+                    if s.buf_offset
+                        .checked_add(s.len)
+                        .is_none_or(|end| end > buf.len())
+                    {
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidInput,
                             format!("segment {s:?} lies outside a buffer of {} bytes", buf.len()),
@@ -175,13 +194,17 @@ impl Future for Completion {
     type Output = IoCompletion;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoCompletion> {
         match &mut self.get_mut().0 {
-            CompletionInner::Ready(c) => Poll::Ready(c.take().expect("Completion polled after ready")),
+            CompletionInner::Ready(c) => {
+                Poll::Ready(c.take().expect("Completion polled after ready"))
+            }
             CompletionInner::Pending(rx) => match Pin::new(rx).poll(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Ok(c)) => Poll::Ready(c),
                 // The engine is gone: its worker thread died. The buffer died with it.
                 Poll::Ready(Err(_)) => Poll::Ready(IoCompletion {
-                    result: Err(io::Error::other("the I/O engine shut down before completing the request")),
+                    result: Err(io::Error::other(
+                        "the I/O engine shut down before completing the request",
+                    )),
                     buf: None,
                 }),
             },
@@ -251,7 +274,10 @@ pub fn open_direct(path: &std::path::Path, create: bool) -> io::Result<(IoFile, 
     use std::os::unix::fs::OpenOptionsExt;
     let mut opts = std::fs::OpenOptions::new();
     opts.read(true).write(true).create(create);
-    let direct = opts.clone().custom_flags(libc::O_DIRECT | libc::O_CLOEXEC).open(path);
+    let direct = opts
+        .clone()
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .open(path);
     match direct {
         Ok(f) => Ok((IoFile::new(f.into()), true)),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {

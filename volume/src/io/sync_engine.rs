@@ -30,14 +30,24 @@ impl SyncEngine {
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
             let rx: Receiver<Job> = rx.clone();
-            workers.push(std::thread::Builder::new().name(format!("ballast-sync-io-{i}")).spawn(move || {
-                for (mut req, done) in rx {
-                    let result = run(&mut req);
-                    let _ = done.send(IoCompletion { result, buf: req.buf });
-                }
-            })?);
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("ballast-sync-io-{i}"))
+                    .spawn(move || {
+                        for (mut req, done) in rx {
+                            let result = run(&mut req);
+                            let _ = done.send(IoCompletion {
+                                result,
+                                buf: req.buf,
+                            });
+                        }
+                    })?,
+            );
         }
-        Ok(Self { tx: Some(tx), workers })
+        Ok(Self {
+            tx: Some(tx),
+            workers,
+        })
     }
 }
 
@@ -47,21 +57,35 @@ fn run(req: &mut IoRequest) -> io::Result<()> {
     if req.op == IoOp::Fsync {
         // SAFETY: `fd` is open for as long as `req.file` lives, which outlives this call.
         let rc = unsafe { libc::fdatasync(fd) };
-        return if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
+        return if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        };
     }
-    let buf = req.buf.as_mut().expect("validated: reads and writes carry a buffer");
+    let buf = req
+        .buf
+        .as_mut()
+        .expect("validated: reads and writes carry a buffer");
     for seg in &req.segments {
         let mut done = 0usize;
         while done < seg.len {
             let ptr = buf[seg.buf_offset + done..].as_mut_ptr();
             let len = seg.len - done;
-            let off = libc::off_t::try_from(seg.file_offset + done as u64)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset does not fit off_t"))?;
+            let off = libc::off_t::try_from(seg.file_offset + done as u64).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "file offset does not fit off_t",
+                )
+            })?;
             let n = match req.op {
                 // SAFETY: `ptr..ptr+len` lies inside `buf` (validated), which we own exclusively.
                 IoOp::Read => unsafe { libc::pread(fd, ptr.cast(), len, off) },
                 IoOp::Write { dsync } => {
-                    let iov = libc::iovec { iov_base: ptr.cast(), iov_len: len };
+                    let iov = libc::iovec {
+                        iov_base: ptr.cast(),
+                        iov_len: len,
+                    };
                     let flags = if dsync { libc::RWF_DSYNC } else { 0 };
                     // SAFETY: `iov` points inside `buf`, which we own; the call only reads it.
                     unsafe { libc::pwritev2(fd, &raw const iov, 1, off, flags) }
@@ -76,7 +100,10 @@ fn run(req: &mut IoRequest) -> io::Result<()> {
                 return Err(e);
             }
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "transfer past the end of the file"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "transfer past the end of the file",
+                ));
             }
             done += n as usize;
         }
@@ -93,7 +120,10 @@ impl IoEngine for SyncEngine {
         let (done, completion) = Completion::channel();
         if let Some(tx) = &self.tx {
             if let Err(crossbeam_channel::SendError((req, done))) = tx.send((req, done)) {
-                let _ = done.send(IoCompletion { result: Err(io::Error::other("the sync I/O engine has stopped")), buf: req.buf });
+                let _ = done.send(IoCompletion {
+                    result: Err(io::Error::other("the sync I/O engine has stopped")),
+                    buf: req.buf,
+                });
             }
         }
         completion

@@ -42,7 +42,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::format::{detect_foreign, Layout, Superblock, BLOCK, BLOCKS_PER_EXTENT, EXTENT};
-use super::metadata::{check_slot, encode_header, ExtentEntry, MetaState, MetadataError, VolumeRecord};
+use super::metadata::{
+    check_slot, encode_header, ExtentEntry, MetaState, MetadataError, VolumeRecord,
+};
 use super::stats::IoCounters;
 use super::PoolError;
 use crate::api::VolumeName;
@@ -65,7 +67,9 @@ pub fn encode_crc(data: &[u8]) -> u32 {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Per physical extent, lock-free run-time state.
@@ -209,8 +213,24 @@ impl VolRt {
         }
     }
 
+    /// Point `logical` at physical extent `p` (or [`UNMAPPED`]). Caller holds the state lock.
+    pub(crate) fn set_mapping(&self, logical: u32, p: u32) {
+        if let Some(a) = self
+            .map
+            .read()
+            .expect("volume map lock")
+            .get(logical as usize)
+        {
+            a.store(p, SeqCst);
+        }
+    }
+
     pub(crate) fn lookup(&self, logical: u64) -> u32 {
-        self.map.read().expect("volume map lock").get(logical as usize).map_or(UNMAPPED, |a| a.load(SeqCst))
+        self.map
+            .read()
+            .expect("volume map lock")
+            .get(logical as usize)
+            .map_or(UNMAPPED, |a| a.load(SeqCst))
     }
 }
 
@@ -238,6 +258,16 @@ struct CommitState {
     seq: u64,
     /// The body each slot is known to hold, if known.
     slot_body: [Option<Vec<u8>>; 2],
+}
+
+/// What a device holds, as found at open.
+enum Found {
+    /// A pool device of this node's pool.
+    Pool(Superblock),
+    /// All zeros: safe to format.
+    Empty,
+    /// Something that must not be overwritten without force.
+    Foreign(String),
 }
 
 /// What opening a disk found.
@@ -290,7 +320,10 @@ fn device_size(path: &Path, file: &IoFile) -> std::io::Result<u64> {
     } else if meta.is_file() {
         Ok(meta.len())
     } else {
-        Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file or block device"))
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file or block device",
+        ))
     }
 }
 
@@ -307,13 +340,21 @@ impl Disk {
         let p = path.to_path_buf();
         let io_err = |op: &'static str| {
             let p = p.clone();
-            move |source| PoolError::Io { path: p, op, source }
+            move |source| PoolError::Io {
+                path: p,
+                op,
+                source,
+            }
         };
         if !path.exists() {
             let Some(size) = create_size else {
                 return Err(PoolError::Missing { path: p });
             };
-            let f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(io_err("create"))?;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(io_err("create"))?;
             f.set_len(size).map_err(io_err("size"))?;
         }
         let (file, direct) = crate::io::open_direct(path, false).map_err(io_err("open"))?;
@@ -321,33 +362,41 @@ impl Disk {
             tracing::warn!(path = %path.display(), "pool device opened without O_DIRECT");
         }
         let size = device_size(path, &file).map_err(io_err("size"))?;
-        let layout = Layout::for_device(size).map_err(|source| PoolError::Format { path: p.clone(), source })?;
+        let layout = Layout::for_device(size).map_err(|source| PoolError::Format {
+            path: p.clone(),
+            source,
+        })?;
         let head_len = (1u64 << 20).min(layout.device_bytes) as usize;
-        let head = read_at(&*engine, &file, 0, head_len).await.map_err(io_err("read"))?;
+        let head = read_at(&*engine, &file, 0, head_len)
+            .await
+            .map_err(io_err("read"))?;
         let mut sb = Superblock::decode(&head[..BLOCK as usize]).ok();
         let mut rewrite_a = false;
         if sb.is_none() && &head[..8] == super::format::SB_MAGIC {
-            let b = read_at(&*engine, &file, layout.sb_b_offset(), BLOCK as usize).await.map_err(io_err("read"))?;
+            let b = read_at(&*engine, &file, layout.sb_b_offset(), BLOCK as usize)
+                .await
+                .map_err(io_err("read"))?;
             sb = Superblock::decode(&b).ok();
             rewrite_a = sb.is_some();
             if rewrite_a {
                 tracing::warn!(path = %path.display(), "superblock A is damaged; using copy B");
             }
         }
-        let format_reason = match &sb {
-            Some(sb) if pool_uuid.is_some_and(|u| u != sb.pool_uuid) => {
-                let what = format!("a Ballast pool of another node pool ({})", uuid::Uuid::from_bytes(sb.pool_uuid));
-                Some(what)
-            }
-            Some(_) => None,
-            None => Some(detect_foreign(&head).unwrap_or_default()),
+        let found = match sb {
+            Some(sb) if pool_uuid.is_some_and(|u| u != sb.pool_uuid) => Found::Foreign(format!(
+                "a Ballast pool of another node pool ({})",
+                uuid::Uuid::from_bytes(sb.pool_uuid)
+            )),
+            Some(sb) => Found::Pool(sb),
+            None => detect_foreign(&head).map_or(Found::Empty, Found::Foreign),
         };
-        match format_reason {
-            None => {
-                let sb = sb.expect("checked");
+        match found {
+            Found::Pool(sb) => {
                 let disk = Self::new(p.clone(), file, engine, sb);
                 if rewrite_a {
-                    disk.write_raw(0, &disk.sb.encode()).await.map_err(io_err("write"))?;
+                    disk.write_raw(0, &disk.sb.encode())
+                        .await
+                        .map_err(io_err("write"))?;
                 }
                 let report = disk.load().await?;
                 if disk.sb.node_id != node_id {
@@ -355,9 +404,9 @@ impl Disk {
                 }
                 Ok((disk, report))
             }
-            Some(what) if !what.is_empty() && !force => Err(PoolError::Foreign { path: p, what }),
-            Some(what) => {
-                if !what.is_empty() {
+            Found::Foreign(what) if !force => Err(PoolError::Foreign { path: p, what }),
+            found => {
+                if let Found::Foreign(what) = &found {
                     tracing::warn!(path = %path.display(), found = %what, "formatting over existing content because force was given");
                 }
                 let sb = Superblock {
@@ -370,7 +419,13 @@ impl Disk {
                 let disk = Self::new(p.clone(), file, engine, sb);
                 disk.format().await?;
                 tracing::info!(path = %path.display(), capacity = layout.capacity_bytes(), "formatted pool device");
-                Ok((disk, OpenReport { formatted: true, recovered_extents: 0 }))
+                Ok((
+                    disk,
+                    OpenReport {
+                        formatted: true,
+                        recovered_extents: 0,
+                    },
+                ))
             }
         }
     }
@@ -393,11 +448,20 @@ impl Disk {
                 pending_free: Vec::new(),
             }),
             csums: (0..blocks).map(|_| AtomicU32::new(0)).collect(),
-            csum_dirty: (0..csum_pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            csum_dirty: (0..csum_pages.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             ext: (0..n).map(|_| ExtentRt::default()).collect(),
-            open: Mutex::new(OpenState { durable: vec![false; n], safe: vec![false; n], wanted: Vec::new() }),
+            open: Mutex::new(OpenState {
+                durable: vec![false; n],
+                safe: vec![false; n],
+                wanted: Vec::new(),
+            }),
             interval: AtomicU64::new(1),
-            commit_lock: tokio::sync::Mutex::new(CommitState { seq: 0, slot_body: [None, None] }),
+            commit_lock: tokio::sync::Mutex::new(CommitState {
+                seq: 0,
+                slot_body: [None, None],
+            }),
             checksum_errors: AtomicU64::new(0),
             changes: AtomicU64::new(0),
             committed_changes: AtomicU64::new(0),
@@ -405,7 +469,11 @@ impl Disk {
     }
 
     fn io_err(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> PoolError + '_ {
-        move |source| PoolError::Io { path: self.path.clone(), op, source }
+        move |source| PoolError::Io {
+            path: self.path.clone(),
+            op,
+            source,
+        }
     }
 
     async fn format(&self) -> Result<(), PoolError> {
@@ -413,7 +481,9 @@ impl Disk {
         // superblocks leaves a device that is still "not a pool".
         self.commit(true).await?;
         let sb = self.sb.encode();
-        self.write_raw(self.layout.sb_b_offset(), &sb).await.map_err(self.io_err("write"))?;
+        self.write_raw(self.layout.sb_b_offset(), &sb)
+            .await
+            .map_err(self.io_err("write"))?;
         self.write_raw(0, &sb).await.map_err(self.io_err("write"))?;
         self.fsync().await.map_err(self.io_err("fdatasync"))
     }
@@ -421,27 +491,45 @@ impl Disk {
     /// Load the newest valid metadata slot and the checksum area; recover open extents.
     async fn load(&self) -> Result<OpenReport, PoolError> {
         let l = self.layout;
-        let meta_err = |source| PoolError::Metadata { path: self.path.clone(), source };
+        let meta_err = |source| PoolError::Metadata {
+            path: self.path.clone(),
+            source,
+        };
         let mut best: Option<(u64, usize, Vec<u8>)> = None;
         let mut last_err = MetadataError::BadHeader;
         for (i, off) in l.meta_slot_offset.iter().enumerate() {
-            let slot = read_at(&*self.engine, &self.file, *off, l.meta_slot_bytes as usize).await.map_err(self.io_err("read"))?;
+            let slot = read_at(&*self.engine, &self.file, *off, l.meta_slot_bytes as usize)
+                .await
+                .map_err(self.io_err("read"))?;
             match check_slot(&l, &self.sb.disk_uuid, &slot) {
                 Ok(seq) if best.as_ref().is_none_or(|b| seq > b.0) => {
-                    best = Some((seq, i, slot[l.header_pages as usize * BLOCK as usize..].to_vec()));
+                    best = Some((
+                        seq,
+                        i,
+                        slot[l.header_pages as usize * BLOCK as usize..].to_vec(),
+                    ));
                 }
                 Ok(_) => {}
                 Err(e) => last_err = e,
             }
         }
-        let Some((seq, slot, body)) = best else { return Err(meta_err(last_err)) };
+        let Some((seq, slot, body)) = best else {
+            return Err(meta_err(last_err));
+        };
         let meta = MetaState::decode_body(&l, &body).map_err(meta_err)?;
         {
             let mut cs = self.commit_lock.lock().await;
             cs.seq = seq;
             cs.slot_body[slot] = Some(body);
         }
-        let csum_area = read_at(&*self.engine, &self.file, l.csum_offset, l.csum_bytes as usize).await.map_err(self.io_err("read"))?;
+        let csum_area = read_at(
+            &*self.engine,
+            &self.file,
+            l.csum_offset,
+            l.csum_bytes as usize,
+        )
+        .await
+        .map_err(self.io_err("read"))?;
         for (i, c) in self.csums.iter().enumerate() {
             c.store(super::format::get_u32(&csum_area, i * 4), SeqCst);
         }
@@ -457,7 +545,11 @@ impl Disk {
                     replicas: rec.replicas,
                     size: AtomicU64::new(rec.size),
                     seq: AtomicU64::new(rec.generation),
-                    map: RwLock::new((0..rec.size / EXTENT).map(|_| AtomicU32::new(UNMAPPED)).collect()),
+                    map: RwLock::new(
+                        (0..rec.size / EXTENT)
+                            .map(|_| AtomicU32::new(UNMAPPED))
+                            .collect(),
+                    ),
                     allocated_extents: AtomicU64::new(0),
                     deleted: AtomicBool::new(false),
                     counters: IoCounters::default(),
@@ -475,8 +567,10 @@ impl Disk {
                     }
                     continue;
                 }
-                let vol = st.volumes[e.owner as usize - 1].clone().expect("decode checked owners");
-                vol.lookup_slot_store(e.logical, p as u32);
+                let vol = st.volumes[e.owner as usize - 1]
+                    .clone()
+                    .expect("decode checked owners");
+                vol.set_mapping(e.logical, p as u32);
                 vol.allocated_extents.fetch_add(1, SeqCst);
                 vol.seq.fetch_max(e.generation, SeqCst);
                 self.ext[p].generation.store(e.generation, SeqCst);
@@ -486,9 +580,14 @@ impl Disk {
         // Recovery: recompute the checksums of open extents from their data.
         let mut recovered = 0;
         for (p, _) in meta.open.iter().enumerate().filter(|(_, o)| **o) {
-            let data = read_at(&*self.engine, &self.file, l.data_block_offset(p as u64 * BLOCKS_PER_EXTENT), EXTENT as usize)
-                .await
-                .map_err(self.io_err("read"))?;
+            let data = read_at(
+                &*self.engine,
+                &self.file,
+                l.data_block_offset(p as u64 * BLOCKS_PER_EXTENT),
+                EXTENT as usize,
+            )
+            .await
+            .map_err(self.io_err("read"))?;
             for (k, b) in Self::block_range(p as u32).enumerate() {
                 if self.csums[b].load(SeqCst) == 0 {
                     continue;
@@ -510,7 +609,10 @@ impl Disk {
         }
         // Commit now so the other slot is known and the recovered checksums are durable.
         self.commit(recovered > 0).await?;
-        Ok(OpenReport { formatted: false, recovered_extents: recovered })
+        Ok(OpenReport {
+            formatted: false,
+            recovered_extents: recovered,
+        })
     }
 
     pub(crate) fn block_range(p: u32) -> std::ops::Range<usize> {
@@ -548,7 +650,12 @@ impl Disk {
 
     /// Every live volume.
     pub(crate) fn volumes(&self) -> Vec<Arc<VolRt>> {
-        lock(&self.state).volumes.iter().flatten().cloned().collect()
+        lock(&self.state)
+            .volumes
+            .iter()
+            .flatten()
+            .cloned()
+            .collect()
     }
 
     /// Allocated and total extents.
@@ -559,15 +666,27 @@ impl Disk {
     }
 
     pub(crate) fn free_volume_slots(&self) -> usize {
-        lock(&self.state).volumes.iter().filter(|v| v.is_none()).count()
+        lock(&self.state)
+            .volumes
+            .iter()
+            .filter(|v| v.is_none())
+            .count()
     }
 
     /// Add a volume record and commit it.
-    pub(crate) async fn create_volume(&self, name: &VolumeName, size: u64, replicas: u8) -> Result<Arc<VolRt>, PoolError> {
+    pub(crate) async fn create_volume(
+        &self,
+        name: &VolumeName,
+        size: u64,
+        replicas: u8,
+    ) -> Result<Arc<VolRt>, PoolError> {
         let vol = {
             let mut st = lock(&self.state);
             let Some(index) = st.volumes.iter().position(Option::is_none) else {
-                return Err(PoolError::Full { path: self.path.clone(), what: "volume table" });
+                return Err(PoolError::Full {
+                    path: self.path.clone(),
+                    what: "volume table",
+                });
             };
             let vol = Arc::new(VolRt {
                 index: index as u32,
@@ -577,7 +696,11 @@ impl Disk {
                 replicas,
                 size: AtomicU64::new(size),
                 seq: AtomicU64::new(0),
-                map: RwLock::new((0..size / EXTENT).map(|_| AtomicU32::new(UNMAPPED)).collect()),
+                map: RwLock::new(
+                    (0..size / EXTENT)
+                        .map(|_| AtomicU32::new(UNMAPPED))
+                        .collect(),
+                ),
                 allocated_extents: AtomicU64::new(0),
                 deleted: AtomicBool::new(false),
                 counters: IoCounters::default(),
@@ -636,17 +759,25 @@ impl Disk {
                 }
                 // Prefer the extent after the previous logical extent's, for sequential locality.
                 let prev = logical.checked_sub(1).map_or(UNMAPPED, |l| vol.lookup(l));
-                let pick = if prev != UNMAPPED && st.free.contains(&(prev + 1)) { Some(prev + 1) } else { st.free.first().copied() };
+                let pick = if prev != UNMAPPED && st.free.contains(&(prev + 1)) {
+                    Some(prev + 1)
+                } else {
+                    st.free.first().copied()
+                };
                 if let Some(p) = pick {
                     st.free.remove(&p);
-                    st.owners[p as usize] = ExtentEntry { owner: vol.index + 1, logical: logical as u32, generation: 0 };
+                    st.owners[p as usize] = ExtentEntry {
+                        owner: vol.index + 1,
+                        logical: logical as u32,
+                        generation: 0,
+                    };
                     for b in Self::block_range(p) {
                         self.set_csum(b, 0);
                     }
                     let e = &self.ext[p as usize];
                     e.committed.store(false, SeqCst);
                     e.generation.store(0, SeqCst);
-                    vol.lookup_slot_store(logical as u32, p);
+                    vol.set_mapping(logical as u32, p);
                     vol.allocated_extents.fetch_add(1, SeqCst);
                     self.changes.fetch_add(1, SeqCst);
                     return Ok(p);
@@ -711,7 +842,8 @@ impl Disk {
             let cur = self.interval.load(SeqCst);
             os.durable.iter().enumerate().any(|(p, &open)| {
                 let e = &self.ext[p];
-                open && e.writes.load(SeqCst) == 0 && e.last_write.load(SeqCst) + KEEP_OPEN_COMMITS <= cur
+                open && e.writes.load(SeqCst) == 0
+                    && e.last_write.load(SeqCst) + KEEP_OPEN_COMMITS <= cur
             })
         };
         if changed || shrinkable {
@@ -755,10 +887,22 @@ impl Disk {
                 meta.volumes[i] = v.as_ref().map(|v| v.record());
             }
             for (p, e) in st.owners.iter().enumerate() {
-                meta.extents[p] = ExtentEntry { generation: if e.owner == 0 { 0 } else { self.ext[p].generation.load(SeqCst) }, ..*e };
+                meta.extents[p] = ExtentEntry {
+                    generation: if e.owner == 0 {
+                        0
+                    } else {
+                        self.ext[p].generation.load(SeqCst)
+                    },
+                    ..*e
+                };
             }
             meta.open.clone_from(&new_open);
-            let releasable: Vec<u32> = st.pending_free.iter().filter(|(_, at)| *at <= cur).map(|(p, _)| *p).collect();
+            let releasable: Vec<u32> = st
+                .pending_free
+                .iter()
+                .filter(|(_, at)| *at <= cur)
+                .map(|(p, _)| *p)
+                .collect();
             (meta, new_open, releasable)
         };
         let result = self.write_commit(&mut cs, &meta).await;
@@ -770,9 +914,12 @@ impl Disk {
                 os.safe = new_open;
                 drop(os);
                 let mut st = lock(&self.state);
-                let DiskState { free, pending_free, .. } = &mut *st;
+                let DiskState {
+                    free, pending_free, ..
+                } = &mut *st;
                 pending_free.retain(|&(p, _)| {
-                    let release = releasable.contains(&p) && self.ext[p as usize].pins.load(SeqCst) == 0;
+                    let release =
+                        releasable.contains(&p) && self.ext[p as usize].pins.load(SeqCst) == 0;
                     if release {
                         free.insert(p);
                     }
@@ -809,9 +956,22 @@ impl Disk {
                     let v = self.csums.get(base + k).map_or(0, |a| a.load(SeqCst));
                     super::format::put_u32(&mut buf, i * BLOCK as usize + k * 4, v);
                 }
-                push_segment(&mut segments, l.csum_offset + page as u64 * BLOCK, i * BLOCK as usize, BLOCK as usize);
+                push_segment(
+                    &mut segments,
+                    l.csum_offset + page as u64 * BLOCK,
+                    i * BLOCK as usize,
+                    BLOCK as usize,
+                );
             }
-            let c = self.engine.submit(IoRequest { op: IoOp::Write { dsync: false }, file: self.file.clone(), buf: Some(buf), segments }).await;
+            let c = self
+                .engine
+                .submit(IoRequest {
+                    op: IoOp::Write { dsync: false },
+                    file: self.file.clone(),
+                    buf: Some(buf),
+                    segments,
+                })
+                .await;
             if let Err(e) = c.result {
                 for page in pages {
                     self.csum_dirty[page / 64].fetch_or(1 << (page % 64), SeqCst);
@@ -833,14 +993,24 @@ impl Disk {
         let mut segments = Vec::new();
         push_segment(&mut segments, base, 0, header.len());
         for (i, page) in body.chunks(BLOCK as usize).enumerate() {
-            let known = cs.slot_body[slot].as_ref().map(|b| &b[i * BLOCK as usize..(i + 1) * BLOCK as usize]);
+            let known = cs.slot_body[slot]
+                .as_ref()
+                .map(|b| &b[i * BLOCK as usize..(i + 1) * BLOCK as usize]);
             if known != Some(page) {
                 let off = header.len() + i * BLOCK as usize;
                 push_segment(&mut segments, base + off as u64, off, BLOCK as usize);
             }
         }
         cs.slot_body[slot] = None;
-        let c = self.engine.submit(IoRequest { op: IoOp::Write { dsync: false }, file: self.file.clone(), buf: Some(buf), segments }).await;
+        let c = self
+            .engine
+            .submit(IoRequest {
+                op: IoOp::Write { dsync: false },
+                file: self.file.clone(),
+                buf: Some(buf),
+                segments,
+            })
+            .await;
         c.result.map_err(self.io_err("write metadata"))?;
         self.fsync().await.map_err(self.io_err("fdatasync"))?;
         cs.slot_body[slot] = Some(body);
@@ -849,29 +1019,59 @@ impl Disk {
     }
 
     async fn fsync(&self) -> std::io::Result<()> {
-        self.engine.submit(IoRequest::fsync(&self.file)).await.result
+        self.engine
+            .submit(IoRequest::fsync(&self.file))
+            .await
+            .result
     }
 
     async fn write_raw(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.engine.submit(IoRequest::write(&self.file, offset, IoBuf::from_slice(data), false)).await.result
+        self.engine
+            .submit(IoRequest::write(
+                &self.file,
+                offset,
+                IoBuf::from_slice(data),
+                false,
+            ))
+            .await
+            .result
     }
 }
 
 /// Append a segment, merging it with the previous one when both are contiguous.
-pub(crate) fn push_segment(segments: &mut Vec<Segment>, file_offset: u64, buf_offset: usize, len: usize) {
+pub(crate) fn push_segment(
+    segments: &mut Vec<Segment>,
+    file_offset: u64,
+    buf_offset: usize,
+    len: usize,
+) {
     if let Some(last) = segments.last_mut() {
-        if last.file_offset + last.len as u64 == file_offset && last.buf_offset + last.len == buf_offset {
+        if last.file_offset + last.len as u64 == file_offset
+            && last.buf_offset + last.len == buf_offset
+        {
             last.len += len;
             return;
         }
     }
-    segments.push(Segment { file_offset, buf_offset, len });
+    segments.push(Segment {
+        file_offset,
+        buf_offset,
+        len,
+    });
 }
 
-async fn read_at(engine: &dyn IoEngine, file: &IoFile, offset: u64, len: usize) -> std::io::Result<IoBuf> {
-    let c = engine.submit(IoRequest::read(file, offset, IoBuf::zeroed(len))).await;
+async fn read_at(
+    engine: &dyn IoEngine,
+    file: &IoFile,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<IoBuf> {
+    let c = engine
+        .submit(IoRequest::read(file, offset, IoBuf::zeroed(len)))
+        .await;
     c.result?;
-    c.buf.ok_or_else(|| std::io::Error::other("the I/O engine lost a buffer"))
+    c.buf
+        .ok_or_else(|| std::io::Error::other("the I/O engine lost a buffer"))
 }
 
 /// Why an extent could not be allocated.
@@ -880,12 +1080,4 @@ pub(crate) enum AllocError {
     NoSpace,
     Closed,
     Commit(PoolError),
-}
-
-impl VolRt {
-    pub(crate) fn lookup_slot_store(&self, logical: u32, p: u32) {
-        if let Some(a) = self.map.read().expect("volume map lock").get(logical as usize) {
-            a.store(p, SeqCst);
-        }
-    }
 }

@@ -253,7 +253,8 @@ impl Superblock {
             return Err(FormatError::Inconsistent("block or extent size"));
         }
         let device_bytes = get_u64(b, 56);
-        let layout = Layout::for_device(device_bytes).map_err(|_| FormatError::Inconsistent("device size"))?;
+        let layout = Layout::for_device(device_bytes)
+            .map_err(|_| FormatError::Inconsistent("device size"))?;
         let recorded = (
             get_u32(b, 64),
             get_u32(b, 68),
@@ -291,16 +292,27 @@ impl Superblock {
 ///
 /// `head` should hold the first MiB (or the whole device if smaller).
 pub fn detect_foreign(head: &[u8]) -> Option<String> {
-    let at = |off: usize, magic: &[u8]| head.len() >= off + magic.len() && &head[off..off + magic.len()] == magic;
+    let at = |off: usize, magic: &[u8]| {
+        head.len() >= off + magic.len() && &head[off..off + magic.len()] == magic
+    };
     let checks: [(&str, bool); 12] = [
         ("a Ballast pool", at(0, SB_MAGIC)),
         ("an ext2/3/4 filesystem", at(1080, &[0x53, 0xEF])),
         ("an XFS filesystem", at(0, b"XFSB")),
         ("a btrfs filesystem", at(65_600, b"_BHRfS_M")),
-        ("a GPT partition table", at(512, b"EFI PART") || at(4096, b"EFI PART")),
-        ("an LVM physical volume", at(512, b"LABELONE") || at(536, b"LVM2 001")),
+        (
+            "a GPT partition table",
+            at(512, b"EFI PART") || at(4096, b"EFI PART"),
+        ),
+        (
+            "an LVM physical volume",
+            at(512, b"LABELONE") || at(536, b"LVM2 001"),
+        ),
         ("a LUKS encrypted volume", at(0, b"LUKS\xba\xbe")),
-        ("a swap area", at(4086, b"SWAPSPACE2") || at(4086, b"SWAP-SPACE")),
+        (
+            "a swap area",
+            at(4086, b"SWAPSPACE2") || at(4086, b"SWAP-SPACE"),
+        ),
         ("an ISO 9660 filesystem", at(32_769, b"CD001")),
         ("a Linux RAID member", at(4096, &[0xfc, 0x4e, 0x2b, 0xa9])),
         ("a FAT/vfat filesystem", at(54, b"FAT") || at(82, b"FAT32")),
@@ -309,7 +321,9 @@ pub fn detect_foreign(head: &[u8]) -> Option<String> {
     if let Some((what, _)) = checks.iter().find(|(_, hit)| *hit) {
         return Some((*what).to_owned());
     }
-    head.iter().position(|&b| b != 0).map(|pos| format!("data with no recognised signature (first non-zero byte at offset {pos})"))
+    head.iter().position(|&b| b != 0).map(|pos| {
+        format!("data with no recognised signature (first non-zero byte at offset {pos})")
+    })
 }
 
 #[cfg(test)]
@@ -323,11 +337,20 @@ mod tests {
             assert_eq!(l.data_offset % EXTENT, 0);
             assert!(l.data_offset + l.capacity_bytes() + BLOCK <= l.device_bytes);
             assert!(l.csum_bytes >= u64::from(l.n_extents) * CSUM_BYTES_PER_EXTENT);
-            assert!(l.header_pages as u64 * BLOCK >= HEADER_FIXED_BYTES + u64::from(l.body_pages) * 4 + 4);
+            assert!(
+                l.header_pages as u64 * BLOCK
+                    >= HEADER_FIXED_BYTES + u64::from(l.body_pages) * 4 + 4
+            );
             // Overhead stays small.
-            assert!(l.capacity_bytes() * 100 / l.device_bytes >= 90, "{size}: {l:?}");
+            assert!(
+                l.capacity_bytes() * 100 / l.device_bytes >= 90,
+                "{size}: {l:?}"
+            );
         }
-        assert!(matches!(Layout::for_device(MIN_DEVICE_BYTES - 1), Err(FormatError::TooSmall(_))));
+        assert!(matches!(
+            Layout::for_device(MIN_DEVICE_BYTES - 1),
+            Err(FormatError::TooSmall(_))
+        ));
     }
 
     #[test]
@@ -355,7 +378,10 @@ mod tests {
         assert_eq!(detect_foreign(&head), None);
         head[1080] = 0x53;
         head[1081] = 0xEF;
-        assert_eq!(detect_foreign(&head).as_deref(), Some("an ext2/3/4 filesystem"));
+        assert_eq!(
+            detect_foreign(&head).as_deref(),
+            Some("an ext2/3/4 filesystem")
+        );
         let mut head = vec![0u8; 1 << 20];
         head[700_000] = 1;
         assert!(detect_foreign(&head).unwrap().contains("700000"));

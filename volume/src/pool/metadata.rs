@@ -43,7 +43,9 @@
 
 use std::collections::HashSet;
 
-use super::format::{get_u32, get_u64, put_u32, put_u64, Layout, BLOCK, EXTENT, HEADER_FIXED_BYTES};
+use super::format::{
+    get_u32, get_u64, put_u32, put_u64, Layout, BLOCK, EXTENT, HEADER_FIXED_BYTES,
+};
 use crate::api::VolumeName;
 
 const META_MAGIC: &[u8; 8] = b"BLSTMETA";
@@ -156,12 +158,18 @@ impl MetaState {
                 0 => volumes.push(None),
                 1 => {
                     let n = r[1] as usize;
-                    let name = std::str::from_utf8(r.get(2..2 + n).ok_or_else(|| bad(format!("volume {i}: name length")))?)
-                        .map_err(|_| bad(format!("volume {i}: name is not UTF-8")))?;
-                    let name = VolumeName::new(name).map_err(|e| bad(format!("volume {i}: {}", e.message())))?;
+                    let name = std::str::from_utf8(
+                        r.get(2..2 + n)
+                            .ok_or_else(|| bad(format!("volume {i}: name length")))?,
+                    )
+                    .map_err(|_| bad(format!("volume {i}: name is not UTF-8")))?;
+                    let name = VolumeName::new(name)
+                        .map_err(|e| bad(format!("volume {i}: {}", e.message())))?;
                     let size = get_u64(r, 88);
                     if size == 0 || size % EXTENT != 0 {
-                        return Err(bad(format!("volume {name}: size {size} is not a whole number of extents")));
+                        return Err(bad(format!(
+                            "volume {name}: size {size} is not a whole number of extents"
+                        )));
                     }
                     volumes.push(Some(VolumeRecord {
                         name,
@@ -188,23 +196,42 @@ impl MetaState {
         let mut claimed = HashSet::new();
         for i in 0..layout.n_extents as usize {
             let at = ext_base + i * 16;
-            let e = ExtentEntry { owner: get_u32(b, at), logical: get_u32(b, at + 4), generation: get_u64(b, at + 8) };
+            let e = ExtentEntry {
+                owner: get_u32(b, at),
+                logical: get_u32(b, at + 4),
+                generation: get_u64(b, at + 8),
+            };
             if e.owner != 0 {
                 let vol = volumes
                     .get(e.owner as usize - 1)
                     .and_then(Option::as_ref)
-                    .ok_or_else(|| bad(format!("extent {i} belongs to volume slot {} which is free", e.owner - 1)))?;
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "extent {i} belongs to volume slot {} which is free",
+                            e.owner - 1
+                        ))
+                    })?;
                 if u64::from(e.logical) >= vol.size / EXTENT {
-                    return Err(bad(format!("extent {i} maps logical extent {} beyond the end of {}", e.logical, vol.name)));
+                    return Err(bad(format!(
+                        "extent {i} maps logical extent {} beyond the end of {}",
+                        e.logical, vol.name
+                    )));
                 }
                 if !claimed.insert((e.owner, e.logical)) {
-                    return Err(bad(format!("logical extent {} of {} is mapped twice", e.logical, vol.name)));
+                    return Err(bad(format!(
+                        "logical extent {} of {} is mapped twice",
+                        e.logical, vol.name
+                    )));
                 }
             }
             extents.push(e);
             open.push(e.owner != 0 && b[open_base + i / 8] & (1 << (i % 8)) != 0);
         }
-        Ok(Self { volumes, extents, open })
+        Ok(Self {
+            volumes,
+            extents,
+            open,
+        })
     }
 }
 
@@ -219,7 +246,11 @@ pub fn encode_header(layout: &Layout, seq: u64, disk_uuid: &[u8; 16], body: &[u8
     put_u64(&mut h, 24, seq);
     h[32..48].copy_from_slice(disk_uuid);
     for (i, page) in body.chunks(BLOCK as usize).enumerate() {
-        put_u32(&mut h, HEADER_FIXED_BYTES as usize + i * 4, crc32c::crc32c(page));
+        put_u32(
+            &mut h,
+            HEADER_FIXED_BYTES as usize + i * 4,
+            crc32c::crc32c(page),
+        );
     }
     let crc = crc32c::crc32c(&h[..len - 4]);
     put_u32(&mut h, len - 4, crc);
@@ -230,7 +261,11 @@ pub fn encode_header(layout: &Layout, seq: u64, disk_uuid: &[u8; 16], body: &[u8
 ///
 /// # Errors
 /// [`MetadataError::BadHeader`] or [`MetadataError::BadPage`].
-pub fn check_slot(layout: &Layout, disk_uuid: &[u8; 16], slot: &[u8]) -> Result<u64, MetadataError> {
+pub fn check_slot(
+    layout: &Layout,
+    disk_uuid: &[u8; 16],
+    slot: &[u8],
+) -> Result<u64, MetadataError> {
     let hlen = layout.header_pages as usize * BLOCK as usize;
     let h = &slot[..hlen];
     let ok = &h[0..8] == META_MAGIC
@@ -266,8 +301,16 @@ mod tests {
             generation: 1234,
             replicas: 1,
         });
-        s.extents[10] = ExtentEntry { owner: 4, logical: 7, generation: 55 };
-        s.extents[11] = ExtentEntry { owner: 4, logical: 0, generation: 56 };
+        s.extents[10] = ExtentEntry {
+            owner: 4,
+            logical: 7,
+            generation: 55,
+        };
+        s.extents[11] = ExtentEntry {
+            owner: 4,
+            logical: 0,
+            generation: 56,
+        };
         s.open[11] = true;
         s
     }
@@ -281,23 +324,44 @@ mod tests {
         let mut slot = encode_header(&layout, 17, &[9; 16], &body);
         slot.extend_from_slice(&body);
         assert_eq!(check_slot(&layout, &[9; 16], &slot), Ok(17));
-        assert_eq!(check_slot(&layout, &[8; 16], &slot), Err(MetadataError::BadHeader));
+        assert_eq!(
+            check_slot(&layout, &[8; 16], &slot),
+            Err(MetadataError::BadHeader)
+        );
         let hlen = layout.header_pages as usize * 4096;
         slot[hlen + 4096 + 5] ^= 1;
-        assert_eq!(check_slot(&layout, &[9; 16], &slot), Err(MetadataError::BadPage(1)));
+        assert_eq!(
+            check_slot(&layout, &[9; 16], &slot),
+            Err(MetadataError::BadPage(1))
+        );
     }
 
     #[test]
     fn inconsistencies_are_refused() {
         let layout = Layout::for_device(256 << 20).unwrap();
         let mut s = sample(&layout);
-        s.extents[12] = ExtentEntry { owner: 4, logical: 7, generation: 0 };
-        assert!(MetaState::decode_body(&layout, &s.encode_body(&layout)).unwrap_err().to_string().contains("mapped twice"));
+        s.extents[12] = ExtentEntry {
+            owner: 4,
+            logical: 7,
+            generation: 0,
+        };
+        assert!(MetaState::decode_body(&layout, &s.encode_body(&layout))
+            .unwrap_err()
+            .to_string()
+            .contains("mapped twice"));
         let mut s = sample(&layout);
-        s.extents[12] = ExtentEntry { owner: 1, logical: 0, generation: 0 };
+        s.extents[12] = ExtentEntry {
+            owner: 1,
+            logical: 0,
+            generation: 0,
+        };
         assert!(MetaState::decode_body(&layout, &s.encode_body(&layout)).is_err());
         let mut s = sample(&layout);
-        s.extents[12] = ExtentEntry { owner: 4, logical: 8, generation: 0 };
+        s.extents[12] = ExtentEntry {
+            owner: 4,
+            logical: 8,
+            generation: 0,
+        };
         assert!(MetaState::decode_body(&layout, &s.encode_body(&layout)).is_err());
     }
 

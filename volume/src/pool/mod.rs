@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::api::{
-    format_size, round_volume_size, ControlError, ErrorKind, PoolStatus, ReplicaStatus, VolumeControl, VolumeName, VolumeSpec,
-    VolumeState, VolumeStatus, MAX_REPLICAS,
+    format_size, round_volume_size, ControlError, ErrorKind, PoolStatus, ReplicaStatus,
+    VolumeControl, VolumeName, VolumeSpec, VolumeState, VolumeStatus, MAX_REPLICAS,
 };
 use crate::io::IoEngine;
 
@@ -67,7 +67,9 @@ pub enum PoolError {
         path: PathBuf,
     },
     /// The device does not exist and no size was given to create it.
-    #[error("pool device {path} does not exist; give a size (PATH:SIZE) to create it as a sparse file")]
+    #[error(
+        "pool device {path} does not exist; give a size (PATH:SIZE) to create it as a sparse file"
+    )]
     Missing {
         /// The device.
         path: PathBuf,
@@ -162,14 +164,23 @@ impl Storage {
         for d in &cfg.devices {
             let key = std::fs::canonicalize(&d.path).unwrap_or_else(|_| d.path.clone());
             if !seen.insert(key) {
-                return Err(PoolError::Duplicate { path: d.path.clone() });
+                return Err(PoolError::Duplicate {
+                    path: d.path.clone(),
+                });
             }
         }
         let mut pool_uuid = cfg.devices.iter().find_map(|d| peek_pool_uuid(&d.path));
         let mut disks = Vec::new();
         for d in &cfg.devices {
-            let (disk, report) =
-                disk::Disk::open(&d.path, d.create_size, &cfg.node_id, pool_uuid, cfg.force_format, cfg.engine.clone()).await?;
+            let (disk, report) = disk::Disk::open(
+                &d.path,
+                d.create_size,
+                &cfg.node_id,
+                pool_uuid,
+                cfg.force_format,
+                cfg.engine.clone(),
+            )
+            .await?;
             pool_uuid = Some(disk.sb.pool_uuid);
             let (used, total) = disk.usage();
             tracing::info!(
@@ -183,11 +194,16 @@ impl Storage {
             );
             disks.push(Arc::new(disk));
         }
-        let mut names: std::collections::HashMap<VolumeName, PathBuf> = std::collections::HashMap::new();
+        let mut names: std::collections::HashMap<VolumeName, PathBuf> =
+            std::collections::HashMap::new();
         for d in &disks {
             for v in d.volumes() {
                 if let Some(a) = names.insert(v.name.clone(), d.path.clone()) {
-                    return Err(PoolError::DuplicateVolume { name: v.name.to_string(), a, b: d.path.clone() });
+                    return Err(PoolError::DuplicateVolume {
+                        name: v.name.to_string(),
+                        a,
+                        b: d.path.clone(),
+                    });
                 }
             }
         }
@@ -211,7 +227,12 @@ impl Storage {
     }
 
     fn find(&self, name: &VolumeName) -> Option<(Arc<disk::Disk>, Arc<disk::VolRt>)> {
-        self.disks.iter().find_map(|d| d.volumes().into_iter().find(|v| &v.name == name).map(|v| (d.clone(), v)))
+        self.disks.iter().find_map(|d| {
+            d.volumes()
+                .into_iter()
+                .find(|v| &v.name == name)
+                .map(|v| (d.clone(), v))
+        })
     }
 
     fn not_found(name: &VolumeName) -> ControlError {
@@ -219,7 +240,10 @@ impl Storage {
     }
 
     fn status(&self, disk: &disk::Disk, v: &disk::VolRt) -> VolumeStatus {
-        let allocated = v.allocated_extents.load(std::sync::atomic::Ordering::SeqCst) * format::EXTENT;
+        let allocated = v
+            .allocated_extents
+            .load(std::sync::atomic::Ordering::SeqCst)
+            * format::EXTENT;
         VolumeStatus {
             id: uuid::Uuid::from_bytes(v.uuid).to_string(),
             name: v.name.clone(),
@@ -248,8 +272,12 @@ impl Storage {
 
     /// I/O statistics for every volume, for metrics.
     pub fn io_stats(&self) -> Vec<stats::VolumeIoStats> {
-        let mut out: Vec<_> =
-            self.disks.iter().flat_map(|d| d.volumes()).map(|v| v.counters.snapshot(v.name.as_str())).collect();
+        let mut out: Vec<_> = self
+            .disks
+            .iter()
+            .flat_map(|d| d.volumes())
+            .map(|v| v.counters.snapshot(v.name.as_str()))
+            .collect();
         out.sort_by(|a, b| a.volume.cmp(&b.volume));
         out
     }
@@ -289,7 +317,10 @@ impl VolumeControl for Storage {
         if spec.replicas == 0 || spec.replicas > MAX_REPLICAS {
             return Err(ControlError::new(
                 ErrorKind::InvalidArgument,
-                format!("replicas must be between 1 and {MAX_REPLICAS}, got {}", spec.replicas),
+                format!(
+                    "replicas must be between 1 and {MAX_REPLICAS}, got {}",
+                    spec.replicas
+                ),
             ));
         }
         let size = round_volume_size(spec.size_bytes)?;
@@ -330,7 +361,12 @@ impl VolumeControl for Storage {
             })
             .cloned();
         let Some(disk) = best else {
-            let largest = self.disks.iter().map(|d| d.layout.capacity_bytes()).max().unwrap_or(0);
+            let largest = self
+                .disks
+                .iter()
+                .map(|d| d.layout.capacity_bytes())
+                .max()
+                .unwrap_or(0);
             return Err(ControlError::new(
                 ErrorKind::ResourceExhausted,
                 format!(
@@ -340,10 +376,15 @@ impl VolumeControl for Storage {
                 ),
             ));
         };
-        let v = disk.create_volume(&spec.name, size, spec.replicas).await.map_err(|e| match e {
-            PoolError::Full { .. } => ControlError::new(ErrorKind::ResourceExhausted, e.to_string()),
-            e => internal(e),
-        })?;
+        let v = disk
+            .create_volume(&spec.name, size, spec.replicas)
+            .await
+            .map_err(|e| match e {
+                PoolError::Full { .. } => {
+                    ControlError::new(ErrorKind::ResourceExhausted, e.to_string())
+                }
+                e => internal(e),
+            })?;
         tracing::info!(volume = %spec.name, size, pool = %disk.path.display(), "created volume");
         Ok(self.status(&disk, &v))
     }
@@ -362,13 +403,21 @@ impl VolumeControl for Storage {
     }
 
     async fn list_volumes(&self) -> Result<Vec<VolumeStatus>, ControlError> {
-        let mut out: Vec<VolumeStatus> =
-            self.disks.iter().flat_map(|d| d.volumes().into_iter().map(move |v| (d, v))).map(|(d, v)| self.status(d, &v)).collect();
+        let mut out: Vec<VolumeStatus> = self
+            .disks
+            .iter()
+            .flat_map(|d| d.volumes().into_iter().map(move |v| (d, v)))
+            .map(|(d, v)| self.status(d, &v))
+            .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 
-    async fn resize_volume(&self, name: &VolumeName, new_size_bytes: u64) -> Result<VolumeStatus, ControlError> {
+    async fn resize_volume(
+        &self,
+        name: &VolumeName,
+        new_size_bytes: u64,
+    ) -> Result<VolumeStatus, ControlError> {
         let size = round_volume_size(new_size_bytes)?;
         let _guard = self.control.lock().await;
         let (d, v) = self.find(name).ok_or_else(|| Self::not_found(name))?;
@@ -376,13 +425,21 @@ impl VolumeControl for Storage {
         if size < have {
             return Err(ControlError::new(
                 ErrorKind::InvalidArgument,
-                format!("volume {name} is {} and cannot shrink to {}; only growing is supported", format_size(have), format_size(size)),
+                format!(
+                    "volume {name} is {} and cannot shrink to {}; only growing is supported",
+                    format_size(have),
+                    format_size(size)
+                ),
             ));
         }
         if size > d.layout.capacity_bytes() {
             return Err(ControlError::new(
                 ErrorKind::ResourceExhausted,
-                format!("volume {name} cannot grow to {}: its pool device holds at most {}", format_size(size), format_size(d.layout.capacity_bytes())),
+                format!(
+                    "volume {name} cannot grow to {}: its pool device holds at most {}",
+                    format_size(size),
+                    format_size(d.layout.capacity_bytes())
+                ),
             ));
         }
         if size > have {

@@ -114,7 +114,13 @@ impl Replica {
 
     fn check(&self, op: &'static str, offset: u64, len: u64) -> Result<(), DeviceError> {
         if self.vol.deleted.load(SeqCst) {
-            return Err(DeviceError::new(DeviceErrorKind::Closed, op, offset, len, format!("volume {} was deleted", self.vol.name)));
+            return Err(DeviceError::new(
+                DeviceErrorKind::Closed,
+                op,
+                offset,
+                len,
+                format!("volume {} was deleted", self.vol.name),
+            ));
         }
         if offset % BLOCK != 0 || len % BLOCK != 0 || len == 0 {
             return Err(DeviceError::new(
@@ -146,8 +152,13 @@ impl Replica {
         let first = offset / BLOCK;
         let nblocks = (len / BLOCK) as usize;
         for attempt in 0..=RACE_RETRIES {
-            let mut pins = Pins { disk: &self.disk, extents: Vec::new(), writing: false };
-            // (buffer block index, physical block, extent version at mapping time)
+            let mut pins = Pins {
+                disk: &self.disk,
+                extents: Vec::new(),
+                writing: false,
+            };
+            // (buffer block index, physical extent, physical block, extent version and block
+            // checksum at mapping time)
             let mut to_verify = Vec::with_capacity(nblocks);
             let mut segments = Vec::new();
             let mut logical = u64::MAX;
@@ -171,14 +182,27 @@ impl Replica {
                 }
                 let version = self.disk.ext[p as usize].version.load(SeqCst);
                 to_verify.push((i, p, pb as usize, version, before));
-                push_segment(&mut segments, self.disk.layout.data_block_offset(pb), range.start, BLOCK as usize);
+                push_segment(
+                    &mut segments,
+                    self.disk.layout.data_block_offset(pb),
+                    range.start,
+                    BLOCK as usize,
+                );
             }
             if !segments.is_empty() {
-                let req = IoRequest { op: IoOp::Read, file: self.disk.file().clone(), buf: Some(buf), segments };
+                let req = IoRequest {
+                    op: IoOp::Read,
+                    file: self.disk.file().clone(),
+                    buf: Some(buf),
+                    segments,
+                };
                 let c = self.disk.engine().submit(req).await;
                 buf = c.buf.unwrap_or_else(|| IoBuf::zeroed(len as usize));
                 if let Err(e) = c.result {
-                    return Err(BufError { error: DeviceError::io("read", offset, len, e), buf });
+                    return Err(BufError {
+                        error: DeviceError::io("read", offset, len, e),
+                        buf,
+                    });
                 }
             }
             let mut raced = false;
@@ -189,7 +213,10 @@ impl Replica {
                 let e = &self.disk.ext[p as usize];
                 // The data as it was when the read started, as it is now, or as a write in
                 // flight is putting it: all are valid results of a racing read.
-                if crc == self.disk.csum(pb) || crc == before || e.pending.lock().expect("pending lock").contains(pb, crc) {
+                if crc == self.disk.csum(pb)
+                    || crc == before
+                    || e.pending.lock().expect("pending lock").contains(pb, crc)
+                {
                     continue;
                 }
                 if e.version.load(SeqCst) != version || e.writes.load(SeqCst) > 0 {
@@ -218,10 +245,17 @@ impl Replica {
                 return Ok(buf);
             }
             if attempt > 2 {
+                // A write to these very blocks keeps landing; let it finish publishing.
                 std::thread::yield_now();
             }
         }
-        let error = DeviceError::new(DeviceErrorKind::Io, "read", offset, len, "the blocks kept changing under concurrent writes");
+        let error = DeviceError::new(
+            DeviceErrorKind::Io,
+            "read",
+            offset,
+            len,
+            "the blocks kept changing under concurrent writes",
+        );
         Err(BufError { error, buf })
     }
 
@@ -233,7 +267,11 @@ impl Replica {
         let first = offset / BLOCK;
         let nblocks = (len / BLOCK) as usize;
         let crcs: Vec<u32> = buf.chunks(BLOCK as usize).map(encode_crc).collect();
-        let mut pins = Pins { disk: &self.disk, extents: Vec::new(), writing: true };
+        let mut pins = Pins {
+            disk: &self.disk,
+            extents: Vec::new(),
+            writing: true,
+        };
         let mut segments = Vec::new();
         let mut physical = Vec::with_capacity(nblocks);
         let mut logical = u64::MAX;
@@ -245,9 +283,27 @@ impl Replica {
                 loop {
                     if let Err(e) = self.disk.map_or_alloc(&self.vol, logical).await {
                         let error = match e {
-                            AllocError::NoSpace => DeviceError::new(DeviceErrorKind::NoSpace, "write", offset, len, format!("pool {} has no free extent", self.disk.path.display())),
-                            AllocError::Closed => DeviceError::new(DeviceErrorKind::Closed, "write", offset, len, "the volume was deleted"),
-                            AllocError::Commit(e) => DeviceError::new(DeviceErrorKind::Io, "write", offset, len, e.to_string()),
+                            AllocError::NoSpace => DeviceError::new(
+                                DeviceErrorKind::NoSpace,
+                                "write",
+                                offset,
+                                len,
+                                format!("pool {} has no free extent", self.disk.path.display()),
+                            ),
+                            AllocError::Closed => DeviceError::new(
+                                DeviceErrorKind::Closed,
+                                "write",
+                                offset,
+                                len,
+                                "the volume was deleted",
+                            ),
+                            AllocError::Commit(e) => DeviceError::new(
+                                DeviceErrorKind::Io,
+                                "write",
+                                offset,
+                                len,
+                                e.to_string(),
+                            ),
                         };
                         return Err(BufError { error, buf });
                     }
@@ -257,12 +313,26 @@ impl Replica {
                     }
                 }
                 if let Err(e) = self.disk.ensure_open(p).await {
-                    return Err(BufError { error: DeviceError::new(DeviceErrorKind::Io, "write", offset, len, e.to_string()), buf });
+                    return Err(BufError {
+                        error: DeviceError::new(
+                            DeviceErrorKind::Io,
+                            "write",
+                            offset,
+                            len,
+                            e.to_string(),
+                        ),
+                        buf,
+                    });
                 }
             }
             let pb = u64::from(p) * BLOCKS_PER_EXTENT + lb % BLOCKS_PER_EXTENT;
             physical.push((p, pb as usize));
-            push_segment(&mut segments, self.disk.layout.data_block_offset(pb), i * BLOCK as usize, BLOCK as usize);
+            push_segment(
+                &mut segments,
+                self.disk.layout.data_block_offset(pb),
+                i * BLOCK as usize,
+                BLOCK as usize,
+            );
         }
         // Per extent, the (physical block, checksum) entries of this write, in logical order.
         let mut groups: Vec<(u32, Vec<(usize, u32)>)> = Vec::new();
@@ -274,13 +344,21 @@ impl Replica {
         }
         // Ordered after any write in flight on the same blocks. Extents are taken in logical
         // order, the same for every write of this volume, so waits cannot form a cycle.
-        let mut registered = Registered { disk: &self.disk, groups: Vec::with_capacity(groups.len()) };
+        let mut registered = Registered {
+            disk: &self.disk,
+            groups: Vec::with_capacity(groups.len()),
+        };
         for (p, entries) in groups {
             self.disk.ext[p as usize].begin_write(&entries).await;
             registered.groups.push((p, entries));
         }
         let generation = self.vol.seq.fetch_add(1, SeqCst) + 1;
-        let req = IoRequest { op: IoOp::Write { dsync: false }, file: self.disk.file().clone(), buf: Some(buf), segments };
+        let req = IoRequest {
+            op: IoOp::Write { dsync: false },
+            file: self.disk.file().clone(),
+            buf: Some(buf),
+            segments,
+        };
         let c = self.disk.engine().submit(req).await;
         let buf = c.buf.unwrap_or_else(|| IoBuf::zeroed(len as usize));
         if c.result.is_ok() {
@@ -290,15 +368,29 @@ impl Replica {
         }
         drop(registered);
         if let Err(e) = c.result {
-            return Err(BufError { error: DeviceError::io("write", offset, len, e), buf });
+            return Err(BufError {
+                error: DeviceError::io("write", offset, len, e),
+                buf,
+            });
         }
         for &p in &pins.extents {
-            self.disk.ext[p as usize].generation.fetch_max(generation, SeqCst);
+            self.disk.ext[p as usize]
+                .generation
+                .fetch_max(generation, SeqCst);
         }
         drop(pins);
         if flags.fua {
             if let Err(e) = self.disk.commit(false).await {
-                return Err(BufError { error: DeviceError::new(DeviceErrorKind::Io, "write", offset, len, e.to_string()), buf });
+                return Err(BufError {
+                    error: DeviceError::new(
+                        DeviceErrorKind::Io,
+                        "write",
+                        offset,
+                        len,
+                        e.to_string(),
+                    ),
+                    buf,
+                });
             }
         }
         Ok(buf)
@@ -318,7 +410,8 @@ impl Replica {
                 if p != UNMAPPED {
                     let base = u64::from(p) * BLOCKS_PER_EXTENT;
                     for lb in pos / BLOCK..ext_end / BLOCK {
-                        self.disk.set_csum((base + lb % BLOCKS_PER_EXTENT) as usize, 0);
+                        self.disk
+                            .set_csum((base + lb % BLOCKS_PER_EXTENT) as usize, 0);
                     }
                     self.disk.ext[p as usize].version.fetch_add(1, SeqCst);
                 }
@@ -338,7 +431,10 @@ impl BlockDevice for Replica {
         let start = Instant::now();
         let len = buf.len() as u64;
         let r = self.read_inner(offset, buf).await;
-        self.vol.counters.read.record(len, start.elapsed(), r.is_ok());
+        self.vol
+            .counters
+            .read
+            .record(len, start.elapsed(), r.is_ok());
         r
     }
 
@@ -346,28 +442,44 @@ impl BlockDevice for Replica {
         let start = Instant::now();
         let len = buf.len() as u64;
         let r = self.write_inner(offset, buf, flags).await;
-        self.vol.counters.write.record(len, start.elapsed(), r.is_ok());
+        self.vol
+            .counters
+            .write
+            .record(len, start.elapsed(), r.is_ok());
         r
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {
         let start = Instant::now();
-        let r = self.disk.commit(false).await.map_err(|e| DeviceError::new(DeviceErrorKind::Io, "flush", 0, 0, e.to_string()));
-        self.vol.counters.flush.record(0, start.elapsed(), r.is_ok());
+        let r = self
+            .disk
+            .commit(false)
+            .await
+            .map_err(|e| DeviceError::new(DeviceErrorKind::Io, "flush", 0, 0, e.to_string()));
+        self.vol
+            .counters
+            .flush
+            .record(0, start.elapsed(), r.is_ok());
         r
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         let start = Instant::now();
         let r = self.zero_range("discard", offset, len);
-        self.vol.counters.discard.record(len, start.elapsed(), r.is_ok());
+        self.vol
+            .counters
+            .discard
+            .record(len, start.elapsed(), r.is_ok());
         r
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         let start = Instant::now();
         let r = self.zero_range("write_zeroes", offset, len);
-        self.vol.counters.discard.record(len, start.elapsed(), r.is_ok());
+        self.vol
+            .counters
+            .discard
+            .record(len, start.elapsed(), r.is_ok());
         r
     }
 }

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 /// Upper bounds of the latency histogram buckets, in seconds (the last bucket is +Inf).
 pub const LATENCY_BUCKETS_SECONDS: [f64; 14] = [
-    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.5, 1.0,
 ];
 
 /// Counters for one kind of operation, updated lock-free.
@@ -27,9 +28,13 @@ impl OpCounters {
         } else {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
-        self.latency_sum_ns.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        self.latency_sum_ns
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
         let secs = elapsed.as_secs_f64();
-        let idx = LATENCY_BUCKETS_SECONDS.iter().position(|&b| secs <= b).unwrap_or(LATENCY_BUCKETS_SECONDS.len());
+        let idx = LATENCY_BUCKETS_SECONDS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS_SECONDS.len());
         self.buckets[idx].fetch_add(1, Ordering::Relaxed);
     }
 

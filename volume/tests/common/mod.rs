@@ -13,20 +13,34 @@ pub const ENGINES: [EngineKind; 2] = [EngineKind::Uring, EngineKind::Sync];
 
 /// A temporary directory on a filesystem with O_DIRECT (not tmpfs).
 pub fn tempdir() -> tempfile::TempDir {
-    let base = std::env::var_os("BALLAST_TEST_DIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
-    tempfile::Builder::new().prefix("ballast-test-").tempdir_in(base).expect("tempdir")
+    let base = std::env::var_os("BALLAST_TEST_DIR")
+        .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+    tempfile::Builder::new()
+        .prefix("ballast-test-")
+        .tempdir_in(base)
+        .expect("tempdir")
 }
 
 /// Open (creating) a single-device storage at `path`.
 pub async fn open(path: &Path, size: u64, kind: EngineKind) -> Storage {
-    try_open(path, size, kind, false).await.expect("open storage")
+    try_open(path, size, kind, false)
+        .await
+        .expect("open storage")
 }
 
 /// Open with options, returning the error.
-pub async fn try_open(path: &Path, size: u64, kind: EngineKind, force: bool) -> Result<Storage, volume::pool::PoolError> {
+pub async fn try_open(
+    path: &Path,
+    size: u64,
+    kind: EngineKind,
+    force: bool,
+) -> Result<Storage, volume::pool::PoolError> {
     let engine = probe(kind, 2).expect("engine");
     Storage::open(StorageConfig {
-        devices: vec![DeviceSpec { path: path.to_path_buf(), create_size: Some(size) }],
+        devices: vec![DeviceSpec {
+            path: path.to_path_buf(),
+            create_size: Some(size),
+        }],
         node_id: "test-node".into(),
         force_format: force,
         engine,
@@ -37,7 +51,13 @@ pub async fn try_open(path: &Path, size: u64, kind: EngineKind, force: bool) -> 
 /// Create `name` of `size` bytes and return its replica.
 pub async fn volume(s: &Storage, name: &str, size: u64) -> Replica {
     let name = VolumeName::new(name).unwrap();
-    s.create_volume(VolumeSpec { name: name.clone(), size_bytes: size, replicas: 1 }).await.expect("create");
+    s.create_volume(VolumeSpec {
+        name: name.clone(),
+        size_bytes: size,
+        replicas: 1,
+    })
+    .await
+    .expect("create");
     s.replica(&name).unwrap()
 }
 
