@@ -97,7 +97,7 @@ fn child(path: &Path, iter: u64) {
                         .unwrap();
                 }
                 Op::Discard { block, count } => {
-                    r.discard(block * 4096, count * 4096).await.unwrap()
+                    r.discard(block * 4096, count * 4096).await.unwrap();
                 }
                 Op::Flush => r.flush().await.unwrap(),
             }
