@@ -256,6 +256,8 @@ struct OpenState {
 #[derive(Debug)]
 struct CommitState {
     seq: u64,
+    /// The index (see `Disk::commits_started`) of the newest successful commit.
+    last_ok: u64,
     /// The body each slot is known to hold, if known.
     slot_body: [Option<Vec<u8>>; 2],
 }
@@ -299,6 +301,10 @@ pub(crate) struct Disk {
     changes: AtomicU64,
     /// The value of `changes` at the start of the last successful commit.
     committed_changes: AtomicU64,
+    /// Commits whose snapshot has started; a commit's index is this count after its start.
+    commits_started: AtomicU64,
+    /// Give freed extents' space back to the filesystem holding a pool file.
+    punch_holes: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -435,6 +441,7 @@ impl Disk {
         let n = layout.n_extents as usize;
         let blocks = n * BLOCKS_PER_EXTENT as usize;
         let csum_pages = blocks.div_ceil(CSUM_PER_PAGE);
+        let punch_holes = std::fs::metadata(&path).is_ok_and(|m| m.is_file());
         Self {
             path,
             file,
@@ -460,11 +467,14 @@ impl Disk {
             interval: AtomicU64::new(1),
             commit_lock: tokio::sync::Mutex::new(CommitState {
                 seq: 0,
+                last_ok: 0,
                 slot_body: [None, None],
             }),
             checksum_errors: AtomicU64::new(0),
             changes: AtomicU64::new(0),
             committed_changes: AtomicU64::new(0),
+            commits_started: AtomicU64::new(0),
+            punch_holes,
         }
     }
 
@@ -854,8 +864,16 @@ impl Disk {
 
     /// Commit: make every completed write and metadata change durable. With `closing`, the
     /// open set is emptied of every extent without a write in flight (clean shutdown).
+    ///
+    /// Commits are grouped: a caller that finds that a commit which started after its call
+    /// has already succeeded returns at once, since that commit covered it.
     pub(crate) async fn commit(&self, closing: bool) -> Result<(), PoolError> {
+        let arrived = self.commits_started.load(SeqCst);
         let mut cs = self.commit_lock.lock().await;
+        if !closing && cs.last_ok > arrived {
+            return Ok(());
+        }
+        let index = self.commits_started.fetch_add(1, SeqCst) + 1;
         let changes = self.changes.load(SeqCst);
         let cur = self.interval.fetch_add(1, SeqCst);
         let n = self.layout.n_extents as usize;
@@ -909,22 +927,33 @@ impl Disk {
         let mut os = lock(&self.open);
         match result {
             Ok(()) => {
+                cs.last_ok = index;
                 self.committed_changes.store(changes, SeqCst);
                 os.durable.clone_from(&new_open);
                 os.safe = new_open;
                 drop(os);
+                // Extents whose free is now durable and that no I/O pins. New pins on them are
+                // transient (the pinner finds the mapping gone and lets go), so no I/O can
+                // start on them before they reach the free list.
+                let released: Vec<u32> = lock(&self.state)
+                    .pending_free
+                    .iter()
+                    .map(|&(p, _)| p)
+                    .filter(|p| {
+                        releasable.contains(p) && self.ext[*p as usize].pins.load(SeqCst) == 0
+                    })
+                    .collect();
+                if self.punch_holes {
+                    for &p in &released {
+                        self.punch_extent(p);
+                    }
+                }
                 let mut st = lock(&self.state);
                 let DiskState {
                     free, pending_free, ..
                 } = &mut *st;
-                pending_free.retain(|&(p, _)| {
-                    let release =
-                        releasable.contains(&p) && self.ext[p as usize].pins.load(SeqCst) == 0;
-                    if release {
-                        free.insert(p);
-                    }
-                    !release
-                });
+                pending_free.retain(|(p, _)| !released.contains(p));
+                free.extend(released);
                 Ok(())
             }
             Err(e) => {
@@ -1016,6 +1045,30 @@ impl Disk {
         cs.slot_body[slot] = Some(body);
         cs.seq = seq;
         Ok(())
+    }
+
+    /// Return a free extent's space to the filesystem that holds the pool file. Failure only
+    /// costs space, so it is logged, not returned.
+    fn punch_extent(&self, p: u32) {
+        let offset = self
+            .layout
+            .data_block_offset(u64::from(p) * BLOCKS_PER_EXTENT);
+        let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(EXTENT))
+        else {
+            return;
+        };
+        // SAFETY: `fallocate` on an open descriptor has no memory-safety preconditions.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+        if rc < 0 {
+            tracing::debug!(path = %self.path.display(), extent = p, error = %std::io::Error::last_os_error(), "cannot punch a hole for a freed extent");
+        }
     }
 
     async fn fsync(&self) -> std::io::Result<()> {
