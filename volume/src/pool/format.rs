@@ -372,6 +372,29 @@ mod tests {
         assert_eq!(detect_foreign(&b).as_deref(), Some("a Ballast pool"));
     }
 
+    proptest::proptest! {
+        /// Arbitrary bytes, or a valid superblock with arbitrary bytes spliced in, never
+        /// panic the decoder, and anything it accepts re-encodes to the same block.
+        #[test]
+        fn decode_never_panics(junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4200), at in 0usize..4096) {
+            let _ = Superblock::decode(&junk);
+            let sb = Superblock {
+                pool_uuid: [3; 16],
+                disk_uuid: [4; 16],
+                node_id: "n".into(),
+                created_at: 1,
+                layout: Layout::for_device(256 << 20).unwrap(),
+            };
+            let mut b = sb.encode();
+            let end = (at + junk.len()).min(b.len());
+            b[at..end].copy_from_slice(&junk[..end - at]);
+            if let Ok(decoded) = Superblock::decode(&b) {
+                proptest::prop_assert_eq!(decoded.encode(), b);
+            }
+            let _ = detect_foreign(&junk);
+        }
+    }
+
     #[test]
     fn foreign_signatures() {
         let mut head = vec![0u8; 1 << 20];
