@@ -648,3 +648,32 @@ fn config_file_works_and_flags_override_it() {
     assert_eq!(status["node_id"], "from-flag");
     assert_eq!(status["engine"], "sync");
 }
+
+#[test]
+fn logs_are_one_json_object_per_line_with_the_flag() {
+    let node = NodeDir::new().unwrap();
+    let mut args = node.daemon_args();
+    args.extend(["--log-format".to_owned(), "json".to_owned()]);
+    let mut d = Daemon::spawn(&node, &args).unwrap();
+    d.wait_ready(Duration::from_secs(30)).unwrap();
+    d.cli(["volume", "create", "logged", "--size", "1MiB"])
+        .success();
+    assert_eq!(d.terminate().unwrap().code(), Some(0));
+    let log = d.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 3, "{log}");
+    for line in &lines {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v.get("level").is_some() && v.get("timestamp").is_some(),
+            "{line}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("created volume") && l.contains("\"volume\":\"logged\"")),
+        "{log}"
+    );
+}
