@@ -188,6 +188,19 @@ pub enum VolumeCommand {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// Print the NBD URI of a volume. Every volume is exported on the daemon's NBD unix
+    /// socket (nbd.sock in the data directory); with --tcp it is also served on TCP until
+    /// the daemon stops.
+    Export {
+        /// The volume name.
+        name: String,
+        /// Also serve the volume over TCP on this address (port 0 picks a free port).
+        #[arg(long, value_name = "ADDR")]
+        tcp: Option<SocketAddr>,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
 }
 
 /// `ballast pool …`

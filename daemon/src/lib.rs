@@ -8,6 +8,7 @@
 //! - [`node`]: the daemon's start-up, serving and shutdown, wiring storage to the endpoints;
 //! - [`data_dir_lock`], [`api_socket`]: the exclusive resources a daemon holds;
 //! - [`api`]: the local control API (HTTP + JSON on the unix socket) and its one error mapping;
+//! - [`nbd`]: the NBD export server (unix socket, and TCP on request);
 //! - [`ops_endpoint`], [`metrics`]: `/healthz`, `/readyz` and `/metrics` over TCP;
 //! - [`client`]: the CLI's client of the local API, its output and its exit codes;
 //! - [`node_info`], [`byte_size`], [`logging`]: shared facts, sizes and log set-up.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod data_dir_lock;
 pub mod logging;
 pub mod metrics;
+pub mod nbd;
 pub mod node;
 pub mod node_info;
 pub mod ops_endpoint;

@@ -10,11 +10,12 @@
 //! 4. start the I/O engine, bind the operator endpoint (`--http`), write the bound address to
 //!    `<data-dir>/http.addr` and serve `/healthz` (200), `/readyz` (503 for now) and `/metrics`;
 //! 5. open storage;
-//! 6. serve the local API on the socket, start the periodic checkpoint
-//!    ([`CHECKPOINT_INTERVAL`]), and only then report ready.
+//! 6. serve NBD exports on `<data-dir>/nbd.sock` ([`NbdServer`]), serve the local API on the
+//!    socket, start the periodic checkpoint ([`CHECKPOINT_INTERVAL`]), and only then report
+//!    ready.
 //!
 //! Shutdown (SIGTERM or SIGINT): report not ready, stop accepting on both listeners and let
-//! requests in flight finish (bounded by [`DRAIN_TIMEOUT`]), flush and close storage
+//! requests in flight finish (bounded by [`DRAIN_TIMEOUT`]), including NBD requests, flush and close storage
 //! ([`Storage::close`]), remove the socket and `http.addr`, release the lock.
 //!
 //! Invariant: once storage is open, every way out of [`run`] goes through `Storage::close`.
@@ -36,6 +37,7 @@ use crate::api_socket::{ApiSocket, SocketError};
 use crate::config::DaemonConfig;
 use crate::data_dir_lock::{DataDirLock, LockError};
 use crate::metrics::MetricsExporter;
+use crate::nbd::{self, NbdServer};
 use crate::node_info::{NodeInfo, Phase};
 use crate::ops_endpoint;
 
@@ -87,6 +89,15 @@ pub enum NodeError {
     /// Storage could not be flushed and closed.
     #[error("cannot close storage cleanly")]
     Close(#[source] PoolError),
+    /// The NBD socket could not be bound.
+    #[error("cannot listen for NBD on {path}")]
+    NbdSocket {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
@@ -154,7 +165,22 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     let storage = Arc::new(storage);
     metrics.attach(Arc::clone(&storage));
 
-    let api = api::router(Arc::clone(&storage), Arc::clone(&node));
+    let nbd_socket = cfg.data_dir.join(nbd::SOCKET_NAME);
+    let nbd = match NbdServer::start(Arc::clone(&storage), nbd_socket.clone(), stop_rx.clone()) {
+        Ok(nbd) => nbd,
+        Err(source) => {
+            if let Err(e) = storage.close().await {
+                tracing::error!(error = %crate::error_chain(&e), "storage did not close cleanly");
+            }
+            return Err(NodeError::NbdSocket {
+                path: nbd_socket,
+                source,
+            });
+        }
+    };
+
+    let api = api::router(Arc::clone(&storage), Arc::clone(&node))
+        .merge(api::export::router(Arc::clone(&storage), Arc::clone(&nbd)));
     let stop_rx_checkpoint = stop_rx.clone();
     let mut api_task = spawn_server(
         axum::serve(listener, api)
@@ -178,6 +204,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     let _ = stop_tx.send(true);
     let _ = checkpoints.await;
     drain("local API", api_task).await;
+    nbd.shutdown().await;
     let closed = storage.close().await.map_err(NodeError::Close);
     match &closed {
         Ok(()) => tracing::info!("storage flushed and closed"),

@@ -7,6 +7,7 @@
 //! | `GET /v1/volumes/{name}` | | `200` `VolumeStatus` |
 //! | `DELETE /v1/volumes/{name}` | | `204` |
 //! | `POST /v1/volumes/{name}/resize` | [`ResizeVolumeRequest`] | `200` `VolumeStatus` |
+//! | `POST /v1/volumes/{name}/export` | [`ExportRequest`](export::ExportRequest) | `200` [`ExportInfo`](export::ExportInfo) (route in [`export`]) |
 //! | `GET /v1/pools` | | `200` [`PoolList`] |
 //! | `GET /v1/status` | | `200` [`NodeStatus`] |
 //!
@@ -20,6 +21,7 @@
 //! logged, by the control implementation.
 
 pub mod error;
+pub mod export;
 pub mod json_body;
 pub mod wire;
 

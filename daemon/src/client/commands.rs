@@ -13,6 +13,7 @@ use hyper::StatusCode;
 use serde::Serialize;
 use volume::api::{format_size, PoolStatus, VolumeName, VolumeStatus};
 
+use crate::api::export::{ExportInfo, ExportRequest};
 use crate::api::wire::{
     CreateVolumeRequest, NodeStatus, PoolList, ResizeVolumeRequest, VolumeList,
 };
@@ -93,6 +94,15 @@ pub async fn volume(client: &ApiClient, command: VolumeCommand) -> Result<Output
                         format_size(volume.size_bytes)
                     )
                 }
+            })
+        }
+        VolumeCommand::Export { name, tcp, output } => {
+            let name = validate_name(&name)?;
+            let path = format!("{}/export", volume_path(&name));
+            let (_, export): (_, ExportInfo) = client.post(&path, &ExportRequest { tcp }).await?;
+            Ok(match output.format {
+                OutputFormat::Json => json(&export),
+                OutputFormat::Table => format!("{}\n", export.uri),
             })
         }
     }

@@ -1,0 +1,88 @@
+//! The NBD export route of the local API: `POST /v1/volumes/{name}/export`.
+//!
+//! Body: [`ExportRequest`] (`{}` or `{"tcp": "ADDR"}`); answer `200` [`ExportInfo`]. Every
+//! volume is always exported on the daemon's NBD unix socket; with `tcp`, the volume is also
+//! served on a TCP listener at that address (port 0 picks a free port, reported back) until
+//! the daemon stops. Unknown volumes are `404 not_found`, an address that cannot be bound is
+//! `400 invalid_argument`.
+//!
+//! Kept apart from [`super::router`] because it needs the concrete [`NbdServer`]; the
+//! daemon merges both routers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use volume::api::{ErrorKind, VolumeName};
+use volume::pool::Storage;
+
+use super::error::ApiError;
+use super::json_body::ApiJson;
+use crate::nbd::NbdServer;
+
+/// The body of `POST /v1/volumes/{name}/export`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    /// Also serve the volume on TCP at this address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<SocketAddr>,
+}
+
+/// Where a volume is exported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportInfo {
+    /// The volume (and export) name.
+    pub volume: String,
+    /// The URI to give clients: the TCP one if TCP was asked for, else the unix one.
+    pub uri: String,
+    /// The URI on the unix socket.
+    pub unix_uri: String,
+    /// The NBD unix socket.
+    pub socket: String,
+    /// The bound TCP address, if TCP was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct ExportState {
+    storage: Arc<Storage>,
+    nbd: Arc<NbdServer>,
+}
+
+/// The export route, with its own state.
+pub fn router(storage: Arc<Storage>, nbd: Arc<NbdServer>) -> Router {
+    Router::new()
+        .route("/v1/volumes/{name}/export", post(export_volume))
+        .with_state(ExportState { storage, nbd })
+}
+
+async fn export_volume(
+    State(st): State<ExportState>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<ExportRequest>,
+) -> Result<Json<ExportInfo>, ApiError> {
+    let name = VolumeName::new(&name)?;
+    st.storage.replica(&name)?;
+    let unix_uri = st.nbd.unix_uri(&name);
+    let tcp = match req.tcp {
+        Some(addr) => Some(st.nbd.export_tcp(&name, addr).await.map_err(|e| {
+            ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!("cannot listen for NBD on {addr}: {e}"),
+            )
+        })?),
+        None => None,
+    };
+    Ok(Json(ExportInfo {
+        volume: name.to_string(),
+        uri: tcp.map_or_else(|| unix_uri.clone(), |a| format!("nbd://{a}/{name}")),
+        unix_uri,
+        socket: st.nbd.socket().display().to_string(),
+        tcp: tcp.map(|a| a.to_string()),
+    }))
+}

@@ -1,0 +1,693 @@
+//! The NBD server: listeners, the fixed newstyle handshake, and transmission.
+//!
+//! Role: accept connections on the unix socket (every volume) and on TCP listeners (the
+//! volumes exported on them), negotiate an export, then serve its commands against the
+//! volume's [`Replica`].
+//!
+//! Invariants:
+//! - the unix socket has mode 0600, like the API socket: a connection can read and write every
+//!   volume; TCP listeners serve only the volumes exported on them and have no
+//!   authentication (bind them to trusted networks);
+//! - a connection's failure (bad magic, unknown client flags, a malformed request header,
+//!   an unknown export at `NBD_OPT_EXPORT_NAME`, a peer that goes away) ends that connection
+//!   only; listeners keep accepting;
+//! - a request that is merely wrong (unaligned, out of range, unknown command or flag) gets an
+//!   error reply and the connection stays usable; a write's payload is always consumed, so the
+//!   stream stays in sync;
+//! - requests run concurrently, at most [`MAX_IN_FLIGHT`] per connection (large ones count
+//!   more, so buffers stay bounded); replies are written
+//!   whole under the connection's writer lock, in completion order;
+//! - on shutdown listeners stop accepting, connections stop reading new requests, and requests
+//!   in flight complete before the connection closes (bounded by [`DRAIN_TIMEOUT`]), so storage
+//!   is closed only after the last NBD write returned.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Mutex, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+use volume::api::{VolumeControl, VolumeName};
+use volume::device::{BlockDevice, DeviceError, DeviceErrorKind, WriteFlags};
+use volume::io::IoBuf;
+use volume::pool::{Replica, Storage};
+
+use super::proto::{self, ProtoError, Request};
+use super::{BLOCK_SIZE, MAX_PAYLOAD};
+
+/// Requests in flight per connection; a read or write also counts one per MiB of its buffer
+/// (one more per MiB), which bounds a connection's buffer memory to about this many MiB.
+pub const MAX_IN_FLIGHT: usize = 128;
+/// How long a client may take to finish the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for a listener's connections to finish their requests.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Option data longer than this is discarded and refused with `NBD_REP_ERR_TOO_BIG`.
+const MAX_OPTION_DATA: u32 = 64 * 1024;
+
+/// Transmission flags of every export: flush, FUA, trim and write-zeroes are supported, and
+/// a flush on any connection makes every completed write on the volume durable (it commits
+/// the whole device), so several connections may share a volume (`NBD_FLAG_CAN_MULTI_CONN`).
+const TRANSMISSION_FLAGS: u16 = proto::TFLAG_HAS_FLAGS
+    | proto::TFLAG_SEND_FLUSH
+    | proto::TFLAG_SEND_FUA
+    | proto::TFLAG_SEND_TRIM
+    | proto::TFLAG_SEND_WRITE_ZEROES
+    | proto::TFLAG_CAN_MULTI_CONN;
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// The socket failed or the peer went away.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The peer broke the protocol.
+    #[error("protocol violation: {0}")]
+    Proto(#[from] ProtoError),
+    /// `NBD_OPT_EXPORT_NAME` named no export (the protocol says: close).
+    #[error("no export named {0:?}")]
+    UnknownExport(String),
+    /// The handshake took longer than [`HANDSHAKE_TIMEOUT`].
+    #[error("handshake timed out")]
+    Timeout,
+}
+
+/// Which volumes a listener serves.
+#[derive(Debug, Clone)]
+enum Scope {
+    /// Every volume (the unix socket).
+    All,
+    /// Only these (a TCP listener, extended by each `volume export --tcp`).
+    Only(Arc<RwLock<BTreeSet<String>>>),
+}
+
+impl Scope {
+    fn allows(&self, name: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(names) => names.read().expect("scope lock").contains(name),
+        }
+    }
+}
+
+/// A TCP listener started by an export request.
+#[derive(Debug)]
+struct TcpExport {
+    requested: SocketAddr,
+    bound: SocketAddr,
+    names: Arc<RwLock<BTreeSet<String>>>,
+}
+
+/// What every connection needs.
+#[derive(Debug)]
+struct Shared {
+    storage: Arc<Storage>,
+    stop: watch::Receiver<bool>,
+}
+
+/// The daemon's NBD server.
+#[derive(Debug)]
+pub struct NbdServer {
+    shared: Arc<Shared>,
+    socket: PathBuf,
+    tcp: Mutex<Vec<TcpExport>>,
+    listeners: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl NbdServer {
+    /// Listen on the unix socket `socket` (a stale file there is replaced: the caller holds
+    /// the data directory lock) and serve every volume of `storage` until `stop` turns true.
+    ///
+    /// # Errors
+    /// The socket cannot be bound.
+    pub fn start(
+        storage: Arc<Storage>,
+        socket: PathBuf,
+        stop: watch::Receiver<bool>,
+    ) -> std::io::Result<Arc<Self>> {
+        match std::fs::remove_file(&socket) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = UnixListener::bind(&socket)?;
+        // Like the API socket: whoever connects reads and writes every volume.
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+        let shared = Arc::new(Shared { storage, stop });
+        let task = tokio::spawn(accept_loop(
+            Listener::Unix(listener),
+            Arc::clone(&shared),
+            Scope::All,
+        ));
+        tracing::info!(socket = %socket.display(), "serving NBD exports");
+        Ok(Arc::new(Self {
+            shared,
+            socket,
+            tcp: Mutex::new(Vec::new()),
+            listeners: std::sync::Mutex::new(vec![task]),
+        }))
+    }
+
+    /// The unix socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The NBD URI of `name` on the unix socket.
+    pub fn unix_uri(&self, name: &VolumeName) -> String {
+        format!("nbd+unix:///{name}?socket={}", self.socket.display())
+    }
+
+    /// Export `name` on TCP at `addr` too, starting a listener there unless one already runs
+    /// (for the same requested or bound address). Returns the bound address (useful for
+    /// port 0). TCP exports last until the daemon stops.
+    ///
+    /// # Errors
+    /// The address cannot be bound.
+    pub async fn export_tcp(
+        &self,
+        name: &VolumeName,
+        addr: SocketAddr,
+    ) -> std::io::Result<SocketAddr> {
+        let mut tcp = self.tcp.lock().await;
+        if let Some(t) = tcp
+            .iter()
+            .find(|t| (t.requested == addr && addr.port() != 0) || t.bound == addr)
+        {
+            t.names
+                .write()
+                .expect("scope lock")
+                .insert(name.to_string());
+            return Ok(t.bound);
+        }
+        let listener = TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        let names = Arc::new(RwLock::new(BTreeSet::from([name.to_string()])));
+        let task = tokio::spawn(accept_loop(
+            Listener::Tcp(listener),
+            Arc::clone(&self.shared),
+            Scope::Only(Arc::clone(&names)),
+        ));
+        self.listeners.lock().expect("listeners lock").push(task);
+        tracing::info!(%bound, volume = %name, "serving an NBD export on TCP");
+        tcp.push(TcpExport {
+            requested: addr,
+            bound,
+            names,
+        });
+        Ok(bound)
+    }
+
+    /// Wait for every listener to stop and drain (call after the stop signal was sent), then
+    /// remove the socket file.
+    pub async fn shutdown(&self) {
+        let tasks = std::mem::take(&mut *self.listeners.lock().expect("listeners lock"));
+        for t in tasks {
+            let _ = t.await;
+        }
+        if let Err(e) = std::fs::remove_file(&self.socket) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.socket.display(), error = %e, "cannot remove the NBD socket");
+            }
+        }
+    }
+}
+
+type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+#[derive(Debug)]
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<(BoxRead, BoxWrite, String)> {
+        match self {
+            Self::Unix(l) => {
+                let (s, _) = l.accept().await?;
+                let (r, w) = s.into_split();
+                Ok((Box::new(r), Box::new(w), "unix".to_owned()))
+            }
+            Self::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                s.set_nodelay(true)?;
+                let (r, w) = s.into_split();
+                Ok((Box::new(r), Box::new(w), peer.to_string()))
+            }
+        }
+    }
+}
+
+/// Resolves once shutdown is requested (or the sender is gone).
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn accept_loop(listener: Listener, shared: Arc<Shared>, scope: Scope) {
+    let mut stop = shared.stop.clone();
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((rd, wr, peer)) => {
+                    conns.spawn(connection(rd, wr, peer, Arc::clone(&shared), scope.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "NBD accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            () = stopping(&mut stop) => break,
+        }
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("NBD requests still in flight at shutdown; closing their connections");
+        conns.abort_all();
+    }
+}
+
+/// An export chosen by the handshake.
+struct Export {
+    name: String,
+    device: Replica,
+}
+
+async fn connection(
+    rd: BoxRead,
+    mut wr: BoxWrite,
+    peer: String,
+    shared: Arc<Shared>,
+    scope: Scope,
+) {
+    let mut rd = BufReader::with_capacity(256 * 1024, rd);
+    let negotiated = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(&mut rd, &mut wr, &shared.storage, &scope),
+    )
+    .await
+    .unwrap_or(Err(ConnError::Timeout));
+    let export = match negotiated {
+        Ok(Some(export)) => export,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "NBD handshake failed; closing the connection");
+            return;
+        }
+    };
+    tracing::debug!(%peer, volume = %export.name, "NBD client connected");
+    match transmission(rd, wr, export.device, shared.stop.clone()).await {
+        Ok(()) => tracing::debug!(%peer, volume = %export.name, "NBD client disconnected"),
+        Err(e) => {
+            tracing::info!(%peer, volume = %export.name, error = %e, "NBD connection closed");
+        }
+    }
+}
+
+fn open(storage: &Storage, scope: &Scope, name: &str) -> Option<Replica> {
+    let vn = VolumeName::new(name).ok()?;
+    if !scope.allows(name) {
+        return None;
+    }
+    storage.replica(&vn).ok()
+}
+
+async fn reply<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    option: u32,
+    kind: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
+    wr.write_all(&proto::option_reply(option, kind, data)).await
+}
+
+/// The fixed newstyle handshake. `Ok(None)`: the client aborted.
+async fn handshake<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    storage: &Storage,
+    scope: &Scope,
+) -> Result<Option<Export>, ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    wr.write_all(&proto::greeting()).await?;
+    let mut flags = [0u8; 4];
+    rd.read_exact(&mut flags).await?;
+    let no_zeroes = proto::decode_client_flags(&flags)? & proto::FLAG_C_NO_ZEROES != 0;
+    loop {
+        let mut header = [0u8; proto::OPTION_HEADER_LEN];
+        rd.read_exact(&mut header).await?;
+        let header = proto::decode_option_header(&header)?;
+        let option = header.option;
+        if header.len > MAX_OPTION_DATA {
+            tokio::io::copy(&mut rd.take(header.len.into()), &mut tokio::io::sink()).await?;
+            reply(wr, option, proto::REP_ERR_TOO_BIG, b"option data too large").await?;
+            continue;
+        }
+        let mut data = vec![0u8; header.len as usize];
+        rd.read_exact(&mut data).await?;
+        match option {
+            proto::OPT_EXPORT_NAME => {
+                let name = proto::decode_export_name(&data)?;
+                let Some(device) = open(storage, scope, &name) else {
+                    return Err(ConnError::UnknownExport(name));
+                };
+                wr.write_all(&proto::export_name_reply(
+                    device.size(),
+                    TRANSMISSION_FLAGS,
+                    no_zeroes,
+                ))
+                .await?;
+                return Ok(Some(Export { name, device }));
+            }
+            proto::OPT_ABORT => {
+                // The client may already have closed; the reply is a courtesy.
+                let _ = reply(wr, option, proto::REP_ACK, &[]).await;
+                return Ok(None);
+            }
+            proto::OPT_LIST => {
+                if !data.is_empty() {
+                    reply(
+                        wr,
+                        option,
+                        proto::REP_ERR_INVALID,
+                        b"NBD_OPT_LIST has no data",
+                    )
+                    .await?;
+                    continue;
+                }
+                let names = storage
+                    .list_volumes()
+                    .await
+                    .map(|v| {
+                        v.into_iter()
+                            .map(|v| v.name.to_string())
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default();
+                for name in names.iter().filter(|n| scope.allows(n)) {
+                    reply(wr, option, proto::REP_SERVER, &proto::server_entry(name)).await?;
+                }
+                reply(wr, option, proto::REP_ACK, &[]).await?;
+            }
+            proto::OPT_INFO | proto::OPT_GO => {
+                let request = match proto::decode_info_request(&data) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let msg = e.to_string();
+                        reply(wr, option, proto::REP_ERR_INVALID, msg.as_bytes()).await?;
+                        continue;
+                    }
+                };
+                let Some(device) = open(storage, scope, &request.name) else {
+                    let msg = format!("no such volume: {:?}", request.name);
+                    reply(wr, option, proto::REP_ERR_UNKNOWN, msg.as_bytes()).await?;
+                    continue;
+                };
+                let info = proto::info_export(device.size(), TRANSMISSION_FLAGS);
+                reply(wr, option, proto::REP_INFO, &info).await?;
+                // Sent whether or not it was requested (the protocol allows it): requests
+                // must be multiples of 4 KiB, the engine's block size.
+                let sizes = proto::info_block_size(BLOCK_SIZE, BLOCK_SIZE, MAX_PAYLOAD);
+                reply(wr, option, proto::REP_INFO, &sizes).await?;
+                if request.requests.contains(&proto::INFO_NAME) {
+                    let info = proto::info_name(&request.name);
+                    reply(wr, option, proto::REP_INFO, &info).await?;
+                }
+                reply(wr, option, proto::REP_ACK, &[]).await?;
+                if option == proto::OPT_GO {
+                    return Ok(Some(Export {
+                        name: request.name,
+                        device,
+                    }));
+                }
+            }
+            other => {
+                let msg = format!("option {other} is not supported");
+                reply(wr, option, proto::REP_ERR_UNSUP, msg.as_bytes()).await?;
+            }
+        }
+    }
+}
+
+/// The connection's write side. Buffered so that a reply header and a small read's data
+/// leave in one system call; every reply is flushed before the lock is released.
+type Writer = Arc<Mutex<BufWriter<BoxWrite>>>;
+
+/// Capacity of the reply buffer: a header plus up to 128 KiB of read data in one write.
+const REPLY_BUFFER: usize = 128 * 1024 + proto::SIMPLE_REPLY_LEN;
+
+/// Serve commands until `NBD_CMD_DISC`, end of stream, a broken request header or shutdown.
+async fn transmission(
+    mut rd: BufReader<BoxRead>,
+    wr: BoxWrite,
+    device: Replica,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    let writer: Writer = Arc::new(Mutex::new(BufWriter::with_capacity(REPLY_BUFFER, wr)));
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let result = loop {
+        let mut header = [0u8; proto::REQUEST_LEN];
+        tokio::select! {
+            r = rd.read_exact(&mut header) => match r {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+                Err(e) => break Err(e.into()),
+            },
+            () = stopping(&mut stop) => break Ok(()),
+        }
+        let req = match proto::decode_request(&header) {
+            Ok(r) => r,
+            Err(e) => break Err(e.into()),
+        };
+        if req.kind == proto::CMD_DISC {
+            break Ok(());
+        }
+        let checked = check(&req, device.size());
+        // Take the request's share of the connection's budget before allocating its buffer.
+        let cost = if checked.is_ok() && matches!(req.kind, proto::CMD_READ | proto::CMD_WRITE) {
+            slot_cost(req.len)
+        } else {
+            1
+        };
+        let permit = Arc::clone(&slots)
+            .acquire_many_owned(cost)
+            .await
+            .expect("the semaphore is never closed");
+        let payload = if req.kind == proto::CMD_WRITE {
+            if checked.is_ok() {
+                let mut buf = IoBuf::zeroed(req.len as usize);
+                if let Err(e) = rd.read_exact(&mut buf).await {
+                    break Err(e.into());
+                }
+                Some(buf)
+            } else {
+                // Keep the stream in sync: consume the payload we refuse.
+                let mut skip = (&mut rd).take(req.len.into());
+                if let Err(e) = tokio::io::copy(&mut skip, &mut tokio::io::sink()).await {
+                    break Err(e.into());
+                }
+                None
+            }
+        } else {
+            None
+        };
+        let device = device.clone();
+        let writer = Arc::clone(&writer);
+        tokio::spawn(async move {
+            let (error, data) = match checked {
+                Ok(()) => execute(&device, &req, payload).await,
+                Err(errno) => (errno, None),
+            };
+            if error != 0 {
+                tracing::debug!(command = %proto::CmdName(req.kind), offset = req.offset, len = req.len, error, "NBD request failed");
+            }
+            let mut w = writer.lock().await;
+            let sent = async {
+                w.write_all(&proto::simple_reply(error, req.cookie)).await?;
+                if let Some(data) = &data {
+                    w.write_all(data).await?;
+                }
+                w.flush().await
+            }
+            .await;
+            drop(w);
+            drop(permit);
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "cannot send an NBD reply");
+            }
+        });
+    };
+    // Let requests in flight finish and reply before closing.
+    let _ = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
+    let _ = writer.lock().await.shutdown().await;
+    result
+}
+
+/// The slots a read or write of `len` bytes takes: one, plus one per MiB of buffer, so that
+/// a connection holds at most about [`MAX_IN_FLIGHT`] MiB of request buffers.
+fn slot_cost(len: u32) -> u32 {
+    (1 + len / (1024 * 1024)).min(MAX_IN_FLIGHT as u32)
+}
+
+/// Validate a request against the protocol and the export; `Err` is the errno to reply.
+fn check(req: &Request, size: u64) -> Result<(), u32> {
+    let known_flags = match req.kind {
+        proto::CMD_WRITE | proto::CMD_TRIM => proto::CMD_FLAG_FUA,
+        proto::CMD_WRITE_ZEROES => proto::CMD_FLAG_FUA | proto::CMD_FLAG_NO_HOLE,
+        proto::CMD_READ | proto::CMD_FLUSH => 0,
+        _ => return Err(proto::EINVAL),
+    };
+    if req.flags & !known_flags != 0 {
+        return Err(proto::EINVAL);
+    }
+    if req.kind == proto::CMD_FLUSH {
+        return Ok(());
+    }
+    let len = u64::from(req.len);
+    if matches!(req.kind, proto::CMD_READ | proto::CMD_WRITE) && len > u64::from(MAX_PAYLOAD) {
+        return Err(proto::EINVAL);
+    }
+    let block = u64::from(BLOCK_SIZE);
+    if req.offset % block != 0 || len % block != 0 {
+        return Err(proto::EINVAL);
+    }
+    if req.offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(if req.kind == proto::CMD_READ {
+            proto::EINVAL
+        } else {
+            proto::ENOSPC
+        });
+    }
+    Ok(())
+}
+
+/// The protocol's errno for a device error.
+fn errno(e: &DeviceError, kind: u16) -> u32 {
+    match e.kind {
+        DeviceErrorKind::Unaligned => proto::EINVAL,
+        DeviceErrorKind::OutOfRange if kind == proto::CMD_READ => proto::EINVAL,
+        DeviceErrorKind::OutOfRange | DeviceErrorKind::NoSpace => proto::ENOSPC,
+        DeviceErrorKind::Closed => proto::ESHUTDOWN,
+        _ => proto::EIO,
+    }
+}
+
+/// Run a validated request; returns the errno (0 for success) and the data of a read.
+async fn execute(device: &Replica, req: &Request, payload: Option<IoBuf>) -> (u32, Option<IoBuf>) {
+    let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+    let (offset, len) = (req.offset, u64::from(req.len));
+    let fail = |e: &DeviceError| {
+        tracing::debug!(error = %e, "NBD I/O failed");
+        errno(e, req.kind)
+    };
+    let then_flush = |r: Result<(), DeviceError>| async move {
+        match r {
+            Ok(()) if fua => device.flush().await,
+            r => r,
+        }
+    };
+    let done = |r: Result<(), DeviceError>| r.err().map_or(0, |e| fail(&e));
+    match req.kind {
+        proto::CMD_READ if len == 0 => (0, Some(IoBuf::zeroed(0))),
+        proto::CMD_READ => match device.read(offset, IoBuf::zeroed(len as usize)).await {
+            Ok(buf) => (0, Some(buf)),
+            Err(e) => (fail(&e.error), None),
+        },
+        proto::CMD_WRITE => match payload {
+            Some(buf) if !buf.is_empty() => {
+                let r = device.write(offset, buf, WriteFlags { fua }).await;
+                (r.err().map_or(0, |e| fail(&e.error)), None)
+            }
+            _ => (done(then_flush(Ok(())).await), None),
+        },
+        proto::CMD_FLUSH => (done(device.flush().await), None),
+        proto::CMD_TRIM | proto::CMD_WRITE_ZEROES if len == 0 => {
+            (done(then_flush(Ok(())).await), None)
+        }
+        proto::CMD_TRIM => (
+            done(then_flush(device.discard(offset, len).await).await),
+            None,
+        ),
+        proto::CMD_WRITE_ZEROES => (
+            done(then_flush(device.write_zeroes(offset, len).await).await),
+            None,
+        ),
+        _ => (proto::EINVAL, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(kind: u16, flags: u16, offset: u64, len: u32) -> Request {
+        Request {
+            flags,
+            kind,
+            cookie: 1,
+            offset,
+            len,
+        }
+    }
+
+    #[test]
+    fn big_requests_cost_more_slots() {
+        assert_eq!(slot_cost(4096), 1);
+        assert_eq!(slot_cost(1024 * 1024), 2);
+        assert_eq!(slot_cost(MAX_PAYLOAD), 33);
+        assert_eq!(slot_cost(u32::MAX), MAX_IN_FLIGHT as u32);
+    }
+
+    #[test]
+    fn requests_are_checked() {
+        let size = 1 << 20;
+        assert_eq!(check(&req(proto::CMD_READ, 0, 0, 4096), size), Ok(()));
+        assert_eq!(
+            check(
+                &req(proto::CMD_WRITE, proto::CMD_FLAG_FUA, 4096, 8192),
+                size
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check(&req(proto::CMD_READ, 0, 512, 4096), size),
+            Err(proto::EINVAL)
+        );
+        assert_eq!(
+            check(&req(proto::CMD_READ, 0, size, 4096), size),
+            Err(proto::EINVAL)
+        );
+        assert_eq!(
+            check(&req(proto::CMD_WRITE, 0, size, 4096), size),
+            Err(proto::ENOSPC)
+        );
+        assert_eq!(
+            check(&req(proto::CMD_TRIM, 0, u64::MAX - 4095, 4096), size),
+            Err(proto::ENOSPC)
+        );
+        assert_eq!(check(&req(proto::CMD_FLUSH, 0, 7, 3), size), Ok(()));
+        assert_eq!(check(&req(99, 0, 0, 0), size), Err(proto::EINVAL));
+        assert_eq!(
+            check(&req(proto::CMD_READ, proto::CMD_FLAG_FUA, 0, 4096), size),
+            Err(proto::EINVAL)
+        );
+        assert_eq!(
+            check(&req(proto::CMD_READ, 0, 0, MAX_PAYLOAD + 4096), u64::MAX),
+            Err(proto::EINVAL)
+        );
+    }
+}
