@@ -201,6 +201,27 @@ pub enum VolumeCommand {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// Make a volume a block device on this node and print its path (/dev/ballast/NAME).
+    /// Idempotent; the volume is attached again when the daemon restarts.
+    Attach {
+        /// The volume name.
+        name: String,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Remove a volume's block device from this node. Refused while the device is mounted or
+    /// open, unless --force.
+    Detach {
+        /// The volume name.
+        name: String,
+        /// Detach even if the device is mounted or open.
+        #[arg(long)]
+        force: bool,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
 }
 
 /// `ballast pool …`

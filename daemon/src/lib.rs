@@ -9,6 +9,7 @@
 //! - [`data_dir_lock`], [`api_socket`]: the exclusive resources a daemon holds;
 //! - [`api`]: the local control API (HTTP + JSON on the unix socket) and its one error mapping;
 //! - [`nbd`]: the NBD export server (unix socket, and TCP on request);
+//! - [`attach`]: volumes as block devices on this node (FUSE file + loop device);
 //! - [`ops_endpoint`], [`metrics`]: `/healthz`, `/readyz` and `/metrics` over TCP;
 //! - [`client`]: the CLI's client of the local API, its output and its exit codes;
 //! - [`node_info`], [`byte_size`], [`logging`]: shared facts, sizes and log set-up.
@@ -17,6 +18,7 @@
 
 pub mod api;
 pub mod api_socket;
+pub mod attach;
 pub mod byte_size;
 pub mod cli;
 pub mod client;

@@ -14,6 +14,9 @@
 //!    socket, start the periodic checkpoint ([`CHECKPOINT_INTERVAL`]), and only then report
 //!    ready.
 //!
+//! Between 6's NBD and API steps, the attach frontend is set up (it mounts `<data-dir>/fuse`
+//! on the first attach) and the volumes recorded as attached are attached again ([`Attacher::restore`]).
+//!
 //! Shutdown (SIGTERM or SIGINT): report not ready, stop accepting on both listeners and let
 //! requests in flight finish (bounded by [`DRAIN_TIMEOUT`]), including NBD requests, flush and close storage
 //! ([`Storage::close`]), remove the socket and `http.addr`, release the lock.
@@ -34,6 +37,7 @@ use volume::pool::{PoolError, Storage, StorageConfig};
 
 use crate::api;
 use crate::api_socket::{ApiSocket, SocketError};
+use crate::attach::{self, Attacher, FuseLoop};
 use crate::config::DaemonConfig;
 use crate::data_dir_lock::{DataDirLock, LockError};
 use crate::metrics::MetricsExporter;
@@ -179,8 +183,12 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
         }
     };
 
-    let api = api::router(Arc::clone(&storage), Arc::clone(&node))
+    let attacher = start_attacher(&storage, &cfg.data_dir).await;
+    let mut api = api::router(Arc::clone(&storage), Arc::clone(&node))
         .merge(api::export::router(Arc::clone(&storage), Arc::clone(&nbd)));
+    if let Some(attacher) = &attacher {
+        api = api.merge(api::attach::router(Arc::clone(attacher)));
+    }
     let stop_rx_checkpoint = stop_rx.clone();
     let mut api_task = spawn_server(
         axum::serve(listener, api)
@@ -204,6 +212,9 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     let _ = stop_tx.send(true);
     let _ = checkpoints.await;
     drain("local API", api_task).await;
+    if let Some(attacher) = attacher {
+        let _ = tokio::task::spawn_blocking(move || attacher.shutdown()).await;
+    }
     nbd.shutdown().await;
     let closed = storage.close().await.map_err(NodeError::Close);
     match &closed {
@@ -215,6 +226,29 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     drop(addr_file);
     drop(lock);
     served.and(closed)
+}
+
+/// Set up the attach frontend and attach again the volumes that were attached (blocking work,
+/// on a blocking thread). `None`, with an error logged, if that thread fails.
+async fn start_attacher(storage: &Arc<Storage>, data_dir: &Path) -> Option<Arc<Attacher>> {
+    let mountpoint = data_dir.join(attach::FUSE_DIR);
+    let runtime = tokio::runtime::Handle::current();
+    let storage = Arc::clone(storage);
+    let data_dir = data_dir.to_owned();
+    let started = tokio::task::spawn_blocking(move || {
+        let frontend = FuseLoop::new(mountpoint, runtime);
+        let attacher = Arc::new(Attacher::new(storage, Box::new(frontend), &data_dir));
+        attacher.restore();
+        attacher
+    })
+    .await;
+    match started {
+        Ok(a) => Some(a),
+        Err(e) => {
+            tracing::error!(error = %e, "attaching volumes is unavailable");
+            None
+        }
+    }
 }
 
 /// How often storage commits on its own when something changed (see [`Storage::checkpoint`]).

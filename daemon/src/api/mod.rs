@@ -20,6 +20,7 @@
 //! here, everything about storage (replica counts, size rounding, idempotency) is decided, and
 //! logged, by the control implementation.
 
+pub mod attach;
 pub mod error;
 pub mod export;
 pub mod json_body;

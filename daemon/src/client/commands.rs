@@ -13,10 +13,12 @@ use hyper::StatusCode;
 use serde::Serialize;
 use volume::api::{format_size, PoolStatus, VolumeName, VolumeStatus};
 
+use crate::api::attach::DetachRequest;
 use crate::api::export::{ExportInfo, ExportRequest};
 use crate::api::wire::{
     CreateVolumeRequest, NodeStatus, PoolList, ResizeVolumeRequest, VolumeList,
 };
+use crate::attach::Attachment;
 use crate::byte_size::ByteSize;
 use crate::cli::{OutputFormat, PoolCommand, VolumeCommand};
 use crate::client::table::{duration, key_values, utc_timestamp, Table};
@@ -103,6 +105,28 @@ pub async fn volume(client: &ApiClient, command: VolumeCommand) -> Result<Output
             Ok(match output.format {
                 OutputFormat::Json => json(&export),
                 OutputFormat::Table => format!("{}\n", export.uri),
+            })
+        }
+        VolumeCommand::Attach { name, output } => {
+            let name = validate_name(&name)?;
+            let path = format!("{}/attach", volume_path(&name));
+            let (_, att): (_, Attachment) = client.post(&path, &serde_json::json!({})).await?;
+            Ok(match output.format {
+                OutputFormat::Json => json(&att),
+                OutputFormat::Table => format!("{}\n", att.path),
+            })
+        }
+        VolumeCommand::Detach {
+            name,
+            force,
+            output,
+        } => {
+            let name = validate_name(&name)?;
+            let path = format!("{}/detach", volume_path(&name));
+            let (_, att): (_, Attachment) = client.post(&path, &DetachRequest { force }).await?;
+            Ok(match output.format {
+                OutputFormat::Json => json(&att),
+                OutputFormat::Table => format!("volume {name} detached\n"),
             })
         }
     }

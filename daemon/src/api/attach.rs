@@ -1,0 +1,67 @@
+//! The attach routes of the local API: `POST /v1/volumes/{name}/attach` and
+//! `POST /v1/volumes/{name}/detach`.
+//!
+//! Attach has no body (or `{}`) and answers `200` [`Attachment`]; it is idempotent. Detach
+//! takes [`DetachRequest`] (`{"force": true}` to detach a device that is mounted or open) and
+//! answers `200` [`Attachment`] with `attached: false`; detaching a volume that is not attached
+//! succeeds. Unknown volumes are `404 not_found`; a busy device is `412 failed_precondition`.
+//!
+//! Kept apart from [`super::router`] because it needs the concrete [`Attacher`]. The work is
+//! blocking (it waits on the kernel), so it runs on tokio's blocking threads.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use volume::api::{ErrorKind, VolumeName};
+
+use super::error::ApiError;
+use super::json_body::ApiJson;
+use crate::attach::{Attacher, Attachment};
+
+/// The body of `POST /v1/volumes/{name}/detach`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetachRequest {
+    /// Detach even if the device is mounted or open.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// The attach routes, with their own state.
+pub fn router(attacher: Arc<Attacher>) -> Router {
+    Router::new()
+        .route("/v1/volumes/{name}/attach", post(attach_volume))
+        .route("/v1/volumes/{name}/detach", post(detach_volume))
+        .with_state(attacher)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, volume::api::ControlError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+async fn attach_volume(
+    State(attacher): State<Arc<Attacher>>,
+    Path(name): Path<String>,
+) -> Result<Json<Attachment>, ApiError> {
+    let name = VolumeName::new(&name)?;
+    Ok(Json(blocking(move || attacher.attach(&name)).await?))
+}
+
+async fn detach_volume(
+    State(attacher): State<Arc<Attacher>>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<DetachRequest>,
+) -> Result<Json<Attachment>, ApiError> {
+    let name = VolumeName::new(&name)?;
+    Ok(Json(
+        blocking(move || attacher.detach(&name, req.force)).await?,
+    ))
+}

@@ -1,0 +1,366 @@
+//! Attaching volumes to this node as real block devices.
+//!
+//! - [`Frontend`]: how a volume becomes a kernel block device. The one implementation here,
+//!   [`FuseLoop`], serves each volume as a file of a FUSE filesystem mounted at
+//!   `<data-dir>/fuse` on the first attach ([`fuse`]) and puts a loop device with direct I/O and a 4 KiB logical
+//!   block size on that file ([`loopdev`]). ublk or kernel-NBD frontends can implement the
+//!   same trait on hosts that have those modules.
+//! - [`Attacher`]: the node's attachments. It gives each device a stable name,
+//!   `/dev/ballast/NAME` (a symlink to `/dev/loopN`), persists the attached set in
+//!   `<data-dir>/attached.json` so that a restarted daemon attaches the same volumes again,
+//!   and detaches everything (keeping that set) on shutdown.
+//!
+//! Invariants:
+//! - attach and detach are idempotent; they are serialised by one mutex, which is never
+//!   taken on the data path (FUSE requests only touch the [`fuse::Registry`] briefly);
+//! - detach refuses while the device is mounted or open, unless forced;
+//! - a killed daemon leaves no loop device behind once the device's users close it
+//!   (autoclear), and the next daemon lazily unmounts the dead FUSE mount before mounting.
+
+pub mod fuse;
+pub mod loopdev;
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use volume::api::{ControlError, ErrorKind, VolumeName};
+use volume::pool::{Replica, Storage};
+
+use self::fuse::{Registry, VolumeFs};
+use self::loopdev::LoopDevice;
+
+/// Where stable device names live.
+pub const DEV_DIR: &str = "/dev/ballast";
+
+/// The file in the data directory that lists the attached volumes.
+pub const STATE_FILE: &str = "attached.json";
+
+/// The FUSE mount point's name in the data directory.
+pub const FUSE_DIR: &str = "fuse";
+
+/// A way to turn a volume into a kernel block device.
+pub trait Frontend: Send + Sync + std::fmt::Debug {
+    /// Make `replica` the block device for `name`; returns its kernel path (`/dev/…`).
+    ///
+    /// # Errors
+    /// The device cannot be set up.
+    fn attach(&self, name: &VolumeName, replica: Replica) -> Result<PathBuf, ControlError>;
+
+    /// Whether the device of `name` is mounted or open.
+    fn busy(&self, name: &VolumeName) -> bool;
+
+    /// Remove the device of `name`; a no-op if there is none.
+    fn detach(&self, name: &VolumeName);
+
+    /// The kernel path of `name`'s device, if attached.
+    fn device(&self, name: &VolumeName) -> Option<PathBuf>;
+
+    /// Detach everything and release the frontend's resources.
+    fn shutdown(&self);
+}
+
+/// FUSE file + loop device.
+#[derive(Debug)]
+pub struct FuseLoop {
+    mountpoint: PathBuf,
+    registry: Registry,
+    runtime: tokio::runtime::Handle,
+    session: Mutex<Option<fuser::BackgroundSession>>,
+    devices: Mutex<BTreeMap<String, LoopDevice>>,
+}
+
+impl FuseLoop {
+    /// A frontend that mounts its FUSE filesystem at `mountpoint` on the first attach (so a
+    /// daemon that never attaches never mounts). A dead mount left there by a killed daemon
+    /// is lazily unmounted now.
+    pub fn new(mountpoint: PathBuf, runtime: tokio::runtime::Handle) -> Self {
+        lazy_unmount(&mountpoint);
+        Self {
+            mountpoint,
+            registry: Registry::default(),
+            runtime,
+            session: Mutex::new(None),
+            devices: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Mount the filesystem unless it is mounted.
+    fn ensure_mounted(&self) -> std::io::Result<()> {
+        let mut session = self.session.lock().expect("session lock");
+        if session.is_some() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.mountpoint)?;
+        let fs = VolumeFs::new(self.registry.clone(), self.runtime.clone());
+        let options = [
+            fuser::MountOption::FSName("ballast".into()),
+            fuser::MountOption::Subtype("ballast".into()),
+            fuser::MountOption::AllowRoot,
+            fuser::MountOption::CUSTOM("max_read=1048576".into()),
+        ];
+        *session = Some(fuser::Session::new(fs, &self.mountpoint, &options)?.spawn()?);
+        tracing::info!(path = %self.mountpoint.display(), "mounted the attach FUSE filesystem");
+        Ok(())
+    }
+}
+
+fn internal(what: &str, e: &std::io::Error) -> ControlError {
+    ControlError::new(ErrorKind::Internal, format!("{what}: {e}"))
+}
+
+impl Frontend for FuseLoop {
+    fn attach(&self, name: &VolumeName, replica: Replica) -> Result<PathBuf, ControlError> {
+        if let Some(dev) = self.device(name) {
+            return Ok(dev);
+        }
+        self.ensure_mounted().map_err(|e| {
+            internal(
+                &format!("cannot mount FUSE at {}", self.mountpoint.display()),
+                &e,
+            )
+        })?;
+        self.registry.insert(name.as_str(), replica);
+        let file = self.mountpoint.join(name.as_str());
+        let backing = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+            .open(&file)
+            .map_err(|e| {
+                self.registry.remove(name.as_str());
+                internal(&format!("cannot open {}", file.display()), &e)
+            })?;
+        let dev = LoopDevice::configure(&backing, name.as_str(), 4096).map_err(|e| {
+            self.registry.remove(name.as_str());
+            internal("cannot set up a loop device", &e)
+        })?;
+        if !dev.direct_io() {
+            tracing::warn!(volume = %name, "the loop device runs without direct I/O");
+        }
+        let path = dev.path().to_owned();
+        self.devices
+            .lock()
+            .expect("devices lock")
+            .insert(name.to_string(), dev);
+        Ok(path)
+    }
+
+    fn busy(&self, name: &VolumeName) -> bool {
+        self.device(name).is_some_and(|p| loopdev::in_use(&p))
+    }
+
+    fn detach(&self, name: &VolumeName) {
+        let dev = self
+            .devices
+            .lock()
+            .expect("devices lock")
+            .remove(name.as_str());
+        if let Some(dev) = dev {
+            dev.detach();
+        }
+        self.registry.remove(name.as_str());
+    }
+
+    fn device(&self, name: &VolumeName) -> Option<PathBuf> {
+        self.devices
+            .lock()
+            .expect("devices lock")
+            .get(name.as_str())
+            .map(|d| d.path().to_owned())
+    }
+
+    fn shutdown(&self) {
+        let devices = std::mem::take(&mut *self.devices.lock().expect("devices lock"));
+        for (_, dev) in devices {
+            dev.detach();
+        }
+        if let Some(session) = self.session.lock().expect("session lock").take() {
+            drop(session);
+            lazy_unmount(&self.mountpoint);
+        }
+    }
+}
+
+/// `umount -l`, ignoring "not mounted".
+fn lazy_unmount(path: &Path) {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path.
+    let r = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    if r == 0 {
+        tracing::info!(path = %path.display(), "unmounted a FUSE mount");
+    }
+}
+
+/// The answer of attach and detach.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The volume.
+    pub volume: String,
+    /// The stable device name (`/dev/ballast/NAME`).
+    pub path: String,
+    /// The kernel device (`/dev/loopN`).
+    pub device: String,
+    /// Whether the volume is attached now.
+    pub attached: bool,
+}
+
+/// The node's attachments, over one [`Frontend`].
+#[derive(Debug)]
+pub struct Attacher {
+    storage: Arc<Storage>,
+    frontend: Box<dyn Frontend>,
+    state_file: PathBuf,
+    dev_dir: PathBuf,
+    /// Serialises attach and detach; also guards the persisted set.
+    ops: Mutex<()>,
+}
+
+impl Attacher {
+    /// An attacher on `frontend`, persisting in `data_dir`.
+    pub fn new(storage: Arc<Storage>, frontend: Box<dyn Frontend>, data_dir: &Path) -> Self {
+        Self {
+            storage,
+            frontend,
+            state_file: data_dir.join(STATE_FILE),
+            dev_dir: PathBuf::from(DEV_DIR),
+            ops: Mutex::new(()),
+        }
+    }
+
+    fn link(&self, name: &VolumeName) -> PathBuf {
+        self.dev_dir.join(name.as_str())
+    }
+
+    fn load(&self) -> Vec<String> {
+        std::fs::read(&self.state_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn save(&self, names: &[String]) -> Result<(), ControlError> {
+        let tmp = self.state_file.with_extension("json.tmp");
+        let json = serde_json::to_vec(names).expect("names serialize");
+        std::fs::write(&tmp, json)
+            .and_then(|()| std::fs::rename(&tmp, &self.state_file))
+            .map_err(|e| internal("cannot record the attached volumes", &e))
+    }
+
+    /// Attach `name` (idempotent) and return where it is.
+    ///
+    /// Blocking: call from a blocking thread.
+    ///
+    /// # Errors
+    /// `not_found` for an unknown volume, `internal` if the device cannot be set up.
+    pub fn attach(&self, name: &VolumeName) -> Result<Attachment, ControlError> {
+        let replica = self.storage.replica(name)?;
+        let _op = self.ops.lock().expect("attach lock");
+        let device = self.frontend.attach(name, replica)?;
+        let link = self.link(name);
+        std::fs::create_dir_all(&self.dev_dir)
+            .and_then(|()| {
+                if std::fs::read_link(&link).is_ok_and(|t| t == device) {
+                    return Ok(());
+                }
+                let tmp = self.dev_dir.join(format!(".{name}.tmp"));
+                let _ = std::fs::remove_file(&tmp);
+                std::os::unix::fs::symlink(&device, &tmp)?;
+                std::fs::rename(&tmp, &link)
+            })
+            .map_err(|e| internal(&format!("cannot create {}", link.display()), &e))?;
+        let mut names = self.load();
+        if !names.iter().any(|n| n == name.as_str()) {
+            names.push(name.to_string());
+            self.save(&names)?;
+        }
+        tracing::info!(volume = %name, device = %device.display(), link = %link.display(), "volume attached");
+        Ok(Attachment {
+            volume: name.to_string(),
+            path: link.display().to_string(),
+            device: device.display().to_string(),
+            attached: true,
+        })
+    }
+
+    /// Detach `name` (idempotent). Refuses with `failed_precondition` while the device is
+    /// mounted or open, unless `force`.
+    ///
+    /// Blocking: call from a blocking thread.
+    ///
+    /// # Errors
+    /// `not_found` for an unknown volume, `failed_precondition` when busy.
+    pub fn detach(&self, name: &VolumeName, force: bool) -> Result<Attachment, ControlError> {
+        let _op = self.ops.lock().expect("attach lock");
+        let device = self.frontend.device(name);
+        if device.is_none() && self.storage.replica(name).is_err() {
+            // Unknown volume that is not attached either.
+            self.storage.replica(name)?;
+        }
+        if !force && self.frontend.busy(name) {
+            return Err(ControlError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "volume {name} is in use (its device is mounted or open); unmount or close \
+                     it first, or detach with --force"
+                ),
+            ));
+        }
+        self.frontend.detach(name);
+        let link = self.link(name);
+        if let Some(dev) = &device {
+            if std::fs::read_link(&link).is_ok_and(|t| &t == dev) {
+                let _ = std::fs::remove_file(&link);
+            }
+        }
+        let mut names = self.load();
+        if names.iter().any(|n| n == name.as_str()) {
+            names.retain(|n| n != name.as_str());
+            self.save(&names)?;
+        }
+        if device.is_some() {
+            tracing::info!(volume = %name, force, "volume detached");
+        }
+        Ok(Attachment {
+            volume: name.to_string(),
+            path: link.display().to_string(),
+            device: device.map(|d| d.display().to_string()).unwrap_or_default(),
+            attached: false,
+        })
+    }
+
+    /// Attach again every volume recorded as attached. Blocking.
+    pub fn restore(&self) {
+        for name in self.load() {
+            let Ok(vn) = VolumeName::new(&name) else {
+                continue;
+            };
+            if let Err(e) = self.attach(&vn) {
+                tracing::error!(volume = %name, error = %e.full_message(), "cannot attach again after restart");
+            }
+        }
+    }
+
+    /// Detach every device (keeping the recorded set for the next start) and stop the
+    /// frontend. Blocking.
+    pub fn shutdown(&self) {
+        let _op = self.ops.lock().expect("attach lock");
+        for name in self.load() {
+            let Ok(vn) = VolumeName::new(&name) else {
+                continue;
+            };
+            if let Some(dev) = self.frontend.device(&vn) {
+                let link = self.link(&vn);
+                if std::fs::read_link(&link).is_ok_and(|t| t == dev) {
+                    let _ = std::fs::remove_file(&link);
+                }
+            }
+        }
+        self.frontend.shutdown();
+    }
+}
