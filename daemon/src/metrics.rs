@@ -1,7 +1,7 @@
 //! Prometheus metrics, read from the storage engine at scrape time.
 //!
 //! Nothing is copied into metric objects ahead of time: on each scrape [`MetricsExporter`]
-//! gathers a [`Scrape`] (the engine's per-volume I/O counters, the pool statuses, the volume
+//! gathers a `Scrape` (the engine's per-volume I/O counters, the pool statuses, the volume
 //! count and the daemon's own facts) and encodes it through a `prometheus-client`
 //! [`Collector`]. The data path keeps its counters in atomics (`volume::pool::stats`); this
 //! module only reads them.
