@@ -222,6 +222,10 @@ pub enum VolumeCommand {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// Mount a volume's filesystem at PATH (attaching it, and formatting it only if it is empty).
+    Mount(crate::mount::command::MountArgs),
+    /// Unmount a volume's filesystem from PATH (idempotent); the volume stays attached.
+    Unmount(crate::mount::command::UnmountArgs),
 }
 
 /// `ballast pool …`

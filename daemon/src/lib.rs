@@ -10,6 +10,7 @@
 //! - [`api`]: the local control API (HTTP + JSON on the unix socket) and its one error mapping;
 //! - [`nbd`]: the NBD export server (unix socket, and TCP on request);
 //! - [`attach`]: volumes as block devices on this node (FUSE file + loop device);
+//! - [`mount`]: format-if-empty, mount and unmount helpers shared by the API, CSI and Docker;
 //! - [`ops_endpoint`], [`metrics`]: `/healthz`, `/readyz` and `/metrics` over TCP;
 //! - [`client`]: the CLI's client of the local API, its output and its exit codes;
 //! - [`node_info`], [`byte_size`], [`logging`]: shared facts, sizes and log set-up.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod data_dir_lock;
 pub mod logging;
 pub mod metrics;
+pub mod mount;
 pub mod nbd;
 pub mod node;
 pub mod node_info;

@@ -188,6 +188,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
         .merge(api::export::router(Arc::clone(&storage), Arc::clone(&nbd)));
     if let Some(attacher) = &attacher {
         api = api.merge(api::attach::router(Arc::clone(attacher)));
+        api = api.merge(api::mount::router(Arc::clone(attacher)));
     }
     let stop_rx_checkpoint = stop_rx.clone();
     let mut api_task = spawn_server(

@@ -10,6 +10,7 @@
 //! | `POST /v1/volumes/{name}/export` | [`ExportRequest`](export::ExportRequest) | `200` [`ExportInfo`](export::ExportInfo) (route in [`export`]) |
 //! | `POST /v1/volumes/{name}/attach` | none | `200` [`Attachment`](crate::attach::Attachment) (route in [`attach`]) |
 //! | `POST /v1/volumes/{name}/detach` | [`DetachRequest`](attach::DetachRequest) | `200` `Attachment` (route in [`attach`]) |
+//! | `POST /v1/volumes/{name}/mount`, `/unmount` | [`MountRequest`](mount::MountRequest), [`UnmountRequest`](mount::UnmountRequest) | `200` [`MountInfo`](mount::MountInfo) (routes in [`mount`]) |
 //! | `GET /v1/pools` | | `200` [`PoolList`] |
 //! | `GET /v1/status` | | `200` [`NodeStatus`] |
 //!
@@ -26,6 +27,7 @@ pub mod attach;
 pub mod error;
 pub mod export;
 pub mod json_body;
+pub mod mount;
 pub mod wire;
 
 use std::sync::Arc;

@@ -129,6 +129,8 @@ pub async fn volume(client: &ApiClient, command: VolumeCommand) -> Result<Output
                 OutputFormat::Table => format!("volume {name} detached\n"),
             })
         }
+        VolumeCommand::Mount(args) => crate::mount::command::mount(client, args).await,
+        VolumeCommand::Unmount(args) => crate::mount::command::unmount(client, args).await,
     }
 }
 
