@@ -597,3 +597,25 @@ fn http_exchange<S: Read + Write>(
         body: body.to_owned(),
     })
 }
+
+/// Best-effort clean-up of a test's attachments, for `Drop` guards, even after its daemon was
+/// killed: remove each `/dev/ballast/NAME` link of `names`, detach its loop device if (and only
+/// if) the device is backed by a file under this test's FUSE mount `fuse`, then lazily unmount
+/// `fuse`. Nothing outside the test's own paths is touched.
+pub fn release_attachments(fuse: &Path, names: &[String]) {
+    for name in names {
+        let link = Path::new("/dev/ballast").join(name);
+        if let Ok(dev) = std::fs::read_link(&link) {
+            let _ = std::fs::remove_file(&link);
+            let backing = std::fs::read_to_string(format!(
+                "/sys/block/{}/loop/backing_file",
+                dev.file_name().unwrap_or_default().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            if backing.trim().starts_with(&*fuse.to_string_lossy()) {
+                let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+            }
+        }
+    }
+    let _ = Command::new("umount").arg("-l").arg(fuse).status();
+}

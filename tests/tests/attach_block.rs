@@ -38,21 +38,7 @@ impl Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        for name in &self.names {
-            let link = Path::new("/dev/ballast").join(name);
-            if let Ok(dev) = std::fs::read_link(&link) {
-                let _ = std::fs::remove_file(&link);
-                let backing = std::fs::read_to_string(format!(
-                    "/sys/block/{}/loop/backing_file",
-                    dev.file_name().unwrap_or_default().to_string_lossy()
-                ))
-                .unwrap_or_default();
-                if backing.trim().starts_with(&*self.fuse.to_string_lossy()) {
-                    let _ = Command::new("losetup").arg("-d").arg(&dev).status();
-                }
-            }
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.fuse).status();
+        integration_tests::release_attachments(&self.fuse, &self.names);
     }
 }
 

@@ -992,16 +992,7 @@ impl Disk {
                     BLOCK as usize,
                 );
             }
-            let c = self
-                .engine
-                .submit(IoRequest {
-                    op: IoOp::Write { dsync: false },
-                    file: self.file.clone(),
-                    buf: Some(buf),
-                    segments,
-                })
-                .await;
-            if let Err(e) = c.result {
+            if let Err(e) = self.write_segments(buf, segments).await {
                 for page in pages {
                     self.csum_dirty[page / 64].fetch_or(1 << (page % 64), SeqCst);
                 }
@@ -1031,16 +1022,9 @@ impl Disk {
             }
         }
         cs.slot_body[slot] = None;
-        let c = self
-            .engine
-            .submit(IoRequest {
-                op: IoOp::Write { dsync: false },
-                file: self.file.clone(),
-                buf: Some(buf),
-                segments,
-            })
-            .await;
-        c.result.map_err(self.io_err("write metadata"))?;
+        self.write_segments(buf, segments)
+            .await
+            .map_err(self.io_err("write metadata"))?;
         self.fsync().await.map_err(self.io_err("fdatasync"))?;
         cs.slot_body[slot] = Some(body);
         cs.seq = seq;
@@ -1069,6 +1053,17 @@ impl Disk {
         if rc < 0 {
             tracing::debug!(path = %self.path.display(), extent = p, error = %std::io::Error::last_os_error(), "cannot punch a hole for a freed extent");
         }
+    }
+
+    /// Write `segments` of `buf` (metadata or checksum pages) to the device.
+    async fn write_segments(&self, buf: IoBuf, segments: Vec<Segment>) -> std::io::Result<()> {
+        let req = IoRequest {
+            op: IoOp::Write { dsync: false },
+            file: self.file.clone(),
+            buf: Some(buf),
+            segments,
+        };
+        self.engine.submit(req).await.result
     }
 
     async fn fsync(&self) -> std::io::Result<()> {
