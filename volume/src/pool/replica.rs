@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use super::disk::{encode_crc, push_segment, AllocError, Disk, VolRt, UNMAPPED};
 use super::format::{BLOCK, BLOCKS_PER_EXTENT, EXTENT};
+use super::PoolError;
 use crate::device::{BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, WriteFlags};
 use crate::io::{IoBuf, IoOp, IoRequest};
 
@@ -75,6 +76,24 @@ impl Drop for Pins<'_> {
         for &p in &self.extents {
             self.release(p);
         }
+    }
+}
+
+/// A metadata commit that a data-path operation depended on failed. The OS error, if there was
+/// one, stays attached as the source.
+fn commit_failed(op: &'static str, offset: u64, len: u64, e: PoolError) -> DeviceError {
+    let message = e.to_string();
+    let source = match e {
+        PoolError::Io { source, .. } => Some(source),
+        _ => None,
+    };
+    DeviceError {
+        kind: DeviceErrorKind::Io,
+        op,
+        offset,
+        len,
+        message,
+        source,
     }
 }
 
@@ -297,13 +316,7 @@ impl Replica {
                                 len,
                                 "the volume was deleted",
                             ),
-                            AllocError::Commit(e) => DeviceError::new(
-                                DeviceErrorKind::Io,
-                                "write",
-                                offset,
-                                len,
-                                e.to_string(),
-                            ),
+                            AllocError::Commit(e) => commit_failed("write", offset, len, e),
                         };
                         return Err(BufError { error, buf });
                     }
@@ -314,13 +327,7 @@ impl Replica {
                 }
                 if let Err(e) = self.disk.ensure_open(p).await {
                     return Err(BufError {
-                        error: DeviceError::new(
-                            DeviceErrorKind::Io,
-                            "write",
-                            offset,
-                            len,
-                            e.to_string(),
-                        ),
+                        error: commit_failed("write", offset, len, e),
                         buf,
                     });
                 }
@@ -382,13 +389,7 @@ impl Replica {
         if flags.fua {
             if let Err(e) = self.disk.commit(false).await {
                 return Err(BufError {
-                    error: DeviceError::new(
-                        DeviceErrorKind::Io,
-                        "write",
-                        offset,
-                        len,
-                        e.to_string(),
-                    ),
+                    error: commit_failed("write", offset, len, e),
                     buf,
                 });
             }
@@ -455,7 +456,7 @@ impl BlockDevice for Replica {
             .disk
             .commit(false)
             .await
-            .map_err(|e| DeviceError::new(DeviceErrorKind::Io, "flush", 0, 0, e.to_string()));
+            .map_err(|e| commit_failed("flush", 0, 0, e));
         self.vol
             .counters
             .flush
