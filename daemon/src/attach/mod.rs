@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use volume::api::{ControlError, ErrorKind, VolumeName};
 use volume::pool::{Replica, Storage};
 
+use self::fuse::session::Session;
 use self::fuse::{Registry, VolumeFs};
 use self::loopdev::LoopDevice;
 
@@ -69,7 +70,7 @@ pub struct FuseLoop {
     mountpoint: PathBuf,
     registry: Registry,
     runtime: tokio::runtime::Handle,
-    session: Mutex<Option<fuser::BackgroundSession>>,
+    session: Mutex<Option<Session>>,
     devices: Mutex<BTreeMap<String, LoopDevice>>,
 }
 
@@ -95,15 +96,11 @@ impl FuseLoop {
             return Ok(());
         }
         std::fs::create_dir_all(&self.mountpoint)?;
-        let fs = VolumeFs::new(self.registry.clone(), self.runtime.clone());
-        let options = [
-            fuser::MountOption::FSName("ballast".into()),
-            fuser::MountOption::Subtype("ballast".into()),
-            fuser::MountOption::AllowRoot,
-            fuser::MountOption::CUSTOM("max_read=1048576".into()),
-        ];
-        *session = Some(fuser::Session::new(fs, &self.mountpoint, &options)?.spawn()?);
-        tracing::info!(path = %self.mountpoint.display(), "mounted the attach FUSE filesystem");
+        let fs = Arc::new(VolumeFs::new(self.registry.clone(), self.runtime.clone()));
+        let workers = std::thread::available_parallelism().map_or(4, |n| n.get().clamp(4, 16));
+        let s = Session::mount(&self.mountpoint, fs, workers)?;
+        tracing::info!(path = %self.mountpoint.display(), workers = s.workers(), "mounted the attach FUSE filesystem");
+        *session = Some(s);
         Ok(())
     }
 }

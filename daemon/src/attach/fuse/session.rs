@@ -1,0 +1,261 @@
+//! A multi-threaded FUSE session: mounting, the worker threads, replies.
+//!
+//! The daemon mounts with `mount(2)` directly (it runs as root), then clones the `/dev/fuse`
+//! descriptor with `FUSE_DEV_IOC_CLONE` once per worker thread. Each worker blocks reading
+//! requests from its own descriptor and replies on it; the kernel spreads requests over the
+//! workers. Data requests are handed to the daemon's runtime and answered from there when the
+//! engine completes, so one worker keeps many requests in flight.
+//!
+//! Copies: a request is read with `readv` into an 80-byte header buffer and a 4 KiB-aligned
+//! [`IoBuf`]. A `WRITE`'s header and `fuse_write_in` are exactly those 80 bytes, so its
+//! payload lands aligned in the `IoBuf`, which goes to the engine as it is (large writes) or
+//! is copied once into a right-sized buffer (small writes, where a 4 KiB copy is cheaper than
+//! tying up a 1 MiB buffer). Read data goes from the engine's buffer to the kernel in one
+//! `writev`, without a copy.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use volume::io::IoBuf;
+
+use super::abi::{self, InHeader};
+use super::VolumeFs;
+
+/// The largest request payload (and `max_read`): 1 MiB, i.e. 256 pages.
+pub const MAX_IO: usize = 1 << 20;
+/// Writes at least this large are handed to the engine in the buffer they were read into.
+const ZERO_COPY_MIN: usize = 64 * 1024;
+/// Buffers of [`MAX_IO`] kept for reuse.
+const POOL_MAX: usize = 32;
+
+/// One `/dev/fuse` descriptor of the session; replies go to the descriptor the request came
+/// from.
+#[derive(Debug)]
+pub struct Channel {
+    fd: OwnedFd,
+}
+
+impl Channel {
+    /// Reply to `unique` with success and a body made of `parts`.
+    pub fn reply(&self, unique: u64, parts: &[&[u8]]) {
+        self.send(unique, 0, parts);
+    }
+
+    /// Reply to `unique` with `errno`.
+    pub fn error(&self, unique: u64, errno: i32) {
+        self.send(unique, -errno, &[]);
+    }
+
+    fn send(&self, unique: u64, error: i32, parts: &[&[u8]]) {
+        let len = abi::OUT_HEADER + parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut header = [0u8; abi::OUT_HEADER];
+        header[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+        header[4..8].copy_from_slice(&error.to_ne_bytes());
+        header[8..16].copy_from_slice(&unique.to_ne_bytes());
+        let mut iov = Vec::with_capacity(parts.len() + 1);
+        iov.push(libc::iovec {
+            iov_base: header.as_mut_ptr().cast(),
+            iov_len: header.len(),
+        });
+        iov.extend(parts.iter().filter(|p| !p.is_empty()).map(|p| libc::iovec {
+            iov_base: p.as_ptr().cast_mut().cast(),
+            iov_len: p.len(),
+        }));
+        // SAFETY: every iovec points into a live slice of the stated length; the kernel only
+        // reads from them.
+        let r = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            // ENOENT: the request was interrupted or the connection aborted meanwhile.
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                tracing::debug!(error = %e, unique, "cannot send a FUSE reply");
+            }
+        }
+    }
+}
+
+/// Reusable [`MAX_IO`] buffers.
+#[derive(Debug, Default)]
+pub struct BufPool {
+    bufs: Mutex<Vec<IoBuf>>,
+}
+
+impl BufPool {
+    /// A buffer of `len` bytes (contents unspecified). Large ones come from the pool.
+    pub fn take(&self, len: usize) -> IoBuf {
+        if len < ZERO_COPY_MIN {
+            return IoBuf::zeroed(len);
+        }
+        let mut b = self
+            .bufs
+            .lock()
+            .expect("buffer pool lock")
+            .pop()
+            .unwrap_or_else(|| IoBuf::zeroed(MAX_IO));
+        b.set_len(len.min(MAX_IO));
+        b
+    }
+
+    /// Return a buffer; only pool-sized ones are kept.
+    pub fn give(&self, buf: IoBuf) {
+        if buf.capacity() == MAX_IO {
+            let mut bufs = self.bufs.lock().expect("buffer pool lock");
+            if bufs.len() < POOL_MAX {
+                bufs.push(buf);
+            }
+        }
+    }
+}
+
+/// A mounted session. Dropping it does not unmount; see [`Session::unmount`].
+#[derive(Debug)]
+pub struct Session {
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn cstr(s: &[u8]) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))
+}
+
+fn open_dev() -> io::Result<OwnedFd> {
+    // SAFETY: a valid NUL-terminated path; the result is checked.
+    let fd = unsafe { libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn clone_dev(session: RawFd) -> io::Result<OwnedFd> {
+    let fd = open_dev()?;
+    let src = session as u32;
+    // SAFETY: FUSE_DEV_IOC_CLONE reads one u32 (the source descriptor) from the pointer.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), abi::DEV_IOC_CLONE, &src) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+impl Session {
+    /// Mount `fs` at `mountpoint` and start `workers` threads serving it.
+    ///
+    /// # Errors
+    /// `/dev/fuse` cannot be opened or cloned, or the mount fails.
+    pub fn mount(mountpoint: &Path, fs: Arc<VolumeFs>, workers: usize) -> io::Result<Self> {
+        let fd = open_dev()?;
+        let target = cstr(mountpoint.as_os_str().as_encoded_bytes())?;
+        let data = cstr(
+            format!(
+                "fd={},rootmode=40000,user_id=0,group_id=0,allow_other,max_read={MAX_IO}",
+                fd.as_raw_fd()
+            )
+            .as_bytes(),
+        )?;
+        // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+        let r = unsafe {
+            libc::mount(
+                c"ballast".as_ptr(),
+                target.as_ptr(),
+                c"fuse.ballast".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME,
+                data.as_ptr().cast(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut fds = Vec::with_capacity(workers.max(1));
+        for _ in 1..workers.max(1) {
+            match clone_dev(fd.as_raw_fd()) {
+                Ok(c) => fds.push(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot clone /dev/fuse; fewer FUSE workers");
+                    break;
+                }
+            }
+        }
+        fds.insert(0, fd);
+        let n = fds.len();
+        let pool = Arc::new(BufPool::default());
+        let mut handles = Vec::with_capacity(n);
+        for (i, fd) in fds.into_iter().enumerate() {
+            let ch = Arc::new(Channel { fd });
+            let (fs, pool) = (fs.clone(), pool.clone());
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("fuse-{i}"))
+                    .spawn(move || worker(&ch, &fs, &pool))?,
+            );
+        }
+        tracing::debug!(workers = n, "FUSE session started");
+        Ok(Self { workers: handles })
+    }
+
+    /// How many worker threads serve the session.
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+}
+
+/// Read and dispatch requests until the session ends (`ENODEV` after unmount).
+fn worker(ch: &Arc<Channel>, fs: &Arc<VolumeFs>, pool: &Arc<BufPool>) {
+    let mut head = [0u8; abi::IN_HEADER + abi::WRITE_IN];
+    let mut data = IoBuf::zeroed(MAX_IO);
+    loop {
+        data.set_len(data.capacity());
+        let iov = [
+            libc::iovec {
+                iov_base: head.as_mut_ptr().cast(),
+                iov_len: head.len(),
+            },
+            libc::iovec {
+                iov_base: data.as_mut_ptr().cast(),
+                iov_len: data.len(),
+            },
+        ];
+        // SAFETY: both iovecs point at owned, writable buffers of the stated lengths, which
+        // nothing else references during the call.
+        let n = unsafe { libc::readv(ch.fd.as_raw_fd(), iov.as_ptr(), 2) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR | libc::EAGAIN | libc::ENOENT) => continue,
+                Some(libc::ENODEV) => return, // unmounted
+                _ => {
+                    tracing::error!(error = %e, "FUSE worker stops: cannot read /dev/fuse");
+                    return;
+                }
+            }
+        }
+        let n = n as usize;
+        let Some(h) = InHeader::parse(&head[..n.min(head.len())]) else {
+            tracing::warn!(bytes = n, "short FUSE request ignored");
+            continue;
+        };
+        if h.opcode == abi::op::WRITE && n >= head.len() {
+            let len = n - head.len();
+            let payload = if len >= ZERO_COPY_MIN {
+                data.set_len(len);
+                std::mem::replace(&mut data, pool.take(MAX_IO))
+            } else {
+                IoBuf::from_slice(&data[..len])
+            };
+            fs.write(ch, h, &head[abi::IN_HEADER..], payload, pool);
+        } else if n <= head.len() {
+            fs.dispatch(ch, h, &head[abi::IN_HEADER..n], pool);
+        } else {
+            let mut body = Vec::with_capacity(n - abi::IN_HEADER);
+            body.extend_from_slice(&head[abi::IN_HEADER..]);
+            body.extend_from_slice(&data[..n - head.len()]);
+            fs.dispatch(ch, h, &body, pool);
+        }
+        if h.opcode == abi::op::DESTROY {
+            return;
+        }
+    }
+}
