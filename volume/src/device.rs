@@ -40,6 +40,9 @@ pub enum DeviceErrorKind {
     Io,
     /// The device was deleted or the pool closed.
     Closed,
+    /// The request carried an attachment epoch older than the replica's: a newer writer has
+    /// taken the volume over, and this one must stop.
+    Fenced,
 }
 
 /// A data-path error with its context: operation, offset and length.
@@ -98,6 +101,7 @@ impl DeviceError {
             DeviceErrorKind::Unaligned | DeviceErrorKind::OutOfRange => libc::EINVAL,
             DeviceErrorKind::NoSpace => libc::ENOSPC,
             DeviceErrorKind::Closed => libc::ENODEV,
+            DeviceErrorKind::Fenced => libc::EROFS,
             DeviceErrorKind::Checksum | DeviceErrorKind::Io => libc::EIO,
         }
     }

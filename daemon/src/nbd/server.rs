@@ -34,7 +34,7 @@ use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use volume::api::{VolumeControl, VolumeName};
 use volume::device::{BlockDevice, DeviceError, DeviceErrorKind, WriteFlags};
-use volume::io::IoBuf;
+use volume::io::{pool, IoBuf};
 use volume::pool::{Replica, Storage};
 
 use super::proto::{self, ProtoError, Request};
@@ -489,7 +489,7 @@ async fn transmission(
             .expect("the semaphore is never closed");
         let payload = if req.kind == proto::CMD_WRITE {
             if checked.is_ok() {
-                let mut buf = IoBuf::zeroed(req.len as usize);
+                let mut buf = pool::take(req.len as usize);
                 if let Err(e) = rd.read_exact(&mut buf).await {
                     break Err(e.into());
                 }
@@ -524,6 +524,9 @@ async fn transmission(
                 w.flush().await
             }
             .await;
+            if let Some(data) = data {
+                pool::give(data);
+            }
             drop(w);
             drop(permit);
             if let Err(e) = sent {
@@ -603,14 +606,22 @@ async fn execute(device: &Replica, req: &Request, payload: Option<IoBuf>) -> (u3
     let done = |r: Result<(), DeviceError>| r.err().map_or(0, |e| fail(&e));
     match req.kind {
         proto::CMD_READ if len == 0 => (0, Some(IoBuf::zeroed(0))),
-        proto::CMD_READ => match device.read(offset, IoBuf::zeroed(len as usize)).await {
+        proto::CMD_READ => match device.read(offset, pool::take(len as usize)).await {
             Ok(buf) => (0, Some(buf)),
             Err(e) => (fail(&e.error), None),
         },
         proto::CMD_WRITE => match payload {
             Some(buf) if !buf.is_empty() => {
-                let r = device.write(offset, buf, WriteFlags { fua }).await;
-                (r.err().map_or(0, |e| fail(&e.error)), None)
+                match device.write(offset, buf, WriteFlags { fua }).await {
+                    Ok(buf) => {
+                        pool::give(buf);
+                        (0, None)
+                    }
+                    Err(e) => {
+                        pool::give(e.buf);
+                        (fail(&e.error), None)
+                    }
+                }
             }
             _ => (done(then_flush(Ok(())).await), None),
         },

@@ -19,6 +19,7 @@
 //! - a read past the end of a regular file is an `UnexpectedEof` error, never silent zeros.
 
 pub mod buf;
+pub mod pool;
 pub mod sync_engine;
 pub mod uring;
 

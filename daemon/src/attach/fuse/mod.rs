@@ -24,11 +24,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use volume::device::{BlockDevice, WriteFlags};
-use volume::io::IoBuf;
+use volume::io::{pool, IoBuf};
 use volume::pool::Replica;
 
 use self::abi::{op, u32_at, u64_at, Attr, InHeader, ROOT_ID};
-use self::session::{BufPool, Channel, MAX_IO};
+use self::session::{Channel, MAX_IO};
 
 const BLOCK: u64 = 4096;
 /// Seconds the kernel may cache names and attributes.
@@ -145,7 +145,7 @@ impl VolumeFs {
     }
 
     /// Answer one request other than `WRITE`. `body` follows the `fuse_in_header`.
-    pub fn dispatch(&self, ch: &Arc<Channel>, h: InHeader, body: &[u8], pool: &Arc<BufPool>) {
+    pub fn dispatch(&self, ch: &Arc<Channel>, h: InHeader, body: &[u8]) {
         let u = h.unique;
         match h.opcode {
             op::INIT => Self::init(ch, u, body),
@@ -174,7 +174,7 @@ impl VolumeFs {
                 }
             }
             op::OPENDIR => ch.reply(u, &[&abi::open_out(0, 0).0]),
-            op::READ => self.read(ch, h, body, pool),
+            op::READ => self.read(ch, h, body),
             op::READDIR => self.readdir(ch, h, body),
             op::FSYNC => {
                 if let Some(dev) = self.volume(ch, &h) {
@@ -234,7 +234,7 @@ impl VolumeFs {
         ch.reply(h.unique, &[&attr.attr_out(TTL).0]);
     }
 
-    fn read(&self, ch: &Arc<Channel>, h: InHeader, body: &[u8], pool: &Arc<BufPool>) {
+    fn read(&self, ch: &Arc<Channel>, h: InHeader, body: &[u8]) {
         if body.len() < 20 {
             return ch.error(h.unique, libc::EINVAL);
         }
@@ -247,18 +247,18 @@ impl VolumeFs {
         // Widen to whole blocks; the loop device above always sends aligned requests.
         let start = offset / BLOCK * BLOCK;
         let aligned_end = end.div_ceil(BLOCK) * BLOCK;
-        let buf = pool.take((aligned_end - start) as usize);
-        let (ch, pool) = (ch.clone(), pool.clone());
+        let buf = pool::take((aligned_end - start) as usize);
+        let ch = ch.clone();
         self.runtime.spawn(async move {
             match dev.read(start, buf).await {
                 Ok(buf) => {
                     let skip = (offset - start) as usize;
                     ch.reply(h.unique, &[&buf[skip..skip + (end - offset) as usize]]);
-                    pool.give(buf);
+                    pool::give(buf);
                 }
                 Err(e) => {
                     ch.error(h.unique, e.error.errno());
-                    pool.give(e.buf);
+                    pool::give(e.buf);
                 }
             }
         });
@@ -271,18 +271,17 @@ impl VolumeFs {
         h: InHeader,
         write_in: &[u8],
         data: IoBuf,
-        pool: &Arc<BufPool>,
     ) {
         let Some(dev) = self.volume(ch, &h) else {
-            return pool.give(data);
+            return pool::give(data);
         };
         let (fh, offset, flags) = (u64_at(write_in, 0), u64_at(write_in, 8), u32_at(write_in, 32));
         if offset % BLOCK != 0 || data.len() as u64 % BLOCK != 0 {
             ch.error(h.unique, libc::EINVAL);
-            return pool.give(data);
+            return pool::give(data);
         }
         let fua = fh != 0 || (flags as i32) & (libc::O_SYNC | libc::O_DSYNC) != 0;
-        let (ch, pool) = (ch.clone(), pool.clone());
+        let ch = ch.clone();
         self.runtime.spawn(async move {
             let len = data.len() as u32;
             match dev.write(offset, data, WriteFlags { fua }).await {
@@ -290,11 +289,11 @@ impl VolumeFs {
                     let mut out = abi::Out::with_capacity(8);
                     out.u32(len).u32(0);
                     ch.reply(h.unique, &[&out.0]);
-                    pool.give(buf);
+                    pool::give(buf);
                 }
                 Err(e) => {
                     ch.error(h.unique, e.error.errno());
-                    pool.give(e.buf);
+                    pool::give(e.buf);
                 }
             }
         });

@@ -8,28 +8,24 @@
 //!
 //! Copies: a request is read with `readv` into an 80-byte header buffer and a 4 KiB-aligned
 //! [`IoBuf`]. A `WRITE`'s header and `fuse_write_in` are exactly those 80 bytes, so its
-//! payload lands aligned in the `IoBuf`, which goes to the engine as it is (large writes) or
-//! is copied once into a right-sized buffer (small writes, where a 4 KiB copy is cheaper than
-//! tying up a 1 MiB buffer). Read data goes from the engine's buffer to the kernel in one
-//! `writev`, without a copy.
+//! payload lands aligned in the `IoBuf`, which goes to the engine as it is (large writes; the
+//! worker takes a fresh buffer from [`volume::io::pool`]) or is copied once into a right-sized
+//! buffer (small writes, where a 4 KiB copy is cheaper than tying up a 1 MiB buffer). Read
+//! data goes from the engine's buffer to the kernel in one `writev`, without a copy.
 
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use volume::io::IoBuf;
+use volume::io::{pool, IoBuf};
 
 use super::abi::{self, InHeader};
 use super::VolumeFs;
 
 /// The largest request payload (and `max_read`): 1 MiB, i.e. 256 pages.
-pub const MAX_IO: usize = 1 << 20;
-/// Writes at least this large are handed to the engine in the buffer they were read into.
-const ZERO_COPY_MIN: usize = 64 * 1024;
-/// Buffers of [`MAX_IO`] kept for reuse.
-const POOL_MAX: usize = 32;
+pub const MAX_IO: usize = pool::POOL_BUF;
 
 /// One `/dev/fuse` descriptor of the session; replies go to the descriptor the request came
 /// from.
@@ -72,39 +68,6 @@ impl Channel {
             // ENOENT: the request was interrupted or the connection aborted meanwhile.
             if e.raw_os_error() != Some(libc::ENOENT) {
                 tracing::debug!(error = %e, unique, "cannot send a FUSE reply");
-            }
-        }
-    }
-}
-
-/// Reusable [`MAX_IO`] buffers.
-#[derive(Debug, Default)]
-pub struct BufPool {
-    bufs: Mutex<Vec<IoBuf>>,
-}
-
-impl BufPool {
-    /// A buffer of `len` bytes (contents unspecified). Large ones come from the pool.
-    pub fn take(&self, len: usize) -> IoBuf {
-        if len < ZERO_COPY_MIN {
-            return IoBuf::zeroed(len);
-        }
-        let mut b = self
-            .bufs
-            .lock()
-            .expect("buffer pool lock")
-            .pop()
-            .unwrap_or_else(|| IoBuf::zeroed(MAX_IO));
-        b.set_len(len.min(MAX_IO));
-        b
-    }
-
-    /// Return a buffer; only pool-sized ones are kept.
-    pub fn give(&self, buf: IoBuf) {
-        if buf.capacity() == MAX_IO {
-            let mut bufs = self.bufs.lock().expect("buffer pool lock");
-            if bufs.len() < POOL_MAX {
-                bufs.push(buf);
             }
         }
     }
@@ -181,15 +144,14 @@ impl Session {
         }
         fds.insert(0, fd);
         let n = fds.len();
-        let pool = Arc::new(BufPool::default());
         let mut handles = Vec::with_capacity(n);
         for (i, fd) in fds.into_iter().enumerate() {
             let ch = Arc::new(Channel { fd });
-            let (fs, pool) = (fs.clone(), pool.clone());
+            let fs = fs.clone();
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("fuse-{i}"))
-                    .spawn(move || worker(&ch, &fs, &pool))?,
+                    .spawn(move || worker(&ch, &fs))?,
             );
         }
         tracing::debug!(workers = n, "FUSE session started");
@@ -203,7 +165,7 @@ impl Session {
 }
 
 /// Read and dispatch requests until the session ends (`ENODEV` after unmount).
-fn worker(ch: &Arc<Channel>, fs: &Arc<VolumeFs>, pool: &Arc<BufPool>) {
+fn worker(ch: &Arc<Channel>, fs: &Arc<VolumeFs>) {
     let mut head = [0u8; abi::IN_HEADER + abi::WRITE_IN];
     let mut data = IoBuf::zeroed(MAX_IO);
     loop {
@@ -239,20 +201,20 @@ fn worker(ch: &Arc<Channel>, fs: &Arc<VolumeFs>, pool: &Arc<BufPool>) {
         };
         if h.opcode == abi::op::WRITE && n >= head.len() {
             let len = n - head.len();
-            let payload = if len >= ZERO_COPY_MIN {
+            let payload = if len >= pool::POOL_MIN {
                 data.set_len(len);
-                std::mem::replace(&mut data, pool.take(MAX_IO))
+                std::mem::replace(&mut data, pool::take(MAX_IO))
             } else {
                 IoBuf::from_slice(&data[..len])
             };
-            fs.write(ch, h, &head[abi::IN_HEADER..], payload, pool);
+            fs.write(ch, h, &head[abi::IN_HEADER..], payload);
         } else if n <= head.len() {
-            fs.dispatch(ch, h, &head[abi::IN_HEADER..n], pool);
+            fs.dispatch(ch, h, &head[abi::IN_HEADER..n]);
         } else {
             let mut body = Vec::with_capacity(n - abi::IN_HEADER);
             body.extend_from_slice(&head[abi::IN_HEADER..]);
             body.extend_from_slice(&data[..n - head.len()]);
-            fs.dispatch(ch, h, &body, pool);
+            fs.dispatch(ch, h, &body);
         }
         if h.opcode == abi::op::DESTROY {
             return;
