@@ -64,6 +64,17 @@ pub enum Command {
     Pool(PoolCommand),
     /// Show the daemon's status: version, node, engine, capacity, volumes.
     Status(OutputArgs),
+    /// Show the cluster's nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+/// `ballast node …`.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// List the live nodes: id, zone, capacity, replica address.
+    #[command(alias = "ls")]
+    List(OutputArgs),
 }
 
 /// Flags of `ballast daemon`. Each one overrides the same setting in `--config`.
@@ -107,6 +118,24 @@ pub struct DaemonArgs {
     /// Log format [default: text]. RUST_LOG selects what is logged (default: info).
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+
+    /// Join a multi-node cluster whose store is etcd at these endpoints (comma-separated
+    /// http:// URLs). Without it the node runs alone.
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+
+    /// Where this node serves its replicas to peers (cluster mode), e.g. 10.0.0.5:9471.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+
+    /// This node's zone label; replicas of a volume are spread over zones.
+    #[arg(long, value_name = "ZONE")]
+    pub zone: Option<String>,
+
+    /// Seconds of the node's store lease; a node that cannot renew it within this time stops
+    /// I/O, and its volumes can be taken over [default: 5].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(2..=60))]
+    pub lease_ttl: Option<u64>,
 }
 
 /// Which I/O engine the daemon uses.
@@ -153,7 +182,7 @@ pub enum VolumeCommand {
         /// The size, e.g. 10GiB, 500MiB, 1G or a number of bytes.
         #[arg(long)]
         size: String,
-        /// Synchronous replicas (only 1 until replication exists).
+        /// Synchronous replicas, 1 to 5, on distinct nodes (cluster mode).
         #[arg(long, default_value_t = 1)]
         replicas: u8,
         /// Output format.
@@ -206,6 +235,10 @@ pub enum VolumeCommand {
     Attach {
         /// The volume name.
         name: String,
+        /// Take a replicated volume over from a node that still holds it (the old writer is
+        /// fenced by epoch and can no longer write).
+        #[arg(long)]
+        force: bool,
         /// Output format.
         #[command(flatten)]
         output: OutputArgs,

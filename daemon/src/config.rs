@@ -31,6 +31,9 @@ pub const DEFAULT_POOL_SIZE: u64 = 10 << 30;
 /// The file name of the default pool under the data directory.
 pub const DEFAULT_POOL_FILE: &str = "pool.img";
 
+/// The node lease's time to live, in seconds, when none is configured.
+pub const DEFAULT_LEASE_TTL: u64 = 5;
+
 /// The number of data-path threads used when none is configured.
 pub const DEFAULT_IO_THREADS: u16 = 2;
 
@@ -113,6 +116,15 @@ pub struct ConfigFile {
     pub force_format: Option<bool>,
     /// See `--log-format`.
     pub log_format: Option<LogFormat>,
+    /// See `--etcd`.
+    #[serde(default)]
+    pub etcd: Vec<String>,
+    /// See `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// See `--zone`.
+    pub zone: Option<String>,
+    /// See `--lease-ttl`.
+    pub lease_ttl: Option<u64>,
 }
 
 /// One `[[pool]]` table of the config file.
@@ -211,6 +223,14 @@ pub struct DaemonConfig {
     pub force_format: bool,
     /// The log format.
     pub log_format: LogFormat,
+    /// The etcd endpoints; empty for a single node.
+    pub etcd: Vec<String>,
+    /// The replica server's address (cluster mode).
+    pub listen: Option<SocketAddr>,
+    /// The node's zone label.
+    pub zone: Option<String>,
+    /// The node lease's time to live.
+    pub lease_ttl: std::time::Duration,
 }
 
 impl DaemonConfig {
@@ -263,6 +283,15 @@ impl DaemonConfig {
                 message: "it is empty".into(),
             });
         }
+        let etcd_given = !args.etcd.is_empty() || !file.etcd.is_empty();
+        if etcd_given && args.listen.or(file.listen).is_none() {
+            return Err(ConfigError::Invalid {
+                setting: "--listen",
+                message: "cluster mode (--etcd) needs the address where this node serves its \
+                          replicas to peers, e.g. --listen 10.0.0.5:9471"
+                    .into(),
+            });
+        }
         let io_threads = args
             .io_threads
             .or(file.io_threads)
@@ -290,6 +319,18 @@ impl DaemonConfig {
             io_threads,
             force_format: args.force_format || file.force_format.unwrap_or(false),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            etcd: if args.etcd.is_empty() {
+                file.etcd
+            } else {
+                args.etcd.clone()
+            },
+            listen: args.listen.or(file.listen),
+            zone: args.zone.clone().or(file.zone),
+            lease_ttl: std::time::Duration::from_secs(
+                args.lease_ttl
+                    .or(file.lease_ttl)
+                    .unwrap_or(DEFAULT_LEASE_TTL),
+            ),
         })
     }
 

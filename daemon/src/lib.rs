@@ -23,6 +23,7 @@ pub mod attach;
 pub mod byte_size;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod data_dir_lock;
 pub mod logging;
@@ -32,6 +33,7 @@ pub mod nbd;
 pub mod node;
 pub mod node_info;
 pub mod ops_endpoint;
+pub mod replicated;
 
 /// `err` followed by each of its sources, joined with `: `, for one-line messages.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {

@@ -65,6 +65,7 @@ fn run_client(command: Command, socket: &Path) -> ExitCode {
             Command::Volume(c) => commands::volume(&client, c).await,
             Command::Pool(c) => commands::pool(&client, c).await,
             Command::Status(o) => commands::status(&client, o.format).await,
+            Command::Node(c) => commands::node(&client, c).await,
             Command::Daemon(_) => unreachable!("the daemon command is handled by main"),
         }
     });

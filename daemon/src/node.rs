@@ -44,6 +44,9 @@ use crate::metrics::MetricsExporter;
 use crate::nbd::{self, NbdServer};
 use crate::node_info::{NodeInfo, Phase};
 use crate::ops_endpoint;
+use crate::replicated::device::{DeviceSource, LocalSource};
+use crate::replicated::model::NodeRecord;
+use crate::replicated::{publish_node, Cluster, ClusterSource};
 
 /// How long shutdown waits for requests in flight before closing storage anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -108,6 +111,108 @@ pub enum NodeError {
     /// A server stopped on its own.
     #[error("the {0} server stopped unexpectedly")]
     Serve(&'static str, #[source] std::io::Error),
+    /// Cluster mode could not start.
+    #[error("cannot join the cluster: {0}")]
+    Cluster(String),
+}
+
+/// What cluster mode runs besides storage.
+struct ClusterParts {
+    cluster: Arc<Cluster>,
+    server: replication::server::ServerHandle,
+    lease_task: JoinHandle<()>,
+}
+
+/// How long a replica request may take before the replica is ejected.
+pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Join the cluster: open the fence table, connect to etcd, serve replicas, register this
+/// node under a lease and keep it renewed.
+async fn start_cluster(cfg: &DaemonConfig, storage: &Arc<Storage>) -> Result<ClusterParts, NodeError> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| NodeError::Cluster(format!("{what}: {e}"));
+    let fence = replication::fence::FenceTable::open(cfg.data_dir.join("fence.json"))
+        .map_err(|e| fail("cannot open the fence table", &e))?;
+    let fence = Arc::new(fence);
+    let store = crate::cluster::Store::etcd(&cfg.etcd)
+        .await
+        .map_err(|e| fail("cannot reach the cluster store", &e))?;
+    let listen = cfg
+        .listen
+        .ok_or_else(|| NodeError::Cluster("--listen is required with --etcd".into()))?;
+    let server = replication::server::ReplicaServer::bind(listen, Arc::clone(storage), Arc::clone(&fence))
+        .await
+        .map_err(|e| fail(&format!("cannot listen for replicas on {listen}"), &e))?;
+    let addr = server
+        .local_addr()
+        .map_err(|e| fail("cannot read the replica address", &e))?;
+    let server = server
+        .spawn()
+        .map_err(|e| fail("cannot start the replica server", &e))?;
+    let me = NodeRecord {
+        id: cfg.node_id.clone(),
+        replica_addr: addr.to_string(),
+        zone: cfg.zone.clone(),
+        capacity_bytes: 0,
+        free_bytes: 0,
+        version: crate::node_info::VERSION.to_owned(),
+    };
+    let cluster = Arc::new(Cluster::new(store, me, Arc::clone(storage), fence, REPLICA_TIMEOUT));
+    let lease = cluster
+        .store()
+        .grant_lease(cfg.lease_ttl)
+        .await
+        .map_err(|e| fail("cannot take a node lease", &e))?;
+    publish_node(&cluster, lease)
+        .await
+        .map_err(|e| fail("cannot register this node", &e))?;
+    tracing::info!(node = %cluster.node_id(), replica_addr = %addr, zone = ?cfg.zone, ttl = ?cfg.lease_ttl, "joined the cluster");
+    let lease_task = tokio::spawn(lease_loop(Arc::clone(&cluster), lease, cfg.lease_ttl));
+    Ok(ClusterParts {
+        cluster,
+        server,
+        lease_task,
+    })
+}
+
+/// Keep the node's lease; when it lapses, fence every attachment of this node, take a new
+/// lease and register again. Capacity figures are republished on every round.
+async fn lease_loop(cluster: Arc<Cluster>, mut lease: crate::cluster::LeaseId, ttl: Duration) {
+    loop {
+        let keep = crate::cluster::spawn_keepalive(cluster.store().clone(), lease, ttl);
+        let mut valid = keep.subscribe();
+        let mut tick = tokio::time::interval(ttl);
+        loop {
+            tokio::select! {
+                changed = valid.changed() => {
+                    if changed.is_err() || !*valid.borrow() {
+                        break;
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = publish_node(&cluster, lease).await {
+                        tracing::warn!(error = %e, "cannot refresh this node's record");
+                    }
+                }
+            }
+        }
+        drop(keep);
+        tracing::error!("the node lease lapsed: fencing this node's attachments");
+        cluster.fence_all();
+        loop {
+            tokio::time::sleep(ttl / 5).await;
+            match cluster.store().grant_lease(ttl).await {
+                Ok(l) => match publish_node(&cluster, l).await {
+                    Ok(()) => {
+                        lease = l;
+                        tracing::info!("registered again with a new lease");
+                        break;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot register again yet"),
+                },
+                Err(e) => tracing::warn!(error = %e, "cannot take a new lease yet"),
+            }
+        }
+    }
 }
 
 /// Run the daemon until SIGTERM or SIGINT; `Ok` means a clean shutdown.
@@ -183,9 +288,32 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
         }
     };
 
-    let attacher = start_attacher(&storage, &cfg.data_dir).await;
-    let mut api = api::router(Arc::clone(&storage), Arc::clone(&node))
-        .merge(api::export::router(Arc::clone(&storage), Arc::clone(&nbd)));
+    let cluster = if cfg.etcd.is_empty() {
+        None
+    } else {
+        match start_cluster(&cfg, &storage).await {
+            Ok(parts) => Some(parts),
+            Err(e) => {
+                nbd.shutdown().await;
+                if let Err(e) = storage.close().await {
+                    tracing::error!(error = %crate::error_chain(&e), "storage did not close cleanly");
+                }
+                return Err(e);
+            }
+        }
+    };
+    let source: Arc<dyn DeviceSource> = match &cluster {
+        Some(p) => Arc::new(ClusterSource(Arc::clone(&p.cluster))),
+        None => Arc::new(LocalSource::new(Arc::clone(&storage))),
+    };
+    let attacher = start_attacher(source, &cfg.data_dir).await;
+    let mut api = match &cluster {
+        Some(p) => api::router(Arc::new(ClusterSource(Arc::clone(&p.cluster))), Arc::clone(&node))
+            .merge(api::nodes::router(Some(Arc::clone(&p.cluster)), Arc::clone(&storage), Arc::clone(&node))),
+        None => api::router(Arc::clone(&storage), Arc::clone(&node))
+            .merge(api::nodes::router(None, Arc::clone(&storage), Arc::clone(&node))),
+    }
+    .merge(api::export::router(Arc::clone(&storage), Arc::clone(&nbd)));
     if let Some(attacher) = &attacher {
         api = api.merge(api::attach::router(Arc::clone(attacher)));
         api = api.merge(api::mount::router(Arc::clone(attacher)));
@@ -217,6 +345,10 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
         let _ = tokio::task::spawn_blocking(move || attacher.shutdown()).await;
     }
     nbd.shutdown().await;
+    if let Some(p) = cluster {
+        p.lease_task.abort();
+        p.server.stop().await;
+    }
     let closed = storage.close().await.map_err(NodeError::Close);
     match &closed {
         Ok(()) => tracing::info!("storage flushed and closed"),
@@ -231,14 +363,13 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
 
 /// Set up the attach frontend and attach again the volumes that were attached (blocking work,
 /// on a blocking thread). `None`, with an error logged, if that thread fails.
-async fn start_attacher(storage: &Arc<Storage>, data_dir: &Path) -> Option<Arc<Attacher>> {
+async fn start_attacher(source: Arc<dyn DeviceSource>, data_dir: &Path) -> Option<Arc<Attacher>> {
     let mountpoint = data_dir.join(attach::FUSE_DIR);
     let runtime = tokio::runtime::Handle::current();
-    let storage = Arc::clone(storage);
     let data_dir = data_dir.to_owned();
     let started = tokio::task::spawn_blocking(move || {
         let frontend = FuseLoop::new(mountpoint, runtime);
-        let attacher = Arc::new(Attacher::new(storage, Box::new(frontend), &data_dir));
+        let attacher = Arc::new(Attacher::new(source, Box::new(frontend), &data_dir));
         attacher.restore();
         attacher
     })

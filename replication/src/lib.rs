@@ -1,9 +1,19 @@
-//! Synchronous replication (not built yet).
+//! Synchronous replication: the pieces that let a volume's replicas live on other nodes.
 //!
-//! This crate will hold a replicated `volume::device::BlockDevice` over N children (local
-//! replicas or remote ones reached through a transport trait): write-to-all-healthy,
-//! read-one, ejection committed in the cluster store before any write that skipped a replica
-//! is acknowledged, epoch fencing, delta rebuild by per-extent generation, and the framed,
-//! CRC32C-checked replica wire protocol. The decisions will be a state machine that does no
-//! I/O, driven by a thin I/O layer. Until then the engine refuses `replicas > 1` with an
-//! error that says replication is not available.
+//! - [`wire`]: the framed, CRC32C-checked replica wire protocol (requests and responses,
+//!   a slice decoder and async frame I/O).
+//! - [`fence`]: the persistent per-volume attachment-epoch table that fences out old writers,
+//!   shared by the replica server and the local data path.
+//! - [`server`]: the replica server, which serves this node's local replicas to peers,
+//!   checking every data request's epoch against the fence table.
+//! - [`remote`]: a replica on another node as a `volume::device::BlockDevice`, over one
+//!   multiplexed connection, and a control client to create and delete remote replicas.
+//!
+//! The replicated device over N children (write-to-all-healthy, read-one, ejection committed
+//! in the cluster store, delta rebuild) is built on these.
+
+pub mod fence;
+pub mod nexus;
+pub mod remote;
+pub mod server;
+pub mod wire;

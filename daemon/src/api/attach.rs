@@ -1,7 +1,8 @@
 //! The attach routes of the local API: `POST /v1/volumes/{name}/attach` and
 //! `POST /v1/volumes/{name}/detach`.
 //!
-//! Attach has no body (or `{}`) and answers `200` [`Attachment`]; it is idempotent. Detach
+//! Attach takes no body or [`AttachRequest`] (`{"force": true}` takes a replicated volume
+//! over from a live node) and answers `200` [`Attachment`]; it is idempotent. Detach
 //! takes [`DetachRequest`] (`{"force": true}` to detach a device that is mounted or open) and
 //! answers `200` [`Attachment`] with `attached: false`; detaching a volume that is not attached
 //! succeeds. Unknown volumes are `404 not_found`; a busy device is `412 failed_precondition`.
@@ -30,6 +31,16 @@ pub struct DetachRequest {
     pub force: bool,
 }
 
+/// The body of `POST /v1/volumes/{name}/attach` (optional).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachRequest {
+    /// Take a replicated volume over from a node that still holds it; the old writer is
+    /// fenced by epoch.
+    #[serde(default)]
+    pub force: bool,
+}
+
 /// The attach routes, with their own state.
 pub fn router(attacher: Arc<Attacher>) -> Router {
     Router::new()
@@ -50,9 +61,19 @@ async fn blocking<T: Send + 'static>(
 async fn attach_volume(
     State(attacher): State<Arc<Attacher>>,
     Path(name): Path<String>,
+    body: axum::body::Bytes,
 ) -> Result<Json<Attachment>, ApiError> {
     let name = VolumeName::new(&name)?;
-    Ok(Json(blocking(move || attacher.attach(&name)).await?))
+    let req: AttachRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        AttachRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(ErrorKind::InvalidArgument, format!("invalid attach request: {e}"))
+        })?
+    };
+    Ok(Json(
+        blocking(move || attacher.attach_with(&name, req.force)).await?,
+    ))
 }
 
 async fn detach_volume(

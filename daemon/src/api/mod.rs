@@ -12,6 +12,7 @@
 //! | `POST /v1/volumes/{name}/detach` | [`DetachRequest`](attach::DetachRequest) | `200` `Attachment` (route in [`attach`]) |
 //! | `POST /v1/volumes/{name}/mount`, `/unmount` | [`MountRequest`](mount::MountRequest), [`UnmountRequest`](mount::UnmountRequest) | `200` [`MountInfo`](mount::MountInfo) (routes in [`mount`]) |
 //! | `GET /v1/pools` | | `200` [`PoolList`] |
+//! | `GET /v1/nodes` | | `200` [`NodeList`](nodes::NodeList) (route in [`nodes`]) |
 //! | `GET /v1/status` | | `200` [`NodeStatus`] |
 //!
 //! Every failure is `{"code": "...", "message": "..."}` with the status chosen in
@@ -28,6 +29,7 @@ pub mod error;
 pub mod export;
 pub mod json_body;
 pub mod mount;
+pub mod nodes;
 pub mod wire;
 
 use std::sync::Arc;

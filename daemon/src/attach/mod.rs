@@ -28,11 +28,11 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use volume::api::{ControlError, ErrorKind, VolumeName};
-use volume::pool::{Replica, Storage};
 
 use self::fuse::session::Session;
 use self::fuse::{Registry, VolumeFs};
 use self::loopdev::LoopDevice;
+use crate::replicated::device::{DeviceSource, VolumeDevice};
 
 /// Where stable device names live.
 pub const DEV_DIR: &str = "/dev/ballast";
@@ -45,11 +45,11 @@ pub const FUSE_DIR: &str = "fuse";
 
 /// A way to turn a volume into a kernel block device.
 pub trait Frontend: Send + Sync + std::fmt::Debug {
-    /// Make `replica` the block device for `name`; returns its kernel path (`/dev/…`).
+    /// Make `device` the block device for `name`; returns its kernel path (`/dev/…`).
     ///
     /// # Errors
     /// The device cannot be set up.
-    fn attach(&self, name: &VolumeName, replica: Replica) -> Result<PathBuf, ControlError>;
+    fn attach(&self, name: &VolumeName, device: VolumeDevice) -> Result<PathBuf, ControlError>;
 
     /// Whether the device of `name` is mounted or open.
     fn busy(&self, name: &VolumeName) -> bool;
@@ -110,7 +110,7 @@ fn internal(what: &str, e: &std::io::Error) -> ControlError {
 }
 
 impl Frontend for FuseLoop {
-    fn attach(&self, name: &VolumeName, replica: Replica) -> Result<PathBuf, ControlError> {
+    fn attach(&self, name: &VolumeName, device: VolumeDevice) -> Result<PathBuf, ControlError> {
         if let Some(dev) = self.device(name) {
             return Ok(dev);
         }
@@ -120,7 +120,7 @@ impl Frontend for FuseLoop {
                 &e,
             )
         })?;
-        self.registry.insert(name.as_str(), replica);
+        self.registry.insert(name.as_str(), device);
         let file = self.mountpoint.join(name.as_str());
         let backing = OpenOptions::new()
             .read(true)
@@ -210,7 +210,7 @@ pub struct Attachment {
 /// The node's attachments, over one [`Frontend`].
 #[derive(Debug)]
 pub struct Attacher {
-    storage: Arc<Storage>,
+    source: Arc<dyn DeviceSource>,
     frontend: Box<dyn Frontend>,
     state_file: PathBuf,
     dev_dir: PathBuf,
@@ -219,10 +219,14 @@ pub struct Attacher {
 }
 
 impl Attacher {
-    /// An attacher on `frontend`, persisting in `data_dir`.
-    pub fn new(storage: Arc<Storage>, frontend: Box<dyn Frontend>, data_dir: &Path) -> Self {
+    /// An attacher of devices from `source` on `frontend`, persisting in `data_dir`.
+    pub fn new(
+        source: Arc<dyn DeviceSource>,
+        frontend: Box<dyn Frontend>,
+        data_dir: &Path,
+    ) -> Self {
         Self {
-            storage,
+            source,
             frontend,
             state_file: data_dir.join(STATE_FILE),
             dev_dir: PathBuf::from(DEV_DIR),
@@ -256,9 +260,26 @@ impl Attacher {
     /// # Errors
     /// `not_found` for an unknown volume, `internal` if the device cannot be set up.
     pub fn attach(&self, name: &VolumeName) -> Result<Attachment, ControlError> {
-        let replica = self.storage.replica(name)?;
+        self.attach_with(name, false)
+    }
+
+    /// [`Attacher::attach`], taking the volume over from another node's live attachment
+    /// when `force` is set (replicated volumes; the old writer is fenced by epoch).
+    ///
+    /// # Errors
+    /// As [`Attacher::attach`], and `failed_precondition` when the volume is attached on a
+    /// live node and `force` is not set.
+    pub fn attach_with(&self, name: &VolumeName, force: bool) -> Result<Attachment, ControlError> {
         let _op = self.ops.lock().expect("attach lock");
-        let device = self.frontend.attach(name, replica)?;
+        let device = match self.frontend.device(name) {
+            Some(dev) => dev,
+            None => {
+                let volume = self.source.open(name, force)?;
+                self.frontend.attach(name, volume).inspect_err(|_| {
+                    self.source.release(name);
+                })?
+            }
+        };
         let link = self.link(name);
         std::fs::create_dir_all(&self.dev_dir)
             .and_then(|()| {
@@ -295,9 +316,9 @@ impl Attacher {
     pub fn detach(&self, name: &VolumeName, force: bool) -> Result<Attachment, ControlError> {
         let _op = self.ops.lock().expect("attach lock");
         let device = self.frontend.device(name);
-        if device.is_none() && self.storage.replica(name).is_err() {
+        if device.is_none() {
             // Unknown volume that is not attached either.
-            self.storage.replica(name)?;
+            self.source.exists(name)?;
         }
         if !force && self.frontend.busy(name) {
             return Err(ControlError::new(
@@ -309,6 +330,9 @@ impl Attacher {
             ));
         }
         self.frontend.detach(name);
+        if device.is_some() {
+            self.source.release(name);
+        }
         let link = self.link(name);
         if let Some(dev) = &device {
             if std::fs::read_link(&link).is_ok_and(|t| &t == dev) {

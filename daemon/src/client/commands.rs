@@ -13,14 +13,15 @@ use hyper::StatusCode;
 use serde::Serialize;
 use volume::api::{format_size, PoolStatus, VolumeName, VolumeStatus};
 
-use crate::api::attach::DetachRequest;
+use crate::api::attach::{AttachRequest, DetachRequest};
 use crate::api::export::{ExportInfo, ExportRequest};
 use crate::api::wire::{
     CreateVolumeRequest, NodeStatus, PoolList, ResizeVolumeRequest, VolumeList,
 };
 use crate::attach::Attachment;
 use crate::byte_size::ByteSize;
-use crate::cli::{OutputFormat, PoolCommand, VolumeCommand};
+use crate::api::nodes::NodeList;
+use crate::cli::{NodeCommand, OutputFormat, PoolCommand, VolumeCommand};
 use crate::client::table::{duration, key_values, utc_timestamp, Table};
 use crate::client::{ApiClient, ClientError};
 
@@ -107,10 +108,14 @@ pub async fn volume(client: &ApiClient, command: VolumeCommand) -> Result<Output
                 OutputFormat::Table => format!("{}\n", export.uri),
             })
         }
-        VolumeCommand::Attach { name, output } => {
+        VolumeCommand::Attach {
+            name,
+            force,
+            output,
+        } => {
             let name = validate_name(&name)?;
             let path = format!("{}/attach", volume_path(&name));
-            let (_, att): (_, Attachment) = client.post(&path, &serde_json::json!({})).await?;
+            let (_, att): (_, Attachment) = client.post(&path, &AttachRequest { force }).await?;
             Ok(match output.format {
                 OutputFormat::Json => json(&att),
                 OutputFormat::Table => format!("{}\n", att.path),
@@ -145,6 +150,39 @@ pub async fn pool(client: &ApiClient, command: PoolCommand) -> Result<Output, Cl
             Ok(match output.format {
                 OutputFormat::Json => json(&list.pools),
                 OutputFormat::Table => pool_table(&list.pools),
+            })
+        }
+    }
+}
+
+/// Run `ballast node …`.
+///
+/// # Errors
+/// The daemon being unreachable, or its error answer.
+pub async fn node(client: &ApiClient, command: NodeCommand) -> Result<Output, ClientError> {
+    match command {
+        NodeCommand::List(output) => {
+            let list: NodeList = client.get("/v1/nodes").await?;
+            Ok(match output.format {
+                OutputFormat::Json => json(&list.nodes),
+                OutputFormat::Table => {
+                    let mut t = Table::new(["NODE", "STATE", "ZONE", "CAPACITY", "FREE", "REPLICA-ADDR"]);
+                    for n in &list.nodes {
+                        t.row([
+                            n.id.clone(),
+                            "online".to_owned(),
+                            n.zone.clone().unwrap_or_else(|| "-".into()),
+                            format_size(n.capacity_bytes),
+                            format_size(n.free_bytes),
+                            if n.replica_addr.is_empty() {
+                                "-".into()
+                            } else {
+                                n.replica_addr.clone()
+                            },
+                        ]);
+                    }
+                    t.render()
+                }
             })
         }
     }

@@ -149,7 +149,12 @@ impl Attr {
     /// `struct fuse_entry_out` (128 bytes).
     pub fn entry(&self, ttl_secs: u64) -> Out {
         let mut o = Out::with_capacity(128);
-        o.u64(self.ino).u64(0).u64(ttl_secs).u64(ttl_secs).u32(0).u32(0);
+        o.u64(self.ino)
+            .u64(0)
+            .u64(ttl_secs)
+            .u64(ttl_secs)
+            .u32(0)
+            .u32(0);
         self.encode(&mut o);
         o
     }
@@ -198,13 +203,23 @@ pub fn statfs_out(files: u64) -> Out {
 }
 
 /// Append one `struct fuse_dirent` unless it would exceed `limit` bytes; `false` if full.
-pub fn push_dirent(o: &mut Out, limit: usize, ino: u64, next_off: u64, dir: bool, name: &str) -> bool {
+pub fn push_dirent(
+    o: &mut Out,
+    limit: usize,
+    ino: u64,
+    next_off: u64,
+    dir: bool,
+    name: &str,
+) -> bool {
     let entry = (24 + name.len()).div_ceil(8) * 8;
     if o.0.len() + entry > limit {
         return false;
     }
     let kind = if dir { libc::DT_DIR } else { libc::DT_REG };
-    o.u64(ino).u64(next_off).u32(name.len() as u32).u32(u32::from(kind));
+    o.u64(ino)
+        .u64(next_off)
+        .u32(name.len() as u32)
+        .u32(u32::from(kind));
     o.0.extend_from_slice(name.as_bytes());
     o.zeros(entry - 24 - name.len());
     true

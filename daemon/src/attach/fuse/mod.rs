@@ -5,7 +5,7 @@
 //! straight here (no page cache in between), and the loop device on top runs with direct I/O.
 //!
 //! Data path: several worker threads ([`session`]) each read requests from their own clone of
-//! the `/dev/fuse` descriptor. A worker takes a clone of the volume's [`Replica`] under a short
+//! the `/dev/fuse` descriptor. A worker takes a clone of the volume's [`VolumeDevice`] under a short
 //! read lock of the [`Registry`] and hands the I/O to a task on the daemon's tokio runtime,
 //! which replies when the engine completes. The session asks the kernel for asynchronous
 //! direct I/O and a deep background queue, and opens files with parallel direct writes, so
@@ -25,10 +25,10 @@ use std::sync::{Arc, RwLock};
 
 use volume::device::{BlockDevice, WriteFlags};
 use volume::io::{pool, IoBuf};
-use volume::pool::Replica;
 
 use self::abi::{op, u32_at, u64_at, Attr, InHeader, ROOT_ID};
 use self::session::{Channel, MAX_IO};
+use crate::replicated::device::VolumeDevice;
 
 const BLOCK: u64 = 4096;
 /// Seconds the kernel may cache names and attributes.
@@ -40,7 +40,7 @@ const MAX_BACKGROUND: u16 = 512;
 #[derive(Debug, Clone)]
 struct Entry {
     name: String,
-    replica: Replica,
+    device: VolumeDevice,
 }
 
 #[derive(Debug, Default)]
@@ -57,15 +57,15 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Serve `replica` as the file `name` (replacing any earlier one of that name).
-    pub fn insert(&self, name: &str, replica: Replica) {
+    /// Serve `device` as the file `name` (replacing any earlier one of that name).
+    pub fn insert(&self, name: &str, device: VolumeDevice) {
         let mut t = self.inner.write().expect("registry lock");
         if let Some(ino) = t.by_name.get(name).copied() {
             t.by_ino.insert(
                 ino,
                 Entry {
                     name: name.to_owned(),
-                    replica,
+                    device,
                 },
             );
             return;
@@ -77,7 +77,7 @@ impl Registry {
             ino,
             Entry {
                 name: name.to_owned(),
-                replica,
+                device,
             },
         );
     }
@@ -136,12 +136,12 @@ impl VolumeFs {
         Self { registry, runtime }
     }
 
-    fn volume(&self, ch: &Channel, h: &InHeader) -> Option<Replica> {
+    fn volume(&self, ch: &Channel, h: &InHeader) -> Option<VolumeDevice> {
         let e = self.registry.get(h.nodeid);
         if e.is_none() {
             ch.error(h.unique, libc::ENOENT);
         }
-        e.map(|e| e.replica)
+        e.map(|e| e.device)
     }
 
     /// Answer one request other than `WRITE`. `body` follows the `fuse_in_header`.
@@ -154,7 +154,11 @@ impl VolumeFs {
                 let name = body.split(|&b| b == 0).next().unwrap_or_default();
                 match (h.nodeid, self.registry.lookup(name)) {
                     (ROOT_ID, Some((ino, e))) => {
-                        let attr = Attr { ino, size: e.replica.size(), dir: false };
+                        let attr = Attr {
+                            ino,
+                            size: e.device.size(),
+                            dir: false,
+                        };
                         ch.reply(u, &[&attr.entry(TTL).0]);
                     }
                     _ => ch.error(u, libc::ENOENT),
@@ -218,10 +222,16 @@ impl VolumeFs {
 
     fn getattr(&self, ch: &Channel, h: InHeader, body: &[u8]) {
         if h.nodeid == ROOT_ID {
-            let attr = Attr { ino: ROOT_ID, size: 0, dir: true };
+            let attr = Attr {
+                ino: ROOT_ID,
+                size: 0,
+                dir: true,
+            };
             return ch.reply(h.unique, &[&attr.attr_out(TTL).0]);
         }
-        let Some(dev) = self.volume(ch, &h) else { return };
+        let Some(dev) = self.volume(ch, &h) else {
+            return;
+        };
         // The size of a volume is changed with `ballast volume resize`, never by truncate.
         if h.opcode == op::SETATTR
             && body.len() >= 24
@@ -230,7 +240,11 @@ impl VolumeFs {
         {
             return ch.error(h.unique, libc::EPERM);
         }
-        let attr = Attr { ino: h.nodeid, size: dev.size(), dir: false };
+        let attr = Attr {
+            ino: h.nodeid,
+            size: dev.size(),
+            dir: false,
+        };
         ch.reply(h.unique, &[&attr.attr_out(TTL).0]);
     }
 
@@ -238,7 +252,9 @@ impl VolumeFs {
         if body.len() < 20 {
             return ch.error(h.unique, libc::EINVAL);
         }
-        let Some(dev) = self.volume(ch, &h) else { return };
+        let Some(dev) = self.volume(ch, &h) else {
+            return;
+        };
         let (offset, size) = (u64_at(body, 8), u64::from(u32_at(body, 16)));
         let end = (offset.saturating_add(size)).min(dev.size());
         if offset >= end {
@@ -265,17 +281,15 @@ impl VolumeFs {
     }
 
     /// Answer a `WRITE`; `write_in` is its `fuse_write_in`, `data` its payload.
-    pub fn write(
-        &self,
-        ch: &Arc<Channel>,
-        h: InHeader,
-        write_in: &[u8],
-        data: IoBuf,
-    ) {
+    pub fn write(&self, ch: &Arc<Channel>, h: InHeader, write_in: &[u8], data: IoBuf) {
         let Some(dev) = self.volume(ch, &h) else {
             return pool::give(data);
         };
-        let (fh, offset, flags) = (u64_at(write_in, 0), u64_at(write_in, 8), u32_at(write_in, 32));
+        let (fh, offset, flags) = (
+            u64_at(write_in, 0),
+            u64_at(write_in, 8),
+            u32_at(write_in, 32),
+        );
         if offset % BLOCK != 0 || data.len() as u64 % BLOCK != 0 {
             ch.error(h.unique, libc::EINVAL);
             return pool::give(data);
@@ -303,7 +317,9 @@ impl VolumeFs {
         if body.len() < 28 {
             return ch.error(h.unique, libc::EINVAL);
         }
-        let Some(dev) = self.volume(ch, &h) else { return };
+        let Some(dev) = self.volume(ch, &h) else {
+            return;
+        };
         let (offset, len, mode) = (u64_at(body, 8), u64_at(body, 16), u32_at(body, 24) as i32);
         let end = offset.saturating_add(len).min(dev.size());
         let u = h.unique;
@@ -343,7 +359,10 @@ impl VolumeFs {
             return ch.error(h.unique, libc::EINVAL);
         }
         let (offset, size) = (u64_at(body, 8), u32_at(body, 16) as usize);
-        let mut entries = vec![(ROOT_ID, true, ".".to_owned()), (ROOT_ID, true, "..".to_owned())];
+        let mut entries = vec![
+            (ROOT_ID, true, ".".to_owned()),
+            (ROOT_ID, true, "..".to_owned()),
+        ];
         entries.extend(self.registry.list().into_iter().map(|(i, n)| (i, false, n)));
         let mut out = abi::Out::with_capacity(size.min(4096));
         for (i, (ino, dir, name)) in entries.into_iter().enumerate().skip(offset as usize) {

@@ -1,0 +1,556 @@
+//! The etcd backend: etcd's v3 API through its JSON gateway (`POST /v3/kv/range`, …) over
+//! plain HTTP, with hyper. Bytes travel as base64 and 64-bit integers as JSON strings.
+//!
+//! Invariants:
+//! - every request has a deadline ([`REQUEST_TIMEOUT`]) and every failure becomes a
+//!   [`StoreError`]; an answer that is not etcd's documented shape is
+//!   [`StoreError::BadAnswer`], never a panic nor a guess;
+//! - endpoints are tried in order, starting with the last one that answered; a request moves
+//!   on to the next endpoint when the connection could not be made (so it was never sent), or
+//!   — only for requests that are safe to repeat (reads, renewals) — when it timed out or the
+//!   member had no leader. A compare-and-swap that may have been applied is never sent twice;
+//!   its caller gets [`StoreError::Unavailable`] and must read again.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{base64, prefix_end, Kv, LeaseId, StoreError};
+
+/// How long one request to one endpoint may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long connecting to one endpoint may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// gRPC status codes after which another member may do better.
+const GRPC_UNAVAILABLE: i64 = 14;
+const GRPC_DEADLINE_EXCEEDED: i64 = 4;
+
+/// A client of an etcd cluster. Clones share connections.
+#[derive(Debug, Clone)]
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Base URLs, `http://host:port` without a trailing slash.
+    endpoints: Vec<String>,
+    /// The index of the endpoint to try first: the last one that answered.
+    preferred: AtomicUsize,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// Whether a request may be sent again to another member after it may have been received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repeat {
+    Safe,
+    Unsafe,
+}
+
+/// Why one attempt on one endpoint failed.
+enum Attempt {
+    /// Try the next endpoint, if the request allows; the message says why.
+    Next { sent: bool, message: String },
+    /// Give up with this error.
+    Fail(StoreError),
+}
+
+/// etcd's error body: `{"error": "...", "code": 5, "message": "..."}`.
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    code: Option<i64>,
+}
+
+fn parse_endpoint(raw: &str) -> Result<String, StoreError> {
+    let invalid = |reason: &str| StoreError::InvalidEndpoint {
+        endpoint: raw.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let trimmed = raw.trim().trim_end_matches('/');
+    let uri: Uri = trimmed.parse().map_err(|_| invalid("not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(invalid("TLS (https) is not supported")),
+        _ => return Err(invalid("the URL must start with http://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(invalid("no host"));
+    }
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err(invalid("the URL must not have a path"));
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// An int64 field of an answer: a JSON string (as the gateway writes it) or number; absent
+/// means 0, as in protobuf.
+fn int(value: &Value, field: &str) -> Result<i64, String> {
+    match value.get(field) {
+        None | Some(Value::Null) => Ok(0),
+        Some(Value::String(s)) => s
+            .parse()
+            .map_err(|_| format!("field {field:?} is not an integer: {s:?}")),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .ok_or_else(|| format!("field {field:?} is not an integer: {n}")),
+        Some(other) => Err(format!("field {field:?} is not an integer: {other}")),
+    }
+}
+
+fn bytes(value: &Value, field: &str) -> Result<Vec<u8>, String> {
+    match value.get(field) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => base64::decode(s).map_err(|e| format!("field {field:?}: {e}")),
+        Some(other) => Err(format!("field {field:?} is not a base64 string: {other}")),
+    }
+}
+
+fn revision(value: &Value, field: &str) -> Result<u64, String> {
+    let n = int(value, field)?;
+    u64::try_from(n).map_err(|_| format!("field {field:?} is negative: {n}"))
+}
+
+fn decode_kv(value: &Value) -> Result<Kv, String> {
+    let key = String::from_utf8(bytes(value, "key")?)
+        .map_err(|_| "a key is not UTF-8 (written by another program?)".to_owned())?;
+    let mod_revision = revision(value, "mod_revision")?;
+    if mod_revision == 0 {
+        return Err(format!("key {key:?} has no mod_revision"));
+    }
+    let lease = int(value, "lease")?;
+    Ok(Kv {
+        value: bytes(value, "value")?,
+        mod_revision,
+        lease: (lease != 0).then_some(lease),
+        key,
+    })
+}
+
+fn b64(s: &str) -> String {
+    base64::encode(s.as_bytes())
+}
+
+fn put_request(key: &str, value: &[u8], lease: Option<LeaseId>) -> Value {
+    let mut put = json!({ "key": b64(key), "value": base64::encode(value) });
+    if let Some(lease) = lease {
+        put["lease"] = json!(lease.0.to_string());
+    }
+    put
+}
+
+/// A range request body for every key starting with `prefix`.
+fn prefix_range(prefix: &str) -> Value {
+    let end = prefix_end(prefix.as_bytes()).unwrap_or_else(|| vec![0]);
+    let key = if prefix.is_empty() { "\0" } else { prefix };
+    json!({ "key": b64(key), "range_end": base64::encode(&end) })
+}
+
+impl EtcdStore {
+    /// A client of `endpoints`, after checking that one of them answers.
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidEndpoint`] or [`StoreError::Unavailable`].
+    pub async fn connect(endpoints: &[String]) -> Result<EtcdStore, StoreError> {
+        let endpoints = endpoints
+            .iter()
+            .flat_map(|e| e.split(','))
+            .filter(|e| !e.trim().is_empty())
+            .map(parse_endpoint)
+            .collect::<Result<Vec<_>, _>>()?;
+        if endpoints.is_empty() {
+            return Err(StoreError::InvalidEndpoint {
+                endpoint: String::new(),
+                reason: "no endpoint given".to_owned(),
+            });
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        let store = EtcdStore {
+            inner: Arc::new(Inner {
+                endpoints,
+                preferred: AtomicUsize::new(0),
+                client,
+            }),
+        };
+        store
+            .call("/v3/maintenance/status", &json!({}), Repeat::Safe)
+            .await?;
+        Ok(store)
+    }
+
+    /// The endpoints, as parsed.
+    pub fn endpoints(&self) -> &[String] {
+        &self.inner.endpoints
+    }
+
+    /// POST `body` to `path`, trying endpoints as the module docs say; the decoded answer.
+    async fn call(&self, path: &str, body: &Value, repeat: Repeat) -> Result<Value, StoreError> {
+        let body = Bytes::from(body.to_string());
+        let count = self.inner.endpoints.len();
+        let first = self.inner.preferred.load(Ordering::Relaxed) % count;
+        let mut failures = Vec::new();
+        for i in 0..count {
+            let index = (first + i) % count;
+            let endpoint = &self.inner.endpoints[index];
+            match self.attempt(endpoint, path, body.clone()).await {
+                Ok(answer) => {
+                    self.inner.preferred.store(index, Ordering::Relaxed);
+                    return Ok(answer);
+                }
+                Err(Attempt::Fail(e)) => return Err(e),
+                Err(Attempt::Next { sent, message }) => {
+                    failures.push(format!("{endpoint}: {message}"));
+                    if sent && repeat == Repeat::Unsafe {
+                        return Err(StoreError::Unavailable {
+                            endpoints: endpoint.clone(),
+                            message: format!(
+                                "{message} (the request may or may not have been applied)"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Err(StoreError::Unavailable {
+            endpoints: self.inner.endpoints.join(","),
+            message: failures.join("; "),
+        })
+    }
+
+    async fn attempt(&self, endpoint: &str, path: &str, body: Bytes) -> Result<Value, Attempt> {
+        let fail = |e| Attempt::Fail(e);
+        let bad = |message: String| {
+            Attempt::Fail(StoreError::BadAnswer {
+                endpoint: endpoint.to_owned(),
+                message,
+            })
+        };
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{endpoint}{path}"))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| {
+                fail(StoreError::InvalidEndpoint {
+                    endpoint: endpoint.to_owned(),
+                    reason: e.to_string(),
+                })
+            })?;
+        let exchange = async {
+            let response = self.inner.client.request(request).await?;
+            let status = response.status();
+            let bytes = response.into_body().collect().await?.to_bytes();
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, bytes))
+        };
+        let (status, bytes) = match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+            Err(_) => {
+                return Err(Attempt::Next {
+                    sent: true,
+                    message: format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()),
+                })
+            }
+            Ok(Err(e)) => {
+                let connect = e
+                    .downcast_ref::<hyper_util::client::legacy::Error>()
+                    .is_some_and(hyper_util::client::legacy::Error::is_connect);
+                return Err(Attempt::Next {
+                    sent: !connect,
+                    message: crate::error_chain(&*e),
+                });
+            }
+            Ok(Ok(answer)) => answer,
+        };
+        if status.is_success() {
+            let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                bad(format!(
+                    "status {status} with a body that is not JSON ({e}): {:?}",
+                    String::from_utf8_lossy(&bytes)
+                ))
+            })?;
+            if !value.is_object() {
+                return Err(bad(format!("the answer is not a JSON object: {value}")));
+            }
+            return Ok(value);
+        }
+        let Ok(err) = serde_json::from_slice::<ErrorBody>(&bytes) else {
+            return Err(bad(format!(
+                "status {status} with body {:?}",
+                String::from_utf8_lossy(&bytes).trim()
+            )));
+        };
+        let message = err
+            .message
+            .or(err.error)
+            .unwrap_or_else(|| format!("status {status}"));
+        if message.contains("requested lease not found") {
+            return Err(fail(StoreError::LeaseExpired));
+        }
+        match err.code {
+            Some(GRPC_UNAVAILABLE | GRPC_DEADLINE_EXCEEDED) => Err(Attempt::Next {
+                sent: true,
+                message,
+            }),
+            _ => Err(fail(StoreError::Rejected {
+                endpoint: endpoint.to_owned(),
+                message,
+            })),
+        }
+    }
+
+    /// Decode a field of an answer, or report the answer as bad.
+    fn decoded<T>(&self, result: Result<T, String>) -> Result<T, StoreError> {
+        result.map_err(|message| StoreError::BadAnswer {
+            endpoint: self.current_endpoint(),
+            message,
+        })
+    }
+
+    fn current_endpoint(&self) -> String {
+        let count = self.inner.endpoints.len();
+        self.inner.endpoints[self.inner.preferred.load(Ordering::Relaxed) % count].clone()
+    }
+
+    fn kvs(&self, answer: &Value) -> Result<Vec<Kv>, StoreError> {
+        let kvs = match answer.get("kvs") {
+            None | Some(Value::Null) => return Ok(Vec::new()),
+            Some(Value::Array(kvs)) => kvs,
+            Some(other) => {
+                return self.decoded(Err(format!("field \"kvs\" is not an array: {other}")))
+            }
+        };
+        kvs.iter().map(|kv| self.decoded(decode_kv(kv))).collect()
+    }
+
+    async fn txn_put_if(&self, key: &str, compare: Value, put: Value) -> Result<bool, StoreError> {
+        let body = json!({
+            "compare": [compare],
+            "success": [{ "request_put": put }],
+        });
+        let answer = self.call("/v3/kv/txn", &body, Repeat::Unsafe).await?;
+        match answer.get("succeeded") {
+            None | Some(Value::Null | Value::Bool(false)) => Ok(false),
+            Some(Value::Bool(true)) => Ok(true),
+            Some(other) => self.decoded(Err(format!(
+                "field \"succeeded\" of the transaction on {key:?} is not a boolean: {other}"
+            ))),
+        }
+    }
+
+    pub(super) async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
+        let answer = self
+            .call("/v3/kv/range", &json!({ "key": b64(key) }), Repeat::Safe)
+            .await?;
+        let mut kvs = self.kvs(&answer)?;
+        match kvs.len() {
+            0 => Ok(None),
+            1 if kvs[0].key == key => Ok(kvs.pop()),
+            n => self.decoded(Err(format!("{n} keys for a get of the single key {key:?}"))),
+        }
+    }
+
+    pub(super) async fn list(&self, prefix: &str) -> Result<Vec<Kv>, StoreError> {
+        let answer = self
+            .call("/v3/kv/range", &prefix_range(prefix), Repeat::Safe)
+            .await?;
+        let mut kvs = self.kvs(&answer)?;
+        // etcd sorts by key already; sorting again costs little and makes it a guarantee.
+        kvs.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(kvs)
+    }
+
+    pub(super) async fn put(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: Option<LeaseId>,
+    ) -> Result<u64, StoreError> {
+        let answer = self
+            .call(
+                "/v3/kv/put",
+                &put_request(key, value, lease),
+                Repeat::Unsafe,
+            )
+            .await?;
+        let header = answer.get("header").cloned().unwrap_or(Value::Null);
+        let revision = self.decoded(revision(&header, "revision"))?;
+        if revision == 0 {
+            return self.decoded(Err("the put answer has no revision".to_owned()));
+        }
+        Ok(revision)
+    }
+
+    pub(super) async fn create(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: Option<LeaseId>,
+    ) -> Result<bool, StoreError> {
+        let compare = json!({
+            "key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0",
+        });
+        self.txn_put_if(key, compare, put_request(key, value, lease))
+            .await
+    }
+
+    pub(super) async fn cas(
+        &self,
+        key: &str,
+        expected: u64,
+        value: &[u8],
+    ) -> Result<bool, StoreError> {
+        let compare = if expected == 0 {
+            json!({ "key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0" })
+        } else {
+            json!({
+                "key": b64(key), "target": "MOD", "result": "EQUAL",
+                "mod_revision": expected.to_string(),
+            })
+        };
+        self.txn_put_if(key, compare, put_request(key, value, None))
+            .await
+    }
+
+    pub(super) async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.call(
+            "/v3/kv/deleterange",
+            &json!({ "key": b64(key) }),
+            Repeat::Safe,
+        )
+        .await
+        .map(drop)
+    }
+
+    pub(super) async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        self.call("/v3/kv/deleterange", &prefix_range(prefix), Repeat::Safe)
+            .await
+            .map(drop)
+    }
+
+    pub(super) async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let body = json!({ "TTL": seconds.max(1).to_string(), "ID": "0" });
+        let answer = self.call("/v3/lease/grant", &body, Repeat::Unsafe).await?;
+        if let Some(Value::String(e)) = answer.get("error") {
+            if !e.is_empty() {
+                return Err(StoreError::Rejected {
+                    endpoint: self.current_endpoint(),
+                    message: e.clone(),
+                });
+            }
+        }
+        let id = self.decoded(int(&answer, "ID"))?;
+        if id == 0 {
+            return self.decoded(Err("the lease grant answer has no ID".to_owned()));
+        }
+        Ok(LeaseId(id))
+    }
+
+    pub(super) async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        let body = json!({ "ID": lease.0.to_string() });
+        let answer = self
+            .call("/v3/lease/keepalive", &body, Repeat::Safe)
+            .await?;
+        // The gateway wraps stream messages: {"result": {...}} or {"error": {...}}.
+        if let Some(error) = answer.get("error") {
+            return Err(StoreError::Rejected {
+                endpoint: self.current_endpoint(),
+                message: error.to_string(),
+            });
+        }
+        let result = answer.get("result").unwrap_or(&answer);
+        let ttl = self.decoded(int(result, "TTL"))?;
+        match u64::try_from(ttl) {
+            Ok(seconds) if seconds > 0 => Ok(Duration::from_secs(seconds)),
+            _ => Err(StoreError::LeaseExpired),
+        }
+    }
+
+    pub(super) async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let body = json!({ "ID": lease.0.to_string() });
+        match self.call("/v3/lease/revoke", &body, Repeat::Safe).await {
+            Ok(_) | Err(StoreError::LeaseExpired) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_checked() {
+        assert_eq!(
+            parse_endpoint(" http://127.0.0.1:2379/ ").unwrap(),
+            "http://127.0.0.1:2379"
+        );
+        for bad in [
+            "https://h:1",
+            "127.0.0.1:2379",
+            "http://h:1/v3",
+            "http://",
+            "::",
+        ] {
+            let err = parse_endpoint(bad).unwrap_err();
+            assert!(err.to_string().contains("--etcd URL"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn kvs_decode_from_the_gateway_shape_and_bad_ones_are_errors() {
+        let kv = json!({"key":"YQ==","create_revision":"2","mod_revision":"3","version":"1","value":"Yg==","lease":"7"});
+        assert_eq!(
+            decode_kv(&kv).unwrap(),
+            Kv {
+                key: "a".into(),
+                value: b"b".to_vec(),
+                mod_revision: 3,
+                lease: Some(7)
+            }
+        );
+        let no_value = json!({"key":"YQ==","mod_revision":"3"});
+        assert_eq!(decode_kv(&no_value).unwrap().value, b"");
+        for bad in [
+            json!({"key":"YQ==","mod_revision":"x"}),
+            json!({"key":"YQ==","mod_revision":"-1"}),
+            json!({"key":"YQ=="}),
+            json!({"key":"/w==","mod_revision":"1"}),
+            json!({"key":"YQ==","mod_revision":"1","value":5}),
+            json!({"key":"!","mod_revision":"1"}),
+        ] {
+            assert!(decode_kv(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn prefix_ranges_cover_exactly_the_prefix() {
+        assert_eq!(
+            prefix_range("a/"),
+            json!({"key": b64("a/"), "range_end": b64("a0")})
+        );
+        assert_eq!(
+            prefix_range(""),
+            json!({"key": "AA==", "range_end": "AA=="})
+        );
+    }
+}

@@ -1,0 +1,121 @@
+//! What the cluster store holds, and under which keys.
+//!
+//! | key | value | written by |
+//! |---|---|---|
+//! | `/ballast/v1/nodes/{id}` | [`NodeRecord`], attached to the node's lease | the node itself |
+//! | `/ballast/v1/volumes/{name}` | [`VolumeRecord`] | any node, by compare-and-swap |
+//!
+//! A node's record disappears when its lease expires, so the set of node records is the set
+//! of live nodes. Every change to a volume record is a compare-and-swap on its revision, so
+//! two nodes can never both think they attached a volume, and an ejection is durable before
+//! any write that skipped the ejected replica is acknowledged.
+
+use serde::{Deserialize, Serialize};
+
+/// The key prefix of node records.
+pub const NODES: &str = "/ballast/v1/nodes/";
+/// The key prefix of volume records.
+pub const VOLUMES: &str = "/ballast/v1/volumes/";
+
+/// The key of node `id`.
+pub fn node_key(id: &str) -> String {
+    format!("{NODES}{id}")
+}
+
+/// The key of volume `name`.
+pub fn volume_key(name: &str) -> String {
+    format!("{VOLUMES}{name}")
+}
+
+/// A live node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The node id (`--node-id`).
+    pub id: String,
+    /// Where its replica server listens (`--listen`).
+    pub replica_addr: String,
+    /// Its zone label (`--zone`), if any.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Bytes of pool space in all.
+    pub capacity_bytes: u64,
+    /// Bytes of pool space not yet allocated.
+    pub free_bytes: u64,
+    /// The daemon's version.
+    #[serde(default)]
+    pub version: String,
+}
+
+/// The state of one replica as the cluster records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaState {
+    /// In sync with the volume.
+    Healthy,
+    /// Ejected: missed writes; must be rebuilt before it serves again.
+    Ejected,
+    /// Being rebuilt.
+    Rebuilding,
+}
+
+impl ReplicaState {
+    /// The lower-case name used in status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::Healthy => "healthy",
+            ReplicaState::Ejected => "ejected",
+            ReplicaState::Rebuilding => "rebuilding",
+        }
+    }
+}
+
+/// One replica of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    /// The node holding it.
+    pub node: String,
+    /// Its state.
+    pub state: ReplicaState,
+}
+
+/// The writer attachment of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentRecord {
+    /// The node where the volume is attached.
+    pub node: String,
+    /// The attachment's epoch; replicas reject I/O with an older one.
+    pub epoch: u64,
+}
+
+/// A replicated volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// The name.
+    pub name: String,
+    /// The volume's UUID.
+    pub id: String,
+    /// The size in bytes.
+    pub size_bytes: u64,
+    /// The desired replica count.
+    pub replicas: u8,
+    /// Seconds since the Unix epoch at creation.
+    pub created_at: u64,
+    /// Where the replicas are.
+    pub placement: Vec<ReplicaRecord>,
+    /// The current writer, if attached.
+    #[serde(default)]
+    pub attachment: Option<AttachmentRecord>,
+    /// The highest epoch ever handed out; only grows.
+    #[serde(default)]
+    pub epoch: u64,
+}
+
+impl VolumeRecord {
+    /// How many replicas are healthy.
+    pub fn healthy(&self) -> usize {
+        self.placement
+            .iter()
+            .filter(|r| r.state == ReplicaState::Healthy)
+            .count()
+    }
+}

@@ -1,0 +1,295 @@
+//! The epoch fencing table: per volume, the highest attachment epoch registered on this node.
+//!
+//! A new attachment registers its epoch with every replica before its first I/O; from then on
+//! every data request must carry exactly that epoch. An older epoch is refused as stale (a newer
+//! writer has taken the volume over), and a newer one as not registered (the writer must
+//! register first, so a replica never learns an epoch implicitly from a write).
+//!
+//! Invariants:
+//! - The epoch registered for a volume only grows while the volume is known (until
+//!   [`FenceTable::forget`]).
+//! - Every change is persisted to the table's JSON file (write a temporary file, fsync, rename,
+//!   fsync the directory) before `register` or `forget` returns successfully, so a restarted
+//!   node still rejects old writers.
+//! - The in-memory table is updated *before* it is persisted, so a concurrent `check` never
+//!   accepts an epoch that a completed `register` has fenced out. If persisting fails, the
+//!   higher epoch stays in memory (still the safe direction) and the next `register` or
+//!   `forget` retries the write.
+//! - The table lock is held only for map operations, never across file I/O; file writes are
+//!   serialised by a second lock and always write a snapshot at least as new as the last one
+//!   written, so the file never goes backwards.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a request's epoch is refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FenceError {
+    /// The request's epoch is older than the registered one.
+    #[error("attachment epoch is stale: the replica has registered epoch {current}")]
+    Stale {
+        /// The registered (newer) epoch.
+        current: u64,
+    },
+    /// The request's epoch is newer than the registered one, or none is registered.
+    #[error("attachment epoch {epoch} is not registered (registered: {registered:?}); register it first")]
+    NotRegistered {
+        /// The request's epoch.
+        epoch: u64,
+        /// The registered epoch, if any.
+        registered: Option<u64>,
+    },
+}
+
+/// Why a registration failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegisterError {
+    /// A newer epoch is already registered.
+    #[error("a newer attachment epoch {current} is already registered")]
+    Stale {
+        /// The registered (newer) epoch.
+        current: u64,
+    },
+    /// The table could not be made durable; the registration must be retried.
+    #[error("could not persist the fencing table")]
+    Persist(#[source] io::Error),
+}
+
+/// The on-disk form of the table.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFormat {
+    version: u32,
+    epochs: BTreeMap<String, u64>,
+}
+
+const FILE_VERSION: u32 = 1;
+
+#[derive(Debug, Default)]
+struct State {
+    epochs: BTreeMap<String, u64>,
+    /// Bumped on every change.
+    generation: u64,
+}
+
+/// Per-volume attachment epochs, persisted to a JSON file. Share it behind an `Arc`.
+#[derive(Debug)]
+pub struct FenceTable {
+    path: PathBuf,
+    state: Mutex<State>,
+    /// The generation last written to the file; held while writing it.
+    persisted: Mutex<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The protected data is a plain map updated in single statements: a panic elsewhere
+    // cannot leave it half-changed, so a poisoned lock is still safe to use.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl FenceTable {
+    /// Open the table persisted at `path`, or start an empty one if the file does not exist.
+    ///
+    /// # Errors
+    /// The file cannot be read, or is not a valid table. A corrupt table is an error rather
+    /// than an empty one: forgetting epochs would let fenced-out writers back in.
+    pub fn open(path: impl Into<PathBuf>) -> io::Result<Self> {
+        let path = path.into();
+        let epochs = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let f: FileFormat = serde_json::from_slice(&bytes).map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("fencing table {} is corrupt: {e}", path.display()),
+                    )
+                })?;
+                if f.version != FILE_VERSION {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "fencing table {} has version {}, this build reads {FILE_VERSION}",
+                            path.display(),
+                            f.version
+                        ),
+                    ));
+                }
+                f.epochs
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            path,
+            state: Mutex::new(State {
+                epochs,
+                generation: 0,
+            }),
+            persisted: Mutex::new(0),
+        })
+    }
+
+    /// The file the table is persisted to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Register `epoch` for `volume`. Registering the current epoch again is a no-op (it only
+    /// retries a failed persist); a lower one is refused with the current epoch.
+    ///
+    /// # Errors
+    /// [`RegisterError::Stale`] if a newer epoch is registered; [`RegisterError::Persist`] if
+    /// the table could not be written (the epoch is then in force in memory, and registering
+    /// again retries the write).
+    pub fn register(&self, volume: &str, epoch: u64) -> Result<(), RegisterError> {
+        {
+            let mut st = lock(&self.state);
+            match st.epochs.get(volume).copied() {
+                Some(current) if current > epoch => {
+                    return Err(RegisterError::Stale { current });
+                }
+                Some(current) if current == epoch => {}
+                _ => {
+                    st.epochs.insert(volume.to_owned(), epoch);
+                    st.generation += 1;
+                }
+            }
+        }
+        self.persist().map_err(RegisterError::Persist)
+    }
+
+    /// Check that a request for `volume` carries the registered epoch.
+    ///
+    /// # Errors
+    /// [`FenceError::Stale`] for an older epoch, [`FenceError::NotRegistered`] for a newer one
+    /// or when none is registered.
+    pub fn check(&self, volume: &str, epoch: u64) -> Result<(), FenceError> {
+        let registered = self.current(volume);
+        match registered {
+            Some(current) if epoch == current => Ok(()),
+            Some(current) if epoch < current => Err(FenceError::Stale { current }),
+            _ => Err(FenceError::NotRegistered { epoch, registered }),
+        }
+    }
+
+    /// The epoch registered for `volume`.
+    pub fn current(&self, volume: &str) -> Option<u64> {
+        lock(&self.state).epochs.get(volume).copied()
+    }
+
+    /// Drop `volume` from the table (when its replica is deleted).
+    ///
+    /// # Errors
+    /// The table could not be written.
+    pub fn forget(&self, volume: &str) -> io::Result<()> {
+        {
+            let mut st = lock(&self.state);
+            if st.epochs.remove(volume).is_some() {
+                st.generation += 1;
+            }
+        }
+        self.persist()
+    }
+
+    /// Write the newest snapshot to the file unless it is already there.
+    fn persist(&self) -> io::Result<()> {
+        let mut persisted = lock(&self.persisted);
+        let (generation, snapshot) = {
+            let st = lock(&self.state);
+            (
+                st.generation,
+                FileFormat {
+                    version: FILE_VERSION,
+                    epochs: st.epochs.clone(),
+                },
+            )
+        };
+        if generation == *persisted {
+            return Ok(());
+        }
+        let bytes = serde_json::to_vec_pretty(&snapshot).map_err(io::Error::other)?;
+        write_atomically(&self.path, &bytes)?;
+        *persisted = generation;
+        Ok(())
+    }
+}
+
+/// Replace `path` with `bytes` atomically and durably.
+fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_and_persistence() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fence.json");
+        let t = FenceTable::open(&path).unwrap();
+        assert!(matches!(
+            t.check("v", 1),
+            Err(FenceError::NotRegistered {
+                registered: None,
+                ..
+            })
+        ));
+        t.register("v", 2).unwrap();
+        t.register("v", 2).unwrap();
+        assert!(matches!(
+            t.register("v", 1),
+            Err(RegisterError::Stale { current: 2 })
+        ));
+        t.check("v", 2).unwrap();
+        assert!(matches!(
+            t.check("v", 1),
+            Err(FenceError::Stale { current: 2 })
+        ));
+        assert!(matches!(
+            t.check("v", 3),
+            Err(FenceError::NotRegistered {
+                registered: Some(2),
+                ..
+            })
+        ));
+        t.register("w", 7).unwrap();
+        t.forget("w").unwrap();
+        drop(t);
+
+        let t = FenceTable::open(&path).unwrap();
+        assert_eq!(t.current("v"), Some(2));
+        assert_eq!(t.current("w"), None);
+        assert!(matches!(
+            t.check("v", 1),
+            Err(FenceError::Stale { current: 2 })
+        ));
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fence.json");
+        std::fs::write(&path, b"{not json").unwrap();
+        let e = FenceTable::open(&path).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    }
+}

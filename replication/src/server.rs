@@ -1,0 +1,449 @@
+//! The replica server: serves this node's local replicas to peers over the wire protocol.
+//!
+//! Each accepted connection gets a reader loop and a writer task. The reader decodes request
+//! frames and spawns one task per request, so requests on one connection execute
+//! concurrently; each task sends its response, tagged with the request id, through a channel
+//! to the writer, which writes responses in completion order. Clients match them by id.
+//!
+//! Invariants:
+//! - Every data request's epoch is checked against the [`FenceTable`] before the replica is
+//!   touched; an older epoch is answered with [`Response::Stale`] and does nothing.
+//! - A data request holds its volume's gate (a read lock) from the fence check until its I/O
+//!   completes, and `Register` takes the write lock. So once a `Register` has been answered
+//!   `Ok`, no request carrying an older epoch can still be running or start on this server.
+//! - At most [`MAX_IN_FLIGHT`] requests per connection run at once; the reader stops reading
+//!   until one completes, which bounds the memory one peer can pin.
+//! - A malformed frame closes that connection only. Request tasks are never aborted: a write
+//!   that has started runs to completion even if its connection or the server goes away.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, RwLock, Semaphore};
+use tokio::task::JoinHandle;
+use volume::api::{ControlError, ErrorKind, VolumeControl, VolumeName, VolumeSpec};
+use volume::device::{BlockDevice, DeviceError, WriteFlags};
+use volume::io::IoBuf;
+use volume::pool::Storage;
+
+use crate::fence::{FenceError, FenceTable, RegisterError};
+use crate::wire::{self, ErrCode, Request, Response, MAX_IO};
+
+/// The most requests of one connection executing at once.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// Shared by every connection.
+#[derive(Debug)]
+struct Ctx {
+    storage: Arc<Storage>,
+    fence: Arc<FenceTable>,
+    /// Per-volume gates ordering data requests against registrations.
+    gates: Mutex<HashMap<String, Arc<RwLock<()>>>>,
+}
+
+impl Ctx {
+    fn gate(&self, volume: &str) -> Arc<RwLock<()>> {
+        let mut g = self.gates.lock().unwrap_or_else(PoisonError::into_inner);
+        g.entry(volume.to_owned()).or_default().clone()
+    }
+}
+
+/// A bound replica server, not yet serving.
+#[derive(Debug)]
+pub struct ReplicaServer {
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// A running server spawned with [`ReplicaServer::spawn`].
+#[derive(Debug)]
+pub struct ServerHandle {
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Ask the server to stop: it stops accepting and closes every connection. Requests that
+    /// already started still run to completion.
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Shut down and wait for the accept loop to end.
+    pub async fn stop(self) {
+        self.shutdown();
+        if let Err(e) = self.task.await {
+            tracing::warn!(error = %e, "replica server task failed");
+        }
+    }
+}
+
+impl ReplicaServer {
+    /// Bind the listening socket.
+    ///
+    /// # Errors
+    /// The address cannot be bound.
+    pub async fn bind(
+        addr: SocketAddr,
+        storage: Arc<Storage>,
+        fence: Arc<FenceTable>,
+    ) -> io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let (shutdown, _) = watch::channel(false);
+        Ok(Self {
+            listener,
+            ctx: Arc::new(Ctx {
+                storage,
+                fence,
+                gates: Mutex::default(),
+            }),
+            shutdown,
+        })
+    }
+
+    /// The address the server listens on (with the real port if bound to port 0).
+    ///
+    /// # Errors
+    /// The socket cannot report its address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Ask [`serve`](Self::serve) to stop (also before it starts).
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Run on the current tokio runtime until [`ServerHandle::shutdown`] is called.
+    ///
+    /// # Errors
+    /// The socket cannot report its address.
+    pub fn spawn(self) -> io::Result<ServerHandle> {
+        let addr = self.listener.local_addr()?;
+        let shutdown = self.shutdown.clone();
+        let task = tokio::spawn(self.serve());
+        Ok(ServerHandle {
+            addr,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Accept and serve connections until shutdown is signalled.
+    pub async fn serve(self) {
+        let mut stop = self.shutdown.subscribe();
+        tracing::info!(addr = ?self.listener.local_addr().ok(), "replica server listening");
+        loop {
+            tokio::select! {
+                () = stopped(&mut stop) => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let ctx = self.ctx.clone();
+                        let stop = self.shutdown.subscribe();
+                        tokio::spawn(connection(ctx, stream, peer, stop));
+                    }
+                    Err(e) => {
+                        // Usually a transient resource shortage (EMFILE); back off briefly.
+                        tracing::warn!(error = %e, "accepting a replica connection failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        tracing::info!("replica server stopped");
+    }
+}
+
+/// Serve one connection until the peer closes it, it sends a malformed frame, or shutdown.
+async fn connection(
+    ctx: Arc<Ctx>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
+    }
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(64 << 10, rd);
+    let (tx, rx) = mpsc::channel::<(u64, Response)>(MAX_IN_FLIGHT);
+    let writer = tokio::spawn(write_responses(BufWriter::new(wr), rx, peer));
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut node = String::from("?");
+    tracing::debug!(%peer, "replica connection opened");
+    loop {
+        let permit = tokio::select! {
+            () = stopped(&mut stop) => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let frame = tokio::select! {
+            () = stopped(&mut stop) => break,
+            f = wire::read_frame::<Request, _>(&mut rd) => f,
+        };
+        let (id, req) = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(%peer, %node, error = %e, "closing replica connection after a bad frame");
+                break;
+            }
+        };
+        if let Request::Hello { node: n } = &req {
+            tracing::debug!(%peer, node = %n, "replica client said hello");
+            node.clone_from(n);
+            if tx.send((id, Response::Ok)).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        let ctx = ctx.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let resp = handle(&ctx, req).await;
+            // The connection may be gone; the work is done either way.
+            let _ = tx.send((id, resp)).await;
+            drop(permit);
+        });
+    }
+    drop(tx);
+    // The writer ends once every spawned request has replied (or the peer is gone). On
+    // shutdown, stop waiting for it: the socket closes when it is dropped.
+    if *stop.borrow() {
+        writer.abort();
+    } else if let Err(e) = writer.await {
+        tracing::debug!(%peer, error = %e, "replica connection writer ended abnormally");
+    }
+    tracing::debug!(%peer, %node, "replica connection closed");
+}
+
+/// Write responses as they complete, flushing whenever no more are queued.
+async fn write_responses(
+    mut w: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut rx: mpsc::Receiver<(u64, Response)>,
+    peer: SocketAddr,
+) {
+    while let Some((id, resp)) = rx.recv().await {
+        let mut r = wire::write_frame(&mut w, id, &resp).await;
+        if r.is_ok() && rx.is_empty() {
+            r = w.flush().await.map_err(Into::into);
+        }
+        if let Err(e) = r {
+            tracing::debug!(%peer, error = %e, "writing a replica response failed");
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+fn error(code: ErrCode, message: impl Into<String>) -> Response {
+    Response::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+fn device_error(e: &DeviceError) -> Response {
+    error(ErrCode::from(e.kind), e.to_string())
+}
+
+fn control_error(e: &ControlError) -> Response {
+    let code = match e.kind() {
+        ErrorKind::NotFound => ErrCode::NotFound,
+        ErrorKind::InvalidArgument => ErrCode::Invalid,
+        ErrorKind::Conflict => ErrCode::Conflict,
+        ErrorKind::ResourceExhausted => ErrCode::NoSpace,
+        _ => ErrCode::Io,
+    };
+    error(code, e.full_message())
+}
+
+fn fence_error(e: &FenceError) -> Response {
+    match e {
+        FenceError::Stale { current } => Response::Stale { epoch: *current },
+        e => error(ErrCode::NotRegistered, e.to_string()),
+    }
+}
+
+/// Execute one request.
+async fn handle(ctx: &Ctx, req: Request) -> Response {
+    match req {
+        Request::Hello { .. } => Response::Ok,
+        Request::Register { volume, epoch } => {
+            if let Err(e) = VolumeName::new(&volume) {
+                return control_error(&e);
+            }
+            let gate = ctx.gate(&volume);
+            // Wait for every request admitted under an older epoch to finish.
+            let _excl = gate.write().await;
+            let fence = ctx.fence.clone();
+            let v = volume.clone();
+            // Persisting fsyncs a file: keep it off the async workers.
+            let r = tokio::task::spawn_blocking(move || fence.register(&v, epoch)).await;
+            match r {
+                Ok(Ok(())) => {
+                    tracing::info!(%volume, epoch, "registered attachment epoch");
+                    Response::Ok
+                }
+                Ok(Err(RegisterError::Stale { current })) => Response::Stale { epoch: current },
+                Ok(Err(e)) => error(ErrCode::Io, format!("{e}: {}", source_text(&e))),
+                Err(e) => error(ErrCode::Io, format!("registering the epoch failed: {e}")),
+            }
+        }
+        Request::Create { volume, size } => {
+            let name = match VolumeName::new(&volume) {
+                Ok(n) => n,
+                Err(e) => return control_error(&e),
+            };
+            let spec = VolumeSpec {
+                name,
+                size_bytes: size,
+                replicas: 1,
+            };
+            match ctx.storage.create_volume(spec).await {
+                Ok(_) => Response::Ok,
+                Err(e) => control_error(&e),
+            }
+        }
+        Request::Delete { volume } => {
+            let name = match VolumeName::new(&volume) {
+                Ok(n) => n,
+                Err(e) => return control_error(&e),
+            };
+            match ctx.storage.delete_volume(&name).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return control_error(&e),
+            }
+            let fence = ctx.fence.clone();
+            match tokio::task::spawn_blocking(move || fence.forget(&volume)).await {
+                Ok(Ok(())) => Response::Ok,
+                Ok(Err(e)) => error(
+                    ErrCode::Io,
+                    format!("could not persist the fencing table: {e}"),
+                ),
+                Err(e) => error(ErrCode::Io, format!("forgetting the epoch failed: {e}")),
+            }
+        }
+        Request::Stat { volume } => {
+            let replica = match VolumeName::new(&volume).and_then(|n| ctx.storage.replica(&n)) {
+                Ok(r) => r,
+                Err(e) => return control_error(&e),
+            };
+            Response::Stat {
+                size: replica.size(),
+                allocated: replica.allocated_bytes(),
+            }
+        }
+        req @ (Request::Read { .. }
+        | Request::Write { .. }
+        | Request::Flush { .. }
+        | Request::Discard { .. }
+        | Request::WriteZeroes { .. }) => data_request(ctx, req).await,
+    }
+}
+
+/// Execute a fenced data request.
+async fn data_request(ctx: &Ctx, req: Request) -> Response {
+    let (volume, epoch, io) = match req {
+        Request::Read {
+            volume,
+            epoch,
+            offset,
+            len,
+        } => (volume, epoch, Io::Read { offset, len }),
+        Request::Write {
+            volume,
+            epoch,
+            offset,
+            fua,
+            data,
+        } => (volume, epoch, Io::Write { offset, fua, data }),
+        Request::Flush { volume, epoch } => (volume, epoch, Io::Flush),
+        Request::Discard {
+            volume,
+            epoch,
+            offset,
+            len,
+        } => (volume, epoch, Io::Discard { offset, len }),
+        Request::WriteZeroes {
+            volume,
+            epoch,
+            offset,
+            len,
+        } => (volume, epoch, Io::WriteZeroes { offset, len }),
+        _ => return error(ErrCode::Invalid, "not a data request"),
+    };
+    let replica = match VolumeName::new(&volume).and_then(|n| ctx.storage.replica(&n)) {
+        Ok(r) => r,
+        Err(e) => return control_error(&e),
+    };
+    let gate = ctx.gate(&volume);
+    let _shared = gate.read().await;
+    if let Err(e) = ctx.fence.check(&volume, epoch) {
+        return fence_error(&e);
+    }
+    data_io(&replica, io).await
+}
+
+/// The device operation of a data request, without its addressing.
+enum Io {
+    Read { offset: u64, len: u32 },
+    Write { offset: u64, fua: bool, data: IoBuf },
+    Flush,
+    Discard { offset: u64, len: u64 },
+    WriteZeroes { offset: u64, len: u64 },
+}
+
+async fn data_io(replica: &impl BlockDevice, io: Io) -> Response {
+    let done = |r: Result<(), DeviceError>| match r {
+        Ok(()) => Response::Ok,
+        Err(e) => device_error(&e),
+    };
+    match io {
+        Io::Read { offset, len } => {
+            if len as usize > MAX_IO {
+                return error(
+                    ErrCode::Invalid,
+                    format!("read of {len} bytes is above the maximum of {MAX_IO}"),
+                );
+            }
+            match replica.read(offset, IoBuf::zeroed(len as usize)).await {
+                Ok(buf) => Response::Data(buf),
+                Err(e) => device_error(&e.error),
+            }
+        }
+        Io::Write { offset, fua, data } => {
+            match replica.write(offset, data, WriteFlags { fua }).await {
+                Ok(_) => Response::Ok,
+                Err(e) => device_error(&e.error),
+            }
+        }
+        Io::Flush => done(replica.flush().await),
+        Io::Discard { offset, len } => done(replica.discard(offset, len).await),
+        Io::WriteZeroes { offset, len } => done(replica.write_zeroes(offset, len).await),
+    }
+}
+
+fn source_text(e: &dyn std::error::Error) -> String {
+    e.source().map(ToString::to_string).unwrap_or_default()
+}
+
+/// Resolve once the watched flag is `true` (or its sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not be held across an await, so drop it here.
+    let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}
