@@ -28,6 +28,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+
+pub mod etcd;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tempfile::TempDir;
@@ -614,6 +616,21 @@ pub fn release_attachments(fuse: &Path, names: &[String]) {
             .unwrap_or_default();
             if backing.trim().starts_with(&*fuse.to_string_lossy()) {
                 let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+            }
+        }
+    }
+    let _ = Command::new("umount").arg("-l").arg(fuse).status();
+}
+
+/// Best-effort clean-up of every loop device backed by a file under the FUSE mount `fuse`
+/// (whichever daemon set it up, alive or killed), then a lazy unmount of `fuse`.
+pub fn release_fuse(fuse: &Path) {
+    if let Ok(entries) = std::fs::read_dir("/sys/block") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
+            if name.starts_with("loop") && backing.trim().starts_with(&*fuse.to_string_lossy()) {
+                let _ = Command::new("losetup").arg("-d").arg(format!("/dev/{name}")).status();
             }
         }
     }
