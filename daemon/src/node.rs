@@ -128,7 +128,10 @@ pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Join the cluster: open the fence table, connect to etcd, serve replicas, register this
 /// node under a lease and keep it renewed.
-async fn start_cluster(cfg: &DaemonConfig, storage: &Arc<Storage>) -> Result<ClusterParts, NodeError> {
+async fn start_cluster(
+    cfg: &DaemonConfig,
+    storage: &Arc<Storage>,
+) -> Result<ClusterParts, NodeError> {
     let fail = |what: &str, e: &dyn std::fmt::Display| NodeError::Cluster(format!("{what}: {e}"));
     let fence = replication::fence::FenceTable::open(cfg.data_dir.join("fence.json"))
         .map_err(|e| fail("cannot open the fence table", &e))?;
@@ -139,9 +142,10 @@ async fn start_cluster(cfg: &DaemonConfig, storage: &Arc<Storage>) -> Result<Clu
     let listen = cfg
         .listen
         .ok_or_else(|| NodeError::Cluster("--listen is required with --etcd".into()))?;
-    let server = replication::server::ReplicaServer::bind(listen, Arc::clone(storage), Arc::clone(&fence))
-        .await
-        .map_err(|e| fail(&format!("cannot listen for replicas on {listen}"), &e))?;
+    let server =
+        replication::server::ReplicaServer::bind(listen, Arc::clone(storage), Arc::clone(&fence))
+            .await
+            .map_err(|e| fail(&format!("cannot listen for replicas on {listen}"), &e))?;
     let addr = server
         .local_addr()
         .map_err(|e| fail("cannot read the replica address", &e))?;
@@ -156,7 +160,13 @@ async fn start_cluster(cfg: &DaemonConfig, storage: &Arc<Storage>) -> Result<Clu
         free_bytes: 0,
         version: crate::node_info::VERSION.to_owned(),
     };
-    let cluster = Arc::new(Cluster::new(store, me, Arc::clone(storage), fence, REPLICA_TIMEOUT));
+    let cluster = Arc::new(Cluster::new(
+        store,
+        me,
+        Arc::clone(storage),
+        fence,
+        REPLICA_TIMEOUT,
+    ));
     let lease = cluster
         .store()
         .grant_lease(cfg.lease_ttl)
@@ -308,10 +318,20 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     };
     let attacher = start_attacher(source, &cfg.data_dir).await;
     let mut api = match &cluster {
-        Some(p) => api::router(Arc::new(ClusterSource(Arc::clone(&p.cluster))), Arc::clone(&node))
-            .merge(api::nodes::router(Some(Arc::clone(&p.cluster)), Arc::clone(&storage), Arc::clone(&node))),
-        None => api::router(Arc::clone(&storage), Arc::clone(&node))
-            .merge(api::nodes::router(None, Arc::clone(&storage), Arc::clone(&node))),
+        Some(p) => api::router(
+            Arc::new(ClusterSource(Arc::clone(&p.cluster))),
+            Arc::clone(&node),
+        )
+        .merge(api::nodes::router(
+            Some(Arc::clone(&p.cluster)),
+            Arc::clone(&storage),
+            Arc::clone(&node),
+        )),
+        None => api::router(Arc::clone(&storage), Arc::clone(&node)).merge(api::nodes::router(
+            None,
+            Arc::clone(&storage),
+            Arc::clone(&node),
+        )),
     }
     .merge(api::export::router(Arc::clone(&storage), Arc::clone(&nbd)));
     if let Some(attacher) = &attacher {

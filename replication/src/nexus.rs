@@ -34,9 +34,7 @@ use std::sync::{Arc, RwLock};
 
 use futures_util::future::join_all;
 use tokio::sync::watch;
-use volume::device::{
-    BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, WriteFlags,
-};
+use volume::device::{BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, WriteFlags};
 use volume::io::IoBuf;
 
 /// A child's role in the nexus.
@@ -171,7 +169,9 @@ pub fn decide(answers: &[Answer]) -> Decision {
         .collect();
     if failed.len() == answers.len() {
         // Nobody took it: keep every child (ejecting all would lose the volume).
-        return Decision::Fail { from: failed.first().copied().unwrap_or(0) };
+        return Decision::Fail {
+            from: failed.first().copied().unwrap_or(0),
+        };
     }
     Decision::Ack { eject: failed }
 }
@@ -370,8 +370,11 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
             .filter(|c| c.state() == ChildState::Ejecting)
             .cloned()
             .collect();
-        let targets: Vec<Arc<Child<D>>> =
-            all.iter().filter(|c| c.state().writable()).cloned().collect();
+        let targets: Vec<Arc<Child<D>>> = all
+            .iter()
+            .filter(|c| c.state().writable())
+            .cloned()
+            .collect();
         if targets.is_empty() {
             return Err(DeviceError::new(
                 DeviceErrorKind::Io,
@@ -386,13 +389,13 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
             .iter()
             .map(|r| r.as_ref().map_or_else(Answer::of, |_| Answer::Ok))
             .collect();
-        let mut results: Vec<Option<Result<T, DeviceError>>> = results.into_iter().map(Some).collect();
-        let take_err = |results: &mut Vec<Option<Result<T, DeviceError>>>, i: usize| {
-            match results[i].take() {
+        let mut results: Vec<Option<Result<T, DeviceError>>> =
+            results.into_iter().map(Some).collect();
+        let take_err =
+            |results: &mut Vec<Option<Result<T, DeviceError>>>, i: usize| match results[i].take() {
                 Some(Err(e)) => e,
                 _ => DeviceError::new(DeviceErrorKind::Io, name, offset, len, "replica failed"),
-            }
-        };
+            };
         match decide(&answers) {
             Decision::Fenced { from } => {
                 self.fenced.store(true, SeqCst);
@@ -497,13 +500,18 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
     /// take it.
     async fn repair(&self, bad: &[Arc<Child<D>>], offset: u64, good: &IoBuf) {
         for child in bad {
-            match child.dev.write(offset, IoBuf::from_slice(good), WriteFlags { fua: true }).await {
+            match child
+                .dev
+                .write(offset, IoBuf::from_slice(good), WriteFlags { fua: true })
+                .await
+            {
                 Ok(_) => {
                     self.stats.repairs.fetch_add(1, SeqCst);
                     tracing::warn!(volume = %self.name, replica = %child.id, offset, len = good.len(), "repaired a block that failed its checksum");
                 }
                 Err(e) => {
-                    self.eject(child, &format!("repair failed: {}", e.error)).await;
+                    self.eject(child, &format!("repair failed: {}", e.error))
+                        .await;
                 }
             }
         }
@@ -515,71 +523,50 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> BlockDevice for Nexus<D> {
         self.size
     }
 
-    fn read(&self, offset: u64, buf: IoBuf) -> impl Future<Output = BufResult> + Send {
-        self.read_impl(offset, buf)
+    async fn read(&self, offset: u64, buf: IoBuf) -> BufResult {
+        self.read_impl(offset, buf).await
     }
 
-    fn write(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        flags: WriteFlags,
-    ) -> impl Future<Output = BufResult> + Send {
-        async move {
-            let len = buf.len() as u64;
-            let data = &buf;
-            let r = self
-                .fan_out(("write", offset, len), |dev: D| {
-                    let copy = IoBuf::from_slice(data);
-                    async move {
-                        dev.write(offset, copy, flags)
-                            .await
-                            .map(drop)
-                            .map_err(|e| e.error)
-                    }
-                })
-                .await;
-            match r {
-                Ok(_) => Ok(buf),
-                Err(error) => Err(BufError { error, buf }),
-            }
-        }
-    }
-
-    fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send {
-        async move {
-            self.fan_out(("flush", 0, 0), |dev: D| async move { dev.flush().await })
-                .await
-                .map(drop)
-        }
-    }
-
-    fn discard(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> impl Future<Output = Result<(), DeviceError>> + Send {
-        async move {
-            self.fan_out(("discard", offset, len), |dev: D| async move {
-                dev.discard(offset, len).await
+    async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BufResult {
+        let len = buf.len() as u64;
+        let data = &buf;
+        let r = self
+            .fan_out(("write", offset, len), |dev: D| {
+                let copy = IoBuf::from_slice(data);
+                async move {
+                    dev.write(offset, copy, flags)
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.error)
+                }
             })
-                .await
-                .map(drop)
+            .await;
+        match r {
+            Ok(_) => Ok(buf),
+            Err(error) => Err(BufError { error, buf }),
         }
     }
 
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> impl Future<Output = Result<(), DeviceError>> + Send {
-        async move {
-            self.fan_out(("write_zeroes", offset, len), |dev: D| async move {
-                dev.write_zeroes(offset, len).await
-            })
+    async fn flush(&self) -> Result<(), DeviceError> {
+        self.fan_out(("flush", 0, 0), |dev: D| async move { dev.flush().await })
             .await
             .map(drop)
-        }
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.fan_out(("discard", offset, len), |dev: D| async move {
+            dev.discard(offset, len).await
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.fan_out(("write_zeroes", offset, len), |dev: D| async move {
+            dev.write_zeroes(offset, len).await
+        })
+        .await
+        .map(drop)
     }
 }
 
@@ -596,7 +583,10 @@ mod tests {
 
     #[test]
     fn failed_children_are_ejected_while_one_took_the_write() {
-        assert_eq!(decide(&[Good, Failed, Failed]), Decision::Ack { eject: vec![1, 2] });
+        assert_eq!(
+            decide(&[Good, Failed, Failed]),
+            Decision::Ack { eject: vec![1, 2] }
+        );
         assert_eq!(decide(&[Failed, Good]), Decision::Ack { eject: vec![0] });
     }
 
@@ -612,6 +602,9 @@ mod tests {
 
     #[test]
     fn fencing_wins_over_everything() {
-        assert_eq!(decide(&[Failed, Caller, Fenced]), Decision::Fenced { from: 2 });
+        assert_eq!(
+            decide(&[Failed, Caller, Fenced]),
+            Decision::Fenced { from: 2 }
+        );
     }
 }

@@ -51,8 +51,18 @@ impl Etcd {
         let child = Command::new(binary()?)
             .args(["--name", "t", "--data-dir"])
             .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
             .args(["--initial-cluster", &format!("t={peer}")])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("etcd.log"))?)
@@ -92,7 +102,10 @@ impl Etcd {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let req = format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n", self.port);
+        let req = format!(
+            "GET /health HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+            self.port
+        );
         if s.write_all(req.as_bytes()).is_err() {
             return false;
         }

@@ -628,9 +628,13 @@ pub fn release_fuse(fuse: &Path) {
     if let Ok(entries) = std::fs::read_dir("/sys/block") {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
+            let backing =
+                std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
             if name.starts_with("loop") && backing.trim().starts_with(&*fuse.to_string_lossy()) {
-                let _ = Command::new("losetup").arg("-d").arg(format!("/dev/{name}")).status();
+                let _ = Command::new("losetup")
+                    .arg("-d")
+                    .arg(format!("/dev/{name}"))
+                    .status();
             }
         }
     }

@@ -29,7 +29,7 @@ impl Drop for Cleanup {
 fn cluster_args(node: &NodeDir, id: &str, zone: &str, etcd: &Etcd) -> Vec<String> {
     let mut args = node.daemon_args();
     let at = args.iter().position(|a| a == "--node-id").unwrap();
-    args[at + 1] = id.to_owned();
+    id.clone_into(&mut args[at + 1]);
     args.extend(
         [
             "--etcd",
@@ -100,7 +100,10 @@ fn nodes(d: &Daemon) -> Vec<String> {
 fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
-        assert!(start.elapsed() < within, "{what} did not happen within {within:?}");
+        assert!(
+            start.elapsed() < within,
+            "{what} did not happen within {within:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -138,11 +141,27 @@ fn three_replicas_survive_a_replica_node_and_fail_over_from_the_attached_node() 
     table.success().stdout_has("zone-b").stdout_has("node-c");
 
     // Placement: too many replicas is an error naming the shortfall.
-    a.cli(["volume", "create", "toomany", "--size", "64MiB", "--replicas", "4"])
-        .expect_code(1)
-        .stderr_has("4 replicas need 4 nodes");
-    a.cli(["volume", "create", "cvol", "--size", "64MiB", "--replicas", "3"])
-        .success();
+    a.cli([
+        "volume",
+        "create",
+        "toomany",
+        "--size",
+        "64MiB",
+        "--replicas",
+        "4",
+    ])
+    .expect_code(1)
+    .stderr_has("4 replicas need 4 nodes");
+    a.cli([
+        "volume",
+        "create",
+        "cvol",
+        "--size",
+        "64MiB",
+        "--replicas",
+        "3",
+    ])
+    .success();
     let mut placed: Vec<String> = replica_states(&b).into_iter().map(|(n, _)| n).collect();
     placed.sort();
     assert_eq!(placed, ["node-a", "node-b", "node-c"]);
@@ -164,7 +183,10 @@ fn three_replicas_survive_a_replica_node_and_fail_over_from_the_attached_node() 
         states.contains(&("node-b".into(), "ejected".into())),
         "node-b should be ejected: {states:?}"
     );
-    assert!(states.contains(&("node-c".into(), "healthy".into())), "{states:?}");
+    assert!(
+        states.contains(&("node-c".into(), "healthy".into())),
+        "{states:?}"
+    );
     let inspect = a.cli(["volume", "inspect", "cvol", "-o", "json"]);
     assert_eq!(inspect.json()["state"], "degraded");
 

@@ -68,7 +68,10 @@ async fn attach_volume(
         AttachRequest::default()
     } else {
         serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(ErrorKind::InvalidArgument, format!("invalid attach request: {e}"))
+            ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!("invalid attach request: {e}"),
+            )
         })?
     };
     Ok(Json(

@@ -43,24 +43,22 @@ pub fn router(cluster: Option<Arc<Cluster>>, storage: Arc<Storage>, node: Arc<No
 }
 
 async fn list_nodes(State(st): State<NodesState>) -> Result<Json<NodeList>, ApiError> {
-    Ok(Json(match &st.cluster {
-        Some(c) => NodeList {
+    if let Some(c) = &st.cluster {
+        return Ok(Json(NodeList {
             mode: "cluster".into(),
             nodes: c.nodes().await?,
-        },
-        None => {
-            let pools = st.storage.list_pools().await?;
-            NodeList {
-                mode: "standalone".into(),
-                nodes: vec![NodeRecord {
-                    id: st.node.node_id().to_owned(),
-                    replica_addr: String::new(),
-                    zone: None,
-                    capacity_bytes: pools.iter().map(|p| p.capacity_bytes).sum(),
-                    free_bytes: pools.iter().map(|p| p.free_bytes).sum(),
-                    version: VERSION.to_owned(),
-                }],
-            }
-        }
+        }));
+    }
+    let pools = st.storage.list_pools().await?;
+    Ok(Json(NodeList {
+        mode: "standalone".into(),
+        nodes: vec![NodeRecord {
+            id: st.node.node_id().to_owned(),
+            replica_addr: String::new(),
+            zone: None,
+            capacity_bytes: pools.iter().map(|p| p.capacity_bytes).sum(),
+            free_bytes: pools.iter().map(|p| p.free_bytes).sum(),
+            version: VERSION.to_owned(),
+        }],
     }))
 }

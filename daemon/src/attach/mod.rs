@@ -98,7 +98,7 @@ impl FuseLoop {
         std::fs::create_dir_all(&self.mountpoint)?;
         let fs = Arc::new(VolumeFs::new(self.registry.clone(), self.runtime.clone()));
         let workers = std::thread::available_parallelism().map_or(4, |n| n.get().clamp(4, 16));
-        let s = Session::mount(&self.mountpoint, fs, workers)?;
+        let s = Session::mount(&self.mountpoint, &fs, workers)?;
         tracing::info!(path = %self.mountpoint.display(), workers = s.workers(), "mounted the attach FUSE filesystem");
         *session = Some(s);
         Ok(())
@@ -271,14 +271,13 @@ impl Attacher {
     /// live node and `force` is not set.
     pub fn attach_with(&self, name: &VolumeName, force: bool) -> Result<Attachment, ControlError> {
         let _op = self.ops.lock().expect("attach lock");
-        let device = match self.frontend.device(name) {
-            Some(dev) => dev,
-            None => {
-                let volume = self.source.open(name, force)?;
-                self.frontend.attach(name, volume).inspect_err(|_| {
-                    self.source.release(name);
-                })?
-            }
+        let device = if let Some(dev) = self.frontend.device(name) {
+            dev
+        } else {
+            let volume = self.source.open(name, force)?;
+            self.frontend
+                .attach(name, volume)
+                .inspect_err(|_| self.source.release(name))?
         };
         let link = self.link(name);
         std::fs::create_dir_all(&self.dev_dir)

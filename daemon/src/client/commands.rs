@@ -15,12 +15,12 @@ use volume::api::{format_size, PoolStatus, VolumeName, VolumeStatus};
 
 use crate::api::attach::{AttachRequest, DetachRequest};
 use crate::api::export::{ExportInfo, ExportRequest};
+use crate::api::nodes::NodeList;
 use crate::api::wire::{
     CreateVolumeRequest, NodeStatus, PoolList, ResizeVolumeRequest, VolumeList,
 };
 use crate::attach::Attachment;
 use crate::byte_size::ByteSize;
-use crate::api::nodes::NodeList;
 use crate::cli::{NodeCommand, OutputFormat, PoolCommand, VolumeCommand};
 use crate::client::table::{duration, key_values, utc_timestamp, Table};
 use crate::client::{ApiClient, ClientError};
@@ -166,7 +166,8 @@ pub async fn node(client: &ApiClient, command: NodeCommand) -> Result<Output, Cl
             Ok(match output.format {
                 OutputFormat::Json => json(&list.nodes),
                 OutputFormat::Table => {
-                    let mut t = Table::new(["NODE", "STATE", "ZONE", "CAPACITY", "FREE", "REPLICA-ADDR"]);
+                    let mut t =
+                        Table::new(["NODE", "STATE", "ZONE", "CAPACITY", "FREE", "REPLICA-ADDR"]);
                     for n in &list.nodes {
                         t.row([
                             n.id.clone(),

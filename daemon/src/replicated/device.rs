@@ -10,7 +10,6 @@
 //! the attachment in the cluster store first.
 
 use std::fmt;
-use std::future::Future;
 use std::sync::Arc;
 
 use replication::fence::FenceTable;
@@ -70,70 +69,47 @@ impl BlockDevice for Child {
         }
     }
 
-    fn read(&self, offset: u64, buf: IoBuf) -> impl Future<Output = BufResult> + Send {
-        async move {
-            if let Err(error) = self.fence_check("read", offset, buf.len() as u64) {
-                return Err(BufError { error, buf });
-            }
-            match self {
-                Child::Local { replica, .. } => replica.read(offset, buf).await,
-                Child::Remote(r) => r.read(offset, buf).await,
-            }
+    async fn read(&self, offset: u64, buf: IoBuf) -> BufResult {
+        if let Err(error) = self.fence_check("read", offset, buf.len() as u64) {
+            return Err(BufError { error, buf });
+        }
+        match self {
+            Child::Local { replica, .. } => replica.read(offset, buf).await,
+            Child::Remote(r) => r.read(offset, buf).await,
         }
     }
 
-    fn write(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        flags: WriteFlags,
-    ) -> impl Future<Output = BufResult> + Send {
-        async move {
-            if let Err(error) = self.fence_check("write", offset, buf.len() as u64) {
-                return Err(BufError { error, buf });
-            }
-            match self {
-                Child::Local { replica, .. } => replica.write(offset, buf, flags).await,
-                Child::Remote(r) => r.write(offset, buf, flags).await,
-            }
+    async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BufResult {
+        if let Err(error) = self.fence_check("write", offset, buf.len() as u64) {
+            return Err(BufError { error, buf });
+        }
+        match self {
+            Child::Local { replica, .. } => replica.write(offset, buf, flags).await,
+            Child::Remote(r) => r.write(offset, buf, flags).await,
         }
     }
 
-    fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send {
-        async move {
-            self.fence_check("flush", 0, 0)?;
-            match self {
-                Child::Local { replica, .. } => replica.flush().await,
-                Child::Remote(r) => r.flush().await,
-            }
+    async fn flush(&self) -> Result<(), DeviceError> {
+        self.fence_check("flush", 0, 0)?;
+        match self {
+            Child::Local { replica, .. } => replica.flush().await,
+            Child::Remote(r) => r.flush().await,
         }
     }
 
-    fn discard(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> impl Future<Output = Result<(), DeviceError>> + Send {
-        async move {
-            self.fence_check("discard", offset, len)?;
-            match self {
-                Child::Local { replica, .. } => replica.discard(offset, len).await,
-                Child::Remote(r) => r.discard(offset, len).await,
-            }
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.fence_check("discard", offset, len)?;
+        match self {
+            Child::Local { replica, .. } => replica.discard(offset, len).await,
+            Child::Remote(r) => r.discard(offset, len).await,
         }
     }
 
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> impl Future<Output = Result<(), DeviceError>> + Send {
-        async move {
-            self.fence_check("write_zeroes", offset, len)?;
-            match self {
-                Child::Local { replica, .. } => replica.write_zeroes(offset, len).await,
-                Child::Remote(r) => r.write_zeroes(offset, len).await,
-            }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.fence_check("write_zeroes", offset, len)?;
+        match self {
+            Child::Local { replica, .. } => replica.write_zeroes(offset, len).await,
+            Child::Remote(r) => r.write_zeroes(offset, len).await,
         }
     }
 }
@@ -165,61 +141,38 @@ impl BlockDevice for VolumeDevice {
         }
     }
 
-    fn read(&self, offset: u64, buf: IoBuf) -> impl Future<Output = BufResult> + Send {
-        async move {
-            match self {
-                VolumeDevice::Local(r) => r.read(offset, buf).await,
-                VolumeDevice::Replicated(n) => n.read(offset, buf).await,
-            }
+    async fn read(&self, offset: u64, buf: IoBuf) -> BufResult {
+        match self {
+            VolumeDevice::Local(r) => r.read(offset, buf).await,
+            VolumeDevice::Replicated(n) => n.read(offset, buf).await,
         }
     }
 
-    fn write(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        flags: WriteFlags,
-    ) -> impl Future<Output = BufResult> + Send {
-        async move {
-            match self {
-                VolumeDevice::Local(r) => r.write(offset, buf, flags).await,
-                VolumeDevice::Replicated(n) => n.write(offset, buf, flags).await,
-            }
+    async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BufResult {
+        match self {
+            VolumeDevice::Local(r) => r.write(offset, buf, flags).await,
+            VolumeDevice::Replicated(n) => n.write(offset, buf, flags).await,
         }
     }
 
-    fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send {
-        async move {
-            match self {
-                VolumeDevice::Local(r) => r.flush().await,
-                VolumeDevice::Replicated(n) => n.flush().await,
-            }
+    async fn flush(&self) -> Result<(), DeviceError> {
+        match self {
+            VolumeDevice::Local(r) => r.flush().await,
+            VolumeDevice::Replicated(n) => n.flush().await,
         }
     }
 
-    fn discard(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> impl Future<Output = Result<(), DeviceError>> + Send {
-        async move {
-            match self {
-                VolumeDevice::Local(r) => r.discard(offset, len).await,
-                VolumeDevice::Replicated(n) => n.discard(offset, len).await,
-            }
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        match self {
+            VolumeDevice::Local(r) => r.discard(offset, len).await,
+            VolumeDevice::Replicated(n) => n.discard(offset, len).await,
         }
     }
 
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> impl Future<Output = Result<(), DeviceError>> + Send {
-        async move {
-            match self {
-                VolumeDevice::Local(r) => r.write_zeroes(offset, len).await,
-                VolumeDevice::Replicated(n) => n.write_zeroes(offset, len).await,
-            }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        match self {
+            VolumeDevice::Local(r) => r.write_zeroes(offset, len).await,
+            VolumeDevice::Replicated(n) => n.write_zeroes(offset, len).await,
         }
     }
 }

@@ -38,8 +38,8 @@ use volume::pool::Storage;
 
 use self::device::{Child, DeviceSource, VolumeDevice};
 use self::model::{
-    node_key, volume_key, AttachmentRecord, NodeRecord, ReplicaRecord, ReplicaState,
-    VolumeRecord, NODES, VOLUMES,
+    node_key, volume_key, AttachmentRecord, NodeRecord, ReplicaRecord, ReplicaState, VolumeRecord,
+    NODES, VOLUMES,
 };
 use crate::cluster::{Kv, Store, StoreError};
 
@@ -130,7 +130,12 @@ impl Cluster {
     }
 
     async fn volume(&self, name: &str) -> Result<(VolumeRecord, u64), ControlError> {
-        match self.store.get(&volume_key(name)).await.map_err(|e| store_error(&e))? {
+        match self
+            .store
+            .get(&volume_key(name))
+            .await
+            .map_err(|e| store_error(&e))?
+        {
             Some(kv) => Ok((decode_volume(&kv)?, kv.mod_revision)),
             None => Err(ControlError::new(
                 ErrorKind::NotFound,
@@ -236,7 +241,11 @@ impl Cluster {
                 .map(|r| ReplicaStatus {
                     node_id: r.node.clone(),
                     pool_id: String::new(),
-                    allocated_bytes: if r.node == self.me.id { local_allocated } else { 0 },
+                    allocated_bytes: if r.node == self.me.id {
+                        local_allocated
+                    } else {
+                        0
+                    },
                     state: r.state.as_str().to_owned(),
                 })
                 .collect(),
@@ -284,13 +293,21 @@ impl Cluster {
         Ok(rec)
     }
 
-    async fn open_async(self: &Arc<Self>, name: &VolumeName, force: bool) -> Result<VolumeDevice, ControlError> {
+    async fn open_async(
+        self: &Arc<Self>,
+        name: &VolumeName,
+        force: bool,
+    ) -> Result<VolumeDevice, ControlError> {
         let rec = self.take_attachment(name, force).await?;
         let epoch = rec.epoch;
         let nodes = self.nodes().await?;
         let mut children = Vec::new();
         let mut unreachable = Vec::new();
-        for r in rec.placement.iter().filter(|r| r.state == ReplicaState::Healthy) {
+        for r in rec
+            .placement
+            .iter()
+            .filter(|r| r.state == ReplicaState::Healthy)
+        {
             match self.open_child(&nodes, &r.node, name, epoch).await {
                 Ok(child) => children.push(ChildSpec {
                     id: r.node.clone(),
@@ -314,7 +331,11 @@ impl Cluster {
         if !unreachable.is_empty() {
             let me = self.me.id.clone();
             self.update(name.as_str(), |rec| {
-                if rec.attachment.as_ref().is_none_or(|a| a.node != me || a.epoch != epoch) {
+                if rec
+                    .attachment
+                    .as_ref()
+                    .is_none_or(|a| a.node != me || a.epoch != epoch)
+                {
                     return Err(ControlError::new(
                         ErrorKind::FailedPrecondition,
                         format!("volume {name} was taken over during attach"),
@@ -368,7 +389,10 @@ impl Cluster {
             ControlError::new(ErrorKind::Unavailable, format!("node {node} is not live"))
         })?;
         let addr = addr.parse().map_err(|e| {
-            ControlError::new(ErrorKind::Internal, format!("node {node} has a bad address {addr}: {e}"))
+            ControlError::new(
+                ErrorKind::Internal,
+                format!("node {node} has a bad address {addr}: {e}"),
+            )
         })?;
         let opts = RemoteOptions {
             timeout: self.timeout,
@@ -377,11 +401,16 @@ impl Cluster {
         RemoteReplica::connect(addr, name.as_str(), epoch, opts)
             .await
             .map(Child::Remote)
-            .map_err(|e| ControlError::new(ErrorKind::Unavailable, format!("replica on {node}: {e}")))
+            .map_err(|e| {
+                ControlError::new(ErrorKind::Unavailable, format!("replica on {node}: {e}"))
+            })
     }
 
     async fn release_async(&self, name: &VolumeName) {
-        self.nexuses.lock().expect("nexus table lock").remove(name.as_str());
+        self.nexuses
+            .lock()
+            .expect("nexus table lock")
+            .remove(name.as_str());
         let me = self.me.id.clone();
         let r = self
             .update(name.as_str(), |rec| {
@@ -406,7 +435,11 @@ impl Cluster {
 
     /// The nexus of an attached volume, for status.
     pub fn nexus(&self, name: &str) -> Option<Arc<Nexus<Child>>> {
-        self.nexuses.lock().expect("nexus table lock").get(name).cloned()
+        self.nexuses
+            .lock()
+            .expect("nexus table lock")
+            .get(name)
+            .cloned()
     }
 }
 
@@ -467,7 +500,10 @@ impl DeviceSource for ClusterSource {
 
     fn exists(&self, name: &VolumeName) -> Result<(), ControlError> {
         let c = Arc::clone(&self.0);
-        c.runtime.clone().block_on(c.volume(name.as_str())).map(drop)
+        c.runtime
+            .clone()
+            .block_on(c.volume(name.as_str()))
+            .map(drop)
     }
 }
 
@@ -518,7 +554,11 @@ impl VolumeControl for ClusterSource {
                 }
                 return Err(ControlError::new(
                     e.kind(),
-                    format!("cannot create a replica of {} on node {node}: {}", spec.name, e.full_message()),
+                    format!(
+                        "cannot create a replica of {} on node {node}: {}",
+                        spec.name,
+                        e.full_message()
+                    ),
                 ));
             }
             created.push(node.clone());
@@ -555,7 +595,10 @@ impl VolumeControl for ClusterSource {
             }
             return Err(ControlError::new(
                 ErrorKind::Conflict,
-                format!("volume {} was created concurrently with a different spec", spec.name),
+                format!(
+                    "volume {} was created concurrently with a different spec",
+                    spec.name
+                ),
             ));
         }
         tracing::info!(volume = %spec.name, nodes = ?placement.nodes, "replicated volume created");
@@ -568,7 +611,10 @@ impl VolumeControl for ClusterSource {
         if let Some(a) = &rec.attachment {
             return Err(ControlError::new(
                 ErrorKind::FailedPrecondition,
-                format!("volume {name} is attached on node {}; detach it first", a.node),
+                format!(
+                    "volume {name} is attached on node {}; detach it first",
+                    a.node
+                ),
             ));
         }
         // Remove the record first (by revision, so a concurrent attach wins), then replicas.
@@ -647,7 +693,10 @@ fn uuid_like() -> String {
 ///
 /// # Errors
 /// The store cannot be written.
-pub async fn publish_node(cluster: &Cluster, lease: crate::cluster::LeaseId) -> Result<(), StoreError> {
+pub async fn publish_node(
+    cluster: &Cluster,
+    lease: crate::cluster::LeaseId,
+) -> Result<(), StoreError> {
     let rec = cluster.record().await;
     let value = serde_json::to_vec(&rec).expect("node record serializes");
     cluster

@@ -33,7 +33,12 @@ async fn client(addr: &str, timeout: Duration) -> Result<ReplicaClient, ControlE
 ///
 /// # Errors
 /// The peer cannot be reached or refuses.
-pub async fn create(addr: &str, volume: &str, size: u64, timeout: Duration) -> Result<(), ControlError> {
+pub async fn create(
+    addr: &str,
+    volume: &str,
+    size: u64,
+    timeout: Duration,
+) -> Result<(), ControlError> {
     client(addr, timeout)
         .await?
         .create(volume, size)

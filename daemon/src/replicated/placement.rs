@@ -58,15 +58,24 @@ pub enum PlacementError {
 ///
 /// # Errors
 /// Too few nodes, or too few with room.
-pub fn place(nodes: &[NodeRecord], replicas: usize, size: u64) -> Result<Placement, PlacementError> {
+pub fn place(
+    nodes: &[NodeRecord],
+    replicas: usize,
+    size: u64,
+) -> Result<Placement, PlacementError> {
     if nodes.len() < replicas {
         return Err(PlacementError::TooFewNodes {
             replicas,
             live: nodes.len(),
-            ids: nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>().join(", "),
+            ids: nodes
+                .iter()
+                .map(|n| n.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         });
     }
-    let mut candidates: Vec<&NodeRecord> = nodes.iter().filter(|n| n.capacity_bytes >= size).collect();
+    let mut candidates: Vec<&NodeRecord> =
+        nodes.iter().filter(|n| n.capacity_bytes >= size).collect();
     if candidates.len() < replicas {
         return Err(PlacementError::NoCapacity {
             replicas,
@@ -152,7 +161,10 @@ mod tests {
         let nodes = [node("a", None, 5), node("b", None, 50), node("c", None, 60)];
         assert_eq!(place(&nodes, 2, 10).unwrap().nodes, ["c", "b"]);
         let e = place(&nodes, 3, 10).unwrap_err();
-        assert!(matches!(e, PlacementError::NoCapacity { fit: 2, .. }), "{e:?}");
+        assert!(
+            matches!(e, PlacementError::NoCapacity { fit: 2, .. }),
+            "{e:?}"
+        );
     }
 
     #[test]

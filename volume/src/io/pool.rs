@@ -23,7 +23,10 @@ pub fn take(len: usize) -> IoBuf {
     if !(POOL_MIN..=POOL_BUF).contains(&len) {
         return IoBuf::zeroed(len);
     }
-    let pooled = POOL.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+    let pooled = POOL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .pop();
     let mut b = pooled.unwrap_or_else(|| IoBuf::zeroed(POOL_BUF));
     b.set_len(len);
     b
@@ -32,7 +35,9 @@ pub fn take(len: usize) -> IoBuf {
 /// Hand a buffer back for reuse; only pool-sized ones are kept.
 pub fn give(buf: IoBuf) {
     if buf.capacity() == POOL_BUF {
-        let mut pool = POOL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut pool = POOL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if pool.len() < POOL_KEEP {
             pool.push(buf);
         }

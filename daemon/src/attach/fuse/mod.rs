@@ -33,6 +33,8 @@ use crate::replicated::device::VolumeDevice;
 const BLOCK: u64 = 4096;
 /// Seconds the kernel may cache names and attributes.
 const TTL: u64 = 1;
+/// Open flags that make every write durable on completion.
+const SYNC_FLAGS: u32 = (libc::O_SYNC | libc::O_DSYNC).unsigned_abs();
 /// Requests the kernel may have outstanding in the background (async direct I/O).
 const MAX_BACKGROUND: u16 = 512;
 
@@ -171,8 +173,8 @@ impl VolumeFs {
                 }
                 if self.volume(ch, &h).is_some() {
                     // The handle remembers whether writes must be durable on completion.
-                    let flags = u32_at(body, 0) as i32;
-                    let sync = u64::from(flags & (libc::O_SYNC | libc::O_DSYNC) != 0);
+                    let flags = u32_at(body, 0);
+                    let sync = u64::from(flags & SYNC_FLAGS != 0);
                     let open = abi::fopen::DIRECT_IO | abi::fopen::PARALLEL_DIRECT_WRITES;
                     ch.reply(u, &[&abi::open_out(sync, open).0]);
                 }
@@ -294,7 +296,7 @@ impl VolumeFs {
             ch.error(h.unique, libc::EINVAL);
             return pool::give(data);
         }
-        let fua = fh != 0 || (flags as i32) & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        let fua = fh != 0 || flags & SYNC_FLAGS != 0;
         let ch = ch.clone();
         self.runtime.spawn(async move {
             let len = data.len() as u32;
@@ -320,7 +322,8 @@ impl VolumeFs {
         let Some(dev) = self.volume(ch, &h) else {
             return;
         };
-        let (offset, len, mode) = (u64_at(body, 8), u64_at(body, 16), u32_at(body, 24) as i32);
+        let (offset, len) = (u64_at(body, 8), u64_at(body, 16));
+        let mode = i32::from_ne_bytes(body[24..28].try_into().expect("4 bytes"));
         let end = offset.saturating_add(len).min(dev.size());
         let u = h.unique;
         if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {

@@ -60,9 +60,10 @@ impl Channel {
             iov_base: p.as_ptr().cast_mut().cast(),
             iov_len: p.len(),
         }));
-        // SAFETY: every iovec points into a live slice of the stated length; the kernel only
-        // reads from them.
-        let r = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        let count = libc::c_int::try_from(iov.len()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: every iovec points into a live slice of the stated length (and `count` never
+        // exceeds `iov.len()`); the kernel only reads from them.
+        let r = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), count) };
         if r < 0 {
             let e = io::Error::last_os_error();
             // ENOENT: the request was interrupted or the connection aborted meanwhile.
@@ -109,7 +110,7 @@ impl Session {
     ///
     /// # Errors
     /// `/dev/fuse` cannot be opened or cloned, or the mount fails.
-    pub fn mount(mountpoint: &Path, fs: Arc<VolumeFs>, workers: usize) -> io::Result<Self> {
+    pub fn mount(mountpoint: &Path, fs: &Arc<VolumeFs>, workers: usize) -> io::Result<Self> {
         let fd = open_dev()?;
         let target = cstr(mountpoint.as_os_str().as_encoded_bytes())?;
         let data = cstr(
