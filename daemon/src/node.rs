@@ -284,8 +284,15 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     let storage = Arc::new(storage);
     metrics.attach(Arc::clone(&storage));
 
+    // NBD serves local replicas directly, so it runs only on a standalone node: in cluster
+    // mode it would bypass the nexus and its fencing.
     let nbd_socket = cfg.data_dir.join(nbd::SOCKET_NAME);
-    let nbd = match NbdServer::start(Arc::clone(&storage), nbd_socket.clone(), stop_rx.clone()) {
+    let nbd = match cfg
+        .etcd
+        .is_empty()
+        .then(|| NbdServer::start(Arc::clone(&storage), nbd_socket.clone(), stop_rx.clone()))
+        .transpose()
+    {
         Ok(nbd) => nbd,
         Err(source) => {
             if let Err(e) = storage.close().await {
@@ -304,7 +311,9 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
         match start_cluster(&cfg, &storage).await {
             Ok(parts) => Some(parts),
             Err(e) => {
-                nbd.shutdown().await;
+                if let Some(nbd) = &nbd {
+                    nbd.shutdown().await;
+                }
                 if let Err(e) = storage.close().await {
                     tracing::error!(error = %crate::error_chain(&e), "storage did not close cleanly");
                 }
@@ -333,7 +342,10 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
             Arc::clone(&node),
         )),
     }
-    .merge(api::export::router(Arc::clone(&storage), Arc::clone(&nbd)));
+    .merge(match &nbd {
+        Some(nbd) => api::export::router(Arc::clone(&storage), Arc::clone(nbd)),
+        None => api::export::unavailable_router(),
+    });
     if let Some(attacher) = &attacher {
         api = api.merge(api::attach::router(Arc::clone(attacher)));
         api = api.merge(api::mount::router(Arc::clone(attacher)));
@@ -364,7 +376,9 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     if let Some(attacher) = attacher {
         let _ = tokio::task::spawn_blocking(move || attacher.shutdown()).await;
     }
-    nbd.shutdown().await;
+    if let Some(nbd) = &nbd {
+        nbd.shutdown().await;
+    }
     if let Some(p) = cluster {
         p.lease_task.abort();
         p.server.stop().await;

@@ -166,6 +166,11 @@ fn three_replicas_survive_a_replica_node_and_fail_over_from_the_attached_node() 
     placed.sort();
     assert_eq!(placed, ["node-a", "node-b", "node-c"]);
 
+    // NBD would bypass replication and fencing, so cluster mode refuses it.
+    a.cli(["volume", "export", "cvol"])
+        .expect_code(1)
+        .stderr_has("not available in cluster mode");
+
     // Attach on A and write through the real device.
     let att = a.cli(["volume", "attach", "cvol", "-o", "json"]);
     att.success();

@@ -55,6 +55,22 @@ struct ExportState {
 }
 
 /// The export route, with its own state.
+/// The export route of a node in cluster mode: NBD would bypass replication and fencing, so
+/// export is refused there with a message saying so.
+pub fn unavailable_router() -> Router {
+    Router::new().route(
+        "/v1/volumes/{name}/export",
+        post(|| async {
+            ApiError::new(
+                ErrorKind::Unimplemented,
+                "NBD export is not available in cluster mode yet (it would bypass replication \
+                 and fencing); attach the volume with `ballast volume attach` instead",
+            )
+        }),
+    )
+}
+
+/// The export route over `storage` and `nbd`.
 pub fn router(storage: Arc<Storage>, nbd: Arc<NbdServer>) -> Router {
     Router::new()
         .route("/v1/volumes/{name}/export", post(export_volume))

@@ -1,0 +1,370 @@
+//! The nexus over real local replicas (each in its own pool file), with a fault-injecting
+//! wrapper for the failures: ejection committed before the ack, a failed commit failing the
+//! write, checksum repair from a healthy child, fencing, and reads preferring the local child.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+
+use replication::nexus::{ChildSpec, ChildState, EjectFuture, Ejector, Nexus};
+use volume::api::{VolumeControl, VolumeName, VolumeSpec};
+use volume::device::{BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, WriteFlags};
+use volume::io::{probe, EngineKind, IoBuf};
+use volume::pool::{DeviceSpec, Replica, Storage, StorageConfig};
+
+const MIB: u64 = 1 << 20;
+
+/// Faults a child can be told to show.
+#[derive(Debug, Default)]
+struct Faults {
+    /// The next read fails its checksum.
+    checksum_once: AtomicBool,
+    /// Every request fails with an I/O error.
+    io: AtomicBool,
+    /// Every request is refused as fenced.
+    fenced: AtomicBool,
+    reads: AtomicU32,
+    writes: AtomicU32,
+}
+
+/// A real replica behind a fault switch.
+#[derive(Debug, Clone)]
+struct Dev {
+    replica: Replica,
+    faults: Arc<Faults>,
+}
+
+impl Dev {
+    fn fault(&self, op: &'static str, offset: u64, len: u64) -> Option<DeviceError> {
+        let kind = if self.faults.fenced.load(SeqCst) {
+            DeviceErrorKind::Fenced
+        } else if self.faults.io.load(SeqCst) {
+            DeviceErrorKind::Io
+        } else {
+            return None;
+        };
+        Some(DeviceError::new(kind, op, offset, len, "injected"))
+    }
+}
+
+impl BlockDevice for Dev {
+    fn size(&self) -> u64 {
+        self.replica.size()
+    }
+
+    async fn read(&self, offset: u64, buf: IoBuf) -> BufResult {
+        self.faults.reads.fetch_add(1, SeqCst);
+        if let Some(error) = self.fault("read", offset, buf.len() as u64) {
+            return Err(BufError { error, buf });
+        }
+        if self.faults.checksum_once.swap(false, SeqCst) {
+            let error = DeviceError::new(
+                DeviceErrorKind::Checksum,
+                "read",
+                offset,
+                buf.len() as u64,
+                "injected",
+            );
+            return Err(BufError { error, buf });
+        }
+        self.replica.read(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BufResult {
+        self.faults.writes.fetch_add(1, SeqCst);
+        if let Some(error) = self.fault("write", offset, buf.len() as u64) {
+            return Err(BufError { error, buf });
+        }
+        self.replica.write(offset, buf, flags).await
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        if let Some(e) = self.fault("flush", 0, 0) {
+            return Err(e);
+        }
+        self.replica.flush().await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        if let Some(e) = self.fault("discard", offset, len) {
+            return Err(e);
+        }
+        self.replica.discard(offset, len).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        if let Some(e) = self.fault("write_zeroes", offset, len) {
+            return Err(e);
+        }
+        self.replica.write_zeroes(offset, len).await
+    }
+}
+
+/// Records ejections; fails them while `refuse` is set.
+#[derive(Debug, Default)]
+struct Recorder {
+    ejected: Mutex<Vec<String>>,
+    refuse: AtomicBool,
+}
+
+impl Ejector for Recorder {
+    fn eject<'a>(&'a self, child: &'a str, _reason: &'a str) -> EjectFuture<'a> {
+        Box::pin(async move {
+            if self.refuse.load(SeqCst) {
+                return Err("the store is unreachable".to_owned());
+            }
+            self.ejected.lock().unwrap().push(child.to_owned());
+            Ok(())
+        })
+    }
+}
+
+/// `n` replicas of one volume, each in its own pool (a node of its own, as far as the nexus
+/// can tell).
+struct Fixture {
+    _dirs: Vec<tempfile::TempDir>,
+    storages: Vec<Arc<Storage>>,
+    devs: Vec<Dev>,
+}
+
+impl Fixture {
+    async fn new(n: usize) -> Self {
+        let base = std::env::var_os("BALLAST_TEST_DIR")
+            .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+        let (mut dirs, mut storages, mut devs) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..n {
+            let dir = tempfile::Builder::new()
+                .prefix("ballast-nexus-test-")
+                .tempdir_in(&base)
+                .unwrap();
+            let storage = Storage::open(StorageConfig {
+                devices: vec![DeviceSpec {
+                    path: dir.path().join("pool"),
+                    create_size: Some(64 * MIB),
+                }],
+                node_id: format!("n{i}"),
+                force_format: false,
+                engine: probe(EngineKind::Sync, 1).unwrap(),
+            })
+            .await
+            .unwrap();
+            let name = VolumeName::new("v").unwrap();
+            storage
+                .create_volume(VolumeSpec {
+                    name: name.clone(),
+                    size_bytes: 8 * MIB,
+                    replicas: 1,
+                })
+                .await
+                .unwrap();
+            devs.push(Dev {
+                replica: storage.replica(&name).unwrap(),
+                faults: Arc::default(),
+            });
+            storages.push(Arc::new(storage));
+            dirs.push(dir);
+        }
+        Self {
+            _dirs: dirs,
+            storages,
+            devs,
+        }
+    }
+
+    fn nexus(&self, ejector: Arc<dyn Ejector>) -> Nexus<Dev> {
+        let children = self
+            .devs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| ChildSpec {
+                id: format!("n{i}"),
+                dev: d.clone(),
+                local: i == 0,
+                state: ChildState::Healthy,
+            })
+            .collect();
+        Nexus::new("v", children, ejector)
+    }
+
+    async fn close(self) {
+        for s in &self.storages {
+            s.close().await.unwrap();
+        }
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> IoBuf {
+    let mut b = IoBuf::zeroed(len);
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (i as u8).wrapping_mul(7) ^ seed;
+    }
+    b
+}
+
+async fn read_child(d: &Dev, offset: u64, len: usize) -> Vec<u8> {
+    d.replica
+        .read(offset, IoBuf::zeroed(len))
+        .await
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test]
+async fn writes_reach_every_child_and_reads_prefer_the_local_one() {
+    let f = Fixture::new(3).await;
+    let nexus = f.nexus(Arc::new(Recorder::default()));
+    let data = pattern(1, 256 * 1024);
+    nexus
+        .write(MIB, data.clone(), WriteFlags::default())
+        .await
+        .unwrap();
+    nexus.flush().await.unwrap();
+    for d in &f.devs {
+        assert_eq!(read_child(d, MIB, data.len()).await, data.to_vec());
+    }
+    let before: Vec<u32> = f.devs.iter().map(|d| d.faults.reads.load(SeqCst)).collect();
+    let got = nexus.read(MIB, IoBuf::zeroed(data.len())).await.unwrap();
+    assert_eq!(got.to_vec(), data.to_vec());
+    assert_eq!(
+        f.devs[0].faults.reads.load(SeqCst),
+        before[0] + 1,
+        "local child serves reads"
+    );
+    assert_eq!(f.devs[1].faults.reads.load(SeqCst), before[1]);
+    f.close().await;
+}
+
+#[tokio::test]
+async fn a_failed_child_is_ejected_before_the_write_is_acknowledged() {
+    let f = Fixture::new(3).await;
+    let rec = Arc::new(Recorder::default());
+    let nexus = f.nexus(rec.clone());
+    f.devs[1].faults.io.store(true, SeqCst);
+    let data = pattern(2, 64 * 1024);
+    nexus
+        .write(0, data.clone(), WriteFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(*rec.ejected.lock().unwrap(), ["n1"]);
+    assert_eq!(nexus.children()[1].1, ChildState::Ejected);
+    assert_eq!(nexus.stats().ejections.load(SeqCst), 1);
+    // Later writes skip the ejected child; the survivors have every write.
+    let writes = f.devs[1].faults.writes.load(SeqCst);
+    nexus
+        .write(MIB, data.clone(), WriteFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(f.devs[1].faults.writes.load(SeqCst), writes);
+    for d in [&f.devs[0], &f.devs[2]] {
+        assert_eq!(read_child(d, MIB, data.len()).await, data.to_vec());
+    }
+    f.close().await;
+}
+
+#[tokio::test]
+async fn a_write_fails_when_the_ejection_cannot_be_recorded() {
+    let f = Fixture::new(2).await;
+    let rec = Arc::new(Recorder::default());
+    rec.refuse.store(true, SeqCst);
+    let nexus = f.nexus(rec.clone());
+    f.devs[1].faults.io.store(true, SeqCst);
+    let e = nexus
+        .write(0, pattern(3, 4096), WriteFlags::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.error.kind, DeviceErrorKind::Io);
+    assert!(
+        e.error.message.contains("could not be recorded"),
+        "{}",
+        e.error
+    );
+    assert_eq!(
+        nexus.children()[1].1,
+        ChildState::Healthy,
+        "not ejected without a record"
+    );
+    f.close().await;
+}
+
+#[tokio::test]
+async fn when_every_child_fails_nobody_is_ejected() {
+    let f = Fixture::new(2).await;
+    let rec = Arc::new(Recorder::default());
+    let nexus = f.nexus(rec.clone());
+    for d in &f.devs {
+        d.faults.io.store(true, SeqCst);
+    }
+    assert!(nexus
+        .write(0, pattern(4, 4096), WriteFlags::default())
+        .await
+        .is_err());
+    assert!(rec.ejected.lock().unwrap().is_empty());
+    f.close().await;
+}
+
+#[tokio::test]
+async fn a_checksum_failure_is_answered_and_repaired_from_a_healthy_child() {
+    let f = Fixture::new(2).await;
+    let nexus = f.nexus(Arc::new(Recorder::default()));
+    let data = pattern(5, 32 * 1024);
+    nexus
+        .write(0, data.clone(), WriteFlags::default())
+        .await
+        .unwrap();
+    let writes = f.devs[0].faults.writes.load(SeqCst);
+    f.devs[0].faults.checksum_once.store(true, SeqCst);
+    let got = nexus.read(0, IoBuf::zeroed(data.len())).await.unwrap();
+    assert_eq!(got.to_vec(), data.to_vec());
+    assert_eq!(nexus.stats().repairs.load(SeqCst), 1);
+    assert_eq!(
+        f.devs[0].faults.writes.load(SeqCst),
+        writes + 1,
+        "the bad copy is rewritten"
+    );
+    assert_eq!(read_child(&f.devs[0], 0, data.len()).await, data.to_vec());
+    assert_eq!(nexus.children()[0].1, ChildState::Healthy);
+    f.close().await;
+}
+
+#[tokio::test]
+async fn a_fenced_answer_stops_the_nexus_without_ejecting() {
+    let f = Fixture::new(2).await;
+    let rec = Arc::new(Recorder::default());
+    let nexus = f.nexus(rec.clone());
+    f.devs[1].faults.fenced.store(true, SeqCst);
+    let e = nexus
+        .write(0, pattern(6, 4096), WriteFlags::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.error.kind, DeviceErrorKind::Fenced);
+    assert!(nexus.is_fenced());
+    assert!(rec.ejected.lock().unwrap().is_empty());
+    // Every later request fails without reaching any child.
+    let reads = f.devs[0].faults.reads.load(SeqCst);
+    let e = nexus.read(0, IoBuf::zeroed(4096)).await.unwrap_err();
+    assert_eq!(e.error.kind, DeviceErrorKind::Fenced);
+    assert_eq!(f.devs[0].faults.reads.load(SeqCst), reads);
+    assert_eq!(
+        nexus.flush().await.unwrap_err().kind,
+        DeviceErrorKind::Fenced
+    );
+    f.close().await;
+}
+
+#[tokio::test]
+async fn caller_errors_eject_nobody() {
+    let f = Fixture::new(2).await;
+    let rec = Arc::new(Recorder::default());
+    let nexus = f.nexus(rec.clone());
+    let e = nexus
+        .write(8 * MIB, pattern(7, 4096), WriteFlags::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.error.kind, DeviceErrorKind::OutOfRange);
+    assert!(rec.ejected.lock().unwrap().is_empty());
+    assert!(nexus
+        .children()
+        .iter()
+        .all(|(_, s)| *s == ChildState::Healthy));
+    f.close().await;
+}
