@@ -220,3 +220,58 @@ fn three_replicas_survive_a_replica_node_and_fail_over_from_the_attached_node() 
     drop(c);
     drop(etcd);
 }
+
+#[test]
+fn a_stale_writer_is_fenced_after_a_forced_takeover() {
+    let etcd = Etcd::start().unwrap();
+    let dirs: Vec<NodeDir> = (0..3).map(|_| NodeDir::new().unwrap()).collect();
+    let _cleanup = Cleanup(dirs.iter().map(|d| d.data_dir().join("fuse")).collect());
+    let a = start(&dirs[0], "node-a", "zone-a", &etcd);
+    let _b = start(&dirs[1], "node-b", "zone-b", &etcd);
+    let c = start(&dirs[2], "node-c", "zone-c", &etcd);
+    wait_for("three nodes registered", Duration::from_secs(10), || {
+        nodes(&a).len() == 3
+    });
+    a.cli([
+        "volume",
+        "create",
+        "cvol",
+        "--size",
+        "64MiB",
+        "--replicas",
+        "3",
+    ])
+    .success();
+    let att = a.cli(["volume", "attach", "cvol", "-o", "json"]);
+    att.success();
+    let dev_a = att.json()["device"].as_str().unwrap().to_owned();
+    let before = pattern(1, 0, MIB);
+    write_direct(&dev_a, 0, &before).unwrap();
+
+    // Freeze A, take the volume over on C by force, then let A run again.
+    a.signal(nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let att = c.cli(["volume", "attach", "cvol", "--force", "-o", "json"]);
+    a.signal(nix::sys::signal::Signal::SIGCONT).unwrap();
+    att.success();
+    let dev_c = att.json()["device"].as_str().unwrap().to_owned();
+
+    // A's writes are refused: the surviving replicas have a newer epoch.
+    let stale = pattern(9, 0, MIB);
+    assert!(
+        write_direct(&dev_a, 0, &stale).is_err(),
+        "the old writer's write must fail once it is fenced"
+    );
+    // The new writer sees the old data, never the stale write, and keeps writing.
+    assert_eq!(read_direct(&dev_c, 0, MIB), before);
+    let after = pattern(2, MIB, MIB);
+    write_direct(&dev_c, MIB, &after).unwrap();
+    assert_eq!(read_direct(&dev_c, MIB, MIB), after);
+    // It failed because A learned it was fenced, not by accident.
+    let log = a.log();
+    assert!(
+        log.contains("newer attachment") && log.contains("stops all I/O"),
+        "node-a should report that it was fenced:\n{log}"
+    );
+    c.cli(["volume", "detach", "cvol", "--force"]).success();
+    a.cli(["volume", "detach", "cvol", "--force"]).success();
+}
