@@ -56,12 +56,16 @@ fn store_error(e: &StoreError) -> ControlError {
 }
 
 fn decode_volume(kv: &Kv) -> Result<VolumeRecord, ControlError> {
-    serde_json::from_slice(&kv.value).map_err(|e| {
+    let corrupt = |why: String| {
         ControlError::new(
             ErrorKind::Internal,
-            format!("volume record {} is corrupt: {e}", kv.key),
+            format!("volume record {} is corrupt: {why}", kv.key),
         )
-    })
+    };
+    let rec: VolumeRecord =
+        serde_json::from_slice(&kv.value).map_err(|e| corrupt(e.to_string()))?;
+    VolumeName::new(&rec.name).map_err(|e| corrupt(e.to_string()))?;
+    Ok(rec)
 }
 
 /// This node's part of the cluster.
@@ -299,6 +303,19 @@ impl Cluster {
         force: bool,
     ) -> Result<VolumeDevice, ControlError> {
         let rec = self.take_attachment(name, force).await?;
+        let opened = self.open_taken(name, &rec).await;
+        if opened.is_err() {
+            // Do not keep an attachment this node cannot serve.
+            self.release_async(name).await;
+        }
+        opened
+    }
+
+    async fn open_taken(
+        self: &Arc<Self>,
+        name: &VolumeName,
+        rec: &VolumeRecord,
+    ) -> Result<VolumeDevice, ControlError> {
         let epoch = rec.epoch;
         let nodes = self.nodes().await?;
         let mut children = Vec::new();
