@@ -133,7 +133,7 @@ fn malformed_requests_get_json_errors_naming_the_problem() {
 }
 
 #[test]
-fn more_than_one_replica_is_refused_until_replication_exists() {
+fn more_than_one_replica_on_a_standalone_node_points_to_cluster_mode() {
     let (_node, d) = start();
     let out = d.cli([
         "volume",
@@ -145,7 +145,8 @@ fn more_than_one_replica_is_refused_until_replication_exists() {
         "2",
     ]);
     out.expect_code(1)
-        .stderr_has("replication")
+        .stderr_has("needs cluster mode")
+        .stderr_has("--etcd")
         .stderr_has("1 replica");
     let r = d
         .api(

@@ -32,7 +32,7 @@ use replication::nexus::{ChildSpec, ChildState, EjectFuture, Ejector, Nexus};
 use replication::remote::{RemoteOptions, RemoteReplica};
 use volume::api::{
     round_volume_size, ControlError, ErrorKind, PoolStatus, ReplicaStatus, VolumeControl,
-    VolumeName, VolumeSpec, VolumeState, VolumeStatus,
+    VolumeName, VolumeSpec, VolumeState, VolumeStatus, MAX_REPLICAS,
 };
 use volume::pool::Storage;
 
@@ -43,8 +43,6 @@ use self::model::{
 };
 use crate::cluster::{Kv, Store, StoreError};
 
-/// The most replicas a volume may have.
-pub const MAX_REPLICAS: u8 = 5;
 /// Compare-and-swap retries before giving up on a contended record.
 const CAS_RETRIES: usize = 20;
 

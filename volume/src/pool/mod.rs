@@ -346,7 +346,9 @@ impl VolumeControl for Storage {
             return Err(ControlError::new(
                 ErrorKind::Unimplemented,
                 format!(
-                    "replicas={} needs replication, which this release does not have yet; create the volume with 1 replica",
+                    "replicas={} needs cluster mode: run the daemons with --etcd and --listen so \
+                     replicas go on distinct nodes (replicas on distinct disks of one standalone \
+                     node are not available yet), or create the volume with 1 replica",
                     spec.replicas
                 ),
             ));
