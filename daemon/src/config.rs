@@ -89,6 +89,10 @@ pub enum ConfigError {
 /// io_threads = 2
 /// force_format = false
 /// log_format = "text"      # text | json
+/// etcd = ["http://10.0.0.1:2379"]   # cluster mode; needs `listen`
+/// listen = "10.0.0.5:9471"          # where peers reach this node's replicas
+/// zone = "zone-a"
+/// lease_ttl = 5                     # seconds
 ///
 /// [[pool]]
 /// path = "/srv/ballast/pool0.img"
