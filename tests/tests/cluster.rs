@@ -124,19 +124,29 @@ fn replica_states(d: &Daemon) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Three nodes in three zones, started and registered. Declare `dirs` and the [`Cleanup`]
+/// before calling, so the daemons are killed first when the test ends.
+fn three_nodes(dirs: &[NodeDir], etcd: &Etcd) -> [Daemon; 3] {
+    let nodes_up = [
+        start(&dirs[0], "node-a", "zone-a", etcd),
+        start(&dirs[1], "node-b", "zone-b", etcd),
+        start(&dirs[2], "node-c", "zone-c", etcd),
+    ];
+    wait_for("three nodes registered", Duration::from_secs(10), || {
+        nodes(&nodes_up[0]).len() == 3
+    });
+    nodes_up
+}
+
 #[test]
 fn three_replicas_survive_a_replica_node_and_fail_over_from_the_attached_node() {
     let etcd = Etcd::start().unwrap();
     let dirs: Vec<NodeDir> = (0..3).map(|_| NodeDir::new().unwrap()).collect();
     let _cleanup = Cleanup(dirs.iter().map(|d| d.data_dir().join("fuse")).collect());
-    let mut a = start(&dirs[0], "node-a", "zone-a", &etcd);
-    let mut b = start(&dirs[1], "node-b", "zone-b", &etcd);
-    let c = start(&dirs[2], "node-c", "zone-c", &etcd);
+    let [mut a, mut b, c] = three_nodes(&dirs, &etcd);
 
     // Every node sees all three, with their zones.
-    wait_for("three nodes registered", Duration::from_secs(10), || {
-        nodes(&a).len() == 3
-    });
+    assert_eq!(nodes(&c), ["node-a", "node-b", "node-c"]);
     let table = a.cli(["node", "list"]);
     table.success().stdout_has("zone-b").stdout_has("node-c");
 
@@ -226,12 +236,7 @@ fn a_stale_writer_is_fenced_after_a_forced_takeover() {
     let etcd = Etcd::start().unwrap();
     let dirs: Vec<NodeDir> = (0..3).map(|_| NodeDir::new().unwrap()).collect();
     let _cleanup = Cleanup(dirs.iter().map(|d| d.data_dir().join("fuse")).collect());
-    let a = start(&dirs[0], "node-a", "zone-a", &etcd);
-    let _b = start(&dirs[1], "node-b", "zone-b", &etcd);
-    let c = start(&dirs[2], "node-c", "zone-c", &etcd);
-    wait_for("three nodes registered", Duration::from_secs(10), || {
-        nodes(&a).len() == 3
-    });
+    let [a, _b, c] = three_nodes(&dirs, &etcd);
     a.cli([
         "volume",
         "create",

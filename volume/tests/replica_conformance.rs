@@ -224,7 +224,11 @@ fn control_operations_and_accounting() {
             .await
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unimplemented);
-        assert!(e.message().contains("replication"), "{}", e.message());
+        assert!(
+            e.message().contains("needs cluster mode"),
+            "{}",
+            e.message()
+        );
         let e = s
             .create_volume(VolumeSpec {
                 name: other.clone(),
