@@ -148,7 +148,8 @@ pub enum ErrCode {
 }
 
 impl ErrCode {
-    const ALL: [ErrCode; 11] = [
+    /// Every code, for exhaustive tests.
+    pub const ALL: [ErrCode; 11] = [
         ErrCode::Unaligned,
         ErrCode::OutOfRange,
         ErrCode::Checksum,

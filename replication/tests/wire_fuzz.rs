@@ -62,19 +62,7 @@ fn request() -> impl Strategy<Value = Request> {
 }
 
 fn code() -> impl Strategy<Value = ErrCode> {
-    prop::sample::select(vec![
-        ErrCode::Unaligned,
-        ErrCode::OutOfRange,
-        ErrCode::Checksum,
-        ErrCode::NoSpace,
-        ErrCode::Io,
-        ErrCode::Closed,
-        ErrCode::Fenced,
-        ErrCode::NotFound,
-        ErrCode::Invalid,
-        ErrCode::NotRegistered,
-        ErrCode::Conflict,
-    ])
+    prop::sample::select(ErrCode::ALL.to_vec())
 }
 
 fn response() -> impl Strategy<Value = Response> {

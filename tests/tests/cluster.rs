@@ -124,6 +124,20 @@ fn replica_states(d: &Daemon) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Create the 3-replica volume `cvol` on `d`.
+fn create_cvol(d: &Daemon) {
+    d.cli([
+        "volume",
+        "create",
+        "cvol",
+        "--size",
+        "64MiB",
+        "--replicas",
+        "3",
+    ])
+    .success();
+}
+
 /// Three nodes in three zones, started and registered. Declare `dirs` and the [`Cleanup`]
 /// before calling, so the daemons are killed first when the test ends.
 fn three_nodes(dirs: &[NodeDir], etcd: &Etcd) -> [Daemon; 3] {
@@ -162,16 +176,7 @@ fn three_replicas_survive_a_replica_node_and_fail_over_from_the_attached_node() 
     ])
     .expect_code(1)
     .stderr_has("4 replicas need 4 nodes");
-    a.cli([
-        "volume",
-        "create",
-        "cvol",
-        "--size",
-        "64MiB",
-        "--replicas",
-        "3",
-    ])
-    .success();
+    create_cvol(&a);
     let mut placed: Vec<String> = replica_states(&b).into_iter().map(|(n, _)| n).collect();
     placed.sort();
     assert_eq!(placed, ["node-a", "node-b", "node-c"]);
@@ -237,16 +242,7 @@ fn a_stale_writer_is_fenced_after_a_forced_takeover() {
     let dirs: Vec<NodeDir> = (0..3).map(|_| NodeDir::new().unwrap()).collect();
     let _cleanup = Cleanup(dirs.iter().map(|d| d.data_dir().join("fuse")).collect());
     let [a, _b, c] = three_nodes(&dirs, &etcd);
-    a.cli([
-        "volume",
-        "create",
-        "cvol",
-        "--size",
-        "64MiB",
-        "--replicas",
-        "3",
-    ])
-    .success();
+    create_cvol(&a);
     let att = a.cli(["volume", "attach", "cvol", "-o", "json"]);
     att.success();
     let dev_a = att.json()["device"].as_str().unwrap().to_owned();
