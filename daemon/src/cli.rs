@@ -136,6 +136,16 @@ pub struct DaemonArgs {
     /// I/O, and its volumes can be taken over [default: 5].
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(2..=60))]
     pub lease_ttl: Option<u64>,
+
+    /// Copy at most this many MiB per second per replica rebuild; 0 for no limit
+    /// [default: 256].
+    #[arg(long, value_name = "MIB_PER_SEC")]
+    pub rebuild_rate: Option<u64>,
+
+    /// Replace a replica whose node has been gone this many seconds with a new one on another
+    /// node [default: 300].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub replace_after: Option<u64>,
 }
 
 /// Which I/O engine the daemon uses.

@@ -33,6 +33,10 @@ pub const DEFAULT_POOL_FILE: &str = "pool.img";
 
 /// The node lease's time to live, in seconds, when none is configured.
 pub const DEFAULT_LEASE_TTL: u64 = 5;
+/// The default rebuild throttle, MiB per second per rebuild.
+pub const DEFAULT_REBUILD_MIB_PER_SEC: u64 = 256;
+/// The default wait before a gone node's replica is replaced, in seconds.
+pub const DEFAULT_REPLACE_AFTER: u64 = 300;
 
 /// The number of data-path threads used when none is configured.
 pub const DEFAULT_IO_THREADS: u16 = 2;
@@ -93,6 +97,8 @@ pub enum ConfigError {
 /// listen = "10.0.0.5:9471"          # where peers reach this node's replicas
 /// zone = "zone-a"
 /// lease_ttl = 5                     # seconds
+/// rebuild_rate = 256                # MiB/s per rebuild; 0: no limit
+/// replace_after = 300               # seconds before a gone node's replica is replaced
 ///
 /// [[pool]]
 /// path = "/srv/ballast/pool0.img"
@@ -129,6 +135,10 @@ pub struct ConfigFile {
     pub zone: Option<String>,
     /// See `--lease-ttl`.
     pub lease_ttl: Option<u64>,
+    /// See `--rebuild-rate`.
+    pub rebuild_rate: Option<u64>,
+    /// See `--replace-after`.
+    pub replace_after: Option<u64>,
 }
 
 /// One `[[pool]]` table of the config file.
@@ -235,6 +245,10 @@ pub struct DaemonConfig {
     pub zone: Option<String>,
     /// The node lease's time to live.
     pub lease_ttl: std::time::Duration,
+    /// Rebuild throttle in bytes per second (`None`: no limit).
+    pub rebuild_rate: Option<u64>,
+    /// How long a gone node's replica waits before it is replaced.
+    pub replace_after: std::time::Duration,
 }
 
 impl DaemonConfig {
@@ -334,6 +348,18 @@ impl DaemonConfig {
                 args.lease_ttl
                     .or(file.lease_ttl)
                     .unwrap_or(DEFAULT_LEASE_TTL),
+            ),
+            rebuild_rate: Some(
+                args.rebuild_rate
+                    .or(file.rebuild_rate)
+                    .unwrap_or(DEFAULT_REBUILD_MIB_PER_SEC),
+            )
+            .filter(|&r| r > 0)
+            .map(|r| r.saturating_mul(1 << 20)),
+            replace_after: std::time::Duration::from_secs(
+                args.replace_after
+                    .or(file.replace_after)
+                    .unwrap_or(DEFAULT_REPLACE_AFTER),
             ),
         })
     }

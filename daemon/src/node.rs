@@ -166,6 +166,11 @@ async fn start_cluster(
         Arc::clone(storage),
         fence,
         REPLICA_TIMEOUT,
+        crate::replicated::RepairPolicy {
+            rate: cfg.rebuild_rate,
+            replace_after: cfg.replace_after,
+            ..crate::replicated::RepairPolicy::default()
+        },
     ));
     let lease = cluster
         .store()

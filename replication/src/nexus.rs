@@ -23,19 +23,39 @@
 //!
 //! The outcome of a fan-out is decided by [`decide`], a pure function, so the rules are
 //! tested without I/O. No lock is held across I/O: requests take a snapshot of the children.
+//!
+//! **Generations.** Every write, discard and write-zeroes gets the next volume-wide
+//! generation; writes carry it to the replicas, which record it as the generation of every
+//! extent the write touches. An ejection records `since`: every request numbered up to
+//! `since` had completed on the ejected child (it is the lowest generation still in flight,
+//! minus one). A returning replica then needs exactly the extents that changed after `since`
+//! on either side ([`plan_rebuild`]).
+//!
+//! **Rebuild** ([`Nexus::rebuild`]): writes are paused for the moment it takes to snapshot the
+//! generations of a healthy child and of the target and to make the target `Rebuilding`
+//! (from then on it takes every write). The planned extents are then copied one at a time. A
+//! copy holds its extent exclusively: it waits for writes in flight on the extent to finish,
+//! and writes that arrive meanwhile wait for the copy, so a copy never overwrites newer data.
+//! [`Nexus::reconcile`] makes the healthy children agree where a writer that died mid-write
+//! left them different, before the first I/O of a new attachment.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::SeqCst;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use tokio::sync::watch;
-use volume::device::{BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, WriteFlags};
+use tokio::sync::{watch, Notify};
+use volume::device::{
+    BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, Generations, WriteFlags,
+    GENERATION_UNKNOWN,
+};
 use volume::io::IoBuf;
+use volume::pool::format::EXTENT;
 
 /// A child's role in the nexus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,9 +99,10 @@ pub type EjectFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Sen
 /// Commits an ejection durably (in the cluster store) before writes that skipped the child
 /// are acknowledged.
 pub trait Ejector: Send + Sync + 'static {
-    /// Record that `child` no longer receives writes. An `Err` names why it could not be
+    /// Record that `child` no longer receives writes, and that it has every request up to
+    /// generation `since` (its rebuild starts there). An `Err` names why it could not be
     /// recorded; the writes that depended on it then fail.
-    fn eject<'a>(&'a self, child: &'a str, reason: &'a str) -> EjectFuture<'a>;
+    fn eject<'a>(&'a self, child: &'a str, reason: &'a str, since: u64) -> EjectFuture<'a>;
 }
 
 /// An [`Ejector`] for tests and single-node use: nothing to commit.
@@ -89,7 +110,7 @@ pub trait Ejector: Send + Sync + 'static {
 pub struct NoStore;
 
 impl Ejector for NoStore {
-    fn eject<'a>(&'a self, _child: &'a str, _reason: &'a str) -> EjectFuture<'a> {
+    fn eject<'a>(&'a self, _child: &'a str, _reason: &'a str, _since: u64) -> EjectFuture<'a> {
         Box::pin(async { Ok(()) })
     }
 }
@@ -183,7 +204,138 @@ pub struct NexusStats {
     pub repairs: AtomicU64,
     /// Children ejected.
     pub ejections: AtomicU64,
+    /// Bytes copied by rebuilds and reconciliation.
+    pub rebuild_bytes: AtomicU64,
+    /// Extents made equal by [`Nexus::reconcile`].
+    pub reconciled_extents: AtomicU64,
 }
+
+/// What a rebuild does to one extent of the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Copy the extent from a healthy child, stamping its generation.
+    Copy {
+        /// The extent index.
+        extent: u64,
+        /// The source's generation of it.
+        generation: u64,
+    },
+    /// The extent is unallocated on the healthy side: release it on the target.
+    Release {
+        /// The extent index.
+        extent: u64,
+    },
+}
+
+/// The extents a target needs to match `source`, given that it had every request up to
+/// generation `since` (0 for a new, empty replica: every allocated extent is copied).
+///
+/// An extent is copied when the source changed it after `since`, when the target changed it
+/// after `since` (a write the source never took), when the target lacks it, or when either
+/// side's generation is unknown (crash recovery). An extent the source does not have but the
+/// target does is released. Both lists must be in extent order.
+pub fn plan_rebuild(source: &Generations, target: &Generations, since: u64) -> Vec<Step> {
+    let newer = |g: u64| g > since; // GENERATION_UNKNOWN is newer than everything
+    let mut steps = Vec::new();
+    let (mut s, mut t) = (
+        source.extents.iter().peekable(),
+        target.extents.iter().peekable(),
+    );
+    loop {
+        match (s.peek(), t.peek()) {
+            (None, None) => return steps,
+            (Some(a), Some(b)) if a.extent == b.extent => {
+                if newer(a.generation) || newer(b.generation) {
+                    steps.push(Step::Copy {
+                        extent: a.extent,
+                        generation: a.generation,
+                    });
+                }
+                s.next();
+                t.next();
+            }
+            (Some(a), b) if b.is_none_or(|b| a.extent < b.extent) => {
+                steps.push(Step::Copy {
+                    extent: a.extent,
+                    generation: a.generation,
+                });
+                s.next();
+            }
+            (_, Some(b)) => {
+                steps.push(Step::Release { extent: b.extent });
+                t.next();
+            }
+            (Some(_), None) => unreachable!("an extent only the source has is copied above"),
+        }
+    }
+}
+
+/// A rebuild's progress, readable while it runs.
+#[derive(Debug, Default)]
+pub struct RebuildProgress {
+    /// Bytes the plan copies.
+    pub total_bytes: AtomicU64,
+    /// Bytes copied so far.
+    pub done_bytes: AtomicU64,
+}
+
+impl RebuildProgress {
+    /// Seconds left at the rate so far, once there is a rate.
+    pub fn eta(&self, elapsed: Duration) -> Option<Duration> {
+        let done = self.done_bytes.load(SeqCst);
+        let total = self.total_bytes.load(SeqCst);
+        if done == 0 || elapsed.is_zero() {
+            return None;
+        }
+        let rate = done as f64 / elapsed.as_secs_f64();
+        Some(Duration::from_secs_f64(
+            total.saturating_sub(done) as f64 / rate,
+        ))
+    }
+}
+
+/// What a finished rebuild did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RebuildReport {
+    /// Extents copied.
+    pub copied_extents: u64,
+    /// Bytes copied.
+    pub copied_bytes: u64,
+    /// Extents released on the target.
+    pub released_extents: u64,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+/// Why a rebuild stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    /// No such child.
+    #[error("replica {0} is not a child of this volume")]
+    NoChild(String),
+    /// The child must be ejected to start a rebuild.
+    #[error("replica {0} is {1}, not ejected")]
+    NotEjected(String, ChildState),
+    /// No healthy child to copy from.
+    #[error("no healthy replica to copy from")]
+    NoSource,
+    /// The nexus was fenced or the target failed and was ejected again.
+    #[error("the rebuild was stopped: {0}")]
+    Stopped(String),
+    /// A device failed.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
+/// Generations of the requests in flight.
+#[derive(Debug, Default)]
+struct Sequencer {
+    next: u64,
+    in_flight: BTreeSet<u64>,
+}
+
+/// "No extent is being copied."
+const NO_COPY: u64 = u64::MAX;
 
 /// One volume's replicated device.
 pub struct Nexus<D> {
@@ -193,6 +345,47 @@ pub struct Nexus<D> {
     ejector: Arc<dyn Ejector>,
     fenced: AtomicBool,
     stats: NexusStats,
+    seq: Mutex<Sequencer>,
+    /// Writes in flight per extent, so a copy can wait for them.
+    extent_writes: Vec<AtomicU32>,
+    /// The extent a rebuild is copying, or [`NO_COPY`].
+    copying: AtomicU64,
+    copy_done: Notify,
+    /// Taken shared by every changing request, exclusively while a rebuild snapshots.
+    gate: tokio::sync::RwLock<()>,
+}
+
+/// A changing request's registration: its generation and its extents; released on drop.
+struct Admitted<'a, D> {
+    nexus: &'a Nexus<D>,
+    generation: u64,
+    extents: std::ops::Range<u64>,
+}
+
+impl<D> Drop for Admitted<'_, D> {
+    fn drop(&mut self) {
+        for e in self.extents.clone() {
+            self.nexus.extent_writes[e as usize].fetch_sub(1, SeqCst);
+        }
+        self.nexus
+            .seq
+            .lock()
+            .expect("sequencer lock")
+            .in_flight
+            .remove(&self.generation);
+    }
+}
+
+/// A copy's hold on one extent; released (and waiting writes woken) on drop.
+struct ExtentLock<'a, D> {
+    nexus: &'a Nexus<D>,
+}
+
+impl<D> Drop for ExtentLock<'_, D> {
+    fn drop(&mut self) {
+        self.nexus.copying.store(NO_COPY, SeqCst);
+        self.nexus.copy_done.notify_waiters();
+    }
 }
 
 impl<D> fmt::Debug for Nexus<D> {
@@ -246,6 +439,63 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
             ejector,
             fenced: AtomicBool::new(false),
             stats: NexusStats::default(),
+            seq: Mutex::new(Sequencer {
+                next: 1,
+                in_flight: BTreeSet::new(),
+            }),
+            extent_writes: (0..size.div_ceil(EXTENT))
+                .map(|_| AtomicU32::new(0))
+                .collect(),
+            copying: AtomicU64::new(NO_COPY),
+            copy_done: Notify::new(),
+            gate: tokio::sync::RwLock::new(()),
+        }
+    }
+
+    /// The generation the next write gets.
+    pub fn next_generation(&self) -> u64 {
+        self.seq.lock().expect("sequencer lock").next
+    }
+
+    /// Every request up to this generation has completed.
+    fn completed_through(&self) -> u64 {
+        let s = self.seq.lock().expect("sequencer lock");
+        s.in_flight.first().copied().unwrap_or(s.next) - 1
+    }
+
+    /// Register a changing request on `offset..offset + len`: wait while a copy holds one of
+    /// its extents, then take the next generation.
+    async fn admit(&self, offset: u64, len: u64) -> Admitted<'_, D> {
+        let first = offset / EXTENT;
+        let end = offset
+            .saturating_add(len.max(1))
+            .div_ceil(EXTENT)
+            .min(self.extent_writes.len() as u64)
+            .max(first);
+        loop {
+            let notified = self.copy_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            for e in first..end {
+                self.extent_writes[e as usize].fetch_add(1, SeqCst);
+            }
+            let copying = self.copying.load(SeqCst);
+            if !(first..end).contains(&copying) {
+                break;
+            }
+            for e in first..end {
+                self.extent_writes[e as usize].fetch_sub(1, SeqCst);
+            }
+            notified.await;
+        }
+        let mut s = self.seq.lock().expect("sequencer lock");
+        let generation = s.next;
+        s.next += 1;
+        s.in_flight.insert(generation);
+        Admitted {
+            nexus: self,
+            generation,
+            extents: first..end,
         }
     }
 
@@ -326,7 +576,8 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         });
         if won {
             tracing::warn!(volume = %self.name, replica = %child.id, reason, "ejecting a replica");
-            match self.ejector.eject(&child.id, reason).await {
+            let since = self.completed_through();
+            match self.ejector.eject(&child.id, reason, since).await {
                 Ok(()) => {
                     self.stats.ejections.fetch_add(1, SeqCst);
                     child.state.send_replace(ChildState::Ejected);
@@ -438,6 +689,257 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         }
     }
 
+    /// Move child `id` from state `from` to `to`; whether it was in `from`.
+    pub fn transition(&self, id: &str, from: ChildState, to: ChildState) -> bool {
+        self.snapshot()
+            .iter()
+            .find(|c| c.id == id)
+            .is_some_and(|c| {
+                c.state.send_if_modified(|s| {
+                    let hit = *s == from;
+                    if hit {
+                        *s = to;
+                    }
+                    hit
+                })
+            })
+    }
+
+    /// Eject child `id` now (for example, its node is known to be gone); whether it is
+    /// ejected. A child that takes no writes is left alone.
+    pub async fn eject_child(&self, id: &str, reason: &str) -> bool {
+        match self.child(id) {
+            Some(c) if c.state().writable() => self.eject(&c, reason).await,
+            _ => false,
+        }
+    }
+
+    fn child(&self, id: &str) -> Option<Arc<Child<D>>> {
+        self.snapshot().into_iter().find(|c| c.id == id)
+    }
+
+    /// Hold extent `e` exclusively: wait until no write is in flight on it; writes arriving
+    /// meanwhile wait in [`Nexus::admit`] until the guard drops.
+    async fn lock_extent(&self, e: u64) -> ExtentLock<'_, D> {
+        self.copying.store(e, SeqCst);
+        while self.extent_writes[e as usize].load(SeqCst) != 0 {
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        ExtentLock { nexus: self }
+    }
+
+    /// The byte range of extent `e`, clipped to the volume.
+    fn extent_range(&self, e: u64) -> (u64, u64) {
+        let offset = e * EXTENT;
+        (offset, EXTENT.min(self.size.saturating_sub(offset)))
+    }
+
+    /// Make extent `e` of `target` a copy of `source`'s (or release it when `generation` is
+    /// `None`), holding the extent against writes. Returns the bytes copied.
+    async fn copy_extent(
+        &self,
+        source: Option<&Child<D>>,
+        target: &Child<D>,
+        e: u64,
+        generation: Option<u64>,
+    ) -> Result<u64, DeviceError> {
+        let (offset, len) = self.extent_range(e);
+        if len == 0 {
+            return Ok(0);
+        }
+        let _held = self.lock_extent(e).await;
+        // Releasing first makes the copy the extent's only write, so the target records the
+        // source's generation exactly (a write keeps the higher of old and new).
+        target.dev.discard(offset, len).await?;
+        let Some(generation) = generation else {
+            return Ok(0);
+        };
+        let buf = IoBuf::zeroed(len as usize);
+        let data = match source {
+            Some(c) => c.dev.read(offset, buf).await?,
+            None => self.read_impl(offset, buf).await?,
+        };
+        let flags = WriteFlags {
+            fua: false,
+            generation,
+        };
+        target.dev.write(offset, data, flags).await?;
+        self.stats.rebuild_bytes.fetch_add(len, SeqCst);
+        Ok(len)
+    }
+
+    /// Bring ejected child `id` back: copy what it missed since generation `since` (0: it is
+    /// new, copy every allocated extent) from the healthy children while I/O goes on, at most
+    /// `rate` bytes per second. On success the child is left `Rebuilding` and fully in sync;
+    /// the caller records it healthy, then calls [`Nexus::transition`] to `Healthy`. On
+    /// failure the child is ejected again.
+    ///
+    /// # Errors
+    /// No such child, it is not ejected, no healthy source, or a device failed.
+    pub async fn rebuild(
+        &self,
+        id: &str,
+        since: u64,
+        rate: Option<u64>,
+        progress: &RebuildProgress,
+    ) -> Result<RebuildReport, RebuildError> {
+        let start = Instant::now();
+        let target = self
+            .child(id)
+            .ok_or_else(|| RebuildError::NoChild(id.to_owned()))?;
+        let plan = {
+            // Writes pause while both sides are snapshotted and the target joins the writes,
+            // so each later write either is in the snapshot or reaches the target itself.
+            let _exclusive = self.gate.write().await;
+            let state = target.state();
+            if state != ChildState::Ejected {
+                return Err(RebuildError::NotEjected(id.to_owned(), state));
+            }
+            let source = self
+                .readers()
+                .into_iter()
+                .next()
+                .ok_or(RebuildError::NoSource)?;
+            let theirs = source.dev.generations().await?;
+            let ours = target.dev.generations().await?;
+            for g in [&theirs, &ours] {
+                if g.extent_size != EXTENT {
+                    return Err(RebuildError::Stopped(format!(
+                        "a replica uses {} byte extents, not {EXTENT}",
+                        g.extent_size
+                    )));
+                }
+            }
+            target.state.send_replace(ChildState::Rebuilding);
+            plan_rebuild(&theirs, &ours, since)
+        };
+        let copies = plan
+            .iter()
+            .filter(|s| matches!(s, Step::Copy { .. }))
+            .count() as u64;
+        progress.total_bytes.store(copies * EXTENT, SeqCst);
+        progress.done_bytes.store(0, SeqCst);
+        tracing::info!(volume = %self.name, replica = id, since, copy_extents = copies, release_extents = plan.len() as u64 - copies, "rebuild started");
+        let mut report = RebuildReport::default();
+        let result = async {
+            for step in &plan {
+                if self.is_fenced() || target.state() != ChildState::Rebuilding {
+                    return Err(RebuildError::Stopped(format!(
+                        "replica {id} left the rebuild (it is {})",
+                        target.state()
+                    )));
+                }
+                match *step {
+                    Step::Copy { extent, generation } => {
+                        let n = self
+                            .copy_extent(None, &target, extent, Some(generation))
+                            .await?;
+                        report.copied_extents += 1;
+                        report.copied_bytes += n;
+                        progress.done_bytes.fetch_add(EXTENT, SeqCst);
+                    }
+                    Step::Release { extent } => {
+                        self.copy_extent(None, &target, extent, None).await?;
+                        report.released_extents += 1;
+                    }
+                }
+                if let Some(rate) = rate.filter(|r| *r > 0) {
+                    let due = Duration::from_secs_f64(report.copied_bytes as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+            target.dev.flush().await?;
+            Ok(())
+        }
+        .await;
+        report.elapsed = start.elapsed();
+        match result {
+            Ok(()) => {
+                tracing::info!(volume = %self.name, replica = id, copied_bytes = report.copied_bytes, released_extents = report.released_extents, elapsed_ms = report.elapsed.as_millis() as u64, "rebuild copied everything");
+                Ok(report)
+            }
+            Err(e) => {
+                tracing::warn!(volume = %self.name, replica = id, error = %e, "rebuild stopped");
+                self.transition(id, ChildState::Rebuilding, ChildState::Ejected);
+                Err(e)
+            }
+        }
+    }
+
+    /// Make the healthy children agree on every extent and set the next generation above
+    /// every one they hold. Run before the first I/O of an attachment: a writer that died
+    /// mid-write can leave an unacknowledged write on some children and not others, and crash
+    /// recovery leaves extents whose generation is unknown. For each extent that differs, the
+    /// child with the newest known generation is copied to the others.
+    ///
+    /// # Errors
+    /// A child failed; the caller should not serve the volume.
+    pub async fn reconcile(&self) -> Result<u64, DeviceError> {
+        let children = self.readers();
+        let mut maps = Vec::with_capacity(children.len());
+        for c in &children {
+            maps.push(c.dev.generations().await?);
+        }
+        let top = maps
+            .iter()
+            .flat_map(|m| m.extents.iter().map(|e| e.generation))
+            .filter(|&g| g != GENERATION_UNKNOWN)
+            .max()
+            .unwrap_or(0);
+        {
+            let mut s = self.seq.lock().expect("sequencer lock");
+            s.next = s.next.max(top + 1);
+        }
+        if children.len() < 2 {
+            return Ok(0);
+        }
+        let mut extents: Vec<u64> = maps
+            .iter()
+            .flat_map(|m| m.extents.iter().map(|e| e.extent))
+            .collect();
+        extents.sort_unstable();
+        extents.dedup();
+        let lookup = |m: &Generations, e: u64| {
+            m.extents
+                .binary_search_by_key(&e, |x| x.extent)
+                .ok()
+                .map(|i| m.extents[i].generation)
+        };
+        let mut fixed = 0;
+        for e in extents {
+            let gens: Vec<Option<u64>> = maps.iter().map(|m| lookup(m, e)).collect();
+            let agree = gens.iter().all(|g| *g == gens[0]) && gens[0] != Some(GENERATION_UNKNOWN);
+            if agree {
+                continue;
+            }
+            // Allocated beats released, a known generation beats an unknown one, newer
+            // beats older; the local child (first) wins ties.
+            let rank = |g: Option<u64>| match g {
+                None => (0, 0),
+                Some(GENERATION_UNKNOWN) => (1, 0),
+                Some(g) => (2, g),
+            };
+            let best = (0..gens.len())
+                .rev()
+                .max_by_key(|&i| rank(gens[i]))
+                .unwrap_or(0);
+            for (i, c) in children.iter().enumerate() {
+                if i != best && (gens[i] != gens[best] || gens[i] == Some(GENERATION_UNKNOWN)) {
+                    self.copy_extent(Some(&children[best]), c, e, gens[best])
+                        .await?;
+                }
+            }
+            fixed += 1;
+        }
+        if fixed > 0 {
+            self.stats.reconciled_extents.fetch_add(fixed, SeqCst);
+            tracing::warn!(volume = %self.name, extents = fixed, "reconciled extents where replicas differed");
+        }
+        Ok(fixed)
+    }
+
     /// The healthy children in read preference order: local first.
     fn readers(&self) -> Vec<Arc<Child<D>>> {
         let mut v: Vec<_> = self
@@ -502,7 +1004,14 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         for child in bad {
             match child
                 .dev
-                .write(offset, IoBuf::from_slice(good), WriteFlags { fua: true })
+                .write(
+                    offset,
+                    IoBuf::from_slice(good),
+                    WriteFlags {
+                        fua: true,
+                        ..WriteFlags::default()
+                    },
+                )
                 .await
             {
                 Ok(_) => {
@@ -529,6 +1038,12 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> BlockDevice for Nexus<D> {
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BufResult {
         let len = buf.len() as u64;
+        let _gate = self.gate.read().await;
+        let admitted = self.admit(offset, len).await;
+        let flags = WriteFlags {
+            generation: admitted.generation,
+            ..flags
+        };
         let data = &buf;
         let r = self
             .fan_out(("write", offset, len), |dev: D| {
@@ -554,6 +1069,8 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> BlockDevice for Nexus<D> {
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        let _gate = self.gate.read().await;
+        let _admitted = self.admit(offset, len).await;
         self.fan_out(("discard", offset, len), |dev: D| async move {
             dev.discard(offset, len).await
         })
@@ -562,6 +1079,8 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> BlockDevice for Nexus<D> {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        let _gate = self.gate.read().await;
+        let _admitted = self.admit(offset, len).await;
         self.fan_out(("write_zeroes", offset, len), |dev: D| async move {
             dev.write_zeroes(offset, len).await
         })
@@ -598,6 +1117,74 @@ mod tests {
     #[test]
     fn caller_errors_eject_nobody() {
         assert_eq!(decide(&[Good, Caller, Failed]), Decision::Fail { from: 1 });
+    }
+
+    fn gens(v: &[(u64, u64)]) -> Generations {
+        Generations {
+            extent_size: EXTENT,
+            extents: v
+                .iter()
+                .map(|&(extent, generation)| volume::device::ExtentGeneration {
+                    extent,
+                    generation,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_plan_copies_what_changed_on_either_side_since_the_ejection() {
+        let source = gens(&[(0, 5), (1, 12), (2, 3), (4, 20), (6, GENERATION_UNKNOWN)]);
+        let target = gens(&[
+            (0, 5),
+            (1, 9),
+            (2, 11),
+            (3, 4),
+            (6, 2),
+            (7, GENERATION_UNKNOWN),
+        ]);
+        assert_eq!(
+            plan_rebuild(&source, &target, 10),
+            vec![
+                Step::Copy {
+                    extent: 1,
+                    generation: 12
+                },
+                Step::Copy {
+                    extent: 2,
+                    generation: 3
+                },
+                Step::Release { extent: 3 },
+                Step::Copy {
+                    extent: 4,
+                    generation: 20
+                },
+                Step::Copy {
+                    extent: 6,
+                    generation: GENERATION_UNKNOWN
+                },
+                Step::Release { extent: 7 },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_new_replica_copies_every_allocated_extent_and_nothing_else() {
+        let source = gens(&[(1, 1), (5, 2)]);
+        assert_eq!(
+            plan_rebuild(&source, &Generations::default(), 0),
+            vec![
+                Step::Copy {
+                    extent: 1,
+                    generation: 1
+                },
+                Step::Copy {
+                    extent: 5,
+                    generation: 2
+                },
+            ]
+        );
+        assert!(plan_rebuild(&source, &source, 2).is_empty());
     }
 
     #[test]

@@ -30,7 +30,10 @@ use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
-use volume::device::{BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, WriteFlags};
+use volume::device::{
+    BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, ExtentGeneration, Generations,
+    WriteFlags,
+};
 use volume::io::IoBuf;
 
 use crate::wire::{self, Request, Response, MAX_IO};
@@ -343,6 +346,7 @@ fn describe(r: &Response) -> String {
         Response::Ok => "ok".into(),
         Response::Data(d) => format!("{} bytes of data", d.len()),
         Response::Stat { .. } => "stat".into(),
+        Response::Generations { extents, .. } => format!("{} extent generations", extents.len()),
         Response::Stale { epoch } => format!("stale (epoch {epoch})"),
         Response::Error { code, message } => format!("error {code:?}: {message}"),
     }
@@ -662,6 +666,7 @@ impl BlockDevice for RemoteReplica {
             epoch: self.inner.epoch,
             offset,
             fua: flags.fua,
+            generation: flags.generation,
             data: buf,
         };
         let (result, back) = self.inner.client.conn.call(req).await;
@@ -704,6 +709,40 @@ impl BlockDevice for RemoteReplica {
             len,
         };
         self.simple(At::new("write_zeroes", offset, len), req).await
+    }
+
+    async fn generations(&self) -> Result<Generations, DeviceError> {
+        let at = At::new("generations", 0, 0);
+        let mut out = Generations::default();
+        let mut from = 0;
+        loop {
+            let req = Request::Generations {
+                volume: self.inner.volume.clone(),
+                epoch: self.inner.epoch,
+                from,
+            };
+            match self.inner.client.conn.call(req).await.0 {
+                Ok(Response::Generations {
+                    extent_size,
+                    extents,
+                    next,
+                }) => {
+                    out.extent_size = extent_size;
+                    out.extents.extend(
+                        extents
+                            .into_iter()
+                            .map(|(extent, generation)| ExtentGeneration { extent, generation }),
+                    );
+                    match next {
+                        Some(n) if n > from => from = n,
+                        Some(_) => return Err(at.io("the replica server repeated a page".into())),
+                        None => return Ok(out),
+                    }
+                }
+                Ok(other) => return Err(self.error(at, other)),
+                Err(e) => return Err(at.io(e.0)),
+            }
+        }
     }
 }
 

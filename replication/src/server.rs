@@ -31,7 +31,7 @@ use volume::io::IoBuf;
 use volume::pool::Storage;
 
 use crate::fence::{FenceError, FenceTable, RegisterError};
-use crate::wire::{self, ErrCode, Request, Response, MAX_IO};
+use crate::wire::{self, ErrCode, Request, Response, MAX_GENERATIONS, MAX_IO};
 
 /// The most requests of one connection executing at once.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -352,7 +352,8 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
         | Request::Write { .. }
         | Request::Flush { .. }
         | Request::Discard { .. }
-        | Request::WriteZeroes { .. }) => data_request(ctx, req).await,
+        | Request::WriteZeroes { .. }
+        | Request::Generations { .. }) => data_request(ctx, req).await,
     }
 }
 
@@ -370,8 +371,17 @@ async fn data_request(ctx: &Ctx, req: Request) -> Response {
             epoch,
             offset,
             fua,
+            generation,
             data,
-        } => (volume, epoch, Io::Write { offset, fua, data }),
+        } => (
+            volume,
+            epoch,
+            Io::Write {
+                offset,
+                flags: WriteFlags { fua, generation },
+                data,
+            },
+        ),
         Request::Flush { volume, epoch } => (volume, epoch, Io::Flush),
         Request::Discard {
             volume,
@@ -385,6 +395,11 @@ async fn data_request(ctx: &Ctx, req: Request) -> Response {
             offset,
             len,
         } => (volume, epoch, Io::WriteZeroes { offset, len }),
+        Request::Generations {
+            volume,
+            epoch,
+            from,
+        } => (volume, epoch, Io::Generations { from }),
         _ => return error(ErrCode::Invalid, "not a data request"),
     };
     let replica = match VolumeName::new(&volume).and_then(|n| ctx.storage.replica(&n)) {
@@ -401,11 +416,27 @@ async fn data_request(ctx: &Ctx, req: Request) -> Response {
 
 /// The device operation of a data request, without its addressing.
 enum Io {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, fua: bool, data: IoBuf },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        flags: WriteFlags,
+        data: IoBuf,
+    },
     Flush,
-    Discard { offset: u64, len: u64 },
-    WriteZeroes { offset: u64, len: u64 },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+    },
+    Generations {
+        from: u64,
+    },
 }
 
 async fn data_io(replica: &impl BlockDevice, io: Io) -> Response {
@@ -426,15 +457,34 @@ async fn data_io(replica: &impl BlockDevice, io: Io) -> Response {
                 Err(e) => device_error(&e.error),
             }
         }
-        Io::Write { offset, fua, data } => {
-            match replica.write(offset, data, WriteFlags { fua }).await {
-                Ok(_) => Response::Ok,
-                Err(e) => device_error(&e.error),
-            }
-        }
+        Io::Write {
+            offset,
+            flags,
+            data,
+        } => match replica.write(offset, data, flags).await {
+            Ok(_) => Response::Ok,
+            Err(e) => device_error(&e.error),
+        },
         Io::Flush => done(replica.flush().await),
         Io::Discard { offset, len } => done(replica.discard(offset, len).await),
         Io::WriteZeroes { offset, len } => done(replica.write_zeroes(offset, len).await),
+        Io::Generations { from } => match replica.generations().await {
+            Ok(g) => {
+                let mut rest = g
+                    .extents
+                    .iter()
+                    .skip_while(|e| e.extent < from)
+                    .map(|e| (e.extent, e.generation));
+                let extents: Vec<(u64, u64)> = rest.by_ref().take(MAX_GENERATIONS).collect();
+                let next = rest.next().map(|(i, _)| i);
+                Response::Generations {
+                    extent_size: g.extent_size,
+                    extents,
+                    next,
+                }
+            }
+            Err(e) => device_error(&e),
+        },
     }
 }
 

@@ -64,12 +64,14 @@ mod kind {
     pub const CREATE: u8 = 0x08;
     pub const DELETE: u8 = 0x09;
     pub const STAT: u8 = 0x0a;
+    pub const GENERATIONS: u8 = 0x0b;
 
     pub const OK: u8 = 0x81;
     pub const DATA: u8 = 0x82;
     pub const STAT_REPLY: u8 = 0x83;
     pub const STALE: u8 = 0x84;
     pub const ERROR: u8 = 0x85;
+    pub const GENERATIONS_REPLY: u8 = 0x86;
 }
 
 /// Why a frame could not be decoded or transferred.
@@ -258,6 +260,8 @@ pub enum Request {
         offset: u64,
         /// Force unit access.
         fua: bool,
+        /// The nexus's write generation (0: the replica numbers it).
+        generation: u64,
         /// The bytes to write, at most [`MAX_IO`].
         data: IoBuf,
     },
@@ -307,7 +311,20 @@ pub enum Request {
         /// The volume.
         volume: String,
     },
+    /// List allocated extents and their write generations, from extent `from` on; answered
+    /// with `Generations`, at most [`MAX_GENERATIONS`] extents at a time.
+    Generations {
+        /// The volume.
+        volume: String,
+        /// The attachment epoch.
+        epoch: u64,
+        /// The first extent index to report.
+        from: u64,
+    },
 }
+
+/// The most extents one `Generations` answer carries (16 bytes each).
+pub const MAX_GENERATIONS: usize = 1 << 18;
 
 /// A server's answer to one [`Request`], carrying the request's id.
 #[derive(Debug, Clone)]
@@ -322,6 +339,15 @@ pub enum Response {
         size: u64,
         /// Bytes of pool space allocated.
         allocated: u64,
+    },
+    /// The answer to `Generations`: allocated extents as `(index, generation)`, in order.
+    Generations {
+        /// The extent size in bytes.
+        extent_size: u64,
+        /// Allocated extents from the requested index on, at most [`MAX_GENERATIONS`].
+        extents: Vec<(u64, u64)>,
+        /// Where the next page starts, if there is more.
+        next: Option<u64>,
     },
     /// The request's epoch is older than the replica's: a newer attachment owns the volume.
     Stale {
@@ -475,6 +501,7 @@ impl Message for Request {
             Request::Create { .. } => kind::CREATE,
             Request::Delete { .. } => kind::DELETE,
             Request::Stat { .. } => kind::STAT,
+            Request::Generations { .. } => kind::GENERATIONS,
         }
     }
 
@@ -508,12 +535,14 @@ impl Message for Request {
                 epoch,
                 offset,
                 fua,
+                generation,
                 data,
             } => {
                 put_str(out, volume);
                 put_u64(out, *epoch);
                 put_u64(out, *offset);
                 out.push(u8::from(*fua));
+                put_u64(out, *generation);
                 out.extend_from_slice(&(data.len() as u32).to_le_bytes());
             }
             Request::Discard {
@@ -538,6 +567,15 @@ impl Message for Request {
                 put_u64(out, *size);
             }
             Request::Delete { volume } | Request::Stat { volume } => put_str(out, volume),
+            Request::Generations {
+                volume,
+                epoch,
+                from,
+            } => {
+                put_str(out, volume);
+                put_u64(out, *epoch);
+                put_u64(out, *from);
+            }
         }
     }
 
@@ -565,12 +603,14 @@ impl Message for Request {
             let epoch = f.u64("epoch")?;
             let offset = f.u64("offset")?;
             let fua = f.bool("fua")?;
+            let generation = f.u64("generation")?;
             f.finish()?;
             return Ok(Request::Write {
                 volume,
                 epoch,
                 offset,
                 fua,
+                generation,
                 data: body.into_payload(n),
             });
         }
@@ -615,6 +655,11 @@ impl Message for Request {
             kind::STAT => Request::Stat {
                 volume: f.string("volume")?,
             },
+            kind::GENERATIONS => Request::Generations {
+                volume: f.string("volume")?,
+                epoch: f.u64("epoch")?,
+                from: f.u64("from")?,
+            },
             other => return Err(WireError::UnknownKind(other)),
         };
         f.finish()?;
@@ -630,6 +675,7 @@ impl Message for Response {
             Response::Stat { .. } => kind::STAT_REPLY,
             Response::Stale { .. } => kind::STALE,
             Response::Error { .. } => kind::ERROR,
+            Response::Generations { .. } => kind::GENERATIONS_REPLY,
         }
     }
 
@@ -648,6 +694,19 @@ impl Message for Response {
                 put_u64(out, *allocated);
             }
             Response::Stale { epoch } => put_u64(out, *epoch),
+            Response::Generations {
+                extent_size,
+                extents,
+                next,
+            } => {
+                put_u64(out, *extent_size);
+                put_u64(out, next.unwrap_or(u64::MAX));
+                out.extend_from_slice(&(extents.len() as u32).to_le_bytes());
+                for &(i, g) in extents {
+                    put_u64(out, i);
+                    put_u64(out, g);
+                }
+            }
             Response::Error { code, message } => {
                 out.extend_from_slice(&code.to_u16().to_le_bytes());
                 put_str(out, message);
@@ -674,6 +733,23 @@ impl Message for Response {
             kind::STALE => Response::Stale {
                 epoch: f.u64("epoch")?,
             },
+            kind::GENERATIONS_REPLY => {
+                let extent_size = f.u64("extent_size")?;
+                let next = Some(f.u64("next")?).filter(|&n| n != u64::MAX);
+                let n = f.u32("count")? as usize;
+                if n > MAX_GENERATIONS || n * 16 > f.rest.len() {
+                    return Err(WireError::BadValue("count"));
+                }
+                let mut extents = Vec::with_capacity(n);
+                for _ in 0..n {
+                    extents.push((f.u64("extent")?, f.u64("generation")?));
+                }
+                Response::Generations {
+                    extent_size,
+                    extents,
+                    next,
+                }
+            }
             kind::ERROR => {
                 let code = ErrCode::from_u16(f.u16("code")?).ok_or(WireError::BadValue("code"))?;
                 Response::Error {
@@ -964,6 +1040,7 @@ mod tests {
             epoch: 3,
             offset: 4096,
             fua: true,
+            generation: 77,
             data,
         };
         let writer = tokio::spawn(async move {
@@ -981,10 +1058,17 @@ mod tests {
         });
         let (id, got) = read_frame::<Request, _>(&mut b).await.unwrap().unwrap();
         assert_eq!(id, 9);
-        let Request::Write { data, fua, .. } = got else {
+        let Request::Write {
+            data,
+            fua,
+            generation,
+            ..
+        } = got
+        else {
             panic!("not a write");
         };
         assert!(fua);
+        assert_eq!(generation, 77);
         assert_eq!(data.len(), 8192);
         assert_eq!(data.as_ptr() as usize % volume::io::buf::IO_ALIGN, 0);
         assert!(data.iter().all(|&x| x == 5));

@@ -1,14 +1,17 @@
 //! The nexus over real local replicas (each in its own pool file), with a fault-injecting
 //! wrapper for the failures: ejection committed before the ack, a failed commit failing the
-//! write, checksum repair from a healthy child, fencing, and reads preferring the local child.
+//! write, checksum repair from a healthy child, fencing, reads preferring the local child,
+//! delta and full rebuilds (also under concurrent writes), and reconciliation.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
-use replication::nexus::{ChildSpec, ChildState, EjectFuture, Ejector, Nexus};
+use replication::nexus::{ChildSpec, ChildState, EjectFuture, Ejector, Nexus, RebuildProgress};
 use volume::api::{VolumeControl, VolumeName, VolumeSpec};
-use volume::device::{BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, WriteFlags};
+use volume::device::{
+    BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, Generations, WriteFlags,
+};
 use volume::io::{probe, EngineKind, IoBuf};
 use volume::pool::{DeviceSpec, Replica, Storage, StorageConfig};
 
@@ -23,6 +26,9 @@ struct Faults {
     io: AtomicBool,
     /// Every request is refused as fenced.
     fenced: AtomicBool,
+    /// Writes of a whole extent (a rebuild's copies) are delayed, widening any window in
+    /// which a copy could land after a newer write.
+    slow_copies: AtomicBool,
     reads: AtomicU32,
     writes: AtomicU32,
 }
@@ -75,6 +81,9 @@ impl BlockDevice for Dev {
         if let Some(error) = self.fault("write", offset, buf.len() as u64) {
             return Err(BufError { error, buf });
         }
+        if buf.len() as u64 >= MIB && self.faults.slow_copies.load(SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        }
         self.replica.write(offset, buf, flags).await
     }
 
@@ -98,22 +107,31 @@ impl BlockDevice for Dev {
         }
         self.replica.write_zeroes(offset, len).await
     }
+
+    async fn generations(&self) -> Result<Generations, DeviceError> {
+        if let Some(e) = self.fault("generations", 0, 0) {
+            return Err(e);
+        }
+        self.replica.generations().await
+    }
 }
 
 /// Records ejections; fails them while `refuse` is set.
 #[derive(Debug, Default)]
 struct Recorder {
     ejected: Mutex<Vec<String>>,
+    since: Mutex<Vec<u64>>,
     refuse: AtomicBool,
 }
 
 impl Ejector for Recorder {
-    fn eject<'a>(&'a self, child: &'a str, _reason: &'a str) -> EjectFuture<'a> {
+    fn eject<'a>(&'a self, child: &'a str, _reason: &'a str, since: u64) -> EjectFuture<'a> {
         Box::pin(async move {
             if self.refuse.load(SeqCst) {
                 return Err("the store is unreachable".to_owned());
             }
             self.ejected.lock().unwrap().push(child.to_owned());
+            self.since.lock().unwrap().push(since);
             Ok(())
         })
     }
@@ -366,5 +384,224 @@ async fn caller_errors_eject_nobody() {
         .children()
         .iter()
         .all(|(_, s)| *s == ChildState::Healthy));
+    f.close().await;
+}
+
+/// Every byte of the volume on one child.
+async fn whole(d: &Dev) -> Vec<u8> {
+    read_child(d, 0, (8 * MIB) as usize).await
+}
+
+#[tokio::test]
+async fn a_returning_replica_gets_only_what_it_missed() {
+    let f = Fixture::new(3).await;
+    let rec = Arc::new(Recorder::default());
+    let nexus = f.nexus(rec.clone());
+    for e in 0..5 {
+        nexus
+            .write(
+                e * MIB,
+                pattern(e as u8, MIB as usize),
+                WriteFlags::default(),
+            )
+            .await
+            .unwrap();
+    }
+    // n1 fails on a write to extent 5 and is ejected; it had everything before that write.
+    f.devs[1].faults.io.store(true, SeqCst);
+    nexus
+        .write(5 * MIB, pattern(50, 8192), WriteFlags::default())
+        .await
+        .unwrap();
+    let since = rec.since.lock().unwrap()[0];
+    assert_eq!(
+        since,
+        nexus.next_generation() - 2,
+        "all but the failed write"
+    );
+    // While it is out: new extents, a rewrite, and a released extent.
+    for (e, seed) in [(6, 60), (7, 70), (1, 11)] {
+        nexus
+            .write(e * MIB, pattern(seed, 4096), WriteFlags::default())
+            .await
+            .unwrap();
+    }
+    nexus.discard(2 * MIB, MIB).await.unwrap();
+    f.devs[1].faults.io.store(false, SeqCst);
+
+    let progress = RebuildProgress::default();
+    let report = nexus.rebuild("n1", since, None, &progress).await.unwrap();
+    assert_eq!(
+        report.copied_extents, 4,
+        "extents 1, 5, 6 and 7: {report:?}"
+    );
+    assert_eq!(report.copied_bytes, 4 * MIB);
+    assert_eq!(report.released_extents, 1, "extent 2");
+    assert_eq!(progress.done_bytes.load(SeqCst), 4 * MIB);
+    assert!(nexus.transition("n1", ChildState::Rebuilding, ChildState::Healthy));
+    assert_eq!(whole(&f.devs[1]).await, whole(&f.devs[0]).await);
+    assert_eq!(
+        f.devs[1].replica.extent_generations(),
+        f.devs[0].replica.extent_generations(),
+        "the rebuilt replica records the same generations"
+    );
+    f.close().await;
+}
+
+#[tokio::test]
+async fn a_new_replica_gets_only_the_allocated_extents() {
+    let f = Fixture::new(2).await;
+    let nexus = Nexus::new(
+        "v",
+        vec![ChildSpec {
+            id: "n0".into(),
+            dev: f.devs[0].clone(),
+            local: true,
+            state: ChildState::Healthy,
+        }],
+        Arc::new(Recorder::default()),
+    );
+    for e in [0, 3, 4] {
+        nexus
+            .write(
+                e * MIB + 4096,
+                pattern(e as u8, 8192),
+                WriteFlags::default(),
+            )
+            .await
+            .unwrap();
+    }
+    nexus.upsert_child(ChildSpec {
+        id: "n1".into(),
+        dev: f.devs[1].clone(),
+        local: false,
+        state: ChildState::Ejected,
+    });
+    let report = nexus
+        .rebuild("n1", 0, None, &RebuildProgress::default())
+        .await
+        .unwrap();
+    assert_eq!(report.copied_extents, 3);
+    assert_eq!(
+        f.devs[1].replica.allocated_bytes(),
+        3 * MIB,
+        "thin on the target too"
+    );
+    assert_eq!(whole(&f.devs[1]).await, whole(&f.devs[0]).await);
+    // A second rebuild from where it is now copies nothing.
+    assert!(nexus.transition("n1", ChildState::Rebuilding, ChildState::Ejected));
+    let again = nexus
+        .rebuild(
+            "n1",
+            nexus.next_generation() - 1,
+            None,
+            &RebuildProgress::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.copied_extents, 0);
+    f.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_during_a_rebuild_are_never_overwritten_by_the_copy() {
+    let f = Fixture::new(2).await;
+    let nexus = Arc::new(Nexus::new(
+        "v",
+        vec![ChildSpec {
+            id: "n0".into(),
+            dev: f.devs[0].clone(),
+            local: true,
+            state: ChildState::Healthy,
+        }],
+        Arc::new(Recorder::default()),
+    ));
+    for e in 0..8 {
+        nexus
+            .write(
+                e * MIB,
+                pattern(e as u8, MIB as usize),
+                WriteFlags::default(),
+            )
+            .await
+            .unwrap();
+    }
+    nexus.upsert_child(ChildSpec {
+        id: "n1".into(),
+        dev: f.devs[1].clone(),
+        local: false,
+        state: ChildState::Ejected,
+    });
+    // Writers hammer every extent while the rebuild copies them, slowly.
+    f.devs[1].faults.slow_copies.store(true, SeqCst);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let (nexus, stop) = (nexus.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(SeqCst) {
+                    let e = (n * 3 + w) % 8;
+                    let off = e * MIB + ((n * 7 + w) % 64) * 16384;
+                    let seed = (100 + w * 31 + n) as u8;
+                    nexus
+                        .write(off, pattern(seed, 16384), WriteFlags::default())
+                        .await
+                        .unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let report = nexus
+        .rebuild("n1", 0, Some(16 * MIB), &RebuildProgress::default())
+        .await
+        .unwrap();
+    stop.store(true, SeqCst);
+    let mut total = 0;
+    for w in writers {
+        total += w.await.unwrap();
+    }
+    assert_eq!(report.copied_extents, 8);
+    assert!(
+        total > 20,
+        "the writers ran during the rebuild ({total} writes)"
+    );
+    assert!(nexus.transition("n1", ChildState::Rebuilding, ChildState::Healthy));
+    assert_eq!(
+        whole(&f.devs[1]).await,
+        whole(&f.devs[0]).await,
+        "the copy never overwrote a newer write"
+    );
+    f.close().await;
+}
+
+#[tokio::test]
+async fn reconcile_makes_diverged_children_agree_and_numbers_above_them() {
+    let f = Fixture::new(3).await;
+    let nexus = f.nexus(Arc::new(Recorder::default()));
+    nexus
+        .write(0, pattern(1, MIB as usize), WriteFlags::default())
+        .await
+        .unwrap();
+    // A writer that died mid-write left its last write on n2 only.
+    let flags = WriteFlags {
+        fua: false,
+        generation: 1000,
+    };
+    f.devs[2]
+        .replica
+        .write(2 * MIB, pattern(9, 4096), flags)
+        .await
+        .unwrap();
+    let fresh = f.nexus(Arc::new(Recorder::default()));
+    assert_eq!(fresh.reconcile().await.unwrap(), 1);
+    assert_eq!(fresh.next_generation(), 1001);
+    for d in &f.devs[..2] {
+        assert_eq!(whole(d).await, whole(&f.devs[2]).await);
+    }
+    assert_eq!(fresh.reconcile().await.unwrap(), 0, "nothing left to do");
+    drop(nexus);
     f.close().await;
 }

@@ -141,7 +141,14 @@ async fn write_read_round_trip() {
     ] {
         let data = blocks(first, n, tag);
         let back = r
-            .write(first * 4096, data.clone(), WriteFlags { fua: tag % 2 == 0 })
+            .write(
+                first * 4096,
+                data.clone(),
+                WriteFlags {
+                    fua: tag % 2 == 0,
+                    ..WriteFlags::default()
+                },
+            )
             .await
             .expect("write");
         assert_eq!(&back[..], &data[..], "the caller gets its buffer back");

@@ -29,15 +29,24 @@ fn request() -> impl Strategy<Value = Request> {
                 len
             }
         ),
-        (name(), any::<u64>(), any::<u64>(), any::<bool>(), data()).prop_map(
-            |(volume, epoch, offset, fua, data)| Request::Write {
-                volume,
-                epoch,
-                offset,
-                fua,
-                data
-            }
-        ),
+        (
+            name(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+            any::<u64>(),
+            data()
+        )
+            .prop_map(
+                |(volume, epoch, offset, fua, generation, data)| Request::Write {
+                    volume,
+                    epoch,
+                    offset,
+                    fua,
+                    generation,
+                    data
+                }
+            ),
         (name(), any::<u64>()).prop_map(|(volume, epoch)| Request::Flush { volume, epoch }),
         (name(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
             |(volume, epoch, offset, len)| Request::Discard {
@@ -58,6 +67,13 @@ fn request() -> impl Strategy<Value = Request> {
         (name(), any::<u64>()).prop_map(|(volume, size)| Request::Create { volume, size }),
         name().prop_map(|volume| Request::Delete { volume }),
         name().prop_map(|volume| Request::Stat { volume }),
+        (name(), any::<u64>(), any::<u64>()).prop_map(|(volume, epoch, from)| {
+            Request::Generations {
+                volume,
+                epoch,
+                from,
+            }
+        }),
     ]
 }
 
@@ -72,6 +88,16 @@ fn response() -> impl Strategy<Value = Response> {
         (any::<u64>(), any::<u64>())
             .prop_map(|(size, allocated)| Response::Stat { size, allocated }),
         any::<u64>().prop_map(|epoch| Response::Stale { epoch }),
+        (
+            any::<u64>(),
+            prop::collection::vec((any::<u64>(), any::<u64>()), 0..300),
+            prop::option::of(0..u64::MAX),
+        )
+            .prop_map(|(extent_size, extents, next)| Response::Generations {
+                extent_size,
+                extents,
+                next,
+            }),
         (code(), ".{0,80}").prop_map(|(code, message)| Response::Error { code, message }),
     ]
 }

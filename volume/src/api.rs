@@ -360,8 +360,30 @@ pub struct ReplicaStatus {
     pub pool_id: String,
     /// Bytes of the pool this replica occupies.
     pub allocated_bytes: u64,
-    /// `healthy`, `stale`, `rebuilding`, …
+    /// `healthy`, `ejected`, `rebuilding`, …
     pub state: String,
+    /// The rebuild in progress, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<RebuildStatus>,
+    /// The last rebuild that finished, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rebuild: Option<RebuildStatus>,
+}
+
+/// A replica rebuild's progress (while it runs) or outcome (once finished).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildStatus {
+    /// `delta` (a returning replica gets what it missed) or `full` (a new replica).
+    pub kind: String,
+    /// Bytes to copy.
+    pub total_bytes: u64,
+    /// Bytes copied.
+    pub done_bytes: u64,
+    /// Estimated seconds left, once there is a rate.
+    #[serde(default)]
+    pub eta_seconds: Option<u64>,
+    /// Milliseconds since it started (the whole duration once finished).
+    pub elapsed_ms: u64,
 }
 
 /// What the control plane reports about a volume.

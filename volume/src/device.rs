@@ -22,6 +22,31 @@ use crate::io::IoBuf;
 pub struct WriteFlags {
     /// Force unit access: the write is durable when it completes.
     pub fua: bool,
+    /// The volume-wide write generation that a replicated volume's nexus stamps on the write;
+    /// every extent it touches records it. Zero lets the device number the write itself.
+    pub generation: u64,
+}
+
+/// The generation crash recovery gives an extent whose last writes it cannot date: newer than
+/// any real generation, so a rebuild always copies it and never copies from it by preference.
+pub const GENERATION_UNKNOWN: u64 = u64::MAX;
+
+/// The write generation of one allocated extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtentGeneration {
+    /// The extent's index (byte offset ÷ extent size).
+    pub extent: u64,
+    /// The generation of its last write, or [`GENERATION_UNKNOWN`].
+    pub generation: u64,
+}
+
+/// A device's allocated extents with their generations: what a delta rebuild compares.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Generations {
+    /// The extent size in bytes.
+    pub extent_size: u64,
+    /// Every allocated extent, in extent order; unallocated extents read as zeros.
+    pub extents: Vec<ExtentGeneration>,
 }
 
 /// The stable kind of a data-path error.
@@ -43,6 +68,8 @@ pub enum DeviceErrorKind {
     /// The request carried an attachment epoch older than the replica's: a newer writer has
     /// taken the volume over, and this one must stop.
     Fenced,
+    /// The device does not support the operation.
+    Unsupported,
 }
 
 /// A data-path error with its context: operation, offset and length.
@@ -102,6 +129,7 @@ impl DeviceError {
             DeviceErrorKind::NoSpace => libc::ENOSPC,
             DeviceErrorKind::Closed => libc::ENODEV,
             DeviceErrorKind::Fenced => libc::EROFS,
+            DeviceErrorKind::Unsupported => libc::EOPNOTSUPP,
             DeviceErrorKind::Checksum | DeviceErrorKind::Io => libc::EIO,
         }
     }
@@ -169,4 +197,16 @@ pub trait BlockDevice: Send + Sync {
         offset: u64,
         len: u64,
     ) -> impl Future<Output = Result<(), DeviceError>> + Send;
+
+    /// The allocated extents and their write generations (for delta rebuild). Devices that
+    /// keep no generations answer [`DeviceErrorKind::Unsupported`].
+    fn generations(&self) -> impl Future<Output = Result<Generations, DeviceError>> + Send {
+        std::future::ready(Err(DeviceError::new(
+            DeviceErrorKind::Unsupported,
+            "generations",
+            0,
+            0,
+            "this device keeps no extent generations",
+        )))
+    }
 }

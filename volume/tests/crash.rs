@@ -92,9 +92,16 @@ fn child(path: &Path, iter: u64) {
                     let data: Vec<u8> = (block..block + count)
                         .flat_map(|b| pattern(b, tag(iter, i as u64)))
                         .collect();
-                    r.write(block * 4096, IoBuf::from_slice(&data), WriteFlags { fua })
-                        .await
-                        .unwrap();
+                    r.write(
+                        block * 4096,
+                        IoBuf::from_slice(&data),
+                        WriteFlags {
+                            fua,
+                            ..WriteFlags::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
                 }
                 Op::Discard { block, count } => {
                     r.discard(block * 4096, count * 4096).await.unwrap();

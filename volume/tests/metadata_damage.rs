@@ -56,7 +56,10 @@ fn damaged_superblock_a_falls_back_to_copy_b() {
             r.write(
                 0,
                 IoBuf::from_slice(&pattern(0, 1)),
-                WriteFlags { fua: true },
+                WriteFlags {
+                    fua: true,
+                    ..WriteFlags::default()
+                },
             )
             .await
             .unwrap();

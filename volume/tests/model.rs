@@ -97,9 +97,16 @@ async fn run(ops: Vec<Op>) {
                 let data: Vec<u8> = (block..block + count)
                     .flat_map(|b| block_data(b, seed))
                     .collect();
-                r.write(block * 4096, IoBuf::from_slice(&data), WriteFlags { fua })
-                    .await
-                    .unwrap();
+                r.write(
+                    block * 4096,
+                    IoBuf::from_slice(&data),
+                    WriteFlags {
+                        fua,
+                        ..WriteFlags::default()
+                    },
+                )
+                .await
+                .unwrap();
                 for b in block..block + count {
                     if fua {
                         candidates.insert(b, vec![Some(seed)]);

@@ -55,9 +55,16 @@ fn round_trip_across_extents_and_unwritten_zeros() {
                 .await
                 .unwrap();
             let big: Vec<u8> = (0..256).flat_map(|b| pattern(512 + b, 2)).collect();
-            r.write(2 * MIB, IoBuf::from_slice(&big), WriteFlags { fua: true })
-                .await
-                .unwrap();
+            r.write(
+                2 * MIB,
+                IoBuf::from_slice(&big),
+                WriteFlags {
+                    fua: true,
+                    ..WriteFlags::default()
+                },
+            )
+            .await
+            .unwrap();
             assert_eq!(read_vec(&r, 250 * 4096, data.len()).await, data);
             assert_eq!(read_vec(&r, 2 * MIB, big.len()).await, big);
             // Unwritten blocks, inside and outside allocated extents, read as zeros.

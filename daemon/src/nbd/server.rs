@@ -612,7 +612,17 @@ async fn execute(device: &Replica, req: &Request, payload: Option<IoBuf>) -> (u3
         },
         proto::CMD_WRITE => match payload {
             Some(buf) if !buf.is_empty() => {
-                match device.write(offset, buf, WriteFlags { fua }).await {
+                match device
+                    .write(
+                        offset,
+                        buf,
+                        WriteFlags {
+                            fua,
+                            ..WriteFlags::default()
+                        },
+                    )
+                    .await
+                {
                     Ok(buf) => {
                         pool::give(buf);
                         (0, None)

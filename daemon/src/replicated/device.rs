@@ -16,7 +16,9 @@ use replication::fence::FenceTable;
 use replication::nexus::Nexus;
 use replication::remote::RemoteReplica;
 use volume::api::{ControlError, VolumeName};
-use volume::device::{BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, WriteFlags};
+use volume::device::{
+    BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, Generations, WriteFlags,
+};
 use volume::io::IoBuf;
 use volume::pool::{Replica, Storage};
 
@@ -110,6 +112,14 @@ impl BlockDevice for Child {
         match self {
             Child::Local { replica, .. } => replica.write_zeroes(offset, len).await,
             Child::Remote(r) => r.write_zeroes(offset, len).await,
+        }
+    }
+
+    async fn generations(&self) -> Result<Generations, DeviceError> {
+        self.fence_check("generations", 0, 0)?;
+        match self {
+            Child::Local { replica, .. } => replica.generations().await,
+            Child::Remote(r) => r.generations().await,
         }
     }
 }

@@ -22,6 +22,9 @@ pub mod device;
 pub mod model;
 pub mod peer;
 pub mod placement;
+mod repair;
+
+pub use repair::RepairPolicy;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -38,8 +41,8 @@ use volume::pool::Storage;
 
 use self::device::{Child, DeviceSource, VolumeDevice};
 use self::model::{
-    node_key, volume_key, AttachmentRecord, NodeRecord, ReplicaRecord, ReplicaState, VolumeRecord,
-    NODES, VOLUMES,
+    node_key, volume_key, AttachmentRecord, NodeRecord, RebuildRecord, ReplicaRecord, ReplicaState,
+    VolumeRecord, NODES, VOLUMES,
 };
 use crate::cluster::{Kv, Store, StoreError};
 
@@ -75,6 +78,7 @@ pub struct Cluster {
     fence: Arc<FenceTable>,
     runtime: tokio::runtime::Handle,
     timeout: Duration,
+    repair: RepairPolicy,
     nexuses: Mutex<HashMap<String, Arc<Nexus<Child>>>>,
 }
 
@@ -87,6 +91,7 @@ impl Cluster {
         storage: Arc<Storage>,
         fence: Arc<FenceTable>,
         timeout: Duration,
+        repair: RepairPolicy,
     ) -> Self {
         Self {
             store,
@@ -95,6 +100,7 @@ impl Cluster {
             fence,
             runtime: tokio::runtime::Handle::current(),
             timeout,
+            repair,
             nexuses: Mutex::new(HashMap::new()),
         }
     }
@@ -249,6 +255,8 @@ impl Cluster {
                         0
                     },
                     state: r.state.as_str().to_owned(),
+                    rebuild: r.rebuild.as_ref().map(RebuildRecord::status),
+                    last_rebuild: r.last_rebuild.as_ref().map(RebuildRecord::status),
                 })
                 .collect(),
         }
@@ -371,11 +379,25 @@ impl Cluster {
             epoch,
         });
         let nexus = Arc::new(Nexus::new(name.as_str(), children, ejector));
+        // Before the first I/O: the healthy replicas must agree where the last writer died
+        // mid-write, and new generations must be above every one they hold.
+        nexus.reconcile().await.map_err(|e| {
+            ControlError::new(
+                ErrorKind::Unavailable,
+                format!("cannot reconcile the replicas of volume {name}: {e}"),
+            )
+        })?;
         self.nexuses
             .lock()
             .expect("nexus table lock")
             .insert(name.to_string(), Arc::clone(&nexus));
         tracing::info!(volume = %name, epoch, replicas = nexus.children().len(), "attached a replicated volume");
+        tokio::spawn(repair::run(
+            Arc::clone(self),
+            name.clone(),
+            epoch,
+            Arc::downgrade(&nexus),
+        ));
         Ok(VolumeDevice::Replicated(nexus))
     }
 
@@ -467,7 +489,7 @@ struct StoreEjector {
 }
 
 impl Ejector for StoreEjector {
-    fn eject<'a>(&'a self, child: &'a str, reason: &'a str) -> EjectFuture<'a> {
+    fn eject<'a>(&'a self, child: &'a str, reason: &'a str, since: u64) -> EjectFuture<'a> {
         Box::pin(async move {
             let me = self.cluster.me.id.clone();
             self.cluster
@@ -482,17 +504,21 @@ impl Ejector for StoreEjector {
                             "this node no longer holds the attachment",
                         ));
                     }
-                    for r in &mut rec.placement {
-                        if r.node == child {
-                            r.state = ReplicaState::Ejected;
-                        }
+                    for r in rec.placement.iter_mut().filter(|r| r.node == child) {
+                        // A replica that was not in sync keeps the older starting point.
+                        r.since = match r.state {
+                            ReplicaState::Healthy => since,
+                            _ => r.since.min(since),
+                        };
+                        r.state = ReplicaState::Ejected;
+                        r.rebuild = None;
                     }
                     Ok(())
                 })
                 .await
                 .map(drop)
                 .map_err(|e| e.full_message())?;
-            tracing::warn!(volume = %self.volume, replica = child, reason, "ejection recorded");
+            tracing::warn!(volume = %self.volume, replica = child, reason, since, "ejection recorded");
             Ok(())
         })
     }
@@ -587,10 +613,7 @@ impl VolumeControl for ClusterSource {
             placement: placement
                 .nodes
                 .iter()
-                .map(|n| ReplicaRecord {
-                    node: n.clone(),
-                    state: ReplicaState::Healthy,
-                })
+                .map(|n| ReplicaRecord::healthy(n))
                 .collect(),
             attachment: None,
             epoch: 0,

@@ -76,6 +76,60 @@ pub struct ReplicaRecord {
     pub node: String,
     /// Its state.
     pub state: ReplicaState,
+    /// When not healthy: it has every write up to this generation, so a rebuild copies only
+    /// the extents changed after it (0: copy every allocated extent).
+    #[serde(default)]
+    pub since: u64,
+    /// The rebuild in progress, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<RebuildRecord>,
+    /// The last rebuild that finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rebuild: Option<RebuildRecord>,
+}
+
+impl ReplicaRecord {
+    /// A healthy replica on `node`.
+    pub fn healthy(node: &str) -> Self {
+        Self {
+            node: node.to_owned(),
+            state: ReplicaState::Healthy,
+            since: 0,
+            rebuild: None,
+            last_rebuild: None,
+        }
+    }
+}
+
+impl RebuildRecord {
+    /// As the control plane reports it.
+    pub fn status(&self) -> volume::api::RebuildStatus {
+        volume::api::RebuildStatus {
+            kind: self.kind.clone(),
+            total_bytes: self.total_bytes,
+            done_bytes: self.done_bytes,
+            eta_seconds: self.eta_seconds,
+            elapsed_ms: self.elapsed_ms,
+        }
+    }
+}
+
+/// A rebuild's progress (while it runs) or outcome (when it finished).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildRecord {
+    /// `delta` (a returning replica) or `full` (a new one).
+    pub kind: String,
+    /// Bytes the plan copies.
+    pub total_bytes: u64,
+    /// Bytes copied so far.
+    pub done_bytes: u64,
+    /// Seconds left at the rate so far, when known.
+    #[serde(default)]
+    pub eta_seconds: Option<u64>,
+    /// Milliseconds since the rebuild started (or its whole duration, once finished).
+    pub elapsed_ms: u64,
+    /// Seconds since the Unix epoch at the last update.
+    pub updated_at: u64,
 }
 
 /// The writer attachment of a volume.

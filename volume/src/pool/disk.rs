@@ -48,6 +48,7 @@ use super::metadata::{
 use super::stats::IoCounters;
 use super::PoolError;
 use crate::api::VolumeName;
+use crate::device::GENERATION_UNKNOWN;
 use crate::io::{IoBuf, IoEngine, IoFile, IoOp, IoRequest, Segment};
 
 /// Commits without writes after which an extent leaves the open set.
@@ -582,7 +583,9 @@ impl Disk {
                     .expect("decode checked owners");
                 vol.set_mapping(e.logical, p as u32);
                 vol.allocated_extents.fetch_add(1, SeqCst);
-                vol.seq.fetch_max(e.generation, SeqCst);
+                if e.generation != GENERATION_UNKNOWN {
+                    vol.seq.fetch_max(e.generation, SeqCst);
+                }
                 self.ext[p].generation.store(e.generation, SeqCst);
                 self.ext[p].committed.store(true, SeqCst);
             }
@@ -607,6 +610,8 @@ impl Disk {
                     self.mark_dirty(b);
                 }
             }
+            // Which writes it holds is unknown: a rebuild must copy it.
+            self.ext[p].generation.store(GENERATION_UNKNOWN, SeqCst);
             recovered += 1;
         }
         {

@@ -257,6 +257,8 @@ impl Storage {
                 pool_id: uuid::Uuid::from_bytes(disk.sb.disk_uuid).to_string(),
                 allocated_bytes: allocated,
                 state: "healthy".into(),
+                rebuild: None,
+                last_rebuild: None,
             }],
         }
     }

@@ -18,7 +18,10 @@ use std::time::Instant;
 use super::disk::{encode_crc, push_segment, AllocError, Disk, VolRt, UNMAPPED};
 use super::format::{BLOCK, BLOCKS_PER_EXTENT, EXTENT};
 use super::PoolError;
-use crate::device::{BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, WriteFlags};
+use crate::device::{
+    BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, ExtentGeneration, Generations,
+    WriteFlags, GENERATION_UNKNOWN,
+};
 use crate::io::{IoBuf, IoOp, IoRequest};
 
 /// How many times a read whose checksum raced with a write is retried.
@@ -124,6 +127,23 @@ impl Replica {
     /// Bytes of pool space the replica occupies.
     pub fn allocated_bytes(&self) -> u64 {
         self.vol.allocated_extents.load(SeqCst) * EXTENT
+    }
+
+    /// The allocated extents and the generation of each one's last write.
+    pub fn extent_generations(&self) -> Generations {
+        let extents = self.vol.size.load(SeqCst).div_ceil(EXTENT);
+        Generations {
+            extent_size: EXTENT,
+            extents: (0..extents)
+                .filter_map(|logical| {
+                    let p = self.vol.lookup(logical);
+                    (p != UNMAPPED).then(|| ExtentGeneration {
+                        extent: logical,
+                        generation: self.disk.ext[p as usize].generation.load(SeqCst),
+                    })
+                })
+                .collect(),
+        }
     }
 
     /// Checksum mismatches seen on this volume's reads.
@@ -359,7 +379,14 @@ impl Replica {
             self.disk.ext[p as usize].begin_write(&entries).await;
             registered.groups.push((p, entries));
         }
-        let generation = self.vol.seq.fetch_add(1, SeqCst) + 1;
+        let generation = if flags.generation == 0 {
+            self.vol.seq.fetch_add(1, SeqCst) + 1
+        } else {
+            if flags.generation != GENERATION_UNKNOWN {
+                self.vol.seq.fetch_max(flags.generation, SeqCst);
+            }
+            flags.generation
+        };
         let req = IoRequest {
             op: IoOp::Write { dsync: false },
             file: self.disk.file().clone(),
@@ -414,7 +441,11 @@ impl Replica {
                         self.disk
                             .set_csum((base + lb % BLOCKS_PER_EXTENT) as usize, 0);
                     }
-                    self.disk.ext[p as usize].version.fetch_add(1, SeqCst);
+                    let e = &self.disk.ext[p as usize];
+                    e.version.fetch_add(1, SeqCst);
+                    // Zeroed blocks are a change a delta rebuild must carry.
+                    e.generation
+                        .fetch_max(self.vol.seq.fetch_add(1, SeqCst) + 1, SeqCst);
                 }
             }
             pos = ext_end;
@@ -482,5 +513,10 @@ impl BlockDevice for Replica {
             .discard
             .record(len, start.elapsed(), r.is_ok());
         r
+    }
+
+    async fn generations(&self) -> Result<Generations, DeviceError> {
+        self.check("generations", 0, BLOCK)?;
+        Ok(self.extent_generations())
     }
 }

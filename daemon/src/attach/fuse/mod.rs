@@ -300,7 +300,17 @@ impl VolumeFs {
         let ch = ch.clone();
         self.runtime.spawn(async move {
             let len = data.len() as u32;
-            match dev.write(offset, data, WriteFlags { fua }).await {
+            match dev
+                .write(
+                    offset,
+                    data,
+                    WriteFlags {
+                        fua,
+                        ..WriteFlags::default()
+                    },
+                )
+                .await
+            {
                 Ok(buf) => {
                     let mut out = abi::Out::with_capacity(8);
                     out.u32(len).u32(0);
