@@ -601,17 +601,25 @@ impl Disk {
             )
             .await
             .map_err(self.io_err("read"))?;
+            // Whether writes reached the extent after its last commit: then its recorded
+            // generation does not cover them (and writes to blocks the metadata still calls
+            // zero are dropped), so a rebuild must copy it whatever the generations say.
+            let mut changed = false;
             for (k, b) in Self::block_range(p as u32).enumerate() {
+                let block = &data[k * BLOCK as usize..(k + 1) * BLOCK as usize];
                 if self.csums[b].load(SeqCst) == 0 {
+                    changed |= block.iter().any(|&x| x != 0);
                     continue;
                 }
-                let c = encode_crc(&data[k * BLOCK as usize..(k + 1) * BLOCK as usize]);
+                let c = encode_crc(block);
                 if self.csums[b].swap(c, SeqCst) != c {
                     self.mark_dirty(b);
+                    changed = true;
                 }
             }
-            // Which writes it holds is unknown: a rebuild must copy it.
-            self.ext[p].generation.store(GENERATION_UNKNOWN, SeqCst);
+            if changed {
+                self.ext[p].generation.store(GENERATION_UNKNOWN, SeqCst);
+            }
             recovered += 1;
         }
         {
