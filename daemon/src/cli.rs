@@ -206,6 +206,10 @@ pub enum VolumeCommand {
     Inspect {
         /// The volume name.
         name: String,
+        /// Follow it: redraw every second with a progress bar per rebuilding replica, until
+        /// every replica is healthy (or Ctrl-C). With `-o json`, one JSON object per line.
+        #[arg(long, short = 'w')]
+        watch: bool,
         /// Output format.
         #[command(flatten)]
         output: OutputArgs,

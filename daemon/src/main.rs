@@ -5,13 +5,13 @@
 //! one `error: …` line) and 0 after a clean SIGTERM/SIGINT shutdown; client commands exit with
 //! the codes of [`daemon::client::exit_code`].
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use daemon::cli::{Cli, Command, DEFAULT_API_SOCKET};
+use daemon::cli::{Cli, Command, VolumeCommand, DEFAULT_API_SOCKET};
 use daemon::client::{commands, exit_code, ApiClient, ClientError};
 use daemon::config::DaemonConfig;
 use daemon::{error_chain, logging, node};
@@ -62,6 +62,19 @@ fn run_client(command: Command, socket: &Path) -> ExitCode {
     let client = ApiClient::new(socket);
     let result: Result<String, ClientError> = runtime.block_on(async {
         match command {
+            Command::Volume(VolumeCommand::Inspect {
+                name,
+                watch: true,
+                output,
+            }) => {
+                let tty = std::io::stdout().is_terminal();
+                let mut emit = |frame: &str| {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(frame.as_bytes());
+                    let _ = out.flush();
+                };
+                commands::watch_volume(&client, &name, output.format, tty, &mut emit).await
+            }
             Command::Volume(c) => commands::volume(&client, c).await,
             Command::Pool(c) => commands::pool(&client, c).await,
             Command::Status(o) => commands::status(&client, o.format).await,

@@ -25,6 +25,23 @@
 //! | `ballast_volume_io_latency_seconds` | histogram | `volume`, `op` |
 //! | `ballast_volume_checksum_errors_total` | counter | `volume` |
 //!
+//! In cluster mode, also (the cluster's view, the same on every node; aggregate with `max`):
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `ballast_replica_state` | gauge (0/1) | `volume`, `node`, `state` |
+//! | `ballast_rebuild_total_bytes` | gauge | `volume`, `node` (rebuilding replicas) |
+//! | `ballast_rebuild_done_bytes` | gauge | `volume`, `node` |
+//! | `ballast_rebuild_eta_seconds` | gauge | `volume`, `node` |
+//!
+//! and for the volumes attached on this node:
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `ballast_nexus_repairs_total` | counter | `volume` (blocks repaired after checksum failures) |
+//! | `ballast_nexus_ejections_total` | counter | `volume` |
+//! | `ballast_nexus_rebuild_bytes_total` | counter | `volume` |
+//!
 //! `op` is `read`, `write`, `flush` or `discard` (discard and write-zeroes together).
 //! Storage metrics appear once storage is open; before that only the daemon's own are there.
 
@@ -44,6 +61,8 @@ use volume::pool::stats::{OpStats, VolumeIoStats, LATENCY_BUCKETS_SECONDS};
 use volume::pool::Storage;
 
 use crate::node_info::{NodeInfo, Phase, VERSION};
+use crate::replicated::model::{ReplicaState, VolumeRecord};
+use crate::replicated::Cluster;
 
 /// The content type of [`MetricsExporter::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -65,6 +84,7 @@ impl IoStatsSource for Storage {
 pub struct MetricsExporter<S> {
     node: Arc<NodeInfo>,
     storage: OnceLock<Arc<S>>,
+    cluster: OnceLock<Arc<Cluster>>,
 }
 
 impl<S: VolumeControl + IoStatsSource> MetricsExporter<S> {
@@ -73,7 +93,13 @@ impl<S: VolumeControl + IoStatsSource> MetricsExporter<S> {
         Self {
             node,
             storage: OnceLock::new(),
+            cluster: OnceLock::new(),
         }
+    }
+
+    /// Report the cluster's replica states and this node's nexuses from now on.
+    pub fn attach_cluster(&self, cluster: Arc<Cluster>) {
+        let _ = self.cluster.set(cluster);
     }
 
     /// Report `storage`'s metrics from now on. Only the first call has an effect.
@@ -90,6 +116,10 @@ impl<S: VolumeControl + IoStatsSource> MetricsExporter<S> {
             uptime_seconds: self.node.uptime().as_secs_f64(),
             storage: match self.storage.get() {
                 Some(storage) => Some(StorageScrape::gather(storage.as_ref()).await),
+                None => None,
+            },
+            cluster: match self.cluster.get() {
+                Some(c) => Some(ClusterScrape::gather(c).await),
                 None => None,
             },
         };
@@ -111,6 +141,121 @@ struct Scrape {
     ready: bool,
     uptime_seconds: f64,
     storage: Option<StorageScrape>,
+    cluster: Option<ClusterScrape>,
+}
+
+/// The cluster part of a scrape.
+#[derive(Debug)]
+struct ClusterScrape {
+    volumes: Vec<VolumeRecord>,
+    nexuses: Vec<(String, [u64; 3])>,
+}
+
+impl ClusterScrape {
+    async fn gather(cluster: &Cluster) -> Self {
+        let volumes = cluster.volume_records().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e.full_message(), "metrics: cannot list volume records");
+            Vec::new()
+        });
+        let nexuses = cluster
+            .nexus_stats()
+            .into_iter()
+            .map(|(name, n)| {
+                let s = n.stats();
+                let get =
+                    |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                (
+                    name,
+                    [get(&s.repairs), get(&s.ejections), get(&s.rebuild_bytes)],
+                )
+            })
+            .collect();
+        Self { volumes, nexuses }
+    }
+
+    fn encode(&self, enc: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let states = [
+            ReplicaState::Healthy,
+            ReplicaState::Rebuilding,
+            ReplicaState::Ejected,
+        ];
+        gauge(
+            enc,
+            "replica_state",
+            "1 for each replica's current state (healthy, rebuilding, ejected), 0 for the others.",
+            None,
+            self.volumes.iter().flat_map(|v| {
+                v.placement.iter().flat_map(move |r| {
+                    states.map(|s| {
+                        (
+                            [
+                                ("volume", v.name.clone()),
+                                ("node", r.node.clone()),
+                                ("state", s.as_str().to_owned()),
+                            ],
+                            u64::from(r.state == s),
+                        )
+                    })
+                })
+            }),
+        )?;
+        let rebuilding = || {
+            self.volumes.iter().flat_map(|v| {
+                v.placement.iter().filter_map(move |r| {
+                    r.rebuild
+                        .as_ref()
+                        .map(|b| ([("volume", v.name.clone()), ("node", r.node.clone())], b))
+                })
+            })
+        };
+        gauge(
+            enc,
+            "rebuild_total",
+            "Bytes the running rebuild of a replica copies.",
+            Some(&Unit::Bytes),
+            rebuilding().map(|(l, b)| (l, b.total_bytes)),
+        )?;
+        gauge(
+            enc,
+            "rebuild_done",
+            "Bytes the running rebuild of a replica has copied.",
+            Some(&Unit::Bytes),
+            rebuilding().map(|(l, b)| (l, b.done_bytes)),
+        )?;
+        gauge(
+            enc,
+            "rebuild_eta",
+            "Estimated seconds until the running rebuild of a replica finishes.",
+            Some(&Unit::Seconds),
+            rebuilding().filter_map(|(l, b)| b.eta_seconds.map(|e| (l, e))),
+        )?;
+        let nexus = |i: usize| {
+            self.nexuses
+                .iter()
+                .map(move |(name, v)| ([("volume", name.as_str())], v[i]))
+        };
+        counter(
+            enc,
+            "nexus_repairs",
+            "Blocks of an attached volume rewritten from a healthy replica after a checksum failure.",
+            None,
+            nexus(0),
+        )?;
+        counter(
+            enc,
+            "nexus_ejections",
+            "Replicas of an attached volume ejected.",
+            None,
+            nexus(1),
+        )?;
+        counter(
+            enc,
+            "nexus_rebuild",
+            "Bytes copied by rebuilds and reconciliation of an attached volume.",
+            Some(&Unit::Bytes),
+            nexus(2),
+        )
+    }
 }
 
 /// The storage part of a scrape. A part the engine fails to report is left out (and logged)
@@ -172,6 +317,9 @@ impl Collector for Scrape {
         )?;
         if let Some(storage) = &self.storage {
             storage.encode(&mut enc)?;
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.encode(&mut enc)?;
         }
         Ok(())
     }

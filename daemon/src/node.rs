@@ -326,6 +326,9 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
             }
         }
     };
+    if let Some(p) = &cluster {
+        metrics.attach_cluster(Arc::clone(&p.cluster));
+    }
     let source: Arc<dyn DeviceSource> = match &cluster {
         Some(p) => Arc::new(ClusterSource(Arc::clone(&p.cluster))),
         None => Arc::new(LocalSource::new(Arc::clone(&storage))),

@@ -44,9 +44,13 @@ async fn writes_record_generations_and_recovery_marks_uncommitted_extents_unknow
             .await
             .unwrap();
         // Unstamped writes number themselves above everything seen.
-        r.write(2 * MIB, IoBuf::from_slice(&[4; 4096]), WriteFlags::default())
-            .await
-            .unwrap();
+        r.write(
+            2 * MIB,
+            IoBuf::from_slice(&[4; 4096]),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!(gens(&r), [(0, 40), (1, 41), (2, 42)]);
         // Zeroing part of an extent is a change too.
         r.write_zeroes(4096, 4096).await.unwrap();

@@ -69,7 +69,7 @@ pub async fn volume(client: &ApiClient, command: VolumeCommand) -> Result<Output
                 OutputFormat::Table => volume_table(&list.volumes),
             })
         }
-        VolumeCommand::Inspect { name, output } => {
+        VolumeCommand::Inspect { name, output, .. } => {
             let name = validate_name(&name)?;
             let volume: VolumeStatus = client.get(&volume_path(&name)).await?;
             Ok(match output.format {
@@ -296,6 +296,101 @@ fn volume_table(volumes: &[VolumeStatus]) -> Output {
     t.render()
 }
 
+/// Follow `name` until every replica is healthy: each second, `emit` gets a frame (a screen
+/// redraw on a terminal, a line per change otherwise, a JSON object per line with
+/// `json`). Returns the last frame's summary line.
+///
+/// # Errors
+/// The name is invalid or the daemon answers with an error.
+pub async fn watch_volume(
+    client: &ApiClient,
+    name: &str,
+    format: OutputFormat,
+    tty: bool,
+    emit: &mut dyn FnMut(&str),
+) -> Result<Output, ClientError> {
+    let name = validate_name(name)?;
+    let mut last = String::new();
+    loop {
+        let v: VolumeStatus = client.get(&volume_path(&name)).await?;
+        let done = v.replica_status.iter().all(|r| r.state == "healthy");
+        let frame = match format {
+            OutputFormat::Json => json(&v),
+            OutputFormat::Table if tty => format!("\x1b[H\x1b[2J{}", volume_details(&v)),
+            OutputFormat::Table => progress_lines(&v),
+        };
+        if frame != last {
+            emit(&frame);
+            last = frame;
+        }
+        if done {
+            return Ok(match format {
+                OutputFormat::Json => String::new(),
+                OutputFormat::Table => format!("volume {name}: every replica is healthy\n"),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// A bar of `width` characters, `done` of `total` filled.
+fn bar(done: u64, total: u64, width: usize) -> String {
+    let filled = if total == 0 {
+        width
+    } else {
+        ((done.min(total) as f64 / total as f64) * width as f64).round() as usize
+    };
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
+}
+
+/// One line per replica: its state, and a progress bar while it is rebuilt.
+fn progress_lines(v: &VolumeStatus) -> Output {
+    let mut out = String::new();
+    for r in &v.replica_status {
+        let _ = write!(out, "{} {}: {}", v.name, r.node_id, r.state);
+        if let Some(b) = &r.rebuild {
+            let _ = write!(
+                out,
+                " {} {} / {} {}",
+                bar(b.done_bytes, b.total_bytes, 30),
+                format_size(b.done_bytes),
+                format_size(b.total_bytes),
+                percent(b.done_bytes, b.total_bytes),
+            );
+            if let Some(eta) = b.eta_seconds {
+                let _ = write!(out, " eta {}", duration(eta));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The rebuild column of a replica: progress while it runs, else the last one's outcome.
+fn rebuild_cell(r: &volume::api::ReplicaStatus) -> String {
+    if let Some(b) = &r.rebuild {
+        let eta = b
+            .eta_seconds
+            .map(|e| format!(" eta {}", duration(e)))
+            .unwrap_or_default();
+        return format!(
+            "{} {} {}{eta}",
+            b.kind,
+            bar(b.done_bytes, b.total_bytes, 20),
+            percent(b.done_bytes, b.total_bytes)
+        );
+    }
+    match &r.last_rebuild {
+        Some(b) => format!(
+            "last: {} {} in {:.1}s",
+            b.kind,
+            format_size(b.done_bytes),
+            b.elapsed_ms as f64 / 1000.0
+        ),
+        None => "-".to_owned(),
+    }
+}
+
 fn volume_details(v: &VolumeStatus) -> Output {
     let mut out = key_values(&[
         ("name", v.name.to_string()),
@@ -317,13 +412,14 @@ fn volume_details(v: &VolumeStatus) -> Output {
         ("created", utc_timestamp(v.created_at)),
     ]);
     if !v.replica_status.is_empty() {
-        let mut t = Table::new(["NODE", "POOL", "ALLOCATED", "STATE"]);
+        let mut t = Table::new(["NODE", "POOL", "ALLOCATED", "STATE", "REBUILD"]);
         for r in &v.replica_status {
             t.row([
                 r.node_id.clone(),
                 r.pool_id.clone(),
                 format_size(r.allocated_bytes),
                 r.state.clone(),
+                rebuild_cell(r),
             ]);
         }
         out.push_str("\nreplicas:\n");

@@ -470,6 +470,32 @@ impl Cluster {
         }
     }
 
+    /// Every volume record in the store.
+    ///
+    /// # Errors
+    /// The store cannot be read, or a record is corrupt.
+    pub async fn volume_records(&self) -> Result<Vec<VolumeRecord>, ControlError> {
+        let kvs = self
+            .store
+            .list(VOLUMES)
+            .await
+            .map_err(|e| store_error(&e))?;
+        kvs.iter().map(decode_volume).collect()
+    }
+
+    /// The counters of every nexus on this node, by volume name.
+    pub fn nexus_stats(&self) -> Vec<(String, Arc<Nexus<Child>>)> {
+        let mut v: Vec<_> = self
+            .nexuses
+            .lock()
+            .expect("nexus table lock")
+            .iter()
+            .map(|(k, n)| (k.clone(), Arc::clone(n)))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     /// The nexus of an attached volume, for status.
     pub fn nexus(&self, name: &str) -> Option<Arc<Nexus<Child>>> {
         self.nexuses
