@@ -460,3 +460,62 @@ fn pool_table(pools: &[PoolStatus]) -> Output {
     }
     t.render()
 }
+
+#[cfg(test)]
+mod tests {
+    use volume::api::{RebuildStatus, ReplicaStatus, VolumeState};
+
+    use super::*;
+
+    fn replica(node: &str, state: &str, rebuild: Option<RebuildStatus>) -> ReplicaStatus {
+        ReplicaStatus {
+            node_id: node.into(),
+            pool_id: String::new(),
+            allocated_bytes: 0,
+            state: state.into(),
+            rebuild,
+            last_rebuild: None,
+        }
+    }
+
+    #[test]
+    fn bars_fill_in_proportion_and_never_overflow() {
+        assert_eq!(bar(0, 100, 10), "[----------]");
+        assert_eq!(bar(50, 100, 10), "[#####-----]");
+        assert_eq!(bar(150, 100, 4), "[####]");
+        assert_eq!(bar(0, 0, 4), "[####]", "nothing to copy is done");
+    }
+
+    #[test]
+    fn a_rebuilding_replica_shows_progress_and_eta() {
+        let v = VolumeStatus {
+            id: "id".into(),
+            name: VolumeName::new("db").unwrap(),
+            size_bytes: 1 << 30,
+            replicas: 2,
+            allocated_bytes: 0,
+            state: VolumeState::Degraded,
+            created_at: 0,
+            replica_status: vec![
+                replica("a", "healthy", None),
+                replica(
+                    "b",
+                    "rebuilding",
+                    Some(RebuildStatus {
+                        kind: "delta".into(),
+                        total_bytes: 8 << 20,
+                        done_bytes: 2 << 20,
+                        eta_seconds: Some(3),
+                        elapsed_ms: 1000,
+                    }),
+                ),
+            ],
+        };
+        let lines = progress_lines(&v);
+        assert!(lines.starts_with("db a: healthy\n"), "{lines}");
+        assert!(lines.contains("db b: rebuilding [########---"), "{lines}");
+        assert!(lines.contains("2 MiB / 8 MiB 25.0%"), "{lines}");
+        assert!(lines.contains("eta 3s"), "{lines}");
+        assert!(volume_details(&v).contains("delta [#####"), "{}", volume_details(&v));
+    }
+}
