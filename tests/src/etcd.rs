@@ -1,5 +1,6 @@
 //! A real etcd for cluster tests: one member on free loopback ports in a temporary
-//! directory, started by the test and killed when the handle drops (also on a panic).
+//! directory, started by the test and killed when the handle drops (also on a panic). A test
+//! may [`Etcd::stop`] it (an outage) and [`Etcd::restart`] it on the same data and ports.
 //!
 //! etcd comes from Debian's `etcd-server` package, which `scripts/test` installs; without it
 //! the tests fail with a message that says so (they are never skipped). `BALLAST_TEST_ETCD`
@@ -29,11 +30,46 @@ fn binary() -> Result<PathBuf> {
     bail!("etcd is not installed; run `apt-get install etcd-server` (scripts/test does)")
 }
 
+fn spawn(dir: &tempfile::TempDir, listen: &str, url: &str, peer: &str) -> Result<Child> {
+    // Appends, so the log of a restarted etcd keeps the earlier run's.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.path().join("etcd.log"))?;
+    Command::new(binary()?)
+        .args(["--name", "t", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args([
+            "--listen-client-urls",
+            listen,
+            "--advertise-client-urls",
+            url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+        ])
+        .args(["--initial-cluster", &format!("t={peer}")])
+        // One local member: a short election timeout makes a (re)start elect itself within
+        // ~0.2 s instead of ~1 s, so an outage can be kept shorter than a node's lease.
+        .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("cannot start etcd; run `apt-get install etcd-server`")
+}
+
 /// A running etcd member.
 #[derive(Debug)]
 pub struct Etcd {
     child: Child,
+    running: bool,
     url: String,
+    /// Every client URL etcd listens on (`url` first).
+    client_urls: String,
+    peer: String,
     port: u16,
     dir: tempfile::TempDir,
 }
@@ -44,47 +80,83 @@ impl Etcd {
     /// # Errors
     /// etcd is missing, exits, or does not answer within 20 s.
     pub fn start() -> Result<Self> {
+        Self::start_also_on(None)
+    }
+
+    /// [`Etcd::start`], listening for clients on `also` too (same port), e.g. the host end of
+    /// a veth pair so that a daemon in a network namespace can reach it; see [`Etcd::url_on`].
+    ///
+    /// # Errors
+    /// See [`Etcd::start`].
+    pub fn start_also_on(also: Option<std::net::IpAddr>) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let url = format!("http://127.0.0.1:{port}");
+        let client_urls = match also {
+            Some(ip) => format!("{url},http://{ip}:{port}"),
+            None => url.clone(),
+        };
         let peer = format!("http://127.0.0.1:{}", free_port()?);
-        let child = Command::new(binary()?)
-            .args(["--name", "t", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("t={peer}")])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("etcd.log"))?)
-            .spawn()
-            .context("cannot start etcd; run `apt-get install etcd-server`")?;
+        let child = spawn(&dir, &client_urls, &url, &peer)?;
         let mut etcd = Self {
             child,
+            running: true,
             url,
+            client_urls,
+            peer,
             port,
             dir,
         };
+        etcd.wait_healthy()?;
+        Ok(etcd)
+    }
+
+    /// The client URL on `ip` (one given to [`Etcd::start_also_on`]).
+    pub fn url_on(&self, ip: std::net::IpAddr) -> String {
+        format!("http://{ip}:{}", self.port)
+    }
+
+    /// SIGKILL etcd (an outage: clients see refused connections) and reap it. Its data dir
+    /// and ports stay reserved for [`Etcd::restart`].
+    ///
+    /// # Errors
+    /// `kill(2)` or `wait(2)` fails.
+    pub fn stop(&mut self) -> Result<()> {
+        if self.running {
+            self.child.kill().context("kill etcd")?;
+            self.child.wait().context("wait for etcd")?;
+            self.running = false;
+        }
+        Ok(())
+    }
+
+    /// Start etcd again on the same data dir and ports (after [`Etcd::stop`]) and wait
+    /// until it is healthy.
+    ///
+    /// # Errors
+    /// It is still running, or it does not start; see [`Etcd::start`].
+    pub fn restart(&mut self) -> Result<()> {
+        if self.running {
+            bail!("etcd is still running");
+        }
+        self.child = spawn(&self.dir, &self.client_urls, &self.url, &self.peer)?;
+        self.running = true;
+        self.wait_healthy()
+    }
+
+    fn wait_healthy(&mut self) -> Result<()> {
         let start = Instant::now();
-        while !etcd.healthy() {
-            if let Some(status) = etcd.child.try_wait()? {
-                bail!("etcd exited with {status}:\n{}", etcd.log());
+        while !self.healthy() {
+            if let Some(status) = self.child.try_wait()? {
+                self.running = false;
+                bail!("etcd exited with {status}:\n{}", self.log());
             }
             if start.elapsed() > Duration::from_secs(20) {
-                bail!("etcd did not become healthy within 20s:\n{}", etcd.log());
+                bail!("etcd did not become healthy within 20s:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(etcd)
+        Ok(())
     }
 
     /// The client URL, for `--etcd`.
@@ -117,7 +189,6 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.stop();
     }
 }

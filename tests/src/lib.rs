@@ -13,6 +13,9 @@
 //!   runs, also while a failing test unwinds, and then prints the daemon's log.
 //!   Daemons log at `info`, or at `$BALLAST_TEST_LOG` (a `RUST_LOG` filter) when set.
 //! - [`run_cli`] runs one CLI command and captures its exit code, stdout and stderr.
+//! - [`etcd`] runs a real etcd (stoppable and restartable); [`cluster`] starts three-node
+//!   clusters and cuts the network (`iptables`, network namespaces); [`workload`] is a
+//!   verifying writer that finds every acknowledged write after a scenario.
 //!
 //! Declare a `NodeDir` before the `Daemon`s that use it: locals drop in reverse order, so the
 //! daemons are killed before their directories are removed.
@@ -29,7 +32,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod cluster;
 pub mod etcd;
+pub mod workload;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tempfile::TempDir;
@@ -200,6 +205,28 @@ impl Daemon {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Self::spawn_wrapped(node, &[], args)
+    }
+
+    /// [`Daemon::spawn`] inside the network namespace `netns`, through `ip netns exec` (which
+    /// execs the daemon, so [`Daemon::pid`] and killing work as usual). The daemon's
+    /// `--http` and `--listen` addresses must be reachable in `netns`.
+    ///
+    /// # Errors
+    /// The process cannot be started.
+    pub fn spawn_in_netns<I, S>(node: &NodeDir, netns: &str, args: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Self::spawn_wrapped(node, &["ip", "netns", "exec", netns], args)
+    }
+
+    fn spawn_wrapped<I, S>(node: &NodeDir, wrapper: &[&str], args: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let log = node.scratch(&format!(
             "daemon-{}.log",
@@ -208,7 +235,15 @@ impl Daemon {
         let out = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
         let err = out.try_clone()?;
-        let child = Command::new(ballast_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(ballast_bin());
+                c
+            }
+            None => Command::new(ballast_bin()),
+        };
+        let child = command
             .args(args)
             .env_remove("BALLAST_API_SOCKET")
             .env(

@@ -3,160 +3,23 @@
 //! replica node with no I/O error, and failover of the attached node (refused while its lease
 //! lives, allowed once it expired) with every acknowledged write present.
 
-use std::fs::OpenOptions;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use integration_tests::cluster::{
+    attach, create_volume, node_dirs, nodes, pattern, read_direct, replica_states, three_nodes,
+    wait_for, write_direct, Cleanup, MIB,
+};
 use integration_tests::etcd::Etcd;
-use integration_tests::{release_fuse, Daemon, NodeDir};
 
-const MIB: usize = 1 << 20;
-
-/// Cleans up every node's attachments, even when the test fails.
-struct Cleanup(Vec<PathBuf>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for fuse in &self.0 {
-            release_fuse(fuse);
-        }
-        let _ = std::fs::remove_file("/dev/ballast/cvol");
-    }
-}
-
-fn cluster_args(node: &NodeDir, id: &str, zone: &str, etcd: &Etcd) -> Vec<String> {
-    let mut args = node.daemon_args();
-    let at = args.iter().position(|a| a == "--node-id").unwrap();
-    id.clone_into(&mut args[at + 1]);
-    args.extend(
-        [
-            "--etcd",
-            etcd.url(),
-            "--listen",
-            "127.0.0.1:0",
-            "--zone",
-            zone,
-            "--lease-ttl",
-            "3",
-        ]
-        .map(String::from),
-    );
-    args
-}
-
-fn start(node: &NodeDir, id: &str, zone: &str, etcd: &Etcd) -> Daemon {
-    let mut d = Daemon::spawn(node, cluster_args(node, id, zone, etcd)).unwrap();
-    d.wait_ready(Duration::from_secs(30)).unwrap();
-    d
-}
-
-/// A deterministic, position-dependent pattern (so misplaced blocks are caught too).
-fn pattern(seed: u8, offset: usize, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| {
-            let p = offset + i;
-            (p as u8) ^ ((p >> 12) as u8).wrapping_mul(31) ^ seed
-        })
-        .collect()
-}
-
-fn write_direct(dev: &str, offset: usize, data: &[u8]) -> std::io::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)?;
-    f.seek(SeekFrom::Start(offset as u64))?;
-    let mut buf = volume::io::IoBuf::zeroed(data.len());
-    buf.copy_from_slice(data);
-    f.write_all(&buf)?;
-    f.sync_all()
-}
-
-fn read_direct(dev: &str, offset: usize, len: usize) -> Vec<u8> {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .unwrap();
-    f.seek(SeekFrom::Start(offset as u64)).unwrap();
-    let mut buf = volume::io::IoBuf::zeroed(len);
-    f.read_exact(&mut buf).unwrap();
-    buf.to_vec()
-}
-
-fn nodes(d: &Daemon) -> Vec<String> {
-    let out = d.cli(["node", "list", "-o", "json"]);
-    out.success();
-    out.json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
-fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(
-            start.elapsed() < within,
-            "{what} did not happen within {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn replica_states(d: &Daemon) -> Vec<(String, String)> {
-    let out = d.cli(["volume", "inspect", "cvol", "-o", "json"]);
-    out.success();
-    out.json()["replica_status"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["node_id"].as_str().unwrap().to_owned(),
-                r["state"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
-/// Create the 3-replica volume `cvol` on `d`.
-fn create_cvol(d: &Daemon) {
-    d.cli([
-        "volume",
-        "create",
-        "cvol",
-        "--size",
-        "64MiB",
-        "--replicas",
-        "3",
-    ])
-    .success();
-}
-
-/// Three nodes in three zones, started and registered. Declare `dirs` and the [`Cleanup`]
-/// before calling, so the daemons are killed first when the test ends.
-fn three_nodes(dirs: &[NodeDir], etcd: &Etcd) -> [Daemon; 3] {
-    let nodes_up = [
-        start(&dirs[0], "node-a", "zone-a", etcd),
-        start(&dirs[1], "node-b", "zone-b", etcd),
-        start(&dirs[2], "node-c", "zone-c", etcd),
-    ];
-    wait_for("three nodes registered", Duration::from_secs(10), || {
-        nodes(&nodes_up[0]).len() == 3
-    });
-    nodes_up
+fn create_cvol(d: &integration_tests::Daemon) {
+    create_volume(d, "cvol");
 }
 
 #[test]
 fn three_replicas_survive_a_replica_node_and_fail_over_from_the_attached_node() {
     let etcd = Etcd::start().unwrap();
-    let dirs: Vec<NodeDir> = (0..3).map(|_| NodeDir::new().unwrap()).collect();
-    let _cleanup = Cleanup(dirs.iter().map(|d| d.data_dir().join("fuse")).collect());
+    let dirs = node_dirs(3);
+    let _cleanup = Cleanup::new(&dirs, &["cvol"]);
     let [mut a, mut b, c] = three_nodes(&dirs, &etcd);
 
     // Every node sees all three, with their zones.
@@ -177,7 +40,10 @@ fn three_replicas_survive_a_replica_node_and_fail_over_from_the_attached_node() 
     .expect_code(1)
     .stderr_has("4 replicas need 4 nodes");
     create_cvol(&a);
-    let mut placed: Vec<String> = replica_states(&b).into_iter().map(|(n, _)| n).collect();
+    let mut placed: Vec<String> = replica_states(&b, "cvol")
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     placed.sort();
     assert_eq!(placed, ["node-a", "node-b", "node-c"]);
 
@@ -187,9 +53,7 @@ fn three_replicas_survive_a_replica_node_and_fail_over_from_the_attached_node() 
         .stderr_has("not available in cluster mode");
 
     // Attach on A and write through the real device.
-    let att = a.cli(["volume", "attach", "cvol", "-o", "json"]);
-    att.success();
-    let dev_a = att.json()["device"].as_str().unwrap().to_owned();
+    let dev_a = attach(&a, "cvol");
     let first = pattern(1, 0, 4 * MIB);
     write_direct(&dev_a, 0, &first).unwrap();
 
@@ -198,7 +62,7 @@ fn three_replicas_survive_a_replica_node_and_fail_over_from_the_attached_node() 
     let second = pattern(2, 4 * MIB, 4 * MIB);
     write_direct(&dev_a, 4 * MIB, &second).expect("a write after losing one replica must succeed");
     assert_eq!(read_direct(&dev_a, 0, 4 * MIB), first);
-    let states = replica_states(&a);
+    let states = replica_states(&a, "cvol");
     assert!(
         states.contains(&("node-b".into(), "ejected".into())),
         "node-b should be ejected: {states:?}"
@@ -219,9 +83,7 @@ fn three_replicas_survive_a_replica_node_and_fail_over_from_the_attached_node() 
     wait_for("node-a's lease to expire", Duration::from_secs(15), || {
         !nodes(&c).contains(&"node-a".to_owned())
     });
-    let att = c.cli(["volume", "attach", "cvol", "-o", "json"]);
-    att.success();
-    let dev_c = att.json()["device"].as_str().unwrap().to_owned();
+    let dev_c = attach(&c, "cvol");
 
     // Every acknowledged write is there.
     assert_eq!(read_direct(&dev_c, 0, 4 * MIB), first);
@@ -239,13 +101,11 @@ fn three_replicas_survive_a_replica_node_and_fail_over_from_the_attached_node() 
 #[test]
 fn a_stale_writer_is_fenced_after_a_forced_takeover() {
     let etcd = Etcd::start().unwrap();
-    let dirs: Vec<NodeDir> = (0..3).map(|_| NodeDir::new().unwrap()).collect();
-    let _cleanup = Cleanup(dirs.iter().map(|d| d.data_dir().join("fuse")).collect());
+    let dirs = node_dirs(3);
+    let _cleanup = Cleanup::new(&dirs, &["cvol"]);
     let [a, _b, c] = three_nodes(&dirs, &etcd);
     create_cvol(&a);
-    let att = a.cli(["volume", "attach", "cvol", "-o", "json"]);
-    att.success();
-    let dev_a = att.json()["device"].as_str().unwrap().to_owned();
+    let dev_a = attach(&a, "cvol");
     let before = pattern(1, 0, MIB);
     write_direct(&dev_a, 0, &before).unwrap();
 
