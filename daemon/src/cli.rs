@@ -192,7 +192,8 @@ pub enum VolumeCommand {
         /// The size, e.g. 10GiB, 500MiB, 1G or a number of bytes.
         #[arg(long)]
         size: String,
-        /// Synchronous replicas, 1 to 5, on distinct nodes (cluster mode).
+        /// Synchronous replicas, 1 to 5: on distinct nodes (cluster mode), or on distinct pool
+        /// devices of this node (standalone).
         #[arg(long, default_value_t = 1)]
         replicas: u8,
         /// Output format.

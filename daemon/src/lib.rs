@@ -9,6 +9,7 @@
 //! - [`data_dir_lock`], [`api_socket`]: the exclusive resources a daemon holds;
 //! - [`api`]: the local control API (HTTP + JSON on the unix socket) and its one error mapping;
 //! - [`nbd`]: the NBD export server (unix socket, and TCP on request);
+//! - [`standalone`]: multi-replica volumes on one node (one replica per pool device);
 //! - [`attach`]: volumes as block devices on this node (FUSE file + loop device);
 //! - [`mount`]: format-if-empty, mount and unmount helpers shared by the API, CSI and Docker;
 //! - [`ops_endpoint`], [`metrics`]: `/healthz`, `/readyz` and `/metrics` over TCP;
@@ -34,6 +35,7 @@ pub mod node;
 pub mod node_info;
 pub mod ops_endpoint;
 pub mod replicated;
+pub mod standalone;
 
 /// `err` followed by each of its sources, joined with `: `, for one-line messages.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {

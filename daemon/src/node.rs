@@ -47,6 +47,7 @@ use crate::ops_endpoint;
 use crate::replicated::device::{DeviceSource, LocalSource};
 use crate::replicated::model::NodeRecord;
 use crate::replicated::{publish_node, Cluster, ClusterSource};
+use crate::standalone::{self, ReplicaSets, Standalone};
 
 /// How long shutdown waits for requests in flight before closing storage anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -111,6 +112,15 @@ pub enum NodeError {
     /// A server stopped on its own.
     #[error("the {0} server stopped unexpectedly")]
     Serve(&'static str, #[source] std::io::Error),
+    /// The replica-set file of standalone multi-replica volumes cannot be used.
+    #[error("cannot open the replica-set file {path}")]
+    ReplicaSets {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Cluster mode could not start.
     #[error("cannot join the cluster: {0}")]
     Cluster(String),
@@ -329,9 +339,32 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     if let Some(p) = &cluster {
         metrics.attach_cluster(Arc::clone(&p.cluster));
     }
-    let source: Arc<dyn DeviceSource> = match &cluster {
-        Some(p) => Arc::new(ClusterSource(Arc::clone(&p.cluster))),
-        None => Arc::new(LocalSource::new(Arc::clone(&storage))),
+    // Standalone mode: the API and the attach source know which replicas of multi-replica
+    // volumes (one per pool device) are in sync.
+    let (source, standalone): (Arc<dyn DeviceSource>, Option<Arc<Standalone>>) = if let Some(p) =
+        &cluster
+    {
+        (Arc::new(ClusterSource(Arc::clone(&p.cluster))), None)
+    } else {
+        let path = cfg.data_dir.join(standalone::FILE_NAME);
+        match ReplicaSets::open(&path) {
+            Ok(sets) => {
+                let sets = Arc::new(sets);
+                (
+                    Arc::new(LocalSource::new(Arc::clone(&storage), Arc::clone(&sets))),
+                    Some(Arc::new(Standalone::new(Arc::clone(&storage), sets))),
+                )
+            }
+            Err(source) => {
+                if let Some(nbd) = &nbd {
+                    nbd.shutdown().await;
+                }
+                if let Err(e) = storage.close().await {
+                    tracing::error!(error = %crate::error_chain(&e), "storage did not close cleanly");
+                }
+                return Err(NodeError::ReplicaSets { path, source });
+            }
+        }
     };
     let attacher = start_attacher(source, &cfg.data_dir).await;
     let mut api = match &cluster {
@@ -344,7 +377,11 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
             Arc::clone(&storage),
             Arc::clone(&node),
         )),
-        None => api::router(Arc::clone(&storage), Arc::clone(&node)).merge(api::nodes::router(
+        None => api::router(
+            standalone.expect("standalone mode has its API"),
+            Arc::clone(&node),
+        )
+        .merge(api::nodes::router(
             None,
             Arc::clone(&storage),
             Arc::clone(&node),

@@ -133,7 +133,7 @@ fn malformed_requests_get_json_errors_naming_the_problem() {
 }
 
 #[test]
-fn more_than_one_replica_on_a_standalone_node_points_to_cluster_mode() {
+fn more_replicas_than_pool_devices_names_the_shortfall() {
     let (_node, d) = start();
     let out = d.cli([
         "volume",
@@ -145,9 +145,10 @@ fn more_than_one_replica_on_a_standalone_node_points_to_cluster_mode() {
         "2",
     ]);
     out.expect_code(1)
-        .stderr_has("needs cluster mode")
-        .stderr_has("--etcd")
-        .stderr_has("1 replica");
+        .stderr_has("2 replicas need 2 pool devices")
+        .stderr_has("this node has 1")
+        .stderr_has("add pool devices")
+        .stderr_has("--etcd");
     let r = d
         .api(
             "POST",
@@ -155,8 +156,8 @@ fn more_than_one_replica_on_a_standalone_node_points_to_cluster_mode() {
             Some(r#"{"name": "db", "size": "16MiB", "replicas": 3}"#),
         )
         .unwrap();
-    assert_eq!(r.status, 501, "{r:?}");
-    assert_eq!(r.json().unwrap()["code"], "unimplemented");
+    assert_eq!(r.status, 412, "{r:?}");
+    assert_eq!(r.json().unwrap()["code"], "failed_precondition");
     d.cli(["volume", "inspect", "db"]).expect_code(NOT_FOUND);
 }
 

@@ -230,9 +230,10 @@ fn control_operations_and_accounting() {
             })
             .await
             .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Unimplemented);
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
         assert!(
-            e.message().contains("needs cluster mode"),
+            e.message()
+                .contains("3 replicas need 3 pool devices; this node has 1"),
             "{}",
             e.message()
         );

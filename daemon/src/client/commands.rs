@@ -516,6 +516,10 @@ mod tests {
         assert!(lines.contains("db b: rebuilding [########---"), "{lines}");
         assert!(lines.contains("2 MiB / 8 MiB 25.0%"), "{lines}");
         assert!(lines.contains("eta 3s"), "{lines}");
-        assert!(volume_details(&v).contains("delta [#####"), "{}", volume_details(&v));
+        assert!(
+            volume_details(&v).contains("delta [#####"),
+            "{}",
+            volume_details(&v)
+        );
     }
 }

@@ -696,12 +696,14 @@ impl Disk {
             .count()
     }
 
-    /// Add a volume record and commit it.
+    /// Add a volume record with id `uuid` (shared by every replica of the volume) and commit
+    /// it.
     pub(crate) async fn create_volume(
         &self,
         name: &VolumeName,
         size: u64,
         replicas: u8,
+        uuid: [u8; 16],
     ) -> Result<Arc<VolRt>, PoolError> {
         let vol = {
             let mut st = lock(&self.state);
@@ -714,7 +716,7 @@ impl Disk {
             let vol = Arc::new(VolRt {
                 index: index as u32,
                 name: name.clone(),
-                uuid: *uuid::Uuid::new_v4().as_bytes(),
+                uuid,
                 created_at: now_secs(),
                 replicas,
                 size: AtomicU64::new(size),

@@ -1,0 +1,346 @@
+//! Same-node replicas: a standalone daemon with two pool devices puts a `--replicas 2`
+//! volume's replicas on distinct devices, and losing one device loses no data.
+//!
+//! Pool device B is a file on its own small ext4 filesystem (an image file, loop-mounted). To
+//! make B fail, the test shuts that filesystem down with the `EXT4_IOC_SHUTDOWN` ioctl (the
+//! "godown" of xfstests, `NOLOGFLUSH`): from then on every read and write of a file on it
+//! fails with `EIO`, exactly what the daemon sees from a dead disk, while the daemon keeps
+//! its descriptor open. (Deleting the pool file would not do: the open descriptor keeps
+//! working; there is no device-mapper or block fault injection on the test machines.) For
+//! the restart, the filesystem is unmounted and mounted again: B is back, with the data it
+//! had synced before the failure, and must still be left out because its replica is stale.
+//!
+//! Needs root (mount, loop devices, FUSE attach); skipped otherwise.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use integration_tests::{release_attachments, Daemon, NodeDir};
+
+const MIB: usize = 1 << 20;
+
+/// `EXT4_IOC_SHUTDOWN` (`_IOR('X', 125, __u32)`, the same number as `XFS_IOC_GOINGDOWN`).
+const EXT4_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587D;
+/// Shut down without flushing the journal: what a dead disk does.
+const EXT4_GOING_FLAGS_NOLOGFLUSH: u32 = 2;
+
+fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let tools = ["mkfs.ext4", "mount", "umount", "losetup"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    root && tools && Path::new("/dev/fuse").exists()
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .expect("run a command");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Pool device B's filesystem: an ext4 image loop-mounted on a directory of the test node.
+/// Dropping it unmounts (lazily if busy) and so frees the loop device (autoclear); the
+/// attachments of the test's volumes are released first.
+struct DiskB {
+    image: PathBuf,
+    mnt: PathBuf,
+    fuse: PathBuf,
+    names: Vec<String>,
+}
+
+impl DiskB {
+    fn new(node: &NodeDir, names: Vec<String>) -> Self {
+        let image = node.scratch("disk-b.img");
+        let mnt = node.scratch("disk-b");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(192 * MIB as u64).unwrap();
+        drop(f);
+        run("mkfs.ext4", &["-q", "-F", &image.display().to_string()]);
+        let d = Self {
+            image,
+            mnt,
+            fuse: node.data_dir().join("fuse"),
+            names,
+        };
+        d.mount();
+        d
+    }
+
+    fn mount(&self) {
+        run(
+            "mount",
+            &[
+                "-o",
+                "loop",
+                &self.image.display().to_string(),
+                &self.mnt.display().to_string(),
+            ],
+        );
+    }
+
+    fn umount(&self) {
+        run("umount", &[&self.mnt.display().to_string()]);
+    }
+
+    /// The pool file on B.
+    fn pool(&self) -> PathBuf {
+        self.mnt.join("pool-b.img")
+    }
+
+    /// Kill the disk: every further I/O on its filesystem fails with EIO.
+    fn fail(&self) {
+        let dir = std::fs::File::open(&self.mnt).unwrap();
+        let flags: u32 = EXT4_GOING_FLAGS_NOLOGFLUSH;
+        // SAFETY: the fd is open for the whole call, and the ioctl reads one u32 through a
+        // pointer to a live local.
+        let rc = unsafe { libc::ioctl(dir.as_raw_fd(), EXT4_IOC_SHUTDOWN, &raw const flags) };
+        assert_eq!(
+            rc,
+            0,
+            "EXT4_IOC_SHUTDOWN: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for DiskB {
+    fn drop(&mut self) {
+        release_attachments(&self.fuse, &self.names);
+        let mnt = self.mnt.display().to_string();
+        let clean = Command::new("umount")
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !clean {
+            let _ = Command::new("umount").args(["-l", &mnt]).status();
+        }
+    }
+}
+
+/// A deterministic, position-dependent pattern (so misplaced blocks are caught too).
+fn pattern(seed: u8, offset: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            let p = offset + i;
+            (p as u8) ^ ((p >> 12) as u8).wrapping_mul(31) ^ seed
+        })
+        .collect()
+}
+
+fn write_direct(dev: &str, offset: usize, data: &[u8]) -> std::io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)?;
+    f.seek(SeekFrom::Start(offset as u64))?;
+    let mut buf = volume::io::IoBuf::zeroed(data.len());
+    buf.copy_from_slice(data);
+    f.write_all(&buf)?;
+    f.sync_all()
+}
+
+fn read_direct(dev: &str, offset: usize, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)?;
+    f.seek(SeekFrom::Start(offset as u64))?;
+    let mut buf = volume::io::IoBuf::zeroed(len);
+    f.read_exact(&mut buf)?;
+    Ok(buf.to_vec())
+}
+
+/// The daemon flags: the node's own pool (A) plus pool B.
+fn args(node: &NodeDir, b: &DiskB) -> Vec<String> {
+    let mut args = node.daemon_args();
+    args.push("--pool".into());
+    args.push(format!("{}:128MiB", b.pool().display()));
+    args
+}
+
+fn start(node: &NodeDir, b: &DiskB) -> Daemon {
+    let mut d = Daemon::spawn(node, args(node, b)).unwrap();
+    d.wait_ready(integration_tests::START_TIMEOUT).unwrap();
+    d
+}
+
+/// Pool path to pool id.
+fn pool_ids(d: &Daemon) -> Vec<(String, String)> {
+    let out = d.cli(["pool", "list", "-o", "json"]);
+    out.success();
+    out.json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["path"].as_str().unwrap().to_owned(),
+                p["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// (pool id, state) of each replica, and the volume's state.
+fn inspect(d: &Daemon, name: &str) -> (Vec<(String, String)>, String) {
+    let out = d.cli(["volume", "inspect", name, "-o", "json"]);
+    out.success();
+    let v = out.json();
+    let replicas = v["replica_status"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["pool_id"].as_str().unwrap().to_owned(),
+                r["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    (replicas, v["state"].as_str().unwrap().to_owned())
+}
+
+fn attach(d: &Daemon, name: &str) -> String {
+    let out = d.cli(["volume", "attach", name, "-o", "json"]);
+    out.success();
+    out.json()["device"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn two_replicas_on_two_disks_survive_losing_one_disk_and_a_restart() {
+    if !can_run() {
+        eprintln!("skipped: needs root, /dev/fuse, mkfs.ext4, mount and losetup");
+        return;
+    }
+    let node = NodeDir::new().unwrap();
+    let name = format!("sr{}-mirror", std::process::id());
+    let b = DiskB::new(&node, vec![name.clone()]);
+    let mut d = start(&node, &b);
+
+    // Placement: one replica on each device.
+    let pools = pool_ids(&d);
+    assert_eq!(pools.len(), 2, "{pools:?}");
+    let id_a = pools[0].1.clone();
+    let id_b = pools
+        .iter()
+        .find(|(p, _)| Path::new(p) == b.pool())
+        .expect("pool B is listed")
+        .1
+        .clone();
+    assert_ne!(id_a, id_b);
+    d.cli([
+        "volume",
+        "create",
+        &name,
+        "--size",
+        "32MiB",
+        "--replicas",
+        "2",
+    ])
+    .success();
+    let (replicas, state) = inspect(&d, &name);
+    assert_eq!(state, "online");
+    let mut on: Vec<&str> = replicas.iter().map(|(p, _)| p.as_str()).collect();
+    on.sort_unstable();
+    let mut both = vec![id_a.as_str(), id_b.as_str()];
+    both.sort_unstable();
+    assert_eq!(on, both, "one replica on each device");
+    assert!(replicas.iter().all(|(_, s)| s == "healthy"), "{replicas:?}");
+
+    // Too few devices: a clear error naming the shortfall and the fixes.
+    d.cli([
+        "volume",
+        "create",
+        "three",
+        "--size",
+        "16MiB",
+        "--replicas",
+        "3",
+    ])
+    .expect_code(1)
+    .stderr_has("3 replicas need 3 pool devices; this node has 2")
+    .stderr_has("add pool devices")
+    .stderr_has("cluster mode");
+
+    // Write through the real attached device.
+    let dev = attach(&d, &name);
+    let first = pattern(1, 0, 8 * MIB);
+    write_direct(&dev, 0, &first).unwrap();
+
+    // Disk B dies. Writes (to new extents and over old data) go on without an error.
+    b.fail();
+    let second = pattern(2, 8 * MIB, 8 * MIB);
+    write_direct(&dev, 8 * MIB, &second).expect("a write after losing disk B must succeed");
+    let over = pattern(3, MIB, MIB);
+    write_direct(&dev, MIB, &over).expect("an overwrite after losing disk B must succeed");
+    let mut expect = first.clone();
+    expect[MIB..2 * MIB].copy_from_slice(&over);
+    expect.extend_from_slice(&second);
+    assert!(
+        read_direct(&dev, 0, 16 * MIB).unwrap() == expect,
+        "data read after losing disk B differs"
+    );
+    let (replicas, state) = inspect(&d, &name);
+    assert!(
+        replicas.contains(&(id_b.clone(), "ejected".into())),
+        "{replicas:?}"
+    );
+    assert!(
+        replicas.contains(&(id_a.clone(), "healthy".into())),
+        "{replicas:?}"
+    );
+    assert_eq!(state, "degraded");
+    let sets = std::fs::read_to_string(node.data_dir().join("replicas.json")).unwrap();
+    assert!(sets.contains(&id_b) && sets.contains("ejected"), "{sets}");
+
+    // Restart with disk B back (its stale replica opens fine): the data is intact and B's
+    // replica stays out. (The shutdown itself reports that B could not be closed.)
+    let _ = d.terminate().unwrap();
+    drop(d);
+    b.umount();
+    b.mount();
+    let d = start(&node, &b);
+    let dev = attach(&d, &name);
+    assert!(
+        read_direct(&dev, 0, 16 * MIB).unwrap() == expect,
+        "data read after the restart differs"
+    );
+    let (replicas, state) = inspect(&d, &name);
+    assert!(
+        replicas.contains(&(id_b.clone(), "ejected".into())),
+        "B must stay ejected after a restart: {replicas:?}"
+    );
+    assert_eq!(state, "degraded");
+    assert!(
+        d.log()
+            .contains("leaving out a replica that is not in sync"),
+        "{}",
+        d.log()
+    );
+    // Writes after the restart reach A only.
+    let third = pattern(4, 16 * MIB, 4 * MIB);
+    write_direct(&dev, 16 * MIB, &third).unwrap();
+    assert!(read_direct(&dev, 16 * MIB, 4 * MIB).unwrap() == third);
+    d.cli(["volume", "detach", &name]).success();
+    d.cli(["volume", "delete", &name]).success();
+    let sets = std::fs::read_to_string(node.data_dir().join("replicas.json")).unwrap();
+    assert!(
+        !sets.contains(&id_b),
+        "a deleted volume's set is forgotten: {sets}"
+    );
+}
