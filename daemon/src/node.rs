@@ -214,9 +214,14 @@ async fn lease_loop(cluster: Arc<Cluster>, mut lease: crate::cluster::LeaseId, t
                     }
                 }
                 _ = tick.tick() => {
-                    if let Err(e) = publish_node(&cluster, lease).await {
-                        tracing::warn!(error = %e, "cannot refresh this node's record");
-                    }
+                    // In its own task: a store call that hangs must not delay noticing that
+                    // the lease lapsed, which is when this node must stop I/O.
+                    let cluster = Arc::clone(&cluster);
+                    tokio::spawn(async move {
+                        if let Err(e) = publish_node(&cluster, lease).await {
+                            tracing::warn!(error = %e, "cannot refresh this node's record");
+                        }
+                    });
                 }
             }
         }

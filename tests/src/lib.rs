@@ -654,7 +654,11 @@ pub fn release_attachments(fuse: &Path, names: &[String]) {
             }
         }
     }
-    let _ = Command::new("umount").arg("-l").arg(fuse).status();
+    let _ = Command::new("umount")
+        .arg("-l")
+        .arg(fuse)
+        .stderr(std::process::Stdio::null())
+        .status();
 }
 
 /// Best-effort clean-up of every loop device backed by a file under the FUSE mount `fuse`
@@ -673,5 +677,9 @@ pub fn release_fuse(fuse: &Path) {
             }
         }
     }
-    let _ = Command::new("umount").arg("-l").arg(fuse).status();
+    let _ = Command::new("umount")
+        .arg("-l")
+        .arg(fuse)
+        .stderr(std::process::Stdio::null())
+        .status();
 }

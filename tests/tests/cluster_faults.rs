@@ -239,17 +239,9 @@ fn an_etcd_outage_shorter_than_a_renewal_interval_does_not_interrupt_io() {
 }
 
 /// The lease counts as held until TTL (3 s) after the last renewal sent, so an outage of
-/// ~2 s should be survived too (the last good renewal was at most 1 s before the outage).
-///
-/// BUG (daemon/src/cluster/mod.rs, `renew_loop`): after a failed renewal the loop sleeps a
-/// full `ttl / 3` before trying again, and the try that would land at the deadline is never
-/// made (`timeout_at(deadline)` has already expired), so once the renewals at +1 s and +2 s
-/// fail the node fences itself although etcd is back and still holds its lease; in effect an
-/// outage longer than 2 s minus the phase of the last renewal (between 1 s and 2 s with a
-/// 3 s TTL) fences every attachment. Re-enable (remove `#[ignore]`) once failed renewals are
-/// retried quickly (e.g. every `ttl / 10`) until the deadline.
+/// ~2 s is survived too (the last good renewal was at most 1 s before the outage, and failed
+/// renewals are retried every TTL / 30 until the deadline).
 #[test]
-#[ignore = "bug: lease renewal retries only every TTL/3; see the doc comment"]
 fn an_etcd_outage_shorter_than_the_lease_does_not_interrupt_io() {
     etcd_outage_without_fencing(Duration::from_millis(1800), "evol2");
 }

@@ -411,12 +411,19 @@ pub fn spawn_keepalive(store: Store, lease: LeaseId, ttl: Duration) -> KeepAlive
 async fn renew_loop(store: Store, lease: LeaseId, ttl: Duration, valid: watch::Sender<bool>) {
     let ttl = ttl.max(Duration::from_millis(30));
     let interval = ttl / 3;
+    // After a failed attempt, try again soon: the next regular renewal could fall after the
+    // deadline, and a short store outage must not cost the lease.
+    let retry = (ttl / 30).max(Duration::from_millis(10));
     let mut last_ok = Instant::now();
     loop {
         let deadline = last_ok + ttl;
         let sent = Instant::now();
+        let mut pause = retry;
         match tokio::time::timeout_at(deadline, store.keep_alive(lease)).await {
-            Ok(Ok(_)) => last_ok = sent,
+            Ok(Ok(_)) => {
+                last_ok = sent;
+                pause = interval;
+            }
             Ok(Err(StoreError::LeaseExpired)) => {
                 tracing::error!(%lease, "the cluster store lease has expired; stopping I/O");
                 valid.send_replace(false);
@@ -433,7 +440,7 @@ async fn renew_loop(store: Store, lease: LeaseId, ttl: Duration, valid: watch::S
             valid.send_replace(false);
             return;
         }
-        tokio::time::sleep_until((Instant::now() + interval).min(deadline)).await;
+        tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
     }
 }
 
