@@ -3,8 +3,8 @@
 //! fault happens, and a check of every acknowledged write at the end:
 //!
 //! - a network partition of a replica node (its replica port cut with `iptables`): no I/O
-//!   error, the replica is ejected, and after healing the volume verifies — also from the
-//!   surviving replica on another node;
+//!   error, the replica is ejected, after healing it is rebuilt to healthy, and the volume
+//!   verifies — also from the surviving replica on another node;
 //! - etcd outages: shorter than the lease TTL (I/O goes on without an error, the cluster is
 //!   usable afterwards) and longer (the attached node fences itself: writes fail, nothing
 //!   acknowledged is lost, and a re-attach after etcd is back serves the data);
@@ -77,9 +77,12 @@ fn a_partitioned_replica_is_ejected_without_an_io_error_and_the_volume_verifies(
 
     cut.heal();
     w.wait_more_acked(STEP, STEP_TIMEOUT).unwrap();
-    // TODO(rebuild): once the rebuild/resync of an ejected replica lands, wait here for
-    // node-b to be "healthy" again (`state_of(&replica_states(&a, "pvol"), "node-b")`) and
-    // for the volume state to be "healthy", then keep the workload running through it.
+    // Healed, node-b's replica is rebuilt while the workload goes on.
+    wait_for("node-b to be rebuilt", Duration::from_secs(60), || {
+        state_of(&replica_states(&a, "pvol"), "node-b") == "healthy"
+    });
+    assert_eq!(volume_state(&a, "pvol"), "online");
+    w.wait_more_acked(STEP, STEP_TIMEOUT).unwrap();
     let report = w.stop();
     eprintln!(
         "workload: {} acked of {} in {:?}, longest write+sync {:?}",
@@ -212,13 +215,12 @@ fn a_replica_node_cut_off_from_everything_is_ejected_and_comes_back_after_healin
     });
     eprintln!("node-b is back {:?} after the cut", cut_at.elapsed());
     w.wait_more_acked(STEP, STEP_TIMEOUT).unwrap();
-    // TODO(rebuild): once the rebuild of an ejected replica lands, wait here for node-b to
-    // be "healthy" again and the volume state "healthy", with the workload still running.
-    assert_eq!(
-        state_of(&replica_states(&a, "nvol"), "node-b"),
-        "ejected",
-        "without a rebuild node-b stays ejected"
-    );
+    // Back in the cluster, node-b's replica is rebuilt while the workload goes on.
+    wait_for("node-b to be rebuilt", Duration::from_secs(60), || {
+        state_of(&replica_states(&a, "nvol"), "node-b") == "healthy"
+    });
+    assert_eq!(volume_state(&a, "nvol"), "online");
+    w.wait_more_acked(STEP, STEP_TIMEOUT).unwrap();
     let report = w.stop();
     eprintln!(
         "workload: {} acked of {} in {:?}, longest write+sync {:?}",
@@ -447,8 +449,11 @@ fn a_corrupt_block_in_the_local_replica_is_read_from_another_and_repaired() {
         after_vol > before_vol,
         "the volume counts the checksum error ({before_vol} -> {after_vol})"
     );
-    // TODO(metrics): the nexus counts repairs and ejections (`NexusStats`), but the daemon
-    // exports neither; once `/metrics` has a repair counter, assert here that it went up by 1.
+    assert_eq!(
+        metric_sum(&a, "ballast_nexus_repairs_total"),
+        1.0,
+        "the nexus counts the repair"
+    );
     // The bad copy was rewritten: node-a's pool holds the right bytes again, the local read
     // succeeds without a new checksum error.
     assert_eq!(
