@@ -449,10 +449,10 @@ fn a_corrupt_block_in_the_local_replica_is_read_from_another_and_repaired() {
         after_vol > before_vol,
         "the volume counts the checksum error ({before_vol} -> {after_vol})"
     );
-    assert_eq!(
-        metric_sum(&a, "ballast_nexus_repairs_total"),
-        1.0,
-        "the nexus counts the repair"
+    let repairs = metric_sum(&a, "ballast_nexus_repairs_total");
+    assert!(
+        (repairs - 1.0).abs() < f64::EPSILON,
+        "the nexus counts the repair: {repairs}"
     );
     // The bad copy was rewritten: node-a's pool holds the right bytes again, the local read
     // succeeds without a new checksum error.

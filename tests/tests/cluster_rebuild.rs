@@ -77,7 +77,7 @@ fn a_killed_replica_node_returns_through_a_delta_rebuild() {
     assert_eq!(out.json()["state"], "degraded");
 
     // Restart B: it is rebuilt while the workload goes on.
-    let mut b = start(&dirs[1], "node-b", "zone-b", &etcd);
+    let b = start(&dirs[1], "node-b", "zone-b", &etcd);
     let back = Instant::now();
     wait_for(
         "node-b to be healthy again",
