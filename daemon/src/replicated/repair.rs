@@ -202,9 +202,18 @@ async fn rebuild(
                     .iter_mut()
                     .find(|p| p.node == id)
                     .ok_or_else(|| taken_over(name))?;
-                if entry.state == ReplicaState::Healthy {
-                    // Only this task makes a replica healthy: someone else changed the record.
-                    return Err(taken_over(name));
+                // Only this task makes a replica healthy, and only from `rebuilding`: a replica
+                // ejected again during its rebuild (it failed a write) must stay out.
+                let expected = if done.is_some() {
+                    entry.state == ReplicaState::Rebuilding
+                } else {
+                    entry.state != ReplicaState::Healthy
+                };
+                if !expected {
+                    return Err(ControlError::new(
+                        ErrorKind::FailedPrecondition,
+                        format!("replica {id} is {} now", entry.state.as_str()),
+                    ));
                 }
                 entry.state = state;
                 entry.rebuild.clone_from(&progress);
