@@ -4,7 +4,7 @@
 //! Declare, in this order, so that locals drop in reverse (daemons first, then attachments,
 //! then directories, then etcd):
 //!
-//! ```ignore
+//! ```text
 //! let etcd = Etcd::start().unwrap();
 //! let dirs = node_dirs(3);
 //! let _cleanup = Cleanup::new(&dirs, &["cvol"]);
