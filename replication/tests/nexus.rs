@@ -204,6 +204,27 @@ impl Fixture {
         Nexus::new("v", children, ejector)
     }
 
+    /// A nexus over child 0 alone; the others can join it ejected, as new replicas do.
+    fn first_only(&self) -> Nexus<Dev> {
+        let first = ChildSpec {
+            id: "n0".into(),
+            dev: self.devs[0].clone(),
+            local: true,
+            state: ChildState::Healthy,
+        };
+        Nexus::new("v", vec![first], Arc::new(Recorder::default()))
+    }
+
+    /// Add child `i` to `nexus` as an ejected replica, ready for a rebuild.
+    fn join(&self, nexus: &Nexus<Dev>, i: usize) {
+        nexus.upsert_child(ChildSpec {
+            id: format!("n{i}"),
+            dev: self.devs[i].clone(),
+            local: false,
+            state: ChildState::Ejected,
+        });
+    }
+
     async fn close(self) {
         for s in &self.storages {
             s.close().await.unwrap();
@@ -451,16 +472,7 @@ async fn a_returning_replica_gets_only_what_it_missed() {
 #[tokio::test]
 async fn a_new_replica_gets_only_the_allocated_extents() {
     let f = Fixture::new(2).await;
-    let nexus = Nexus::new(
-        "v",
-        vec![ChildSpec {
-            id: "n0".into(),
-            dev: f.devs[0].clone(),
-            local: true,
-            state: ChildState::Healthy,
-        }],
-        Arc::new(Recorder::default()),
-    );
+    let nexus = f.first_only();
     for e in [0, 3, 4] {
         nexus
             .write(
@@ -471,12 +483,7 @@ async fn a_new_replica_gets_only_the_allocated_extents() {
             .await
             .unwrap();
     }
-    nexus.upsert_child(ChildSpec {
-        id: "n1".into(),
-        dev: f.devs[1].clone(),
-        local: false,
-        state: ChildState::Ejected,
-    });
+    f.join(&nexus, 1);
     let report = nexus
         .rebuild("n1", 0, None, &RebuildProgress::default())
         .await
@@ -506,16 +513,7 @@ async fn a_new_replica_gets_only_the_allocated_extents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_during_a_rebuild_are_never_overwritten_by_the_copy() {
     let f = Fixture::new(2).await;
-    let nexus = Arc::new(Nexus::new(
-        "v",
-        vec![ChildSpec {
-            id: "n0".into(),
-            dev: f.devs[0].clone(),
-            local: true,
-            state: ChildState::Healthy,
-        }],
-        Arc::new(Recorder::default()),
-    ));
+    let nexus = Arc::new(f.first_only());
     for e in 0..8 {
         nexus
             .write(
@@ -526,12 +524,7 @@ async fn writes_during_a_rebuild_are_never_overwritten_by_the_copy() {
             .await
             .unwrap();
     }
-    nexus.upsert_child(ChildSpec {
-        id: "n1".into(),
-        dev: f.devs[1].clone(),
-        local: false,
-        state: ChildState::Ejected,
-    });
+    f.join(&nexus, 1);
     // Writers hammer every extent while the rebuild copies them, slowly.
     f.devs[1].faults.slow_copies.store(true, SeqCst);
     let stop = Arc::new(AtomicBool::new(false));

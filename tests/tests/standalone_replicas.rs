@@ -12,13 +12,11 @@
 //!
 //! Needs root (mount, loop devices, FUSE attach); skipped otherwise.
 
-use std::fs::OpenOptions;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use integration_tests::cluster::{attach, pattern, read_direct, write_direct};
 use integration_tests::{release_attachments, Daemon, NodeDir};
 
 const MIB: usize = 1 << 20;
@@ -27,18 +25,6 @@ const MIB: usize = 1 << 20;
 const EXT4_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587D;
 /// Shut down without flushing the journal: what a dead disk does.
 const EXT4_GOING_FLAGS_NOLOGFLUSH: u32 = 2;
-
-fn can_run() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    let tools = ["mkfs.ext4", "mount", "umount", "losetup"].iter().all(|t| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    root && tools && Path::new("/dev/fuse").exists()
-}
 
 fn run(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd)
@@ -132,39 +118,6 @@ impl Drop for DiskB {
     }
 }
 
-/// A deterministic, position-dependent pattern (so misplaced blocks are caught too).
-fn pattern(seed: u8, offset: usize, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| {
-            let p = offset + i;
-            (p as u8) ^ ((p >> 12) as u8).wrapping_mul(31) ^ seed
-        })
-        .collect()
-}
-
-fn write_direct(dev: &str, offset: usize, data: &[u8]) -> std::io::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)?;
-    f.seek(SeekFrom::Start(offset as u64))?;
-    let mut buf = volume::io::IoBuf::zeroed(data.len());
-    buf.copy_from_slice(data);
-    f.write_all(&buf)?;
-    f.sync_all()
-}
-
-fn read_direct(dev: &str, offset: usize, len: usize) -> std::io::Result<Vec<u8>> {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)?;
-    f.seek(SeekFrom::Start(offset as u64))?;
-    let mut buf = volume::io::IoBuf::zeroed(len);
-    f.read_exact(&mut buf)?;
-    Ok(buf.to_vec())
-}
-
 /// The daemon flags: the node's own pool (A) plus pool B.
 fn args(node: &NodeDir, b: &DiskB) -> Vec<String> {
     let mut args = node.daemon_args();
@@ -215,18 +168,8 @@ fn inspect(d: &Daemon, name: &str) -> (Vec<(String, String)>, String) {
     (replicas, v["state"].as_str().unwrap().to_owned())
 }
 
-fn attach(d: &Daemon, name: &str) -> String {
-    let out = d.cli(["volume", "attach", name, "-o", "json"]);
-    out.success();
-    out.json()["device"].as_str().unwrap().to_owned()
-}
-
 #[test]
 fn two_replicas_on_two_disks_survive_losing_one_disk_and_a_restart() {
-    if !can_run() {
-        eprintln!("skipped: needs root, /dev/fuse, mkfs.ext4, mount and losetup");
-        return;
-    }
     let node = NodeDir::new().unwrap();
     let name = format!("sr{}-mirror", std::process::id());
     let b = DiskB::new(&node, vec![name.clone()]);
@@ -292,7 +235,7 @@ fn two_replicas_on_two_disks_survive_losing_one_disk_and_a_restart() {
     expect[MIB..2 * MIB].copy_from_slice(&over);
     expect.extend_from_slice(&second);
     assert!(
-        read_direct(&dev, 0, 16 * MIB).unwrap() == expect,
+        read_direct(&dev, 0, 16 * MIB) == expect,
         "data read after losing disk B differs"
     );
     let (replicas, state) = inspect(&d, &name);
@@ -317,7 +260,7 @@ fn two_replicas_on_two_disks_survive_losing_one_disk_and_a_restart() {
     let d = start(&node, &b);
     let dev = attach(&d, &name);
     assert!(
-        read_direct(&dev, 0, 16 * MIB).unwrap() == expect,
+        read_direct(&dev, 0, 16 * MIB) == expect,
         "data read after the restart differs"
     );
     let (replicas, state) = inspect(&d, &name);
@@ -335,7 +278,7 @@ fn two_replicas_on_two_disks_survive_losing_one_disk_and_a_restart() {
     // Writes after the restart reach A only.
     let third = pattern(4, 16 * MIB, 4 * MIB);
     write_direct(&dev, 16 * MIB, &third).unwrap();
-    assert!(read_direct(&dev, 16 * MIB, 4 * MIB).unwrap() == third);
+    assert!(read_direct(&dev, 16 * MIB, 4 * MIB) == third);
     d.cli(["volume", "detach", &name]).success();
     d.cli(["volume", "delete", &name]).success();
     let sets = std::fs::read_to_string(node.data_dir().join("replicas.json")).unwrap();
