@@ -55,7 +55,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node daemon (storage, local API, health and metrics).
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
     /// Create, list, inspect, resize and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -146,6 +146,16 @@ pub struct DaemonArgs {
     /// node [default: 300].
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     pub replace_after: Option<u64>,
+
+    /// Serve the Kubernetes CSI driver (csi.ballast.dev) on this unix socket, e.g.
+    /// /var/lib/kubelet/plugins/csi.ballast.dev/csi.sock.
+    #[arg(long, value_name = "PATH")]
+    pub csi_socket: Option<PathBuf>,
+
+    /// The kubelet's root directory: CSI staging and target paths must lie under it
+    /// [default: /var/lib/kubelet].
+    #[arg(long, value_name = "DIR")]
+    pub kubelet_dir: Option<PathBuf>,
 }
 
 /// Which I/O engine the daemon uses.

@@ -38,6 +38,9 @@ pub const DEFAULT_REBUILD_MIB_PER_SEC: u64 = 256;
 /// The default wait before a gone node's replica is replaced, in seconds.
 pub const DEFAULT_REPLACE_AFTER: u64 = 300;
 
+/// The kubelet's root directory when none is configured.
+pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
+
 /// The number of data-path threads used when none is configured.
 pub const DEFAULT_IO_THREADS: u16 = 2;
 
@@ -99,6 +102,8 @@ pub enum ConfigError {
 /// lease_ttl = 5                     # seconds
 /// rebuild_rate = 256                # MiB/s per rebuild; 0: no limit
 /// replace_after = 300               # seconds before a gone node's replica is replaced
+/// csi_socket = "/var/lib/kubelet/plugins/csi.ballast.dev/csi.sock"
+/// kubelet_dir = "/var/lib/kubelet"
 ///
 /// [[pool]]
 /// path = "/srv/ballast/pool0.img"
@@ -139,6 +144,10 @@ pub struct ConfigFile {
     pub rebuild_rate: Option<u64>,
     /// See `--replace-after`.
     pub replace_after: Option<u64>,
+    /// See `--csi-socket`.
+    pub csi_socket: Option<PathBuf>,
+    /// See `--kubelet-dir`.
+    pub kubelet_dir: Option<PathBuf>,
 }
 
 /// One `[[pool]]` table of the config file.
@@ -249,6 +258,10 @@ pub struct DaemonConfig {
     pub rebuild_rate: Option<u64>,
     /// How long a gone node's replica waits before it is replaced.
     pub replace_after: std::time::Duration,
+    /// The CSI socket, when the CSI driver is served.
+    pub csi_socket: Option<PathBuf>,
+    /// Where CSI staging and target paths must lie.
+    pub kubelet_dir: PathBuf,
 }
 
 impl DaemonConfig {
@@ -361,6 +374,12 @@ impl DaemonConfig {
                     .or(file.replace_after)
                     .unwrap_or(DEFAULT_REPLACE_AFTER),
             ),
+            csi_socket: args.csi_socket.clone().or(file.csi_socket),
+            kubelet_dir: args
+                .kubelet_dir
+                .clone()
+                .or(file.kubelet_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_KUBELET_DIR)),
         })
     }
 

@@ -12,6 +12,8 @@
 //! - [`standalone`]: multi-replica volumes on one node (one replica per pool device);
 //! - [`attach`]: volumes as block devices on this node (FUSE file + loop device);
 //! - [`mount`]: format-if-empty, mount and unmount helpers shared by the API, CSI and Docker;
+//! - [`host`]: this node's `NodeControl` (attach, topology) for the CSI driver and the Docker
+//!   plugin; `--csi-socket` serves the [`csi`] crate's driver;
 //! - [`ops_endpoint`], [`metrics`]: `/healthz`, `/readyz` and `/metrics` over TCP;
 //! - [`client`]: the CLI's client of the local API, its output and its exit codes;
 //! - [`node_info`], [`byte_size`], [`logging`]: shared facts, sizes and log set-up.
@@ -27,6 +29,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod data_dir_lock;
+pub mod host;
 pub mod logging;
 pub mod metrics;
 pub mod mount;

@@ -40,6 +40,7 @@ use crate::api_socket::{ApiSocket, SocketError};
 use crate::attach::{self, Attacher, FuseLoop};
 use crate::config::DaemonConfig;
 use crate::data_dir_lock::{DataDirLock, LockError};
+use crate::host::NodeHost;
 use crate::metrics::MetricsExporter;
 use crate::nbd::{self, NbdServer};
 use crate::node_info::{NodeInfo, Phase};
@@ -100,6 +101,15 @@ pub enum NodeError {
     /// The NBD socket could not be bound.
     #[error("cannot listen for NBD on {path}")]
     NbdSocket {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CSI socket could not be bound.
+    #[error("cannot listen for CSI on {path}")]
+    CsiSocket {
         /// The socket path.
         path: PathBuf,
         /// Why.
@@ -262,6 +272,13 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     tracing::debug!(path = %lock.path().display(), "locked the data directory");
 
     let (socket, listener) = ApiSocket::bind(&cfg.api_socket)?;
+    let csi_listener = match &cfg.csi_socket {
+        Some(path) => Some(csi::bind(path).map_err(|source| NodeError::CsiSocket {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
     let engine =
         volume::io::probe(cfg.engine.into(), cfg.io_threads.into()).map_err(NodeError::Engine)?;
     let node = Arc::new(NodeInfo::new(cfg.node_id.clone(), engine.name()));
@@ -346,8 +363,9 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     }
     // Standalone mode: the API and the attach source know which replicas of multi-replica
     // volumes (one per pool device) are in sync.
-    let (source, standalone): (Arc<dyn DeviceSource>, Option<Arc<Standalone>>) = if let Some(p) =
-        &cluster
+    let (source, standalone_api): (Arc<dyn DeviceSource>, Option<Arc<Standalone>>) = if let Some(
+        p,
+    ) = &cluster
     {
         (Arc::new(ClusterSource(Arc::clone(&p.cluster))), None)
     } else {
@@ -383,7 +401,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
             Arc::clone(&node),
         )),
         None => api::router(
-            standalone.expect("standalone mode has its API"),
+            standalone_api.clone().expect("standalone mode has its API"),
             Arc::clone(&node),
         )
         .merge(api::nodes::router(
@@ -400,6 +418,33 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
         api = api.merge(api::attach::router(Arc::clone(attacher)));
         api = api.merge(api::mount::router(Arc::clone(attacher)));
     }
+    let csi_task = csi_listener.map(|listener| {
+        let host = Arc::new(NodeHost::new(
+            Arc::clone(&node),
+            cfg.zone.clone(),
+            Arc::clone(&storage),
+            cluster.as_ref().map(|p| Arc::clone(&p.cluster)),
+            attacher.clone(),
+        ));
+        let config = csi::NodeConfig {
+            allowed_root: cfg.kubelet_dir.clone(),
+        };
+        let stop = stopped(stop_rx.clone());
+        tracing::info!(socket = ?cfg.csi_socket, driver = csi::DRIVER_NAME, "serving CSI");
+        match (&cluster, &standalone_api) {
+            (Some(p), _) => spawn_server(csi::serve(
+                listener,
+                Arc::new(ClusterSource(Arc::clone(&p.cluster))),
+                host,
+                config,
+                stop,
+            )),
+            (None, Some(s)) => {
+                spawn_server(csi::serve(listener, Arc::clone(s), host, config, stop))
+            }
+            (None, None) => unreachable!("standalone mode has its API"),
+        }
+    });
     let stop_rx_checkpoint = stop_rx.clone();
     let mut api_task = spawn_server(
         axum::serve(listener, api)
@@ -423,6 +468,12 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     let _ = stop_tx.send(true);
     let _ = checkpoints.await;
     drain("local API", api_task).await;
+    if let Some(task) = csi_task {
+        drain("CSI", task).await;
+        if let Some(path) = &cfg.csi_socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
     if let Some(attacher) = attacher {
         let _ = tokio::task::spawn_blocking(move || attacher.shutdown()).await;
     }

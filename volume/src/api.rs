@@ -432,6 +432,63 @@ pub struct PoolStatus {
     pub state: String,
 }
 
+/// How strictly a volume's replicas must sit in distinct zones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ZoneSpread {
+    /// Distinct zones while there are enough; then shared zones, with a warning.
+    #[default]
+    Soft,
+    /// Distinct zones or no volume (`ResourceExhausted`).
+    Hard,
+}
+
+impl FromStr for ZoneSpread {
+    type Err = ControlError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "soft" => Ok(Self::Soft),
+            "hard" => Ok(Self::Hard),
+            other => Err(ControlError::invalid(format!(
+                "invalid zone spread {other:?}: use \"hard\" (replicas in distinct zones or no \
+                 volume) or \"soft\" (distinct zones while there are enough)"
+            ))),
+        }
+    }
+}
+
+/// Where a new volume's replicas may and should go.
+///
+/// Hints shape a new volume only: they are not part of its identity, so creating an existing
+/// volume again with other hints returns it unchanged. A single-node backend has one place for
+/// everything and ignores them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementHints {
+    /// Nodes that should hold a replica, best first (e.g. the node that will run the workload,
+    /// so its reads stay local).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferred_nodes: Vec<String>,
+    /// When set, replicas go only to these nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_nodes: Option<Vec<String>>,
+    /// Whether distinct zones are required or only preferred.
+    #[serde(default)]
+    pub zone_spread: ZoneSpread,
+}
+
+/// A storage node as placement sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeTopology {
+    /// The node's ID.
+    pub id: String,
+    /// Its zone label, if it has one.
+    pub zone: Option<String>,
+    /// Bytes its pools hold for volume data.
+    pub capacity_bytes: u64,
+    /// Bytes not yet allocated.
+    pub free_bytes: u64,
+}
+
 /// The control operations every adapter calls: the local API, CSI and the Docker plugin.
 ///
 /// Operations are idempotent where the protocols need them to be: creating a volume that
@@ -442,6 +499,18 @@ pub trait VolumeControl: Send + Sync + 'static {
         &self,
         spec: VolumeSpec,
     ) -> impl Future<Output = Result<VolumeStatus, ControlError>> + Send;
+
+    /// [`VolumeControl::create_volume`], placing a new volume's replicas by `hints`.
+    ///
+    /// The default ignores the hints: right for a backend whose volumes all live on one node.
+    fn create_volume_placed(
+        &self,
+        spec: VolumeSpec,
+        hints: &PlacementHints,
+    ) -> impl Future<Output = Result<VolumeStatus, ControlError>> + Send {
+        let _ = hints;
+        self.create_volume(spec)
+    }
 
     /// Delete a volume and free its space. `NotFound` if it does not exist.
     fn delete_volume(
@@ -467,6 +536,46 @@ pub trait VolumeControl: Send + Sync + 'static {
 
     /// Every pool device of this node.
     fn list_pools(&self) -> impl Future<Output = Result<Vec<PoolStatus>, ControlError>> + Send;
+}
+
+/// What only the node that runs a workload can do: attach its volumes here, and say where
+/// "here" is. The CSI node service and the Docker plugin use it beside [`VolumeControl`].
+pub trait NodeControl: Send + Sync + 'static {
+    /// This node's ID.
+    fn node_id(&self) -> &str;
+
+    /// This node's zone label, if it has one.
+    fn zone(&self) -> Option<&str>;
+
+    /// Whether the daemon has booted and serves requests (the meaning of `/readyz`).
+    fn ready(&self) -> bool;
+
+    /// Whether any node can attach any volume (a cluster), or only this node (standalone).
+    fn shared(&self) -> bool;
+
+    /// The storage nodes volumes can be placed on (only this one when standalone).
+    fn nodes(&self) -> impl Future<Output = Result<Vec<NodeTopology>, ControlError>> + Send;
+
+    /// Attach `name` on this node (idempotent) and return its block device. In a cluster the
+    /// volume is taken over from a dead node, whose writes are fenced by epoch; a live node's
+    /// attachment is `FailedPrecondition`.
+    fn attach(
+        &self,
+        name: &VolumeName,
+    ) -> impl Future<Output = Result<std::path::PathBuf, ControlError>> + Send;
+
+    /// The block device of `name` if it is attached on this node.
+    fn device(&self, name: &VolumeName) -> Option<std::path::PathBuf>;
+
+    /// Detach `name` from this node (idempotent). `FailedPrecondition` while it is in use.
+    fn detach(&self, name: &VolumeName) -> impl Future<Output = Result<(), ControlError>> + Send;
+
+    /// Make this node's attached device of `name` show the volume's current size (after a
+    /// resize); returns that size in bytes. `FailedPrecondition` if it is not attached here.
+    fn refresh_size(
+        &self,
+        name: &VolumeName,
+    ) -> impl Future<Output = Result<u64, ControlError>> + Send;
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@
 //!   every protocol adapter calls.
 //! - [`device`]: the [`device::BlockDevice`] trait with real-disk semantics.
 //! - [`io`]: the I/O engines (io_uring and sync) and owned aligned buffers.
+//! - [`mount`]: probe, format-if-empty, mount, bind, usage and grow of filesystems on attached
+//!   volumes, shared by every adapter.
 //! - [`pool`]: the on-disk format, extent allocation, checksums, crash-safe metadata and
 //!   replicas.
 //!
@@ -12,4 +14,5 @@
 pub mod api;
 pub mod device;
 pub mod io;
+pub mod mount;
 pub mod pool;

@@ -95,19 +95,7 @@ pub fn router(attacher: Arc<Attacher>) -> Router {
 }
 
 fn control_error(e: &MountError) -> ControlError {
-    let kind = match e {
-        MountError::BadMountPoint { .. } | MountError::UnsupportedFs(_) => {
-            ErrorKind::InvalidArgument
-        }
-        MountError::FsMismatch { .. }
-        | MountError::NotAFilesystem { .. }
-        | MountError::EmptyReadOnly(_)
-        | MountError::OtherMount { .. }
-        | MountError::ModeMismatch { .. }
-        | MountError::Busy { .. } => ErrorKind::FailedPrecondition,
-        MountError::Tool { .. } | MountError::Io { .. } => ErrorKind::Internal,
-    };
-    ControlError::new(kind, crate::error_chain(e))
+    e.to_control()
 }
 
 async fn blocking<T: Send + 'static>(
@@ -148,6 +136,7 @@ fn do_mount(
         req.fs.as_deref(),
         &req.mkfs_options,
         req.read_only,
+        &[],
     )
     .map_err(|e| control_error(&e))?;
     Ok(MountInfo {

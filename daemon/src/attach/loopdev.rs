@@ -18,6 +18,9 @@ use std::time::Duration;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
+/// `BLKGETSIZE64`: `_IOR(0x12, 114, size_t)`.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
 
@@ -105,6 +108,24 @@ impl LoopDevice {
     /// Whether the kernel accepted direct I/O on the backing file.
     pub fn direct_io(&self) -> bool {
         self.direct_io
+    }
+
+    /// Make the device take its backing file's current size (after the volume grew); returns
+    /// the device's size in bytes.
+    ///
+    /// # Errors
+    /// The ioctls failed.
+    pub fn set_capacity(&self) -> std::io::Result<u64> {
+        // SAFETY: LOOP_SET_CAPACITY takes no argument; `self.file` is an open loop device.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), LOOP_SET_CAPACITY, 0) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut size: u64 = 0;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), BLKGETSIZE64, &raw mut size) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(size)
     }
 
     /// Detach the device from its backing file. If someone still has it open, the kernel

@@ -60,6 +60,12 @@ pub trait Frontend: Send + Sync + std::fmt::Debug {
     /// The kernel path of `name`'s device, if attached.
     fn device(&self, name: &VolumeName) -> Option<PathBuf>;
 
+    /// Make the attached device of `name` show the volume's current size; returns it.
+    ///
+    /// # Errors
+    /// `failed_precondition` when it is not attached, `internal` when the kernel refuses.
+    fn refresh(&self, name: &VolumeName) -> Result<u64, ControlError>;
+
     /// Detach everything and release the frontend's resources.
     fn shutdown(&self);
 }
@@ -103,6 +109,17 @@ impl FuseLoop {
         *session = Some(s);
         Ok(())
     }
+}
+
+/// How long [`FuseLoop::refresh`] waits for the kernel's cached file size to expire (the FUSE
+/// attribute TTL is one second).
+const TTL_WAIT_SECS: u64 = 3;
+
+fn not_attached(name: &VolumeName) -> ControlError {
+    ControlError::new(
+        ErrorKind::FailedPrecondition,
+        format!("volume {name} is not attached on this node"),
+    )
 }
 
 fn internal(what: &str, e: &std::io::Error) -> ControlError {
@@ -168,6 +185,35 @@ impl Frontend for FuseLoop {
             .expect("devices lock")
             .get(name.as_str())
             .map(|d| d.path().to_owned())
+    }
+
+    fn refresh(&self, name: &VolumeName) -> Result<u64, ControlError> {
+        let want = self
+            .registry
+            .size(name.as_str())
+            .ok_or_else(|| not_attached(name))?;
+        // The kernel caches the FUSE file's size for the attribute TTL; stat until it shows
+        // the volume's size, so that the loop device reads the new one.
+        let file = self.mountpoint.join(name.as_str());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(TTL_WAIT_SECS);
+        loop {
+            let have = std::fs::metadata(&file)
+                .map_err(|e| internal(&format!("cannot stat {}", file.display()), &e))?
+                .len();
+            if have == want || std::time::Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let devices = self.devices.lock().expect("devices lock");
+        let dev = devices
+            .get(name.as_str())
+            .ok_or_else(|| not_attached(name))?;
+        let size = dev
+            .set_capacity()
+            .map_err(|e| internal("cannot update the loop device's size", &e))?;
+        tracing::info!(volume = %name, size, "the attached device shows the new size");
+        Ok(size)
     }
 
     fn shutdown(&self) {
@@ -352,6 +398,21 @@ impl Attacher {
             device: device.map(|d| d.display().to_string()).unwrap_or_default(),
             attached: false,
         })
+    }
+
+    /// Make the attached device of `name` show the volume's current size (after a resize).
+    /// Blocking.
+    ///
+    /// # Errors
+    /// `failed_precondition` when it is not attached here.
+    pub fn refresh(&self, name: &VolumeName) -> Result<u64, ControlError> {
+        let _op = self.ops.lock().expect("attach lock");
+        self.frontend.refresh(name)
+    }
+
+    /// The kernel device of `name`, if it is attached on this node.
+    pub fn device(&self, name: &VolumeName) -> Option<PathBuf> {
+        self.frontend.device(name)
     }
 
     /// Attach again every volume recorded as attached. Blocking.

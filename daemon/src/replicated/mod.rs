@@ -34,8 +34,8 @@ use replication::fence::FenceTable;
 use replication::nexus::{ChildSpec, ChildState, EjectFuture, Ejector, Nexus};
 use replication::remote::{RemoteOptions, RemoteReplica};
 use volume::api::{
-    round_volume_size, ControlError, ErrorKind, PoolStatus, ReplicaStatus, VolumeControl,
-    VolumeName, VolumeSpec, VolumeState, VolumeStatus, MAX_REPLICAS,
+    round_volume_size, ControlError, ErrorKind, PlacementHints, PoolStatus, ReplicaStatus,
+    VolumeControl, VolumeName, VolumeSpec, VolumeState, VolumeStatus, MAX_REPLICAS,
 };
 use volume::pool::Storage;
 
@@ -582,6 +582,15 @@ fn now_secs() -> u64 {
 
 impl VolumeControl for ClusterSource {
     async fn create_volume(&self, spec: VolumeSpec) -> Result<VolumeStatus, ControlError> {
+        self.create_volume_placed(spec, &PlacementHints::default())
+            .await
+    }
+
+    async fn create_volume_placed(
+        &self,
+        spec: VolumeSpec,
+        hints: &PlacementHints,
+    ) -> Result<VolumeStatus, ControlError> {
         let c = &self.0;
         if spec.replicas == 0 || spec.replicas > MAX_REPLICAS {
             return Err(ControlError::new(
@@ -608,7 +617,7 @@ impl VolumeControl for ClusterSource {
             ));
         }
         let nodes = c.nodes().await?;
-        let placement = placement::place(&nodes, usize::from(spec.replicas), size)
+        let placement = placement::place_with(&nodes, usize::from(spec.replicas), size, hints)
             .map_err(|e| ControlError::new(ErrorKind::ResourceExhausted, e.to_string()))?;
         for w in &placement.warnings {
             tracing::warn!(volume = %spec.name, "{w}");

@@ -8,9 +8,16 @@
 //!    space first (ties by node id, so placement is deterministic).
 //!
 //! Too few nodes is an error naming the shortfall; too few zones is a warning, because the
-//! volume still survives the loss of any one node.
+//! volume still survives the loss of any one node — unless the caller asked for a hard zone
+//! spread, when it is an error.
+//!
+//! [`PlacementHints`] narrow and order the choice: only `allowed_nodes` are candidates, and
+//! `preferred_nodes` come first in their order (the node that will run the workload gets a
+//! local replica), before the spread and capacity rules pick the rest.
 
 use std::collections::BTreeSet;
+
+use volume::api::{PlacementHints, ZoneSpread};
 
 use super::model::NodeRecord;
 
@@ -39,6 +46,17 @@ pub enum PlacementError {
         /// Their ids.
         ids: String,
     },
+    /// A hard zone spread, but too few zones among the candidates.
+    #[error(
+        "{replicas} replicas with a hard zone spread need {replicas} zones, but the candidate \
+         nodes span only {zones}; add nodes in other zones or use zoneSpread soft"
+    )]
+    TooFewZones {
+        /// Requested replicas.
+        replicas: usize,
+        /// Distinct zones among the candidates.
+        zones: usize,
+    },
     /// Enough nodes, but too few with room.
     #[error(
         "{replicas} replicas of {size} bytes need {replicas} nodes with that much free space, \
@@ -63,6 +81,28 @@ pub fn place(
     replicas: usize,
     size: u64,
 ) -> Result<Placement, PlacementError> {
+    place_with(nodes, replicas, size, &PlacementHints::default())
+}
+
+/// [`place`], narrowed and ordered by `hints`.
+///
+/// # Errors
+/// Too few (allowed) nodes, too few with room, or too few zones for a hard spread.
+pub fn place_with(
+    nodes: &[NodeRecord],
+    replicas: usize,
+    size: u64,
+    hints: &PlacementHints,
+) -> Result<Placement, PlacementError> {
+    let nodes: Vec<&NodeRecord> = nodes
+        .iter()
+        .filter(|n| {
+            hints
+                .allowed_nodes
+                .as_ref()
+                .is_none_or(|a| a.contains(&n.id))
+        })
+        .collect();
     if nodes.len() < replicas {
         return Err(PlacementError::TooFewNodes {
             replicas,
@@ -74,8 +114,11 @@ pub fn place(
                 .join(", "),
         });
     }
-    let mut candidates: Vec<&NodeRecord> =
-        nodes.iter().filter(|n| n.capacity_bytes >= size).collect();
+    let mut candidates: Vec<&NodeRecord> = nodes
+        .iter()
+        .copied()
+        .filter(|n| n.capacity_bytes >= size)
+        .collect();
     if candidates.len() < replicas {
         return Err(PlacementError::NoCapacity {
             replicas,
@@ -83,8 +126,29 @@ pub fn place(
             fit: candidates.len(),
         });
     }
-    candidates.sort_by(|a, b| b.free_bytes.cmp(&a.free_bytes).then(a.id.cmp(&b.id)));
+    let rank = |n: &NodeRecord| {
+        hints
+            .preferred_nodes
+            .iter()
+            .position(|p| *p == n.id)
+            .unwrap_or(usize::MAX)
+    };
+    candidates.sort_by(|a, b| {
+        rank(a)
+            .cmp(&rank(b))
+            .then(b.free_bytes.cmp(&a.free_bytes))
+            .then(a.id.cmp(&b.id))
+    });
     let zone_of = |n: &NodeRecord| n.zone.clone().unwrap_or_else(|| format!("node:{}", n.id));
+    if hints.zone_spread == ZoneSpread::Hard {
+        let zones: BTreeSet<String> = candidates.iter().map(|n| zone_of(n)).collect();
+        if zones.len() < replicas {
+            return Err(PlacementError::TooFewZones {
+                replicas,
+                zones: zones.len(),
+            });
+        }
+    }
     let mut chosen: Vec<&NodeRecord> = Vec::with_capacity(replicas);
     let mut used_zones = BTreeSet::new();
     while chosen.len() < replicas {
@@ -171,5 +235,42 @@ mod tests {
     fn unlabelled_nodes_never_warn() {
         let nodes = [node("a", None, 5), node("b", None, 5)];
         assert!(place(&nodes, 2, 1).unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn hints_narrow_and_order_the_choice() {
+        let nodes = [
+            node("a", Some("z1"), 100),
+            node("b", Some("z1"), 90),
+            node("c", Some("z2"), 80),
+            node("d", Some("z3"), 70),
+        ];
+        let prefer_b = PlacementHints {
+            preferred_nodes: vec!["b".into()],
+            ..PlacementHints::default()
+        };
+        assert_eq!(
+            place_with(&nodes, 2, 10, &prefer_b).unwrap().nodes,
+            ["b", "c"]
+        );
+        let only = PlacementHints {
+            allowed_nodes: Some(vec!["c".into(), "d".into()]),
+            ..PlacementHints::default()
+        };
+        assert_eq!(place_with(&nodes, 2, 10, &only).unwrap().nodes, ["c", "d"]);
+        assert!(matches!(
+            place_with(&nodes, 3, 10, &only),
+            Err(PlacementError::TooFewNodes { live: 2, .. })
+        ));
+        let hard = PlacementHints {
+            allowed_nodes: Some(vec!["a".into(), "b".into(), "c".into()]),
+            zone_spread: ZoneSpread::Hard,
+            ..PlacementHints::default()
+        };
+        assert!(matches!(
+            place_with(&nodes, 3, 10, &hard),
+            Err(PlacementError::TooFewZones { zones: 2, .. })
+        ));
+        assert_eq!(place_with(&nodes, 2, 10, &hard).unwrap().nodes, ["a", "c"]);
     }
 }

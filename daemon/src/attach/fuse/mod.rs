@@ -84,6 +84,11 @@ impl Registry {
         );
     }
 
+    /// The current size of `name`'s device, if registered.
+    pub fn size(&self, name: &str) -> Option<u64> {
+        self.lookup(name.as_bytes()).map(|(_, e)| e.device.size())
+    }
+
     /// Stop serving `name`. Its inode number stays reserved for it, so a dentry the kernel
     /// still caches resolves to the same file when the volume is attached again.
     pub fn remove(&self, name: &str) {

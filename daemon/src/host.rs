@@ -1,0 +1,127 @@
+//! This node as the CSI node service and the Docker plugin see it: its identity and zone,
+//! whether it has booted, the storage nodes placement can use, and attaching volumes here
+//! through the [`Attacher`] (so CSI, Docker and `ballast volume attach` share one record of
+//! what is attached).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use volume::api::{ControlError, ErrorKind, NodeControl, NodeTopology, VolumeControl, VolumeName};
+use volume::pool::Storage;
+
+use crate::attach::Attacher;
+use crate::node_info::{NodeInfo, Phase};
+use crate::replicated::Cluster;
+
+/// This node's [`NodeControl`].
+#[derive(Debug)]
+pub struct NodeHost {
+    info: Arc<NodeInfo>,
+    zone: Option<String>,
+    storage: Arc<Storage>,
+    cluster: Option<Arc<Cluster>>,
+    attacher: Option<Arc<Attacher>>,
+}
+
+impl NodeHost {
+    /// The host of `info` in `zone`, placing over `cluster` (or this node's `storage` alone)
+    /// and attaching with `attacher` (`None` when the attach frontend failed to start).
+    pub fn new(
+        info: Arc<NodeInfo>,
+        zone: Option<String>,
+        storage: Arc<Storage>,
+        cluster: Option<Arc<Cluster>>,
+        attacher: Option<Arc<Attacher>>,
+    ) -> Self {
+        Self {
+            info,
+            zone,
+            storage,
+            cluster,
+            attacher,
+        }
+    }
+
+    fn attacher(&self) -> Result<Arc<Attacher>, ControlError> {
+        self.attacher.clone().ok_or_else(|| {
+            ControlError::new(
+                ErrorKind::Unavailable,
+                "attaching volumes is unavailable on this node (the attach frontend did not \
+                 start; see the daemon log)",
+            )
+        })
+    }
+
+    /// Run blocking attacher work on a blocking thread.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Attacher) -> Result<T, ControlError> + Send + 'static,
+    ) -> Result<T, ControlError> {
+        let attacher = self.attacher()?;
+        tokio::task::spawn_blocking(move || f(&attacher))
+            .await
+            .map_err(|e| ControlError::new(ErrorKind::Internal, e.to_string()))?
+    }
+}
+
+impl NodeControl for NodeHost {
+    fn node_id(&self) -> &str {
+        self.info.node_id()
+    }
+
+    fn zone(&self) -> Option<&str> {
+        self.zone.as_deref()
+    }
+
+    fn ready(&self) -> bool {
+        self.info.phase() == Phase::Ready
+    }
+
+    fn shared(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeTopology>, ControlError> {
+        if let Some(c) = &self.cluster {
+            return Ok(c
+                .nodes()
+                .await?
+                .into_iter()
+                .map(|n| NodeTopology {
+                    id: n.id,
+                    zone: n.zone,
+                    capacity_bytes: n.capacity_bytes,
+                    free_bytes: n.free_bytes,
+                })
+                .collect());
+        }
+        let pools = self.storage.list_pools().await?;
+        Ok(vec![NodeTopology {
+            id: self.info.node_id().to_owned(),
+            zone: self.zone.clone(),
+            capacity_bytes: pools.iter().map(|p| p.capacity_bytes).max().unwrap_or(0),
+            free_bytes: pools.iter().map(|p| p.free_bytes).sum(),
+        }])
+    }
+
+    async fn attach(&self, name: &VolumeName) -> Result<PathBuf, ControlError> {
+        let name = name.clone();
+        self.blocking(move |a| a.attach(&name).map(|att| PathBuf::from(att.path)))
+            .await
+    }
+
+    fn device(&self, name: &VolumeName) -> Option<PathBuf> {
+        self.attacher.as_ref()?.device(name)
+    }
+
+    async fn detach(&self, name: &VolumeName) -> Result<(), ControlError> {
+        let name = name.clone();
+        self.blocking(move |a| a.detach(&name, false).map(drop))
+            .await
+    }
+
+    async fn refresh_size(&self, name: &VolumeName) -> Result<u64, ControlError> {
+        let name = name.clone();
+        self.blocking(move |a| a.refresh(&name)).await
+    }
+}
