@@ -270,6 +270,25 @@ impl<C: VolumeControl, N: NodeControl> NodeService for Node<C, N> {
         let t = target.clone();
         blocking(move || {
             if block {
+                // A read-only bind of a device file does not stop writes to it, so the device
+                // itself is made read-only, which must not surprise a read-write publish.
+                let others: Vec<_> = mount::binds_of(&device)
+                    .into_iter()
+                    .filter(|m| m.mount_point != t)
+                    .collect();
+                if others.iter().any(|m| m.read_only != read_only) {
+                    return Err(ControlError::new(
+                        ErrorKind::FailedPrecondition,
+                        format!(
+                            "the device is already published {} on this node; a block volume is \
+                             published either read-only or read-write at a time",
+                            if read_only { "read-write" } else { "read-only" }
+                        ),
+                    ));
+                }
+                if read_only {
+                    mount::set_read_only(&device, true).map_err(|e| mount_err(&e))?;
+                }
                 if !t.exists() {
                     std::fs::OpenOptions::new()
                         .write(true)
@@ -301,9 +320,16 @@ impl<C: VolumeControl, N: NodeControl> NodeService for Node<C, N> {
         let target = self.checked_path("target_path", &req.target_path)?;
         let _op = self.ops.acquire(name.as_str())?;
         let t = target.clone();
+        let device = self.host.device(&name);
         blocking(move || {
             while mount::is_mounted(&t) {
                 mount::unmount(&t).map_err(|e| mount_err(&e))?;
+            }
+            // The last block publish gone, a device made read-only for it is writable again.
+            if let Some(dev) = device.filter(|d| d.exists()) {
+                if mount::binds_of(&dev).is_empty() {
+                    let _ = mount::set_read_only(&dev, false);
+                }
             }
             match std::fs::symlink_metadata(&t) {
                 Ok(m) if m.is_dir() => {

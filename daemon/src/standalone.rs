@@ -90,6 +90,8 @@ pub struct ReplicaSets {
     /// The sets; held across the file write, so the file never goes backwards. Changes are
     /// rare (create, delete, ejection).
     sets: Mutex<BTreeMap<String, VolumeSet>>,
+    /// Volumes attached on this node now (not persisted: attachments are restored at start).
+    attached: Mutex<std::collections::BTreeSet<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -131,7 +133,23 @@ impl ReplicaSets {
         Ok(Self {
             path,
             sets: Mutex::new(sets),
+            attached: Mutex::new(std::collections::BTreeSet::new()),
         })
+    }
+
+    /// Record whether `name` is attached on this node (deleting it is refused while it is).
+    pub fn set_attached(&self, name: &str, attached: bool) {
+        let mut a = lock(&self.attached);
+        if attached {
+            a.insert(name.to_owned());
+        } else {
+            a.remove(name);
+        }
+    }
+
+    /// Whether `name` is attached on this node.
+    pub fn is_attached(&self, name: &str) -> bool {
+        lock(&self.attached).contains(name)
     }
 
     /// The file the sets are persisted to.
@@ -372,6 +390,12 @@ impl VolumeControl for Standalone {
 
     async fn delete_volume(&self, name: &VolumeName) -> Result<(), ControlError> {
         let id = self.storage.volume_status(name)?.id;
+        if self.sets.is_attached(name.as_str()) {
+            return Err(ControlError::new(
+                ErrorKind::FailedPrecondition,
+                format!("volume {name} is attached on this node; detach it first"),
+            ));
+        }
         self.storage.delete_volume(name).await?;
         let sets = Arc::clone(&self.sets);
         let forgot = tokio::task::spawn_blocking(move || sets.forget(&id)).await;

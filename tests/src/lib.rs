@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod cluster;
+pub mod csi;
 pub mod etcd;
 pub mod workload;
 use nix::sys::signal::{kill, Signal};

@@ -587,6 +587,45 @@ fn split_dev(dev: u64) -> (u64, u64) {
     (major, minor)
 }
 
+/// The bind mounts of the block device `device` (its device file bound elsewhere, as a CSI
+/// block publish does).
+#[must_use]
+pub fn binds_of(device: &Path) -> Vec<MountEntry> {
+    let Ok((dev, Some(root))) = bind_source(device) else {
+        return Vec::new();
+    };
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    parse_mountinfo(&info)
+        .into_iter()
+        .filter(|m| m.dev == dev && m.root == root)
+        .collect()
+}
+
+/// `BLKROSET`: `_IO(0x12, 93)`.
+const BLKROSET: libc::c_ulong = 0x125D;
+
+/// Make the block device `device` read-only (or writable again) in the kernel, for every
+/// opener: a read-only bind mount does not stop writes to a device file.
+///
+/// # Errors
+/// The device cannot be opened or the ioctl failed.
+pub fn set_read_only(device: &Path, read_only: bool) -> Result<(), MountError> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(device).map_err(|e| MountError::Io {
+        context: format!("cannot open {}", device.display()),
+        source: e,
+    })?;
+    let flag: libc::c_int = i32::from(read_only);
+    // SAFETY: BLKROSET reads one int through the pointer, which is valid for the call.
+    if unsafe { libc::ioctl(f.as_raw_fd(), BLKROSET, &raw const flag) } < 0 {
+        return Err(MountError::Io {
+            context: format!("cannot set {} read-only={read_only}", device.display()),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 /// Space and inode use of the filesystem mounted at `path`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {

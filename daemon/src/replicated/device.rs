@@ -304,14 +304,18 @@ impl LocalSource {
 impl DeviceSource for LocalSource {
     fn open(&self, name: &VolumeName, _force: bool) -> Result<VolumeDevice, ControlError> {
         let status = self.storage.volume_status(name)?;
-        if status.replicas <= 1 {
-            return Ok(VolumeDevice::Local(self.storage.replica(name)?));
-        }
-        self.open_replicated(name, &status.id)
-            .map(VolumeDevice::Replicated)
+        let device = if status.replicas <= 1 {
+            VolumeDevice::Local(self.storage.replica(name)?)
+        } else {
+            VolumeDevice::Replicated(self.open_replicated(name, &status.id)?)
+        };
+        self.sets.set_attached(name.as_str(), true);
+        Ok(device)
     }
 
-    fn release(&self, _name: &VolumeName) {}
+    fn release(&self, name: &VolumeName) {
+        self.sets.set_attached(name.as_str(), false);
+    }
 
     fn exists(&self, name: &VolumeName) -> Result<(), ControlError> {
         self.storage.volume_status(name).map(drop)
