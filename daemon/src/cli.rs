@@ -156,6 +156,11 @@ pub struct DaemonArgs {
     /// [default: /var/lib/kubelet].
     #[arg(long, value_name = "DIR")]
     pub kubelet_dir: Option<PathBuf>,
+
+    /// Serve the Docker volume plugin `ballast` on this unix socket; without a value, on
+    /// /run/docker/plugins/ballast.sock, where Docker finds it.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = plugin::DEFAULT_SOCKET)]
+    pub docker_socket: Option<PathBuf>,
 }
 
 /// Which I/O engine the daemon uses.

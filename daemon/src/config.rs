@@ -104,6 +104,7 @@ pub enum ConfigError {
 /// replace_after = 300               # seconds before a gone node's replica is replaced
 /// csi_socket = "/var/lib/kubelet/plugins/csi.ballast.dev/csi.sock"
 /// kubelet_dir = "/var/lib/kubelet"
+/// docker_socket = "/run/docker/plugins/ballast.sock"
 ///
 /// [[pool]]
 /// path = "/srv/ballast/pool0.img"
@@ -148,6 +149,8 @@ pub struct ConfigFile {
     pub csi_socket: Option<PathBuf>,
     /// See `--kubelet-dir`.
     pub kubelet_dir: Option<PathBuf>,
+    /// See `--docker-socket`.
+    pub docker_socket: Option<PathBuf>,
 }
 
 /// One `[[pool]]` table of the config file.
@@ -262,6 +265,8 @@ pub struct DaemonConfig {
     pub csi_socket: Option<PathBuf>,
     /// Where CSI staging and target paths must lie.
     pub kubelet_dir: PathBuf,
+    /// The Docker plugin socket, when the plugin is served.
+    pub docker_socket: Option<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -380,6 +385,7 @@ impl DaemonConfig {
                 .clone()
                 .or(file.kubelet_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_KUBELET_DIR)),
+            docker_socket: args.docker_socket.clone().or(file.docker_socket),
         })
     }
 

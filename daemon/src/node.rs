@@ -116,6 +116,15 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// The Docker plugin socket could not be bound.
+    #[error("cannot listen for Docker on {path}")]
+    DockerSocket {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
@@ -279,6 +288,14 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
         })?),
         None => None,
     };
+    let docker_listener = match &cfg.docker_socket {
+        // The same rules as the CSI socket: create the directory, replace a stale socket.
+        Some(path) => Some(csi::bind(path).map_err(|source| NodeError::DockerSocket {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
     let engine =
         volume::io::probe(cfg.engine.into(), cfg.io_threads.into()).map_err(NodeError::Engine)?;
     let node = Arc::new(NodeInfo::new(cfg.node_id.clone(), engine.name()));
@@ -418,14 +435,50 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
         api = api.merge(api::attach::router(Arc::clone(attacher)));
         api = api.merge(api::mount::router(Arc::clone(attacher)));
     }
+    let host = Arc::new(NodeHost::new(
+        Arc::clone(&node),
+        cfg.zone.clone(),
+        Arc::clone(&storage),
+        cluster.as_ref().map(|p| Arc::clone(&p.cluster)),
+        attacher.clone(),
+    ));
+    let docker_task = match docker_listener {
+        Some(listener) => {
+            let config = plugin::PluginConfig {
+                mount_root: cfg.data_dir.join(DOCKER_MOUNT_DIR),
+                refs_file: cfg.data_dir.join(DOCKER_REFS_FILE),
+                attach_wait: cfg.lease_ttl * 3,
+            };
+            let stop = stopped(stop_rx.clone());
+            let started = match (&cluster, &standalone_api) {
+                (Some(p), _) => {
+                    start_docker(
+                        listener,
+                        Arc::new(ClusterSource(Arc::clone(&p.cluster))),
+                        Arc::clone(&host),
+                        config,
+                        stop,
+                    )
+                    .await
+                }
+                (None, Some(s)) => {
+                    start_docker(listener, Arc::clone(s), Arc::clone(&host), config, stop).await
+                }
+                (None, None) => unreachable!("standalone mode has its API"),
+            };
+            match started {
+                Ok(task) => Some(task),
+                Err(source) => {
+                    // The callers file is unreadable: mounting would lose track of users.
+                    tracing::error!(error = %source, "the Docker plugin is not served");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let csi_task = csi_listener.map(|listener| {
-        let host = Arc::new(NodeHost::new(
-            Arc::clone(&node),
-            cfg.zone.clone(),
-            Arc::clone(&storage),
-            cluster.as_ref().map(|p| Arc::clone(&p.cluster)),
-            attacher.clone(),
-        ));
+        let host = Arc::clone(&host);
         let config = csi::NodeConfig {
             allowed_root: cfg.kubelet_dir.clone(),
         };
@@ -468,6 +521,12 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     let _ = stop_tx.send(true);
     let _ = checkpoints.await;
     drain("local API", api_task).await;
+    if let Some(task) = docker_task {
+        drain("Docker plugin", task).await;
+        if let Some(path) = &cfg.docker_socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
     if let Some(task) = csi_task {
         drain("CSI", task).await;
         if let Some(path) = &cfg.csi_socket {
@@ -494,6 +553,29 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     drop(addr_file);
     drop(lock);
     served.and(closed)
+}
+
+/// The Docker plugin's mount root under the data directory.
+pub const DOCKER_MOUNT_DIR: &str = "docker";
+/// The Docker plugin's callers file under the data directory.
+pub const DOCKER_REFS_FILE: &str = "docker-mounts.json";
+
+/// Load the Docker plugin's state, mount again the volumes that have callers, and serve it.
+async fn start_docker<C: volume::api::VolumeControl>(
+    listener: tokio::net::UnixListener,
+    control: Arc<C>,
+    host: Arc<NodeHost>,
+    config: plugin::PluginConfig,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<ServerTask> {
+    let plugin = Arc::new(plugin::Plugin::new(control, host, config)?);
+    plugin.restore().await;
+    tracing::info!(driver = "ballast", "serving the Docker volume plugin");
+    Ok(spawn_server(plugin::serve(
+        listener,
+        plugin::router(plugin),
+        stop,
+    )))
 }
 
 /// Set up the attach frontend and attach again the volumes that were attached (blocking work,
