@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, Result};
 use csi::proto::controller_client::ControllerClient;
@@ -227,20 +226,6 @@ pub struct MountsUnder(pub PathBuf);
 
 impl Drop for MountsUnder {
     fn drop(&mut self) {
-        let root = std::fs::canonicalize(&self.0).unwrap_or_else(|_| self.0.clone());
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut points: Vec<PathBuf> = volume::mount::parse_mountinfo(&info)
-            .into_iter()
-            .map(|m| m.mount_point)
-            .filter(|p| p.starts_with(&root))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-        for p in points {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(&p)
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
+        crate::unmount_all_under(&self.0);
     }
 }

@@ -34,6 +34,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 pub mod cluster;
 pub mod csi;
+pub mod docker;
 pub mod etcd;
 pub mod workload;
 use nix::sys::signal::{kill, Signal};
@@ -149,12 +150,17 @@ impl NodeDir {
 
     /// The daemon flags for this node: data dir, pool, socket, HTTP on port 0, node ID.
     pub fn daemon_args(&self) -> Vec<String> {
+        self.daemon_args_with_pool(POOL_SIZE)
+    }
+
+    /// [`NodeDir::daemon_args`] with a pool file of `size` (sparse), e.g. `2GiB`.
+    pub fn daemon_args_with_pool(&self, size: &str) -> Vec<String> {
         vec![
             "daemon".into(),
             "--data-dir".into(),
             self.data_dir().display().to_string(),
             "--pool".into(),
-            format!("{}:{POOL_SIZE}", self.pool().display()),
+            format!("{}:{size}", self.pool().display()),
             "--api-socket".into(),
             self.socket().display().to_string(),
             "--http".into(),
@@ -660,6 +666,26 @@ pub fn release_attachments(fuse: &Path, names: &[String]) {
         .arg(fuse)
         .stderr(std::process::Stdio::null())
         .status();
+}
+
+/// Best-effort lazy unmount of everything mounted under `root`, deepest first, so a failed
+/// test leaves no filesystem of a volume mounted.
+pub fn unmount_all_under(root: &Path) {
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_owned());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = volume::mount::parse_mountinfo(&info)
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(&root))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for p in points {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&p)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
 }
 
 /// Best-effort clean-up of every loop device backed by a file under the FUSE mount `fuse`

@@ -34,9 +34,7 @@ use tonic::Code;
 const POOL: &str = "2GiB";
 
 fn start(node: &NodeDir) -> Daemon {
-    let mut args = node.daemon_args();
-    let at = args.iter().position(|a| a == "--pool").unwrap();
-    args[at + 1] = format!("{}:{POOL}", node.pool().display());
+    let mut args = node.daemon_args_with_pool(POOL);
     args.extend(csi_args(node));
     let mut d = Daemon::spawn(node, args).unwrap();
     d.wait_ready(std::time::Duration::from_secs(30)).unwrap();
