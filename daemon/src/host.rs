@@ -121,6 +121,11 @@ impl NodeControl for NodeHost {
     }
 
     async fn refresh_size(&self, name: &VolumeName) -> Result<u64, ControlError> {
+        // A resize made on another node changed the record and the replicas: the nexus
+        // attached here takes the recorded size before the device is refreshed.
+        if let Some(c) = &self.cluster {
+            c.sync_size(name).await?;
+        }
         let name = name.clone();
         self.blocking(move |a| a.refresh(&name)).await
     }

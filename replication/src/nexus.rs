@@ -38,6 +38,12 @@
 //! and writes that arrive meanwhile wait for the copy, so a copy never overwrites newer data.
 //! [`Nexus::reconcile`] makes the healthy children agree where a writer that died mid-write
 //! left them different, before the first I/O of a new attachment.
+//!
+//! **Size.** Requests beyond the nexus's size are refused, whatever the children hold.
+//! [`Nexus::grow`] makes the volume bigger online: with writes paused, every child that takes
+//! writes must show the new size (it learns it through [`Resizable::refresh_size`] once its
+//! replica was grown where it lives); a child that cannot is ejected first, so no write can
+//! reach a replica too small for it. A rebuild refuses a target smaller than the volume.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -90,6 +96,20 @@ impl ChildState {
 impl fmt::Display for ChildState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// A child device whose replica can be grown where it lives (on its own node): the device
+/// learns the new size through [`Resizable::refresh_size`], which [`Nexus::grow`] calls.
+pub trait Resizable: BlockDevice {
+    /// Learn the device's current size (a remote replica asks its server) and return it.
+    fn refresh_size(&self) -> impl Future<Output = Result<u64, DeviceError>> + Send;
+}
+
+impl Resizable for volume::pool::Replica {
+    fn refresh_size(&self) -> impl Future<Output = Result<u64, DeviceError>> + Send {
+        // A local replica's size is read from its pool at every call.
+        std::future::ready(Ok(self.size()))
     }
 }
 
@@ -322,6 +342,16 @@ pub enum RebuildError {
     /// The nexus was fenced or the target failed and was ejected again.
     #[error("the rebuild was stopped: {0}")]
     Stopped(String),
+    /// The target holds fewer bytes than the volume: grow its replica first.
+    #[error("replica {id} holds {have} bytes, less than the volume's {need}; grow it first")]
+    TooSmall {
+        /// The replica.
+        id: String,
+        /// Its size.
+        have: u64,
+        /// The volume's size.
+        need: u64,
+    },
     /// A device failed.
     #[error(transparent)]
     Device(#[from] DeviceError),
@@ -340,14 +370,16 @@ const NO_COPY: u64 = u64::MAX;
 /// One volume's replicated device.
 pub struct Nexus<D> {
     name: String,
-    size: u64,
+    /// Only grows ([`Nexus::grow`]), while no changing request is admitted.
+    size: AtomicU64,
     children: RwLock<Vec<Arc<Child<D>>>>,
     ejector: Arc<dyn Ejector>,
     fenced: AtomicBool,
     stats: NexusStats,
     seq: Mutex<Sequencer>,
-    /// Writes in flight per extent, so a copy can wait for them.
-    extent_writes: Vec<AtomicU32>,
+    /// Writes in flight per extent, so a copy can wait for them. Only grows, with the size;
+    /// the lock is never held across an await.
+    extent_writes: RwLock<Vec<AtomicU32>>,
     /// The extent a rebuild is copying, or [`NO_COPY`].
     copying: AtomicU64,
     copy_done: Notify,
@@ -364,9 +396,7 @@ struct Admitted<'a, D> {
 
 impl<D> Drop for Admitted<'_, D> {
     fn drop(&mut self) {
-        for e in self.extents.clone() {
-            self.nexus.extent_writes[e as usize].fetch_sub(1, SeqCst);
-        }
+        self.nexus.count_writes(self.extents.clone(), false);
         self.nexus
             .seq
             .lock()
@@ -397,7 +427,7 @@ impl<D> fmt::Debug for Nexus<D> {
             .unwrap_or_default();
         f.debug_struct("Nexus")
             .field("name", &self.name)
-            .field("size", &self.size)
+            .field("size", &self.size.load(SeqCst))
             .field("children", &children)
             .finish_non_exhaustive()
     }
@@ -413,14 +443,62 @@ fn fenced_error(op: &'static str, offset: u64, len: u64) -> DeviceError {
     )
 }
 
+impl<D> Nexus<D> {
+    /// Add one (`up`) or remove one write in flight on each extent of `extents`.
+    fn count_writes(&self, extents: std::ops::Range<u64>, up: bool) {
+        let counts = self.extent_writes.read().expect("extent counters lock");
+        for e in extents {
+            if let Some(c) = counts.get(e as usize) {
+                if up {
+                    c.fetch_add(1, SeqCst);
+                } else {
+                    c.fetch_sub(1, SeqCst);
+                }
+            }
+        }
+    }
+
+    /// Writes in flight on extent `e`.
+    fn writes_on(&self, e: u64) -> u32 {
+        self.extent_writes
+            .read()
+            .expect("extent counters lock")
+            .get(e as usize)
+            .map_or(0, |c| c.load(SeqCst))
+    }
+
+    /// How many extents the volume has.
+    fn extent_count(&self) -> u64 {
+        self.extent_writes
+            .read()
+            .expect("extent counters lock")
+            .len() as u64
+    }
+}
+
 impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
     /// A nexus named `name` over `children`; its size is the smallest child's.
     ///
     /// # Panics
     /// If `children` is empty.
     pub fn new(name: &str, children: Vec<ChildSpec<D>>, ejector: Arc<dyn Ejector>) -> Self {
-        assert!(!children.is_empty(), "a nexus needs at least one child");
         let size = children.iter().map(|c| c.dev.size()).min().unwrap_or(0);
+        Self::with_size(name, children, ejector, size)
+    }
+
+    /// A nexus named `name` of `size` bytes over `children`, each of which must hold at
+    /// least `size` bytes (a child may be bigger: a resize grew it and stopped before the
+    /// volume's size was recorded). Requests beyond `size` are refused.
+    ///
+    /// # Panics
+    /// If `children` is empty.
+    pub fn with_size(
+        name: &str,
+        children: Vec<ChildSpec<D>>,
+        ejector: Arc<dyn Ejector>,
+        size: u64,
+    ) -> Self {
+        assert!(!children.is_empty(), "a nexus needs at least one child");
         let children = children
             .into_iter()
             .map(|c| {
@@ -434,7 +512,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
             .collect();
         Self {
             name: name.to_owned(),
-            size,
+            size: AtomicU64::new(size),
             children: RwLock::new(children),
             ejector,
             fenced: AtomicBool::new(false),
@@ -443,9 +521,11 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
                 next: 1,
                 in_flight: BTreeSet::new(),
             }),
-            extent_writes: (0..size.div_ceil(EXTENT))
-                .map(|_| AtomicU32::new(0))
-                .collect(),
+            extent_writes: RwLock::new(
+                (0..size.div_ceil(EXTENT))
+                    .map(|_| AtomicU32::new(0))
+                    .collect(),
+            ),
             copying: AtomicU64::new(NO_COPY),
             copy_done: Notify::new(),
             gate: tokio::sync::RwLock::new(()),
@@ -470,22 +550,18 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         let end = offset
             .saturating_add(len.max(1))
             .div_ceil(EXTENT)
-            .min(self.extent_writes.len() as u64)
+            .min(self.extent_count())
             .max(first);
         loop {
             let notified = self.copy_done.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            for e in first..end {
-                self.extent_writes[e as usize].fetch_add(1, SeqCst);
-            }
+            self.count_writes(first..end, true);
             let copying = self.copying.load(SeqCst);
             if !(first..end).contains(&copying) {
                 break;
             }
-            for e in first..end {
-                self.extent_writes[e as usize].fetch_sub(1, SeqCst);
-            }
+            self.count_writes(first..end, false);
             notified.await;
         }
         let mut s = self.seq.lock().expect("sequencer lock");
@@ -561,6 +637,105 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
             return Err(fenced_error(op, offset, len));
         }
         Ok(())
+    }
+
+    /// Refuse a request that ends beyond the volume (children may be bigger than it).
+    fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<(), DeviceError> {
+        let size = self.size.load(SeqCst);
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(DeviceError::new(
+                DeviceErrorKind::OutOfRange,
+                op,
+                offset,
+                len,
+                format!("the request ends beyond the volume's {size} bytes"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Grow the volume to `new_size` bytes while it serves I/O; returns the size now (a
+    /// smaller or equal `new_size` changes nothing). The caller grows every replica where it
+    /// lives first. Changing requests pause while every child that takes writes learns its
+    /// size ([`Resizable::refresh_size`]); a child that cannot show `new_size` (its replica
+    /// was not grown, or it does not answer) is ejected, through the [`Ejector`], before the
+    /// size changes, so no write beyond the old end can reach it.
+    ///
+    /// # Errors
+    /// The nexus is fenced, no child shows `new_size` (nothing changes then), or an ejection
+    /// cannot be recorded (the size does not change either).
+    pub async fn grow(&self, new_size: u64) -> Result<u64, DeviceError>
+    where
+        D: Resizable,
+    {
+        let _exclusive = self.gate.write().await;
+        let have = self.size.load(SeqCst);
+        if new_size <= have {
+            return Ok(have);
+        }
+        let more = new_size - have;
+        self.check_fence("grow", have, more)?;
+        let targets: Vec<Arc<Child<D>>> = self
+            .snapshot()
+            .into_iter()
+            .filter(|c| c.state().writable())
+            .collect();
+        let sizes = join_all(targets.iter().map(|c| c.dev.refresh_size())).await;
+        let mut fits = 0;
+        let mut short = Vec::new();
+        for (c, size) in targets.iter().zip(sizes) {
+            match size {
+                Ok(s) if s >= new_size => fits += 1,
+                Ok(s) => short.push((
+                    c,
+                    format!("it holds {s} bytes, not the {new_size} the volume grows to"),
+                )),
+                Err(e) if Answer::of(&e) == Answer::Fenced => {
+                    self.fence();
+                    return Err(e);
+                }
+                Err(e) => short.push((c, format!("it cannot report its size: {e}"))),
+            }
+        }
+        if fits == 0 {
+            let why = short
+                .iter()
+                .map(|(c, why)| format!("replica {}: {why}", c.id))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(DeviceError::new(
+                DeviceErrorKind::NoSpace,
+                "grow",
+                have,
+                more,
+                format!(
+                    "no replica of volume {} shows {new_size} bytes; grow the replicas first ({why})",
+                    self.name
+                ),
+            ));
+        }
+        for (c, why) in short {
+            if !self.eject(c, &format!("cannot grow: {why}")).await {
+                return Err(DeviceError::new(
+                    DeviceErrorKind::Io,
+                    "grow",
+                    have,
+                    more,
+                    format!(
+                        "replica {} cannot grow ({why}) and its ejection could not be recorded",
+                        c.id
+                    ),
+                ));
+            }
+        }
+        {
+            let mut counts = self.extent_writes.write().expect("extent counters lock");
+            let extents = (new_size.div_ceil(EXTENT) as usize).max(counts.len());
+            counts.resize_with(extents, || AtomicU32::new(0));
+        }
+        self.size.store(new_size, SeqCst);
+        tracing::info!(volume = %self.name, from = have, to = new_size, "the volume grew");
+        Ok(new_size)
     }
 
     /// Commit the ejection of `child` (once; concurrent callers wait for the same outcome).
@@ -722,7 +897,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
     /// meanwhile wait in [`Nexus::admit`] until the guard drops.
     async fn lock_extent(&self, e: u64) -> ExtentLock<'_, D> {
         self.copying.store(e, SeqCst);
-        while self.extent_writes[e as usize].load(SeqCst) != 0 {
+        while self.writes_on(e) != 0 {
             tokio::time::sleep(Duration::from_micros(100)).await;
         }
         ExtentLock { nexus: self }
@@ -731,7 +906,10 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
     /// The byte range of extent `e`, clipped to the volume.
     fn extent_range(&self, e: u64) -> (u64, u64) {
         let offset = e * EXTENT;
-        (offset, EXTENT.min(self.size.saturating_sub(offset)))
+        (
+            offset,
+            EXTENT.min(self.size.load(SeqCst).saturating_sub(offset)),
+        )
     }
 
     /// Make extent `e` of `target` a copy of `source`'s (or release it when `generation` is
@@ -794,6 +972,14 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
             let state = target.state();
             if state != ChildState::Ejected {
                 return Err(RebuildError::NotEjected(id.to_owned(), state));
+            }
+            let (have, need) = (target.dev.size(), self.size.load(SeqCst));
+            if have < need {
+                return Err(RebuildError::TooSmall {
+                    id: id.to_owned(),
+                    have,
+                    need,
+                });
             }
             let source = self
                 .readers()
@@ -953,7 +1139,10 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
 
     async fn read_impl(&self, offset: u64, mut buf: IoBuf) -> BufResult {
         let len = buf.len() as u64;
-        if let Err(error) = self.check_fence("read", offset, len) {
+        if let Err(error) = self
+            .check_fence("read", offset, len)
+            .and_then(|()| self.check_range("read", offset, len))
+        {
             return Err(BufError { error, buf });
         }
         let mut bad: Vec<Arc<Child<D>>> = Vec::new();
@@ -1029,7 +1218,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
 
 impl<D: BlockDevice + Clone + Send + Sync + 'static> BlockDevice for Nexus<D> {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(SeqCst)
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> BufResult {
@@ -1039,6 +1228,9 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> BlockDevice for Nexus<D> {
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BufResult {
         let len = buf.len() as u64;
         let _gate = self.gate.read().await;
+        if let Err(error) = self.check_range("write", offset, len) {
+            return Err(BufError { error, buf });
+        }
         let admitted = self.admit(offset, len).await;
         let flags = WriteFlags {
             generation: admitted.generation,
@@ -1070,6 +1262,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> BlockDevice for Nexus<D> {
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         let _gate = self.gate.read().await;
+        self.check_range("discard", offset, len)?;
         let _admitted = self.admit(offset, len).await;
         self.fan_out(("discard", offset, len), |dev: D| async move {
             dev.discard(offset, len).await
@@ -1080,6 +1273,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> BlockDevice for Nexus<D> {
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         let _gate = self.gate.read().await;
+        self.check_range("write_zeroes", offset, len)?;
         let _admitted = self.admit(offset, len).await;
         self.fan_out(("write_zeroes", offset, len), |dev: D| async move {
             dev.write_zeroes(offset, len).await

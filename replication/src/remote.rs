@@ -36,6 +36,7 @@ use volume::device::{
 };
 use volume::io::IoBuf;
 
+use crate::nexus::Resizable;
 use crate::wire::{self, Request, Response, MAX_IO};
 
 /// Requests queued for the writer task before callers wait for room.
@@ -427,6 +428,22 @@ impl ReplicaClient {
         self.expect_ok(At::new("create", 0, size), req).await
     }
 
+    /// Grow the volume's replica on the server to at least `size` bytes (idempotent: a
+    /// replica that already holds `size` bytes is left alone). With `dry_run`, only check that
+    /// it could: the replica exists and its pool device can hold `size` bytes.
+    ///
+    /// # Errors
+    /// The server refused (`Closed` for no such replica, `NoSpace` when its pool device is
+    /// too small; see [`wire::ErrCode`]) or the connection failed.
+    pub async fn resize(&self, volume: &str, size: u64, dry_run: bool) -> Result<(), DeviceError> {
+        let req = Request::Resize {
+            volume: volume.into(),
+            size,
+            dry_run,
+        };
+        self.expect_ok(At::new("resize", 0, size), req).await
+    }
+
     /// Delete the volume's replica on the server (idempotent).
     ///
     /// # Errors
@@ -743,6 +760,13 @@ impl BlockDevice for RemoteReplica {
                 Err(e) => return Err(at.io(e.0)),
             }
         }
+    }
+}
+
+impl Resizable for RemoteReplica {
+    /// Asks the server: the size it reports is remembered for [`BlockDevice::size`].
+    async fn refresh_size(&self) -> Result<u64, DeviceError> {
+        self.stat().await.map(|(size, _)| size)
     }
 }
 

@@ -25,7 +25,7 @@ use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, RwLock, Semaphore};
 use tokio::task::JoinHandle;
-use volume::api::{ControlError, ErrorKind, VolumeControl, VolumeName, VolumeSpec};
+use volume::api::{format_size, ControlError, ErrorKind, VolumeControl, VolumeName, VolumeSpec};
 use volume::device::{BlockDevice, DeviceError, WriteFlags};
 use volume::io::IoBuf;
 use volume::pool::Storage;
@@ -338,6 +338,20 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
                 Err(e) => error(ErrCode::Io, format!("forgetting the epoch failed: {e}")),
             }
         }
+        Request::Resize {
+            volume,
+            size,
+            dry_run,
+        } => {
+            let name = match VolumeName::new(&volume) {
+                Ok(n) => n,
+                Err(e) => return control_error(&e),
+            };
+            match resize_replica(&ctx.storage, &name, size, dry_run).await {
+                Ok(_) => Response::Ok,
+                Err(e) => control_error(&e),
+            }
+        }
         Request::Stat { volume } => {
             let replica = match VolumeName::new(&volume).and_then(|n| ctx.storage.replica(&n)) {
                 Ok(r) => r,
@@ -354,6 +368,58 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
         | Request::Discard { .. }
         | Request::WriteZeroes { .. }
         | Request::Generations { .. }) => data_request(ctx, req).await,
+    }
+}
+
+/// Grow this node's replica of `name` to at least `size` bytes (the volume's size, already
+/// rounded), or with `dry_run` only check that it could; returns the replica's size then.
+///
+/// Idempotent: a replica that holds `size` bytes or more is left alone (one may be bigger than
+/// its volume after a resize that stopped part-way; the volume's size is what the cluster
+/// records). The replica grows in place ([`Storage`]'s resize) while it serves I/O.
+///
+/// # Errors
+/// `NotFound` without a replica here; `ResourceExhausted` when its pool device cannot hold
+/// `size` bytes; `Internal` when the grow cannot be committed.
+pub async fn resize_replica(
+    storage: &Storage,
+    name: &VolumeName,
+    size: u64,
+    dry_run: bool,
+) -> Result<u64, ControlError> {
+    let have = storage.replica(name)?.size();
+    if size <= have {
+        return Ok(have);
+    }
+    let pools = storage.list_pools().await?;
+    for copy in storage.replicas(name)? {
+        let cap = pools
+            .iter()
+            .find(|p| p.id == copy.pool_id)
+            .map_or(0, |p| p.capacity_bytes);
+        if size > cap {
+            return Err(ControlError::new(
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "volume {name} cannot grow to {}: its pool device {} holds at most {}",
+                    format_size(size),
+                    copy.path.display(),
+                    format_size(cap)
+                ),
+            ));
+        }
+    }
+    if dry_run {
+        return Ok(have);
+    }
+    match storage.resize_volume(name, size).await {
+        Ok(status) => Ok(status.size_bytes),
+        // A concurrent resize grew it past `size` meanwhile (the pool refuses a "shrink").
+        Err(e) if e.kind() == ErrorKind::InvalidArgument => match storage.replica(name) {
+            Ok(r) if r.size() >= size => Ok(r.size()),
+            _ => Err(e),
+        },
+        Err(e) => Err(e),
     }
 }
 

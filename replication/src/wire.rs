@@ -65,6 +65,7 @@ mod kind {
     pub const DELETE: u8 = 0x09;
     pub const STAT: u8 = 0x0a;
     pub const GENERATIONS: u8 = 0x0b;
+    pub const RESIZE: u8 = 0x0c;
 
     pub const OK: u8 = 0x81;
     pub const DATA: u8 = 0x82;
@@ -306,6 +307,18 @@ pub enum Request {
         /// The volume.
         volume: String,
     },
+    /// Grow the local replica to at least `size` bytes; idempotent (a replica that holds
+    /// `size` bytes already is left as it is). With `dry_run`, only check that it could: the
+    /// replica exists and its pool device can hold `size` bytes. Refused with `NotFound` for
+    /// no replica, `NoSpace` when the pool device is too small.
+    Resize {
+        /// The volume.
+        volume: String,
+        /// The new size in bytes.
+        size: u64,
+        /// Check only; change nothing.
+        dry_run: bool,
+    },
     /// Report the replica's size and allocation; answered with `Stat`.
     Stat {
         /// The volume.
@@ -502,6 +515,7 @@ impl Message for Request {
             Request::Delete { .. } => kind::DELETE,
             Request::Stat { .. } => kind::STAT,
             Request::Generations { .. } => kind::GENERATIONS,
+            Request::Resize { .. } => kind::RESIZE,
         }
     }
 
@@ -565,6 +579,15 @@ impl Message for Request {
             Request::Create { volume, size } => {
                 put_str(out, volume);
                 put_u64(out, *size);
+            }
+            Request::Resize {
+                volume,
+                size,
+                dry_run,
+            } => {
+                put_str(out, volume);
+                put_u64(out, *size);
+                out.push(u8::from(*dry_run));
             }
             Request::Delete { volume } | Request::Stat { volume } => put_str(out, volume),
             Request::Generations {
@@ -651,6 +674,11 @@ impl Message for Request {
             },
             kind::DELETE => Request::Delete {
                 volume: f.string("volume")?,
+            },
+            kind::RESIZE => Request::Resize {
+                volume: f.string("volume")?,
+                size: f.u64("size")?,
+                dry_run: f.bool("dry_run")?,
             },
             kind::STAT => Request::Stat {
                 volume: f.string("volume")?,

@@ -1,13 +1,18 @@
 //! The nexus over real local replicas (each in its own pool file), with a fault-injecting
 //! wrapper for the failures: ejection committed before the ack, a failed commit failing the
 //! write, checksum repair from a healthy child, fencing, reads preferring the local child,
-//! delta and full rebuilds (also under concurrent writes), and reconciliation.
+//! delta and full rebuilds (also under concurrent writes), reconciliation, and online growth
+//! (replicas grown in their own storage, then the nexus; a child that cannot grow is ejected).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
-use replication::nexus::{ChildSpec, ChildState, EjectFuture, Ejector, Nexus, RebuildProgress};
+use replication::nexus::{
+    ChildSpec, ChildState, EjectFuture, Ejector, Nexus, RebuildError, RebuildProgress, Resizable,
+};
+use replication::server::resize_replica;
+use volume::api::ErrorKind;
 use volume::api::{VolumeControl, VolumeName, VolumeSpec};
 use volume::device::{
     BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, Generations, WriteFlags,
@@ -113,6 +118,15 @@ impl BlockDevice for Dev {
             return Err(e);
         }
         self.replica.generations().await
+    }
+}
+
+impl Resizable for Dev {
+    async fn refresh_size(&self) -> Result<u64, DeviceError> {
+        if let Some(e) = self.fault("refresh_size", 0, 0) {
+            return Err(e);
+        }
+        self.replica.refresh_size().await
     }
 }
 
@@ -223,6 +237,15 @@ impl Fixture {
             local: false,
             state: ChildState::Ejected,
         });
+    }
+
+    /// Grow replica `i` to `size` bytes in its own storage, as its node does.
+    async fn grow_replica(&self, i: usize, size: u64) {
+        let name = VolumeName::new("v").unwrap();
+        let got = resize_replica(&self.storages[i], &name, size, false)
+            .await
+            .unwrap();
+        assert_eq!(got, size);
     }
 
     async fn close(self) {
@@ -596,5 +619,218 @@ async fn reconcile_makes_diverged_children_agree_and_numbers_above_them() {
     }
     assert_eq!(fresh.reconcile().await.unwrap(), 0, "nothing left to do");
     drop(nexus);
+    f.close().await;
+}
+
+const OLD: u64 = 8 * MIB;
+const NEW: u64 = 24 * MIB;
+
+#[tokio::test]
+async fn the_volume_grows_online_and_writes_beyond_the_old_end_reach_every_child() {
+    let f = Fixture::new(3).await;
+    let nexus = f.nexus(Arc::new(Recorder::default()));
+    let first = pattern(1, 64 * 1024);
+    nexus
+        .write(0, first.clone(), WriteFlags::default())
+        .await
+        .unwrap();
+    let beyond = pattern(2, 256 * 1024);
+    let e = nexus
+        .write(OLD, beyond.clone(), WriteFlags::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.error.kind, DeviceErrorKind::OutOfRange, "{}", e.error);
+
+    // Before its replicas grew, the nexus cannot: nothing changes.
+    let e = nexus.grow(NEW).await.unwrap_err();
+    assert_eq!(e.kind, DeviceErrorKind::NoSpace, "{e}");
+    assert!(e.message.contains("grow the replicas first"), "{e}");
+    assert_eq!(nexus.size(), OLD);
+    assert!(nexus.children().iter().all(|c| c.1 == ChildState::Healthy));
+
+    // A dry run checks and changes nothing; a pool device too small is refused.
+    let name = VolumeName::new("v").unwrap();
+    assert_eq!(
+        resize_replica(&f.storages[0], &name, NEW, true)
+            .await
+            .unwrap(),
+        OLD
+    );
+    assert_eq!(f.devs[0].replica.size(), OLD);
+    let e = resize_replica(&f.storages[0], &name, 1 << 30, true)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("holds at most"), "{}", e.message());
+
+    for i in 0..3 {
+        f.grow_replica(i, NEW).await;
+    }
+    // Growing to the same size again, or a smaller one, is a no-op where the replica lives.
+    assert_eq!(
+        resize_replica(&f.storages[1], &name, OLD, false)
+            .await
+            .unwrap(),
+        NEW
+    );
+    // The replicas are bigger, but the nexus still serves the old size until it grows.
+    assert_eq!(nexus.size(), OLD);
+    assert!(nexus
+        .write(OLD, beyond.clone(), WriteFlags::default())
+        .await
+        .is_err());
+
+    // Grow while writes go on below the old end: none of them fails.
+    let writer = async {
+        for i in 0..32u64 {
+            nexus
+                .write(
+                    (i % 8) * 64 * 1024 + MIB,
+                    pattern(i as u8, 64 * 1024),
+                    WriteFlags::default(),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let (grown, ()) = tokio::join!(nexus.grow(NEW), writer);
+    assert_eq!(grown.unwrap(), NEW);
+    assert_eq!(nexus.size(), NEW);
+    assert_eq!(nexus.grow(OLD).await.unwrap(), NEW, "never shrinks");
+    assert_eq!(nexus.grow(NEW).await.unwrap(), NEW, "idempotent");
+
+    // Beyond the old end: written to every child, read back through the nexus.
+    nexus
+        .write(NEW - 2 * MIB, beyond.clone(), WriteFlags::default())
+        .await
+        .unwrap();
+    nexus.flush().await.unwrap();
+    let got = nexus
+        .read(NEW - 2 * MIB, IoBuf::zeroed(beyond.len()))
+        .await
+        .unwrap();
+    assert_eq!(got.to_vec(), beyond.to_vec());
+    for d in &f.devs {
+        assert_eq!(
+            read_child(d, NEW - 2 * MIB, beyond.len()).await,
+            beyond.to_vec()
+        );
+        assert_eq!(read_child(d, 0, first.len()).await, first.to_vec());
+    }
+    // Beyond the new end: still refused, also across it.
+    for offset in [NEW, NEW - 4096] {
+        let e = nexus
+            .write(offset, pattern(3, 8192), WriteFlags::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.error.kind, DeviceErrorKind::OutOfRange, "{}", e.error);
+        let e = nexus.read(offset, IoBuf::zeroed(8192)).await.unwrap_err();
+        assert_eq!(e.error.kind, DeviceErrorKind::OutOfRange, "{}", e.error);
+    }
+    assert!(nexus.discard(NEW - 4096, 8192).await.is_err());
+    nexus.discard(NEW - 4096, 4096).await.unwrap();
+    f.close().await;
+}
+
+#[tokio::test]
+async fn a_nexus_serves_its_own_size_even_over_bigger_children() {
+    let f = Fixture::new(2).await;
+    f.grow_replica(0, NEW).await;
+    f.grow_replica(1, NEW).await;
+    let children = (0..2)
+        .map(|i| ChildSpec {
+            id: format!("n{i}"),
+            dev: f.devs[i].clone(),
+            local: i == 0,
+            state: ChildState::Healthy,
+        })
+        .collect();
+    let nexus = Nexus::with_size("v", children, Arc::new(Recorder::default()), OLD);
+    assert_eq!(nexus.size(), OLD);
+    let e = nexus
+        .write(OLD, pattern(1, 4096), WriteFlags::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.error.kind, DeviceErrorKind::OutOfRange, "{}", e.error);
+    // Its children are big enough already: growing needs nothing else.
+    assert_eq!(nexus.grow(NEW).await.unwrap(), NEW);
+    nexus
+        .write(OLD, pattern(1, 4096), WriteFlags::default())
+        .await
+        .unwrap();
+    f.close().await;
+}
+
+#[tokio::test]
+async fn a_child_that_cannot_grow_is_ejected_first_and_rebuilt_once_it_has() {
+    let f = Fixture::new(3).await;
+    let rec = Arc::new(Recorder::default());
+    let nexus = f.nexus(rec.clone());
+    let low = pattern(4, 128 * 1024);
+    nexus
+        .write(0, low.clone(), WriteFlags::default())
+        .await
+        .unwrap();
+    f.grow_replica(0, NEW).await;
+    f.grow_replica(1, NEW).await;
+    // n2's replica did not grow (its node missed the resize).
+    assert_eq!(nexus.grow(NEW).await.unwrap(), NEW);
+    assert_eq!(*rec.ejected.lock().unwrap(), ["n2"]);
+    assert_eq!(nexus.children()[2].1, ChildState::Ejected);
+    let high = pattern(5, 128 * 1024);
+    nexus
+        .write(NEW - MIB, high.clone(), WriteFlags::default())
+        .await
+        .unwrap();
+
+    // A rebuild refuses it while it is too small, and brings it back once it grew.
+    let e = nexus
+        .rebuild("n2", 0, None, &RebuildProgress::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RebuildError::TooSmall {
+                have: OLD,
+                need: NEW,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(nexus.children()[2].1, ChildState::Ejected);
+    f.grow_replica(2, NEW).await;
+    nexus
+        .rebuild("n2", 0, None, &RebuildProgress::default())
+        .await
+        .unwrap();
+    assert!(nexus.transition("n2", ChildState::Rebuilding, ChildState::Healthy));
+    assert_eq!(
+        read_child(&f.devs[2], NEW - MIB, high.len()).await,
+        high.to_vec()
+    );
+    assert_eq!(read_child(&f.devs[2], 0, low.len()).await, low.to_vec());
+    f.close().await;
+}
+
+#[tokio::test]
+async fn a_grow_whose_ejection_cannot_be_recorded_changes_nothing() {
+    let f = Fixture::new(2).await;
+    let rec = Arc::new(Recorder::default());
+    rec.refuse.store(true, SeqCst);
+    let nexus = f.nexus(rec.clone());
+    f.grow_replica(0, NEW).await;
+    let e = nexus.grow(NEW).await.unwrap_err();
+    assert_eq!(e.kind, DeviceErrorKind::Io, "{e}");
+    assert!(e.message.contains("could not be recorded"), "{e}");
+    assert_eq!(nexus.size(), OLD);
+    assert_eq!(nexus.children()[1].1, ChildState::Healthy);
+    // A child that cannot answer counts as one that cannot grow.
+    rec.refuse.store(false, SeqCst);
+    f.grow_replica(1, NEW).await;
+    f.devs[1].faults.io.store(true, SeqCst);
+    assert_eq!(nexus.grow(NEW).await.unwrap(), NEW);
+    assert_eq!(*rec.ejected.lock().unwrap(), ["n1"]);
     f.close().await;
 }

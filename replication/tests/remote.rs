@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use replication::fence::FenceTable;
+use replication::nexus::Resizable;
 use replication::remote::{RemoteOptions, RemoteReplica, ReplicaClient};
 use replication::server::{ReplicaServer, ServerHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -443,4 +444,60 @@ async fn fence_survives_restart() {
     assert_eq!(e.kind, DeviceErrorKind::Fenced, "{e}");
     let r = node.replica("vol", 5).await;
     r.flush().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_grows_over_the_protocol_and_its_remote_handle_learns_the_size() {
+    let node = Node::start().await;
+    node.volume("vol").await;
+    let r = node.replica("vol", 1).await;
+    let ctl = node.client().await;
+    let bigger = 3 * VOL_SIZE;
+    let beyond = blocks(bigger / 4096 - 4, 4, 7);
+    let e = r
+        .write(VOL_SIZE, beyond.clone(), WriteFlags::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.error.kind, DeviceErrorKind::OutOfRange, "{}", e.error);
+
+    // A dry run checks the pool device and changes nothing.
+    ctl.resize("vol", bigger, true).await.unwrap();
+    assert_eq!(ctl.stat("vol").await.unwrap().0, VOL_SIZE);
+    let e = ctl.resize("vol", 1 << 40, true).await.unwrap_err();
+    assert_eq!(e.kind, DeviceErrorKind::NoSpace, "{e}");
+    assert!(e.message.contains("holds at most"), "{e}");
+    let e = ctl.resize("nope", bigger, true).await.unwrap_err();
+    assert_eq!(e.kind, DeviceErrorKind::Closed, "{e}");
+
+    // The grow itself, twice (idempotent), and a smaller size is left alone.
+    ctl.resize("vol", bigger, false).await.unwrap();
+    ctl.resize("vol", bigger, false).await.unwrap();
+    ctl.resize("vol", VOL_SIZE, false).await.unwrap();
+    assert_eq!(ctl.stat("vol").await.unwrap().0, bigger);
+    let e = ctl.resize("vol", 1 << 40, false).await.unwrap_err();
+    assert_eq!(e.kind, DeviceErrorKind::NoSpace, "{e}");
+
+    // The open handle still reports what it learned at connect, until it asks again.
+    assert_eq!(r.size(), VOL_SIZE);
+    assert_eq!(r.refresh_size().await.unwrap(), bigger);
+    assert_eq!(r.size(), bigger);
+    // The server serves the new size on the existing connection.
+    r.write(
+        bigger - beyond.len() as u64,
+        beyond.clone(),
+        WriteFlags::default(),
+    )
+    .await
+    .unwrap();
+    let got = read(&r, bigger - beyond.len() as u64, beyond.len()).await;
+    assert_eq!(got.to_vec(), beyond.to_vec());
+    let e = r.read(bigger, IoBuf::zeroed(4096)).await.unwrap_err();
+    assert_eq!(e.error.kind, DeviceErrorKind::OutOfRange, "{}", e.error);
+    assert_eq!(
+        node.storage
+            .replica(&volume::api::VolumeName::new("vol").unwrap())
+            .unwrap()
+            .size(),
+        bigger
+    );
 }

@@ -66,6 +66,13 @@ fn request() -> impl Strategy<Value = Request> {
         ),
         (name(), any::<u64>()).prop_map(|(volume, size)| Request::Create { volume, size }),
         name().prop_map(|volume| Request::Delete { volume }),
+        (name(), any::<u64>(), any::<bool>()).prop_map(|(volume, size, dry_run)| {
+            Request::Resize {
+                volume,
+                size,
+                dry_run,
+            }
+        }),
         name().prop_map(|volume| Request::Stat { volume }),
         (name(), any::<u64>(), any::<u64>()).prop_map(|(volume, epoch, from)| {
             Request::Generations {

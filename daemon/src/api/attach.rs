@@ -1,11 +1,15 @@
-//! The attach routes of the local API: `POST /v1/volumes/{name}/attach` and
-//! `POST /v1/volumes/{name}/detach`.
+//! The attach routes of the local API: `POST /v1/volumes/{name}/attach`,
+//! `POST /v1/volumes/{name}/detach` and `POST /v1/volumes/{name}/refresh`.
 //!
 //! Attach takes no body or [`AttachRequest`] (`{"force": true}` takes a replicated volume
 //! over from a live node) and answers `200` [`Attachment`]; it is idempotent. Detach
 //! takes [`DetachRequest`] (`{"force": true}` to detach a device that is mounted or open) and
 //! answers `200` [`Attachment`] with `attached: false`; detaching a volume that is not attached
 //! succeeds. Unknown volumes are `404 not_found`; a busy device is `412 failed_precondition`.
+//! Refresh takes no body and makes the attached device show the size its volume serves now
+//! (after a resize), answering `200` [`RefreshResponse`]; a volume not attached here is
+//! `412 failed_precondition`. (In cluster mode the attached device follows a resize made on
+//! another node within a repair interval.)
 //!
 //! Kept apart from [`super::router`] because it needs the concrete [`Attacher`]. The work is
 //! blocking (it waits on the kernel), so it runs on tokio's blocking threads.
@@ -41,11 +45,19 @@ pub struct AttachRequest {
     pub force: bool,
 }
 
+/// The answer of `POST /v1/volumes/{name}/refresh`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshResponse {
+    /// The size the attached device shows now, in bytes.
+    pub size_bytes: u64,
+}
+
 /// The attach routes, with their own state.
 pub fn router(attacher: Arc<Attacher>) -> Router {
     Router::new()
         .route("/v1/volumes/{name}/attach", post(attach_volume))
         .route("/v1/volumes/{name}/detach", post(detach_volume))
+        .route("/v1/volumes/{name}/refresh", post(refresh_volume))
         .with_state(attacher)
 }
 
@@ -88,4 +100,13 @@ async fn detach_volume(
     Ok(Json(
         blocking(move || attacher.detach(&name, req.force)).await?,
     ))
+}
+
+async fn refresh_volume(
+    State(attacher): State<Arc<Attacher>>,
+    Path(name): Path<String>,
+) -> Result<Json<RefreshResponse>, ApiError> {
+    let name = VolumeName::new(&name)?;
+    let size_bytes = blocking(move || attacher.refresh(&name)).await?;
+    Ok(Json(RefreshResponse { size_bytes }))
 }

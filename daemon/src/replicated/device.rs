@@ -16,7 +16,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use replication::fence::FenceTable;
-use replication::nexus::{ChildSpec, ChildState, Nexus};
+use replication::nexus::{ChildSpec, ChildState, Nexus, Resizable};
 use replication::remote::RemoteReplica;
 use volume::api::{ControlError, ErrorKind, VolumeName};
 use volume::device::{
@@ -134,6 +134,16 @@ impl BlockDevice for Child {
             Child::Local { replica, .. } => replica.generations().await,
             Child::Remote(r) => r.generations().await,
             Child::Standalone(r) => r.generations().await,
+        }
+    }
+}
+
+impl Resizable for Child {
+    async fn refresh_size(&self) -> Result<u64, DeviceError> {
+        self.fence_check("refresh_size", 0, 0)?;
+        match self {
+            Child::Local { replica, .. } | Child::Standalone(replica) => Ok(replica.size()),
+            Child::Remote(r) => r.refresh_size().await,
         }
     }
 }

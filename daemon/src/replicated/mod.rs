@@ -13,7 +13,14 @@
 //!   and returns a [`Nexus`] over them;
 //! - the nexus's [`Ejector`] records ejections in the volume record by compare-and-swap, and
 //!   only while this node still holds the attachment with the same epoch;
-//! - **detach** releases the attachment.
+//! - **detach** releases the attachment;
+//! - **resize** grows the volume online (see [`ClusterSource`]'s `resize_volume`): every
+//!   replica that can be reached is checked, then grown where it lives, then the record's size
+//!   changes, and the attached nexus (here, or on another node) follows it.
+//!
+//! A replica never serves fewer bytes than the record's size: one that missed a resize (its
+//! node was down) is grown before a nexus uses it again, at attach, at a rebuild, or when the
+//! attached nexus grows (one that cannot grow is ejected then).
 //!
 //! Invariant: at most one writer. The store hands out each epoch once, replicas reject older
 //! epochs, and a node whose lease renewal fails stops its nexuses (see [`Cluster::fence_all`]).
@@ -31,12 +38,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use replication::fence::FenceTable;
-use replication::nexus::{ChildSpec, ChildState, EjectFuture, Ejector, Nexus};
+use replication::nexus::{ChildSpec, ChildState, EjectFuture, Ejector, Nexus, Resizable};
 use replication::remote::{RemoteOptions, RemoteReplica};
 use volume::api::{
-    round_volume_size, ControlError, ErrorKind, PlacementHints, PoolStatus, ReplicaStatus,
-    VolumeControl, VolumeName, VolumeSpec, VolumeState, VolumeStatus, MAX_REPLICAS,
+    format_size, round_volume_size, ControlError, ErrorKind, PlacementHints, PoolStatus,
+    ReplicaStatus, VolumeControl, VolumeName, VolumeSpec, VolumeState, VolumeStatus, MAX_REPLICAS,
 };
+use volume::device::BlockDevice;
 use volume::pool::Storage;
 
 use self::device::{Child, DeviceSource, VolumeDevice};
@@ -206,6 +214,104 @@ impl Cluster {
         peer::create(&addr, name.as_str(), size, self.timeout).await
     }
 
+    /// Grow the replica of `name` on `node` to at least `size` bytes where it lives (this
+    /// node through its [`Storage`], another through the replica protocol), or with `dry_run`
+    /// only check that its pool device can hold them. Idempotent.
+    async fn resize_replica(
+        &self,
+        nodes: &[NodeRecord],
+        node: &str,
+        name: &VolumeName,
+        size: u64,
+        dry_run: bool,
+    ) -> Result<(), ControlError> {
+        if node == self.me.id {
+            return replication::server::resize_replica(&self.storage, name, size, dry_run)
+                .await
+                .map(drop);
+        }
+        let addr = Self::node_addr(nodes, node).ok_or_else(|| {
+            ControlError::new(ErrorKind::Unavailable, format!("node {node} is not live"))
+        })?;
+        peer::resize(&addr, name.as_str(), size, dry_run, self.timeout).await
+    }
+
+    /// Make `child` (the replica on `node`) hold at least `size` bytes: grow its replica
+    /// where it lives if it is smaller, and have the handle learn the new size.
+    async fn fit_child(
+        &self,
+        nodes: &[NodeRecord],
+        node: &str,
+        name: &VolumeName,
+        child: &Child,
+        size: u64,
+    ) -> Result<(), ControlError> {
+        if child.size() >= size {
+            return Ok(());
+        }
+        self.resize_replica(nodes, node, name, size, false).await?;
+        let have = child.refresh_size().await.map_err(|e| {
+            ControlError::new(ErrorKind::Unavailable, format!("replica on {node}: {e}"))
+        })?;
+        if have < size {
+            return Err(ControlError::new(
+                ErrorKind::Internal,
+                format!("the replica on {node} shows {have} bytes after growing to {size}"),
+            ));
+        }
+        tracing::info!(volume = %name, node, size, "grew a replica that had missed a resize");
+        Ok(())
+    }
+
+    /// Grow this node's `nexus` of `name` to `size` bytes (no-op when it is that big): grow
+    /// the replicas of its children where they live, then the nexus, which ejects any child
+    /// that still does not show the size.
+    async fn grow_nexus(
+        &self,
+        nexus: &Nexus<Child>,
+        name: &VolumeName,
+        size: u64,
+    ) -> Result<u64, ControlError> {
+        if nexus.size() >= size {
+            return Ok(nexus.size());
+        }
+        let nodes = self.nodes().await?;
+        for (id, state) in nexus.children() {
+            if !state.writable() {
+                continue;
+            }
+            if let Err(e) = self.resize_replica(&nodes, &id, name, size, false).await {
+                tracing::warn!(volume = %name, node = %id, error = %e.full_message(), "cannot grow a replica of an attached volume; it will be ejected");
+            }
+        }
+        let grown = nexus.grow(size).await.map_err(|e| {
+            ControlError::new(
+                ErrorKind::Unavailable,
+                format!("cannot grow the attached device of volume {name}: {e}"),
+            )
+        })?;
+        tracing::info!(volume = %name, size = grown, "the attached replicated volume serves its new size");
+        Ok(grown)
+    }
+
+    /// If `name` is attached on this node, make its nexus serve the size the volume record
+    /// holds (a resize made on any node changes only the record and the replicas) and return
+    /// that size; `None` when it is not attached here. The repair task does the same about
+    /// once a second; this is for callers that must see the new size now (the CSI node's
+    /// expand, before the attached device is refreshed).
+    ///
+    /// # Errors
+    /// The store cannot be read, or the nexus cannot grow.
+    pub async fn sync_size(&self, name: &VolumeName) -> Result<Option<u64>, ControlError> {
+        let Some(nexus) = self.nexus(name.as_str()) else {
+            return Ok(None);
+        };
+        let (rec, _) = self.volume(name.as_str()).await?;
+        self.grow_nexus(&nexus, name, rec.size_bytes)
+            .await
+            .map(Some)
+    }
+
     async fn delete_replica(&self, nodes: &[NodeRecord], node: &str, name: &VolumeName) {
         let r = if node == self.me.id {
             match self.storage.delete_volume(name).await {
@@ -331,7 +437,15 @@ impl Cluster {
             .iter()
             .filter(|r| r.state == ReplicaState::Healthy)
         {
-            match self.open_child(&nodes, &r.node, name, epoch).await {
+            let opened = match self.open_child(&nodes, &r.node, name, epoch).await {
+                // A replica that missed a resize grows before it serves.
+                Ok(child) => self
+                    .fit_child(&nodes, &r.node, name, &child, rec.size_bytes)
+                    .await
+                    .map(|()| child),
+                Err(e) => Err(e),
+            };
+            match opened {
                 Ok(child) => children.push(ChildSpec {
                     id: r.node.clone(),
                     local: r.node == self.me.id,
@@ -378,7 +492,14 @@ impl Cluster {
             volume: name.to_string(),
             epoch,
         });
-        let nexus = Arc::new(Nexus::new(name.as_str(), children, ejector));
+        // The record's size, not the children's: a resize that stopped before recording its
+        // size may have grown them already.
+        let nexus = Arc::new(Nexus::with_size(
+            name.as_str(),
+            children,
+            ejector,
+            rec.size_bytes,
+        ));
         // Before the first I/O: the healthy replicas must agree where the last writer died
         // mid-write, and new generations must be above every one they hold.
         nexus.reconcile().await.map_err(|e| {
@@ -503,6 +624,64 @@ impl Cluster {
             .expect("nexus table lock")
             .get(name)
             .cloned()
+    }
+
+    /// Steps 2 and 3 of a resize: check, then grow, every replica of `rec` that can be
+    /// reached to `size` bytes.
+    async fn grow_replicas(
+        &self,
+        name: &VolumeName,
+        rec: &VolumeRecord,
+        size: u64,
+    ) -> Result<(), ControlError> {
+        let nodes = self.nodes().await?;
+        let mut reachable: Vec<&ReplicaRecord> = Vec::new();
+        for r in &rec.placement {
+            match self.resize_replica(&nodes, &r.node, name, size, true).await {
+                Ok(()) => reachable.push(r),
+                Err(e) if e.kind() == ErrorKind::ResourceExhausted => {
+                    return Err(ControlError::new(
+                        ErrorKind::ResourceExhausted,
+                        format!(
+                            "volume {name} cannot grow to {} on node {}: {}",
+                            format_size(size),
+                            r.node,
+                            e.full_message()
+                        ),
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %name, node = %r.node, state = r.state.as_str(), error = %e.full_message(), "a replica cannot be reached for the resize; it grows before it serves again");
+                }
+            }
+        }
+        let mut grown_healthy = 0;
+        for r in reachable {
+            match self
+                .resize_replica(&nodes, &r.node, name, size, false)
+                .await
+            {
+                Ok(()) => {
+                    if r.state == ReplicaState::Healthy {
+                        grown_healthy += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %name, node = %r.node, error = %e.full_message(), "a replica did not grow; it grows before it serves again");
+                }
+            }
+        }
+        if grown_healthy == 0 {
+            return Err(ControlError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "volume {name} cannot grow: none of its healthy replicas can be reached; \
+                     its size is unchanged"
+                ),
+            ));
+        }
+        tracing::info!(volume = %name, from = rec.size_bytes, to = size, "grew the replicas of a replicated volume");
+        Ok(())
     }
 }
 
@@ -740,16 +919,55 @@ impl VolumeControl for ClusterSource {
         Ok(out)
     }
 
+    /// Grow a replicated volume, also while it is attached. In order:
+    /// 1. refuse a shrink; the same size (after rounding) answers the status (and makes an
+    ///    attached nexus here catch up, should an earlier resize have stopped before that);
+    /// 2. check every replica on a live node (a dry run where it lives): a pool device that
+    ///    cannot hold the new size refuses the whole resize before anything changes;
+    /// 3. grow those replicas, each in its own node's storage (idempotent);
+    /// 4. record the new size by compare-and-swap;
+    /// 5. grow the nexus if the volume is attached here; a nexus on another node follows the
+    ///    record within a repair interval, or at once when that node refreshes the device.
+    ///
+    /// A crash anywhere before 4 leaves the old size recorded and some replicas bigger, which
+    /// is harmless (a nexus serves the record's size); resizing again finishes the job. A
+    /// replica that could not be reached is skipped: it is grown before it serves again.
     async fn resize_volume(
         &self,
         name: &VolumeName,
-        _new_size_bytes: u64,
+        new_size_bytes: u64,
     ) -> Result<VolumeStatus, ControlError> {
-        self.0.volume(name.as_str()).await?;
-        Err(ControlError::new(
-            ErrorKind::Unimplemented,
-            format!("resizing replicated volume {name} is not available yet"),
-        ))
+        let c = &self.0;
+        let (rec, _) = c.volume(name.as_str()).await?;
+        let size = round_volume_size(new_size_bytes)?;
+        if size < rec.size_bytes {
+            return Err(ControlError::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "volume {name} is {} and cannot shrink to {}; only growing is supported",
+                    format_size(rec.size_bytes),
+                    format_size(size)
+                ),
+            ));
+        }
+        if size == rec.size_bytes {
+            if let Err(e) = c.sync_size(name).await {
+                tracing::warn!(volume = %name, error = %e.full_message(), "the attached device does not serve the volume's size yet");
+            }
+            return Ok(c.status(&rec));
+        }
+        c.grow_replicas(name, &rec, size).await?;
+        let (rec, ()) = c
+            .update(name.as_str(), |rec| {
+                rec.size_bytes = rec.size_bytes.max(size);
+                Ok(())
+            })
+            .await?;
+        if let Err(e) = c.sync_size(name).await {
+            // The record holds the new size; the repair task and the next refresh retry.
+            tracing::warn!(volume = %name, error = %e.full_message(), "the attached device does not serve the new size yet");
+        }
+        Ok(c.status(&rec))
     }
 
     async fn list_pools(&self) -> Result<Vec<PoolStatus>, ControlError> {

@@ -1,10 +1,10 @@
-//! Control requests to peers over the replica protocol: create and delete a replica.
+//! Control requests to peers over the replica protocol: create, grow and delete a replica.
 
 use std::time::Duration;
 
 use replication::remote::{RemoteOptions, ReplicaClient};
 use volume::api::{ControlError, ErrorKind};
-use volume::device::DeviceError;
+use volume::device::{DeviceError, DeviceErrorKind};
 
 fn unavailable(addr: &str, what: &str, e: &DeviceError) -> ControlError {
     ControlError::new(
@@ -44,6 +44,33 @@ pub async fn create(
         .create(volume, size)
         .await
         .map_err(|e| unavailable(addr, "create a replica", &e))
+}
+
+/// Grow the replica `volume` on the node at `addr` to at least `size` bytes (idempotent), or
+/// with `dry_run` only check that its pool device can hold them.
+///
+/// # Errors
+/// `ResourceExhausted` when its pool device is too small, `NotFound` when the node has no
+/// such replica, `Unavailable` when it cannot be reached or fails.
+pub async fn resize(
+    addr: &str,
+    volume: &str,
+    size: u64,
+    dry_run: bool,
+    timeout: Duration,
+) -> Result<(), ControlError> {
+    client(addr, timeout)
+        .await?
+        .resize(volume, size, dry_run)
+        .await
+        .map_err(|e| match e.kind {
+            DeviceErrorKind::NoSpace => {
+                ControlError::new(ErrorKind::ResourceExhausted, e.message.clone())
+            }
+            // The server's "no such replica".
+            DeviceErrorKind::Closed => ControlError::new(ErrorKind::NotFound, e.message.clone()),
+            _ => unavailable(addr, "grow a replica", &e),
+        })
 }
 
 /// Delete the replica `volume` on the node at `addr` (idempotent).

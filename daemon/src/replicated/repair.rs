@@ -14,6 +14,11 @@
 //!
 //! Progress goes into the volume record about once a second, so `volume inspect` and
 //! `/metrics` on any node show it.
+//!
+//! Each check also makes the nexus follow the record's size: a resize on any node grows the
+//! replicas and records the new size, and this task grows the attached nexus within one
+//! interval. A rebuild first grows its target to the volume's size (a replica that was away
+//! during a resize, or a replacement created before it, is smaller).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -21,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use replication::nexus::{ChildSpec, ChildState, Nexus, RebuildProgress, RebuildReport};
 use volume::api::{ControlError, ErrorKind, VolumeName};
+use volume::device::BlockDevice;
 
 use super::device::Child;
 use super::model::{NodeRecord, RebuildRecord, ReplicaRecord, ReplicaState, VolumeRecord};
@@ -75,6 +81,16 @@ pub(super) async fn run(
         if !holds(&cluster, &rec, epoch) {
             return;
         }
+        // A resize recorded a bigger size: the nexus follows (its replicas grow first).
+        let grown = if rec.size_bytes > nexus.size() {
+            cluster
+                .grow_nexus(&nexus, &name, rec.size_bytes)
+                .await
+                .map(drop)
+                .map_err(|e| e.full_message())
+        } else {
+            Ok(())
+        };
         let outcome = repair_once(
             &cluster,
             &nexus,
@@ -85,7 +101,7 @@ pub(super) async fn run(
             &mut gone_since,
         )
         .await;
-        match outcome {
+        match grown.and(outcome) {
             Err(e) if last_error.as_deref() != Some(e.as_str()) => {
                 tracing::warn!(volume = %name, error = %e, "repair step failed; retrying");
                 last_error = Some(e);
@@ -130,7 +146,8 @@ async fn repair_once(
             continue;
         }
         if live(&r.node) {
-            return rebuild(cluster, nexus, name, epoch, nodes, r).await;
+            let size = rec.size_bytes.max(nexus.size());
+            return rebuild(cluster, nexus, name, epoch, nodes, r, size).await;
         }
         let gone = *gone_since
             .entry(r.node.clone())
@@ -167,7 +184,8 @@ fn report_record(kind: &str, r: &RebuildReport) -> RebuildRecord {
     }
 }
 
-/// Rebuild the replica `r` (ejected, on a live node) and record it healthy.
+/// Rebuild the replica `r` (ejected, on a live node) of a volume of `size` bytes and record
+/// it healthy. The replica grows to `size` first if it is smaller.
 async fn rebuild(
     cluster: &Arc<Cluster>,
     nexus: &Arc<Nexus<Child>>,
@@ -175,6 +193,7 @@ async fn rebuild(
     epoch: u64,
     nodes: &[NodeRecord],
     r: &ReplicaRecord,
+    size: u64,
 ) -> Result<(), String> {
     let id = r.node.clone();
     let kind = if r.since == 0 { "full" } else { "delta" };
@@ -182,6 +201,10 @@ async fn rebuild(
         .open_child(nodes, &id, name, epoch)
         .await
         .map_err(|e| format!("replica on {id}: {}", e.full_message()))?;
+    cluster
+        .fit_child(nodes, &id, name, &dev, size)
+        .await
+        .map_err(|e| format!("replica on {id} cannot grow: {}", e.full_message()))?;
     nexus.upsert_child(ChildSpec {
         id: id.clone(),
         dev,
