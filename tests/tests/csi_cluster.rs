@@ -1,6 +1,6 @@
 //! The CSI driver on a three-node cluster (real etcd, real daemons, each serving CSI):
 //! topology (node info, accessibility requirements, zone spread, capacity per segment) and
-//! failover — a volume unstaged on node A and staged on node B once A is killed, and a volume
+//! failover and online expansion — a volume unstaged on node A and staged on node B once A is killed, and a volume
 //! still staged on A when it dies, taken over by B once A's lease expires — with the data
 //! there both times.
 
@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use csi::proto::{
-    ControllerGetVolumeRequest, DeleteVolumeRequest, GetCapacityRequest, NodeGetInfoRequest,
-    Topology, TopologyRequirement,
+    CapacityRange, ControllerExpandVolumeRequest, ControllerGetVolumeRequest, DeleteVolumeRequest,
+    GetCapacityRequest, NodeExpandVolumeRequest, NodeGetInfoRequest, Topology, TopologyRequirement,
 };
 use integration_tests::cluster::{cluster_args, node_dirs, nodes, wait_for, Cleanup};
 use integration_tests::csi::{
@@ -28,6 +28,9 @@ const ZONE_KEY: &str = "topology.kubernetes.io/zone";
 
 fn start(node: &NodeDir, id: &str, zone: &str, etcd: &Etcd) -> Daemon {
     let mut args = cluster_args(node, id, zone, etcd);
+    // XFS needs 300 MiB at least: pools of 2 GiB (sparse).
+    let at = args.iter().position(|a| a == "--pool").unwrap();
+    args[at + 1] = format!("{}:2GiB", node.pool().display());
     args.extend(csi_args(node));
     let mut d = Daemon::spawn(node, args).unwrap();
     d.wait_ready(Duration::from_secs(30)).unwrap();
@@ -60,8 +63,10 @@ impl Pod {
     }
 
     fn up(&self, csi: &Csi, volume: &str) -> Result<(), tonic::Status> {
-        csi.stage(volume, &self.staging, mount_cap(""))?;
-        csi.publish(volume, &self.staging, &self.target, mount_cap(""), false)
+        // The filesystem Kubernetes passes from the StorageClass (csi.storage.k8s.io/fstype).
+        let fs = if volume == "ha-vol" { "xfs" } else { "" };
+        csi.stage(volume, &self.staging, mount_cap(fs))?;
+        csi.publish(volume, &self.staging, &self.target, mount_cap(fs), false)
     }
 
     fn down(&self, csi: &Csi, volume: &str) {
@@ -188,11 +193,24 @@ fn topology_and_failover_across_three_nodes() {
 
     // Two 3-replica volumes used on node A: one is then unstaged cleanly, the other is still
     // staged when A dies.
-    for n in ["ha-vol", "crash-vol"] {
-        csi_a
-            .create(create_req(n, 64 << 20, &[("replicas", "3")], mount_cap("")))
-            .unwrap();
-    }
+    // ha-vol is XFS: it grows online below, and growing ext4 online needs CAP_SYS_RESOURCE,
+    // which this test machine's root does not have.
+    csi_a
+        .create(create_req(
+            "ha-vol",
+            320 << 20,
+            &[("replicas", "3"), ("fsType", "xfs")],
+            mount_cap(""),
+        ))
+        .unwrap();
+    csi_a
+        .create(create_req(
+            "crash-vol",
+            64 << 20,
+            &[("replicas", "3")],
+            mount_cap(""),
+        ))
+        .unwrap();
     let ha_a = Pod::on(&dirs[0], "ha-vol");
     ha_a.up(&csi_a, "ha-vol").unwrap();
     write_synced(
@@ -245,6 +263,49 @@ fn topology_and_failover_across_three_nodes() {
         b"written on node-a, then unstaged"
     );
     write_synced(&ha_b.target.join("more"), b"written on node-b");
+
+    // Online expansion of the replicated volume while it is in use on B.
+    let before = volume::mount::usage(&ha_b.target).unwrap().total_bytes;
+    let grown = csi_b
+        .run(
+            csi_b
+                .controller
+                .clone()
+                .controller_expand_volume(ControllerExpandVolumeRequest {
+                    volume_id: "ha-vol".into(),
+                    capacity_range: Some(CapacityRange {
+                        required_bytes: 512 << 20,
+                        limit_bytes: 0,
+                    }),
+                    ..Default::default()
+                }),
+        )
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 512 << 20);
+    let node_grown = csi_b
+        .run(
+            csi_b
+                .node
+                .clone()
+                .node_expand_volume(NodeExpandVolumeRequest {
+                    volume_id: "ha-vol".into(),
+                    volume_path: ha_b.target.display().to_string(),
+                    ..Default::default()
+                }),
+        )
+        .unwrap()
+        .into_inner();
+    assert_eq!(node_grown.capacity_bytes, 512 << 20);
+    let after = volume::mount::usage(&ha_b.target).unwrap().total_bytes;
+    assert!(
+        after > before + (48 << 20),
+        "ext4 grew from {before} to {after}"
+    );
+    assert_eq!(
+        std::fs::read(ha_b.target.join("data")).unwrap(),
+        b"written on node-a, then unstaged"
+    );
 
     // The condition says which replica is missing.
     wait_for(

@@ -241,12 +241,25 @@ pub fn format_if_empty(
     run(
         Command::new(format!("mkfs.{fs}"))
             .arg("-q")
+            .args(block_size_option(fs, mkfs_options))
             .args(mkfs_options)
             .arg(device),
         &format!("mkfs.{fs}"),
     )?;
     tracing::info!(device = %device.display(), fs, "formatted an empty device");
     Ok(true)
+}
+
+/// 4 KiB filesystem blocks, matching the volume's block size, unless the caller chose. For
+/// ext4 this matters beyond speed: mke2fs picks 1 KiB blocks for small devices, and the
+/// kernel then refuses to grow the filesystem online (resize2fs: "Permission denied").
+fn block_size_option(fs: &str, mkfs_options: &[String]) -> Vec<&'static str> {
+    let chosen = mkfs_options.iter().any(|o| o.starts_with("-b"));
+    if fs == "ext4" && !chosen {
+        vec!["-b", "4096"]
+    } else {
+        Vec::new()
+    }
 }
 
 /// Mount `device` (type `fs`) at `path` with extra mount `options` (`noatime`, …). Not
@@ -689,7 +702,18 @@ pub fn grow_filesystem(device: &Path, path: &Path) -> Result<String, MountError>
         });
     };
     match m.fs_type.as_str() {
-        "ext4" => run(Command::new("resize2fs").arg(device), "resize2fs")?,
+        "ext4" => run(Command::new("resize2fs").arg(device), "resize2fs").map_err(|e| match e {
+            MountError::Tool { tool, detail } if detail.contains("Permission denied") => {
+                MountError::Tool {
+                    tool,
+                    detail: format!(
+                        "{detail} (growing ext4 online needs CAP_SYS_RESOURCE: run the node \
+                         plugin with it, e.g. privileged)"
+                    ),
+                }
+            }
+            other => other,
+        })?,
         "xfs" => run(Command::new("xfs_growfs").arg(&m.mount_point), "xfs_growfs")?,
         other => return Err(MountError::UnsupportedFs(other.to_owned())),
     }
