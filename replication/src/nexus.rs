@@ -641,17 +641,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
 
     /// Refuse a request that ends beyond the volume (children may be bigger than it).
     fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<(), DeviceError> {
-        let size = self.size.load(SeqCst);
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(DeviceError::new(
-                DeviceErrorKind::OutOfRange,
-                op,
-                offset,
-                len,
-                format!("the request ends beyond the volume's {size} bytes"),
-            ));
-        }
-        Ok(())
+        DeviceError::check_range(op, offset, len, self.size.load(SeqCst))
     }
 
     /// Grow the volume to `new_size` bytes while it serves I/O; returns the size now (a

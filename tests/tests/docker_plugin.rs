@@ -62,29 +62,22 @@ fn volumes_through_the_real_engine() {
     };
     let mut d = start_standalone(&node);
 
-    docker_ok([
-        "volume",
-        "create",
-        "-d",
-        "ballast",
-        "-o",
-        "size=1GiB",
-        "-o",
-        "replicas=1",
-        "dkr-v1",
-    ]);
+    let create = || {
+        docker_ok([
+            "volume",
+            "create",
+            "-d",
+            "ballast",
+            "-o",
+            "size=1GiB",
+            "-o",
+            "replicas=1",
+            "dkr-v1",
+        ])
+    };
+    create();
     // The same options again: nothing changes.
-    docker_ok([
-        "volume",
-        "create",
-        "-d",
-        "ballast",
-        "-o",
-        "size=1GiB",
-        "-o",
-        "replicas=1",
-        "dkr-v1",
-    ]);
+    create();
     run("dkr-v1", "echo hello > /data/f");
     assert_eq!(run("dkr-v1", "cat /data/f"), "hello");
     // Unmounted and detached once the containers are gone.

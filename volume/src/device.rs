@@ -92,6 +92,20 @@ pub struct DeviceError {
 }
 
 impl DeviceError {
+    /// `OutOfRange` unless `[offset, offset + len)` lies within a device of `size` bytes.
+    pub fn check_range(op: &'static str, offset: u64, len: u64, size: u64) -> Result<(), Self> {
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Self::new(
+                DeviceErrorKind::OutOfRange,
+                op,
+                offset,
+                len,
+                format!("the request ends beyond the volume's {size} bytes"),
+            ));
+        }
+        Ok(())
+    }
+
     /// A new error without an OS source.
     pub fn new(
         kind: DeviceErrorKind,

@@ -170,17 +170,7 @@ impl Replica {
                 format!("offset and length must be non-zero multiples of {BLOCK} bytes"),
             ));
         }
-        let size = self.vol.size.load(SeqCst);
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(DeviceError::new(
-                DeviceErrorKind::OutOfRange,
-                op,
-                offset,
-                len,
-                format!("the request ends beyond the volume's {size} bytes"),
-            ));
-        }
-        Ok(())
+        DeviceError::check_range(op, offset, len, self.vol.size.load(SeqCst))
     }
 
     async fn read_inner(&self, offset: u64, mut buf: IoBuf) -> BufResult {
