@@ -26,11 +26,8 @@ where
         .expect("run the docker client")
 }
 
-/// `docker ARGS`, which must succeed; returns its trimmed stdout.
-///
-/// # Panics
-/// The command fails (its stderr is in the message).
-pub fn docker_ok<I, S>(args: I) -> String
+/// `docker ARGS`, with its output and the command line as text for messages.
+fn docker_shown<I, S>(args: I) -> (Output, String)
 where
     I: IntoIterator<Item = S> + Clone,
     S: AsRef<std::ffi::OsStr>,
@@ -40,10 +37,23 @@ where
         .into_iter()
         .map(|a| a.as_ref().to_string_lossy().into_owned())
         .collect();
+    (out, shown.join(" "))
+}
+
+/// `docker ARGS`, which must succeed; returns its trimmed stdout.
+///
+/// # Panics
+/// The command fails (its stderr is in the message).
+pub fn docker_ok<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S> + Clone,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let (out, shown) = docker_shown(args);
     assert!(
         out.status.success(),
         "docker {} failed: {}",
-        shown.join(" "),
+        shown,
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
@@ -58,18 +68,23 @@ where
     I: IntoIterator<Item = S> + Clone,
     S: AsRef<std::ffi::OsStr>,
 {
-    let out = docker(args.clone());
-    let shown: Vec<String> = args
-        .into_iter()
-        .map(|a| a.as_ref().to_string_lossy().into_owned())
-        .collect();
+    let (out, shown) = docker_shown(args);
     assert!(
         !out.status.success(),
         "docker {} should fail but printed {}",
-        shown.join(" "),
+        shown,
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Take this test's turn on the plugin socket ([`SERIAL`]) and make sure [`IMAGE`] exists.
+pub fn turn() -> std::sync::MutexGuard<'static, ()> {
+    let guard = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    ensure_image();
+    guard
 }
 
 /// Import [`IMAGE`] from `/bin/busybox` unless it exists.

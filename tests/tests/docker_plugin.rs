@@ -4,15 +4,13 @@
 //! volume to a new node after the plugin's node is killed.
 //!
 //! Docker finds the plugin `ballast` at /run/docker/plugins/ballast.sock, so these scenarios
-//! take turns ([`SERIAL`]).
+//! take turns (`integration_tests::docker::turn`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use integration_tests::cluster::{cluster_args, node_dirs, nodes, wait_for, Cleanup};
-use integration_tests::docker::{
-    docker, docker_err, docker_ok, ensure_image, DockerCleanup, IMAGE, SERIAL,
-};
+use integration_tests::docker::{docker, docker_err, docker_ok, turn, DockerCleanup, IMAGE};
 use integration_tests::etcd::Etcd;
 use integration_tests::{Daemon, NodeDir};
 
@@ -48,10 +46,7 @@ fn run(volume: &str, script: &str) -> String {
 
 #[test]
 fn volumes_through_the_real_engine() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    ensure_image();
+    let _turn = turn();
     let node = NodeDir::new().unwrap();
     let _cleanup = Cleanup::new(std::slice::from_ref(&node), &["dkr-v1"]);
     let _docker = DockerCleanup {
@@ -188,10 +183,7 @@ fn volumes_through_the_real_engine() {
 
 #[test]
 fn a_new_node_on_the_plugin_socket_mounts_what_the_dead_one_wrote() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    ensure_image();
+    let _turn = turn();
     let etcd = Etcd::start().unwrap();
     let dirs = node_dirs(4);
     let _cleanup = Cleanup::new(&dirs, &["dkr-ha"]);
