@@ -28,9 +28,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use api::{parse_size, VolumeControl, VolumeName, VolumeSpec};
 use clap::{Parser, ValueEnum};
 use io_uring::{opcode, types, IoUring};
-use volume::api::{parse_size, VolumeControl, VolumeName, VolumeSpec};
 use volume::device::{BlockDevice, WriteFlags};
 use volume::io::{open_direct, probe, EngineKind, IoBuf, IoEngine, IoFile, IoRequest};
 use volume::pool::{DeviceSpec, Replica, Storage, StorageConfig};

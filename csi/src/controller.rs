@@ -14,11 +14,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use tonic::{Request, Response, Status};
-use volume::api::{
+use api::{
     NodeControl, NodeTopology, PlacementHints, VolumeControl, VolumeName, VolumeSpec, VolumeState,
     VolumeStatus,
 };
+use tonic::{Request, Response, Status};
 
 use crate::params::{self, CTX_FS_TYPE};
 use crate::proto::controller_server::Controller as ControllerService;
@@ -283,7 +283,7 @@ impl<C: VolumeControl, N: NodeControl> ControllerService for Controller<C, N> {
                 tracing::info!(volume = %name, "CSI deleted a volume");
                 Ok(Response::new(DeleteVolumeResponse {}))
             }
-            Err(e) if e.kind() == volume::api::ErrorKind::NotFound => {
+            Err(e) if e.kind() == api::ErrorKind::NotFound => {
                 Ok(Response::new(DeleteVolumeResponse {}))
             }
             Err(e) => Err(from_control(&e)),
@@ -435,7 +435,7 @@ impl<C: VolumeControl, N: NodeControl> ControllerService for Controller<C, N> {
         Ok(Response::new(GetCapacityResponse {
             available_capacity: crate::to_i64(available),
             maximum_volume_size: Some(crate::to_i64(largest)),
-            minimum_volume_size: Some(crate::to_i64(volume::api::SIZE_GRANULARITY)),
+            minimum_volume_size: Some(crate::to_i64(api::SIZE_GRANULARITY)),
         }))
     }
 

@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use api::NodeControl;
 use tonic::{Request, Response, Status};
-use volume::api::NodeControl;
 
 use crate::proto::identity_server::Identity as IdentityService;
 use crate::proto::plugin_capability::{service, volume_expansion, Service, Type, VolumeExpansion};

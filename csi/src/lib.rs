@@ -7,9 +7,9 @@
 //! - [`node`]: stage (attach, format only if empty, mount), publish (bind mounts), stats,
 //!   expand, info.
 //!
-//! Every service is generic over [`volume::api::VolumeControl`] (the cluster-wide volume
+//! Every service is generic over [`api::VolumeControl`] (the cluster-wide volume
 //! operations, the same trait the local API and the Docker plugin use) and
-//! [`volume::api::NodeControl`] (what only this node can do: attach, topology). Errors are
+//! [`api::NodeControl`] (what only this node can do: attach, topology). Errors are
 //! mapped to gRPC codes in one place, [`status`].
 //!
 //! Design: there is no ControllerPublish. A volume is attached at `NodeStageVolume` on the
@@ -34,9 +34,9 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
+use api::{NodeControl, VolumeControl};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
-use volume::api::{NodeControl, VolumeControl};
 
 /// The generated `csi.v1` messages, servers and clients.
 #[allow(

@@ -15,9 +15,9 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
+use api::{ControlError, ErrorKind, NodeControl, VolumeControl, VolumeName};
+use host::mount;
 use tonic::{Request, Response, Status};
-use volume::api::{ControlError, ErrorKind, NodeControl, VolumeControl, VolumeName};
-use volume::mount;
 
 use crate::controller::condition;
 use crate::params::{self, CTX_FS_TYPE};

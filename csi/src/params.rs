@@ -3,11 +3,11 @@
 
 use std::collections::HashMap;
 
-use tonic::Status;
-use volume::api::{
-    round_volume_size, NodeTopology, VolumeName, ZoneSpread, MAX_REPLICAS, MAX_VOLUME_SIZE,
+use api::{
+    round_volume_size, NodeTopology, ReplicaCount, VolumeName, ZoneSpread, MAX_VOLUME_SIZE,
     SIZE_GRANULARITY,
 };
+use tonic::Status;
 
 use crate::proto::volume_capability::access_mode::Mode;
 use crate::proto::volume_capability::AccessType;
@@ -55,19 +55,15 @@ pub fn parameters<S: std::hash::BuildHasher>(
         match key.as_str() {
             "replicas" => {
                 out.replicas = value
-                    .parse::<u8>()
-                    .ok()
-                    .filter(|n| (1..=MAX_REPLICAS).contains(n))
-                    .ok_or_else(|| {
-                        invalid(format!(
-                            "parameter replicas={value:?} is invalid: use a whole number from 1 \
-                             to {MAX_REPLICAS}"
-                        ))
-                    })?;
+                    .parse::<ReplicaCount>()
+                    .map_err(|e| {
+                        invalid(format!("parameter replicas is invalid: {}", e.message()))
+                    })?
+                    .get();
             }
             "fsType" => out.fs_type = Some(fs_type(value)?),
             "zoneSpread" => {
-                out.zone_spread = value.parse().map_err(|e: volume::api::ControlError| {
+                out.zone_spread = value.parse().map_err(|e: api::ControlError| {
                     invalid(format!("parameter zoneSpread: {}", e.message()))
                 })?;
             }

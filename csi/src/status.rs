@@ -4,8 +4,8 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use api::{ControlError, ErrorKind};
 use tonic::{Code, Status};
-use volume::api::{ControlError, ErrorKind};
 
 /// The gRPC code of a control-plane error kind.
 pub fn code(kind: ErrorKind) -> Code {

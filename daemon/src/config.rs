@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use volume::pool::DeviceSpec;
 
-use crate::byte_size::ByteSize;
 use crate::cli::{DaemonArgs, EngineChoice, LogFormat, DEFAULT_API_SOCKET};
+use ::api::byte_size::ByteSize;
 
 /// The data directory used when none is configured.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/ballast";

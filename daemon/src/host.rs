@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use volume::api::{ControlError, ErrorKind, NodeControl, NodeTopology, VolumeControl, VolumeName};
+use ::api::{ControlError, ErrorKind, NodeControl, NodeTopology, VolumeControl, VolumeName};
 use volume::pool::Storage;
 
 use crate::attach::Attacher;

@@ -21,9 +21,9 @@
 //! Only `main.rs` uses `anyhow`; every module here has its own `thiserror` error type.
 
 pub mod api;
-pub mod api_socket;
+pub use ::host::socket as api_socket;
 pub mod attach;
-pub mod byte_size;
+
 pub mod cli;
 pub mod client;
 pub mod cluster;

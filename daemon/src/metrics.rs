@@ -48,6 +48,7 @@
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
+use ::api::{PoolStatus, VolumeControl};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric, NoLabelSet,
@@ -56,7 +57,6 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
-use volume::api::{PoolStatus, VolumeControl};
 use volume::pool::stats::{OpStats, VolumeIoStats, LATENCY_BUCKETS_SECONDS};
 use volume::pool::Storage;
 
@@ -493,7 +493,7 @@ fn encode_histogram(
 mod tests {
     use std::time::Duration;
 
-    use volume::api::{ControlError, VolumeName, VolumeSpec, VolumeStatus};
+    use ::api::{ControlError, VolumeName, VolumeSpec, VolumeStatus};
     use volume::pool::stats::IoCounters;
 
     use super::*;

@@ -5,7 +5,7 @@
 //! 1. install SIGTERM/SIGINT handlers (a signal during start-up is handled once storage is
 //!    open, so the engine is never abandoned half-opened);
 //! 2. lock the data directory ([`DataDirLock`]): two daemons never share one;
-//! 3. bind the API socket ([`ApiSocket`]), refusing if another daemon answers on it;
+//! 3. bind the API socket ([`BoundSocket`]), refusing if another daemon answers on it;
 //!    connections queue until step 6;
 //! 4. start the I/O engine, bind the operator endpoint (`--http`), write the bound address to
 //!    `<data-dir>/http.addr` and serve `/healthz` (200), `/readyz` (503 for now) and `/metrics`;
@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use volume::pool::{PoolError, Storage, StorageConfig};
 
 use crate::api;
-use crate::api_socket::{ApiSocket, SocketError};
+use crate::api_socket::{BoundSocket, SocketError};
 use crate::attach::{self, Attacher, FuseLoop};
 use crate::config::DaemonConfig;
 use crate::data_dir_lock::{DataDirLock, LockError};
@@ -280,7 +280,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     let lock = DataDirLock::acquire(&cfg.lock_file())?;
     tracing::debug!(path = %lock.path().display(), "locked the data directory");
 
-    let (socket, listener) = ApiSocket::bind(&cfg.api_socket)?;
+    let (socket, listener) = BoundSocket::bind(&cfg.api_socket)?;
     let csi_listener = match &cfg.csi_socket {
         Some(path) => Some(csi::bind(path).map_err(|source| NodeError::CsiSocket {
             path: path.clone(),
@@ -561,7 +561,7 @@ pub const DOCKER_MOUNT_DIR: &str = "docker";
 pub const DOCKER_REFS_FILE: &str = "docker-mounts.json";
 
 /// Load the Docker plugin's state, mount again the volumes that have callers, and serve it.
-async fn start_docker<C: volume::api::VolumeControl>(
+async fn start_docker<C: ::api::VolumeControl>(
     listener: tokio::net::UnixListener,
     control: Arc<C>,
     host: Arc<NodeHost>,

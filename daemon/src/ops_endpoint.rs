@@ -9,12 +9,12 @@
 
 use std::sync::Arc;
 
+use ::api::VolumeControl;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use volume::api::VolumeControl;
 
 use crate::metrics::{IoStatsSource, MetricsExporter, CONTENT_TYPE};
 use crate::node_info::{NodeInfo, Phase};

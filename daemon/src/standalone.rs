@@ -32,12 +32,12 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use replication::nexus::{EjectFuture, Ejector};
-use serde::{Deserialize, Serialize};
-use volume::api::{
+use ::api::{
     ControlError, ErrorKind, PoolStatus, ReplicaStatus, VolumeControl, VolumeName, VolumeSpec,
     VolumeState, VolumeStatus,
 };
+use replication::nexus::{EjectFuture, Ejector};
+use serde::{Deserialize, Serialize};
 use volume::pool::Storage;
 
 /// The replica-set file's name in the data directory.

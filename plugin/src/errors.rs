@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use volume::api::{format_size, ControlError};
-use volume::mount::MountError;
+use api::{format_size, ControlError};
+use host::mount::MountError;
 
 /// Why a plugin call failed.
 #[derive(Debug, thiserror::Error)]

@@ -5,8 +5,8 @@
 //! bodies — on a unix socket (`/run/docker/plugins/ballast.sock` by default). The engine sends
 //! no Content-Type header, so bodies are parsed here from raw bytes.
 //!
-//! Generic over [`volume::api::VolumeControl`] (create, delete, inspect: the same trait the
-//! local API and the CSI driver use) and [`volume::api::NodeControl`] (attach on this node).
+//! Generic over [`api::VolumeControl`] (create, delete, inspect: the same trait the
+//! local API and the CSI driver use) and [`api::NodeControl`] (attach on this node).
 //! Every failure is an answer `{"Err": "…"}` naming the problem ([`errors`] is the one place
 //! that words them); nothing panics and nothing waits without a bound.
 //!
@@ -31,17 +31,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use api::{
+    parse_size, ControlError, ErrorKind, NodeControl, ReplicaCount, VolumeControl, VolumeName,
+    VolumeSpec, VolumeStatus,
+};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
+use host::mount;
 use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
-use volume::api::{
-    parse_size, ControlError, ErrorKind, NodeControl, VolumeControl, VolumeName, VolumeSpec,
-    VolumeStatus, MAX_REPLICAS,
-};
-use volume::mount;
 
 use crate::errors::PluginError;
 use crate::protocol::{
@@ -156,7 +156,7 @@ impl<C: VolumeControl, N: NodeControl> Plugin<C, N> {
         let opts = CreateOptions::parse(req.opts.unwrap_or_default())?;
         let _guard = self.refs.lock().await;
         if let Ok(existing) = self.control.get_volume(&name).await {
-            if existing.size_bytes == volume::api::round_volume_size(opts.size)?
+            if existing.size_bytes == api::round_volume_size(opts.size)?
                 && existing.replicas == opts.replicas
             {
                 return Ok(());
@@ -261,7 +261,7 @@ impl<C: VolumeControl, N: NodeControl> Plugin<C, N> {
         let mut s = BTreeMap::new();
         s.insert(
             "size".to_owned(),
-            volume::api::format_size(status.size_bytes).into(),
+            api::format_size(status.size_bytes).into(),
         );
         s.insert("sizeBytes".to_owned(), status.size_bytes.into());
         s.insert("replicas".to_owned(), status.replicas.into());
@@ -320,17 +320,12 @@ impl CreateOptions {
                 }
                 "replicas" => {
                     out.replicas = value
-                        .trim()
-                        .parse::<u8>()
-                        .ok()
-                        .filter(|n| (1..=MAX_REPLICAS).contains(n))
-                        .ok_or_else(|| PluginError::Option {
+                        .parse::<ReplicaCount>()
+                        .map_err(|e| PluginError::Option {
                             key,
-                            message: format!(
-                                "{value:?} is not a replica count: use a whole number from 1 to \
-                                 {MAX_REPLICAS}"
-                            ),
-                        })?;
+                            message: e.message().to_owned(),
+                        })?
+                        .get();
                 }
                 "fs" => {
                     if !mount::SUPPORTED_FS.contains(&value.as_str()) {

@@ -6,8 +6,7 @@
 //! so it is always either the old or the new set.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The callers of each mounted volume.
 #[derive(Debug)]
@@ -82,25 +81,10 @@ impl Refs {
     }
 
     fn commit(&mut self, next: BTreeMap<String, BTreeSet<String>>) -> std::io::Result<()> {
-        write_atomic(&self.path, &serde_json::to_vec_pretty(&next)?)?;
+        host::persist::write_json(&self.path, &next)?;
         self.volumes = next;
         Ok(())
     }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

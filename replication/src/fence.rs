@@ -20,7 +20,7 @@
 //!   written, so the file never goes backwards.
 
 use std::collections::BTreeMap;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -213,28 +213,10 @@ impl FenceTable {
             return Ok(());
         }
         let bytes = serde_json::to_vec_pretty(&snapshot).map_err(io::Error::other)?;
-        write_atomically(&self.path, &bytes)?;
+        host::persist::write_atomic(&self.path, &bytes)?;
         *persisted = generation;
         Ok(())
     }
-}
-
-/// Replace `path` with `bytes` atomically and durably.
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

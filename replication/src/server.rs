@@ -21,11 +21,11 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use api::{format_size, ControlError, ErrorKind, VolumeControl, VolumeName, VolumeSpec};
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, RwLock, Semaphore};
 use tokio::task::JoinHandle;
-use volume::api::{format_size, ControlError, ErrorKind, VolumeControl, VolumeName, VolumeSpec};
 use volume::device::{BlockDevice, DeviceError, WriteFlags};
 use volume::io::IoBuf;
 use volume::pool::Storage;

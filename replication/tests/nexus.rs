@@ -8,12 +8,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
+use api::ErrorKind;
+use api::{VolumeControl, VolumeName, VolumeSpec};
 use replication::nexus::{
     ChildSpec, ChildState, EjectFuture, Ejector, Nexus, RebuildError, RebuildProgress, Resizable,
 };
 use replication::server::resize_replica;
-use volume::api::ErrorKind;
-use volume::api::{VolumeControl, VolumeName, VolumeSpec};
 use volume::device::{
     BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, Generations, WriteFlags,
 };

@@ -495,7 +495,7 @@ async fn a_replica_grows_over_the_protocol_and_its_remote_handle_learns_the_size
     assert_eq!(e.error.kind, DeviceErrorKind::OutOfRange, "{}", e.error);
     assert_eq!(
         node.storage
-            .replica(&volume::api::VolumeName::new("vol").unwrap())
+            .replica(&api::VolumeName::new("vol").unwrap())
             .unwrap()
             .size(),
         bigger

@@ -673,7 +673,7 @@ pub fn release_attachments(fuse: &Path, names: &[String]) {
 pub fn unmount_all_under(root: &Path) {
     let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_owned());
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<PathBuf> = volume::mount::parse_mountinfo(&info)
+    let mut points: Vec<PathBuf> = host::mount::parse_mountinfo(&info)
         .into_iter()
         .map(|m| m.mount_point)
         .filter(|p| p.starts_with(&root))

@@ -255,3 +255,35 @@ fn attached_volumes_survive_a_restart() {
     assert!(Path::new(&dev).exists(), "attached again after a crash");
     daemon.cli(["volume", "detach", &name]).success();
 }
+
+/// `attached.json` records what to attach again at start-up. A corrupt one is never taken as
+/// "nothing attached" (that silently forgets attachments and the next save overwrites it):
+/// attaching fails with a message naming the file, and the file is left for the operator.
+#[test]
+fn corrupt_attachment_record_is_an_error_naming_it() {
+    let node = NodeDir::new().unwrap();
+    let mut clean = Cleanup::new(&node);
+    let daemon = Daemon::start(&node).unwrap();
+    let name = clean.name("corrupt");
+    daemon
+        .cli(["volume", "create", &name, "--size", "16MiB"])
+        .success();
+    let record = node.data_dir().join("attached.json");
+    std::fs::write(&record, b"[\"half-writ").unwrap();
+    let out = daemon.cli(["volume", "attach", &name]);
+    assert_ne!(out.code, Some(0), "attach succeeded over a corrupt record");
+    assert!(
+        out.stderr.contains("attached.json") && out.stderr.contains("corrupt"),
+        "the error does not name the corrupt file: {}",
+        out.stderr
+    );
+    assert_eq!(
+        std::fs::read(&record).unwrap(),
+        b"[\"half-writ",
+        "the corrupt record was overwritten"
+    );
+    assert!(
+        !Path::new(&format!("/dev/ballast/{name}")).exists(),
+        "a device was attached although its record could not be kept"
+    );
+}

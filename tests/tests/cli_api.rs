@@ -320,7 +320,7 @@ fn pool_list_shows_capacity() {
     let pools = d.cli(["pool", "list", "-o", "json"]).json();
     let pool = &pools[0];
     let capacity = pool["capacity_bytes"].as_u64().unwrap();
-    let pool_bytes = volume::api::parse_size(POOL_SIZE).unwrap();
+    let pool_bytes = api::parse_size(POOL_SIZE).unwrap();
     assert!(
         capacity > pool_bytes / 2 && capacity <= pool_bytes,
         "{pool}"
@@ -336,7 +336,7 @@ fn pool_list_shows_capacity() {
         .success()
         .stdout_has("CAPACITY")
         .stdout_has("FREE")
-        .stdout_has(&volume::api::format_size(capacity));
+        .stdout_has(&api::format_size(capacity));
     table.stdout_has(&node.pool().display().to_string());
 }
 

@@ -496,7 +496,7 @@ fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
 }
 
 fn df_total(path: &Path) -> u64 {
-    volume::mount::usage(path).unwrap().total_bytes
+    host::mount::usage(path).unwrap().total_bytes
 }
 
 #[test]
@@ -547,7 +547,7 @@ fn stage_publish_expand_and_tear_down_in_mount_and_block_access() {
     for _ in 0..2 {
         stage(mount_cap("")).unwrap();
     }
-    let m = volume::mount::mount_at(&staging).expect("staged means mounted");
+    let m = host::mount::mount_at(&staging).expect("staged means mounted");
     assert_eq!(
         m.fs_type, "xfs",
         "the StorageClass fsType comes through the volume context"
@@ -666,7 +666,7 @@ fn stage_publish_expand_and_tear_down_in_mount_and_block_access() {
     for _ in 0..2 {
         csi.unstage("fsvol", &staging).unwrap();
     }
-    assert!(volume::mount::mount_at(&staging).is_none());
+    assert!(host::mount::mount_at(&staging).is_none());
     // Staged again, the data is there: a volume with a filesystem is never reformatted.
     stage(mount_cap("")).unwrap();
     csi.publish("fsvol", &staging, &target, mount_cap(""), false)
@@ -837,7 +837,7 @@ fn node_calls_check_their_paths_and_arguments() {
         Code::InvalidArgument
     );
     // Nothing outside was touched.
-    assert!(volume::mount::mount_at(&outside).is_none());
+    assert!(host::mount::mount_at(&outside).is_none());
 
     // Two stagings of one volume at once: one runs, the other is told to retry (ABORTED).
     csi.create(create_req("racevol", 256 << 20, &[], mount_cap("")))

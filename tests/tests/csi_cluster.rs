@@ -265,7 +265,7 @@ fn topology_and_failover_across_three_nodes() {
     write_synced(&ha_b.target.join("more"), b"written on node-b");
 
     // Online expansion of the replicated volume while it is in use on B.
-    let before = volume::mount::usage(&ha_b.target).unwrap().total_bytes;
+    let before = host::mount::usage(&ha_b.target).unwrap().total_bytes;
     let grown = csi_b
         .run(
             csi_b
@@ -297,7 +297,7 @@ fn topology_and_failover_across_three_nodes() {
         .unwrap()
         .into_inner();
     assert_eq!(node_grown.capacity_bytes, 512 << 20);
-    let after = volume::mount::usage(&ha_b.target).unwrap().total_bytes;
+    let after = host::mount::usage(&ha_b.target).unwrap().total_bytes;
     assert!(
         after > before + (48 << 20),
         "ext4 grew from {before} to {after}"

@@ -161,7 +161,7 @@ fn strings(v: &Value) -> Vec<&str> {
 /// Mount points at or under `root`, as this process sees them.
 fn mounts_under(root: &Path) -> Vec<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    volume::mount::parse_mountinfo(&info)
+    host::mount::parse_mountinfo(&info)
         .into_iter()
         .map(|m| m.mount_point)
         .filter(|p| p.starts_with(root))

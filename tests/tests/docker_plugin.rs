@@ -76,7 +76,7 @@ fn volumes_through_the_real_engine() {
     run("dkr-v1", "echo hello > /data/f");
     assert_eq!(run("dkr-v1", "cat /data/f"), "hello");
     // Unmounted and detached once the containers are gone.
-    assert!(volume::mount::mount_at(&mount_root(&node).join("dkr-v1")).is_none());
+    assert!(host::mount::mount_at(&mount_root(&node).join("dkr-v1")).is_none());
 
     let ls = docker_ok(["volume", "ls", "--format", "{{.Driver}} {{.Name}}"]);
     assert!(ls.lines().any(|l| l == "ballast dkr-v1"), "{ls}");
@@ -130,7 +130,7 @@ fn volumes_through_the_real_engine() {
             "600",
         ]);
     }
-    let mounted = || volume::mount::mount_at(&mount_root(&node).join("dkr-v1")).is_some();
+    let mounted = || host::mount::mount_at(&mount_root(&node).join("dkr-v1")).is_some();
     assert!(mounted());
     docker_ok(["exec", "dkr-c1", "sh", "-c", "echo from-c1 > /data/g"]);
     assert_eq!(docker_ok(["exec", "dkr-c2", "cat", "/data/g"]), "from-c1");

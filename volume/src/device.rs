@@ -5,7 +5,7 @@
 //! - a write with [`WriteFlags::fua`], or any write followed by a completed `flush`, is durable;
 //! - `discard` and `write_zeroes` make the range read back as zeros (Ballast's discard is
 //!   deterministic), and free whole extents;
-//! - offsets and lengths are multiples of [`BLOCK_SIZE`](crate::api::BLOCK_SIZE) and lie within
+//! - offsets and lengths are multiples of [`BLOCK_SIZE`](api::BLOCK_SIZE) and lie within
 //!   the device; anything else is refused with [`DeviceErrorKind::Unaligned`] or
 //!   [`DeviceErrorKind::OutOfRange`] before any I/O is issued.
 //!

@@ -1,18 +1,12 @@
-//! Ballast's domain types and local storage engine.
+//! Ballast's local storage engine.
 //!
-//! - [`api`]: volume names, specs, statuses, errors and the [`api::VolumeControl`] trait that
-//!   every protocol adapter calls.
 //! - [`device`]: the [`device::BlockDevice`] trait with real-disk semantics.
 //! - [`io`]: the I/O engines (io_uring and sync) and owned aligned buffers.
-//! - [`mount`]: probe, format-if-empty, mount, bind, usage and grow of filesystems on attached
-//!   volumes, shared by every adapter.
 //! - [`pool`]: the on-disk format, extent allocation, checksums, crash-safe metadata and
-//!   replicas.
+//!   replicas, and [`pool::Storage`], this node's pools as a [`api::VolumeControl`].
 //!
-//! This crate imports no other Ballast crate.
+//! Depends on the [`api`] crate only (for names, specs and errors).
 
-pub mod api;
 pub mod device;
 pub mod io;
-pub mod mount;
 pub mod pool;

@@ -16,10 +16,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use api::{VolumeControl, VolumeName};
 use common::{open, pattern, tempdir, volume};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use volume::api::{VolumeControl, VolumeName};
 use volume::device::{BlockDevice, WriteFlags};
 use volume::io::{EngineKind, IoBuf};
 

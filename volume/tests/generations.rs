@@ -66,9 +66,7 @@ async fn writes_record_generations_and_recovery_marks_uncommitted_extents_unknow
         assert_eq!(generations.extents.len(), 3);
     }
     let s = open(&path, 64 * MIB, EngineKind::Sync).await;
-    let r = s
-        .replica(&volume::api::VolumeName::new("g").unwrap())
-        .unwrap();
+    let r = s.replica(&api::VolumeName::new("g").unwrap()).unwrap();
     assert_eq!(
         gens(&r),
         [(0, 43), (1, 41), (2, GENERATION_UNKNOWN)],

@@ -7,8 +7,8 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use api::{VolumeControl, VolumeName};
 use common::{open, pattern, tempdir, try_open, volume};
-use volume::api::{VolumeControl, VolumeName};
 use volume::device::{BlockDevice, WriteFlags};
 use volume::io::{EngineKind, IoBuf};
 use volume::pool::format::Layout;

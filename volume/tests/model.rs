@@ -11,9 +11,9 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use api::{VolumeControl, VolumeName};
 use common::{open, tempdir, volume};
 use proptest::prelude::*;
-use volume::api::{VolumeControl, VolumeName};
 use volume::device::{BlockDevice, WriteFlags};
 use volume::io::{EngineKind, IoBuf};
 

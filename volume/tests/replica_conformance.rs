@@ -6,8 +6,8 @@ mod common;
 
 use std::sync::Arc;
 
+use api::{ErrorKind, VolumeControl, VolumeName, VolumeSpec};
 use common::{open, pattern, tempdir, try_open, volume, ENGINES};
-use volume::api::{ErrorKind, VolumeControl, VolumeName, VolumeSpec};
 use volume::device::{BlockDevice, DeviceErrorKind, WriteFlags};
 use volume::io::{EngineKind, IoBuf};
 use volume::pool::PoolError;

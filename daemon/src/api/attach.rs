@@ -16,11 +16,11 @@
 
 use std::sync::Arc;
 
+use ::api::{ErrorKind, VolumeName};
 use axum::extract::{Path, State};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use volume::api::{ErrorKind, VolumeName};
 
 use super::error::ApiError;
 use super::json_body::ApiJson;
@@ -62,7 +62,7 @@ pub fn router(attacher: Arc<Attacher>) -> Router {
 }
 
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, volume::api::ControlError> + Send + 'static,
+    f: impl FnOnce() -> Result<T, ::api::ControlError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await

@@ -5,10 +5,10 @@
 //! [`status_for`] is the only mapping from kinds to HTTP statuses in the crate; the body is
 //! always `{"code": "<kind code>", "message": "..."}` ([`ErrorBody`]).
 
+use ::api::{ControlError, ErrorKind};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use volume::api::{ControlError, ErrorKind};
 
 use crate::api::wire::ErrorBody;
 

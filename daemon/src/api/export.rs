@@ -12,11 +12,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ::api::{ErrorKind, VolumeName};
 use axum::extract::{Path, State};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use volume::api::{ErrorKind, VolumeName};
 use volume::pool::Storage;
 
 use super::error::ApiError;

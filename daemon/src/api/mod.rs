@@ -2,7 +2,7 @@
 //!
 //! | method and path | body | success |
 //! |---|---|---|
-//! | `POST /v1/volumes` | [`CreateVolumeRequest`] | `201` new, `200` already existed identically; [`VolumeStatus`](volume::api::VolumeStatus) |
+//! | `POST /v1/volumes` | [`CreateVolumeRequest`] | `201` new, `200` already existed identically; [`VolumeStatus`](::api::VolumeStatus) |
 //! | `GET /v1/volumes` | | `200` [`VolumeList`] |
 //! | `GET /v1/volumes/{name}` | | `200` `VolumeStatus` |
 //! | `DELETE /v1/volumes/{name}` | | `204` |
@@ -35,12 +35,12 @@ pub mod wire;
 
 use std::sync::Arc;
 
+use ::api::{ErrorKind, VolumeControl, VolumeName, VolumeSpec};
 use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use volume::api::{ErrorKind, VolumeControl, VolumeName, VolumeSpec};
 
 use self::error::ApiError;
 use self::json_body::ApiJson;

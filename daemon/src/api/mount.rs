@@ -17,11 +17,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use ::api::{ControlError, ErrorKind, VolumeName};
 use axum::extract::{Path as UrlPath, State};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use volume::api::{ControlError, ErrorKind, VolumeName};
 
 use super::error::ApiError;
 use super::json_body::ApiJson;

@@ -7,7 +7,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use volume::api::VolumeControl;
+use ::api::VolumeControl;
 use volume::pool::Storage;
 
 use super::error::ApiError;

@@ -1,13 +1,13 @@
 //! The JSON bodies of the local control API, shared by the server and the CLI client.
 //!
 //! Request types refuse unknown fields, so a typo in a hand-written request is an error rather
-//! than a silently ignored option. Volume and pool statuses are [`volume::api::VolumeStatus`]
-//! and [`volume::api::PoolStatus`] as they are; this module adds only the envelopes.
+//! than a silently ignored option. Volume and pool statuses are [`::api::VolumeStatus`]
+//! and [`::api::PoolStatus`] as they are; this module adds only the envelopes.
 
+use ::api::{PoolStatus, VolumeStatus};
 use serde::{Deserialize, Serialize};
-use volume::api::{PoolStatus, VolumeStatus};
 
-use crate::byte_size::ByteSize;
+use ::api::byte_size::ByteSize;
 
 /// `POST /v1/volumes`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,7 +96,7 @@ impl PoolsSummary {
 /// The body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    /// The stable code, [`volume::api::ErrorKind::code`] (`not_found`, `conflict`, …).
+    /// The stable code, [`::api::ErrorKind::code`] (`not_found`, `conflict`, …).
     pub code: String,
     /// A human-readable message.
     pub message: String,

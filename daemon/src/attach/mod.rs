@@ -26,8 +26,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use ::api::{ControlError, ErrorKind, VolumeName};
 use serde::{Deserialize, Serialize};
-use volume::api::{ControlError, ErrorKind, VolumeName};
 
 use self::fuse::session::Session;
 use self::fuse::{Registry, VolumeFs};
@@ -124,6 +124,13 @@ fn not_attached(name: &VolumeName) -> ControlError {
 
 fn internal(what: &str, e: &std::io::Error) -> ControlError {
     ControlError::new(ErrorKind::Internal, format!("{what}: {e}"))
+}
+
+fn persist_error(what: &str, e: &::host::persist::PersistError) -> ControlError {
+    ControlError::new(
+        ErrorKind::Internal,
+        format!("{what}: {}", crate::error_chain(e)),
+    )
 }
 
 impl Frontend for FuseLoop {
@@ -284,19 +291,18 @@ impl Attacher {
         self.dev_dir.join(name.as_str())
     }
 
-    fn load(&self) -> Vec<String> {
-        std::fs::read(&self.state_file)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+    /// The names recorded as attached. A missing file is none; a corrupt one is an error
+    /// naming it (taking it as empty would silently forget attachments).
+    fn load(&self) -> Result<Vec<String>, ControlError> {
+        ::host::persist::read_json(&self.state_file)
+            .map(Option::unwrap_or_default)
+            .map_err(|e| persist_error("cannot read the attached volumes", &e))
     }
 
+    /// Record `names` as attached, atomically and durably.
     fn save(&self, names: &[String]) -> Result<(), ControlError> {
-        let tmp = self.state_file.with_extension("json.tmp");
-        let json = serde_json::to_vec(names).expect("names serialize");
-        std::fs::write(&tmp, json)
-            .and_then(|()| std::fs::rename(&tmp, &self.state_file))
-            .map_err(|e| internal("cannot record the attached volumes", &e))
+        ::host::persist::write_json(&self.state_file, names)
+            .map_err(|e| persist_error("cannot record the attached volumes", &e))
     }
 
     /// Attach `name` (idempotent) and return where it is.
@@ -317,6 +323,8 @@ impl Attacher {
     /// live node and `force` is not set.
     pub fn attach_with(&self, name: &VolumeName, force: bool) -> Result<Attachment, ControlError> {
         let _op = self.ops.lock().expect("attach lock");
+        // Read the record first: a volume whose attachment cannot be recorded is not attached.
+        let mut names = self.load()?;
         let device = if let Some(dev) = self.frontend.device(name) {
             dev
         } else {
@@ -337,7 +345,6 @@ impl Attacher {
                 std::fs::rename(&tmp, &link)
             })
             .map_err(|e| internal(&format!("cannot create {}", link.display()), &e))?;
-        let mut names = self.load();
         if !names.iter().any(|n| n == name.as_str()) {
             names.push(name.to_string());
             self.save(&names)?;
@@ -384,7 +391,7 @@ impl Attacher {
                 let _ = std::fs::remove_file(&link);
             }
         }
-        let mut names = self.load();
+        let mut names = self.load()?;
         if names.iter().any(|n| n == name.as_str()) {
             names.retain(|n| n != name.as_str());
             self.save(&names)?;
@@ -417,7 +424,14 @@ impl Attacher {
 
     /// Attach again every volume recorded as attached. Blocking.
     pub fn restore(&self) {
-        for name in self.load() {
+        let names = match self.load() {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::error!(error = %e.full_message(), "cannot attach volumes again after restart");
+                return;
+            }
+        };
+        for name in names {
             let Ok(vn) = VolumeName::new(&name) else {
                 continue;
             };
@@ -431,7 +445,7 @@ impl Attacher {
     /// frontend. Blocking.
     pub fn shutdown(&self) {
         let _op = self.ops.lock().expect("attach lock");
-        for name in self.load() {
+        for name in self.load().unwrap_or_default() {
             let Ok(vn) = VolumeName::new(&name) else {
                 continue;
             };

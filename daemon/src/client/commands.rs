@@ -9,9 +9,9 @@
 
 use std::fmt::Write;
 
+use ::api::{format_size, PoolStatus, VolumeName, VolumeStatus};
 use hyper::StatusCode;
 use serde::Serialize;
-use volume::api::{format_size, PoolStatus, VolumeName, VolumeStatus};
 
 use crate::api::attach::{AttachRequest, DetachRequest};
 use crate::api::export::{ExportInfo, ExportRequest};
@@ -20,10 +20,10 @@ use crate::api::wire::{
     CreateVolumeRequest, NodeStatus, PoolList, ResizeVolumeRequest, VolumeList,
 };
 use crate::attach::Attachment;
-use crate::byte_size::ByteSize;
 use crate::cli::{NodeCommand, OutputFormat, PoolCommand, VolumeCommand};
 use crate::client::table::{duration, key_values, utc_timestamp, Table};
 use crate::client::{ApiClient, ClientError};
+use ::api::byte_size::ByteSize;
 
 /// The outcome of a successful command: what to print on standard output.
 pub type Output = String;
@@ -367,7 +367,7 @@ fn progress_lines(v: &VolumeStatus) -> Output {
 }
 
 /// The rebuild column of a replica: progress while it runs, else the last one's outcome.
-fn rebuild_cell(r: &volume::api::ReplicaStatus) -> String {
+fn rebuild_cell(r: &::api::ReplicaStatus) -> String {
     if let Some(b) = &r.rebuild {
         let eta = b
             .eta_seconds
@@ -463,7 +463,7 @@ fn pool_table(pools: &[PoolStatus]) -> Output {
 
 #[cfg(test)]
 mod tests {
-    use volume::api::{RebuildStatus, ReplicaStatus, VolumeState};
+    use ::api::{RebuildStatus, ReplicaStatus, VolumeState};
 
     use super::*;
 

@@ -12,7 +12,7 @@
 //! | 5 | conflict |
 //! | 6 | invalid argument (from the CLI's own validation or from the daemon) |
 
-use volume::api::ErrorKind;
+use ::api::ErrorKind;
 
 use crate::client::ClientError;
 

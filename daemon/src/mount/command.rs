@@ -8,8 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
+use ::api::VolumeName;
 use clap::{Args, ValueEnum};
-use volume::api::VolumeName;
 
 use crate::api::mount::{MountInfo, MountRequest, UnmountRequest};
 use crate::cli::{OutputArgs, OutputFormat};

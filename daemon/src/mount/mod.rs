@@ -1,7 +1,7 @@
-//! Filesystems on attached volumes. The helpers are [`volume::mount`]'s, shared with the CSI
+//! Filesystems on attached volumes. The helpers are [`::host::mount`]'s, shared with the CSI
 //! driver and the Docker plugin so that every adapter formats and mounts alike; [`command`] is
 //! the CLI side of `ballast volume mount`.
 
 pub mod command;
 
-pub use volume::mount::*;
+pub use ::host::mount::*;

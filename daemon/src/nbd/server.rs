@@ -28,11 +28,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use ::api::{VolumeControl, VolumeName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
-use volume::api::{VolumeControl, VolumeName};
 use volume::device::{BlockDevice, DeviceError, DeviceErrorKind, WriteFlags};
 use volume::io::{pool, IoBuf};
 use volume::pool::{Replica, Storage};

@@ -15,10 +15,10 @@
 use std::fmt;
 use std::sync::Arc;
 
+use ::api::{ControlError, ErrorKind, VolumeName};
 use replication::fence::FenceTable;
 use replication::nexus::{ChildSpec, ChildState, Nexus, Resizable};
 use replication::remote::RemoteReplica;
-use volume::api::{ControlError, ErrorKind, VolumeName};
 use volume::device::{
     BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, Generations, WriteFlags,
 };
@@ -336,7 +336,7 @@ impl DeviceSource for LocalSource {
 mod tests {
     use std::path::Path;
 
-    use volume::api::{VolumeControl, VolumeSpec};
+    use ::api::{VolumeControl, VolumeSpec};
     use volume::device::BlockDevice;
     use volume::io::{probe, EngineKind, IoBuf};
     use volume::pool::{DeviceSpec, StorageConfig};

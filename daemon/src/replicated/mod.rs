@@ -37,13 +37,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use replication::fence::FenceTable;
-use replication::nexus::{ChildSpec, ChildState, EjectFuture, Ejector, Nexus, Resizable};
-use replication::remote::{RemoteOptions, RemoteReplica};
-use volume::api::{
+use ::api::{
     format_size, round_volume_size, ControlError, ErrorKind, PlacementHints, PoolStatus,
     ReplicaStatus, VolumeControl, VolumeName, VolumeSpec, VolumeState, VolumeStatus, MAX_REPLICAS,
 };
+use replication::fence::FenceTable;
+use replication::nexus::{ChildSpec, ChildState, EjectFuture, Ejector, Nexus, Resizable};
+use replication::remote::{RemoteOptions, RemoteReplica};
 use volume::device::BlockDevice;
 use volume::pool::Storage;
 
@@ -790,7 +790,7 @@ impl VolumeControl for ClusterSource {
                 format!(
                     "volume {} already exists with size {} and {} replica(s)",
                     rec.name,
-                    volume::api::format_size(rec.size_bytes),
+                    ::api::format_size(rec.size_bytes),
                     rec.replicas
                 ),
             ));

@@ -103,8 +103,8 @@ impl ReplicaRecord {
 
 impl RebuildRecord {
     /// As the control plane reports it.
-    pub fn status(&self) -> volume::api::RebuildStatus {
-        volume::api::RebuildStatus {
+    pub fn status(&self) -> ::api::RebuildStatus {
+        ::api::RebuildStatus {
             kind: self.kind.clone(),
             total_bytes: self.total_bytes,
             done_bytes: self.done_bytes,

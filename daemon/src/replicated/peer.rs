@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use ::api::{ControlError, ErrorKind};
 use replication::remote::{RemoteOptions, ReplicaClient};
-use volume::api::{ControlError, ErrorKind};
 use volume::device::{DeviceError, DeviceErrorKind};
 
 fn unavailable(addr: &str, what: &str, e: &DeviceError) -> ControlError {

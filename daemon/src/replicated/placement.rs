@@ -17,7 +17,7 @@
 
 use std::collections::BTreeSet;
 
-use volume::api::{PlacementHints, ZoneSpread};
+use ::api::{PlacementHints, ZoneSpread};
 
 use super::model::NodeRecord;
 

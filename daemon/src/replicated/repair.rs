@@ -24,8 +24,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use ::api::{ControlError, ErrorKind, VolumeName};
 use replication::nexus::{ChildSpec, ChildState, Nexus, RebuildProgress, RebuildReport};
-use volume::api::{ControlError, ErrorKind, VolumeName};
 use volume::device::BlockDevice;
 
 use super::device::Child;

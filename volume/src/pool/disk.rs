@@ -47,9 +47,9 @@ use super::metadata::{
 };
 use super::stats::IoCounters;
 use super::PoolError;
-use crate::api::VolumeName;
 use crate::device::GENERATION_UNKNOWN;
 use crate::io::{IoBuf, IoEngine, IoFile, IoOp, IoRequest, Segment};
+use api::VolumeName;
 
 /// Commits without writes after which an extent leaves the open set.
 pub const KEEP_OPEN_COMMITS: u64 = 8;

@@ -29,7 +29,7 @@
 //! - Format writes the metadata slot first and the superblocks last, each followed by a
 //!   `fdatasync`, so a crash mid-format leaves a device that is still "not a pool".
 
-use crate::api::format_size;
+use api::format_size;
 
 /// The size of every metadata and data block.
 pub const BLOCK: u64 = 4096;

@@ -46,7 +46,7 @@ use std::collections::HashSet;
 use super::format::{
     get_u32, get_u64, put_u32, put_u64, Layout, BLOCK, EXTENT, HEADER_FIXED_BYTES,
 };
-use crate::api::VolumeName;
+use api::VolumeName;
 
 const META_MAGIC: &[u8; 8] = b"BLSTMETA";
 const META_VERSION: u32 = 1;

@@ -22,11 +22,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::api::{
-    format_size, round_volume_size, ControlError, ErrorKind, PoolStatus, ReplicaStatus,
-    VolumeControl, VolumeName, VolumeSpec, VolumeState, VolumeStatus, MAX_REPLICAS,
-};
 use crate::io::IoEngine;
+use api::{
+    format_size, round_volume_size, ControlError, ErrorKind, PoolStatus, ReplicaCount,
+    ReplicaStatus, VolumeControl, VolumeName, VolumeSpec, VolumeState, VolumeStatus,
+};
 
 mod disk;
 pub mod format;
@@ -524,15 +524,7 @@ impl Storage {
 
 impl VolumeControl for Storage {
     async fn create_volume(&self, spec: VolumeSpec) -> Result<VolumeStatus, ControlError> {
-        if spec.replicas == 0 || spec.replicas > MAX_REPLICAS {
-            return Err(ControlError::new(
-                ErrorKind::InvalidArgument,
-                format!(
-                    "replicas must be between 1 and {MAX_REPLICAS}, got {}",
-                    spec.replicas
-                ),
-            ));
-        }
+        ReplicaCount::new(spec.replicas.into())?;
         let size = round_volume_size(spec.size_bytes)?;
         let _guard = self.control.lock().await;
         let copies = self.find(&spec.name);

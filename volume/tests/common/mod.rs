@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use volume::api::{VolumeControl, VolumeName, VolumeSpec};
+use api::{VolumeControl, VolumeName, VolumeSpec};
 use volume::io::{probe, EngineKind};
 use volume::pool::{DeviceSpec, Replica, Storage, StorageConfig};
 

@@ -1,7 +1,7 @@
 //! A byte count that users write either as a number of bytes or as a string with a unit.
 //!
 //! Used wherever a person types a size: the create and resize requests of the local API and
-//! the pool sizes of the config file. Strings are parsed by [`volume::api::parse_size`], so the
+//! the pool sizes of the config file. Strings are parsed by [`crate::parse_size`], so the
 //! CLI, the API and the config file accept exactly the same spellings (`10GiB`, `500MiB`,
 //! `1G`, `4096`).
 //!
@@ -9,9 +9,9 @@
 
 use std::fmt;
 
+use crate::{parse_size, ControlError};
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use volume::api::{parse_size, ControlError};
 
 /// A validated, non-zero number of bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -39,7 +39,7 @@ impl ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&volume::api::format_size(self.0))
+        f.write_str(&crate::format_size(self.0))
     }
 }
 

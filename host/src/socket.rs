@@ -1,4 +1,5 @@
-//! The local API's unix socket: binding it safely and removing it on shutdown.
+//! Unix sockets the daemon serves (the local API, NBD, CSI, Docker): binding one safely and
+//! removing it on shutdown. The one socket-bind helper of the project.
 //!
 //! Invariants:
 //! - a live socket (one where `connect` succeeds) is never replaced: that means another daemon
@@ -8,24 +9,24 @@
 //! - the socket is mode 0600 (only root, or the daemon's user, may manage volumes); it is
 //!   bound and then `chmod`ed before any connection is accepted, and its parent directory, if
 //!   the daemon creates it, is mode 0700;
-//! - the file is removed when the [`ApiSocket`] guard drops.
+//! - the file is removed when the [`BoundSocket`] guard drops.
 
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tokio::net::UnixListener;
 
-/// Errors binding the API socket.
+/// Errors binding a unix socket.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
     /// A daemon already answers on the socket.
-    #[error("a ballast daemon is already running and serving its API on {0}")]
+    #[error("a ballast daemon is already running and serving on {0}")]
     InUse(PathBuf),
     /// The path exists and is not a socket.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
     /// The path is longer than a unix socket address allows.
-    #[error("the API socket path {0} is too long for a unix socket (at most 107 bytes)")]
+    #[error("the socket path {0} is too long for a unix socket (at most 107 bytes)")]
     TooLong(PathBuf),
     /// Creating, removing, binding or `chmod`ing failed.
     #[error("cannot {action} {path}")]
@@ -40,13 +41,13 @@ pub enum SocketError {
     },
 }
 
-/// A bound API socket; the file is removed when this drops.
+/// A bound unix socket; the file is removed when this drops.
 #[derive(Debug)]
-pub struct ApiSocket {
+pub struct BoundSocket {
     path: PathBuf,
 }
 
-impl ApiSocket {
+impl BoundSocket {
     /// Bind `path`, replacing a stale socket, and return the guard and the listener.
     ///
     /// Must be called inside a tokio runtime.
@@ -78,7 +79,7 @@ impl ApiSocket {
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
                     return Err(SocketError::InUse(path.to_owned()));
                 }
-                tracing::info!(path = %path.display(), "removing a stale API socket left by a previous daemon");
+                tracing::info!(path = %path.display(), "removing a stale socket left by a previous daemon");
                 std::fs::remove_file(path).map_err(|e| io("remove the stale socket", e))?;
             }
             Ok(_) => return Err(SocketError::NotASocket(path.to_owned())),
@@ -100,13 +101,13 @@ impl ApiSocket {
     }
 }
 
-impl Drop for ApiSocket {
+impl Drop for BoundSocket {
     fn drop(&mut self) {
         match std::fs::remove_file(&self.path) {
-            Ok(()) => tracing::debug!(path = %self.path.display(), "removed the API socket"),
+            Ok(()) => tracing::debug!(path = %self.path.display(), "removed the socket"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the API socket");
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the socket");
             }
         }
     }
@@ -121,21 +122,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/api.sock");
 
-        let (guard, listener) = ApiSocket::bind(&path).unwrap();
+        let (guard, listener) = BoundSocket::bind(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert!(matches!(ApiSocket::bind(&path), Err(SocketError::InUse(_))));
+        assert!(matches!(
+            BoundSocket::bind(&path),
+            Err(SocketError::InUse(_))
+        ));
 
         // A socket whose listener is gone is stale and gets replaced.
         drop(listener);
         std::mem::forget(guard);
-        let (guard, _listener) = ApiSocket::bind(&path).unwrap();
+        let (guard, _listener) = BoundSocket::bind(&path).unwrap();
         drop(guard);
         assert!(!path.exists(), "the guard removes the socket");
 
         std::fs::write(&path, b"not a socket").unwrap();
         assert!(matches!(
-            ApiSocket::bind(&path),
+            BoundSocket::bind(&path),
             Err(SocketError::NotASocket(_))
         ));
     }
