@@ -538,7 +538,7 @@ fn restart_after_sigkill_replaces_the_stale_socket() {
         before
     };
     let d = Daemon::start(&node).unwrap();
-    assert!(d.log().contains("stale API socket"), "{}", d.log());
+    assert!(d.log().contains("removing a stale socket"), "{}", d.log());
     assert_eq!(volumes(&d), before);
 }
 
