@@ -6,7 +6,8 @@
 //! - [`cli`]: the command line (clap);
 //! - [`config`]: flags over the TOML config file over defaults;
 //! - [`node`]: the daemon's start-up, serving and shutdown, wiring storage to the endpoints;
-//! - [`data_dir_lock`], [`api_socket`]: the exclusive resources a daemon holds;
+//! - [`data_dir_lock`], [`api_socket`] (the `host` crate's socket helper): the exclusive
+//!   resources a daemon holds;
 //! - [`api`]: the local control API (HTTP + JSON on the unix socket) and its one error mapping;
 //! - [`nbd`]: the NBD export server (unix socket, and TCP on request);
 //! - [`standalone`]: multi-replica volumes on one node (one replica per pool device);
@@ -16,14 +17,13 @@
 //!   plugin; `--csi-socket` serves the [`csi`] crate's driver;
 //! - [`ops_endpoint`], [`metrics`]: `/healthz`, `/readyz` and `/metrics` over TCP;
 //! - [`client`]: the CLI's client of the local API, its output and its exit codes;
-//! - [`node_info`], [`byte_size`], [`logging`]: shared facts, sizes and log set-up.
+//! - [`node_info`], [`logging`]: shared facts and log set-up.
 //!
 //! Only `main.rs` uses `anyhow`; every module here has its own `thiserror` error type.
 
 pub mod api;
 pub use ::host::socket as api_socket;
 pub mod attach;
-
 pub mod cli;
 pub mod client;
 pub mod cluster;
