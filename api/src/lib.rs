@@ -22,6 +22,22 @@ use serde::{Deserialize, Serialize};
 
 pub mod byte_size;
 
+/// `err` followed by each of its sources, joined with `: `, for one-line messages.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        // Some errors repeat their source's message; don't print it twice.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
+
 /// The logical block size of every Ballast volume, in bytes.
 pub const BLOCK_SIZE: u64 = 4096;
 

@@ -11,7 +11,7 @@ use volume::pool::Storage;
 
 use crate::attach::Attacher;
 use crate::node_info::{NodeInfo, Phase};
-use crate::replicated::Cluster;
+use cluster::Cluster;
 
 /// This node's [`NodeControl`].
 #[derive(Debug)]

@@ -26,7 +26,6 @@ pub use ::host::socket as api_socket;
 pub mod attach;
 pub mod cli;
 pub mod client;
-pub mod cluster;
 pub mod config;
 pub mod data_dir_lock;
 pub mod host;
@@ -37,21 +36,5 @@ pub mod nbd;
 pub mod node;
 pub mod node_info;
 pub mod ops_endpoint;
-pub mod replicated;
-pub mod standalone;
 
-/// `err` followed by each of its sources, joined with `: `, for one-line messages.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        let text = e.to_string();
-        // Some errors repeat their source's message; don't print it twice.
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = e.source();
-    }
-    out
-}
+pub use ::api::error_chain;

@@ -61,8 +61,8 @@ use volume::pool::stats::{OpStats, VolumeIoStats, LATENCY_BUCKETS_SECONDS};
 use volume::pool::Storage;
 
 use crate::node_info::{NodeInfo, Phase, VERSION};
-use crate::replicated::model::{ReplicaState, VolumeRecord};
-use crate::replicated::Cluster;
+use cluster::model::{ReplicaState, VolumeRecord};
+use cluster::Cluster;
 
 /// The content type of [`MetricsExporter::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

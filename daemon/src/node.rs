@@ -45,10 +45,10 @@ use crate::metrics::MetricsExporter;
 use crate::nbd::{self, NbdServer};
 use crate::node_info::{NodeInfo, Phase};
 use crate::ops_endpoint;
-use crate::replicated::device::{DeviceSource, LocalSource};
-use crate::replicated::model::NodeRecord;
-use crate::replicated::{publish_node, Cluster, ClusterSource};
-use crate::standalone::{self, ReplicaSets, Standalone};
+use replication::device::DeviceSource;
+use cluster::model::NodeRecord;
+use cluster::{publish_node, Cluster, ClusterSource};
+use cluster::standalone::{self, LocalSource, ReplicaSets, Standalone};
 
 /// How long shutdown waits for requests in flight before closing storage anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -165,7 +165,7 @@ async fn start_cluster(
     let fence = replication::fence::FenceTable::open(cfg.data_dir.join("fence.json"))
         .map_err(|e| fail("cannot open the fence table", &e))?;
     let fence = Arc::new(fence);
-    let store = crate::cluster::Store::etcd(&cfg.etcd)
+    let store = cluster::store::Store::etcd(&cfg.etcd)
         .await
         .map_err(|e| fail("cannot reach the cluster store", &e))?;
     let listen = cfg
@@ -195,10 +195,10 @@ async fn start_cluster(
         Arc::clone(storage),
         fence,
         REPLICA_TIMEOUT,
-        crate::replicated::RepairPolicy {
+        cluster::RepairPolicy {
             rate: cfg.rebuild_rate,
             replace_after: cfg.replace_after,
-            ..crate::replicated::RepairPolicy::default()
+            ..cluster::RepairPolicy::default()
         },
     ));
     let lease = cluster
@@ -220,9 +220,9 @@ async fn start_cluster(
 
 /// Keep the node's lease; when it lapses, fence every attachment of this node, take a new
 /// lease and register again. Capacity figures are republished on every round.
-async fn lease_loop(cluster: Arc<Cluster>, mut lease: crate::cluster::LeaseId, ttl: Duration) {
+async fn lease_loop(cluster: Arc<Cluster>, mut lease: cluster::store::LeaseId, ttl: Duration) {
     loop {
-        let keep = crate::cluster::spawn_keepalive(cluster.store().clone(), lease, ttl);
+        let keep = cluster::store::spawn_keepalive(cluster.store().clone(), lease, ttl);
         let mut valid = keep.subscribe();
         let mut tick = tokio::time::interval(ttl);
         loop {

@@ -18,13 +18,20 @@
 //! - The table lock is held only for map operations, never across file I/O; file writes are
 //!   serialised by a second lock and always write a snapshot at least as new as the last one
 //!   written, so the file never goes backwards.
+//! - **Admission:** every data request, from the replica server or the local data path, holds
+//!   an [`Admission`] (a shared lock on its volume's gate) from its epoch check until its I/O
+//!   has completed, and [`FenceTable::register`] takes the gate exclusively. So once a
+//!   `register` has returned, no request admitted under an older epoch is still running, and
+//!   none can start: nothing written under the old epoch lands after the new one is in force.
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 
 /// Why a request's epoch is refused.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +92,17 @@ pub struct FenceTable {
     state: Mutex<State>,
     /// The generation last written to the file; held while writing it.
     persisted: Mutex<u64>,
+    /// Per-volume gates ordering admitted data requests against registrations.
+    gates: Mutex<HashMap<String, Arc<RwLock<()>>>>,
+}
+
+/// A data request's permission to touch a replica under the epoch it was checked with. Hold
+/// it until the request's I/O has completed: a [`FenceTable::register`] of a newer epoch
+/// waits for it.
+#[derive(Debug)]
+#[must_use = "the admission ends when it is dropped"]
+pub struct Admission {
+    _gate: OwnedRwLockReadGuard<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -131,7 +149,24 @@ impl FenceTable {
                 generation: 0,
             }),
             persisted: Mutex::new(0),
+            gates: Mutex::default(),
         })
+    }
+
+    fn gate(&self, volume: &str) -> Arc<RwLock<()>> {
+        Arc::clone(lock(&self.gates).entry(volume.to_owned()).or_default())
+    }
+
+    /// Admit a data request for `volume` carrying `epoch`: wait for any registration in
+    /// progress, then check the epoch. The request may touch the replica while it holds the
+    /// returned [`Admission`].
+    ///
+    /// # Errors
+    /// As [`FenceTable::check`].
+    pub async fn admit(&self, volume: &str, epoch: u64) -> Result<Admission, FenceError> {
+        let gate = self.gate(volume).read_owned().await;
+        self.check(volume, epoch)?;
+        Ok(Admission { _gate: gate })
     }
 
     /// The file the table is persisted to.
@@ -139,14 +174,26 @@ impl FenceTable {
         &self.path
     }
 
-    /// Register `epoch` for `volume`. Registering the current epoch again is a no-op (it only
+    /// Register `epoch` for `volume`, after every request admitted for it has completed (see
+    /// [`FenceTable::admit`]). Registering the current epoch again is a no-op (it only
     /// retries a failed persist); a lower one is refused with the current epoch.
     ///
     /// # Errors
     /// [`RegisterError::Stale`] if a newer epoch is registered; [`RegisterError::Persist`] if
     /// the table could not be written (the epoch is then in force in memory, and registering
     /// again retries the write).
-    pub fn register(&self, volume: &str, epoch: u64) -> Result<(), RegisterError> {
+    pub async fn register(self: &Arc<Self>, volume: &str, epoch: u64) -> Result<(), RegisterError> {
+        // Wait for every request admitted under an older epoch to finish, and keep new ones
+        // out until the new epoch is in force.
+        let _exclusive = self.gate(volume).write_owned().await;
+        let (table, v) = (Arc::clone(self), volume.to_owned());
+        // Persisting fsyncs a file: keep it off the async workers.
+        tokio::task::spawn_blocking(move || table.register_now(&v, epoch))
+            .await
+            .map_err(|e| RegisterError::Persist(io::Error::other(e)))?
+    }
+
+    fn register_now(&self, volume: &str, epoch: u64) -> Result<(), RegisterError> {
         {
             let mut st = lock(&self.state);
             match st.epochs.get(volume).copied() {
@@ -223,11 +270,11 @@ impl FenceTable {
 mod tests {
     use super::*;
 
-    #[test]
-    fn rules_and_persistence() {
+    #[tokio::test]
+    async fn rules_and_persistence() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fence.json");
-        let t = FenceTable::open(&path).unwrap();
+        let t = Arc::new(FenceTable::open(&path).unwrap());
         assert!(matches!(
             t.check("v", 1),
             Err(FenceError::NotRegistered {
@@ -235,10 +282,10 @@ mod tests {
                 ..
             })
         ));
-        t.register("v", 2).unwrap();
-        t.register("v", 2).unwrap();
+        t.register("v", 2).await.unwrap();
+        t.register("v", 2).await.unwrap();
         assert!(matches!(
-            t.register("v", 1),
+            t.register("v", 1).await,
             Err(RegisterError::Stale { current: 2 })
         ));
         t.check("v", 2).unwrap();
@@ -253,7 +300,7 @@ mod tests {
                 ..
             })
         ));
-        t.register("w", 7).unwrap();
+        t.register("w", 7).await.unwrap();
         t.forget("w").unwrap();
         drop(t);
 
@@ -264,6 +311,31 @@ mod tests {
             t.check("v", 1),
             Err(FenceError::Stale { current: 2 })
         ));
+    }
+
+    /// A registration waits for every admitted request, and nothing is admitted under the
+    /// old epoch once it has returned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn register_waits_for_admitted_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Arc::new(FenceTable::open(dir.path().join("fence.json")).unwrap());
+        t.register("v", 1).await.unwrap();
+        let admitted = t.admit("v", 1).await.unwrap();
+        let reg = tokio::spawn({
+            let t = Arc::clone(&t);
+            async move { t.register("v", 2).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!reg.is_finished(), "register returned while a request was admitted");
+        // Other volumes are not held up.
+        t.register("w", 1).await.unwrap();
+        drop(admitted);
+        reg.await.unwrap().unwrap();
+        assert!(matches!(
+            t.admit("v", 1).await,
+            Err(FenceError::Stale { current: 2 })
+        ));
+        drop(t.admit("v", 2).await.unwrap());
     }
 
     #[test]

@@ -9,9 +9,14 @@
 //! - [`remote`]: a replica on another node as a `volume::device::BlockDevice`, over one
 //!   multiplexed connection, and a control client to create and delete remote replicas.
 //!
+//! - [`device`]: the device a frontend serves (one local replica, or a nexus over children
+//!   that are fenced local replicas, remote replicas or standalone replicas) and the
+//!   [`device::DeviceSource`] trait frontends get devices from.
+//!
 //! The replicated device over N children (write-to-all-healthy, read-one, ejection committed
 //! in the cluster store, delta rebuild) is built on these.
 
+pub mod device;
 pub mod fence;
 pub mod nexus;
 pub mod remote;

@@ -8,23 +8,24 @@
 //! Invariants:
 //! - Every data request's epoch is checked against the [`FenceTable`] before the replica is
 //!   touched; an older epoch is answered with [`Response::Stale`] and does nothing.
-//! - A data request holds its volume's gate (a read lock) from the fence check until its I/O
-//!   completes, and `Register` takes the write lock. So once a `Register` has been answered
-//!   `Ok`, no request carrying an older epoch can still be running or start on this server.
+//! - A data request holds its [`Admission`](crate::fence::Admission) from the fence check
+//!   until its I/O completes, and `Register` waits for every admitted request (see
+//!   [`crate::fence`]). So once a `Register` has been answered `Ok`, no request carrying an
+//!   older epoch can still be running or start on this node, from a peer or from the local
+//!   data path.
 //! - At most [`MAX_IN_FLIGHT`] requests per connection run at once; the reader stops reading
 //!   until one completes, which bounds the memory one peer can pin.
 //! - A malformed frame closes that connection only. Request tasks are never aborted: a write
 //!   that has started runs to completion even if its connection or the server goes away.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use api::{format_size, ControlError, ErrorKind, VolumeControl, VolumeName, VolumeSpec};
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, RwLock, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 use volume::device::{BlockDevice, DeviceError, WriteFlags};
 use volume::io::IoBuf;
@@ -41,15 +42,6 @@ pub const MAX_IN_FLIGHT: usize = 64;
 struct Ctx {
     storage: Arc<Storage>,
     fence: Arc<FenceTable>,
-    /// Per-volume gates ordering data requests against registrations.
-    gates: Mutex<HashMap<String, Arc<RwLock<()>>>>,
-}
-
-impl Ctx {
-    fn gate(&self, volume: &str) -> Arc<RwLock<()>> {
-        let mut g = self.gates.lock().unwrap_or_else(PoisonError::into_inner);
-        g.entry(volume.to_owned()).or_default().clone()
-    }
 }
 
 /// A bound replica server, not yet serving.
@@ -106,7 +98,6 @@ impl ReplicaServer {
             ctx: Arc::new(Ctx {
                 storage,
                 fence,
-                gates: Mutex::default(),
             }),
             shutdown,
         })
@@ -286,21 +277,13 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
             if let Err(e) = VolumeName::new(&volume) {
                 return control_error(&e);
             }
-            let gate = ctx.gate(&volume);
-            // Wait for every request admitted under an older epoch to finish.
-            let _excl = gate.write().await;
-            let fence = ctx.fence.clone();
-            let v = volume.clone();
-            // Persisting fsyncs a file: keep it off the async workers.
-            let r = tokio::task::spawn_blocking(move || fence.register(&v, epoch)).await;
-            match r {
-                Ok(Ok(())) => {
+            match ctx.fence.register(&volume, epoch).await {
+                Ok(()) => {
                     tracing::info!(%volume, epoch, "registered attachment epoch");
                     Response::Ok
                 }
-                Ok(Err(RegisterError::Stale { current })) => Response::Stale { epoch: current },
-                Ok(Err(e)) => error(ErrCode::Io, format!("{e}: {}", source_text(&e))),
-                Err(e) => error(ErrCode::Io, format!("registering the epoch failed: {e}")),
+                Err(RegisterError::Stale { current }) => Response::Stale { epoch: current },
+                Err(e) => error(ErrCode::Io, format!("{e}: {}", source_text(&e))),
             }
         }
         Request::Create { volume, size } => {
@@ -472,11 +455,10 @@ async fn data_request(ctx: &Ctx, req: Request) -> Response {
         Ok(r) => r,
         Err(e) => return control_error(&e),
     };
-    let gate = ctx.gate(&volume);
-    let _shared = gate.read().await;
-    if let Err(e) = ctx.fence.check(&volume, epoch) {
-        return fence_error(&e);
-    }
+    let _admitted = match ctx.fence.admit(&volume, epoch).await {
+        Ok(a) => a,
+        Err(e) => return fence_error(&e),
+    };
     data_io(&replica, io).await
 }
 

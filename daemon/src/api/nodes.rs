@@ -12,8 +12,8 @@ use volume::pool::Storage;
 
 use super::error::ApiError;
 use crate::node_info::{NodeInfo, VERSION};
-use crate::replicated::model::NodeRecord;
-use crate::replicated::Cluster;
+use cluster::model::NodeRecord;
+use cluster::Cluster;
 
 /// The answer of `GET /v1/nodes`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

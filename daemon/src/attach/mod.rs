@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use self::fuse::session::Session;
 use self::fuse::{Registry, VolumeFs};
 use self::loopdev::LoopDevice;
-use crate::replicated::device::{DeviceSource, VolumeDevice};
+use replication::device::{DeviceSource, VolumeDevice};
 
 /// Where stable device names live.
 pub const DEV_DIR: &str = "/dev/ballast";

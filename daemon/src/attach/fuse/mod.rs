@@ -28,7 +28,7 @@ use volume::io::{pool, IoBuf};
 
 use self::abi::{op, u32_at, u64_at, Attr, InHeader, ROOT_ID};
 use self::session::{Channel, MAX_IO};
-use crate::replicated::device::VolumeDevice;
+use replication::device::VolumeDevice;
 
 const BLOCK: u64 = 4096;
 /// Seconds the kernel may cache names and attributes.

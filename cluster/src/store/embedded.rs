@@ -466,7 +466,7 @@ impl EmbeddedStore {
 
 #[cfg(test)]
 mod tests {
-    use super::super::Store;
+    use crate::store::Store;
     use super::*;
 
     fn open(dir: &tempfile::TempDir) -> Store {

@@ -25,14 +25,6 @@
 //! Invariant: at most one writer. The store hands out each epoch once, replicas reject older
 //! epochs, and a node whose lease renewal fails stops its nexuses (see [`Cluster::fence_all`]).
 
-pub mod device;
-pub mod model;
-pub mod peer;
-pub mod placement;
-mod repair;
-
-pub use repair::RepairPolicy;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -47,12 +39,14 @@ use replication::remote::{RemoteOptions, RemoteReplica};
 use volume::device::BlockDevice;
 use volume::pool::Storage;
 
-use self::device::{Child, DeviceSource, VolumeDevice};
-use self::model::{
+use replication::device::{Child, DeviceSource, VolumeDevice};
+use crate::model::{
     node_key, volume_key, AttachmentRecord, NodeRecord, RebuildRecord, ReplicaRecord, ReplicaState,
     VolumeRecord, NODES, VOLUMES,
 };
-use crate::cluster::{Kv, Store, StoreError};
+use crate::{peer, placement, repair};
+use crate::repair::RepairPolicy;
+use crate::store::{Kv, Store, StoreError};
 
 /// Compare-and-swap retries before giving up on a contended record.
 const CAS_RETRIES: usize = 20;
@@ -80,14 +74,14 @@ fn decode_volume(kv: &Kv) -> Result<VolumeRecord, ControlError> {
 /// This node's part of the cluster.
 #[derive(Debug)]
 pub struct Cluster {
-    store: Store,
-    me: NodeRecord,
-    storage: Arc<Storage>,
-    fence: Arc<FenceTable>,
-    runtime: tokio::runtime::Handle,
-    timeout: Duration,
-    repair: RepairPolicy,
-    nexuses: Mutex<HashMap<String, Arc<Nexus<Child>>>>,
+    pub(crate) store: Store,
+    pub(crate) me: NodeRecord,
+    pub(crate) storage: Arc<Storage>,
+    pub(crate) fence: Arc<FenceTable>,
+    pub(crate) runtime: tokio::runtime::Handle,
+    pub(crate) timeout: Duration,
+    pub(crate) repair: RepairPolicy,
+    pub(crate) nexuses: Mutex<HashMap<String, Arc<Nexus<Child>>>>,
 }
 
 impl Cluster {
@@ -145,7 +139,7 @@ impl Cluster {
             .collect())
     }
 
-    async fn volume(&self, name: &str) -> Result<(VolumeRecord, u64), ControlError> {
+    pub(crate) async fn volume(&self, name: &str) -> Result<(VolumeRecord, u64), ControlError> {
         match self
             .store
             .get(&volume_key(name))
@@ -162,7 +156,7 @@ impl Cluster {
 
     /// Apply `change` to the volume record by compare-and-swap, retrying on contention.
     /// `change` returns `Err` to abort.
-    async fn update<T>(
+    pub(crate) async fn update<T>(
         &self,
         name: &str,
         mut change: impl FnMut(&mut VolumeRecord) -> Result<T, ControlError>,
@@ -193,7 +187,7 @@ impl Cluster {
             .map(|n| n.replica_addr.clone())
     }
 
-    async fn create_replica(
+    pub(crate) async fn create_replica(
         &self,
         nodes: &[NodeRecord],
         node: &str,
@@ -238,7 +232,7 @@ impl Cluster {
 
     /// Make `child` (the replica on `node`) hold at least `size` bytes: grow its replica
     /// where it lives if it is smaller, and have the handle learn the new size.
-    async fn fit_child(
+    pub(crate) async fn fit_child(
         &self,
         nodes: &[NodeRecord],
         node: &str,
@@ -266,7 +260,7 @@ impl Cluster {
     /// Grow this node's `nexus` of `name` to `size` bytes (no-op when it is that big): grow
     /// the replicas of its children where they live, then the nexus, which ejects any child
     /// that still does not show the size.
-    async fn grow_nexus(
+    pub(crate) async fn grow_nexus(
         &self,
         nexus: &Nexus<Child>,
         name: &VolumeName,
@@ -522,7 +516,7 @@ impl Cluster {
         Ok(VolumeDevice::Replicated(nexus))
     }
 
-    async fn open_child(
+    pub(crate) async fn open_child(
         &self,
         nodes: &[NodeRecord],
         node: &str,
@@ -531,7 +525,7 @@ impl Cluster {
     ) -> Result<Child, ControlError> {
         if node == self.me.id {
             let replica = self.storage.replica(name)?;
-            self.fence.register(name.as_str(), epoch).map_err(|e| {
+            self.fence.register(name.as_str(), epoch).await.map_err(|e| {
                 ControlError::new(
                     ErrorKind::FailedPrecondition,
                     format!("cannot register epoch {epoch} of volume {name} on this node: {e}"),
@@ -753,7 +747,7 @@ impl DeviceSource for ClusterSource {
     }
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -986,7 +980,7 @@ fn uuid_like() -> String {
 /// The store cannot be written.
 pub async fn publish_node(
     cluster: &Cluster,
-    lease: crate::cluster::LeaseId,
+    lease: crate::store::LeaseId,
 ) -> Result<(), StoreError> {
     let rec = cluster.record().await;
     let value = serde_json::to_vec(&rec).expect("node record serializes");

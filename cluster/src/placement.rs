@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 
 use ::api::{PlacementHints, ZoneSpread};
 
-use super::model::NodeRecord;
+use crate::model::NodeRecord;
 
 /// Where the replicas go, and what the caller should be warned about.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@
 //!
 //! [`Store`] is an enum that dispatches to the backend, so callers write one code path.
 //!
-//! Semantics shared by both backends (the conformance test in `daemon/tests/cluster_store.rs`
+//! Semantics shared by both backends (the conformance test in `cluster/tests/store.rs`
 //! checks them against both):
 //! - Every mutation that changes something gets a new, strictly greater store revision; a
 //!   key's `mod_revision` is the revision of its last write and is never 0 for a key that
@@ -430,7 +430,7 @@ async fn renew_loop(store: Store, lease: LeaseId, ttl: Duration, valid: watch::S
                 return;
             }
             Ok(Err(e)) => {
-                tracing::warn!(%lease, error = %crate::error_chain(&e), "cannot renew the cluster store lease; retrying");
+                tracing::warn!(%lease, error = %api::error_chain(&e), "cannot renew the cluster store lease; retrying");
             }
             Err(_) => {}
         }

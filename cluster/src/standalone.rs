@@ -6,7 +6,7 @@
 //! before any change takes effect.
 //!
 //! - **create** records the volume's replica set (every replica healthy) before it returns;
-//! - **attach** ([`crate::replicated::device::LocalSource`]) builds a
+//! - **attach** ([`LocalSource`]) builds a
 //!   [`Nexus`](replication::nexus::Nexus) over the replicas recorded
 //!   healthy. A recorded replica whose device is gone is ejected durably first; an ejected
 //!   replica stays out even when its device is back (its data is stale: a rebuild must bring
@@ -36,7 +36,8 @@ use ::api::{
     ControlError, ErrorKind, PoolStatus, ReplicaStatus, VolumeControl, VolumeName, VolumeSpec,
     VolumeState, VolumeStatus,
 };
-use replication::nexus::{EjectFuture, Ejector};
+use replication::device::{Child, DeviceSource, VolumeDevice};
+use replication::nexus::{ChildSpec, ChildState, EjectFuture, Ejector, Nexus};
 use serde::{Deserialize, Serialize};
 use volume::pool::Storage;
 
@@ -433,6 +434,108 @@ impl VolumeControl for Standalone {
     }
 }
 
+/// Devices from this node's storage (standalone mode): a single-replica volume's replica, or
+/// a nexus over a multi-replica volume's replicas on distinct pool devices.
+#[derive(Debug)]
+pub struct LocalSource {
+    storage: Arc<Storage>,
+    sets: Arc<ReplicaSets>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl LocalSource {
+    /// A source over `storage`, with multi-replica volumes' replica states in `sets`.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
+    pub fn new(storage: Arc<Storage>, sets: Arc<ReplicaSets>) -> Self {
+        Self {
+            storage,
+            sets,
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// A nexus over the replicas of `name` recorded healthy. Recorded replicas whose device
+    /// is gone are ejected (durably) first; ejected ones stay out.
+    fn open_replicated(
+        &self,
+        name: &VolumeName,
+        id: &str,
+    ) -> Result<Arc<Nexus<Child>>, ControlError> {
+        let copies = self.storage.replicas(name)?;
+        let pools: Vec<String> = copies.iter().map(|c| c.pool_id.clone()).collect();
+        let io = |what: &str, e: &std::io::Error| {
+            ControlError::new(ErrorKind::Internal, format!("{what}: {e}"))
+        };
+        let set = self
+            .sets
+            .record(id, name.as_str(), &pools)
+            .map_err(|e| io("cannot record the volume's replicas", &e))?;
+        for (pool, state) in &set.replicas {
+            if *state == SetState::Healthy && !pools.contains(pool) {
+                tracing::warn!(volume = %name, pool, "a replica's pool device is missing; ejecting it");
+                self.sets
+                    .eject(id, name.as_str(), pool)
+                    .map_err(|e| io("cannot record the ejection of a missing replica", &e))?;
+            }
+        }
+        let mut children = Vec::new();
+        for c in copies {
+            match set.replicas.get(&c.pool_id) {
+                Some(SetState::Healthy) => children.push(ChildSpec {
+                    id: c.pool_id,
+                    dev: Child::Standalone(c.replica),
+                    local: true,
+                    state: ChildState::Healthy,
+                }),
+                state => {
+                    tracing::info!(volume = %name, pool = %c.pool_id, path = %c.path.display(), ?state, "leaving out a replica that is not in sync");
+                }
+            }
+        }
+        if children.is_empty() {
+            return Err(ControlError::new(
+                ErrorKind::FailedPrecondition,
+                format!("volume {name} has no healthy replica on this node's pool devices"),
+            ));
+        }
+        tracing::info!(volume = %name, replicas = ?children.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), "opened a replicated volume");
+        let ejector = SetEjector::new(Arc::clone(&self.sets), id.to_owned(), name.to_string());
+        let nexus = Arc::new(Nexus::new(name.as_str(), children, Arc::new(ejector)));
+        // Before the first I/O: if the daemon died mid-write, the replicas may differ where
+        // that write had reached only some of them.
+        self.runtime.block_on(nexus.reconcile()).map_err(|e| {
+            ControlError::new(
+                ErrorKind::Unavailable,
+                format!("cannot reconcile the replicas of volume {name}: {e}"),
+            )
+        })?;
+        Ok(nexus)
+    }
+}
+
+impl DeviceSource for LocalSource {
+    fn open(&self, name: &VolumeName, _force: bool) -> Result<VolumeDevice, ControlError> {
+        let status = self.storage.volume_status(name)?;
+        let device = if status.replicas <= 1 {
+            VolumeDevice::Local(self.storage.replica(name)?)
+        } else {
+            VolumeDevice::Replicated(self.open_replicated(name, &status.id)?)
+        };
+        self.sets.set_attached(name.as_str(), true);
+        Ok(device)
+    }
+
+    fn release(&self, name: &VolumeName) {
+        self.sets.set_attached(name.as_str(), false);
+    }
+
+    fn exists(&self, name: &VolumeName) -> Result<(), ControlError> {
+        self.storage.volume_status(name).map(drop)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,5 +576,127 @@ mod tests {
         let sets = ReplicaSets::open(dir.path().join("missing-dir").join(FILE_NAME)).unwrap();
         assert!(sets.record("v1", "db", &["a".to_owned()]).is_err());
         assert!(sets.get("v1").is_none());
+    }
+}
+
+#[cfg(test)]
+mod source_tests {
+    use std::path::Path;
+
+    use ::api::{VolumeControl, VolumeSpec};
+    use volume::device::{BlockDevice, WriteFlags};
+    use volume::io::{probe, EngineKind, IoBuf};
+    use volume::pool::{DeviceSpec, StorageConfig};
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    async fn storage(dir: &Path, devices: usize) -> Arc<Storage> {
+        let s = Storage::open(StorageConfig {
+            devices: (0..devices)
+                .map(|i| DeviceSpec {
+                    path: dir.join(format!("pool{i}.img")),
+                    create_size: Some(64 * MIB),
+                })
+                .collect(),
+            node_id: "unit".into(),
+            force_format: false,
+            engine: probe(EngineKind::Sync, 2).unwrap(),
+        })
+        .await
+        .unwrap();
+        Arc::new(s)
+    }
+
+    fn children(dev: &VolumeDevice) -> Vec<(String, ChildState)> {
+        match dev {
+            VolumeDevice::Replicated(n) => n.children(),
+            VolumeDevice::Local(_) => panic!("a multi-replica volume opened as a single replica"),
+        }
+    }
+
+    /// Opens run on blocking threads, as the attacher runs them.
+    async fn open(src: &Arc<LocalSource>, name: &VolumeName) -> Result<VolumeDevice, ControlError> {
+        let (src, name) = (Arc::clone(src), name.clone());
+        tokio::task::spawn_blocking(move || src.open(&name, false))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_replicas_recorded_healthy_become_children() {
+        let base = std::env::var_os("BALLAST_TEST_DIR")
+            .map_or_else(|| std::path::PathBuf::from("/var/tmp"), Into::into);
+        let dir = tempfile::tempdir_in(base).unwrap();
+        let sets_path = dir.path().join(super::FILE_NAME);
+        let name = VolumeName::new("db").unwrap();
+        let (id, pools) = {
+            let s = storage(dir.path(), 2).await;
+            let st = s
+                .create_volume(VolumeSpec {
+                    name: name.clone(),
+                    size_bytes: 8 * MIB,
+                    replicas: 2,
+                })
+                .await
+                .unwrap();
+            let one = VolumeName::new("one").unwrap();
+            s.create_volume(VolumeSpec {
+                name: one.clone(),
+                size_bytes: 8 * MIB,
+                replicas: 1,
+            })
+            .await
+            .unwrap();
+            let sets = Arc::new(ReplicaSets::open(&sets_path).unwrap());
+            let src = Arc::new(LocalSource::new(Arc::clone(&s), Arc::clone(&sets)));
+            assert!(matches!(
+                open(&src, &one).await.unwrap(),
+                VolumeDevice::Local(_)
+            ));
+            let dev = open(&src, &name).await.unwrap();
+            assert_eq!(children(&dev).len(), 2);
+            let pools: Vec<String> = children(&dev).into_iter().map(|c| c.0).collect();
+            dev.write(0, IoBuf::from_slice(&[5u8; 4096]), WriteFlags::default())
+                .await
+                .unwrap();
+            // The first attach recorded the set; an ejection leaves the replica out.
+            sets.eject(&st.id, "db", &pools[1]).unwrap();
+            let dev = open(&src, &name).await.unwrap();
+            assert_eq!(
+                children(&dev),
+                vec![(pools[0].clone(), ChildState::Healthy)]
+            );
+            let b = dev.read(0, IoBuf::zeroed(4096)).await.unwrap();
+            assert!(b.iter().all(|&x| x == 5));
+            s.close().await.unwrap();
+            (st.id, pools)
+        };
+        // After a restart, the ejection still holds.
+        let s = storage(dir.path(), 2).await;
+        let sets = Arc::new(ReplicaSets::open(&sets_path).unwrap());
+        let src = Arc::new(LocalSource::new(Arc::clone(&s), Arc::clone(&sets)));
+        let dev = open(&src, &name).await.unwrap();
+        assert_eq!(
+            children(&dev),
+            vec![(pools[0].clone(), ChildState::Healthy)]
+        );
+        s.close().await.unwrap();
+        drop((dev, src, s));
+
+        // A healthy replica whose device is gone is ejected before the first I/O; with no
+        // healthy replica left, the volume does not open.
+        std::fs::rename(dir.path().join("pool0.img"), dir.path().join("gone.img")).unwrap();
+        let s = storage(dir.path(), 2).await;
+        let src = Arc::new(LocalSource::new(Arc::clone(&s), Arc::clone(&sets)));
+        let e = open(&src, &name).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{}", e.message());
+        let set = ReplicaSets::open(&sets_path).unwrap().get(&id).unwrap();
+        assert!(
+            set.replicas.values().all(|s| *s == SetState::Ejected),
+            "{set:?}"
+        );
+        s.close().await.unwrap();
     }
 }

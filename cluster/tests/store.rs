@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use daemon::cluster::{spawn_keepalive, Kv, Store, StoreError, Versioned};
+use cluster::store::{spawn_keepalive, Kv, Store, StoreError, Versioned};
 use serde::{Deserialize, Serialize};
 
 /// A free TCP port on 127.0.0.1 (free when this returns; good enough for a test).

@@ -28,9 +28,10 @@ use ::api::{ControlError, ErrorKind, VolumeName};
 use replication::nexus::{ChildSpec, ChildState, Nexus, RebuildProgress, RebuildReport};
 use volume::device::BlockDevice;
 
-use super::device::Child;
-use super::model::{NodeRecord, RebuildRecord, ReplicaRecord, ReplicaState, VolumeRecord};
-use super::{now_secs, placement, Cluster};
+use replication::device::Child;
+use crate::model::{NodeRecord, RebuildRecord, ReplicaRecord, ReplicaState, VolumeRecord};
+use crate::control::{now_secs, Cluster};
+use crate::placement;
 
 /// How the repair task works.
 #[derive(Debug, Clone, Copy)]

@@ -275,7 +275,7 @@ impl EtcdStore {
                     .is_some_and(hyper_util::client::legacy::Error::is_connect);
                 return Err(Attempt::Next {
                     sent: !connect,
-                    message: crate::error_chain(&*e),
+                    message: api::error_chain(&*e),
                 });
             }
             Ok(Ok(answer)) => answer,
