@@ -9,7 +9,7 @@ use std::sync::Arc;
 use ::api::{ControlError, ErrorKind, NodeControl, NodeTopology, VolumeControl, VolumeName};
 use volume::pool::Storage;
 
-use crate::attach::Attacher;
+use frontends::attach::Attacher;
 use crate::node_info::{NodeInfo, Phase};
 use cluster::Cluster;
 

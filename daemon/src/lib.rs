@@ -23,7 +23,6 @@
 
 pub mod api;
 pub use ::host::socket as api_socket;
-pub mod attach;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -32,7 +31,6 @@ pub mod host;
 pub mod logging;
 pub mod metrics;
 pub mod mount;
-pub mod nbd;
 pub mod node;
 pub mod node_info;
 pub mod ops_endpoint;

@@ -37,12 +37,12 @@ use volume::pool::{PoolError, Storage, StorageConfig};
 
 use crate::api;
 use crate::api_socket::{BoundSocket, SocketError};
-use crate::attach::{self, Attacher, FuseLoop};
+use frontends::attach::{self, Attacher, FuseLoop};
 use crate::config::DaemonConfig;
 use crate::data_dir_lock::{DataDirLock, LockError};
 use crate::host::NodeHost;
 use crate::metrics::MetricsExporter;
-use crate::nbd::{self, NbdServer};
+use frontends::nbd::{self, NbdServer};
 use crate::node_info::{NodeInfo, Phase};
 use crate::ops_endpoint;
 use replication::device::DeviceSource;

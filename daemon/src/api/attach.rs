@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::json_body::ApiJson;
-use crate::attach::{Attacher, Attachment};
+use frontends::attach::{Attacher, Attachment};
 
 /// The body of `POST /v1/volumes/{name}/detach`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

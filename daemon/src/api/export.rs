@@ -21,7 +21,7 @@ use volume::pool::Storage;
 
 use super::error::ApiError;
 use super::json_body::ApiJson;
-use crate::nbd::NbdServer;
+use frontends::nbd::NbdServer;
 
 /// The body of `POST /v1/volumes/{name}/export`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -8,7 +8,7 @@
 //! | `DELETE /v1/volumes/{name}` | | `204` |
 //! | `POST /v1/volumes/{name}/resize` | [`ResizeVolumeRequest`] | `200` `VolumeStatus` |
 //! | `POST /v1/volumes/{name}/export` | [`ExportRequest`](export::ExportRequest) | `200` [`ExportInfo`](export::ExportInfo) (route in [`export`]) |
-//! | `POST /v1/volumes/{name}/attach` | none | `200` [`Attachment`](crate::attach::Attachment) (route in [`attach`]) |
+//! | `POST /v1/volumes/{name}/attach` | none | `200` [`Attachment`](frontends::attach::Attachment) (route in [`attach`]) |
 //! | `POST /v1/volumes/{name}/detach` | [`DetachRequest`](attach::DetachRequest) | `200` `Attachment` (route in [`attach`]) |
 //! | `POST /v1/volumes/{name}/refresh` | none | `200` `{"size_bytes": N}`: the attached device shows the volume's current size (route in [`attach`]) |
 //! | `POST /v1/volumes/{name}/mount`, `/unmount` | [`MountRequest`](mount::MountRequest), [`UnmountRequest`](mount::UnmountRequest) | `200` [`MountInfo`](mount::MountInfo) (routes in [`mount`]) |

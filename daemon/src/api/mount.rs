@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::json_body::ApiJson;
-use crate::attach::{Attacher, DEV_DIR};
+use frontends::attach::{Attacher, DEV_DIR};
 use crate::mount::{self, MountError};
 
 /// The body of `POST /v1/volumes/{name}/mount`.

@@ -19,7 +19,7 @@ use crate::api::nodes::NodeList;
 use crate::api::wire::{
     CreateVolumeRequest, NodeStatus, PoolList, ResizeVolumeRequest, VolumeList,
 };
-use crate::attach::Attachment;
+use frontends::attach::Attachment;
 use crate::cli::{NodeCommand, OutputFormat, PoolCommand, VolumeCommand};
 use crate::client::table::{duration, key_values, utc_timestamp, Table};
 use crate::client::{ApiClient, ClientError};

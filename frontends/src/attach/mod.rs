@@ -129,7 +129,7 @@ fn internal(what: &str, e: &std::io::Error) -> ControlError {
 fn persist_error(what: &str, e: &::host::persist::PersistError) -> ControlError {
     ControlError::new(
         ErrorKind::Internal,
-        format!("{what}: {}", crate::error_chain(e)),
+        format!("{what}: {}", api::error_chain(e)),
     )
 }
 
