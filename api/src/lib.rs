@@ -21,6 +21,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub mod byte_size;
+pub mod http;
 
 /// `err` followed by each of its sources, joined with `: `, for one-line messages.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
@@ -499,19 +500,6 @@ pub struct PlacementHints {
     pub zone_spread: ZoneSpread,
 }
 
-/// A storage node as placement sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeTopology {
-    /// The node's ID.
-    pub id: String,
-    /// Its zone label, if it has one.
-    pub zone: Option<String>,
-    /// Bytes its pools hold for volume data.
-    pub capacity_bytes: u64,
-    /// Bytes not yet allocated.
-    pub free_bytes: u64,
-}
-
 /// A validated replica count: 1 to [`MAX_REPLICAS`]. Every adapter (the local API, CSI
 /// parameters, Docker options, the engine and the cluster) checks counts through
 /// [`ReplicaCount::new`], so they accept and refuse alike.
@@ -609,6 +597,50 @@ pub trait VolumeControl: Send + Sync + 'static {
     fn list_pools(&self) -> impl Future<Output = Result<Vec<PoolStatus>, ControlError>> + Send;
 }
 
+/// A storage node: what the cluster records of it (under its lease), what placement sees, and
+/// what `GET /v1/nodes` lists. In standalone mode, the one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The node id (`--node-id`).
+    pub id: String,
+    /// Where its replica server listens (`--listen`).
+    pub replica_addr: String,
+    /// Its zone label (`--zone`), if any.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Bytes of pool space in all.
+    pub capacity_bytes: u64,
+    /// Bytes of pool space not yet allocated.
+    pub free_bytes: u64,
+    /// The daemon's version.
+    #[serde(default)]
+    pub version: String,
+}
+
+
+impl NodeRecord {
+    /// Set the node's capacity and free space from its pool devices: the sums over them.
+    pub fn count_pools(&mut self, pools: &[PoolStatus]) {
+        self.capacity_bytes = pools.iter().map(|p| p.capacity_bytes).sum();
+        self.free_bytes = pools.iter().map(|p| p.free_bytes).sum();
+    }
+}
+
+/// A volume's attachment on a node: the answer of attach and detach, wherever they come from
+/// (the local API, CSI, Docker).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The volume.
+    pub volume: String,
+    /// The stable device name (`/dev/ballast/NAME`).
+    pub path: String,
+    /// The kernel device (`/dev/loopN`).
+    pub device: String,
+    /// Whether the volume is attached now.
+    pub attached: bool,
+}
+
+
 /// What only the node that runs a workload can do: attach its volumes here, and say where
 /// "here" is. The CSI node service and the Docker plugin use it beside [`VolumeControl`].
 pub trait NodeControl: Send + Sync + 'static {
@@ -625,21 +657,27 @@ pub trait NodeControl: Send + Sync + 'static {
     fn shared(&self) -> bool;
 
     /// The storage nodes volumes can be placed on (only this one when standalone).
-    fn nodes(&self) -> impl Future<Output = Result<Vec<NodeTopology>, ControlError>> + Send;
+    fn nodes(&self) -> impl Future<Output = Result<Vec<NodeRecord>, ControlError>> + Send;
 
-    /// Attach `name` on this node (idempotent) and return its block device. In a cluster the
-    /// volume is taken over from a dead node, whose writes are fenced by epoch; a live node's
-    /// attachment is `FailedPrecondition`.
+    /// Attach `name` on this node (idempotent) and return the attachment. In a cluster the
+    /// volume is taken over from a dead node, whose writes are fenced by epoch; a live
+    /// node's attachment is `FailedPrecondition` unless `force` (which fences that node).
     fn attach(
         &self,
         name: &VolumeName,
-    ) -> impl Future<Output = Result<std::path::PathBuf, ControlError>> + Send;
+        force: bool,
+    ) -> impl Future<Output = Result<Attachment, ControlError>> + Send;
 
     /// The block device of `name` if it is attached on this node.
     fn device(&self, name: &VolumeName) -> Option<std::path::PathBuf>;
 
-    /// Detach `name` from this node (idempotent). `FailedPrecondition` while it is in use.
-    fn detach(&self, name: &VolumeName) -> impl Future<Output = Result<(), ControlError>> + Send;
+    /// Detach `name` from this node (idempotent). `FailedPrecondition` while it is mounted or
+    /// open, unless `force`.
+    fn detach(
+        &self,
+        name: &VolumeName,
+        force: bool,
+    ) -> impl Future<Output = Result<Attachment, ControlError>> + Send;
 
     /// Make this node's attached device of `name` show the volume's current size (after a
     /// resize); returns that size in bytes. `FailedPrecondition` if it is not attached here.

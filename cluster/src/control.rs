@@ -121,8 +121,7 @@ impl Cluster {
     pub async fn record(&self) -> NodeRecord {
         let mut me = self.me.clone();
         if let Ok(pools) = self.storage.list_pools().await {
-            me.capacity_bytes = pools.iter().map(|p| p.capacity_bytes).sum();
-            me.free_bytes = pools.iter().map(|p| p.free_bytes).sum();
+            me.count_pools(&pools);
         }
         me
     }

@@ -10,6 +10,7 @@
 //! two nodes can never both think they attached a volume, and an ejection is durable before
 //! any write that skipped the ejected replica is acknowledged.
 
+pub use api::NodeRecord;
 use serde::{Deserialize, Serialize};
 
 /// The key prefix of node records.
@@ -25,25 +26,6 @@ pub fn node_key(id: &str) -> String {
 /// The key of volume `name`.
 pub fn volume_key(name: &str) -> String {
     format!("{VOLUMES}{name}")
-}
-
-/// A live node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeRecord {
-    /// The node id (`--node-id`).
-    pub id: String,
-    /// Where its replica server listens (`--listen`).
-    pub replica_addr: String,
-    /// Its zone label (`--zone`), if any.
-    #[serde(default)]
-    pub zone: Option<String>,
-    /// Bytes of pool space in all.
-    pub capacity_bytes: u64,
-    /// Bytes of pool space not yet allocated.
-    pub free_bytes: u64,
-    /// The daemon's version.
-    #[serde(default)]
-    pub version: String,
 }
 
 /// The state of one replica as the cluster records it.

@@ -15,7 +15,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use api::{
-    NodeControl, NodeTopology, PlacementHints, VolumeControl, VolumeName, VolumeSpec, VolumeState,
+    NodeControl, NodeRecord, PlacementHints, VolumeControl, VolumeName, VolumeSpec, VolumeState,
     VolumeStatus,
 };
 use tonic::{Request, Response, Status};
@@ -102,7 +102,7 @@ impl<C: VolumeControl, N: NodeControl> Controller<C, N> {
     /// is reachable from every node) within `allowed`; on a standalone node, only there.
     fn accessible(
         &self,
-        nodes: &[NodeTopology],
+        nodes: &[NodeRecord],
         allowed: Option<&BTreeSet<String>>,
     ) -> Vec<Topology> {
         if !self.node.shared() {
@@ -135,7 +135,7 @@ impl<C: VolumeControl, N: NodeControl> Controller<C, N> {
     /// Nodes allowed by `req`'s requisite topology (all when none), and the preferred ones in
     /// order. `RESOURCE_EXHAUSTED` when no node is allowed.
     fn placement(
-        nodes: &[NodeTopology],
+        nodes: &[NodeRecord],
         req: Option<&TopologyRequirement>,
     ) -> Result<(Option<BTreeSet<String>>, Vec<String>), Status> {
         let Some(req) = req else {

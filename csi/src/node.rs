@@ -176,8 +176,9 @@ impl<C: VolumeControl, N: NodeControl> NodeService for Node<C, N> {
             .map_err(|e| from_control(&e))?;
         let device = self
             .host
-            .attach(&name)
+            .attach(&name, false)
             .await
+            .map(|a| PathBuf::from(a.path))
             .map_err(|e| from_control(&e))?;
         let AccessType::Mount(m) = access else {
             tracing::info!(volume = %name, device = %device.display(), "CSI staged a block volume");
@@ -224,8 +225,8 @@ impl<C: VolumeControl, N: NodeControl> NodeService for Node<C, N> {
             })
             .await?;
         }
-        match self.host.detach(&name).await {
-            Ok(()) => {}
+        match self.host.detach(&name, false).await {
+            Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(from_control(&e)),
         }

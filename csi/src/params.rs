@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use api::{
-    round_volume_size, NodeTopology, ReplicaCount, VolumeName, ZoneSpread, MAX_VOLUME_SIZE,
+    round_volume_size, NodeRecord, ReplicaCount, VolumeName, ZoneSpread, MAX_VOLUME_SIZE,
     SIZE_GRANULARITY,
 };
 use tonic::Status;
@@ -247,7 +247,7 @@ pub fn volume_id(id: &str) -> Result<VolumeName, Status> {
 }
 
 /// Whether `node` lies in `segment`. Unknown keys are `INVALID_ARGUMENT`.
-pub fn matches(node: &NodeTopology, segment: &Topology) -> Result<bool, Status> {
+pub fn matches(node: &NodeRecord, segment: &Topology) -> Result<bool, Status> {
     for (k, v) in &segment.segments {
         let ok = match k.as_str() {
             NODE_KEY => node.id == *v,
@@ -391,7 +391,9 @@ mod tests {
 
     #[test]
     fn topology_segments_match_nodes() {
-        let n = NodeTopology {
+        let n = NodeRecord {
+            replica_addr: String::new(),
+            version: String::new(),
             id: "a".into(),
             zone: Some("z1".into()),
             capacity_bytes: 0,

@@ -1,26 +1,20 @@
 //! The command line of the `ballast` binary: one daemon subcommand and the client commands.
 //!
-//! This module only describes the command line (clap derive types). What the daemon does with
-//! its flags is in [`crate::config`] and [`crate::node`]; what the client commands do is in
-//! [`crate::client`].
+//! This module only describes the daemon's side of the command line (clap derive types); the
+//! client commands are the `cli` crate's ([`::cli::args`]), flattened in. What the daemon does
+//! with its flags is in [`crate::config`] and [`crate::node`].
 //!
 //! Invariants:
 //! - Daemon flags are all optional here, so that [`crate::config`] can tell a flag the user
 //!   gave from one left out, and let flags override the config file. Defaults are therefore
 //!   written in the help text rather than as clap defaults.
-//! - The exit codes listed in the long help are the ones [`crate::client::exit_code`] defines.
+//! - The exit codes listed in the long help are the ones [`::cli::exit_code`] defines.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
-
-/// The environment variable naming the API socket, for the CLI and the daemon alike.
-pub const API_SOCKET_ENV: &str = "BALLAST_API_SOCKET";
-
-/// The API socket used when neither a flag, the environment nor the config file names one.
-pub const DEFAULT_API_SOCKET: &str = "/run/ballast/api.sock";
 
 const LONG_ABOUT: &str = "\
 Ballast: replicated block storage for containers, one daemon per node.
@@ -43,7 +37,7 @@ Exit codes of the client commands:
 #[command(name = "ballast", version, about = "Ballast: replicated block storage for containers", long_about = LONG_ABOUT)]
 pub struct Cli {
     /// The daemon's local API socket [default: /run/ballast/api.sock].
-    #[arg(long, global = true, env = API_SOCKET_ENV, value_name = "PATH")]
+    #[arg(long, global = true, env = ::cli::args::API_SOCKET_ENV, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
     /// What to do.
@@ -56,25 +50,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the node daemon (storage, local API, health and metrics).
     Daemon(Box<DaemonArgs>),
-    /// Create, list, inspect, resize and delete volumes.
-    #[command(subcommand)]
-    Volume(VolumeCommand),
-    /// Show this node's storage pools.
-    #[command(subcommand)]
-    Pool(PoolCommand),
-    /// Show the daemon's status: version, node, engine, capacity, volumes.
-    Status(OutputArgs),
-    /// Show the cluster's nodes.
-    #[command(subcommand)]
-    Node(NodeCommand),
-}
-
-/// `ballast node …`.
-#[derive(Debug, Subcommand)]
-pub enum NodeCommand {
-    /// List the live nodes: id, zone, capacity, replica address.
-    #[command(alias = "ls")]
-    List(OutputArgs),
+    /// The client commands (`volume`, `pool`, `status`, `node`).
+    #[command(flatten)]
+    Client(::cli::args::ClientCommand),
 }
 
 /// Flags of `ballast daemon`. Each one overrides the same setting in `--config`.
@@ -197,128 +175,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// `ballast volume …`
-#[derive(Debug, Subcommand)]
-pub enum VolumeCommand {
-    /// Create a volume (idempotent when the spec is identical).
-    Create {
-        /// The volume name: a lowercase DNS label of at most 63 characters.
-        name: String,
-        /// The size, e.g. 10GiB, 500MiB, 1G or a number of bytes.
-        #[arg(long)]
-        size: String,
-        /// Synchronous replicas, 1 to 5: on distinct nodes (cluster mode), or on distinct pool
-        /// devices of this node (standalone).
-        #[arg(long, default_value_t = 1)]
-        replicas: u8,
-        /// Output format.
-        #[command(flatten)]
-        output: OutputArgs,
-    },
-    /// List volumes.
-    #[command(alias = "ls")]
-    List(OutputArgs),
-    /// Show one volume.
-    Inspect {
-        /// The volume name.
-        name: String,
-        /// Follow it: redraw every second with a progress bar per rebuilding replica, until
-        /// every replica is healthy (or Ctrl-C). With `-o json`, one JSON object per line.
-        #[arg(long, short = 'w')]
-        watch: bool,
-        /// Output format.
-        #[command(flatten)]
-        output: OutputArgs,
-    },
-    /// Delete a volume and free its space.
-    #[command(alias = "rm")]
-    Delete {
-        /// The volume name.
-        name: String,
-    },
-    /// Grow a volume (shrinking is refused).
-    Resize {
-        /// The volume name.
-        name: String,
-        /// The new size, e.g. 20GiB.
-        #[arg(long)]
-        size: String,
-        /// Output format.
-        #[command(flatten)]
-        output: OutputArgs,
-    },
-    /// Print the NBD URI of a volume. Every volume is exported on the daemon's NBD unix
-    /// socket (nbd.sock in the data directory); with --tcp it is also served on TCP until
-    /// the daemon stops.
-    Export {
-        /// The volume name.
-        name: String,
-        /// Also serve the volume over TCP on this address (port 0 picks a free port).
-        #[arg(long, value_name = "ADDR")]
-        tcp: Option<SocketAddr>,
-        /// Output format.
-        #[command(flatten)]
-        output: OutputArgs,
-    },
-    /// Make a volume a block device on this node and print its path (/dev/ballast/NAME).
-    /// Idempotent; the volume is attached again when the daemon restarts.
-    Attach {
-        /// The volume name.
-        name: String,
-        /// Take a replicated volume over from a node that still holds it (the old writer is
-        /// fenced by epoch and can no longer write).
-        #[arg(long)]
-        force: bool,
-        /// Output format.
-        #[command(flatten)]
-        output: OutputArgs,
-    },
-    /// Remove a volume's block device from this node. Refused while the device is mounted or
-    /// open, unless --force.
-    Detach {
-        /// The volume name.
-        name: String,
-        /// Detach even if the device is mounted or open.
-        #[arg(long)]
-        force: bool,
-        /// Output format.
-        #[command(flatten)]
-        output: OutputArgs,
-    },
-    /// Mount a volume's filesystem at PATH (attaching it, and formatting it only if it is empty).
-    Mount(crate::mount::command::MountArgs),
-    /// Unmount a volume's filesystem from PATH (idempotent); the volume stays attached.
-    Unmount(crate::mount::command::UnmountArgs),
-}
-
-/// `ballast pool …`
-#[derive(Debug, Subcommand)]
-pub enum PoolCommand {
-    /// List this node's pool devices with capacity and allocation.
-    #[command(alias = "ls")]
-    List(OutputArgs),
-}
-
-/// The `-o/--output` flag of client commands.
-#[derive(Debug, Clone, Copy, Default, Args)]
-pub struct OutputArgs {
-    /// Output format.
-    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
-    pub format: OutputFormat,
-}
-
-/// How client commands print their result.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
-pub enum OutputFormat {
-    /// Aligned, human-readable text.
-    #[default]
-    Table,
-    /// JSON, as the API returns it.
-    Json,
-}
-
 #[cfg(test)]
 mod tests {
+    use ::cli::args::{ClientCommand, OutputArgs, OutputFormat, VolumeCommand};
     use clap::CommandFactory;
 
     use super::*;
@@ -363,9 +222,9 @@ mod tests {
         assert_eq!(cli.api_socket.as_deref(), Some(std::path::Path::new("/x")));
         assert!(matches!(
             cli.command,
-            Command::Volume(VolumeCommand::List(OutputArgs {
+            Command::Client(ClientCommand::Volume(VolumeCommand::List(OutputArgs {
                 format: OutputFormat::Json
-            }))
+            })))
         ));
     }
 }

@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use volume::pool::DeviceSpec;
 
-use crate::cli::{DaemonArgs, EngineChoice, LogFormat, DEFAULT_API_SOCKET};
+use ::cli::args::DEFAULT_API_SOCKET;
+
+use crate::cli::{DaemonArgs, EngineChoice, LogFormat};
 use ::api::byte_size::ByteSize;
 
 /// The data directory used when none is configured.

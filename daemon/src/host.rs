@@ -1,16 +1,19 @@
 //! This node as the CSI node service and the Docker plugin see it: its identity and zone,
 //! whether it has booted, the storage nodes placement can use, and attaching volumes here
-//! through the [`Attacher`] (so CSI, Docker and `ballast volume attach` share one record of
-//! what is attached).
+//! through the [`Attacher`]. The local API, CSI and Docker all attach, detach and refresh
+//! through this one [`NodeControl`], so they share one record of what is attached and cannot
+//! drift apart.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ::api::{ControlError, ErrorKind, NodeControl, NodeTopology, VolumeControl, VolumeName};
+use ::api::{
+    Attachment, ControlError, ErrorKind, NodeControl, NodeRecord, VolumeControl, VolumeName,
+};
 use volume::pool::Storage;
 
 use frontends::attach::Attacher;
-use crate::node_info::{NodeInfo, Phase};
+use crate::node_info::{NodeInfo, Phase, VERSION};
 use cluster::Cluster;
 
 /// This node's [`NodeControl`].
@@ -81,43 +84,34 @@ impl NodeControl for NodeHost {
         self.cluster.is_some()
     }
 
-    async fn nodes(&self) -> Result<Vec<NodeTopology>, ControlError> {
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, ControlError> {
         if let Some(c) = &self.cluster {
-            return Ok(c
-                .nodes()
-                .await?
-                .into_iter()
-                .map(|n| NodeTopology {
-                    id: n.id,
-                    zone: n.zone,
-                    capacity_bytes: n.capacity_bytes,
-                    free_bytes: n.free_bytes,
-                })
-                .collect());
+            return c.nodes().await;
         }
-        let pools = self.storage.list_pools().await?;
-        Ok(vec![NodeTopology {
+        let mut me = NodeRecord {
             id: self.info.node_id().to_owned(),
+            replica_addr: String::new(),
             zone: self.zone.clone(),
-            capacity_bytes: pools.iter().map(|p| p.capacity_bytes).max().unwrap_or(0),
-            free_bytes: pools.iter().map(|p| p.free_bytes).sum(),
-        }])
+            capacity_bytes: 0,
+            free_bytes: 0,
+            version: VERSION.to_owned(),
+        };
+        me.count_pools(&self.storage.list_pools().await?);
+        Ok(vec![me])
     }
 
-    async fn attach(&self, name: &VolumeName) -> Result<PathBuf, ControlError> {
+    async fn attach(&self, name: &VolumeName, force: bool) -> Result<Attachment, ControlError> {
         let name = name.clone();
-        self.blocking(move |a| a.attach(&name).map(|att| PathBuf::from(att.path)))
-            .await
+        self.blocking(move |a| a.attach(&name, force)).await
     }
 
     fn device(&self, name: &VolumeName) -> Option<PathBuf> {
         self.attacher.as_ref()?.device(name)
     }
 
-    async fn detach(&self, name: &VolumeName) -> Result<(), ControlError> {
+    async fn detach(&self, name: &VolumeName, force: bool) -> Result<Attachment, ControlError> {
         let name = name.clone();
-        self.blocking(move |a| a.detach(&name, false).map(drop))
-            .await
+        self.blocking(move |a| a.detach(&name, force)).await
     }
 
     async fn refresh_size(&self, name: &VolumeName) -> Result<u64, ControlError> {

@@ -407,34 +407,6 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
         }
     };
     let attacher = start_attacher(source, &cfg.data_dir).await;
-    let mut api = match &cluster {
-        Some(p) => api::router(
-            Arc::new(ClusterSource(Arc::clone(&p.cluster))),
-            Arc::clone(&node),
-        )
-        .merge(api::nodes::router(
-            Some(Arc::clone(&p.cluster)),
-            Arc::clone(&storage),
-            Arc::clone(&node),
-        )),
-        None => api::router(
-            standalone_api.clone().expect("standalone mode has its API"),
-            Arc::clone(&node),
-        )
-        .merge(api::nodes::router(
-            None,
-            Arc::clone(&storage),
-            Arc::clone(&node),
-        )),
-    }
-    .merge(match &nbd {
-        Some(nbd) => api::export::router(Arc::clone(&storage), Arc::clone(nbd)),
-        None => api::export::unavailable_router(),
-    });
-    if let Some(attacher) = &attacher {
-        api = api.merge(api::attach::router(Arc::clone(attacher)));
-        api = api.merge(api::mount::router(Arc::clone(attacher)));
-    }
     let host = Arc::new(NodeHost::new(
         Arc::clone(&node),
         cfg.zone.clone(),
@@ -442,6 +414,23 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
         cluster.as_ref().map(|p| Arc::clone(&p.cluster)),
         attacher.clone(),
     ));
+    let api = match &cluster {
+        Some(p) => api::router(
+            Arc::new(ClusterSource(Arc::clone(&p.cluster))),
+            Arc::clone(&node),
+        ),
+        None => api::router(
+            standalone_api.clone().expect("standalone mode has its API"),
+            Arc::clone(&node),
+        ),
+    }
+    .merge(api::nodes::router(Arc::clone(&host)))
+    .merge(api::attach::router(Arc::clone(&host)))
+    .merge(api::mount::router(Arc::clone(&host)))
+    .merge(match &nbd {
+        Some(nbd) => api::export::router(Arc::clone(&storage), Arc::clone(nbd)),
+        None => api::export::unavailable_router(),
+    });
     let docker_task = match docker_listener {
         Some(listener) => {
             let config = plugin::PluginConfig {

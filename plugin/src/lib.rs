@@ -115,8 +115,8 @@ impl<C: VolumeControl, N: NodeControl> Plugin<C, N> {
     async fn attach(&self, name: &VolumeName) -> Result<PathBuf, PluginError> {
         let deadline = Instant::now() + self.config.attach_wait;
         loop {
-            match self.node.attach(name).await {
-                Ok(dev) => return Ok(dev),
+            match self.node.attach(name, false).await {
+                Ok(a) => return Ok(PathBuf::from(a.path)),
                 Err(e)
                     if e.kind() == ErrorKind::FailedPrecondition && Instant::now() < deadline =>
                 {
@@ -176,7 +176,7 @@ impl<C: VolumeControl, N: NodeControl> Plugin<C, N> {
             .await?;
         // Make the filesystem now, so that whichever node mounts first finds it.
         if let Err(e) = self.format(&name, &opts.fs).await {
-            let _ = self.node.detach(&name).await;
+            let _ = self.node.detach(&name, false).await;
             if let Err(d) = self.control.delete_volume(&name).await {
                 tracing::error!(volume = %name, error = %d.full_message(), "cannot delete a volume whose formatting failed");
             }
@@ -195,7 +195,7 @@ impl<C: VolumeControl, N: NodeControl> Plugin<C, N> {
                 .map_err(PluginError::Mount)
         })
         .await?;
-        self.node.detach(name).await?;
+        self.node.detach(name, false).await?;
         Ok(())
     }
 
@@ -243,8 +243,8 @@ impl<C: VolumeControl, N: NodeControl> Plugin<C, N> {
         if refs.callers(name.as_str()) == 1 {
             let p = self.mountpoint(&name);
             blocking(move || mount::unmount(&p).map(drop).map_err(PluginError::Mount)).await?;
-            match self.node.detach(&name).await {
-                Ok(()) => {}
+            match self.node.detach(&name, false).await {
+                Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) => return Err(PluginError::Control(e)),
             }

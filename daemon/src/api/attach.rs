@@ -11,67 +11,33 @@
 //! `412 failed_precondition`. (In cluster mode the attached device follows a resize made on
 //! another node within a repair interval.)
 //!
-//! Kept apart from [`super::router`] because it needs the concrete [`Attacher`]. The work is
-//! blocking (it waits on the kernel), so it runs on tokio's blocking threads.
+//! The routes call this node's one [`NodeControl`] ([`NodeHost`]), the same path CSI and
+//! Docker use, so `force`, the size sync of a refresh and the record of what is attached
+//! are the same whoever asks.
 
 use std::sync::Arc;
 
-use ::api::{ErrorKind, VolumeName};
+use ::api::http::{AttachRequest, DetachRequest, RefreshResponse};
+use ::api::{Attachment, ErrorKind, NodeControl, VolumeName};
 use axum::extract::{Path, State};
 use axum::routing::post;
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::json_body::ApiJson;
-use frontends::attach::{Attacher, Attachment};
+use crate::host::NodeHost;
 
-/// The body of `POST /v1/volumes/{name}/detach`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DetachRequest {
-    /// Detach even if the device is mounted or open.
-    #[serde(default)]
-    pub force: bool,
-}
-
-/// The body of `POST /v1/volumes/{name}/attach` (optional).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AttachRequest {
-    /// Take a replicated volume over from a node that still holds it; the old writer is
-    /// fenced by epoch.
-    #[serde(default)]
-    pub force: bool,
-}
-
-/// The answer of `POST /v1/volumes/{name}/refresh`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RefreshResponse {
-    /// The size the attached device shows now, in bytes.
-    pub size_bytes: u64,
-}
-
-/// The attach routes, with their own state.
-pub fn router(attacher: Arc<Attacher>) -> Router {
+/// The attach routes over this node's [`NodeHost`].
+pub fn router(host: Arc<NodeHost>) -> Router {
     Router::new()
         .route("/v1/volumes/{name}/attach", post(attach_volume))
         .route("/v1/volumes/{name}/detach", post(detach_volume))
         .route("/v1/volumes/{name}/refresh", post(refresh_volume))
-        .with_state(attacher)
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ::api::ControlError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
-        .map_err(ApiError::from)
+        .with_state(host)
 }
 
 async fn attach_volume(
-    State(attacher): State<Arc<Attacher>>,
+    State(host): State<Arc<NodeHost>>,
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<Attachment>, ApiError> {
@@ -86,27 +52,23 @@ async fn attach_volume(
             )
         })?
     };
-    Ok(Json(
-        blocking(move || attacher.attach_with(&name, req.force)).await?,
-    ))
+    Ok(Json(host.attach(&name, req.force).await?))
 }
 
 async fn detach_volume(
-    State(attacher): State<Arc<Attacher>>,
+    State(host): State<Arc<NodeHost>>,
     Path(name): Path<String>,
     ApiJson(req): ApiJson<DetachRequest>,
 ) -> Result<Json<Attachment>, ApiError> {
     let name = VolumeName::new(&name)?;
-    Ok(Json(
-        blocking(move || attacher.detach(&name, req.force)).await?,
-    ))
+    Ok(Json(host.detach(&name, req.force).await?))
 }
 
 async fn refresh_volume(
-    State(attacher): State<Arc<Attacher>>,
+    State(host): State<Arc<NodeHost>>,
     Path(name): Path<String>,
 ) -> Result<Json<RefreshResponse>, ApiError> {
     let name = VolumeName::new(&name)?;
-    let size_bytes = blocking(move || attacher.refresh(&name)).await?;
+    let size_bytes = host.refresh_size(&name).await?;
     Ok(Json(RefreshResponse { size_bytes }))
 }

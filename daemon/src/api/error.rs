@@ -10,7 +10,7 @@ use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use crate::api::wire::ErrorBody;
+use ::api::http::ErrorBody;
 
 /// An error answer of the local API.
 #[derive(Debug, Clone, PartialEq, Eq)]

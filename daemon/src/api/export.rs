@@ -9,44 +9,18 @@
 //! Kept apart from [`super::router`] because it needs the concrete [`NbdServer`]; the
 //! daemon merges both routers.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ::api::http::{ExportInfo, ExportRequest};
 use ::api::{ErrorKind, VolumeName};
 use axum::extract::{Path, State};
 use axum::routing::post;
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
 use volume::pool::Storage;
 
 use super::error::ApiError;
 use super::json_body::ApiJson;
 use frontends::nbd::NbdServer;
-
-/// The body of `POST /v1/volumes/{name}/export`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExportRequest {
-    /// Also serve the volume on TCP at this address.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tcp: Option<SocketAddr>,
-}
-
-/// Where a volume is exported.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ExportInfo {
-    /// The volume (and export) name.
-    pub volume: String,
-    /// The URI to give clients: the TCP one if TCP was asked for, else the unix one.
-    pub uri: String,
-    /// The URI on the unix socket.
-    pub unix_uri: String,
-    /// The NBD unix socket.
-    pub socket: String,
-    /// The bound TCP address, if TCP was asked for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tcp: Option<String>,
-}
 
 #[derive(Debug, Clone)]
 struct ExportState {

@@ -52,7 +52,7 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::wire::CreateVolumeRequest;
+    use ::api::http::CreateVolumeRequest;
 
     fn message(body: &str) -> String {
         parse::<CreateVolumeRequest>(body.as_bytes())

@@ -7,14 +7,16 @@
 //! | `GET /v1/volumes/{name}` | | `200` `VolumeStatus` |
 //! | `DELETE /v1/volumes/{name}` | | `204` |
 //! | `POST /v1/volumes/{name}/resize` | [`ResizeVolumeRequest`] | `200` `VolumeStatus` |
-//! | `POST /v1/volumes/{name}/export` | [`ExportRequest`](export::ExportRequest) | `200` [`ExportInfo`](export::ExportInfo) (route in [`export`]) |
-//! | `POST /v1/volumes/{name}/attach` | none | `200` [`Attachment`](frontends::attach::Attachment) (route in [`attach`]) |
-//! | `POST /v1/volumes/{name}/detach` | [`DetachRequest`](attach::DetachRequest) | `200` `Attachment` (route in [`attach`]) |
+//! | `POST /v1/volumes/{name}/export` | [`ExportRequest`](::api::http::ExportRequest) | `200` [`ExportInfo`](::api::http::ExportInfo) (route in [`export`]) |
+//! | `POST /v1/volumes/{name}/attach` | none | `200` [`Attachment`](::api::Attachment) (route in [`attach`]) |
+//! | `POST /v1/volumes/{name}/detach` | [`DetachRequest`](::api::http::DetachRequest) | `200` `Attachment` (route in [`attach`]) |
 //! | `POST /v1/volumes/{name}/refresh` | none | `200` `{"size_bytes": N}`: the attached device shows the volume's current size (route in [`attach`]) |
-//! | `POST /v1/volumes/{name}/mount`, `/unmount` | [`MountRequest`](mount::MountRequest), [`UnmountRequest`](mount::UnmountRequest) | `200` [`MountInfo`](mount::MountInfo) (routes in [`mount`]) |
+//! | `POST /v1/volumes/{name}/mount`, `/unmount` | [`MountRequest`](::api::http::MountRequest), [`UnmountRequest`](::api::http::UnmountRequest) | `200` [`MountInfo`](::api::http::MountInfo) (routes in [`mount`]) |
 //! | `GET /v1/pools` | | `200` [`PoolList`] |
-//! | `GET /v1/nodes` | | `200` [`NodeList`](nodes::NodeList) (route in [`nodes`]) |
+//! | `GET /v1/nodes` | | `200` [`NodeList`](::api::http::NodeList) (route in [`nodes`]) |
 //! | `GET /v1/status` | | `200` [`NodeStatus`] |
+//!
+//! Request and answer bodies are the `api` crate's [`::api::http`] types, shared with the CLI.
 //!
 //! Every failure is `{"code": "...", "message": "..."}` with the status chosen in
 //! [`error::status_for`]; unknown routes are `404 not_found` and wrong methods
@@ -31,7 +33,6 @@ pub mod export;
 pub mod json_body;
 pub mod mount;
 pub mod nodes;
-pub mod wire;
 
 use std::sync::Arc;
 
@@ -44,7 +45,7 @@ use axum::{Json, Router};
 
 use self::error::ApiError;
 use self::json_body::ApiJson;
-use self::wire::{
+use ::api::http::{
     CreateVolumeRequest, NodeStatus, PoolList, PoolsSummary, ResizeVolumeRequest, VolumeList,
 };
 use crate::node_info::{NodeInfo, VERSION};

@@ -1,9 +1,9 @@
 //! The filesystem routes of the local API: `POST /v1/volumes/{name}/mount` and
 //! `POST /v1/volumes/{name}/unmount`.
 //!
-//! Mount takes [`MountRequest`]: it attaches the volume if needed (through the [`Attacher`],
-//! so the attachment is persisted like `ballast volume attach`), then runs
-//! [`crate::mount::ensure_mounted`] — format only an empty device, never reformat, mount,
+//! Mount takes [`MountRequest`]: it attaches the volume if needed (through this node's
+//! [`NodeControl`], so the attachment is recorded like `ballast volume attach`), then runs
+//! [`::host::mount::ensure_mounted`] — format only an empty device, never reformat, mount,
 //! idempotent. Unmount takes [`UnmountRequest`]; it unmounts the path if the volume's device
 //! is mounted there (success if nothing is mounted) and leaves the volume attached.
 //! Both answer `200` [`MountInfo`].
@@ -14,82 +14,37 @@
 //! `412 failed_precondition`. Mount and unmount are serialised by one mutex (they are rare,
 //! and a concurrent mount and unmount of one path must not interleave).
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 
-use ::api::{ControlError, ErrorKind, VolumeName};
+use ::api::http::{MountInfo, MountRequest, UnmountRequest};
+use ::api::{Attachment, ControlError, ErrorKind, NodeControl, VolumeName};
 use axum::extract::{Path as UrlPath, State};
 use axum::routing::post;
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use frontends::attach::DEV_DIR;
+use tokio::sync::Mutex;
 
 use super::error::ApiError;
 use super::json_body::ApiJson;
-use frontends::attach::{Attacher, DEV_DIR};
-use crate::mount::{self, MountError};
-
-/// The body of `POST /v1/volumes/{name}/mount`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MountRequest {
-    /// The mount point: an existing directory, absolute.
-    pub path: PathBuf,
-    /// The filesystem to create on an empty volume (`ext4` or `xfs`). When absent, an empty
-    /// volume gets ext4 and an existing filesystem of any type is mounted; when present, an
-    /// existing filesystem of another type is refused.
-    #[serde(default)]
-    pub fs: Option<String>,
-    /// Extra `mkfs` arguments, used only when the volume is formatted.
-    #[serde(default)]
-    pub mkfs_options: Vec<String>,
-    /// Mount read-only.
-    #[serde(default)]
-    pub read_only: bool,
-}
-
-/// The body of `POST /v1/volumes/{name}/unmount`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UnmountRequest {
-    /// The mount point.
-    pub path: PathBuf,
-}
-
-/// The answer of mount and unmount.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MountInfo {
-    /// The volume.
-    pub volume: String,
-    /// The mount point.
-    pub path: String,
-    /// The stable device name (`/dev/ballast/NAME`).
-    pub device: String,
-    /// The filesystem type (empty after an unmount).
-    #[serde(default)]
-    pub fs: String,
-    /// Whether the volume is mounted at `path` now.
-    pub mounted: bool,
-    /// Whether this call formatted the volume.
-    #[serde(default)]
-    pub formatted: bool,
-    /// Whether nothing had to be done.
-    #[serde(default)]
-    pub unchanged: bool,
-}
+use crate::host::NodeHost;
+use ::host::mount::{self, MountError};
 
 #[derive(Debug)]
 struct MountState {
-    attacher: Arc<Attacher>,
+    host: Arc<NodeHost>,
+    /// Serialises mounts and unmounts (a mount and an unmount of one path must not
+    /// interleave).
     ops: Mutex<()>,
 }
 
-/// The filesystem routes, with their own state.
-pub fn router(attacher: Arc<Attacher>) -> Router {
+/// The filesystem routes over this node's [`NodeHost`].
+pub fn router(host: Arc<NodeHost>) -> Router {
     Router::new()
         .route("/v1/volumes/{name}/mount", post(mount_volume))
         .route("/v1/volumes/{name}/unmount", post(unmount_volume))
         .with_state(Arc::new(MountState {
-            attacher,
+            host,
             ops: Mutex::new(()),
         }))
 }
@@ -113,23 +68,24 @@ async fn mount_volume(
     ApiJson(req): ApiJson<MountRequest>,
 ) -> Result<Json<MountInfo>, ApiError> {
     let name = VolumeName::new(&name)?;
-    Ok(Json(blocking(move || do_mount(&st, &name, &req)).await?))
-}
-
-fn do_mount(
-    st: &MountState,
-    name: &VolumeName,
-    req: &MountRequest,
-) -> Result<MountInfo, ControlError> {
-    let _op = st.ops.lock().expect("mount lock");
+    let _op = st.ops.lock().await;
     // Refuse bad arguments before attaching anything.
     if let Some(fs) = &req.fs {
         if !mount::SUPPORTED_FS.contains(&fs.as_str()) {
-            return Err(control_error(&MountError::UnsupportedFs(fs.clone())));
+            return Err(control_error(&MountError::UnsupportedFs(fs.clone())).into());
         }
     }
-    mount::check_mount_point(&req.path).map_err(|e| control_error(&e))?;
-    let att = st.attacher.attach(name)?;
+    let path = req.path.clone();
+    blocking(move || mount::check_mount_point(&path).map_err(|e| control_error(&e))).await?;
+    let att = st.host.attach(&name, false).await?;
+    Ok(Json(blocking(move || do_mount(&name, &req, att)).await?))
+}
+
+fn do_mount(
+    name: &VolumeName,
+    req: &MountRequest,
+    att: Attachment,
+) -> Result<MountInfo, ControlError> {
     let out = mount::ensure_mounted(
         Path::new(&att.path),
         &req.path,
@@ -156,13 +112,13 @@ async fn unmount_volume(
     ApiJson(req): ApiJson<UnmountRequest>,
 ) -> Result<Json<MountInfo>, ApiError> {
     let name = VolumeName::new(&name)?;
+    let _op = st.ops.lock().await;
     Ok(Json(
-        blocking(move || do_unmount(&st, &name, &req.path)).await?,
+        blocking(move || do_unmount(&name, &req.path)).await?,
     ))
 }
 
-fn do_unmount(st: &MountState, name: &VolumeName, path: &Path) -> Result<MountInfo, ControlError> {
-    let _op = st.ops.lock().expect("mount lock");
+fn do_unmount(name: &VolumeName, path: &Path) -> Result<MountInfo, ControlError> {
     let link = Path::new(DEV_DIR).join(name.as_str());
     let info = |path: &Path, unchanged: bool| MountInfo {
         volume: name.to_string(),

@@ -26,8 +26,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use ::api::{ControlError, ErrorKind, VolumeName};
-use serde::{Deserialize, Serialize};
+use ::api::{Attachment, ControlError, ErrorKind, VolumeName};
 
 use self::fuse::session::Session;
 use self::fuse::{Registry, VolumeFs};
@@ -247,19 +246,6 @@ fn lazy_unmount(path: &Path) {
     }
 }
 
-/// The answer of attach and detach.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Attachment {
-    /// The volume.
-    pub volume: String,
-    /// The stable device name (`/dev/ballast/NAME`).
-    pub path: String,
-    /// The kernel device (`/dev/loopN`).
-    pub device: String,
-    /// Whether the volume is attached now.
-    pub attached: bool,
-}
-
 /// The node's attachments, over one [`Frontend`].
 #[derive(Debug)]
 pub struct Attacher {
@@ -305,23 +291,17 @@ impl Attacher {
             .map_err(|e| persist_error("cannot record the attached volumes", &e))
     }
 
-    /// Attach `name` (idempotent) and return where it is.
+    /// Attach `name` (idempotent) and return where it is, taking the volume over from another
+    /// node's live attachment when `force` is set (replicated volumes; the old writer is
+    /// fenced by epoch).
     ///
     /// Blocking: call from a blocking thread.
     ///
     /// # Errors
-    /// `not_found` for an unknown volume, `internal` if the device cannot be set up.
-    pub fn attach(&self, name: &VolumeName) -> Result<Attachment, ControlError> {
-        self.attach_with(name, false)
-    }
-
-    /// [`Attacher::attach`], taking the volume over from another node's live attachment
-    /// when `force` is set (replicated volumes; the old writer is fenced by epoch).
-    ///
-    /// # Errors
-    /// As [`Attacher::attach`], and `failed_precondition` when the volume is attached on a
-    /// live node and `force` is not set.
-    pub fn attach_with(&self, name: &VolumeName, force: bool) -> Result<Attachment, ControlError> {
+    /// `not_found` for an unknown volume, `internal` if the device cannot be set up,
+    /// `failed_precondition` when the volume is attached on a live node and `force` is not
+    /// set.
+    pub fn attach(&self, name: &VolumeName, force: bool) -> Result<Attachment, ControlError> {
         let _op = self.ops.lock().expect("attach lock");
         // Read the record first: a volume whose attachment cannot be recorded is not attached.
         let mut names = self.load()?;
@@ -435,7 +415,7 @@ impl Attacher {
             let Ok(vn) = VolumeName::new(&name) else {
                 continue;
             };
-            if let Err(e) = self.attach(&vn) {
+            if let Err(e) = self.attach(&vn, false) {
                 tracing::error!(volume = %name, error = %e.full_message(), "cannot attach again after restart");
             }
         }

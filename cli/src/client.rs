@@ -4,13 +4,9 @@
 //! connection keeps failures simple to attribute (cannot connect = the daemon is not running).
 //!
 //! Invariants:
-//! - every failure is a [`ClientError`] whose [`exit_code`](exit_code::for_error) is stable;
+//! - every failure is a [`ClientError`] whose [`exit_code`](crate::exit_code::for_error) is stable;
 //! - an error answer of the daemon is always decoded into its stable code and message; a body
 //!   that is not the documented error shape is reported as a protocol error, not guessed at.
-
-pub mod commands;
-pub mod exit_code;
-pub mod table;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -23,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::UnixStream;
 
-use crate::api::wire::ErrorBody;
+use api::http::ErrorBody;
 
 /// How long the CLI waits for the daemon to answer one request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);

@@ -13,17 +13,16 @@ use ::api::{format_size, PoolStatus, VolumeName, VolumeStatus};
 use hyper::StatusCode;
 use serde::Serialize;
 
-use crate::api::attach::{AttachRequest, DetachRequest};
-use crate::api::export::{ExportInfo, ExportRequest};
-use crate::api::nodes::NodeList;
-use crate::api::wire::{
-    CreateVolumeRequest, NodeStatus, PoolList, ResizeVolumeRequest, VolumeList,
-};
-use frontends::attach::Attachment;
-use crate::cli::{NodeCommand, OutputFormat, PoolCommand, VolumeCommand};
-use crate::client::table::{duration, key_values, utc_timestamp, Table};
-use crate::client::{ApiClient, ClientError};
 use ::api::byte_size::ByteSize;
+use ::api::http::{
+    AttachRequest, CreateVolumeRequest, DetachRequest, ExportInfo, ExportRequest, NodeList,
+    NodeStatus, PoolList, ResizeVolumeRequest, VolumeList,
+};
+use ::api::Attachment;
+
+use crate::args::{NodeCommand, OutputFormat, PoolCommand, VolumeCommand};
+use crate::client::{ApiClient, ClientError};
+use crate::table::{duration, key_values, utc_timestamp, Table};
 
 /// The outcome of a successful command: what to print on standard output.
 pub type Output = String;
@@ -134,8 +133,8 @@ pub async fn volume(client: &ApiClient, command: VolumeCommand) -> Result<Output
                 OutputFormat::Table => format!("volume {name} detached\n"),
             })
         }
-        VolumeCommand::Mount(args) => crate::mount::command::mount(client, args).await,
-        VolumeCommand::Unmount(args) => crate::mount::command::unmount(client, args).await,
+        VolumeCommand::Mount(args) => crate::mount::mount(client, args).await,
+        VolumeCommand::Unmount(args) => crate::mount::unmount(client, args).await,
     }
 }
 

@@ -1,7 +1,6 @@
 //! The client side of `ballast volume mount` and `ballast volume unmount`: their arguments
 //! (clap) and how they call the local API and render its answer.
 //!
-//! Kept with the mount module so that the CLI's enum and dispatcher only need one line each.
 //! Invariant: a relative PATH is made absolute against the CLI's working directory before it
 //! is sent (the daemon's working directory is not the user's); whether it exists is checked by
 //! the daemon, which is the one that mounts.
@@ -11,8 +10,9 @@ use std::path::{Path, PathBuf};
 use ::api::VolumeName;
 use clap::{Args, ValueEnum};
 
-use crate::api::mount::{MountInfo, MountRequest, UnmountRequest};
-use crate::cli::{OutputArgs, OutputFormat};
+use ::api::http::{MountInfo, MountRequest, UnmountRequest};
+
+use crate::args::{OutputArgs, OutputFormat};
 use crate::client::{ApiClient, ClientError};
 
 /// A filesystem `ballast volume mount` can create.

@@ -1,0 +1,159 @@
+//! The client commands' command line (clap derive types): `volume …`, `pool list`, `status`
+//! and `node list`. The `ballast` binary flattens [`ClientCommand`] beside its `daemon`
+//! subcommand; [`crate::run`] executes one.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Subcommand, ValueEnum};
+
+/// `ballast node …`.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// List the live nodes: id, zone, capacity, replica address.
+    #[command(alias = "ls")]
+    List(OutputArgs),
+}
+
+/// `ballast volume …`
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume (idempotent when the spec is identical).
+    Create {
+        /// The volume name: a lowercase DNS label of at most 63 characters.
+        name: String,
+        /// The size, e.g. 10GiB, 500MiB, 1G or a number of bytes.
+        #[arg(long)]
+        size: String,
+        /// Synchronous replicas, 1 to 5: on distinct nodes (cluster mode), or on distinct pool
+        /// devices of this node (standalone).
+        #[arg(long, default_value_t = 1)]
+        replicas: u8,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// List volumes.
+    #[command(alias = "ls")]
+    List(OutputArgs),
+    /// Show one volume.
+    Inspect {
+        /// The volume name.
+        name: String,
+        /// Follow it: redraw every second with a progress bar per rebuilding replica, until
+        /// every replica is healthy (or Ctrl-C). With `-o json`, one JSON object per line.
+        #[arg(long, short = 'w')]
+        watch: bool,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Delete a volume and free its space.
+    #[command(alias = "rm")]
+    Delete {
+        /// The volume name.
+        name: String,
+    },
+    /// Grow a volume (shrinking is refused).
+    Resize {
+        /// The volume name.
+        name: String,
+        /// The new size, e.g. 20GiB.
+        #[arg(long)]
+        size: String,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Print the NBD URI of a volume. Every volume is exported on the daemon's NBD unix
+    /// socket (nbd.sock in the data directory); with --tcp it is also served on TCP until
+    /// the daemon stops.
+    Export {
+        /// The volume name.
+        name: String,
+        /// Also serve the volume over TCP on this address (port 0 picks a free port).
+        #[arg(long, value_name = "ADDR")]
+        tcp: Option<SocketAddr>,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Make a volume a block device on this node and print its path (/dev/ballast/NAME).
+    /// Idempotent; the volume is attached again when the daemon restarts.
+    Attach {
+        /// The volume name.
+        name: String,
+        /// Take a replicated volume over from a node that still holds it (the old writer is
+        /// fenced by epoch and can no longer write).
+        #[arg(long)]
+        force: bool,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Remove a volume's block device from this node. Refused while the device is mounted or
+    /// open, unless --force.
+    Detach {
+        /// The volume name.
+        name: String,
+        /// Detach even if the device is mounted or open.
+        #[arg(long)]
+        force: bool,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Mount a volume's filesystem at PATH (attaching it, and formatting it only if it is empty).
+    Mount(crate::mount::MountArgs),
+    /// Unmount a volume's filesystem from PATH (idempotent); the volume stays attached.
+    Unmount(crate::mount::UnmountArgs),
+}
+
+/// `ballast pool …`
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// List this node's pool devices with capacity and allocation.
+    #[command(alias = "ls")]
+    List(OutputArgs),
+}
+
+/// The `-o/--output` flag of client commands.
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub struct OutputArgs {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
+}
+
+/// How client commands print their result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned, human-readable text.
+    #[default]
+    Table,
+    /// JSON, as the API returns it.
+    Json,
+}
+
+/// The environment variable naming the API socket, for the CLI and the daemon alike.
+pub const API_SOCKET_ENV: &str = "BALLAST_API_SOCKET";
+
+/// The API socket used when neither a flag, the environment nor the config file names one.
+pub const DEFAULT_API_SOCKET: &str = "/run/ballast/api.sock";
+
+
+/// The client commands: each one talks to the daemon's local API.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Create, list, inspect, resize and delete volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Show this node's storage pools.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Show the daemon's status: version, node, engine, capacity, volumes.
+    Status(OutputArgs),
+    /// Show the cluster's nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
