@@ -617,7 +617,6 @@ pub struct NodeRecord {
     pub version: String,
 }
 
-
 impl NodeRecord {
     /// Set the node's capacity and free space from its pool devices: the sums over them.
     pub fn count_pools(&mut self, pools: &[PoolStatus]) {
@@ -639,7 +638,6 @@ pub struct Attachment {
     /// Whether the volume is attached now.
     pub attached: bool,
 }
-
 
 /// What only the node that runs a workload can do: attach its volumes here, and say where
 /// "here" is. The CSI node service and the Docker plugin use it beside [`VolumeControl`].

@@ -140,7 +140,6 @@ pub const API_SOCKET_ENV: &str = "BALLAST_API_SOCKET";
 /// The API socket used when neither a flag, the environment nor the config file names one.
 pub const DEFAULT_API_SOCKET: &str = "/run/ballast/api.sock";
 
-
 /// The client commands: each one talks to the daemon's local API.
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
@@ -156,4 +155,3 @@ pub enum ClientCommand {
     #[command(subcommand)]
     Node(NodeCommand),
 }
-

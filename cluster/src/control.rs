@@ -39,14 +39,14 @@ use replication::remote::{RemoteOptions, RemoteReplica};
 use volume::device::BlockDevice;
 use volume::pool::Storage;
 
-use replication::device::{Child, DeviceSource, VolumeDevice};
 use crate::model::{
     node_key, volume_key, AttachmentRecord, NodeRecord, RebuildRecord, ReplicaRecord, ReplicaState,
     VolumeRecord, NODES, VOLUMES,
 };
-use crate::{peer, placement, repair};
 use crate::repair::RepairPolicy;
 use crate::store::{Kv, Store, StoreError};
+use crate::{peer, placement, repair};
+use replication::device::{Child, DeviceSource, VolumeDevice};
 
 /// Compare-and-swap retries before giving up on a contended record.
 const CAS_RETRIES: usize = 20;
@@ -524,12 +524,15 @@ impl Cluster {
     ) -> Result<Child, ControlError> {
         if node == self.me.id {
             let replica = self.storage.replica(name)?;
-            self.fence.register(name.as_str(), epoch).await.map_err(|e| {
-                ControlError::new(
-                    ErrorKind::FailedPrecondition,
-                    format!("cannot register epoch {epoch} of volume {name} on this node: {e}"),
-                )
-            })?;
+            self.fence
+                .register(name.as_str(), epoch)
+                .await
+                .map_err(|e| {
+                    ControlError::new(
+                        ErrorKind::FailedPrecondition,
+                        format!("cannot register epoch {epoch} of volume {name} on this node: {e}"),
+                    )
+                })?;
             return Ok(Child::Local {
                 replica,
                 fence: Arc::clone(&self.fence),

@@ -12,9 +12,9 @@ use ::api::{
 };
 use volume::pool::Storage;
 
-use frontends::attach::Attacher;
 use crate::node_info::{NodeInfo, Phase, VERSION};
 use cluster::Cluster;
+use frontends::attach::Attacher;
 
 /// This node's [`NodeControl`].
 #[derive(Debug)]

@@ -1,25 +1,24 @@
 //! The daemon's life: start-up, serving, and clean shutdown. This is the composition root
 //! that wires the storage engine to the local API and the operator endpoint.
 //!
-//! Start-up order, each step only after the previous one succeeded:
+//! [`run`] reads as the sequence it is:
 //! 1. install SIGTERM/SIGINT handlers (a signal during start-up is handled once storage is
 //!    open, so the engine is never abandoned half-opened);
-//! 2. lock the data directory ([`DataDirLock`]): two daemons never share one;
-//! 3. bind the API socket ([`BoundSocket`]), refusing if another daemon answers on it;
-//!    connections queue until step 6;
-//! 4. start the I/O engine, bind the operator endpoint (`--http`), write the bound address to
-//!    `<data-dir>/http.addr` and serve `/healthz` (200), `/readyz` (503 for now) and `/metrics`;
-//! 5. open storage;
-//! 6. serve NBD exports on `<data-dir>/nbd.sock` ([`NbdServer`]), serve the local API on the
-//!    socket, start the periodic checkpoint ([`CHECKPOINT_INTERVAL`]), and only then report
-//!    ready.
-//!
-//! Between 6's NBD and API steps, the attach frontend is set up (it mounts `<data-dir>/fuse`
-//! on the first attach) and the volumes recorded as attached are attached again ([`Attacher::restore`]).
-//!
-//! Shutdown (SIGTERM or SIGINT): report not ready, stop accepting on both listeners and let
-//! requests in flight finish (bounded by [`DRAIN_TIMEOUT`]), including NBD requests, flush and close storage
-//! ([`Storage::close`]), remove the socket and `http.addr`, release the lock.
+//! 2. take the exclusive resources ([`Held`]): lock the data directory ([`DataDirLock`], two
+//!    daemons never share one) and bind the API socket ([`BoundSocket`], refusing if another
+//!    daemon answers on it; connections queue until step 5), and the CSI and Docker sockets;
+//! 3. start the I/O engine and the operator endpoint ([`OpsEndpoint`]: `--http`, its bound
+//!    address in `<data-dir>/http.addr`, `/healthz` 200, `/readyz` 503 for now, `/metrics`);
+//! 4. open storage;
+//! 5. start everything else ([`Running::start`]): NBD on `<data-dir>/nbd.sock` (standalone) or
+//!    the cluster (replica server, lease), the attach frontend (volumes recorded as attached
+//!    are attached again), the Docker plugin, CSI, the local API and the periodic checkpoint
+//!    ([`CHECKPOINT_INTERVAL`]); then report ready and serve until a signal;
+//! 6. stop through the one shutdown path ([`Running::stop`]), whether start-up finished or
+//!    not: report not ready, stop accepting and let requests in flight finish (bounded by
+//!    [`DRAIN_TIMEOUT`]), detach, leave the cluster, flush and close storage
+//!    ([`Storage::close`]); then remove the API socket, stop the operator endpoint and
+//!    `http.addr`, release the lock.
 //!
 //! Invariant: once storage is open, every way out of [`run`] goes through `Storage::close`.
 
@@ -29,6 +28,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ::api::{
+    ControlError, PlacementHints, PoolStatus, VolumeControl, VolumeName, VolumeSpec, VolumeStatus,
+};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
@@ -37,18 +39,18 @@ use volume::pool::{PoolError, Storage, StorageConfig};
 
 use crate::api;
 use crate::api_socket::{BoundSocket, SocketError};
-use frontends::attach::{self, Attacher, FuseLoop};
 use crate::config::DaemonConfig;
 use crate::data_dir_lock::{DataDirLock, LockError};
 use crate::host::NodeHost;
 use crate::metrics::MetricsExporter;
-use frontends::nbd::{self, NbdServer};
 use crate::node_info::{NodeInfo, Phase};
 use crate::ops_endpoint;
-use replication::device::DeviceSource;
 use cluster::model::NodeRecord;
-use cluster::{publish_node, Cluster, ClusterSource};
 use cluster::standalone::{self, LocalSource, ReplicaSets, Standalone};
+use cluster::{publish_node, Cluster, ClusterSource};
+use frontends::attach::{self, Attacher, FuseLoop};
+use frontends::nbd::{self, NbdServer};
+use replication::device::DeviceSource;
 
 /// How long shutdown waits for requests in flight before closing storage anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -264,6 +266,74 @@ async fn lease_loop(cluster: Arc<Cluster>, mut lease: cluster::store::LeaseId, t
     }
 }
 
+/// This node's volume control: replicated volumes over the cluster store, or this node's
+/// storage alone (with the replica sets of multi-replica volumes). Chosen once at start-up;
+/// the local API, the CSI driver and the Docker plugin all serve this one value.
+#[derive(Debug, Clone)]
+enum Volumes {
+    Cluster(Arc<ClusterSource>),
+    Standalone(Arc<Standalone>),
+}
+
+impl VolumeControl for Volumes {
+    async fn create_volume(&self, spec: VolumeSpec) -> Result<VolumeStatus, ControlError> {
+        match self {
+            Self::Cluster(c) => c.create_volume(spec).await,
+            Self::Standalone(s) => s.create_volume(spec).await,
+        }
+    }
+
+    async fn create_volume_placed(
+        &self,
+        spec: VolumeSpec,
+        hints: &PlacementHints,
+    ) -> Result<VolumeStatus, ControlError> {
+        match self {
+            Self::Cluster(c) => c.create_volume_placed(spec, hints).await,
+            Self::Standalone(s) => s.create_volume_placed(spec, hints).await,
+        }
+    }
+
+    async fn delete_volume(&self, name: &VolumeName) -> Result<(), ControlError> {
+        match self {
+            Self::Cluster(c) => c.delete_volume(name).await,
+            Self::Standalone(s) => s.delete_volume(name).await,
+        }
+    }
+
+    async fn get_volume(&self, name: &VolumeName) -> Result<VolumeStatus, ControlError> {
+        match self {
+            Self::Cluster(c) => c.get_volume(name).await,
+            Self::Standalone(s) => s.get_volume(name).await,
+        }
+    }
+
+    async fn list_volumes(&self) -> Result<Vec<VolumeStatus>, ControlError> {
+        match self {
+            Self::Cluster(c) => c.list_volumes().await,
+            Self::Standalone(s) => s.list_volumes().await,
+        }
+    }
+
+    async fn resize_volume(
+        &self,
+        name: &VolumeName,
+        new_size_bytes: u64,
+    ) -> Result<VolumeStatus, ControlError> {
+        match self {
+            Self::Cluster(c) => c.resize_volume(name, new_size_bytes).await,
+            Self::Standalone(s) => s.resize_volume(name, new_size_bytes).await,
+        }
+    }
+
+    async fn list_pools(&self) -> Result<Vec<PoolStatus>, ControlError> {
+        match self {
+            Self::Cluster(c) => c.list_pools().await,
+            Self::Standalone(s) => s.list_pools().await,
+        }
+    }
+}
+
 /// Run the daemon until SIGTERM or SIGINT; `Ok` means a clean shutdown.
 ///
 /// Must be called inside a multi-threaded tokio runtime.
@@ -273,53 +343,13 @@ async fn lease_loop(cluster: Arc<Cluster>, mut lease: cluster::store::LeaseId, t
 /// open, …), a server failing, or storage failing to close.
 pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     let mut signals = ShutdownSignals::install()?;
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| NodeError::DataDir {
-        path: cfg.data_dir.clone(),
-        source,
-    })?;
-    let lock = DataDirLock::acquire(&cfg.lock_file())?;
-    tracing::debug!(path = %lock.path().display(), "locked the data directory");
-
-    let (socket, listener) = BoundSocket::bind(&cfg.api_socket)?;
-    let csi_listener = match &cfg.csi_socket {
-        Some(path) => Some(csi::bind(path).map_err(|source| NodeError::CsiSocket {
-            path: path.clone(),
-            source,
-        })?),
-        None => None,
-    };
-    let docker_listener = match &cfg.docker_socket {
-        // The same rules as the CSI socket: create the directory, replace a stale socket.
-        Some(path) => Some(csi::bind(path).map_err(|source| NodeError::DockerSocket {
-            path: path.clone(),
-            source,
-        })?),
-        None => None,
-    };
+    let held = Held::acquire(&cfg)?;
     let engine =
         volume::io::probe(cfg.engine.into(), cfg.io_threads.into()).map_err(NodeError::Engine)?;
     let node = Arc::new(NodeInfo::new(cfg.node_id.clone(), engine.name()));
     let metrics = Arc::new(MetricsExporter::<Storage>::new(Arc::clone(&node)));
     let (stop_tx, stop_rx) = watch::channel(false);
-
-    let tcp = TcpListener::bind(cfg.http)
-        .await
-        .map_err(|source| NodeError::HttpBind {
-            addr: cfg.http,
-            source,
-        })?;
-    let http_addr = tcp.local_addr().map_err(|source| NodeError::HttpBind {
-        addr: cfg.http,
-        source,
-    })?;
-    let addr_file = AddrFile::write(cfg.http_addr_file(), http_addr)?;
-    tracing::info!(%http_addr, addr_file = %addr_file.path.display(), "serving /healthz, /readyz and /metrics");
-    let ops = ops_endpoint::router(Arc::clone(&node), Arc::clone(&metrics));
-    let mut http_task = spawn_server(
-        axum::serve(tcp, ops)
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .into_future(),
-    );
+    let mut ops = OpsEndpoint::start(&cfg, &node, &metrics, stop_rx.clone()).await?;
 
     tracing::info!(
         node_id = %cfg.node_id,
@@ -338,210 +368,308 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     let storage = Arc::new(storage);
     metrics.attach(Arc::clone(&storage));
 
-    // NBD serves local replicas directly, so it runs only on a standalone node: in cluster
-    // mode it would bypass the nexus and its fencing.
-    let nbd_socket = cfg.data_dir.join(nbd::SOCKET_NAME);
-    let nbd = match cfg
-        .etcd
-        .is_empty()
-        .then(|| NbdServer::start(Arc::clone(&storage), nbd_socket.clone(), stop_rx.clone()))
-        .transpose()
-    {
-        Ok(nbd) => nbd,
-        Err(source) => {
-            if let Err(e) = storage.close().await {
-                tracing::error!(error = %crate::error_chain(&e), "storage did not close cleanly");
-            }
-            return Err(NodeError::NbdSocket {
-                path: nbd_socket,
-                source,
-            });
+    // From here on, every way out goes through `Running::stop`, which closes storage.
+    let mut running = Running::new(Arc::clone(&node), storage, stop_tx, stop_rx);
+    let served = match running.start(&cfg, held.listeners, &metrics).await {
+        Ok(()) => {
+            node.advance(Phase::Ready);
+            tracing::info!(api_socket = %held.socket.path().display(), http_addr = %ops.addr, "ballast daemon ready");
+            running.serve(&mut signals, &mut ops.task).await
         }
+        Err(e) => Err(e),
     };
+    let result = running.stop(served).await;
+    drop(held.socket);
+    ops.stop().await;
+    drop(held.lock);
+    result
+}
 
-    let cluster = if cfg.etcd.is_empty() {
-        None
-    } else {
-        match start_cluster(&cfg, &storage).await {
-            Ok(parts) => Some(parts),
-            Err(e) => {
-                if let Some(nbd) = &nbd {
-                    nbd.shutdown().await;
-                }
-                if let Err(e) = storage.close().await {
-                    tracing::error!(error = %crate::error_chain(&e), "storage did not close cleanly");
-                }
-                return Err(e);
-            }
-        }
-    };
-    if let Some(p) = &cluster {
-        metrics.attach_cluster(Arc::clone(&p.cluster));
+/// The exclusive resources taken before anything starts: the data directory's lock, the API
+/// socket, and the CSI and Docker sockets when configured. Released when dropped.
+struct Held {
+    lock: DataDirLock,
+    socket: BoundSocket,
+    listeners: Listeners,
+}
+
+/// The listening sockets the servers take over.
+struct Listeners {
+    api: tokio::net::UnixListener,
+    csi: Option<tokio::net::UnixListener>,
+    docker: Option<tokio::net::UnixListener>,
+}
+
+impl Held {
+    fn acquire(cfg: &DaemonConfig) -> Result<Self, NodeError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| NodeError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+        let lock = DataDirLock::acquire(&cfg.lock_file())?;
+        tracing::debug!(path = %lock.path().display(), "locked the data directory");
+        let (socket, api) = BoundSocket::bind(&cfg.api_socket)?;
+        // The CSI and Docker sockets follow the same rules: create the directory, replace a
+        // stale socket.
+        let bind = |path: &Option<PathBuf>, err: fn(PathBuf, std::io::Error) -> NodeError| {
+            path.as_ref()
+                .map(|p| csi::bind(p).map_err(|source| err(p.clone(), source)))
+                .transpose()
+        };
+        let csi = bind(&cfg.csi_socket, |path, source| NodeError::CsiSocket {
+            path,
+            source,
+        })?;
+        let docker = bind(&cfg.docker_socket, |path, source| NodeError::DockerSocket {
+            path,
+            source,
+        })?;
+        Ok(Self {
+            lock,
+            socket,
+            listeners: Listeners { api, csi, docker },
+        })
     }
-    // Standalone mode: the API and the attach source know which replicas of multi-replica
-    // volumes (one per pool device) are in sync.
-    let (source, standalone_api): (Arc<dyn DeviceSource>, Option<Arc<Standalone>>) = if let Some(
-        p,
-    ) = &cluster
-    {
-        (Arc::new(ClusterSource(Arc::clone(&p.cluster))), None)
-    } else {
-        let path = cfg.data_dir.join(standalone::FILE_NAME);
-        match ReplicaSets::open(&path) {
-            Ok(sets) => {
+}
+
+/// The operator endpoint (`/healthz`, `/readyz`, `/metrics`): up before storage opens and
+/// down only after it closed, so probes see the whole start-up and shutdown.
+struct OpsEndpoint {
+    addr: SocketAddr,
+    addr_file: AddrFile,
+    task: ServerTask,
+}
+
+impl OpsEndpoint {
+    async fn start(
+        cfg: &DaemonConfig,
+        node: &Arc<NodeInfo>,
+        metrics: &Arc<MetricsExporter<Storage>>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Self, NodeError> {
+        let bind_error = |source| NodeError::HttpBind {
+            addr: cfg.http,
+            source,
+        };
+        let tcp = TcpListener::bind(cfg.http).await.map_err(bind_error)?;
+        let addr = tcp.local_addr().map_err(bind_error)?;
+        let addr_file = AddrFile::write(cfg.http_addr_file(), addr)?;
+        tracing::info!(http_addr = %addr, addr_file = %addr_file.path.display(), "serving /healthz, /readyz and /metrics");
+        let ops = ops_endpoint::router(Arc::clone(node), Arc::clone(metrics));
+        let task = spawn_server(
+            axum::serve(tcp, ops)
+                .with_graceful_shutdown(stopped(stop))
+                .into_future(),
+        );
+        Ok(Self {
+            addr,
+            addr_file,
+            task,
+        })
+    }
+
+    async fn stop(self) {
+        drain("HTTP", self.task).await;
+        drop(self.addr_file);
+    }
+}
+
+/// Everything that runs once storage is open. Each part is recorded as soon as it started, so
+/// [`Running::stop`] stops exactly what started, whether start-up finished or not.
+struct Running {
+    node: Arc<NodeInfo>,
+    storage: Arc<Storage>,
+    stop_tx: watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
+    nbd: Option<Arc<NbdServer>>,
+    cluster: Option<ClusterParts>,
+    attacher: Option<Arc<Attacher>>,
+    /// The local API server.
+    api: Option<ServerTask>,
+    /// The other servers, with the socket each one removes when it stops.
+    servers: Vec<(&'static str, ServerTask, Option<PathBuf>)>,
+    checkpoints: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    fn new(
+        node: Arc<NodeInfo>,
+        storage: Arc<Storage>,
+        stop_tx: watch::Sender<bool>,
+        stop_rx: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            node,
+            storage,
+            stop_tx,
+            stop_rx,
+            nbd: None,
+            cluster: None,
+            attacher: None,
+            api: None,
+            servers: Vec::new(),
+            checkpoints: None,
+        }
+    }
+
+    /// Start the frontends, the cluster (in cluster mode) and every endpoint, in order.
+    async fn start(
+        &mut self,
+        cfg: &DaemonConfig,
+        listeners: Listeners,
+        metrics: &MetricsExporter<Storage>,
+    ) -> Result<(), NodeError> {
+        let storage = Arc::clone(&self.storage);
+        // NBD serves local replicas directly, so it runs only on a standalone node: in
+        // cluster mode it would bypass the nexus and its fencing.
+        if cfg.etcd.is_empty() {
+            let path = cfg.data_dir.join(nbd::SOCKET_NAME);
+            let nbd = NbdServer::start(Arc::clone(&storage), path.clone(), self.stop_rx.clone())
+                .map_err(|source| NodeError::NbdSocket { path, source })?;
+            self.nbd = Some(nbd);
+        } else {
+            let parts = start_cluster(cfg, &storage).await?;
+            metrics.attach_cluster(Arc::clone(&parts.cluster));
+            self.cluster = Some(parts);
+        }
+        let (volumes, source): (Volumes, Arc<dyn DeviceSource>) = match &self.cluster {
+            Some(p) => {
+                let source = Arc::new(ClusterSource(Arc::clone(&p.cluster)));
+                (Volumes::Cluster(Arc::clone(&source)), source)
+            }
+            None => {
+                // Which replicas of multi-replica volumes (one per pool device) are in sync.
+                let path = cfg.data_dir.join(standalone::FILE_NAME);
+                let sets = ReplicaSets::open(&path)
+                    .map_err(|source| NodeError::ReplicaSets { path, source })?;
                 let sets = Arc::new(sets);
                 (
-                    Arc::new(LocalSource::new(Arc::clone(&storage), Arc::clone(&sets))),
-                    Some(Arc::new(Standalone::new(Arc::clone(&storage), sets))),
+                    Volumes::Standalone(Arc::new(Standalone::new(
+                        Arc::clone(&storage),
+                        Arc::clone(&sets),
+                    ))),
+                    Arc::new(LocalSource::new(Arc::clone(&storage), sets)),
                 )
             }
-            Err(source) => {
-                if let Some(nbd) = &nbd {
-                    nbd.shutdown().await;
-                }
-                if let Err(e) = storage.close().await {
-                    tracing::error!(error = %crate::error_chain(&e), "storage did not close cleanly");
-                }
-                return Err(NodeError::ReplicaSets { path, source });
-            }
-        }
-    };
-    let attacher = start_attacher(source, &cfg.data_dir).await;
-    let host = Arc::new(NodeHost::new(
-        Arc::clone(&node),
-        cfg.zone.clone(),
-        Arc::clone(&storage),
-        cluster.as_ref().map(|p| Arc::clone(&p.cluster)),
-        attacher.clone(),
-    ));
-    let api = match &cluster {
-        Some(p) => api::router(
-            Arc::new(ClusterSource(Arc::clone(&p.cluster))),
-            Arc::clone(&node),
-        ),
-        None => api::router(
-            standalone_api.clone().expect("standalone mode has its API"),
-            Arc::clone(&node),
-        ),
-    }
-    .merge(api::nodes::router(Arc::clone(&host)))
-    .merge(api::attach::router(Arc::clone(&host)))
-    .merge(api::mount::router(Arc::clone(&host)))
-    .merge(match &nbd {
-        Some(nbd) => api::export::router(Arc::clone(&storage), Arc::clone(nbd)),
-        None => api::export::unavailable_router(),
-    });
-    let docker_task = match docker_listener {
-        Some(listener) => {
+        };
+        self.attacher = start_attacher(source, &cfg.data_dir).await;
+        let host = Arc::new(NodeHost::new(
+            Arc::clone(&self.node),
+            cfg.zone.clone(),
+            Arc::clone(&storage),
+            self.cluster.as_ref().map(|p| Arc::clone(&p.cluster)),
+            self.attacher.clone(),
+        ));
+        let volumes = Arc::new(volumes);
+        let api = api::router(Arc::clone(&volumes), Arc::clone(&self.node))
+            .merge(api::nodes::router(Arc::clone(&host)))
+            .merge(api::attach::router(Arc::clone(&host)))
+            .merge(api::mount::router(Arc::clone(&host)))
+            .merge(match &self.nbd {
+                Some(nbd) => api::export::router(Arc::clone(&storage), Arc::clone(nbd)),
+                None => api::export::unavailable_router(),
+            });
+        if let Some(listener) = listeners.docker {
             let config = plugin::PluginConfig {
                 mount_root: cfg.data_dir.join(DOCKER_MOUNT_DIR),
                 refs_file: cfg.data_dir.join(DOCKER_REFS_FILE),
                 attach_wait: cfg.lease_ttl * 3,
             };
-            let stop = stopped(stop_rx.clone());
-            let started = match (&cluster, &standalone_api) {
-                (Some(p), _) => {
-                    start_docker(
-                        listener,
-                        Arc::new(ClusterSource(Arc::clone(&p.cluster))),
-                        Arc::clone(&host),
-                        config,
-                        stop,
-                    )
-                    .await
-                }
-                (None, Some(s)) => {
-                    start_docker(listener, Arc::clone(s), Arc::clone(&host), config, stop).await
-                }
-                (None, None) => unreachable!("standalone mode has its API"),
-            };
-            match started {
-                Ok(task) => Some(task),
-                Err(source) => {
-                    // The callers file is unreadable: mounting would lose track of users.
-                    tracing::error!(error = %source, "the Docker plugin is not served");
-                    None
-                }
-            }
-        }
-        None => None,
-    };
-    let csi_task = csi_listener.map(|listener| {
-        let host = Arc::clone(&host);
-        let config = csi::NodeConfig {
-            allowed_root: cfg.kubelet_dir.clone(),
-        };
-        let stop = stopped(stop_rx.clone());
-        tracing::info!(socket = ?cfg.csi_socket, driver = csi::DRIVER_NAME, "serving CSI");
-        match (&cluster, &standalone_api) {
-            (Some(p), _) => spawn_server(csi::serve(
+            let stop = stopped(self.stop_rx.clone());
+            match start_docker(
                 listener,
-                Arc::new(ClusterSource(Arc::clone(&p.cluster))),
-                host,
+                Arc::clone(&volumes),
+                Arc::clone(&host),
                 config,
                 stop,
-            )),
-            (None, Some(s)) => {
-                spawn_server(csi::serve(listener, Arc::clone(s), host, config, stop))
+            )
+            .await
+            {
+                Ok(task) => self
+                    .servers
+                    .push(("Docker plugin", task, cfg.docker_socket.clone())),
+                // The callers file is unreadable: mounting would lose track of users.
+                Err(source) => tracing::error!(error = %source, "the Docker plugin is not served"),
             }
-            (None, None) => unreachable!("standalone mode has its API"),
         }
-    });
-    let stop_rx_checkpoint = stop_rx.clone();
-    let mut api_task = spawn_server(
-        axum::serve(listener, api)
-            .with_graceful_shutdown(stopped(stop_rx))
-            .into_future(),
-    );
-    let checkpoints = tokio::spawn(checkpoint_loop(Arc::clone(&storage), stop_rx_checkpoint));
-    node.advance(Phase::Ready);
-    tracing::info!(api_socket = %socket.path().display(), %http_addr, "ballast daemon ready");
+        if let Some(listener) = listeners.csi {
+            let config = csi::NodeConfig {
+                allowed_root: cfg.kubelet_dir.clone(),
+            };
+            tracing::info!(socket = ?cfg.csi_socket, driver = csi::DRIVER_NAME, "serving CSI");
+            let task = spawn_server(csi::serve(
+                listener,
+                Arc::clone(&volumes),
+                host,
+                config,
+                stopped(self.stop_rx.clone()),
+            ));
+            self.servers.push(("CSI", task, cfg.csi_socket.clone()));
+        }
+        self.api = Some(spawn_server(
+            axum::serve(listeners.api, api)
+                .with_graceful_shutdown(stopped(self.stop_rx.clone()))
+                .into_future(),
+        ));
+        self.checkpoints = Some(tokio::spawn(checkpoint_loop(storage, self.stop_rx.clone())));
+        Ok(())
+    }
 
-    let served = tokio::select! {
-        name = signals.recv() => {
-            tracing::info!(signal = name, "shutting down");
-            Ok(())
+    /// Serve until a shutdown signal (`Ok`) or until the local API or the operator endpoint
+    /// fails.
+    async fn serve(
+        &mut self,
+        signals: &mut ShutdownSignals,
+        http: &mut ServerTask,
+    ) -> Result<(), NodeError> {
+        let api = self.api.as_mut().expect("started");
+        tokio::select! {
+            name = signals.recv() => {
+                tracing::info!(signal = name, "shutting down");
+                Ok(())
+            }
+            r = api => Err(NodeError::Serve("local API", server_failure(r))),
+            r = http => Err(NodeError::Serve("HTTP", server_failure(r))),
         }
-        r = &mut api_task => Err(NodeError::Serve("local API", server_failure(r))),
-        r = &mut http_task => Err(NodeError::Serve("HTTP", server_failure(r))),
-    };
+    }
 
-    node.advance(Phase::Stopping);
-    let _ = stop_tx.send(true);
-    let _ = checkpoints.await;
-    drain("local API", api_task).await;
-    if let Some(task) = docker_task {
-        drain("Docker plugin", task).await;
-        if let Some(path) = &cfg.docker_socket {
-            let _ = std::fs::remove_file(path);
+    /// The one shutdown path: report not ready, stop accepting and let requests in flight
+    /// finish, detach the frontends, leave the cluster, then flush and close storage.
+    /// Returns `served`, or the close failure if it was `Ok`.
+    async fn stop(mut self, served: Result<(), NodeError>) -> Result<(), NodeError> {
+        self.node.advance(Phase::Stopping);
+        let _ = self.stop_tx.send(true);
+        if let Some(task) = self.checkpoints.take() {
+            let _ = task.await;
         }
-    }
-    if let Some(task) = csi_task {
-        drain("CSI", task).await;
-        if let Some(path) = &cfg.csi_socket {
-            let _ = std::fs::remove_file(path);
+        if let Some(task) = self.api.take() {
+            drain("local API", task).await;
         }
+        for (name, task, socket) in self.servers.drain(..) {
+            drain(name, task).await;
+            if let Some(path) = socket {
+                remove_quietly(&path);
+            }
+        }
+        if let Some(attacher) = self.attacher.take() {
+            let _ = tokio::task::spawn_blocking(move || attacher.shutdown()).await;
+        }
+        if let Some(nbd) = self.nbd.take() {
+            nbd.shutdown().await;
+        }
+        if let Some(p) = self.cluster.take() {
+            p.lease_task.abort();
+            p.server.stop().await;
+        }
+        let closed = self.storage.close().await.map_err(NodeError::Close);
+        match &closed {
+            Ok(()) => tracing::info!("storage flushed and closed"),
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(e), "storage did not close cleanly");
+            }
+        }
+        served.and(closed)
     }
-    if let Some(attacher) = attacher {
-        let _ = tokio::task::spawn_blocking(move || attacher.shutdown()).await;
-    }
-    if let Some(nbd) = &nbd {
-        nbd.shutdown().await;
-    }
-    if let Some(p) = cluster {
-        p.lease_task.abort();
-        p.server.stop().await;
-    }
-    let closed = storage.close().await.map_err(NodeError::Close);
-    match &closed {
-        Ok(()) => tracing::info!("storage flushed and closed"),
-        Err(e) => tracing::error!(error = %crate::error_chain(e), "storage did not close cleanly"),
-    }
-    drop(socket);
-    drain("HTTP", http_task).await;
-    drop(addr_file);
-    drop(lock);
-    served.and(closed)
 }
 
 /// The Docker plugin's mount root under the data directory.

@@ -238,4 +238,3 @@ pub trait DeviceSource: Send + Sync + fmt::Debug {
     /// `not_found` for an unknown volume.
     fn exists(&self, name: &VolumeName) -> Result<(), ControlError>;
 }
-

@@ -326,7 +326,10 @@ mod tests {
             async move { t.register("v", 2).await }
         });
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        assert!(!reg.is_finished(), "register returned while a request was admitted");
+        assert!(
+            !reg.is_finished(),
+            "register returned while a request was admitted"
+        );
         // Other volumes are not held up.
         t.register("w", 1).await.unwrap();
         drop(admitted);

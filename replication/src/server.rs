@@ -95,10 +95,7 @@ impl ReplicaServer {
         let (shutdown, _) = watch::channel(false);
         Ok(Self {
             listener,
-            ctx: Arc::new(Ctx {
-                storage,
-                fence,
-            }),
+            ctx: Arc::new(Ctx { storage, fence }),
             shutdown,
         })
     }

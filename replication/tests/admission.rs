@@ -84,7 +84,10 @@ async fn no_older_epoch_write_lands_after_register_returns() {
         for w in writers {
             landed += w.await.unwrap();
         }
-        assert!(landed > 0, "round {epoch}: no write landed before the registration");
+        assert!(
+            landed > 0,
+            "round {epoch}: no write landed before the registration"
+        );
         // ...is the replica once every older-epoch writer has given up.
         let settled = replica.read(0, IoBuf::zeroed(MIB as usize)).await.unwrap();
         assert!(

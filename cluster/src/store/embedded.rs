@@ -466,8 +466,8 @@ impl EmbeddedStore {
 
 #[cfg(test)]
 mod tests {
-    use crate::store::Store;
     use super::*;
+    use crate::store::Store;
 
     fn open(dir: &tempfile::TempDir) -> Store {
         Store::embedded(&dir.path().join("cluster.json")).unwrap()

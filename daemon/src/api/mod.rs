@@ -45,10 +45,10 @@ use axum::{Json, Router};
 
 use self::error::ApiError;
 use self::json_body::ApiJson;
+use crate::node_info::{NodeInfo, VERSION};
 use ::api::http::{
     CreateVolumeRequest, NodeStatus, PoolList, PoolsSummary, ResizeVolumeRequest, VolumeList,
 };
-use crate::node_info::{NodeInfo, VERSION};
 
 /// What the API handlers share.
 #[derive(Debug)]

@@ -113,9 +113,7 @@ async fn unmount_volume(
 ) -> Result<Json<MountInfo>, ApiError> {
     let name = VolumeName::new(&name)?;
     let _op = st.ops.lock().await;
-    Ok(Json(
-        blocking(move || do_unmount(&name, &req.path)).await?,
-    ))
+    Ok(Json(blocking(move || do_unmount(&name, &req.path)).await?))
 }
 
 fn do_unmount(name: &VolumeName, path: &Path) -> Result<MountInfo, ControlError> {

@@ -20,7 +20,11 @@ pub fn router(host: Arc<NodeHost>) -> Router {
 }
 
 async fn list_nodes(State(host): State<Arc<NodeHost>>) -> Result<Json<NodeList>, ApiError> {
-    let mode = if host.shared() { "cluster" } else { "standalone" };
+    let mode = if host.shared() {
+        "cluster"
+    } else {
+        "standalone"
+    };
     Ok(Json(NodeList {
         mode: mode.into(),
         nodes: host.nodes().await?,

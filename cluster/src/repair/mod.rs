@@ -2,7 +2,9 @@
 //!
 //! The node holding a volume's attachment runs one repair task for it (started at attach,
 //! ended when the nexus is dropped or fenced, or the attachment moves). Every
-//! [`RepairPolicy::interval`] it reads the volume record and, one replica at a time:
+//! [`RepairPolicy::interval`] it reads the volume record, asks the [`plan`] for the next
+//! step (a pure function of the record, the live nodes, the nexus and an injected clock) and
+//! carries it out:
 //! - **ejects** a healthy replica whose node's lease expired, so writes stop waiting for it;
 //! - **rebuilds** a replica that is ejected (or was left rebuilding by an earlier attachment)
 //!   once its node is live: it connects and registers the epoch, is recorded `rebuilding`,
@@ -20,7 +22,9 @@
 //! interval. A rebuild first grows its target to the volume's size (a replica that was away
 //! during a resize, or a replacement created before it, is smaller).
 
-use std::collections::HashMap;
+pub mod plan;
+
+use std::collections::BTreeSet;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -29,9 +33,10 @@ use replication::nexus::{ChildSpec, ChildState, Nexus, RebuildProgress, RebuildR
 use volume::device::BlockDevice;
 
 use replication::device::Child;
-use crate::model::{NodeRecord, RebuildRecord, ReplicaRecord, ReplicaState, VolumeRecord};
+
+use self::plan::{Planner, Step};
 use crate::control::{now_secs, Cluster};
-use crate::placement;
+use crate::model::{NodeRecord, RebuildRecord, ReplicaRecord, ReplicaState, VolumeRecord};
 
 /// How the repair task works.
 #[derive(Debug, Clone, Copy)]
@@ -55,13 +60,13 @@ impl Default for RepairPolicy {
 }
 
 /// The repair task of `name`, attached here with `epoch`.
-pub(super) async fn run(
+pub(crate) async fn run(
     cluster: Arc<Cluster>,
     name: VolumeName,
     epoch: u64,
     nexus: Weak<Nexus<Child>>,
 ) {
-    let mut gone_since: HashMap<String, Instant> = HashMap::new();
+    let mut planner = Planner::new(cluster.repair.replace_after);
     let mut last_error: Option<String> = None;
     loop {
         tokio::time::sleep(cluster.repair.interval).await;
@@ -92,16 +97,14 @@ pub(super) async fn run(
         } else {
             Ok(())
         };
-        let outcome = repair_once(
-            &cluster,
-            &nexus,
-            &name,
-            epoch,
-            &rec,
-            &nodes,
-            &mut gone_since,
-        )
-        .await;
+        let writable: BTreeSet<String> = nexus
+            .children()
+            .into_iter()
+            .filter(|(_, state)| state.writable())
+            .map(|(id, _)| id)
+            .collect();
+        let step = planner.next(Instant::now(), &rec, &nodes, &writable, nexus.size());
+        let outcome = execute(&cluster, &nexus, &name, epoch, &nodes, rec.size_bytes, step).await;
         match grown.and(outcome) {
             Err(e) if last_error.as_deref() != Some(e.as_str()) => {
                 tracing::warn!(volume = %name, error = %e, "repair step failed; retrying");
@@ -127,40 +130,34 @@ fn taken_over(name: &VolumeName) -> ControlError {
     )
 }
 
-/// One step: the first replica that needs something gets it.
-async fn repair_once(
+/// Carry out one step of the plan.
+async fn execute(
     cluster: &Arc<Cluster>,
     nexus: &Arc<Nexus<Child>>,
     name: &VolumeName,
     epoch: u64,
-    rec: &VolumeRecord,
     nodes: &[NodeRecord],
-    gone_since: &mut HashMap<String, Instant>,
+    volume_size: u64,
+    step: Step,
 ) -> Result<(), String> {
-    let live = |id: &str| nodes.iter().any(|n| n.id == id);
-    gone_since.retain(|id, _| !live(id));
-    for r in &rec.placement {
-        if r.state == ReplicaState::Healthy {
-            if !live(&r.node) && nexus.eject_child(&r.node, "its node's lease expired").await {
-                return Ok(());
-            }
-            continue;
+    match step {
+        Step::Idle => Ok(()),
+        Step::Eject { node } => {
+            nexus.eject_child(&node, "its node's lease expired").await;
+            Ok(())
         }
-        if live(&r.node) {
-            let size = rec.size_bytes.max(nexus.size());
-            return rebuild(cluster, nexus, name, epoch, nodes, r, size).await;
+        Step::Rebuild { node, since, size } => {
+            rebuild(cluster, nexus, name, epoch, nodes, &node, since, size).await
         }
-        let gone = *gone_since
-            .entry(r.node.clone())
-            .or_insert_with(Instant::now);
-        if gone.elapsed() >= cluster.repair.replace_after {
-            gone_since.remove(&r.node);
-            return replace(cluster, name, epoch, nodes, rec, &r.node)
+        Step::Replace { dead, with } => {
+            replace(cluster, name, epoch, nodes, volume_size, &dead, &with)
                 .await
-                .map_err(|e| e.full_message());
+                .map_err(|e| e.full_message())
         }
+        Step::NoReplacement { dead, reason } => Err(format!(
+            "no node can take a replacement for the replica on {dead}: {reason}"
+        )),
     }
-    Ok(())
 }
 
 fn progress_record(kind: &str, p: &RebuildProgress, started: Instant) -> RebuildRecord {
@@ -185,19 +182,21 @@ fn report_record(kind: &str, r: &RebuildReport) -> RebuildRecord {
     }
 }
 
-/// Rebuild the replica `r` (ejected, on a live node) of a volume of `size` bytes and record
-/// it healthy. The replica grows to `size` first if it is smaller.
+/// Rebuild the replica on `node` (ejected, live) of a volume of `size` bytes from generation
+/// `since` (0: full) and record it healthy. The replica grows to `size` first if smaller.
+#[allow(clippy::too_many_arguments)]
 async fn rebuild(
     cluster: &Arc<Cluster>,
     nexus: &Arc<Nexus<Child>>,
     name: &VolumeName,
     epoch: u64,
     nodes: &[NodeRecord],
-    r: &ReplicaRecord,
+    node: &str,
+    since: u64,
     size: u64,
 ) -> Result<(), String> {
-    let id = r.node.clone();
-    let kind = if r.since == 0 { "full" } else { "delta" };
+    let id = node.to_owned();
+    let kind = if since == 0 { "full" } else { "delta" };
     let dev = cluster
         .open_child(nodes, &id, name, epoch)
         .await
@@ -259,7 +258,7 @@ async fn rebuild(
         )
         .await
         .map_err(|e| e.full_message())?;
-    tracing::info!(volume = %name, replica = %id, kind, since = r.since, "rebuilding a replica");
+    tracing::info!(volume = %name, replica = %id, kind, since, "rebuilding a replica");
 
     // Publish progress about once a second while the copy runs.
     let reporter = {
@@ -289,7 +288,7 @@ async fn rebuild(
         })
     };
     let result = nexus
-        .rebuild(&id, r.since, cluster.repair.rate, &progress)
+        .rebuild(&id, since, cluster.repair.rate, &progress)
         .await;
     reporter.abort();
     let _ = reporter.await;
@@ -326,48 +325,17 @@ async fn rebuild(
     }
 }
 
-/// Replace the replica on `dead` with a new, empty one elsewhere; a full rebuild follows.
+/// Replace the replica on `dead` with a new, empty one on `chosen`; a full rebuild follows.
 async fn replace(
     cluster: &Arc<Cluster>,
     name: &VolumeName,
     epoch: u64,
     nodes: &[NodeRecord],
-    rec: &VolumeRecord,
+    size: u64,
     dead: &str,
+    chosen: &str,
 ) -> Result<(), ControlError> {
-    let used: Vec<&str> = rec.placement.iter().map(|r| r.node.as_str()).collect();
-    let used_zones: Vec<&str> = nodes
-        .iter()
-        .filter(|n| used.contains(&n.id.as_str()))
-        .filter_map(|n| n.zone.as_deref())
-        .collect();
-    let free: Vec<NodeRecord> = nodes
-        .iter()
-        .filter(|n| !used.contains(&n.id.as_str()))
-        .cloned()
-        .collect();
-    let new_zone: Vec<NodeRecord> = free
-        .iter()
-        .filter(|n| n.zone.as_deref().is_none_or(|z| !used_zones.contains(&z)))
-        .cloned()
-        .collect();
-    let candidates = if new_zone.is_empty() {
-        &free
-    } else {
-        &new_zone
-    };
-    let chosen = placement::place(candidates, 1, rec.size_bytes)
-        .map_err(|e| {
-            ControlError::new(
-                ErrorKind::ResourceExhausted,
-                format!("no node can take a replacement for the replica on {dead}: {e}"),
-            )
-        })?
-        .nodes
-        .remove(0);
-    cluster
-        .create_replica(nodes, &chosen, name, rec.size_bytes)
-        .await?;
+    cluster.create_replica(nodes, chosen, name, size).await?;
     cluster
         .update(name.as_str(), |rec| {
             if !holds(cluster, rec, epoch) {
@@ -385,7 +353,7 @@ async fn replace(
             };
             *slot = ReplicaRecord {
                 state: ReplicaState::Ejected,
-                ..ReplicaRecord::healthy(&chosen)
+                ..ReplicaRecord::healthy(chosen)
             };
             Ok(())
         })
