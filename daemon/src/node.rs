@@ -532,25 +532,22 @@ impl Running {
             metrics.attach_cluster(Arc::clone(&parts.cluster));
             self.cluster = Some(parts);
         }
-        let (volumes, source): (Volumes, Arc<dyn DeviceSource>) = match &self.cluster {
-            Some(p) => {
-                let source = Arc::new(ClusterSource(Arc::clone(&p.cluster)));
-                (Volumes::Cluster(Arc::clone(&source)), source)
-            }
-            None => {
-                // Which replicas of multi-replica volumes (one per pool device) are in sync.
-                let path = cfg.data_dir.join(standalone::FILE_NAME);
-                let sets = ReplicaSets::open(&path)
-                    .map_err(|source| NodeError::ReplicaSets { path, source })?;
-                let sets = Arc::new(sets);
-                (
-                    Volumes::Standalone(Arc::new(Standalone::new(
-                        Arc::clone(&storage),
-                        Arc::clone(&sets),
-                    ))),
-                    Arc::new(LocalSource::new(Arc::clone(&storage), sets)),
-                )
-            }
+        let (volumes, source): (Volumes, Arc<dyn DeviceSource>) = if let Some(p) = &self.cluster {
+            let source = Arc::new(ClusterSource(Arc::clone(&p.cluster)));
+            (Volumes::Cluster(Arc::clone(&source)), source)
+        } else {
+            // Which replicas of multi-replica volumes (one per pool device) are in sync.
+            let path = cfg.data_dir.join(standalone::FILE_NAME);
+            let sets = ReplicaSets::open(&path)
+                .map_err(|source| NodeError::ReplicaSets { path, source })?;
+            let sets = Arc::new(sets);
+            (
+                Volumes::Standalone(Arc::new(Standalone::new(
+                    Arc::clone(&storage),
+                    Arc::clone(&sets),
+                ))),
+                Arc::new(LocalSource::new(Arc::clone(&storage), sets)),
+            )
         };
         self.attacher = start_attacher(source, &cfg.data_dir).await;
         let host = Arc::new(NodeHost::new(

@@ -3,17 +3,16 @@
 //! replica server) or from the local data path ([`Child::Local`]). Both are admitted by the
 //! same guard in the fence table.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use api::{VolumeControl, VolumeName, VolumeSpec};
 use replication::device::Child;
 use replication::fence::FenceTable;
 use volume::device::{BlockDevice, DeviceErrorKind, WriteFlags};
-use volume::io::{probe, EngineKind, IoBuf};
-use volume::pool::{DeviceSpec, Storage, StorageConfig};
+use volume::io::IoBuf;
 
-const MIB: u64 = 1 << 20;
+mod common;
+
+use common::MIB;
 /// Writers racing each registration.
 const WRITERS: u8 = 8;
 /// Registrations (each of a newer epoch), each against a fresh set of writers.
@@ -21,33 +20,7 @@ const ROUNDS: u64 = 6;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_older_epoch_write_lands_after_register_returns() {
-    let base = std::env::var_os("BALLAST_TEST_DIR")
-        .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
-    let dir = tempfile::Builder::new()
-        .prefix("ballast-admission-test-")
-        .tempdir_in(&base)
-        .unwrap();
-    let storage = Storage::open(StorageConfig {
-        devices: vec![DeviceSpec {
-            path: dir.path().join("pool"),
-            create_size: Some(64 * MIB),
-        }],
-        node_id: "n0".into(),
-        force_format: false,
-        engine: probe(EngineKind::Sync, 2).unwrap(),
-    })
-    .await
-    .unwrap();
-    let name = VolumeName::new("v").unwrap();
-    storage
-        .create_volume(VolumeSpec {
-            name: name.clone(),
-            size_bytes: 8 * MIB,
-            replicas: 1,
-        })
-        .await
-        .unwrap();
-    let replica = storage.replica(&name).unwrap();
+    let (dir, storage, replica) = common::one_volume("n0", 2).await;
     let fence = Arc::new(FenceTable::open(dir.path().join("fence.json")).unwrap());
 
     for epoch in 1..=ROUNDS {

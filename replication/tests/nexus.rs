@@ -4,12 +4,11 @@
 //! delta and full rebuilds (also under concurrent writes), reconciliation, and online growth
 //! (replicas grown in their own storage, then the nexus; a child that cannot grow is ejected).
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use api::ErrorKind;
-use api::{VolumeControl, VolumeName, VolumeSpec};
+use api::VolumeName;
 use replication::nexus::{
     ChildSpec, ChildState, EjectFuture, Ejector, Nexus, RebuildError, RebuildProgress, Resizable,
 };
@@ -17,10 +16,12 @@ use replication::server::resize_replica;
 use volume::device::{
     BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, Generations, WriteFlags,
 };
-use volume::io::{probe, EngineKind, IoBuf};
-use volume::pool::{DeviceSpec, Replica, Storage, StorageConfig};
+use volume::io::IoBuf;
+use volume::pool::{Replica, Storage};
 
-const MIB: u64 = 1 << 20;
+mod common;
+
+use common::MIB;
 
 /// Faults a child can be told to show.
 #[derive(Debug, Default)]
@@ -161,36 +162,11 @@ struct Fixture {
 
 impl Fixture {
     async fn new(n: usize) -> Self {
-        let base = std::env::var_os("BALLAST_TEST_DIR")
-            .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
         let (mut dirs, mut storages, mut devs) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..n {
-            let dir = tempfile::Builder::new()
-                .prefix("ballast-nexus-test-")
-                .tempdir_in(&base)
-                .unwrap();
-            let storage = Storage::open(StorageConfig {
-                devices: vec![DeviceSpec {
-                    path: dir.path().join("pool"),
-                    create_size: Some(64 * MIB),
-                }],
-                node_id: format!("n{i}"),
-                force_format: false,
-                engine: probe(EngineKind::Sync, 1).unwrap(),
-            })
-            .await
-            .unwrap();
-            let name = VolumeName::new("v").unwrap();
-            storage
-                .create_volume(VolumeSpec {
-                    name: name.clone(),
-                    size_bytes: 8 * MIB,
-                    replicas: 1,
-                })
-                .await
-                .unwrap();
+            let (dir, storage, replica) = common::one_volume(&format!("n{i}"), 1).await;
             devs.push(Dev {
-                replica: storage.replica(&name).unwrap(),
+                replica,
                 faults: Arc::default(),
             });
             storages.push(Arc::new(storage));

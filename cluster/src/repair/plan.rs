@@ -249,7 +249,7 @@ mod tests {
         let t0 = Instant::now();
         let w = set(&["a"]);
         assert_eq!(p.next(t0, &rec, &without_b, &w, GIB), Step::Idle);
-        let almost = t0 + REPLACE_AFTER - Duration::from_secs(1);
+        let almost = t0 + REPLACE_AFTER.saturating_sub(Duration::from_secs(1));
         assert_eq!(p.next(almost, &rec, &without_b, &w, GIB), Step::Idle);
         // It comes back just in time: rebuilt, and the clock starts again when it goes.
         assert!(matches!(
