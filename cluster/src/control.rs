@@ -40,8 +40,8 @@ use volume::device::BlockDevice;
 use volume::pool::Storage;
 
 use crate::model::{
-    node_key, volume_key, AttachmentRecord, NodeRecord, RebuildRecord, ReplicaRecord, ReplicaState,
-    VolumeRecord, NODES, VOLUMES,
+    node_key, node_of, volume_key, AttachmentRecord, NodeRecord, RebuildRecord, ReplicaRecord,
+    ReplicaState, VolumeRecord, NODES, VOLUMES,
 };
 use crate::repair::RepairPolicy;
 use crate::store::{Kv, Store, StoreError};
@@ -71,9 +71,20 @@ fn decode_volume(kv: &Kv) -> Result<VolumeRecord, ControlError> {
     Ok(rec)
 }
 
+/// Where a node's volumes keep their replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// On distinct nodes of a cluster (etcd), reached through the replica protocol.
+    Cluster,
+    /// On distinct pool devices of this one node (the embedded store): standalone mode, a
+    /// one-node cluster whose replicas are keyed by (node, device).
+    Standalone,
+}
+
 /// This node's part of the cluster.
 #[derive(Debug)]
 pub struct Cluster {
+    pub(crate) mode: Mode,
     pub(crate) store: Store,
     pub(crate) me: NodeRecord,
     pub(crate) storage: Arc<Storage>,
@@ -88,6 +99,7 @@ impl Cluster {
     /// This node in `store`: `me` describes it (capacity is refreshed by
     /// [`Cluster::refresh`]).
     pub fn new(
+        mode: Mode,
         store: Store,
         me: NodeRecord,
         storage: Arc<Storage>,
@@ -96,6 +108,7 @@ impl Cluster {
         repair: RepairPolicy,
     ) -> Self {
         Self {
+            mode,
             store,
             me,
             storage,
@@ -105,6 +118,16 @@ impl Cluster {
             repair,
             nexuses: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether replicas live on other nodes or on this node's pool devices.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// This node's storage.
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
     }
 
     /// The store.
@@ -273,7 +296,10 @@ impl Cluster {
             if !state.writable() {
                 continue;
             }
-            if let Err(e) = self.resize_replica(&nodes, &id, name, size, false).await {
+            if let Err(e) = self
+                .resize_replica(&nodes, node_of(&id), name, size, false)
+                .await
+            {
                 tracing::warn!(volume = %name, node = %id, error = %e.full_message(), "cannot grow a replica of an attached volume; it will be ejected");
             }
         }
@@ -322,38 +348,64 @@ impl Cluster {
     }
 
     fn status(&self, rec: &VolumeRecord) -> VolumeStatus {
-        let healthy = rec.healthy();
-        let state = if healthy == 0 {
+        // Allocation of the replicas on this node, by pool device.
+        let local: Vec<(String, u64)> = VolumeName::new(&rec.name)
+            .ok()
+            .and_then(|n| self.storage.replicas(&n).ok())
+            .unwrap_or_default()
+            .iter()
+            .map(|c| (c.pool_id.clone(), c.replica.allocated_bytes()))
+            .collect();
+        let allocated = |r: &ReplicaRecord| {
+            if r.node != self.me.id {
+                return 0;
+            }
+            match &r.device {
+                Some(d) => local.iter().find(|(p, _)| p == d).map_or(0, |(_, a)| *a),
+                None => local.first().map_or(0, |(_, a)| *a),
+            }
+        };
+        let local_allocated = local.iter().map(|(_, a)| *a).max().unwrap_or(0);
+        // A replica recorded on a pool device of this node that is not there (the daemon
+        // started without it) cannot serve, whatever the record says.
+        let state = |r: &ReplicaRecord| match &r.device {
+            Some(d) if r.node == self.me.id && !local.iter().any(|(p, _)| p == d) => {
+                if r.state == ReplicaState::Healthy {
+                    "missing"
+                } else {
+                    r.state.as_str()
+                }
+            }
+            _ => r.state.as_str(),
+        };
+        let healthy = rec
+            .placement
+            .iter()
+            .filter(|r| state(r) == ReplicaState::Healthy.as_str())
+            .count();
+        let volume_state = if healthy == 0 {
             VolumeState::Faulted
         } else if healthy < usize::from(rec.replicas) {
             VolumeState::Degraded
         } else {
             VolumeState::Online
         };
-        let local_allocated = VolumeName::new(&rec.name)
-            .ok()
-            .and_then(|n| self.storage.replica(&n).ok())
-            .map_or(0, |r| r.allocated_bytes());
         VolumeStatus {
             id: rec.id.clone(),
             name: VolumeName::new(&rec.name).expect("recorded names are valid"),
             size_bytes: rec.size_bytes,
             replicas: rec.replicas,
             allocated_bytes: local_allocated,
-            state,
+            state: volume_state,
             created_at: rec.created_at,
             replica_status: rec
                 .placement
                 .iter()
                 .map(|r| ReplicaStatus {
                     node_id: r.node.clone(),
-                    pool_id: String::new(),
-                    allocated_bytes: if r.node == self.me.id {
-                        local_allocated
-                    } else {
-                        0
-                    },
-                    state: r.state.as_str().to_owned(),
+                    pool_id: r.device.clone().unwrap_or_default(),
+                    allocated_bytes: allocated(r),
+                    state: state(r).to_owned(),
                     rebuild: r.rebuild.as_ref().map(RebuildRecord::status),
                     last_rebuild: r.last_rebuild.as_ref().map(RebuildRecord::status),
                 })
@@ -422,6 +474,10 @@ impl Cluster {
         rec: &VolumeRecord,
     ) -> Result<VolumeDevice, ControlError> {
         let epoch = rec.epoch;
+        if self.mode == Mode::Standalone && rec.replicas == 1 {
+            // One replica on this node: served directly, nobody else can write it.
+            return self.storage.replica(name).map(VolumeDevice::Local);
+        }
         let nodes = self.nodes().await?;
         let mut children = Vec::new();
         let mut unreachable = Vec::new();
@@ -430,7 +486,7 @@ impl Cluster {
             .iter()
             .filter(|r| r.state == ReplicaState::Healthy)
         {
-            let opened = match self.open_child(&nodes, &r.node, name, epoch).await {
+            let opened = match self.open_child(&nodes, r, name, epoch).await {
                 // A replica that missed a resize grows before it serves.
                 Ok(child) => self
                     .fit_child(&nodes, &r.node, name, &child, rec.size_bytes)
@@ -440,14 +496,14 @@ impl Cluster {
             };
             match opened {
                 Ok(child) => children.push(ChildSpec {
-                    id: r.node.clone(),
+                    id: r.id(),
                     local: r.node == self.me.id,
                     dev: child,
                     state: ChildState::Healthy,
                 }),
                 Err(e) => {
-                    tracing::warn!(volume = %name, node = %r.node, error = %e.full_message(), "replica unreachable at attach");
-                    unreachable.push(r.node.clone());
+                    tracing::warn!(volume = %name, replica = %r.id(), error = %e.full_message(), "replica unreachable at attach; ejecting it");
+                    unreachable.push(r.id());
                 }
             }
         }
@@ -472,7 +528,7 @@ impl Cluster {
                     ));
                 }
                 for r in &mut rec.placement {
-                    if unreachable.contains(&r.node) {
+                    if unreachable.contains(&r.id()) {
                         r.state = ReplicaState::Ejected;
                     }
                 }
@@ -518,12 +574,27 @@ impl Cluster {
     pub(crate) async fn open_child(
         &self,
         nodes: &[NodeRecord],
-        node: &str,
+        r: &ReplicaRecord,
         name: &VolumeName,
         epoch: u64,
     ) -> Result<Child, ControlError> {
+        let node = r.node.as_str();
         if node == self.me.id {
-            let replica = self.storage.replica(name)?;
+            let replica = match &r.device {
+                Some(device) => self
+                    .storage
+                    .replicas(name)?
+                    .into_iter()
+                    .find(|c| &c.pool_id == device)
+                    .map(|c| c.replica)
+                    .ok_or_else(|| {
+                        ControlError::new(
+                            ErrorKind::Unavailable,
+                            format!("pool device {device} of volume {name}'s replica is missing"),
+                        )
+                    })?,
+                None => self.storage.replica(name)?,
+            };
             self.fence
                 .register(name.as_str(), epoch)
                 .await
@@ -622,6 +693,65 @@ impl Cluster {
             .cloned()
     }
 
+    /// Place a new volume's replicas on distinct nodes and create each one where it lives
+    /// (all or nothing).
+    async fn create_on_nodes(
+        &self,
+        spec: &VolumeSpec,
+        size: u64,
+        hints: &PlacementHints,
+    ) -> Result<Vec<ReplicaRecord>, ControlError> {
+        let nodes = self.nodes().await?;
+        let placement = placement::place_with(&nodes, usize::from(spec.replicas), size, hints)
+            .map_err(|e| ControlError::new(ErrorKind::ResourceExhausted, e.to_string()))?;
+        for w in &placement.warnings {
+            tracing::warn!(volume = %spec.name, "{w}");
+        }
+        let mut created: Vec<String> = Vec::new();
+        for node in &placement.nodes {
+            if let Err(e) = self.create_replica(&nodes, node, &spec.name, size).await {
+                for done in &created {
+                    self.delete_replica(&nodes, done, &spec.name).await;
+                }
+                return Err(ControlError::new(
+                    e.kind(),
+                    format!(
+                        "cannot create a replica of {} on node {node}: {}",
+                        spec.name,
+                        e.full_message()
+                    ),
+                ));
+            }
+            created.push(node.clone());
+        }
+        Ok(placement
+            .nodes
+            .iter()
+            .map(|n| ReplicaRecord::healthy(n))
+            .collect())
+    }
+
+    /// Create a new volume's replicas on distinct pool devices of this node (the storage
+    /// places them, all or nothing).
+    async fn create_on_devices(
+        &self,
+        spec: &VolumeSpec,
+        size: u64,
+    ) -> Result<Vec<ReplicaRecord>, ControlError> {
+        let status = self
+            .storage
+            .create_volume(VolumeSpec {
+                size_bytes: size,
+                ..spec.clone()
+            })
+            .await?;
+        Ok(status
+            .replica_status
+            .iter()
+            .map(|r| ReplicaRecord::on_device(&self.me.id, &r.pool_id))
+            .collect())
+    }
+
     /// Steps 2 and 3 of a resize: check, then grow, every replica of `rec` that can be
     /// reached to `size` bytes.
     async fn grow_replicas(
@@ -705,7 +835,7 @@ impl Ejector for StoreEjector {
                             "this node no longer holds the attachment",
                         ));
                     }
-                    for r in rec.placement.iter_mut().filter(|r| r.node == child) {
+                    for r in rec.placement.iter_mut().filter(|r| r.id() == child) {
                         // A replica that was not in sync keeps the older starting point.
                         r.since = match r.state {
                             ReplicaState::Healthy => since,
@@ -791,40 +921,17 @@ impl VolumeControl for ClusterSource {
                 ),
             ));
         }
-        let nodes = c.nodes().await?;
-        let placement = placement::place_with(&nodes, usize::from(spec.replicas), size, hints)
-            .map_err(|e| ControlError::new(ErrorKind::ResourceExhausted, e.to_string()))?;
-        for w in &placement.warnings {
-            tracing::warn!(volume = %spec.name, "{w}");
-        }
-        let mut created: Vec<String> = Vec::new();
-        for node in &placement.nodes {
-            if let Err(e) = c.create_replica(&nodes, node, &spec.name, size).await {
-                for done in &created {
-                    c.delete_replica(&nodes, done, &spec.name).await;
-                }
-                return Err(ControlError::new(
-                    e.kind(),
-                    format!(
-                        "cannot create a replica of {} on node {node}: {}",
-                        spec.name,
-                        e.full_message()
-                    ),
-                ));
-            }
-            created.push(node.clone());
-        }
+        let placement = match c.mode {
+            Mode::Cluster => c.create_on_nodes(&spec, size, hints).await?,
+            Mode::Standalone => c.create_on_devices(&spec, size).await?,
+        };
         let rec = VolumeRecord {
             name: spec.name.to_string(),
             id: uuid_like(),
             size_bytes: size,
             replicas: spec.replicas,
             created_at: now_secs(),
-            placement: placement
-                .nodes
-                .iter()
-                .map(|n| ReplicaRecord::healthy(n))
-                .collect(),
+            placement,
             attachment: None,
             epoch: 0,
         };
@@ -849,7 +956,7 @@ impl VolumeControl for ClusterSource {
                 ),
             ));
         }
-        tracing::info!(volume = %spec.name, nodes = ?placement.nodes, "replicated volume created");
+        tracing::info!(volume = %spec.name, replicas = ?rec.placement.iter().map(ReplicaRecord::id).collect::<Vec<_>>(), "volume created");
         Ok(c.status(&rec))
     }
 

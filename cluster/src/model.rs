@@ -56,6 +56,10 @@ impl ReplicaState {
 pub struct ReplicaRecord {
     /// The node holding it.
     pub node: String,
+    /// The pool device (its id) holding it, when the node holds several replicas of the
+    /// volume (standalone mode: one replica per pool device of the one node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// Its state.
     pub state: ReplicaState,
     /// When not healthy: it has every write up to this generation, so a rebuild copies only
@@ -75,12 +79,42 @@ impl ReplicaRecord {
     pub fn healthy(node: &str) -> Self {
         Self {
             node: node.to_owned(),
+            device: None,
             state: ReplicaState::Healthy,
             since: 0,
             rebuild: None,
             last_rebuild: None,
         }
     }
+}
+
+impl ReplicaRecord {
+    /// A healthy replica on pool device `device` of `node`.
+    pub fn on_device(node: &str, device: &str) -> Self {
+        Self {
+            device: Some(device.to_owned()),
+            ..Self::healthy(node)
+        }
+    }
+
+    /// The replica's id: its nexus child's id and how ejections and rebuilds name it. The
+    /// node id, or `NODE/DEVICE` for a replica on a given pool device.
+    pub fn id(&self) -> String {
+        replica_id(&self.node, self.device.as_deref())
+    }
+}
+
+/// The id of the replica on `node` (and pool `device`, if given); see [`ReplicaRecord::id`].
+pub fn replica_id(node: &str, device: Option<&str>) -> String {
+    match device {
+        Some(d) => format!("{node}/{d}"),
+        None => node.to_owned(),
+    }
+}
+
+/// The node of a replica id (see [`ReplicaRecord::id`]).
+pub fn node_of(id: &str) -> &str {
+    id.split_once('/').map_or(id, |(node, _)| node)
 }
 
 impl RebuildRecord {

@@ -8,7 +8,7 @@
 //! - `pools` is never empty: with no pool configured anywhere it holds the default pool file
 //!   `<data_dir>/pool.img`, created sparse at [`DEFAULT_POOL_SIZE`] if missing;
 //! - `io_threads` is at least 1;
-//! - `node_id` is non-empty.
+//! - `node_id` is non-empty and has no `/`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -321,6 +321,13 @@ impl DaemonConfig {
                 message: "it is empty".into(),
             });
         }
+        if node_id.contains('/') {
+            // Node ids are store keys and name replicas (`NODE/DEVICE`).
+            return Err(ConfigError::Invalid {
+                setting: "--node-id",
+                message: format!("{node_id:?} contains '/'; use letters, digits, '-' or '.'"),
+            });
+        }
         let etcd_given = !args.etcd.is_empty() || !file.etcd.is_empty();
         if etcd_given && args.listen.or(file.listen).is_none() {
             return Err(ConfigError::Invalid {
@@ -486,6 +493,16 @@ mod tests {
         assert_eq!(cfg.io_threads, 8);
         assert_eq!(cfg.pools, [PoolEntry::parse("/flag.img:2GiB").unwrap()]);
         assert_eq!(cfg.api_socket, Path::new("/s.sock"));
+    }
+
+    #[test]
+    fn a_node_id_with_a_slash_is_refused() {
+        let args = DaemonArgs {
+            node_id: Some("rack/1".into()),
+            ..DaemonArgs::default()
+        };
+        let e = DaemonConfig::merge(&args, None, ConfigFile::default(), fixed_host).unwrap_err();
+        assert!(e.to_string().contains("--node-id"), "{e}");
     }
 
     #[test]

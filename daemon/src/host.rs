@@ -8,11 +8,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use ::api::{
-    Attachment, ControlError, ErrorKind, NodeControl, NodeRecord, VolumeControl, VolumeName,
+    Attachment, ControlError, ErrorKind, NodeControl, NodeRecord, VolumeName,
 };
-use volume::pool::Storage;
 
-use crate::node_info::{NodeInfo, Phase, VERSION};
+use crate::node_info::{NodeInfo, Phase};
+use cluster::control::Mode;
 use cluster::Cluster;
 use frontends::attach::Attacher;
 
@@ -21,25 +21,22 @@ use frontends::attach::Attacher;
 pub struct NodeHost {
     info: Arc<NodeInfo>,
     zone: Option<String>,
-    storage: Arc<Storage>,
-    cluster: Option<Arc<Cluster>>,
+    cluster: Arc<Cluster>,
     attacher: Option<Arc<Attacher>>,
 }
 
 impl NodeHost {
-    /// The host of `info` in `zone`, placing over `cluster` (or this node's `storage` alone)
-    /// and attaching with `attacher` (`None` when the attach frontend failed to start).
+    /// The host of `info` in `zone`, placing over `cluster` (this node alone in standalone
+    /// mode) and attaching with `attacher` (`None` when the attach frontend failed to start).
     pub fn new(
         info: Arc<NodeInfo>,
         zone: Option<String>,
-        storage: Arc<Storage>,
-        cluster: Option<Arc<Cluster>>,
+        cluster: Arc<Cluster>,
         attacher: Option<Arc<Attacher>>,
     ) -> Self {
         Self {
             info,
             zone,
-            storage,
             cluster,
             attacher,
         }
@@ -81,23 +78,11 @@ impl NodeControl for NodeHost {
     }
 
     fn shared(&self) -> bool {
-        self.cluster.is_some()
+        self.cluster.mode() == Mode::Cluster
     }
 
     async fn nodes(&self) -> Result<Vec<NodeRecord>, ControlError> {
-        if let Some(c) = &self.cluster {
-            return c.nodes().await;
-        }
-        let mut me = NodeRecord {
-            id: self.info.node_id().to_owned(),
-            replica_addr: String::new(),
-            zone: self.zone.clone(),
-            capacity_bytes: 0,
-            free_bytes: 0,
-            version: VERSION.to_owned(),
-        };
-        me.count_pools(&self.storage.list_pools().await?);
-        Ok(vec![me])
+        self.cluster.nodes().await
     }
 
     async fn attach(&self, name: &VolumeName, force: bool) -> Result<Attachment, ControlError> {
@@ -117,9 +102,7 @@ impl NodeControl for NodeHost {
     async fn refresh_size(&self, name: &VolumeName) -> Result<u64, ControlError> {
         // A resize made on another node changed the record and the replicas: the nexus
         // attached here takes the recorded size before the device is refreshed.
-        if let Some(c) = &self.cluster {
-            c.sync_size(name).await?;
-        }
+        self.cluster.sync_size(name).await?;
         let name = name.clone();
         self.blocking(move |a| a.refresh(&name)).await
     }

@@ -25,7 +25,8 @@
 //! | `ballast_volume_io_latency_seconds` | histogram | `volume`, `op` |
 //! | `ballast_volume_checksum_errors_total` | counter | `volume` |
 //!
-//! In cluster mode, also (the cluster's view, the same on every node; aggregate with `max`):
+//! Also the cluster's view (the same on every node; aggregate with `max`). `node` names the
+//! replica: its node, or `NODE/DEVICE` in standalone mode (one replica per pool device):
 //!
 //! | name | type | labels |
 //! |---|---|---|
@@ -190,7 +191,7 @@ impl ClusterScrape {
                         (
                             [
                                 ("volume", v.name.clone()),
-                                ("node", r.node.clone()),
+                                ("node", r.id()),
                                 ("state", s.as_str().to_owned()),
                             ],
                             u64::from(r.state == s),
@@ -204,7 +205,7 @@ impl ClusterScrape {
                 v.placement.iter().filter_map(move |r| {
                     r.rebuild
                         .as_ref()
-                        .map(|b| ([("volume", v.name.clone()), ("node", r.node.clone())], b))
+                        .map(|b| ([("volume", v.name.clone()), ("node", r.id())], b))
                 })
             })
         };

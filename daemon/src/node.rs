@@ -28,9 +28,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::api::{
-    ControlError, PlacementHints, PoolStatus, VolumeControl, VolumeName, VolumeSpec, VolumeStatus,
-};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
@@ -46,7 +43,8 @@ use crate::metrics::MetricsExporter;
 use crate::node_info::{NodeInfo, Phase};
 use crate::ops_endpoint;
 use cluster::model::NodeRecord;
-use cluster::standalone::{self, LocalSource, ReplicaSets, Standalone};
+use cluster::control::Mode;
+use cluster::standalone;
 use cluster::{publish_node, Cluster, ClusterSource};
 use frontends::attach::{self, Attacher, FuseLoop};
 use frontends::nbd::{self, NbdServer};
@@ -133,32 +131,26 @@ pub enum NodeError {
     /// A server stopped on its own.
     #[error("the {0} server stopped unexpectedly")]
     Serve(&'static str, #[source] std::io::Error),
-    /// The replica-set file of standalone multi-replica volumes cannot be used.
-    #[error("cannot open the replica-set file {path}")]
-    ReplicaSets {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Cluster mode could not start.
-    #[error("cannot join the cluster: {0}")]
+    /// The cluster (this node alone, in standalone mode) could not start.
+    #[error("cannot start the cluster: {0}")]
     Cluster(String),
 }
 
-/// What cluster mode runs besides storage.
+/// What runs besides storage to keep the volumes' records: the cluster (this node alone in
+/// standalone mode), the replica server (cluster mode) and the lease task.
 struct ClusterParts {
     cluster: Arc<Cluster>,
-    server: replication::server::ServerHandle,
+    server: Option<replication::server::ServerHandle>,
     lease_task: JoinHandle<()>,
 }
 
 /// How long a replica request may take before the replica is ejected.
 pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Join the cluster: open the fence table, connect to etcd, serve replicas, register this
-/// node under a lease and keep it renewed.
+/// Start this node's part of the cluster: open the fence table and the store (etcd in
+/// cluster mode, the embedded store in standalone mode), serve replicas to peers (cluster
+/// mode), register this node under a lease and keep it renewed. In standalone mode, volumes
+/// the store does not know yet are recorded ([`standalone::adopt`]).
 async fn start_cluster(
     cfg: &DaemonConfig,
     storage: &Arc<Storage>,
@@ -167,31 +159,47 @@ async fn start_cluster(
     let fence = replication::fence::FenceTable::open(cfg.data_dir.join("fence.json"))
         .map_err(|e| fail("cannot open the fence table", &e))?;
     let fence = Arc::new(fence);
-    let store = cluster::store::Store::etcd(&cfg.etcd)
-        .await
-        .map_err(|e| fail("cannot reach the cluster store", &e))?;
-    let listen = cfg
-        .listen
-        .ok_or_else(|| NodeError::Cluster("--listen is required with --etcd".into()))?;
-    let server =
-        replication::server::ReplicaServer::bind(listen, Arc::clone(storage), Arc::clone(&fence))
+    let (mode, store, server) = if cfg.etcd.is_empty() {
+        let path = cfg.data_dir.join(standalone::STORE_FILE);
+        let store = cluster::store::Store::embedded(&path).map_err(|e| {
+            fail(&format!("cannot open the embedded store {}", path.display()), &e)
+        })?;
+        (Mode::Standalone, store, None)
+    } else {
+        let store = cluster::store::Store::etcd(&cfg.etcd)
             .await
-            .map_err(|e| fail(&format!("cannot listen for replicas on {listen}"), &e))?;
-    let addr = server
-        .local_addr()
-        .map_err(|e| fail("cannot read the replica address", &e))?;
-    let server = server
-        .spawn()
-        .map_err(|e| fail("cannot start the replica server", &e))?;
+            .map_err(|e| fail("cannot reach the cluster store", &e))?;
+        let listen = cfg
+            .listen
+            .ok_or_else(|| NodeError::Cluster("--listen is required with --etcd".into()))?;
+        let server = replication::server::ReplicaServer::bind(
+            listen,
+            Arc::clone(storage),
+            Arc::clone(&fence),
+        )
+        .await
+        .map_err(|e| fail(&format!("cannot listen for replicas on {listen}"), &e))?;
+        let addr = server
+            .local_addr()
+            .map_err(|e| fail("cannot read the replica address", &e))?;
+        let server = server
+            .spawn()
+            .map_err(|e| fail("cannot start the replica server", &e))?;
+        (Mode::Cluster, store, Some((server, addr)))
+    };
     let me = NodeRecord {
         id: cfg.node_id.clone(),
-        replica_addr: addr.to_string(),
+        replica_addr: server
+            .as_ref()
+            .map(|(_, addr)| addr.to_string())
+            .unwrap_or_default(),
         zone: cfg.zone.clone(),
         capacity_bytes: 0,
         free_bytes: 0,
         version: crate::node_info::VERSION.to_owned(),
     };
     let cluster = Arc::new(Cluster::new(
+        mode,
         store,
         me,
         Arc::clone(storage),
@@ -203,15 +211,34 @@ async fn start_cluster(
             ..cluster::RepairPolicy::default()
         },
     ));
-    let lease = cluster
-        .store()
-        .grant_lease(cfg.lease_ttl)
-        .await
-        .map_err(|e| fail("cannot take a node lease", &e))?;
-    publish_node(&cluster, lease)
-        .await
-        .map_err(|e| fail("cannot register this node", &e))?;
-    tracing::info!(node = %cluster.node_id(), replica_addr = %addr, zone = ?cfg.zone, ttl = ?cfg.lease_ttl, "joined the cluster");
+    let server = server.map(|(s, _)| s);
+    let stop_server = |server: Option<replication::server::ServerHandle>| async move {
+        if let Some(s) = server {
+            s.stop().await;
+        }
+    };
+    let lease = match cluster.store().grant_lease(cfg.lease_ttl).await {
+        Ok(l) => l,
+        Err(e) => {
+            stop_server(server).await;
+            return Err(fail("cannot take a node lease", &e));
+        }
+    };
+    if let Err(e) = publish_node(&cluster, lease).await {
+        stop_server(server).await;
+        return Err(fail("cannot register this node", &e));
+    }
+    if mode == Mode::Standalone {
+        let legacy = cfg.data_dir.join(standalone::LEGACY_SETS_FILE);
+        match standalone::adopt(&cluster, &legacy).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(volumes = n, "recorded this node's volumes in the store"),
+            Err(e) => return Err(fail("cannot record this node's volumes", &e.full_message())),
+        }
+        tracing::info!(node = %cluster.node_id(), "standalone: this node alone, over the embedded store");
+    } else {
+        tracing::info!(node = %cluster.node_id(), replica_addr = %cluster.record().await.replica_addr, zone = ?cfg.zone, ttl = ?cfg.lease_ttl, "joined the cluster");
+    }
     let lease_task = tokio::spawn(lease_loop(Arc::clone(&cluster), lease, cfg.lease_ttl));
     Ok(ClusterParts {
         cluster,
@@ -262,74 +289,6 @@ async fn lease_loop(cluster: Arc<Cluster>, mut lease: cluster::store::LeaseId, t
                 },
                 Err(e) => tracing::warn!(error = %e, "cannot take a new lease yet"),
             }
-        }
-    }
-}
-
-/// This node's volume control: replicated volumes over the cluster store, or this node's
-/// storage alone (with the replica sets of multi-replica volumes). Chosen once at start-up;
-/// the local API, the CSI driver and the Docker plugin all serve this one value.
-#[derive(Debug, Clone)]
-enum Volumes {
-    Cluster(Arc<ClusterSource>),
-    Standalone(Arc<Standalone>),
-}
-
-impl VolumeControl for Volumes {
-    async fn create_volume(&self, spec: VolumeSpec) -> Result<VolumeStatus, ControlError> {
-        match self {
-            Self::Cluster(c) => c.create_volume(spec).await,
-            Self::Standalone(s) => s.create_volume(spec).await,
-        }
-    }
-
-    async fn create_volume_placed(
-        &self,
-        spec: VolumeSpec,
-        hints: &PlacementHints,
-    ) -> Result<VolumeStatus, ControlError> {
-        match self {
-            Self::Cluster(c) => c.create_volume_placed(spec, hints).await,
-            Self::Standalone(s) => s.create_volume_placed(spec, hints).await,
-        }
-    }
-
-    async fn delete_volume(&self, name: &VolumeName) -> Result<(), ControlError> {
-        match self {
-            Self::Cluster(c) => c.delete_volume(name).await,
-            Self::Standalone(s) => s.delete_volume(name).await,
-        }
-    }
-
-    async fn get_volume(&self, name: &VolumeName) -> Result<VolumeStatus, ControlError> {
-        match self {
-            Self::Cluster(c) => c.get_volume(name).await,
-            Self::Standalone(s) => s.get_volume(name).await,
-        }
-    }
-
-    async fn list_volumes(&self) -> Result<Vec<VolumeStatus>, ControlError> {
-        match self {
-            Self::Cluster(c) => c.list_volumes().await,
-            Self::Standalone(s) => s.list_volumes().await,
-        }
-    }
-
-    async fn resize_volume(
-        &self,
-        name: &VolumeName,
-        new_size_bytes: u64,
-    ) -> Result<VolumeStatus, ControlError> {
-        match self {
-            Self::Cluster(c) => c.resize_volume(name, new_size_bytes).await,
-            Self::Standalone(s) => s.resize_volume(name, new_size_bytes).await,
-        }
-    }
-
-    async fn list_pools(&self) -> Result<Vec<PoolStatus>, ControlError> {
-        match self {
-            Self::Cluster(c) => c.list_pools().await,
-            Self::Standalone(s) => s.list_pools().await,
         }
     }
 }
@@ -527,37 +486,20 @@ impl Running {
             let nbd = NbdServer::start(Arc::clone(&storage), path.clone(), self.stop_rx.clone())
                 .map_err(|source| NodeError::NbdSocket { path, source })?;
             self.nbd = Some(nbd);
-        } else {
-            let parts = start_cluster(cfg, &storage).await?;
-            metrics.attach_cluster(Arc::clone(&parts.cluster));
-            self.cluster = Some(parts);
         }
-        let (volumes, source): (Volumes, Arc<dyn DeviceSource>) = if let Some(p) = &self.cluster {
-            let source = Arc::new(ClusterSource(Arc::clone(&p.cluster)));
-            (Volumes::Cluster(Arc::clone(&source)), source)
-        } else {
-            // Which replicas of multi-replica volumes (one per pool device) are in sync.
-            let path = cfg.data_dir.join(standalone::FILE_NAME);
-            let sets = ReplicaSets::open(&path)
-                .map_err(|source| NodeError::ReplicaSets { path, source })?;
-            let sets = Arc::new(sets);
-            (
-                Volumes::Standalone(Arc::new(Standalone::new(
-                    Arc::clone(&storage),
-                    Arc::clone(&sets),
-                ))),
-                Arc::new(LocalSource::new(Arc::clone(&storage), sets)),
-            )
-        };
+        let parts = start_cluster(cfg, &storage).await?;
+        metrics.attach_cluster(Arc::clone(&parts.cluster));
+        let cluster = Arc::clone(&parts.cluster);
+        self.cluster = Some(parts);
+        let volumes = Arc::new(ClusterSource(Arc::clone(&cluster)));
+        let source: Arc<dyn DeviceSource> = Arc::clone(&volumes) as Arc<dyn DeviceSource>;
         self.attacher = start_attacher(source, &cfg.data_dir).await;
         let host = Arc::new(NodeHost::new(
             Arc::clone(&self.node),
             cfg.zone.clone(),
-            Arc::clone(&storage),
-            self.cluster.as_ref().map(|p| Arc::clone(&p.cluster)),
+            cluster,
             self.attacher.clone(),
         ));
-        let volumes = Arc::new(volumes);
         let api = api::router(Arc::clone(&volumes), Arc::clone(&self.node))
             .merge(api::nodes::router(Arc::clone(&host)))
             .merge(api::attach::router(Arc::clone(&host)))
@@ -656,7 +598,9 @@ impl Running {
         }
         if let Some(p) = self.cluster.take() {
             p.lease_task.abort();
-            p.server.stop().await;
+            if let Some(server) = p.server {
+                server.stop().await;
+            }
         }
         let closed = self.storage.close().await.map_err(NodeError::Close);
         match &closed {

@@ -367,12 +367,17 @@ pub async fn resize_replica(
     size: u64,
     dry_run: bool,
 ) -> Result<u64, ControlError> {
-    let have = storage.replica(name)?.size();
+    // Every copy on this node (one per pool device in standalone mode); the smallest counts.
+    let copies = storage.replicas(name)?;
+    let smallest = |copies: &[volume::pool::DiskReplica]| {
+        copies.iter().map(|c| c.replica.size()).min().unwrap_or(0)
+    };
+    let have = smallest(&copies);
     if size <= have {
         return Ok(have);
     }
     let pools = storage.list_pools().await?;
-    for copy in storage.replicas(name)? {
+    for copy in copies {
         let cap = pools
             .iter()
             .find(|p| p.id == copy.pool_id)
@@ -395,8 +400,8 @@ pub async fn resize_replica(
     match storage.resize_volume(name, size).await {
         Ok(status) => Ok(status.size_bytes),
         // A concurrent resize grew it past `size` meanwhile (the pool refuses a "shrink").
-        Err(e) if e.kind() == ErrorKind::InvalidArgument => match storage.replica(name) {
-            Ok(r) if r.size() >= size => Ok(r.size()),
+        Err(e) if e.kind() == ErrorKind::InvalidArgument => match storage.replicas(name) {
+            Ok(copies) if smallest(&copies) >= size => Ok(smallest(&copies)),
             _ => Err(e),
         },
         Err(e) => Err(e),

@@ -104,7 +104,7 @@ pub(crate) async fn run(
             .map(|(id, _)| id)
             .collect();
         let step = planner.next(Instant::now(), &rec, &nodes, &writable, nexus.size());
-        let outcome = execute(&cluster, &nexus, &name, epoch, &nodes, rec.size_bytes, step).await;
+        let outcome = execute(&cluster, &nexus, &name, epoch, &nodes, &rec, step).await;
         match grown.and(outcome) {
             Err(e) if last_error.as_deref() != Some(e.as_str()) => {
                 tracing::warn!(volume = %name, error = %e, "repair step failed; retrying");
@@ -137,20 +137,27 @@ async fn execute(
     name: &VolumeName,
     epoch: u64,
     nodes: &[NodeRecord],
-    volume_size: u64,
+    rec: &VolumeRecord,
     step: Step,
 ) -> Result<(), String> {
     match step {
         Step::Idle => Ok(()),
-        Step::Eject { node } => {
-            nexus.eject_child(&node, "its node's lease expired").await;
+        Step::Eject { replica } => {
+            nexus.eject_child(&replica, "its node's lease expired").await;
             Ok(())
         }
-        Step::Rebuild { node, since, size } => {
-            rebuild(cluster, nexus, name, epoch, nodes, &node, since, size).await
+        Step::Rebuild {
+            replica,
+            since,
+            size,
+        } => {
+            let Some(r) = rec.placement.iter().find(|r| r.id() == replica) else {
+                return Ok(());
+            };
+            rebuild(cluster, nexus, name, epoch, nodes, r, since, size).await
         }
         Step::Replace { dead, with } => {
-            replace(cluster, name, epoch, nodes, volume_size, &dead, &with)
+            replace(cluster, name, epoch, nodes, rec.size_bytes, &dead, &with)
                 .await
                 .map_err(|e| e.full_message())
         }
@@ -182,8 +189,9 @@ fn report_record(kind: &str, r: &RebuildReport) -> RebuildRecord {
     }
 }
 
-/// Rebuild the replica on `node` (ejected, live) of a volume of `size` bytes from generation
-/// `since` (0: full) and record it healthy. The replica grows to `size` first if smaller.
+/// Rebuild the replica `r` (ejected, its node live) of a volume of `size` bytes from
+/// generation `since` (0: full) and record it healthy. The replica grows to `size` first if
+/// smaller.
 #[allow(clippy::too_many_arguments)]
 async fn rebuild(
     cluster: &Arc<Cluster>,
@@ -191,24 +199,24 @@ async fn rebuild(
     name: &VolumeName,
     epoch: u64,
     nodes: &[NodeRecord],
-    node: &str,
+    r: &ReplicaRecord,
     since: u64,
     size: u64,
 ) -> Result<(), String> {
-    let id = node.to_owned();
+    let id = r.id();
     let kind = if since == 0 { "full" } else { "delta" };
     let dev = cluster
-        .open_child(nodes, &id, name, epoch)
+        .open_child(nodes, r, name, epoch)
         .await
-        .map_err(|e| format!("replica on {id}: {}", e.full_message()))?;
+        .map_err(|e| format!("replica {id}: {}", e.full_message()))?;
     cluster
-        .fit_child(nodes, &id, name, &dev, size)
+        .fit_child(nodes, &r.node, name, &dev, size)
         .await
-        .map_err(|e| format!("replica on {id} cannot grow: {}", e.full_message()))?;
+        .map_err(|e| format!("replica {id} cannot grow: {}", e.full_message()))?;
     nexus.upsert_child(ChildSpec {
         id: id.clone(),
         dev,
-        local: id == cluster.me.id,
+        local: r.node == cluster.me.id,
         state: ChildState::Ejected,
     });
     let started = Instant::now();
@@ -223,7 +231,7 @@ async fn rebuild(
                 let entry = rec
                     .placement
                     .iter_mut()
-                    .find(|p| p.node == id)
+                    .find(|p| p.id() == id)
                     .ok_or_else(|| taken_over(name))?;
                 // Only this task makes a replica healthy, and only from `rebuilding`: a replica
                 // ejected again during its rebuild (it failed a write) must stay out.
@@ -277,7 +285,7 @@ async fn rebuild(
                         if let Some(e) = rec
                             .placement
                             .iter_mut()
-                            .find(|p| p.node == id && p.state == ReplicaState::Rebuilding)
+                            .find(|p| p.id() == id && p.state == ReplicaState::Rebuilding)
                         {
                             e.rebuild = Some(now.clone());
                         }

@@ -3,6 +3,9 @@
 //! no clock of its own. The runner ([`super::run`]) gathers the inputs, asks [`Planner::next`]
 //! and carries the step out.
 //!
+//! Replicas are named by their id ([`ReplicaRecord::id`](crate::model::ReplicaRecord::id):
+//! the node, or `NODE/DEVICE` in standalone mode); liveness is their node's.
+//!
 //! Rules, for the replicas in record order (the first one that needs something gets it):
 //! - a **healthy** replica whose node is not live (its lease expired) is ejected, if the nexus
 //!   still writes to it; otherwise it is left alone;
@@ -23,15 +26,15 @@ use crate::placement;
 pub enum Step {
     /// Every replica is as it should be, or is waiting for its node.
     Idle,
-    /// Eject the replica on `node` from the nexus: its node's lease expired.
+    /// Eject the replica `replica` from the nexus: its node's lease expired.
     Eject {
-        /// The replica's node.
-        node: String,
+        /// The replica's id.
+        replica: String,
     },
-    /// Rebuild the replica on `node`, whose node is live.
+    /// Rebuild the replica `replica`, whose node is live.
     Rebuild {
-        /// The replica's node.
-        node: String,
+        /// The replica's id.
+        replica: String,
         /// Copy the extents written after this generation (0: every allocated extent).
         since: u64,
         /// Grow the replica to this size first if it is smaller.
@@ -83,16 +86,14 @@ impl Planner {
         self.gone_since.retain(|id, _| !live(id));
         for r in &rec.placement {
             if r.state == ReplicaState::Healthy {
-                if !live(&r.node) && writable.contains(&r.node) {
-                    return Step::Eject {
-                        node: r.node.clone(),
-                    };
+                if !live(&r.node) && writable.contains(&r.id()) {
+                    return Step::Eject { replica: r.id() };
                 }
                 continue;
             }
             if live(&r.node) {
                 return Step::Rebuild {
-                    node: r.node.clone(),
+                    replica: r.id(),
                     since: r.since,
                     size: rec.size_bytes.max(nexus_size),
                 };
@@ -208,7 +209,9 @@ mod tests {
         let now = Instant::now();
         assert_eq!(
             p.next(now, &rec, &nodes, &set(&["a", "b"]), GIB),
-            Step::Eject { node: "b".into() }
+            Step::Eject {
+                replica: "b".into()
+            }
         );
         // Already out of the nexus (its ejection is being recorded): nothing to do.
         assert_eq!(p.next(now, &rec, &nodes, &set(&["a"]), GIB), Step::Idle);
@@ -222,7 +225,7 @@ mod tests {
         assert_eq!(
             p.next(Instant::now(), &rec, &nodes, &set(&["a"]), GIB),
             Step::Rebuild {
-                node: "b".into(),
+                replica: "b".into(),
                 since: 42,
                 size: GIB
             }
@@ -233,7 +236,7 @@ mod tests {
         assert_eq!(
             p.next(Instant::now(), &rec, &nodes, &set(&["a"]), 2 * GIB),
             Step::Rebuild {
-                node: "b".into(),
+                replica: "b".into(),
                 since: 0,
                 size: 2 * GIB
             }
@@ -287,6 +290,23 @@ mod tests {
             Step::Replace {
                 dead: "b".into(),
                 with: "d".into()
+            }
+        );
+    }
+
+    #[test]
+    fn standalone_replicas_are_named_by_node_and_device() {
+        let mut p = Planner::new(REPLACE_AFTER);
+        let mut rec = volume(&[("me", Healthy, 0), ("me", Ejected, 9)]);
+        rec.placement[0].device = Some("d0".into());
+        rec.placement[1].device = Some("d1".into());
+        let nodes = [node("me", None)];
+        assert_eq!(
+            p.next(Instant::now(), &rec, &nodes, &set(&["me/d0"]), GIB),
+            Step::Rebuild {
+                replica: "me/d1".into(),
+                since: 9,
+                size: GIB
             }
         );
     }
