@@ -171,7 +171,7 @@ impl Cluster {
             Some(kv) => Ok((decode_volume(&kv)?, kv.mod_revision)),
             None => Err(ControlError::new(
                 ErrorKind::NotFound,
-                format!("volume {name} does not exist"),
+                format!("volume {name} not found"),
             )),
         }
     }
@@ -855,7 +855,7 @@ impl Ejector for StoreEjector {
     }
 }
 
-/// The attacher's device source in cluster mode.
+/// The frontends' device source: volumes taken for this node through the store.
 #[derive(Debug, Clone)]
 pub struct ClusterSource(pub Arc<Cluster>);
 
@@ -870,12 +870,24 @@ impl DeviceSource for ClusterSource {
         c.runtime.clone().block_on(c.release_async(name));
     }
 
-    fn exists(&self, name: &VolumeName) -> Result<(), ControlError> {
+    fn size(&self, name: &VolumeName) -> Result<u64, ControlError> {
         let c = Arc::clone(&self.0);
+        if let Some(n) = c.nexus(name.as_str()) {
+            return Ok(n.size());
+        }
         c.runtime
             .clone()
             .block_on(c.volume(name.as_str()))
-            .map(drop)
+            .map(|(rec, _)| rec.size_bytes)
+    }
+
+    fn names(&self) -> Result<Vec<VolumeName>, ControlError> {
+        let c = Arc::clone(&self.0);
+        let records = c.runtime.clone().block_on(c.volume_records())?;
+        Ok(records
+            .into_iter()
+            .filter_map(|r| VolumeName::new(&r.name).ok())
+            .collect())
     }
 }
 

@@ -63,21 +63,20 @@ pub async fn adopt(cluster: &Cluster, legacy_sets: &Path) -> Result<usize, Contr
         .into_iter()
         .map(|r| r.name)
         .collect();
-    let legacy: BTreeMap<String, LegacySet> = match host::persist::read_json::<LegacySets>(
-        legacy_sets,
-    ) {
-        Ok(Some(f)) => f.volumes,
-        Ok(None) => BTreeMap::new(),
-        Err(e) => {
-            return Err(ControlError::new(
-                ErrorKind::Internal,
-                format!(
-                    "{}; fix or remove it (removing forgets which replicas were ejected)",
-                    api::error_chain(&e)
-                ),
-            ))
-        }
-    };
+    let legacy: BTreeMap<String, LegacySet> =
+        match host::persist::read_json::<LegacySets>(legacy_sets) {
+            Ok(Some(f)) => f.volumes,
+            Ok(None) => BTreeMap::new(),
+            Err(e) => {
+                return Err(ControlError::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "{}; fix or remove it (removing forgets which replicas were ejected)",
+                        api::error_chain(&e)
+                    ),
+                ))
+            }
+        };
     let me = cluster.node_id().to_owned();
     let mut adopted = 0;
     for status in cluster.storage().list_volumes().await? {

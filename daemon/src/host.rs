@@ -7,9 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ::api::{
-    Attachment, ControlError, ErrorKind, NodeControl, NodeRecord, VolumeName,
-};
+use ::api::{Attachment, ControlError, ErrorKind, NodeControl, NodeRecord, VolumeName};
 
 use crate::node_info::{NodeInfo, Phase};
 use cluster::control::Mode;

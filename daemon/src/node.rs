@@ -10,8 +10,9 @@
 //! 3. start the I/O engine and the operator endpoint ([`OpsEndpoint`]: `--http`, its bound
 //!    address in `<data-dir>/http.addr`, `/healthz` 200, `/readyz` 503 for now, `/metrics`);
 //! 4. open storage;
-//! 5. start everything else ([`Running::start`]): NBD on `<data-dir>/nbd.sock` (standalone) or
-//!    the cluster (replica server, lease), the attach frontend (volumes recorded as attached
+//! 5. start everything else ([`Running::start`]): the cluster (this node alone over the
+//!    embedded store in standalone mode; the replica server too in cluster mode; the lease),
+//!    NBD on `<data-dir>/nbd.sock`, the attach frontend (volumes recorded as attached
 //!    are attached again), the Docker plugin, CSI, the local API and the periodic checkpoint
 //!    ([`CHECKPOINT_INTERVAL`]); then report ready and serve until a signal;
 //! 6. stop through the one shutdown path ([`Running::stop`]), whether start-up finished or
@@ -42,11 +43,12 @@ use crate::host::NodeHost;
 use crate::metrics::MetricsExporter;
 use crate::node_info::{NodeInfo, Phase};
 use crate::ops_endpoint;
-use cluster::model::NodeRecord;
 use cluster::control::Mode;
+use cluster::model::NodeRecord;
 use cluster::standalone;
 use cluster::{publish_node, Cluster, ClusterSource};
 use frontends::attach::{self, Attacher, FuseLoop};
+use frontends::devices::SharedDevices;
 use frontends::nbd::{self, NbdServer};
 use replication::device::DeviceSource;
 
@@ -162,7 +164,10 @@ async fn start_cluster(
     let (mode, store, server) = if cfg.etcd.is_empty() {
         let path = cfg.data_dir.join(standalone::STORE_FILE);
         let store = cluster::store::Store::embedded(&path).map_err(|e| {
-            fail(&format!("cannot open the embedded store {}", path.display()), &e)
+            fail(
+                &format!("cannot open the embedded store {}", path.display()),
+                &e,
+            )
         })?;
         (Mode::Standalone, store, None)
     } else {
@@ -479,20 +484,20 @@ impl Running {
         metrics: &MetricsExporter<Storage>,
     ) -> Result<(), NodeError> {
         let storage = Arc::clone(&self.storage);
-        // NBD serves local replicas directly, so it runs only on a standalone node: in
-        // cluster mode it would bypass the nexus and its fencing.
-        if cfg.etcd.is_empty() {
-            let path = cfg.data_dir.join(nbd::SOCKET_NAME);
-            let nbd = NbdServer::start(Arc::clone(&storage), path.clone(), self.stop_rx.clone())
-                .map_err(|source| NodeError::NbdSocket { path, source })?;
-            self.nbd = Some(nbd);
-        }
         let parts = start_cluster(cfg, &storage).await?;
         metrics.attach_cluster(Arc::clone(&parts.cluster));
         let cluster = Arc::clone(&parts.cluster);
         self.cluster = Some(parts);
         let volumes = Arc::new(ClusterSource(Arc::clone(&cluster)));
-        let source: Arc<dyn DeviceSource> = Arc::clone(&volumes) as Arc<dyn DeviceSource>;
+        // One open device per volume, shared by the block device and NBD connections.
+        let devices: Arc<dyn DeviceSource> = Arc::new(SharedDevices::new(
+            Arc::clone(&volumes) as Arc<dyn DeviceSource>
+        ));
+        let path = cfg.data_dir.join(nbd::SOCKET_NAME);
+        let nbd = NbdServer::start(Arc::clone(&devices), path.clone(), self.stop_rx.clone())
+            .map_err(|source| NodeError::NbdSocket { path, source })?;
+        self.nbd = Some(Arc::clone(&nbd));
+        let source = Arc::clone(&devices);
         self.attacher = start_attacher(source, &cfg.data_dir).await;
         let host = Arc::new(NodeHost::new(
             Arc::clone(&self.node),
@@ -504,10 +509,7 @@ impl Running {
             .merge(api::nodes::router(Arc::clone(&host)))
             .merge(api::attach::router(Arc::clone(&host)))
             .merge(api::mount::router(Arc::clone(&host)))
-            .merge(match &self.nbd {
-                Some(nbd) => api::export::router(Arc::clone(&storage), Arc::clone(nbd)),
-                None => api::export::unavailable_router(),
-            });
+            .merge(api::export::router(devices, nbd));
         if let Some(listener) = listeners.docker {
             let config = plugin::PluginConfig {
                 mount_root: cfg.data_dir.join(DOCKER_MOUNT_DIR),

@@ -220,7 +220,7 @@ impl BlockDevice for VolumeDevice {
     }
 }
 
-/// Where the attacher gets devices from. Calls are blocking (they run on blocking threads).
+/// Where frontends get devices from. Calls are blocking (run them on blocking threads).
 pub trait DeviceSource: Send + Sync + fmt::Debug {
     /// Take the volume for this node and return its device. `force` takes it over from
     /// another node whose lease has not expired.
@@ -232,9 +232,23 @@ pub trait DeviceSource: Send + Sync + fmt::Debug {
     /// Give the volume up (after its device is gone). Best effort.
     fn release(&self, name: &VolumeName);
 
+    /// The volume's size in bytes, without opening it.
+    ///
+    /// # Errors
+    /// `not_found` for an unknown volume.
+    fn size(&self, name: &VolumeName) -> Result<u64, ControlError>;
+
+    /// Every volume's name, sorted.
+    ///
+    /// # Errors
+    /// The volumes cannot be listed.
+    fn names(&self) -> Result<Vec<VolumeName>, ControlError>;
+
     /// `Ok` if the volume exists.
     ///
     /// # Errors
     /// `not_found` for an unknown volume.
-    fn exists(&self, name: &VolumeName) -> Result<(), ControlError>;
+    fn exists(&self, name: &VolumeName) -> Result<(), ControlError> {
+        self.size(name).map(drop)
+    }
 }

@@ -88,7 +88,7 @@ fn a_replicated_volume_grows_online_on_any_node() {
     // Refusals change nothing.
     b.cli(["volume", "resize", "nope", "--size", "48MiB"])
         .expect_code(4)
-        .stderr_has("volume nope does not exist");
+        .stderr_has("volume nope not found");
     b.cli(["volume", "resize", "rvol", "--size", "8MiB"])
         .expect_code(6)
         .stderr_has("is 16 MiB and cannot shrink to 8 MiB; only growing is supported");

@@ -143,7 +143,9 @@ async fn execute(
     match step {
         Step::Idle => Ok(()),
         Step::Eject { replica } => {
-            nexus.eject_child(&replica, "its node's lease expired").await;
+            nexus
+                .eject_child(&replica, "its node's lease expired")
+                .await;
             Ok(())
         }
         Step::Rebuild {

@@ -6,8 +6,11 @@
 //! the daemon stops. Unknown volumes are `404 not_found`, an address that cannot be bound is
 //! `400 invalid_argument`.
 //!
-//! Kept apart from [`super::router`] because it needs the concrete [`NbdServer`]; the
-//! daemon merges both routers.
+//! An export serves the volume's device from this node's shared devices (see
+//! `frontends::devices`): opened by the first NBD connection, taking the attachment as an
+//! attach does, through the nexus of a replicated volume, fenced when another node takes the
+//! volume over. Kept apart from [`super::router`] because it needs the concrete
+//! [`NbdServer`]; the daemon merges both routers.
 
 use std::sync::Arc;
 
@@ -16,39 +19,23 @@ use ::api::{ErrorKind, VolumeName};
 use axum::extract::{Path, State};
 use axum::routing::post;
 use axum::{Json, Router};
-use volume::pool::Storage;
+use frontends::nbd::NbdServer;
+use replication::device::DeviceSource;
 
 use super::error::ApiError;
 use super::json_body::ApiJson;
-use frontends::nbd::NbdServer;
 
 #[derive(Debug, Clone)]
 struct ExportState {
-    storage: Arc<Storage>,
+    devices: Arc<dyn DeviceSource>,
     nbd: Arc<NbdServer>,
 }
 
-/// The export route, with its own state.
-/// The export route of a node in cluster mode: NBD would bypass replication and fencing, so
-/// export is refused there with a message saying so.
-pub fn unavailable_router() -> Router {
-    Router::new().route(
-        "/v1/volumes/{name}/export",
-        post(|| async {
-            ApiError::new(
-                ErrorKind::Unimplemented,
-                "NBD export is not available in cluster mode yet (it would bypass replication \
-                 and fencing); attach the volume with `ballast volume attach` instead",
-            )
-        }),
-    )
-}
-
-/// The export route over `storage` and `nbd`.
-pub fn router(storage: Arc<Storage>, nbd: Arc<NbdServer>) -> Router {
+/// The export route over this node's `devices` and `nbd`.
+pub fn router(devices: Arc<dyn DeviceSource>, nbd: Arc<NbdServer>) -> Router {
     Router::new()
         .route("/v1/volumes/{name}/export", post(export_volume))
-        .with_state(ExportState { storage, nbd })
+        .with_state(ExportState { devices, nbd })
 }
 
 async fn export_volume(
@@ -57,7 +44,10 @@ async fn export_volume(
     ApiJson(req): ApiJson<ExportRequest>,
 ) -> Result<Json<ExportInfo>, ApiError> {
     let name = VolumeName::new(&name)?;
-    st.storage.replica(&name)?;
+    let (devices, n) = (Arc::clone(&st.devices), name.clone());
+    tokio::task::spawn_blocking(move || devices.exists(&n))
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))??;
     let unix_uri = st.nbd.unix_uri(&name);
     let tcp = match req.tcp {
         Some(addr) => Some(st.nbd.export_tcp(&name, addr).await.map_err(|e| {

@@ -70,6 +70,8 @@ pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
 /// Error replies have bit 31 set.
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+/// The option is refused by server policy (the volume is attached on another live node).
+pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 /// The option is malformed.
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 /// No such export.

@@ -2,12 +2,20 @@
 //!
 //! Role: accept connections on the unix socket (every volume) and on TCP listeners (the
 //! volumes exported on them), negotiate an export, then serve its commands against the
-//! volume's [`Replica`].
+//! volume's device. Devices come from a [`DeviceSource`] (the node's shared devices): an
+//! export opens its volume exactly as an attach does (taking the attachment, with an epoch,
+//! in cluster mode), shares the device with the block device and other connections of this
+//! node, and gives it back when the connection ends. So an export of a replicated volume goes
+//! through the nexus and is fenced like any attachment: once another node takes the volume
+//! over, its requests fail with `EPERM`.
 //!
 //! Invariants:
 //! - the unix socket has mode 0600, like the API socket: a connection can read and write every
 //!   volume; TCP listeners serve only the volumes exported on them and have no
 //!   authentication (bind them to trusted networks);
+//! - `NBD_OPT_INFO` and `NBD_OPT_LIST` open nothing: sizes and names come from the source;
+//!   only `NBD_OPT_GO` and `NBD_OPT_EXPORT_NAME` open the volume, and a volume attached on
+//!   another live node is refused with `NBD_REP_ERR_POLICY` and a message saying so;
 //! - a connection's failure (bad magic, unknown client flags, a malformed request header,
 //!   an unknown export at `NBD_OPT_EXPORT_NAME`, a peer that goes away) ends that connection
 //!   only; listeners keep accepting;
@@ -28,14 +36,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use ::api::{VolumeControl, VolumeName};
+use ::api::{ControlError, ErrorKind, VolumeName};
+use replication::device::{DeviceSource, VolumeDevice};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use volume::device::{BlockDevice, DeviceError, DeviceErrorKind, WriteFlags};
 use volume::io::{pool, IoBuf};
-use volume::pool::{Replica, Storage};
 
 use super::proto::{self, ProtoError, Request};
 use super::{BLOCK_SIZE, MAX_PAYLOAD};
@@ -106,8 +114,21 @@ struct TcpExport {
 /// What every connection needs.
 #[derive(Debug)]
 struct Shared {
-    storage: Arc<Storage>,
+    devices: Arc<dyn DeviceSource>,
     stop: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// Run a blocking call of the device source on a blocking thread.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn DeviceSource) -> Result<T, ControlError> + Send + 'static,
+    ) -> Result<T, ControlError> {
+        let devices = Arc::clone(&self.devices);
+        tokio::task::spawn_blocking(move || f(&*devices))
+            .await
+            .unwrap_or_else(|e| Err(ControlError::new(ErrorKind::Internal, e.to_string())))
+    }
 }
 
 /// The daemon's NBD server.
@@ -121,12 +142,12 @@ pub struct NbdServer {
 
 impl NbdServer {
     /// Listen on the unix socket `socket` (a stale file there is replaced: the caller holds
-    /// the data directory lock) and serve every volume of `storage` until `stop` turns true.
+    /// the data directory lock) and serve every volume of `devices` until `stop` turns true.
     ///
     /// # Errors
     /// The socket cannot be bound.
     pub fn start(
-        storage: Arc<Storage>,
+        devices: Arc<dyn DeviceSource>,
         socket: PathBuf,
         stop: watch::Receiver<bool>,
     ) -> std::io::Result<Arc<Self>> {
@@ -137,7 +158,7 @@ impl NbdServer {
         let listener = UnixListener::bind(&socket)?;
         // Like the API socket: whoever connects reads and writes every volume.
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
-        let shared = Arc::new(Shared { storage, stop });
+        let shared = Arc::new(Shared { devices, stop });
         let task = tokio::spawn(accept_loop(
             Listener::Unix(listener),
             Arc::clone(&shared),
@@ -278,10 +299,10 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, scope: Scope) {
     }
 }
 
-/// An export chosen by the handshake.
+/// An export chosen by the handshake: its volume is open until the connection ends.
 struct Export {
-    name: String,
-    device: Replica,
+    name: VolumeName,
+    device: VolumeDevice,
 }
 
 async fn connection(
@@ -294,7 +315,7 @@ async fn connection(
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
     let negotiated = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        handshake(&mut rd, &mut wr, &shared.storage, &scope),
+        handshake(&mut rd, &mut wr, &shared, &scope),
     )
     .await
     .unwrap_or(Err(ConnError::Timeout));
@@ -313,14 +334,33 @@ async fn connection(
             tracing::info!(%peer, volume = %export.name, error = %e, "NBD connection closed");
         }
     }
+    let name = export.name;
+    let _ = shared
+        .blocking(move |d| {
+            d.release(&name);
+            Ok(())
+        })
+        .await;
 }
 
-fn open(storage: &Storage, scope: &Scope, name: &str) -> Option<Replica> {
+/// The volume `name` if this listener serves it.
+fn in_scope(scope: &Scope, name: &str) -> Option<VolumeName> {
     let vn = VolumeName::new(name).ok()?;
-    if !scope.allows(name) {
-        return None;
+    scope.allows(name).then_some(vn)
+}
+
+/// The option error reply for a volume that cannot be opened or described.
+fn open_error(name: &str, e: &ControlError) -> (u32, String) {
+    match e.kind() {
+        ErrorKind::NotFound | ErrorKind::InvalidArgument => {
+            (proto::REP_ERR_UNKNOWN, format!("no such volume: {name:?}"))
+        }
+        ErrorKind::FailedPrecondition => (proto::REP_ERR_POLICY, e.full_message()),
+        _ => (
+            proto::REP_ERR_UNKNOWN,
+            format!("volume {name:?} is not available: {}", e.full_message()),
+        ),
     }
-    storage.replica(&vn).ok()
 }
 
 async fn reply<W: AsyncWrite + Unpin>(
@@ -336,7 +376,7 @@ async fn reply<W: AsyncWrite + Unpin>(
 async fn handshake<R, W>(
     rd: &mut R,
     wr: &mut W,
-    storage: &Storage,
+    shared: &Shared,
     scope: &Scope,
 ) -> Result<Option<Export>, ConnError>
 where
@@ -362,16 +402,27 @@ where
         match option {
             proto::OPT_EXPORT_NAME => {
                 let name = proto::decode_export_name(&data)?;
-                let Some(device) = open(storage, scope, &name) else {
+                let Some(vn) = in_scope(scope, &name) else {
                     return Err(ConnError::UnknownExport(name));
                 };
-                wr.write_all(&proto::export_name_reply(
-                    device.size(),
-                    TRANSMISSION_FLAGS,
-                    no_zeroes,
-                ))
-                .await?;
-                return Ok(Some(Export { name, device }));
+                let v = vn.clone();
+                let Ok(device) = shared.blocking(move |d| d.open(&v, false)).await else {
+                    // This old option has no error reply: closing is the answer.
+                    return Err(ConnError::UnknownExport(name));
+                };
+                let export = Export { name: vn, device };
+                let sent = wr
+                    .write_all(&proto::export_name_reply(
+                        export.device.size(),
+                        TRANSMISSION_FLAGS,
+                        no_zeroes,
+                    ))
+                    .await;
+                if let Err(e) = sent {
+                    release(shared, export.name).await;
+                    return Err(e.into());
+                }
+                return Ok(Some(export));
             }
             proto::OPT_ABORT => {
                 // The client may already have closed; the reply is a courtesy.
@@ -389,17 +440,15 @@ where
                     .await?;
                     continue;
                 }
-                let names = storage
-                    .list_volumes()
-                    .await
-                    .map(|v| {
-                        v.into_iter()
-                            .map(|v| v.name.to_string())
-                            .collect::<Vec<_>>()
-                    })
-                    .unwrap_or_default();
-                for name in names.iter().filter(|n| scope.allows(n)) {
-                    reply(wr, option, proto::REP_SERVER, &proto::server_entry(name)).await?;
+                let names = shared.blocking(|d| d.names()).await.unwrap_or_default();
+                for name in names.iter().filter(|n| scope.allows(n.as_str())) {
+                    reply(
+                        wr,
+                        option,
+                        proto::REP_SERVER,
+                        &proto::server_entry(name.as_str()),
+                    )
+                    .await?;
                 }
                 reply(wr, option, proto::REP_ACK, &[]).await?;
             }
@@ -412,27 +461,44 @@ where
                         continue;
                     }
                 };
-                let Some(device) = open(storage, scope, &request.name) else {
+                let Some(vn) = in_scope(scope, &request.name) else {
                     let msg = format!("no such volume: {:?}", request.name);
                     reply(wr, option, proto::REP_ERR_UNKNOWN, msg.as_bytes()).await?;
                     continue;
                 };
-                let info = proto::info_export(device.size(), TRANSMISSION_FLAGS);
-                reply(wr, option, proto::REP_INFO, &info).await?;
-                // Sent whether or not it was requested (the protocol allows it): requests
-                // must be multiples of 4 KiB, the engine's block size.
-                let sizes = proto::info_block_size(BLOCK_SIZE, BLOCK_SIZE, MAX_PAYLOAD);
-                reply(wr, option, proto::REP_INFO, &sizes).await?;
-                if request.requests.contains(&proto::INFO_NAME) {
-                    let info = proto::info_name(&request.name);
-                    reply(wr, option, proto::REP_INFO, &info).await?;
+                // GO opens the volume (and keeps it open); INFO only describes it.
+                let v = vn.clone();
+                let opened = if option == proto::OPT_GO {
+                    shared
+                        .blocking(move |d| d.open(&v, false))
+                        .await
+                        .map(|device| (device.size(), Some(device)))
+                } else {
+                    shared
+                        .blocking(move |d| d.size(&v))
+                        .await
+                        .map(|s| (s, None))
+                };
+                let (size, device) = match opened {
+                    Ok(o) => o,
+                    Err(e) => {
+                        let (kind, msg) = open_error(&request.name, &e);
+                        reply(wr, option, kind, msg.as_bytes()).await?;
+                        continue;
+                    }
+                };
+                let export = device.map(|device| Export {
+                    name: vn.clone(),
+                    device,
+                });
+                if let Err(e) = describe(wr, option, size, &request).await {
+                    if let Some(export) = export {
+                        release(shared, export.name).await;
+                    }
+                    return Err(e.into());
                 }
-                reply(wr, option, proto::REP_ACK, &[]).await?;
-                if option == proto::OPT_GO {
-                    return Ok(Some(Export {
-                        name: request.name,
-                        device,
-                    }));
+                if let Some(export) = export {
+                    return Ok(Some(export));
                 }
             }
             other => {
@@ -441,6 +507,36 @@ where
             }
         }
     }
+}
+
+/// Give an opened volume back (a connection that ends before transmission).
+async fn release(shared: &Shared, name: VolumeName) {
+    let _ = shared
+        .blocking(move |d| {
+            d.release(&name);
+            Ok(())
+        })
+        .await;
+}
+
+/// The information replies of `NBD_OPT_INFO` and `NBD_OPT_GO`, then the final ack.
+async fn describe<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    option: u32,
+    size: u64,
+    request: &proto::InfoRequest,
+) -> std::io::Result<()> {
+    let info = proto::info_export(size, TRANSMISSION_FLAGS);
+    reply(wr, option, proto::REP_INFO, &info).await?;
+    // Sent whether or not it was requested (the protocol allows it): requests must be
+    // multiples of 4 KiB, the engine's block size.
+    let sizes = proto::info_block_size(BLOCK_SIZE, BLOCK_SIZE, MAX_PAYLOAD);
+    reply(wr, option, proto::REP_INFO, &sizes).await?;
+    if request.requests.contains(&proto::INFO_NAME) {
+        let info = proto::info_name(&request.name);
+        reply(wr, option, proto::REP_INFO, &info).await?;
+    }
+    reply(wr, option, proto::REP_ACK, &[]).await
 }
 
 /// The connection's write side. Buffered so that a reply header and a small read's data
@@ -454,7 +550,7 @@ const REPLY_BUFFER: usize = 128 * 1024 + proto::SIMPLE_REPLY_LEN;
 async fn transmission(
     mut rd: BufReader<BoxRead>,
     wr: BoxWrite,
-    device: Replica,
+    device: VolumeDevice,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     let writer: Writer = Arc::new(Mutex::new(BufWriter::with_capacity(REPLY_BUFFER, wr)));
@@ -585,12 +681,18 @@ fn errno(e: &DeviceError, kind: u16) -> u32 {
         DeviceErrorKind::OutOfRange if kind == proto::CMD_READ => proto::EINVAL,
         DeviceErrorKind::OutOfRange | DeviceErrorKind::NoSpace => proto::ENOSPC,
         DeviceErrorKind::Closed => proto::ESHUTDOWN,
+        // Another node holds the volume now: this writer is fenced out.
+        DeviceErrorKind::Fenced => proto::EPERM,
         _ => proto::EIO,
     }
 }
 
 /// Run a validated request; returns the errno (0 for success) and the data of a read.
-async fn execute(device: &Replica, req: &Request, payload: Option<IoBuf>) -> (u32, Option<IoBuf>) {
+async fn execute(
+    device: &VolumeDevice,
+    req: &Request,
+    payload: Option<IoBuf>,
+) -> (u32, Option<IoBuf>) {
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     let (offset, len) = (req.offset, u64::from(req.len));
     let fail = |e: &DeviceError| {
