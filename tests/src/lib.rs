@@ -36,6 +36,7 @@ pub mod cluster;
 pub mod csi;
 pub mod docker;
 pub mod etcd;
+pub mod nbd;
 pub mod workload;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -709,4 +710,21 @@ pub fn release_fuse(fuse: &Path) {
         .arg(fuse)
         .stderr(std::process::Stdio::null())
         .status();
+}
+
+/// Run a tool (`qemu-img`, `nbdcopy`, …), failing the test with its output unless it
+/// succeeds; its standard output.
+pub fn run_tool(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -17,31 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{Daemon, NodeDir};
+use integration_tests::nbd::*;
+use integration_tests::{run_tool as run, Daemon, NodeDir};
 use rand::RngCore;
-
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const OPT_LIST: u32 = 3;
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const OPT_ABORT: u32 = 2;
-const REP_ACK: u32 = 1;
-const REP_SERVER: u32 = 2;
-const REP_INFO: u32 = 3;
-const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
-const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
-const CMD_WRITE_ZEROES: u16 = 6;
-const FLAG_FUA: u16 = 1;
-const EINVAL: u32 = 22;
-const ENOSPC: u32 = 28;
 
 const MIB: usize = 1024 * 1024;
 
@@ -59,22 +37,6 @@ fn create(d: &Daemon, name: &str, size: &str) -> u64 {
     let out = d.cli(["volume", "create", name, "--size", size, "-o", "json"]);
     out.success();
     out.json()["size_bytes"].as_u64().expect("size_bytes")
-}
-
-/// Run a tool, failing the test with its output unless it succeeds.
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn random_file(path: &Path, len: usize) -> Vec<u8> {
@@ -190,129 +152,6 @@ fn tcp_export_serves_only_the_exported_volume() {
     d.cli(["volume", "export", "nope"]).expect_code(4);
     d.cli(["volume", "export", "net", "--tcp", "not-an-address"])
         .expect_code(2);
-}
-
-/// A raw NBD client on a unix socket.
-struct Raw {
-    s: UnixStream,
-}
-
-impl Raw {
-    /// Connect and do the greeting and client flags (fixed newstyle, no zeroes).
-    fn connect(path: &Path) -> Self {
-        let s = UnixStream::connect(path).expect("connect to the NBD socket");
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut raw = Self { s };
-        let mut greeting = [0u8; 18];
-        raw.s.read_exact(&mut greeting).unwrap();
-        assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
-        raw.s.write_all(&3u32.to_be_bytes()).unwrap();
-        raw
-    }
-
-    fn send_option(&mut self, option: u32, data: &[u8]) {
-        let mut b = IHAVEOPT.to_be_bytes().to_vec();
-        b.extend_from_slice(&option.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        self.s.write_all(&b).unwrap();
-    }
-
-    /// One option reply: (option, type, data).
-    fn option_reply(&mut self) -> (u32, u32, Vec<u8>) {
-        let mut h = [0u8; 20];
-        self.s.read_exact(&mut h).unwrap();
-        assert_eq!(
-            u64::from_be_bytes(h[..8].try_into().unwrap()),
-            OPT_REPLY_MAGIC
-        );
-        let option = u32::from_be_bytes(h[8..12].try_into().unwrap());
-        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
-        let mut data = vec![0u8; len];
-        self.s.read_exact(&mut data).unwrap();
-        (option, kind, data)
-    }
-
-    /// `NBD_OPT_GO` for `name`: `Ok(size)` or `Err(error reply type)`.
-    fn go(&mut self, name: &str) -> Result<u64, u32> {
-        let mut data = (name.len() as u32).to_be_bytes().to_vec();
-        data.extend_from_slice(name.as_bytes());
-        data.extend_from_slice(&1u16.to_be_bytes());
-        data.extend_from_slice(&3u16.to_be_bytes()); // NBD_INFO_BLOCK_SIZE
-        self.send_option(OPT_GO, &data);
-        let mut size = None;
-        loop {
-            let (option, kind, data) = self.option_reply();
-            assert_eq!(option, OPT_GO);
-            match kind {
-                REP_INFO if data[..2] == [0, 0] => {
-                    size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()));
-                }
-                REP_INFO => {}
-                REP_ACK => return Ok(size.expect("NBD_INFO_EXPORT before the ACK")),
-                err => return Err(err),
-            }
-        }
-    }
-
-    fn send_request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
-        let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
-        b.extend_from_slice(&flags.to_be_bytes());
-        b.extend_from_slice(&kind.to_be_bytes());
-        b.extend_from_slice(&cookie.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
-        self.s.write_all(&b).unwrap();
-    }
-
-    /// A simple reply header: (error, cookie).
-    fn reply(&mut self) -> (u32, u64) {
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h).unwrap();
-        assert_eq!(
-            u32::from_be_bytes(h[..4].try_into().unwrap()),
-            SIMPLE_REPLY_MAGIC
-        );
-        (
-            u32::from_be_bytes(h[4..8].try_into().unwrap()),
-            u64::from_be_bytes(h[8..].try_into().unwrap()),
-        )
-    }
-
-    /// A request without payload and its reply's error.
-    fn call(&mut self, kind: u16, flags: u16, offset: u64, len: u32) -> u32 {
-        self.send_request(kind, flags, 9, offset, len);
-        let (error, cookie) = self.reply();
-        assert_eq!(cookie, 9);
-        error
-    }
-
-    fn write(&mut self, flags: u16, offset: u64, data: &[u8]) -> u32 {
-        self.send_request(CMD_WRITE, flags, 10, offset, data.len() as u32);
-        self.s.write_all(data).unwrap();
-        let (error, cookie) = self.reply();
-        assert_eq!(cookie, 10);
-        error
-    }
-
-    fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
-        self.send_request(CMD_READ, 0, 11, offset, len);
-        let (error, cookie) = self.reply();
-        assert_eq!(cookie, 11);
-        if error != 0 {
-            return Err(error);
-        }
-        let mut data = vec![0u8; len as usize];
-        self.s.read_exact(&mut data).unwrap();
-        Ok(data)
-    }
-
-    /// Whether the server closed the connection (reads end of stream).
-    fn closed(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(self.s.read(&mut b), Ok(0) | Err(_))
-    }
 }
 
 #[test]
