@@ -51,11 +51,8 @@ use replication::device::{Child, DeviceSource, VolumeDevice};
 /// Compare-and-swap retries before giving up on a contended record.
 const CAS_RETRIES: usize = 20;
 
-fn store_error(e: &StoreError) -> ControlError {
-    ControlError::new(
-        ErrorKind::Unavailable,
-        format!("the cluster store cannot be used: {e}"),
-    )
+fn store_error(e: StoreError) -> ControlError {
+    ControlError::new(ErrorKind::Unavailable, "the cluster store cannot be used").with_source(e)
 }
 
 fn decode_volume(kv: &Kv) -> Result<VolumeRecord, ControlError> {
@@ -120,6 +117,15 @@ impl Cluster {
         }
     }
 
+    /// The attached nexuses. Each change is one map operation, so a panic elsewhere cannot
+    /// leave the map half-changed: a poisoned lock is still safe to use (the rule of
+    /// `ARCHITECTURE.md`, "Locks").
+    fn nexus_table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Nexus<Child>>>> {
+        self.nexuses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Whether replicas live on other nodes or on this node's pool devices.
     pub fn mode(&self) -> Mode {
         self.mode
@@ -154,7 +160,7 @@ impl Cluster {
     /// # Errors
     /// The store cannot be read.
     pub async fn nodes(&self) -> Result<Vec<NodeRecord>, ControlError> {
-        let kvs = self.store.list(NODES).await.map_err(|e| store_error(&e))?;
+        let kvs = self.store.list(NODES).await.map_err(store_error)?;
         Ok(kvs
             .iter()
             .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
@@ -166,7 +172,7 @@ impl Cluster {
             .store
             .get(&volume_key(name))
             .await
-            .map_err(|e| store_error(&e))?
+            .map_err(store_error)?
         {
             Some(kv) => Ok((decode_volume(&kv)?, kv.mod_revision)),
             None => Err(ControlError::new(
@@ -191,7 +197,7 @@ impl Cluster {
                 .store
                 .cas(&volume_key(name), rev, &value)
                 .await
-                .map_err(|e| store_error(&e))?
+                .map_err(store_error)?
             {
                 return Ok((rec, out));
             }
@@ -267,7 +273,7 @@ impl Cluster {
         }
         self.resize_replica(nodes, node, name, size, false).await?;
         let have = child.refresh_size().await.map_err(|e| {
-            ControlError::new(ErrorKind::Unavailable, format!("replica on {node}: {e}"))
+            ControlError::new(ErrorKind::Unavailable, format!("replica on {node}")).with_source(e)
         })?;
         if have < size {
             return Err(ControlError::new(
@@ -306,8 +312,9 @@ impl Cluster {
         let grown = nexus.grow(size).await.map_err(|e| {
             ControlError::new(
                 ErrorKind::Unavailable,
-                format!("cannot grow the attached device of volume {name}: {e}"),
+                format!("cannot grow the attached device of volume {name}"),
             )
+            .with_source(e)
         })?;
         tracing::info!(volume = %name, size = grown, "the attached replicated volume serves its new size");
         Ok(grown)
@@ -554,12 +561,11 @@ impl Cluster {
         nexus.reconcile().await.map_err(|e| {
             ControlError::new(
                 ErrorKind::Unavailable,
-                format!("cannot reconcile the replicas of volume {name}: {e}"),
+                format!("cannot reconcile the replicas of volume {name}"),
             )
+            .with_source(e)
         })?;
-        self.nexuses
-            .lock()
-            .expect("nexus table lock")
+        self.nexus_table()
             .insert(name.to_string(), Arc::clone(&nexus));
         tracing::info!(volume = %name, epoch, replicas = nexus.children().len(), "attached a replicated volume");
         tokio::spawn(repair::run(
@@ -601,8 +607,9 @@ impl Cluster {
                 .map_err(|e| {
                     ControlError::new(
                         ErrorKind::FailedPrecondition,
-                        format!("cannot register epoch {epoch} of volume {name} on this node: {e}"),
+                        format!("cannot register epoch {epoch} of volume {name} on this node"),
                     )
+                    .with_source(e)
                 })?;
             return Ok(Child::Local {
                 replica,
@@ -616,8 +623,9 @@ impl Cluster {
         let addr = addr.parse().map_err(|e| {
             ControlError::new(
                 ErrorKind::Internal,
-                format!("node {node} has a bad address {addr}: {e}"),
+                format!("node {node} has a bad address {addr}"),
             )
+            .with_source(e)
         })?;
         let opts = RemoteOptions {
             timeout: self.timeout,
@@ -627,15 +635,13 @@ impl Cluster {
             .await
             .map(Child::Remote)
             .map_err(|e| {
-                ControlError::new(ErrorKind::Unavailable, format!("replica on {node}: {e}"))
+                ControlError::new(ErrorKind::Unavailable, format!("replica on {node}"))
+                    .with_source(e)
             })
     }
 
     async fn release_async(&self, name: &VolumeName) {
-        self.nexuses
-            .lock()
-            .expect("nexus table lock")
-            .remove(name.as_str());
+        self.nexus_table().remove(name.as_str());
         let me = self.me.id.clone();
         let r = self
             .update(name.as_str(), |rec| {
@@ -653,7 +659,7 @@ impl Cluster {
     /// Stop every nexus of this node: its lease could not be renewed, so another node may
     /// take its volumes over.
     pub fn fence_all(&self) {
-        for n in self.nexuses.lock().expect("nexus table lock").values() {
+        for n in self.nexus_table().values() {
             n.fence();
         }
     }
@@ -663,20 +669,14 @@ impl Cluster {
     /// # Errors
     /// The store cannot be read, or a record is corrupt.
     pub async fn volume_records(&self) -> Result<Vec<VolumeRecord>, ControlError> {
-        let kvs = self
-            .store
-            .list(VOLUMES)
-            .await
-            .map_err(|e| store_error(&e))?;
+        let kvs = self.store.list(VOLUMES).await.map_err(store_error)?;
         kvs.iter().map(decode_volume).collect()
     }
 
     /// The counters of every nexus on this node, by volume name.
     pub fn nexus_stats(&self) -> Vec<(String, Arc<Nexus<Child>>)> {
         let mut v: Vec<_> = self
-            .nexuses
-            .lock()
-            .expect("nexus table lock")
+            .nexus_table()
             .iter()
             .map(|(k, n)| (k.clone(), Arc::clone(n)))
             .collect();
@@ -686,11 +686,7 @@ impl Cluster {
 
     /// The nexus of an attached volume, for status.
     pub fn nexus(&self, name: &str) -> Option<Arc<Nexus<Child>>> {
-        self.nexuses
-            .lock()
-            .expect("nexus table lock")
-            .get(name)
-            .cloned()
+        self.nexus_table().get(name).cloned()
     }
 
     /// Place a new volume's replicas on distinct nodes and create each one where it lives
@@ -703,7 +699,10 @@ impl Cluster {
     ) -> Result<Vec<ReplicaRecord>, ControlError> {
         let nodes = self.nodes().await?;
         let placement = placement::place_with(&nodes, usize::from(spec.replicas), size, hints)
-            .map_err(|e| ControlError::new(ErrorKind::ResourceExhausted, e.to_string()))?;
+            .map_err(|e| {
+                ControlError::new(ErrorKind::ResourceExhausted, "the volume cannot be placed")
+                    .with_source(e)
+            })?;
         for w in &placement.warnings {
             tracing::warn!(volume = %spec.name, "{w}");
         }
@@ -847,8 +846,7 @@ impl Ejector for StoreEjector {
                     Ok(())
                 })
                 .await
-                .map(drop)
-                .map_err(|e| e.full_message())?;
+                .map(drop)?;
             tracing::warn!(volume = %self.volume, replica = child, reason, since, "ejection recorded");
             Ok(())
         })
@@ -952,7 +950,7 @@ impl VolumeControl for ClusterSource {
             .store
             .create(&volume_key(spec.name.as_str()), &value, None)
             .await
-            .map_err(|e| store_error(&e))?;
+            .map_err(store_error)?;
         if !fresh {
             // Another request created it meanwhile. Replicas are named after the volume, so
             // the ones made here may be the winner's too: keep them, answer with its record.
@@ -994,7 +992,7 @@ impl VolumeControl for ClusterSource {
             .store
             .cas(&volume_key(name.as_str()), rev, &tomb)
             .await
-            .map_err(|e| store_error(&e))?
+            .map_err(store_error)?
         {
             return Err(ControlError::new(
                 ErrorKind::Unavailable,
@@ -1004,7 +1002,7 @@ impl VolumeControl for ClusterSource {
         c.store
             .delete(&volume_key(name.as_str()))
             .await
-            .map_err(|e| store_error(&e))?;
+            .map_err(store_error)?;
         let nodes = c.nodes().await?;
         for r in &rec.placement {
             c.delete_replica(&nodes, &r.node, name).await;
@@ -1021,12 +1019,7 @@ impl VolumeControl for ClusterSource {
     }
 
     async fn list_volumes(&self) -> Result<Vec<VolumeStatus>, ControlError> {
-        let kvs = self
-            .0
-            .store
-            .list(VOLUMES)
-            .await
-            .map_err(|e| store_error(&e))?;
+        let kvs = self.0.store.list(VOLUMES).await.map_err(store_error)?;
         let mut out = Vec::with_capacity(kvs.len());
         for kv in &kvs {
             out.push(self.0.status(&decode_volume(kv)?));

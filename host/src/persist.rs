@@ -1,8 +1,8 @@
 //! Small state files written atomically and durably, and read back strictly.
 //!
-//! The daemon's state files beside its pools go through here (today the fence table, the
-//! attachments and the Docker plugin's mount counts; the embedded store and the standalone
-//! replica sets still write their own way), so each gets the same guarantees:
+//! Every state file beside the pools goes through here (the fence table, the attachments,
+//! the Docker plugin's mount counts and the embedded cluster store), so each gets the same
+//! guarantees:
 //!
 //! - [`write_atomic`] writes a temporary file next to the target, fsyncs it, renames it over
 //!   the target and fsyncs the directory: after a crash the file is either the old or the new

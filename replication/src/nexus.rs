@@ -114,14 +114,14 @@ impl Resizable for volume::pool::Replica {
 }
 
 /// A future returned by an [`Ejector`].
-pub type EjectFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+pub type EjectFuture<'a> = Pin<Box<dyn Future<Output = Result<(), api::ControlError>> + Send + 'a>>;
 
 /// Commits an ejection durably (in the cluster store) before writes that skipped the child
 /// are acknowledged.
 pub trait Ejector: Send + Sync + 'static {
     /// Record that `child` no longer receives writes, and that it has every request up to
-    /// generation `since` (its rebuild starts there). An `Err` names why it could not be
-    /// recorded; the writes that depended on it then fail.
+    /// generation `since` (its rebuild starts there). An `Err` says why it could not be
+    /// recorded (with its sources); the writes that depended on it then fail.
     fn eject<'a>(&'a self, child: &'a str, reason: &'a str, since: u64) -> EjectFuture<'a>;
 }
 
@@ -748,7 +748,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
                     child.state.send_replace(ChildState::Ejected);
                 }
                 Err(e) => {
-                    tracing::error!(volume = %self.name, replica = %child.id, error = %e, "cannot record the ejection; writes that skipped the replica fail");
+                    tracing::error!(volume = %self.name, replica = %child.id, error = %e.full_message(), "cannot record the ejection; writes that skipped the replica fail");
                     child.state.send_replace(ChildState::Healthy);
                 }
             }

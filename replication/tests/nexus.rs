@@ -143,7 +143,10 @@ impl Ejector for Recorder {
     fn eject<'a>(&'a self, child: &'a str, _reason: &'a str, since: u64) -> EjectFuture<'a> {
         Box::pin(async move {
             if self.refuse.load(SeqCst) {
-                return Err("the store is unreachable".to_owned());
+                return Err(api::ControlError::new(
+                    ErrorKind::Unavailable,
+                    "the store is unreachable",
+                ));
             }
             self.ejected.lock().unwrap().push(child.to_owned());
             self.since.lock().unwrap().push(since);

@@ -29,7 +29,9 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use ::api::{ControlError, ErrorKind, VolumeName};
-use replication::nexus::{ChildSpec, ChildState, Nexus, RebuildProgress, RebuildReport};
+use replication::nexus::{
+    ChildSpec, ChildState, Nexus, RebuildError, RebuildProgress, RebuildReport,
+};
 use volume::device::BlockDevice;
 
 use replication::device::Child;
@@ -37,6 +39,68 @@ use replication::device::Child;
 use self::plan::{Planner, Step};
 use crate::control::{now_secs, Cluster};
 use crate::model::{NodeRecord, RebuildRecord, ReplicaRecord, ReplicaState, VolumeRecord};
+
+/// Why a repair step failed. The task logs it (once while it repeats) and tries again.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RepairError {
+    /// The attached nexus cannot serve the size the volume record holds.
+    #[error("the attached device cannot grow to the volume's size")]
+    Grow(#[source] ControlError),
+    /// A replica to rebuild cannot be opened.
+    #[error("replica {replica} cannot be opened")]
+    Open {
+        /// The replica.
+        replica: String,
+        /// Why.
+        #[source]
+        source: ControlError,
+    },
+    /// A replica to rebuild cannot be grown to the volume's size.
+    #[error("replica {replica} cannot grow to the volume's size")]
+    Fit {
+        /// The replica.
+        replica: String,
+        /// Why.
+        #[source]
+        source: ControlError,
+    },
+    /// The volume record could not be changed (the start or the end of a rebuild).
+    #[error("the record of replica {replica} cannot be updated")]
+    Record {
+        /// The replica.
+        replica: String,
+        /// Why.
+        #[source]
+        source: ControlError,
+    },
+    /// The rebuild's copy stopped.
+    #[error("the rebuild of {replica} stopped")]
+    Rebuild {
+        /// The replica.
+        replica: String,
+        /// Why.
+        #[source]
+        source: RebuildError,
+    },
+    /// No live node can take a replacement for a gone node's replica.
+    #[error("no node can take a replacement for the replica on {dead}: {reason}")]
+    NoReplacement {
+        /// The gone node.
+        dead: String,
+        /// Why (placement's answer).
+        reason: String,
+    },
+    /// The replacement replica could not be created or recorded.
+    #[error("the replica on {dead} cannot be replaced")]
+    Replace {
+        /// The gone node.
+        dead: String,
+        /// Why.
+        #[source]
+        source: ControlError,
+    },
+}
 
 /// How the repair task works.
 #[derive(Debug, Clone, Copy)]
@@ -93,7 +157,7 @@ pub(crate) async fn run(
                 .grow_nexus(&nexus, &name, rec.size_bytes)
                 .await
                 .map(drop)
-                .map_err(|e| e.full_message())
+                .map_err(RepairError::Grow)
         } else {
             Ok(())
         };
@@ -105,7 +169,7 @@ pub(crate) async fn run(
             .collect();
         let step = planner.next(Instant::now(), &rec, &nodes, &writable, nexus.size());
         let outcome = execute(&cluster, &nexus, &name, epoch, &nodes, &rec, step).await;
-        match grown.and(outcome) {
+        match grown.and(outcome).map_err(|e| api::error_chain(&e)) {
             Err(e) if last_error.as_deref() != Some(e.as_str()) => {
                 tracing::warn!(volume = %name, error = %e, "repair step failed; retrying");
                 last_error = Some(e);
@@ -139,7 +203,7 @@ async fn execute(
     nodes: &[NodeRecord],
     rec: &VolumeRecord,
     step: Step,
-) -> Result<(), String> {
+) -> Result<(), RepairError> {
     match step {
         Step::Idle => Ok(()),
         Step::Eject { replica } => {
@@ -161,11 +225,9 @@ async fn execute(
         Step::Replace { dead, with } => {
             replace(cluster, name, epoch, nodes, rec.size_bytes, &dead, &with)
                 .await
-                .map_err(|e| e.full_message())
+                .map_err(|source| RepairError::Replace { dead, source })
         }
-        Step::NoReplacement { dead, reason } => Err(format!(
-            "no node can take a replacement for the replica on {dead}: {reason}"
-        )),
+        Step::NoReplacement { dead, reason } => Err(RepairError::NoReplacement { dead, reason }),
     }
 }
 
@@ -204,17 +266,23 @@ async fn rebuild(
     r: &ReplicaRecord,
     since: u64,
     size: u64,
-) -> Result<(), String> {
+) -> Result<(), RepairError> {
     let id = r.id();
     let kind = if since == 0 { "full" } else { "delta" };
     let dev = cluster
         .open_child(nodes, r, name, epoch)
         .await
-        .map_err(|e| format!("replica {id}: {}", e.full_message()))?;
+        .map_err(|source| RepairError::Open {
+            replica: id.clone(),
+            source,
+        })?;
     cluster
         .fit_child(nodes, &r.node, name, &dev, size)
         .await
-        .map_err(|e| format!("replica {id} cannot grow: {}", e.full_message()))?;
+        .map_err(|source| RepairError::Fit {
+            replica: id.clone(),
+            source,
+        })?;
     nexus.upsert_child(ChildSpec {
         id: id.clone(),
         dev,
@@ -267,7 +335,10 @@ async fn rebuild(
             ),
         )
         .await
-        .map_err(|e| e.full_message())?;
+        .map_err(|source| RepairError::Record {
+            replica: id.clone(),
+            source,
+        })?;
     tracing::info!(volume = %name, replica = %id, kind, since, "rebuilding a replica");
 
     // Publish progress about once a second while the copy runs.
@@ -317,12 +388,12 @@ async fn rebuild(
                     tracing::info!(volume = %name, replica = %id, kind, copied_bytes = report.copied_bytes, elapsed_ms = report.elapsed.as_millis() as u64, "replica rebuilt and healthy");
                     Ok(())
                 }
-                Err(e) => {
+                Err(source) => {
                     nexus.transition(&id, ChildState::Rebuilding, ChildState::Ejected);
-                    Err(format!(
-                        "the rebuild of {id} finished but cannot be recorded: {}",
-                        e.full_message()
-                    ))
+                    Err(RepairError::Record {
+                        replica: id.clone(),
+                        source,
+                    })
                 }
             }
         }
@@ -330,7 +401,10 @@ async fn rebuild(
             let _ = cluster
                 .update(name.as_str(), record(ReplicaState::Ejected, None, None))
                 .await;
-            Err(format!("the rebuild of {id} stopped: {e}"))
+            Err(RepairError::Rebuild {
+                replica: id.clone(),
+                source: e,
+            })
         }
     }
 }

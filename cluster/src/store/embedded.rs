@@ -19,8 +19,7 @@
 //! File I/O runs on tokio's blocking pool, never on the async workers.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -219,23 +218,18 @@ impl Inner {
     fn commit(&self, state: &mut State, next: State) -> Result<(), StoreError> {
         let json = serde_json::to_vec_pretty(&next)
             .map_err(|e| StoreError::Internal(format!("cannot encode the store: {e}")))?;
-        let mut tmp_name = self.path.as_os_str().to_owned();
-        tmp_name.push(".tmp");
-        let tmp = PathBuf::from(tmp_name);
-        let write = || -> std::io::Result<()> {
-            let mut file = File::create(&tmp)?;
-            file.write_all(&json)?;
-            file.sync_all()
-        };
-        write().map_err(|e| self.io("write", &tmp, e))?;
-        fs::rename(&tmp, &self.path).map_err(|e| self.io("replace", &self.path, e))?;
-        let dir = match self.path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| self.io("sync the directory of", &self.path, e))?;
+        host::persist::write_atomic(&self.path, &json).map_err(|e| match e {
+            host::persist::PersistError::Io {
+                action,
+                path,
+                source,
+            } => StoreError::Io {
+                action,
+                path,
+                source,
+            },
+            e => StoreError::Internal(api::error_chain(&e)),
+        })?;
         *state = next;
         Ok(())
     }
@@ -593,7 +587,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_unwritable_location_fails_at_open() {
-        let err = Store::embedded(Path::new("/nonexistent-dir/cluster.json")).unwrap_err();
+        // Below a file, not a directory: nothing can create it (not even root).
+        let err = Store::embedded(Path::new("/dev/null/ballast/cluster.json")).unwrap_err();
         assert!(matches!(err, StoreError::Io { .. }), "{err}");
     }
 }
