@@ -1,0 +1,146 @@
+//! Fan-out: a request sent to every writable child, and the ejection of the children that
+//! failed it, committed before the request is acknowledged.
+
+use std::future::Future;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use volume::device::BlockDevice;
+use volume::device::DeviceError;
+use volume::device::DeviceErrorKind;
+
+use super::rules::decide;
+use super::rules::Answer;
+use super::rules::Decision;
+use super::Child;
+use super::ChildState;
+use super::Nexus;
+
+impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
+    /// Commit the ejection of `child` (once; concurrent callers wait for the same outcome).
+    /// Returns whether the child is ejected now.
+    pub(super) async fn eject(&self, child: &Child<D>, reason: &str) -> bool {
+        let mut won = false;
+        child.state.send_if_modified(|s| {
+            if s.writable() {
+                *s = ChildState::Ejecting;
+                won = true;
+            }
+            won
+        });
+        if won {
+            tracing::warn!(volume = %self.name, replica = %child.id, reason, "ejecting a replica");
+            let since = self.completed_through();
+            match self.ejector.eject(&child.id, reason, since).await {
+                Ok(()) => {
+                    self.stats.ejections.fetch_add(1, SeqCst);
+                    child.state.send_replace(ChildState::Ejected);
+                }
+                Err(e) => {
+                    tracing::error!(volume = %self.name, replica = %child.id, error = %e.full_message(), "cannot record the ejection; writes that skipped the replica fail");
+                    child.state.send_replace(ChildState::Healthy);
+                }
+            }
+        }
+        Self::settled(child).await
+    }
+
+    /// Wait until `child` is not `Ejecting`; whether it ended up ejected.
+    pub(super) async fn settled(child: &Child<D>) -> bool {
+        let mut rx = child.state.subscribe();
+        let state = rx
+            .wait_for(|s| *s != ChildState::Ejecting)
+            .await
+            .map_or(ChildState::Ejecting, |s| *s);
+        state == ChildState::Ejected
+    }
+
+    /// Run `op` on every writable child, decide, eject, and settle ejections that the
+    /// snapshot skipped. Returns the first child's result value on success.
+    pub(super) async fn fan_out<T, F, Fut>(
+        &self,
+        what: (&'static str, u64, u64),
+        op: F,
+    ) -> Result<Option<T>, DeviceError>
+    where
+        F: Fn(D) -> Fut + Send + Sync,
+        Fut: Future<Output = Result<T, DeviceError>> + Send,
+        T: Send,
+    {
+        let (name, offset, len) = what;
+        self.check_fence(name, offset, len)?;
+        let all = self.snapshot();
+        let skipped: Vec<Arc<Child<D>>> = all
+            .iter()
+            .filter(|c| c.state() == ChildState::Ejecting)
+            .cloned()
+            .collect();
+        let targets: Vec<Arc<Child<D>>> = all
+            .iter()
+            .filter(|c| c.state().writable())
+            .cloned()
+            .collect();
+        if targets.is_empty() {
+            return Err(DeviceError::new(
+                DeviceErrorKind::Io,
+                name,
+                offset,
+                len,
+                format!("volume {} has no replica that can take writes", self.name),
+            ));
+        }
+        let results = join_all(targets.iter().map(|c| op(c.dev.clone()))).await;
+        let answers: Vec<Answer> = results
+            .iter()
+            .map(|r| r.as_ref().map_or_else(Answer::of, |_| Answer::Ok))
+            .collect();
+        let mut results: Vec<Option<Result<T, DeviceError>>> =
+            results.into_iter().map(Some).collect();
+        let take_err =
+            |results: &mut Vec<Option<Result<T, DeviceError>>>, i: usize| match results[i].take() {
+                Some(Err(e)) => e,
+                _ => DeviceError::new(DeviceErrorKind::Io, name, offset, len, "replica failed"),
+            };
+        match decide(&answers) {
+            Decision::Fenced { from } => {
+                self.fenced.store(true, SeqCst);
+                tracing::error!(volume = %self.name, "a replica reports a newer attachment; this attachment stops all I/O");
+                Err(take_err(&mut results, from))
+            }
+            Decision::Fail { from } => Err(take_err(&mut results, from)),
+            Decision::Ack { eject } => {
+                for i in eject {
+                    let e = take_err(&mut results, i);
+                    if !self.eject(&targets[i], &e.to_string()).await {
+                        return Err(DeviceError::new(
+                            DeviceErrorKind::Io,
+                            name,
+                            offset,
+                            len,
+                            format!(
+                                "replica {} failed ({e}) and its ejection could not be recorded",
+                                targets[i].id
+                            ),
+                        ));
+                    }
+                }
+                for c in &skipped {
+                    if !Self::settled(c).await {
+                        return Err(DeviceError::new(
+                            DeviceErrorKind::Io,
+                            name,
+                            offset,
+                            len,
+                            format!(
+                                "replica {} missed this write and its ejection could not be recorded",
+                                c.id
+                            ),
+                        ));
+                    }
+                }
+                Ok(results.into_iter().flatten().find_map(Result::ok))
+            }
+        }
+    }
+}

@@ -1,0 +1,465 @@
+//! The nexus: one volume's replicated [`BlockDevice`] over N children.
+//!
+//! The nexus runs on the node where the volume is attached. Its children are the volume's
+//! replicas, local ([`volume::pool::Replica`]) or remote (`crate::remote::RemoteReplica`),
+//! behind one device type `D` chosen by the caller.
+//!
+//! Rules (architecture, section 4):
+//! - A **write** (and discard, write-zeroes) goes to every child that is healthy or being
+//!   rebuilt, in parallel, and is acknowledged when all of them have it.
+//! - A child that fails a write with an error of its own (I/O, timeout, closed) is
+//!   **ejected**, and the ejection is committed through the [`Ejector`] (a compare-and-swap in
+//!   the cluster store) *before* the write is acknowledged. While at least one child took the
+//!   write, the caller sees success. A write whose snapshot skipped a child that is being
+//!   ejected waits for that commit too, and fails if the commit failed.
+//! - Errors that every child would give alike (unaligned, out of range) are the caller's and
+//!   eject nobody. A [`DeviceErrorKind::Fenced`] answer means a newer attachment owns the
+//!   volume: the nexus fails that request and every later one, and ejects nobody.
+//! - A **read** goes to the local healthy child if there is one, otherwise to a healthy remote
+//!   one. A checksum failure is answered from another healthy child and the bad copy is
+//!   rewritten (repaired) from the good data; an I/O failure ejects the child and the read is
+//!   retried elsewhere.
+//! - **Flush** goes to every child that takes writes; children that fail it are ejected.
+//!
+//! The outcome of a fan-out is decided by [`decide`], a pure function, so the rules are
+//! tested without I/O. No lock is held across I/O: requests take a snapshot of the children.
+//!
+//! **Generations.** Every write, discard and write-zeroes gets the next volume-wide
+//! generation; writes carry it to the replicas, which record it as the generation of every
+//! extent the write touches. An ejection records `since`: every request numbered up to
+//! `since` had completed on the ejected child (it is the lowest generation still in flight,
+//! minus one). A returning replica then needs exactly the extents that changed after `since`
+//! on either side ([`plan_rebuild`]).
+//!
+//! **Rebuild** ([`Nexus::rebuild`]): writes are paused for the moment it takes to snapshot the
+//! generations of a healthy child and of the target and to make the target `Rebuilding`
+//! (from then on it takes every write). The planned extents are then copied one at a time. A
+//! copy holds its extent exclusively: it waits for writes in flight on the extent to finish,
+//! and writes that arrive meanwhile wait for the copy, so a copy never overwrites newer data.
+//! [`Nexus::reconcile`] makes the healthy children agree where a writer that died mid-write
+//! left them different, before the first I/O of a new attachment.
+//!
+//! **Size.** Requests beyond the nexus's size are refused, whatever the children hold.
+//! [`Nexus::grow`] makes the volume bigger online: with writes paused, every child that takes
+//! writes must show the new size (it learns it through [`Resizable::refresh_size`] once its
+//! replica was grown where it lives); a child that cannot is ejected first, so no write can
+//! reach a replica too small for it. A rebuild refuses a target smaller than the volume.
+//!
+//! The code is split by concern: [`rules`] (the pure decision of a fan-out), `admission`
+//! (generations, the write gate and per-extent write counts and locks), `fanout` (sending a
+//! request to the children and committing ejections), [`rebuild`] (planning and copying),
+//! `reconcile` (making healthy children agree at attach), `read` (reads and read-repair) and
+//! `grow` (online growth).
+
+mod admission;
+mod fanout;
+mod grow;
+mod read;
+pub mod rebuild;
+mod reconcile;
+pub mod rules;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::{watch, Notify};
+use volume::device::{BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, WriteFlags};
+use volume::io::IoBuf;
+use volume::pool::format::EXTENT;
+
+pub use rebuild::{plan_rebuild, RebuildError, RebuildProgress, RebuildReport, Step};
+pub use rules::{decide, Answer, Decision};
+
+/// A child's role in the nexus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChildState {
+    /// In sync: takes writes and serves reads.
+    Healthy,
+    /// Being rebuilt: takes writes, serves no reads.
+    Rebuilding,
+    /// Failed; its ejection is being committed. Takes nothing.
+    Ejecting,
+    /// Ejected (committed). Takes nothing until rebuilt.
+    Ejected,
+}
+
+impl ChildState {
+    /// Whether the child receives writes.
+    pub fn writable(self) -> bool {
+        matches!(self, ChildState::Healthy | ChildState::Rebuilding)
+    }
+
+    /// The lower-case name used in status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChildState::Healthy => "healthy",
+            ChildState::Rebuilding => "rebuilding",
+            ChildState::Ejecting => "ejecting",
+            ChildState::Ejected => "ejected",
+        }
+    }
+}
+
+impl fmt::Display for ChildState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A child device whose replica can be grown where it lives (on its own node): the device
+/// learns the new size through [`Resizable::refresh_size`], which [`Nexus::grow`] calls.
+pub trait Resizable: BlockDevice {
+    /// Learn the device's current size (a remote replica asks its server) and return it.
+    fn refresh_size(&self) -> impl Future<Output = Result<u64, DeviceError>> + Send;
+}
+
+impl Resizable for volume::pool::Replica {
+    fn refresh_size(&self) -> impl Future<Output = Result<u64, DeviceError>> + Send {
+        // A local replica's size is read from its pool at every call.
+        std::future::ready(Ok(self.size()))
+    }
+}
+
+/// A future returned by an [`Ejector`].
+pub type EjectFuture<'a> = Pin<Box<dyn Future<Output = Result<(), api::ControlError>> + Send + 'a>>;
+
+/// Commits an ejection durably (in the cluster store) before writes that skipped the child
+/// are acknowledged.
+pub trait Ejector: Send + Sync + 'static {
+    /// Record that `child` no longer receives writes, and that it has every request up to
+    /// generation `since` (its rebuild starts there). An `Err` says why it could not be
+    /// recorded (with its sources); the writes that depended on it then fail.
+    fn eject<'a>(&'a self, child: &'a str, reason: &'a str, since: u64) -> EjectFuture<'a>;
+}
+
+/// An [`Ejector`] for tests and single-node use: nothing to commit.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoStore;
+
+impl Ejector for NoStore {
+    fn eject<'a>(&'a self, _child: &'a str, _reason: &'a str, _since: u64) -> EjectFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A child as given to [`Nexus::new`].
+#[derive(Debug, Clone)]
+pub struct ChildSpec<D> {
+    /// A stable id: the node (and disk) holding the replica.
+    pub id: String,
+    /// The device.
+    pub dev: D,
+    /// Whether the replica is on this node (preferred for reads).
+    pub local: bool,
+    /// Its starting state.
+    pub state: ChildState,
+}
+
+#[derive(Debug)]
+struct Child<D> {
+    id: String,
+    dev: D,
+    local: bool,
+    state: watch::Sender<ChildState>,
+}
+
+impl<D> Child<D> {
+    fn state(&self) -> ChildState {
+        *self.state.borrow()
+    }
+}
+
+/// Counters of one nexus.
+#[derive(Debug, Default)]
+pub struct NexusStats {
+    /// Reads answered by another child after a checksum failure.
+    pub repairs: AtomicU64,
+    /// Children ejected.
+    pub ejections: AtomicU64,
+    /// Bytes copied by rebuilds and reconciliation.
+    pub rebuild_bytes: AtomicU64,
+    /// Extents made equal by [`Nexus::reconcile`].
+    pub reconciled_extents: AtomicU64,
+}
+
+/// Generations of the requests in flight.
+#[derive(Debug, Default)]
+struct Sequencer {
+    next: u64,
+    in_flight: BTreeSet<u64>,
+}
+
+/// "No extent is being copied."
+const NO_COPY: u64 = u64::MAX;
+
+/// One volume's replicated device.
+pub struct Nexus<D> {
+    name: String,
+    /// Only grows ([`Nexus::grow`]), while no changing request is admitted.
+    size: AtomicU64,
+    children: RwLock<Vec<Arc<Child<D>>>>,
+    ejector: Arc<dyn Ejector>,
+    fenced: AtomicBool,
+    stats: NexusStats,
+    seq: Mutex<Sequencer>,
+    /// Writes in flight per extent, so a copy can wait for them. Only grows, with the size;
+    /// the lock is never held across an await.
+    extent_writes: RwLock<Vec<AtomicU32>>,
+    /// The extent a rebuild is copying, or [`NO_COPY`].
+    copying: AtomicU64,
+    copy_done: Notify,
+    /// Taken shared by every changing request, exclusively while a rebuild snapshots.
+    gate: tokio::sync::RwLock<()>,
+}
+
+impl<D> fmt::Debug for Nexus<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let children: Vec<(String, ChildState)> = self
+            .children
+            .read()
+            .map(|c| c.iter().map(|c| (c.id.clone(), c.state())).collect())
+            .unwrap_or_default();
+        f.debug_struct("Nexus")
+            .field("name", &self.name)
+            .field("size", &self.size.load(SeqCst))
+            .field("children", &children)
+            .finish_non_exhaustive()
+    }
+}
+
+fn fenced_error(op: &'static str, offset: u64, len: u64) -> DeviceError {
+    DeviceError::new(
+        DeviceErrorKind::Fenced,
+        op,
+        offset,
+        len,
+        "the volume was attached on another node with a newer epoch; this attachment is fenced",
+    )
+}
+
+impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
+    /// A nexus named `name` over `children`; its size is the smallest child's.
+    ///
+    /// # Panics
+    /// If `children` is empty.
+    pub fn new(name: &str, children: Vec<ChildSpec<D>>, ejector: Arc<dyn Ejector>) -> Self {
+        let size = children.iter().map(|c| c.dev.size()).min().unwrap_or(0);
+        Self::with_size(name, children, ejector, size)
+    }
+
+    /// A nexus named `name` of `size` bytes over `children`, each of which must hold at
+    /// least `size` bytes (a child may be bigger: a resize grew it and stopped before the
+    /// volume's size was recorded). Requests beyond `size` are refused.
+    ///
+    /// # Panics
+    /// If `children` is empty.
+    pub fn with_size(
+        name: &str,
+        children: Vec<ChildSpec<D>>,
+        ejector: Arc<dyn Ejector>,
+        size: u64,
+    ) -> Self {
+        assert!(!children.is_empty(), "a nexus needs at least one child");
+        let children = children
+            .into_iter()
+            .map(|c| {
+                Arc::new(Child {
+                    id: c.id,
+                    dev: c.dev,
+                    local: c.local,
+                    state: watch::Sender::new(c.state),
+                })
+            })
+            .collect();
+        Self {
+            name: name.to_owned(),
+            size: AtomicU64::new(size),
+            children: RwLock::new(children),
+            ejector,
+            fenced: AtomicBool::new(false),
+            stats: NexusStats::default(),
+            seq: Mutex::new(Sequencer {
+                next: 1,
+                in_flight: BTreeSet::new(),
+            }),
+            extent_writes: RwLock::new(
+                (0..size.div_ceil(EXTENT))
+                    .map(|_| AtomicU32::new(0))
+                    .collect(),
+            ),
+            copying: AtomicU64::new(NO_COPY),
+            copy_done: Notify::new(),
+            gate: tokio::sync::RwLock::new(()),
+        }
+    }
+
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Each child's id and state.
+    pub fn children(&self) -> Vec<(String, ChildState)> {
+        self.snapshot()
+            .iter()
+            .map(|c| (c.id.clone(), c.state()))
+            .collect()
+    }
+
+    /// The nexus's counters.
+    pub fn stats(&self) -> &NexusStats {
+        &self.stats
+    }
+
+    /// Whether a newer attachment has fenced this one.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(SeqCst)
+    }
+
+    /// Stop all I/O: this node can no longer prove it holds the attachment (its lease
+    /// lapsed), so another node may already be writing.
+    pub fn fence(&self) {
+        if !self.fenced.swap(true, SeqCst) {
+            tracing::error!(volume = %self.name, "attachment fenced: every further request fails");
+        }
+    }
+
+    /// Set a child's state (rebuild start and end). Unknown ids are ignored.
+    pub fn set_state(&self, id: &str, state: ChildState) {
+        if let Some(c) = self.snapshot().iter().find(|c| c.id == id) {
+            c.state.send_replace(state);
+        }
+    }
+
+    /// Add a child (a replica being rebuilt) or replace the device of an existing one.
+    pub fn upsert_child(&self, spec: ChildSpec<D>) {
+        let mut children = self.children.write().expect("nexus children lock");
+        let child = Arc::new(Child {
+            id: spec.id,
+            dev: spec.dev,
+            local: spec.local,
+            state: watch::Sender::new(spec.state),
+        });
+        match children.iter_mut().find(|c| c.id == child.id) {
+            Some(slot) => *slot = child,
+            None => children.push(child),
+        }
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Child<D>>> {
+        self.children.read().expect("nexus children lock").clone()
+    }
+
+    fn check_fence(&self, op: &'static str, offset: u64, len: u64) -> Result<(), DeviceError> {
+        if self.is_fenced() {
+            return Err(fenced_error(op, offset, len));
+        }
+        Ok(())
+    }
+
+    /// Refuse a request that ends beyond the volume (children may be bigger than it).
+    fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<(), DeviceError> {
+        DeviceError::check_range(op, offset, len, self.size.load(SeqCst))
+    }
+
+    /// Move child `id` from state `from` to `to`; whether it was in `from`.
+    pub fn transition(&self, id: &str, from: ChildState, to: ChildState) -> bool {
+        self.snapshot()
+            .iter()
+            .find(|c| c.id == id)
+            .is_some_and(|c| {
+                c.state.send_if_modified(|s| {
+                    let hit = *s == from;
+                    if hit {
+                        *s = to;
+                    }
+                    hit
+                })
+            })
+    }
+
+    /// Eject child `id` now (for example, its node is known to be gone); whether it is
+    /// ejected. A child that takes no writes is left alone.
+    pub async fn eject_child(&self, id: &str, reason: &str) -> bool {
+        match self.child(id) {
+            Some(c) if c.state().writable() => self.eject(&c, reason).await,
+            _ => false,
+        }
+    }
+
+    fn child(&self, id: &str) -> Option<Arc<Child<D>>> {
+        self.snapshot().into_iter().find(|c| c.id == id)
+    }
+}
+
+impl<D: BlockDevice + Clone + Send + Sync + 'static> BlockDevice for Nexus<D> {
+    fn size(&self) -> u64 {
+        self.size.load(SeqCst)
+    }
+
+    async fn read(&self, offset: u64, buf: IoBuf) -> BufResult {
+        self.read_impl(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BufResult {
+        let len = buf.len() as u64;
+        let _gate = self.gate.read().await;
+        if let Err(error) = self.check_range("write", offset, len) {
+            return Err(BufError { error, buf });
+        }
+        let admitted = self.admit(offset, len).await;
+        let flags = WriteFlags {
+            generation: admitted.generation,
+            ..flags
+        };
+        let data = &buf;
+        let r = self
+            .fan_out(("write", offset, len), |dev: D| {
+                let copy = IoBuf::from_slice(data);
+                async move {
+                    dev.write(offset, copy, flags)
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.error)
+                }
+            })
+            .await;
+        match r {
+            Ok(_) => Ok(buf),
+            Err(error) => Err(BufError { error, buf }),
+        }
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        self.fan_out(("flush", 0, 0), |dev: D| async move { dev.flush().await })
+            .await
+            .map(drop)
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        let _gate = self.gate.read().await;
+        self.check_range("discard", offset, len)?;
+        let _admitted = self.admit(offset, len).await;
+        self.fan_out(("discard", offset, len), |dev: D| async move {
+            dev.discard(offset, len).await
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        let _gate = self.gate.read().await;
+        self.check_range("write_zeroes", offset, len)?;
+        let _admitted = self.admit(offset, len).await;
+        self.fan_out(("write_zeroes", offset, len), |dev: D| async move {
+            dev.write_zeroes(offset, len).await
+        })
+        .await
+        .map(drop)
+    }
+}
