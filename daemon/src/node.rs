@@ -134,8 +134,14 @@ pub enum NodeError {
     #[error("the {0} server stopped unexpectedly")]
     Serve(&'static str, #[source] std::io::Error),
     /// The cluster (this node alone, in standalone mode) could not start.
-    #[error("cannot start the cluster: {0}")]
-    Cluster(String),
+    #[error("cannot start the cluster: {what}")]
+    Cluster {
+        /// The step that failed.
+        what: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// What runs besides storage to keep the volumes' records: the cluster (this node alone in
@@ -157,39 +163,44 @@ async fn start_cluster(
     cfg: &DaemonConfig,
     storage: &Arc<Storage>,
 ) -> Result<ClusterParts, NodeError> {
-    let fail = |what: &str, e: &dyn std::fmt::Display| NodeError::Cluster(format!("{what}: {e}"));
+    fn fail(what: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> NodeError {
+        NodeError::Cluster {
+            what: what.to_owned(),
+            source: e.into(),
+        }
+    }
     let fence = replication::fence::FenceTable::open(cfg.data_dir.join("fence.json"))
-        .map_err(|e| fail("cannot open the fence table", &e))?;
+        .map_err(|e| fail("cannot open the fence table", e))?;
     let fence = Arc::new(fence);
     let (mode, store, server) = if cfg.etcd.is_empty() {
         let path = cfg.data_dir.join(standalone::STORE_FILE);
         let store = cluster::store::Store::embedded(&path).map_err(|e| {
             fail(
                 &format!("cannot open the embedded store {}", path.display()),
-                &e,
+                e,
             )
         })?;
         (Mode::Standalone, store, None)
     } else {
         let store = cluster::store::Store::etcd(&cfg.etcd)
             .await
-            .map_err(|e| fail("cannot reach the cluster store", &e))?;
+            .map_err(|e| fail("cannot reach the cluster store", e))?;
         let listen = cfg
             .listen
-            .ok_or_else(|| NodeError::Cluster("--listen is required with --etcd".into()))?;
+            .ok_or_else(|| fail("cluster mode (--etcd) needs --listen", "no replica address"))?;
         let server = replication::server::ReplicaServer::bind(
             listen,
             Arc::clone(storage),
             Arc::clone(&fence),
         )
         .await
-        .map_err(|e| fail(&format!("cannot listen for replicas on {listen}"), &e))?;
+        .map_err(|e| fail(&format!("cannot listen for replicas on {listen}"), e))?;
         let addr = server
             .local_addr()
-            .map_err(|e| fail("cannot read the replica address", &e))?;
+            .map_err(|e| fail("cannot read the replica address", e))?;
         let server = server
             .spawn()
-            .map_err(|e| fail("cannot start the replica server", &e))?;
+            .map_err(|e| fail("cannot start the replica server", e))?;
         (Mode::Cluster, store, Some((server, addr)))
     };
     let me = NodeRecord {
@@ -226,19 +237,19 @@ async fn start_cluster(
         Ok(l) => l,
         Err(e) => {
             stop_server(server).await;
-            return Err(fail("cannot take a node lease", &e));
+            return Err(fail("cannot take a node lease", e));
         }
     };
     if let Err(e) = publish_node(&cluster, lease).await {
         stop_server(server).await;
-        return Err(fail("cannot register this node", &e));
+        return Err(fail("cannot register this node", e));
     }
     if mode == Mode::Standalone {
         let legacy = cfg.data_dir.join(standalone::LEGACY_SETS_FILE);
         match standalone::adopt(&cluster, &legacy).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(volumes = n, "recorded this node's volumes in the store"),
-            Err(e) => return Err(fail("cannot record this node's volumes", &e.full_message())),
+            Err(e) => return Err(fail("cannot record this node's volumes", e)),
         }
         tracing::info!(node = %cluster.node_id(), "standalone: this node alone, over the embedded store");
     } else {
