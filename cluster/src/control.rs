@@ -1,8 +1,11 @@
-//! Cluster mode: replicated volumes over the cluster store.
+//! Volumes over the cluster store, in cluster mode and in standalone mode alike.
 //!
 //! A node in cluster mode (`ballast daemon --etcd URL --listen ADDR`) registers itself in the
-//! store under a lease ([`model::NodeRecord`]), serves its replicas to peers over the replica
-//! protocol, and implements [`VolumeControl`] over volume records in the store:
+//! store under a lease ([`crate::model::NodeRecord`]), serves its replicas to peers over the
+//! replica protocol, and implements [`VolumeControl`] over volume records in the store. A
+//! standalone node ([`Mode::Standalone`]) is a one-node cluster over the embedded store whose
+//! replicas sit on distinct pool devices (see [`crate::standalone`]); everything below holds
+//! for it too, with "node" read as "pool device of this node":
 //!
 //! - **create** places the replicas ([`placement`]), creates each one on its node (this node
 //!   through [`Storage`], the others through the replica protocol), then records the volume;
@@ -94,7 +97,7 @@ pub struct Cluster {
 
 impl Cluster {
     /// This node in `store`: `me` describes it (capacity is refreshed by
-    /// [`Cluster::refresh`]).
+    /// [`Cluster::record`]).
     pub fn new(
         mode: Mode,
         store: Store,

@@ -17,7 +17,8 @@
 //! device is back (the daemon restarted with it), the repair task rebuilds it: delta from the
 //! generation recorded at its ejection, or full.
 //!
-//! [`adopt`] records, at start-up, the volumes this node's storage holds but the store does
+//! [`adopt`] also gives this node's id to records made under another one (the node id
+//! changed), and records, at start-up, the volumes this node's storage holds but the store does
 //! not know: volumes of an older build (whose multi-replica sets lived in [`LEGACY_SETS_FILE`];
 //! a replica recorded ejected there stays ejected, and is rebuilt in full), or a volume whose
 //! creation stopped between its replicas and its record.
@@ -78,6 +79,7 @@ pub async fn adopt(cluster: &Cluster, legacy_sets: &Path) -> Result<usize, Contr
             }
         };
     let me = cluster.node_id().to_owned();
+    rehome(cluster, &known).await?;
     let mut adopted = 0;
     for status in cluster.storage().list_volumes().await? {
         if known.iter().any(|n| n == status.name.as_str()) {
@@ -135,4 +137,31 @@ pub async fn adopt(cluster: &Cluster, legacy_sets: &Path) -> Result<usize, Contr
         }
     }
     Ok(adopted)
+}
+
+/// Give this node's id to every record that names another: in standalone mode every volume
+/// in the store lives on this node's pool devices, whatever id the node had when it was
+/// recorded (`--node-id` changed, or the hostname it defaults to did).
+async fn rehome(cluster: &Cluster, names: &[String]) -> Result<(), ControlError> {
+    let me = cluster.node_id().to_owned();
+    for name in names {
+        let (_, changed) = cluster
+            .update(name, |rec| {
+                let mut changed = false;
+                for r in rec.placement.iter_mut().filter(|r| r.node != me) {
+                    r.node.clone_from(&me);
+                    changed = true;
+                }
+                if let Some(a) = rec.attachment.as_mut().filter(|a| a.node != me) {
+                    a.node.clone_from(&me);
+                    changed = true;
+                }
+                Ok(changed)
+            })
+            .await?;
+        if changed {
+            tracing::warn!(volume = %name, node = %me, "this node's id changed; the volume's record now names it");
+        }
+    }
+    Ok(())
 }

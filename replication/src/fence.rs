@@ -234,6 +234,7 @@ impl FenceTable {
     /// # Errors
     /// The table could not be written.
     pub fn forget(&self, volume: &str) -> io::Result<()> {
+        lock(&self.gates).remove(volume);
         {
             let mut st = lock(&self.state);
             if st.epochs.remove(volume).is_some() {

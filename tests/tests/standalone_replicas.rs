@@ -336,3 +336,61 @@ fn two_replicas_on_two_disks_survive_losing_one_disk_and_a_restart() {
     d.cli(["volume", "delete", &name]).success();
     d.cli(["volume", "inspect", &name]).expect_code(4);
 }
+
+/// A standalone node's volumes belong to it whatever its id: after a restart under another
+/// `--node-id` (or another hostname, its default), a two-replica volume attaches with both
+/// replicas and reads back what was written.
+#[test]
+fn a_changed_node_id_keeps_the_volumes() {
+    let node = NodeDir::new().unwrap();
+    let name = format!("sr{}-renamed", std::process::id());
+    let fuse = node.data_dir().join("fuse");
+    let _release = ReleaseOnDrop(fuse, vec![name.clone()]);
+    let args = |id: &str| {
+        let mut args = node.daemon_args();
+        let at = args.iter().position(|a| a == "--node-id").unwrap();
+        id.clone_into(&mut args[at + 1]);
+        args.push("--pool".into());
+        args.push(format!("{}:128MiB", node.scratch("second.img").display()));
+        args
+    };
+    let mut d = Daemon::spawn(&node, args("first-id")).unwrap();
+    d.wait_ready(integration_tests::START_TIMEOUT).unwrap();
+    d.cli([
+        "volume",
+        "create",
+        &name,
+        "--size",
+        "16MiB",
+        "--replicas",
+        "2",
+    ])
+    .success();
+    let dev = attach(&d, &name);
+    let data = pattern(9, 0, 4 * MIB);
+    write_direct(&dev, 0, &data).unwrap();
+    d.cli(["volume", "detach", &name]).success();
+    let _ = d.terminate().unwrap();
+    drop(d);
+
+    let mut d = Daemon::spawn(&node, args("second-id")).unwrap();
+    d.wait_ready(integration_tests::START_TIMEOUT).unwrap();
+    let (replicas, state) = inspect(&d, &name);
+    assert_eq!(state, "online", "{replicas:?}");
+    let dev = attach(&d, &name);
+    assert!(read_direct(&dev, 0, 4 * MIB) == data);
+    let (replicas, state) = inspect(&d, &name);
+    assert_eq!(state, "online", "both replicas serve: {replicas:?}");
+    assert!(replicas.iter().all(|(_, s)| s == "healthy"), "{replicas:?}");
+    d.cli(["volume", "detach", &name]).success();
+    d.cli(["volume", "delete", &name]).success();
+}
+
+/// Releases the named volumes' attachments when dropped, even if the test fails.
+struct ReleaseOnDrop(PathBuf, Vec<String>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        release_attachments(&self.0, &self.1);
+    }
+}
