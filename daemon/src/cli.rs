@@ -33,6 +33,12 @@ Exit codes of the client commands:
   6  invalid argument (a bad name, size or option, found by the CLI or the daemon)";
 
 /// The `ballast` command line.
+/// The lease TTLs accepted, in seconds, from the flag and the config file alike.
+pub const LEASE_TTL_SECONDS: std::ops::RangeInclusive<u64> = 2..=60;
+
+/// The `replace_after` values accepted, in seconds (flag and file alike): up to a year.
+pub const REPLACE_AFTER_SECONDS: std::ops::RangeInclusive<u64> = 1..=365 * 24 * 3600;
+
 #[derive(Debug, Parser)]
 #[command(name = "ballast", version, about = "Ballast: replicated block storage for containers", long_about = LONG_ABOUT)]
 pub struct Cli {
@@ -112,7 +118,7 @@ pub struct DaemonArgs {
 
     /// Seconds of the node's store lease; a node that cannot renew it within this time stops
     /// I/O, and its volumes can be taken over [default: 5].
-    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(2..=60))]
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(LEASE_TTL_SECONDS))]
     pub lease_ttl: Option<u64>,
 
     /// Copy at most this many MiB per second per replica rebuild; 0 for no limit
@@ -122,7 +128,7 @@ pub struct DaemonArgs {
 
     /// Replace a replica whose node has been gone this many seconds with a new one on another
     /// node [default: 300].
-    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(REPLACE_AFTER_SECONDS))]
     pub replace_after: Option<u64>,
 
     /// Serve the Kubernetes CSI driver (csi.ballast.dev) on this unix socket, e.g.

@@ -18,7 +18,7 @@ use volume::pool::DeviceSpec;
 
 use ::cli::args::DEFAULT_API_SOCKET;
 
-use crate::cli::{DaemonArgs, EngineChoice, LogFormat};
+use crate::cli::{DaemonArgs, EngineChoice, LogFormat, LEASE_TTL_SECONDS, REPLACE_AFTER_SECONDS};
 use ::api::byte_size::ByteSize;
 
 /// The data directory used when none is configured.
@@ -347,6 +347,18 @@ impl DaemonConfig {
                 message: "it must be at least 1".into(),
             });
         }
+        // The file is checked like the flags: a lease of 0 s would stop the lease task, and
+        // with it the node's fencing.
+        let lease_ttl = args
+            .lease_ttl
+            .or(file.lease_ttl)
+            .unwrap_or(DEFAULT_LEASE_TTL);
+        in_range("lease_ttl", lease_ttl, &LEASE_TTL_SECONDS)?;
+        let replace_after = args
+            .replace_after
+            .or(file.replace_after)
+            .unwrap_or(DEFAULT_REPLACE_AFTER);
+        in_range("replace_after", replace_after, &REPLACE_AFTER_SECONDS)?;
         Ok(Self {
             data_dir,
             pools,
@@ -371,11 +383,7 @@ impl DaemonConfig {
             },
             listen: args.listen.or(file.listen),
             zone: args.zone.clone().or(file.zone),
-            lease_ttl: std::time::Duration::from_secs(
-                args.lease_ttl
-                    .or(file.lease_ttl)
-                    .unwrap_or(DEFAULT_LEASE_TTL),
-            ),
+            lease_ttl: std::time::Duration::from_secs(lease_ttl),
             rebuild_rate: Some(
                 args.rebuild_rate
                     .or(file.rebuild_rate)
@@ -383,11 +391,7 @@ impl DaemonConfig {
             )
             .filter(|&r| r > 0)
             .map(|r| r.saturating_mul(1 << 20)),
-            replace_after: std::time::Duration::from_secs(
-                args.replace_after
-                    .or(file.replace_after)
-                    .unwrap_or(DEFAULT_REPLACE_AFTER),
-            ),
+            replace_after: std::time::Duration::from_secs(replace_after),
             csi_socket: args.csi_socket.clone().or(file.csi_socket),
             kubelet_dir: args
                 .kubelet_dir
@@ -422,6 +426,25 @@ impl DaemonConfig {
 
 fn hostname() -> Result<String, nix::Error> {
     Ok(nix::unistd::gethostname()?.to_string_lossy().into_owned())
+}
+
+/// `value` of `setting` must lie in `range`.
+fn in_range(
+    setting: &'static str,
+    value: u64,
+    range: &std::ops::RangeInclusive<u64>,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        setting,
+        message: format!(
+            "{value} is out of range; use {} to {} seconds",
+            range.start(),
+            range.end()
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -493,6 +516,29 @@ mod tests {
         assert_eq!(cfg.io_threads, 8);
         assert_eq!(cfg.pools, [PoolEntry::parse("/flag.img:2GiB").unwrap()]);
         assert_eq!(cfg.api_socket, Path::new("/s.sock"));
+    }
+
+    #[test]
+    fn the_file_is_range_checked_like_the_flags() {
+        for (key, bad) in [
+            ("lease_ttl", "0"),
+            ("lease_ttl", "61"),
+            ("lease_ttl", "9223372036854775807"),
+            ("replace_after", "0"),
+            ("replace_after", "9223372036854775807"),
+        ] {
+            let file = ConfigFile::parse(&format!("{key} = {bad}\n"));
+            let e = match file {
+                Ok(file) => DaemonConfig::merge(&DaemonArgs::default(), None, file, fixed_host)
+                    .unwrap_err()
+                    .to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(key), "{key} = {bad}: {e}");
+        }
+        let file = ConfigFile::parse("lease_ttl = 2\nreplace_after = 1\n").unwrap();
+        let cfg = DaemonConfig::merge(&DaemonArgs::default(), None, file, fixed_host).unwrap();
+        assert_eq!(cfg.lease_ttl, std::time::Duration::from_secs(2));
     }
 
     #[test]

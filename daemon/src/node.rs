@@ -255,12 +255,42 @@ async fn start_cluster(
     } else {
         tracing::info!(node = %cluster.node_id(), replica_addr = %cluster.record().await.replica_addr, zone = ?cfg.zone, ttl = ?cfg.lease_ttl, "joined the cluster");
     }
-    let lease_task = tokio::spawn(lease_loop(Arc::clone(&cluster), lease, cfg.lease_ttl));
+    // Whatever ends the lease task (a panic included), this node can no longer vouch for its
+    // lease: fence every attachment at once.
+    let fence = {
+        let cluster = Arc::clone(&cluster);
+        move || cluster.fence_all()
+    };
+    let lease_task = tokio::spawn(fence_when_done(
+        tokio::spawn(lease_loop(Arc::clone(&cluster), lease, cfg.lease_ttl)),
+        fence,
+    ));
     Ok(ClusterParts {
         cluster,
         server,
         lease_task,
     })
+}
+
+/// Wait for `task` (the lease task) and call `fence` if it ends for any reason (returns or
+/// panics). Aborting the returned future (at shutdown) aborts `task` too, without fencing.
+async fn fence_when_done(task: JoinHandle<()>, fence: impl FnOnce()) {
+    /// Aborts the task when the waiting future is dropped.
+    struct AbortOnDrop(JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut task = AbortOnDrop(task);
+    match (&mut task.0).await {
+        Ok(()) => tracing::error!("the lease task ended; fencing this node's attachments"),
+        Err(e) if e.is_panic() => {
+            tracing::error!(error = %e, "the lease task failed; fencing this node's attachments");
+        }
+        Err(_) => return, // aborted from outside
+    }
+    fence();
 }
 
 /// Keep the node's lease; when it lapses, fence every attachment of this node, take a new
@@ -525,7 +555,7 @@ impl Running {
             let config = plugin::PluginConfig {
                 mount_root: cfg.data_dir.join(DOCKER_MOUNT_DIR),
                 refs_file: cfg.data_dir.join(DOCKER_REFS_FILE),
-                attach_wait: cfg.lease_ttl * 3,
+                attach_wait: cfg.lease_ttl.saturating_mul(3),
             };
             let stop = stopped(self.stop_rx.clone());
             match start_docker(
@@ -779,5 +809,45 @@ fn remove_quietly(path: &Path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove file");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lease_task_that_panics_or_returns_fences() {
+        for panics in [true, false] {
+            let fenced = Arc::new(AtomicBool::new(false));
+            let task = tokio::spawn(async move {
+                assert!(!panics, "the lease task failed");
+            });
+            let flag = Arc::clone(&fenced);
+            fence_when_done(task, move || flag.store(true, Ordering::SeqCst)).await;
+            assert!(fenced.load(Ordering::SeqCst), "panics: {panics}");
+        }
+    }
+
+    #[tokio::test]
+    async fn shutting_the_supervisor_down_stops_the_task_without_fencing() {
+        let fenced = Arc::new(AtomicBool::new(false));
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let task = tokio::spawn(async move {
+            let _alive = tx;
+            std::future::pending::<()>().await;
+        });
+        let flag = Arc::clone(&fenced);
+        let sup = tokio::spawn(fence_when_done(task, move || {
+            flag.store(true, Ordering::SeqCst);
+        }));
+        tokio::task::yield_now().await;
+        sup.abort();
+        let _ = sup.await;
+        // The task was aborted: its sender is gone.
+        assert!(rx.recv().await.is_none());
+        assert!(!fenced.load(Ordering::SeqCst));
     }
 }
