@@ -644,7 +644,10 @@ impl Cluster {
     }
 
     async fn release_async(&self, name: &VolumeName) {
-        self.nexus_table().remove(name.as_str());
+        // Nobody serves it any more: stop its repair task and any rebuild with it.
+        if let Some(nexus) = self.nexus_table().remove(name.as_str()) {
+            nexus.fence();
+        }
         let me = self.me.id.clone();
         let r = self
             .update(name.as_str(), |rec| {
@@ -1106,4 +1109,86 @@ pub async fn publish_node(
         .put(&node_key(&rec.id), &value, Some(lease))
         .await
         .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use volume::io::{probe, EngineKind};
+    use volume::pool::{DeviceSpec, StorageConfig};
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A standalone node over the embedded store in `dir`, with two pool devices.
+    async fn standalone(dir: &Path) -> ClusterSource {
+        let storage = Storage::open(StorageConfig {
+            devices: (0..2)
+                .map(|i| DeviceSpec {
+                    path: dir.join(format!("pool{i}.img")),
+                    create_size: Some(64 * MIB),
+                })
+                .collect(),
+            node_id: "unit".into(),
+            force_format: false,
+            engine: probe(EngineKind::Sync, 2).unwrap(),
+        })
+        .await
+        .unwrap();
+        let me = NodeRecord {
+            id: "unit".into(),
+            replica_addr: String::new(),
+            zone: None,
+            capacity_bytes: 0,
+            free_bytes: 0,
+            version: String::new(),
+        };
+        let cluster = Cluster::new(
+            Mode::Standalone,
+            Store::embedded(&dir.join("store.json")).unwrap(),
+            me,
+            Arc::new(storage),
+            Arc::new(FenceTable::open(dir.join("fence.json")).unwrap()),
+            Duration::from_secs(2),
+            RepairPolicy::default(),
+        );
+        ClusterSource(Arc::new(cluster))
+    }
+
+    /// Releasing a volume fences its nexus, so its repair task and any rebuild stop with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_released_nexus_is_fenced() {
+        let base = std::env::var_os("BALLAST_TEST_DIR")
+            .map_or_else(|| std::path::PathBuf::from("/var/tmp"), Into::into);
+        let dir = tempfile::tempdir_in(base).unwrap();
+        let source = Arc::new(standalone(dir.path()).await);
+        let name = VolumeName::new("db").unwrap();
+        source
+            .create_volume(VolumeSpec {
+                name: name.clone(),
+                size_bytes: 8 * MIB,
+                replicas: 2,
+            })
+            .await
+            .unwrap();
+        let (s, n) = (Arc::clone(&source), name.clone());
+        let dev = tokio::task::spawn_blocking(move || s.open(&n, false))
+            .await
+            .unwrap()
+            .unwrap();
+        let VolumeDevice::Replicated(nexus) = dev else {
+            panic!("a two-replica volume opened without a nexus");
+        };
+        assert!(!nexus.is_fenced());
+        let (s, n) = (Arc::clone(&source), name.clone());
+        tokio::task::spawn_blocking(move || s.release(&n))
+            .await
+            .unwrap();
+        assert!(nexus.is_fenced(), "a released nexus must stop serving");
+        let (rec, _) = source.0.volume("db").await.unwrap();
+        assert!(rec.attachment.is_none());
+        source.0.storage.close().await.unwrap();
+    }
 }

@@ -532,7 +532,7 @@ mod tests {
                 Ok(file) => DaemonConfig::merge(&DaemonArgs::default(), None, file, fixed_host)
                     .unwrap_err()
                     .to_string(),
-                Err(e) => e.to_string(),
+                Err(e) => e,
             };
             assert!(e.contains(key), "{key} = {bad}: {e}");
         }

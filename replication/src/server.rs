@@ -17,6 +17,9 @@
 //!   until one completes, which bounds the memory one peer can pin.
 //! - A malformed frame closes that connection only. Request tasks are never aborted: a write
 //!   that has started runs to completion even if its connection or the server goes away.
+//! - [`ServerHandle::stop`] returns only once every request task has finished (bounded by
+//!   [`DRAIN_TIMEOUT`]), so the daemon closes storage after the last peer write returned;
+//!   requests that arrive while it waits are not started.
 
 use std::io;
 use std::net::SocketAddr;
@@ -25,7 +28,7 @@ use std::sync::Arc;
 use api::{format_size, ControlError, ErrorKind, VolumeControl, VolumeName, VolumeSpec};
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, RwLock, Semaphore};
 use tokio::task::JoinHandle;
 use volume::device::{BlockDevice, DeviceError, WriteFlags};
 use volume::io::IoBuf;
@@ -37,11 +40,17 @@ use crate::wire::{self, ErrCode, Request, Response, MAX_GENERATIONS, MAX_IO};
 /// The most requests of one connection executing at once.
 pub const MAX_IN_FLIGHT: usize = 64;
 
+/// How long [`ServerHandle::stop`] waits for requests in flight.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Shared by every connection.
 #[derive(Debug)]
 struct Ctx {
     storage: Arc<Storage>,
     fence: Arc<FenceTable>,
+    /// Held shared by every request task; [`ServerHandle::stop`] takes it exclusively to wait
+    /// for them.
+    drain: Arc<RwLock<()>>,
 }
 
 /// A bound replica server, not yet serving.
@@ -58,6 +67,7 @@ pub struct ServerHandle {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
+    drain: Arc<RwLock<()>>,
 }
 
 impl ServerHandle {
@@ -72,11 +82,18 @@ impl ServerHandle {
         self.shutdown.send_replace(true);
     }
 
-    /// Shut down and wait for the accept loop to end.
+    /// Shut down, and wait for the accept loop to end and for every request in flight to
+    /// finish (at most [`DRAIN_TIMEOUT`]).
     pub async fn stop(self) {
         self.shutdown();
         if let Err(e) = self.task.await {
             tracing::warn!(error = %e, "replica server task failed");
+        }
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.drain.write())
+            .await
+            .is_err()
+        {
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "replica requests still in flight after shutdown");
         }
     }
 }
@@ -95,7 +112,11 @@ impl ReplicaServer {
         let (shutdown, _) = watch::channel(false);
         Ok(Self {
             listener,
-            ctx: Arc::new(Ctx { storage, fence }),
+            ctx: Arc::new(Ctx {
+                storage,
+                fence,
+                drain: Arc::default(),
+            }),
             shutdown,
         })
     }
@@ -120,11 +141,13 @@ impl ReplicaServer {
     pub fn spawn(self) -> io::Result<ServerHandle> {
         let addr = self.listener.local_addr()?;
         let shutdown = self.shutdown.clone();
+        let drain = Arc::clone(&self.ctx.drain);
         let task = tokio::spawn(self.serve());
         Ok(ServerHandle {
             addr,
             shutdown,
             task,
+            drain,
         })
     }
 
@@ -198,9 +221,14 @@ async fn connection(
             }
             continue;
         }
+        // Stopping: requests that were not running yet are not started.
+        let Ok(running) = Arc::clone(&ctx.drain).try_read_owned() else {
+            break;
+        };
         let ctx = ctx.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
+            let _running = running;
             let resp = handle(&ctx, req).await;
             // The connection may be gone; the work is done either way.
             let _ = tx.send((id, resp)).await;

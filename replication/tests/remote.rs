@@ -501,3 +501,47 @@ async fn a_replica_grows_over_the_protocol_and_its_remote_handle_learns_the_size
         bigger
     );
 }
+
+/// Stopping the server waits for the requests it is running: once `stop` returns, no peer
+/// write lands on the replica any more (the daemon closes storage right after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_waits_for_requests_in_flight() {
+    let node = Node::start().await;
+    node.volume("vol").await;
+    let r = Arc::new(node.replica("vol", 1).await);
+    let mut writers = Vec::new();
+    for w in 0..8u64 {
+        let r = Arc::clone(&r);
+        writers.push(tokio::spawn(async move {
+            for i in 0.. {
+                // 1 MiB at the same place, every write different.
+                if r.write(0, blocks(0, 256, w * 1_000_000 + i), WriteFlags::default())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let Node {
+        dir: _dir,
+        storage,
+        server,
+    } = node;
+    server.stop().await;
+    let local = storage
+        .replica(&api::VolumeName::new("vol").unwrap())
+        .unwrap();
+    let at_stop = local.read(0, IoBuf::zeroed(MIB as usize)).await.unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let later = local.read(0, IoBuf::zeroed(MIB as usize)).await.unwrap();
+    assert!(
+        at_stop[..] == later[..],
+        "a peer write landed after the server stopped"
+    );
+}
