@@ -23,11 +23,17 @@ mod common;
 
 use common::MIB;
 
+const BLOCK: u64 = 4096;
+
 /// Faults a child can be told to show.
 #[derive(Debug, Default)]
 struct Faults {
-    /// The next read fails its checksum.
-    checksum_once: AtomicBool,
+    /// Blocks (4 KiB indexes) whose stored copy is corrupt: a read covering one fails its
+    /// checksum until a write covers the block again, as on a real replica.
+    corrupt: Mutex<std::collections::BTreeSet<u64>>,
+    /// Reads take this long after their data was read (they return what the replica held
+    /// then), widening any window in which a newer write lands meanwhile.
+    slow_reads: AtomicBool,
     /// Every request fails with an I/O error.
     io: AtomicBool,
     /// Every request is refused as fenced.
@@ -69,7 +75,16 @@ impl BlockDevice for Dev {
         if let Some(error) = self.fault("read", offset, buf.len() as u64) {
             return Err(BufError { error, buf });
         }
-        if self.faults.checksum_once.swap(false, SeqCst) {
+        let blocks = offset / BLOCK..(offset + buf.len() as u64).div_ceil(BLOCK);
+        if self
+            .faults
+            .corrupt
+            .lock()
+            .unwrap()
+            .range(blocks)
+            .next()
+            .is_some()
+        {
             let error = DeviceError::new(
                 DeviceErrorKind::Checksum,
                 "read",
@@ -79,7 +94,11 @@ impl BlockDevice for Dev {
             );
             return Err(BufError { error, buf });
         }
-        self.replica.read(offset, buf).await
+        let read = self.replica.read(offset, buf).await;
+        if self.faults.slow_reads.load(SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+        read
     }
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BufResult {
@@ -90,7 +109,15 @@ impl BlockDevice for Dev {
         if buf.len() as u64 >= MIB && self.faults.slow_copies.load(SeqCst) {
             tokio::time::sleep(std::time::Duration::from_millis(30)).await;
         }
-        self.replica.write(offset, buf, flags).await
+        let blocks = offset / BLOCK..(offset + buf.len() as u64).div_ceil(BLOCK);
+        let written = self.replica.write(offset, buf, flags).await;
+        if written.is_ok() {
+            let mut corrupt = self.faults.corrupt.lock().unwrap();
+            for b in blocks {
+                corrupt.remove(&b);
+            }
+        }
+        written
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {
@@ -353,17 +380,59 @@ async fn a_checksum_failure_is_answered_and_repaired_from_a_healthy_child() {
         .await
         .unwrap();
     let writes = f.devs[0].faults.writes.load(SeqCst);
-    f.devs[0].faults.checksum_once.store(true, SeqCst);
+    // One corrupt block (the third) of the eight read.
+    f.devs[0].faults.corrupt.lock().unwrap().insert(2);
     let got = nexus.read(0, IoBuf::zeroed(data.len())).await.unwrap();
     assert_eq!(got.to_vec(), data.to_vec());
     assert_eq!(nexus.stats().repairs.load(SeqCst), 1);
     assert_eq!(
         f.devs[0].faults.writes.load(SeqCst),
         writes + 1,
-        "the bad copy is rewritten"
+        "only the bad block is rewritten"
     );
+    assert!(f.devs[0].faults.corrupt.lock().unwrap().is_empty());
     assert_eq!(read_child(&f.devs[0], 0, data.len()).await, data.to_vec());
     assert_eq!(nexus.children()[0].1, ChildState::Healthy);
+    f.close().await;
+}
+
+/// Read-repair never overwrites a newer write: the good copy a repair writes is read again
+/// under the extent's lock, and only blocks still corrupt then are rewritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_racing_a_write_keeps_the_write() {
+    let f = Fixture::new(2).await;
+    let nexus = Arc::new(f.nexus(Arc::new(Recorder::default())));
+    let old = pattern(1, BLOCK as usize);
+    let new = pattern(2, BLOCK as usize);
+    nexus
+        .write(0, old.clone(), WriteFlags::default())
+        .await
+        .unwrap();
+    // The local child's copy is corrupt; the other answers the read, slowly: it returns the
+    // old data after the new write below has completed on both children.
+    f.devs[0].faults.corrupt.lock().unwrap().insert(0);
+    f.devs[1].faults.slow_reads.store(true, SeqCst);
+    let reader = {
+        let nexus = Arc::clone(&nexus);
+        tokio::spawn(async move { nexus.read(0, IoBuf::zeroed(BLOCK as usize)).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    nexus
+        .write(0, new.clone(), WriteFlags::default())
+        .await
+        .unwrap();
+    let got = reader.await.unwrap().unwrap();
+    assert_eq!(got.to_vec(), old.to_vec(), "the read returns what it read");
+    f.devs[1].faults.slow_reads.store(false, SeqCst);
+    assert_eq!(
+        read_child(&f.devs[0], 0, BLOCK as usize).await,
+        new.to_vec(),
+        "the repair overwrote a newer acknowledged write"
+    );
+    assert_eq!(
+        read_child(&f.devs[1], 0, BLOCK as usize).await,
+        new.to_vec()
+    );
     f.close().await;
 }
 

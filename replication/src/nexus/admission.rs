@@ -32,6 +32,8 @@ impl<D> Drop for Admitted<'_, D> {
 /// A copy's hold on one extent; released (and waiting writes woken) on drop.
 pub(super) struct ExtentLock<'a, D> {
     nexus: &'a Nexus<D>,
+    /// Dropped after `copying` is cleared (fields drop after `Drop::drop`).
+    _serial: tokio::sync::MutexGuard<'a, ()>,
 }
 
 impl<D> Drop for ExtentLock<'_, D> {
@@ -118,14 +120,33 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         }
     }
 
+    /// A generation for a change made while holding its extent exclusively (a repair): in
+    /// flight like a write's until dropped, without counting as a write on the extent.
+    pub(super) fn sequence(&self) -> Admitted<'_, D> {
+        let mut s = self.seq.lock().expect("sequencer lock");
+        let generation = s.next;
+        s.next += 1;
+        s.in_flight.insert(generation);
+        Admitted {
+            nexus: self,
+            generation,
+            extents: 0..0,
+        }
+    }
+
     /// Hold extent `e` exclusively: wait until no write is in flight on it; writes arriving
     /// meanwhile wait in [`Nexus::admit`] until the guard drops.
     pub(super) async fn lock_extent(&self, e: u64) -> ExtentLock<'_, D> {
+        // One holder at a time: a second one would move `copying` off the first's extent.
+        let serial = self.extent_lock.lock().await;
         self.copying.store(e, SeqCst);
         while self.writes_on(e) != 0 {
             tokio::time::sleep(Duration::from_micros(100)).await;
         }
-        ExtentLock { nexus: self }
+        ExtentLock {
+            nexus: self,
+            _serial: serial,
+        }
     }
 
     /// The byte range of extent `e`, clipped to the volume.

@@ -16,9 +16,12 @@
 //!   eject nobody. A [`DeviceErrorKind::Fenced`] answer means a newer attachment owns the
 //!   volume: the nexus fails that request and every later one, and ejects nobody.
 //! - A **read** goes to the local healthy child if there is one, otherwise to a healthy remote
-//!   one. A checksum failure is answered from another healthy child and the bad copy is
-//!   rewritten (repaired) from the good data; an I/O failure ejects the child and the read is
-//!   retried elsewhere.
+//!   one. A checksum failure is answered from another healthy child, and the bad copy is
+//!   repaired block by block: holding the extent exclusively (as a rebuild's copy does, so no
+//!   write is in flight on it), each block still failing its checksum on the bad child is
+//!   read again from a healthy child and written with a new generation. So a repair never
+//!   puts back data older than a write acknowledged meanwhile. An I/O failure ejects the
+//!   child and the read is retried elsewhere.
 //! - **Flush** goes to every child that takes writes; children that fail it are ejected.
 //!
 //! The outcome of a fan-out is decided by [`decide`], a pure function, so the rules are
@@ -210,9 +213,11 @@ pub struct Nexus<D> {
     /// Writes in flight per extent, so a copy can wait for them. Only grows, with the size;
     /// the lock is never held across an await.
     extent_writes: RwLock<Vec<AtomicU32>>,
-    /// The extent a rebuild is copying, or [`NO_COPY`].
+    /// The extent held exclusively (a rebuild's copy or a read-repair), or [`NO_COPY`].
     copying: AtomicU64,
     copy_done: Notify,
+    /// One exclusive extent at a time: held by the holder of `copying`.
+    extent_lock: tokio::sync::Mutex<()>,
     /// Taken shared by every changing request, exclusively while a rebuild snapshots.
     gate: tokio::sync::RwLock<()>,
 }
@@ -294,6 +299,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
             ),
             copying: AtomicU64::new(NO_COPY),
             copy_done: Notify::new(),
+            extent_lock: tokio::sync::Mutex::new(()),
             gate: tokio::sync::RwLock::new(()),
         }
     }
@@ -403,7 +409,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> BlockDevice for Nexus<D> {
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> BufResult {
-        self.read_impl(offset, buf).await
+        self.read_impl(offset, buf, true).await
     }
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BufResult {

@@ -1,5 +1,5 @@
 //! Reads: from the local healthy child if there is one; a checksum failure is answered from
-//! another child and the bad copy repaired.
+//! another child and the bad copy repaired, block by block, under the extent's lock.
 
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
@@ -11,11 +11,15 @@ use volume::device::DeviceError;
 use volume::device::DeviceErrorKind;
 use volume::device::WriteFlags;
 use volume::io::IoBuf;
+use volume::pool::format::EXTENT;
 
 use super::rules::Answer;
 use super::Child;
 use super::ChildState;
 use super::Nexus;
+
+/// The repair unit: one checksummed block.
+const BLOCK: u64 = api::BLOCK_SIZE;
 
 impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
     /// The healthy children in read preference order: local first.
@@ -29,7 +33,10 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         v
     }
 
-    pub(super) async fn read_impl(&self, offset: u64, mut buf: IoBuf) -> BufResult {
+    /// Read from the healthy children in preference order. With `repair`, copies that failed
+    /// their checksum are repaired before returning; a caller that already holds an extent
+    /// exclusively (a rebuild's copy) reads without, since a repair takes that lock too.
+    pub(super) async fn read_impl(&self, offset: u64, mut buf: IoBuf, repair: bool) -> BufResult {
         let len = buf.len() as u64;
         if let Err(error) = self
             .check_fence("read", offset, len)
@@ -42,7 +49,9 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         for child in self.readers() {
             match child.dev.read(offset, buf).await {
                 Ok(good) => {
-                    self.repair(&bad, offset, &good).await;
+                    if repair {
+                        self.repair(&bad, offset, len).await;
+                    }
                     return Ok(good);
                 }
                 Err(BufError { error, buf: b }) => {
@@ -79,31 +88,69 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         Err(BufError { error, buf })
     }
 
-    /// Rewrite `good` onto children whose copy failed its checksum; eject those that cannot
-    /// take it.
-    pub(super) async fn repair(&self, bad: &[Arc<Child<D>>], offset: u64, good: &IoBuf) {
+    /// On each child of `bad` (whose copy of `offset..offset + len` failed its checksum),
+    /// rewrite the blocks that still fail it, from a healthy copy read again while the
+    /// block's extent is held exclusively: no write is in flight there, so the copy written is
+    /// the newest, and it gets a new generation. A child that cannot be read or written is
+    /// ejected.
+    pub(super) async fn repair(&self, bad: &[Arc<Child<D>>], offset: u64, len: u64) {
         for child in bad {
-            match child
-                .dev
-                .write(
-                    offset,
-                    IoBuf::from_slice(good),
-                    WriteFlags {
-                        fua: true,
-                        ..WriteFlags::default()
-                    },
-                )
-                .await
-            {
-                Ok(_) => {
-                    self.stats.repairs.fetch_add(1, SeqCst);
-                    tracing::warn!(volume = %self.name, replica = %child.id, offset, len = good.len(), "repaired a block that failed its checksum");
-                }
-                Err(e) => {
-                    self.eject(child, &format!("repair failed: {}", e.error))
-                        .await;
-                }
+            if let Err(reason) = self.repair_child(child, offset, len).await {
+                self.eject(child, &format!("repair failed: {reason}")).await;
             }
         }
+    }
+
+    async fn repair_child(
+        &self,
+        child: &Arc<Child<D>>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), DeviceError> {
+        let end = offset.saturating_add(len).min(self.size());
+        let mut block = offset / BLOCK * BLOCK;
+        while block < end {
+            let extent = block / EXTENT;
+            let extent_end = ((extent + 1) * EXTENT).min(end);
+            let _held = self.lock_extent(extent).await;
+            while block < extent_end {
+                match child.dev.read(block, IoBuf::zeroed(BLOCK as usize)).await {
+                    Ok(_) => {} // fine now (a write covered it meanwhile, or it never failed)
+                    Err(BufError { error, .. }) if error.kind == DeviceErrorKind::Checksum => {
+                        self.repair_block(child, block).await?;
+                    }
+                    Err(BufError { error, .. }) => return Err(error),
+                }
+                block += BLOCK;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrite block `block` of `child` from the first healthy child that reads it.
+    async fn repair_block(&self, child: &Arc<Child<D>>, block: u64) -> Result<(), DeviceError> {
+        for source in self.readers() {
+            if Arc::ptr_eq(&source, child) {
+                continue;
+            }
+            let Ok(good) = source.dev.read(block, IoBuf::zeroed(BLOCK as usize)).await else {
+                continue;
+            };
+            let sequenced = self.sequence();
+            let flags = WriteFlags {
+                fua: true,
+                generation: sequenced.generation,
+            };
+            child
+                .dev
+                .write(block, good, flags)
+                .await
+                .map_err(|e| e.error)?;
+            self.stats.repairs.fetch_add(1, SeqCst);
+            tracing::warn!(volume = %self.name, replica = %child.id, offset = block, "repaired a block that failed its checksum");
+            return Ok(());
+        }
+        tracing::warn!(volume = %self.name, replica = %child.id, offset = block, "no healthy copy of a block that failed its checksum could be read; left as it is");
+        Ok(())
     }
 }

@@ -168,7 +168,8 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         let buf = IoBuf::zeroed(len as usize);
         let data = match source {
             Some(c) => c.dev.read(offset, buf).await?,
-            None => self.read_impl(offset, buf).await?,
+            // Holding the extent: read without repairing (a repair would wait for the lock).
+            None => self.read_impl(offset, buf, false).await?,
         };
         let flags = WriteFlags {
             fua: false,
