@@ -335,6 +335,11 @@ async fn a_write_fails_when_the_ejection_cannot_be_recorded() {
     let rec = Arc::new(Recorder::default());
     rec.refuse.store(true, SeqCst);
     let nexus = f.nexus(rec.clone());
+    let old = pattern(2, 4096);
+    nexus
+        .write(0, old.clone(), WriteFlags::default())
+        .await
+        .unwrap();
     f.devs[1].faults.io.store(true, SeqCst);
     let e = nexus
         .write(0, pattern(3, 4096), WriteFlags::default())
@@ -346,11 +351,38 @@ async fn a_write_fails_when_the_ejection_cannot_be_recorded() {
         "{}",
         e.error
     );
+    // It missed the write: it must not come back as healthy (reads could then return either
+    // copy), though the record still says healthy.
+    assert_eq!(nexus.children()[1].1, ChildState::Unrecorded);
+    f.devs[1].faults.io.store(false, SeqCst);
+    let reads = f.devs[1].faults.reads.load(SeqCst);
+    for _ in 0..4 {
+        let got = nexus.read(0, IoBuf::zeroed(4096)).await.unwrap();
+        assert_eq!(got.to_vec(), pattern(3, 4096).to_vec());
+    }
     assert_eq!(
-        nexus.children()[1].1,
-        ChildState::Healthy,
-        "not ejected without a record"
+        f.devs[1].faults.reads.load(SeqCst),
+        reads,
+        "no read from the stale copy"
     );
+    // Every later write fails too while the ejection cannot be recorded...
+    let e = nexus
+        .write(8192, pattern(4, 4096), WriteFlags::default())
+        .await
+        .unwrap_err();
+    assert!(
+        e.error.message.contains("could not be recorded"),
+        "{}",
+        e.error
+    );
+    // ...and the first one after the store is back records it and is acknowledged.
+    rec.refuse.store(false, SeqCst);
+    nexus
+        .write(8192, pattern(4, 4096), WriteFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(nexus.children()[1].1, ChildState::Ejected);
+    assert_eq!(*rec.ejected.lock().unwrap(), ["n1"]);
     f.close().await;
 }
 

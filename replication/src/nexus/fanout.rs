@@ -19,11 +19,15 @@ use super::Nexus;
 
 impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
     /// Commit the ejection of `child` (once; concurrent callers wait for the same outcome).
-    /// Returns whether the child is ejected now.
-    pub(super) async fn eject(&self, child: &Child<D>, reason: &str) -> bool {
+    /// Returns whether the child is ejected now. `missed`: the child failed a write (or a
+    /// flush) that others took, so if the ejection cannot be recorded it must not come back
+    /// ([`ChildState::Unrecorded`]); otherwise (a failed read or grow) it keeps its state.
+    pub(super) async fn eject(&self, child: &Child<D>, reason: &str, missed: bool) -> bool {
         let mut won = false;
+        let mut before = ChildState::Healthy;
         child.state.send_if_modified(|s| {
-            if s.writable() {
+            if s.writable() || *s == ChildState::Unrecorded {
+                before = *s;
                 *s = ChildState::Ejecting;
                 won = true;
             }
@@ -39,7 +43,12 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
                 }
                 Err(e) => {
                     tracing::error!(volume = %self.name, replica = %child.id, error = %e.full_message(), "cannot record the ejection; writes that skipped the replica fail");
-                    child.state.send_replace(ChildState::Healthy);
+                    let back = if missed || before == ChildState::Unrecorded {
+                        ChildState::Unrecorded
+                    } else {
+                        before
+                    };
+                    child.state.send_replace(back);
                 }
             }
         }
@@ -71,9 +80,11 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         let (name, offset, len) = what;
         self.check_fence(name, offset, len)?;
         let all = self.snapshot();
+        // Children this request skips whose ejection is not recorded yet: it is acknowledged
+        // only once it is (an unrecorded one is tried again).
         let skipped: Vec<Arc<Child<D>>> = all
             .iter()
-            .filter(|c| c.state() == ChildState::Ejecting)
+            .filter(|c| matches!(c.state(), ChildState::Ejecting | ChildState::Unrecorded))
             .cloned()
             .collect();
         let targets: Vec<Arc<Child<D>>> = all
@@ -112,7 +123,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
             Decision::Ack { eject } => {
                 for i in eject {
                     let e = take_err(&mut results, i);
-                    if !self.eject(&targets[i], &e.to_string()).await {
+                    if !self.eject(&targets[i], &e.to_string(), true).await {
                         return Err(DeviceError::new(
                             DeviceErrorKind::Io,
                             name,
@@ -126,7 +137,13 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
                     }
                 }
                 for c in &skipped {
-                    if !Self::settled(c).await {
+                    let recorded = if c.state() == ChildState::Unrecorded {
+                        self.eject(c, "it missed writes (recording again)", true)
+                            .await
+                    } else {
+                        Self::settled(c).await
+                    };
+                    if !recorded {
                         return Err(DeviceError::new(
                             DeviceErrorKind::Io,
                             name,

@@ -77,7 +77,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
             ));
         }
         for (c, why) in short {
-            if !self.eject(c, &format!("cannot grow: {why}")).await {
+            if !self.eject(c, &format!("cannot grow: {why}"), false).await {
                 return Err(DeviceError::new(
                     DeviceErrorKind::Io,
                     "grow",

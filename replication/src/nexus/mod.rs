@@ -89,6 +89,11 @@ pub enum ChildState {
     Ejecting,
     /// Ejected (committed). Takes nothing until rebuilt.
     Ejected,
+    /// Missed a write, but its ejection could not be recorded: takes nothing and serves no
+    /// reads (its copy is stale), and every later write fails until the ejection is recorded
+    /// (each one tries again). The record still calls it healthy, so acknowledging a write
+    /// without it would let a later attachment read the stale copy.
+    Unrecorded,
 }
 
 impl ChildState {
@@ -104,6 +109,7 @@ impl ChildState {
             ChildState::Rebuilding => "rebuilding",
             ChildState::Ejecting => "ejecting",
             ChildState::Ejected => "ejected",
+            ChildState::Unrecorded => "unrecorded",
         }
     }
 }
@@ -393,7 +399,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
     /// ejected. A child that takes no writes is left alone.
     pub async fn eject_child(&self, id: &str, reason: &str) -> bool {
         match self.child(id) {
-            Some(c) if c.state().writable() => self.eject(&c, reason).await,
+            Some(c) if c.state().writable() => self.eject(&c, reason, false).await,
             _ => false,
         }
     }

@@ -67,7 +67,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
                         }
                         Answer::Failed | Answer::Ok => {
                             let reason = error.to_string();
-                            if !self.eject(&child, &reason).await {
+                            if !self.eject(&child, &reason, false).await {
                                 return Err(BufError { error, buf });
                             }
                         }
@@ -96,7 +96,8 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
     pub(super) async fn repair(&self, bad: &[Arc<Child<D>>], offset: u64, len: u64) {
         for child in bad {
             if let Err(reason) = self.repair_child(child, offset, len).await {
-                self.eject(child, &format!("repair failed: {reason}")).await;
+                self.eject(child, &format!("repair failed: {reason}"), false)
+                    .await;
             }
         }
     }
