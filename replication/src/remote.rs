@@ -745,6 +745,13 @@ impl BlockDevice for RemoteReplica {
                     next,
                 }) => {
                     out.extent_size = extent_size;
+                    // Pages never add up to more extents than the largest volume has.
+                    let most = (api::MAX_VOLUME_SIZE / extent_size.max(1)) as usize;
+                    if out.extents.len().saturating_add(extents.len()) > most {
+                        return Err(at.io(format!(
+                            "the replica server sent more than {most} extent generations"
+                        )));
+                    }
                     out.extents.extend(
                         extents
                             .into_iter()

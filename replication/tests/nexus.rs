@@ -34,6 +34,8 @@ struct Faults {
     /// Reads take this long after their data was read (they return what the replica held
     /// then), widening any window in which a newer write lands meanwhile.
     slow_reads: AtomicBool,
+    /// What `generations` answers instead of the replica's own (a peer that lies).
+    lie: Mutex<Option<Generations>>,
     /// Every request fails with an I/O error.
     io: AtomicBool,
     /// Every request is refused as fenced.
@@ -144,6 +146,9 @@ impl BlockDevice for Dev {
     async fn generations(&self) -> Result<Generations, DeviceError> {
         if let Some(e) = self.fault("generations", 0, 0) {
             return Err(e);
+        }
+        if let Some(g) = self.faults.lie.lock().unwrap().clone() {
+            return Ok(g);
         }
         self.replica.generations().await
     }
@@ -912,5 +917,42 @@ async fn a_grow_whose_ejection_cannot_be_recorded_changes_nothing() {
     f.devs[1].faults.io.store(true, SeqCst);
     assert_eq!(nexus.grow(NEW).await.unwrap(), NEW);
     assert_eq!(*rec.ejected.lock().unwrap(), ["n1"]);
+    f.close().await;
+}
+
+/// Generations are a peer's input: impossible ones (beyond the largest volume, near the top
+/// of `u64`, out of order) stop reconciliation with an error naming the replica; nothing
+/// overflows and no copy is made from them.
+#[tokio::test]
+async fn impossible_generations_from_a_child_are_refused() {
+    let f = Fixture::new(2).await;
+    let nexus = f.nexus(Arc::new(Recorder::default()));
+    nexus
+        .write(0, pattern(1, 4096), WriteFlags::default())
+        .await
+        .unwrap();
+    let lies = [
+        vec![(0, u64::MAX - 1)],
+        vec![(u64::MAX / 2, 7)],
+        vec![(3, 7), (2, 8)],
+    ];
+    for lie in lies {
+        *f.devs[1].faults.lie.lock().unwrap() = Some(Generations {
+            extent_size: MIB,
+            extents: lie
+                .iter()
+                .map(|&(extent, generation)| volume::device::ExtentGeneration {
+                    extent,
+                    generation,
+                })
+                .collect(),
+        });
+        let e = nexus.reconcile().await.unwrap_err();
+        assert_eq!(e.kind, DeviceErrorKind::Io, "{e}");
+        assert!(e.message.contains("replica n1 reported impossible"), "{e}");
+    }
+    *f.devs[1].faults.lie.lock().unwrap() = None;
+    nexus.reconcile().await.unwrap();
+    assert!(nexus.next_generation() < 1 << 62);
     f.close().await;
 }

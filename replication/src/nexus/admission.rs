@@ -151,7 +151,8 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
 
     /// The byte range of extent `e`, clipped to the volume.
     pub(super) fn extent_range(&self, e: u64) -> (u64, u64) {
-        let offset = e * EXTENT;
+        // Beyond the volume (and beyond u64) is an empty range.
+        let offset = e.saturating_mul(EXTENT);
         (
             offset,
             EXTENT.min(self.size.load(SeqCst).saturating_sub(offset)),

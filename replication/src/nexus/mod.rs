@@ -71,7 +71,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{watch, Notify};
-use volume::device::{BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, WriteFlags};
+use volume::device::{
+    BlockDevice, BufError, BufResult, DeviceError, DeviceErrorKind, Generations, WriteFlags,
+    GENERATION_UNKNOWN,
+};
 use volume::io::IoBuf;
 use volume::pool::format::EXTENT;
 
@@ -407,6 +410,49 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
     fn child(&self, id: &str) -> Option<Arc<Child<D>>> {
         self.snapshot().into_iter().find(|c| c.id == id)
     }
+}
+
+/// The highest generation a replica may report (besides [`GENERATION_UNKNOWN`]): far above
+/// any count of writes, far below overflow.
+pub const MAX_GENERATION: u64 = 1 << 62;
+
+/// Check a child's generations before they are used: a peer's answer is not trusted. Extents
+/// must be in strictly increasing order, within the largest volume, with the nexus's extent
+/// size, and generations at most [`MAX_GENERATION`] (or unknown).
+///
+/// # Errors
+/// The first rule broken, as an I/O error of `child`.
+pub fn check_generations(child: &str, g: &Generations) -> Result<(), DeviceError> {
+    let bad = |why: String| {
+        Err(DeviceError::new(
+            DeviceErrorKind::Io,
+            "generations",
+            0,
+            0,
+            format!("replica {child} reported impossible generations: {why}"),
+        ))
+    };
+    if g.extent_size != EXTENT {
+        return bad(format!("{} byte extents, not {EXTENT}", g.extent_size));
+    }
+    let max_extents = api::MAX_VOLUME_SIZE / EXTENT;
+    let mut previous: Option<u64> = None;
+    for e in &g.extents {
+        if e.extent >= max_extents {
+            return bad(format!("extent {} is beyond the largest volume", e.extent));
+        }
+        if previous.is_some_and(|p| e.extent <= p) {
+            return bad(format!("extent {} is out of order", e.extent));
+        }
+        if e.generation > MAX_GENERATION && e.generation != GENERATION_UNKNOWN {
+            return bad(format!(
+                "generation {} of extent {}",
+                e.generation, e.extent
+            ));
+        }
+        previous = Some(e.extent);
+    }
+    Ok(())
 }
 
 impl<D: BlockDevice + Clone + Send + Sync + 'static> BlockDevice for Nexus<D> {

@@ -15,7 +15,7 @@ use volume::pool::format::EXTENT;
 
 use super::Child;
 use super::ChildState;
-use super::Nexus;
+use super::{check_generations, Nexus};
 
 /// What a rebuild does to one extent of the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,15 +221,9 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
                 .next()
                 .ok_or(RebuildError::NoSource)?;
             let theirs = source.dev.generations().await?;
+            check_generations(&source.id, &theirs)?;
             let ours = target.dev.generations().await?;
-            for g in [&theirs, &ours] {
-                if g.extent_size != EXTENT {
-                    return Err(RebuildError::Stopped(format!(
-                        "a replica uses {} byte extents, not {EXTENT}",
-                        g.extent_size
-                    )));
-                }
-            }
+            check_generations(&target.id, &ours)?;
             target.state.send_replace(ChildState::Rebuilding);
             plan_rebuild(&theirs, &ours, since)
         };

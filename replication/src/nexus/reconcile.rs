@@ -8,7 +8,7 @@ use volume::device::DeviceError;
 use volume::device::Generations;
 use volume::device::GENERATION_UNKNOWN;
 
-use super::Nexus;
+use super::{check_generations, Nexus};
 
 impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
     /// Make the healthy children agree on every extent and set the next generation above
@@ -23,7 +23,9 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         let children = self.readers();
         let mut maps = Vec::with_capacity(children.len());
         for c in &children {
-            maps.push(c.dev.generations().await?);
+            let g = c.dev.generations().await?;
+            check_generations(&c.id, &g)?;
+            maps.push(g);
         }
         let top = maps
             .iter()
