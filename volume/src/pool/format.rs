@@ -41,6 +41,8 @@ pub const BLOCKS_PER_EXTENT: u64 = EXTENT / BLOCK;
 pub const CSUM_BYTES_PER_EXTENT: u64 = BLOCKS_PER_EXTENT * 4;
 /// The smallest device Ballast formats.
 pub const MIN_DEVICE_BYTES: u64 = 64 << 20;
+/// The largest device a pool covers: its extent count must fit the format's 32-bit field.
+pub const MAX_DEVICE_BYTES: u64 = (u32::MAX as u64) * EXTENT;
 /// The magic at the start of a superblock.
 pub const SB_MAGIC: &[u8; 8] = b"BALLASTP";
 /// The current on-disk format version.
@@ -59,6 +61,9 @@ pub enum FormatError {
     /// The device is smaller than [`MIN_DEVICE_BYTES`].
     #[error("the device is {} but a pool needs at least {}", format_size(*.0), format_size(MIN_DEVICE_BYTES))]
     TooSmall(u64),
+    /// The device is larger than [`MAX_DEVICE_BYTES`].
+    #[error("the device is {} but a pool covers at most {}; split it into several pools", format_size(*.0), format_size(MAX_DEVICE_BYTES))]
+    TooLarge(u64),
     /// Neither superblock copy is valid.
     #[error("no valid Ballast superblock")]
     NoSuperblock,
@@ -109,11 +114,16 @@ impl Layout {
     /// The layout for a device of `device_bytes`.
     ///
     /// # Errors
-    /// [`FormatError::TooSmall`] below [`MIN_DEVICE_BYTES`].
+    /// [`FormatError::TooSmall`] below [`MIN_DEVICE_BYTES`], [`FormatError::TooLarge`] above
+    /// [`MAX_DEVICE_BYTES`] (a superblock is read from disk: its size is checked before any
+    /// arithmetic on it).
     pub fn for_device(device_bytes: u64) -> Result<Self, FormatError> {
         let device_bytes = device_bytes / BLOCK * BLOCK;
         if device_bytes < MIN_DEVICE_BYTES {
             return Err(FormatError::TooSmall(device_bytes));
+        }
+        if device_bytes > MAX_DEVICE_BYTES {
+            return Err(FormatError::TooLarge(device_bytes));
         }
         let mut n = device_bytes / EXTENT;
         loop {
@@ -329,6 +339,33 @@ pub fn detect_foreign(head: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A superblock whose CRC is valid but whose device size is absurd is refused, without
+    /// overflowing on the way.
+    #[test]
+    fn an_absurd_device_size_is_inconsistent_not_an_overflow() {
+        let sb = Superblock {
+            pool_uuid: [1; 16],
+            disk_uuid: [2; 16],
+            node_id: "n".into(),
+            created_at: 1,
+            layout: Layout::for_device(MIN_DEVICE_BYTES).unwrap(),
+        };
+        for size in [u64::MAX, u64::MAX - BLOCK, MAX_DEVICE_BYTES + EXTENT] {
+            let mut b = sb.encode();
+            put_u64(&mut b, 56, size);
+            let crc = crc32c::crc32c(&b[..BLOCK as usize - 4]);
+            put_u32(&mut b, BLOCK as usize - 4, crc);
+            assert!(
+                matches!(Superblock::decode(&b), Err(FormatError::Inconsistent(_))),
+                "{size}"
+            );
+        }
+        assert!(matches!(
+            Layout::for_device(u64::MAX),
+            Err(FormatError::TooLarge(_))
+        ));
+    }
 
     #[test]
     fn layout_fits_and_is_aligned() {

@@ -171,6 +171,13 @@ impl MetaState {
                             "volume {name}: size {size} is not a whole number of extents"
                         )));
                     }
+                    // Checked before anything is sized by it (the extent map is).
+                    if size > api::MAX_VOLUME_SIZE {
+                        return Err(bad(format!(
+                            "volume {name}: size {size} is above the largest volume ({})",
+                            api::MAX_VOLUME_SIZE
+                        )));
+                    }
                     volumes.push(Some(VolumeRecord {
                         name,
                         uuid: r[68..84].try_into().expect("16 bytes"),
@@ -313,6 +320,18 @@ mod tests {
         };
         s.open[11] = true;
         s
+    }
+
+    /// A volume record with a valid checksum but an absurd size is an inconsistency, not an
+    /// allocation of its extent map.
+    #[test]
+    fn an_absurd_volume_size_is_refused() {
+        let layout = Layout::for_device(256 << 20).unwrap();
+        let s = sample(&layout);
+        let mut body = s.encode_body(&layout);
+        put_u64(&mut body[3 * 128..4 * 128], 88, 1 << 62);
+        let e = MetaState::decode_body(&layout, &body).unwrap_err();
+        assert!(e.to_string().contains("above the largest volume"), "{e}");
     }
 
     #[test]
