@@ -287,3 +287,34 @@ fn corrupt_attachment_record_is_an_error_naming_it() {
         "a device was attached although its record could not be kept"
     );
 }
+
+/// An attach that fails after its device was set up (here its stable name cannot be made:
+/// a directory is in the way) leaves nothing behind: no loop device, no attachment, so the
+/// volume can be deleted.
+#[test]
+fn a_failed_attach_leaves_nothing_attached() {
+    let node = NodeDir::new().unwrap();
+    let mut clean = Cleanup::new(&node);
+    let daemon = Daemon::start(&node).unwrap();
+    let name = clean.name("blocked");
+    daemon
+        .cli(["volume", "create", &name, "--size", "32MiB"])
+        .success();
+    let blocker = Path::new("/dev/ballast").join(&name);
+    std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+    let refused = daemon.cli(["volume", "attach", &name]);
+    std::fs::remove_dir_all(&blocker).unwrap();
+    refused.expect_code(1).stderr_has("cannot create");
+    let fuse_file = node.data_dir().join("fuse").join(&name);
+    let backing = Command::new("losetup")
+        .args(["-j", &fuse_file.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        backing.stdout.is_empty(),
+        "a loop device is left on {}: {}",
+        fuse_file.display(),
+        String::from_utf8_lossy(&backing.stdout)
+    );
+    daemon.cli(["volume", "delete", &name]).success();
+}

@@ -253,6 +253,22 @@ fn bad_mount_points_wrong_fs_and_busy_detach() {
         .expect_code(4)
         .stderr_has("not found");
 
+    // A mount that fails after attaching (mkfs refuses its options) leaves nothing attached.
+    daemon
+        .cli([
+            "volume",
+            "mount",
+            &name,
+            m,
+            "--mkfs-options",
+            "--no-such-mkfs-option",
+        ])
+        .expect_code(1);
+    assert!(
+        !Path::new(&format!("/dev/ballast/{name}")).exists(),
+        "a failed mount leaves the volume attached"
+    );
+
     // Formats as ext4 (the default), then never as anything else.
     daemon
         .cli(["volume", "mount", &name, m])

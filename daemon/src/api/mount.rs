@@ -6,7 +6,8 @@
 //! [`::host::mount::ensure_mounted`] — format only an empty device, never reformat, mount,
 //! idempotent. Unmount takes [`UnmountRequest`]; it unmounts the path if the volume's device
 //! is mounted there (success if nothing is mounted) and leaves the volume attached.
-//! Both answer `200` [`MountInfo`].
+//! Both answer `200` [`MountInfo`]. A mount that fails after attaching the volume detaches it
+//! again (unless it was attached before the call).
 //!
 //! Errors: a mount point that is missing, relative or not a directory and an unsupported
 //! filesystem are `400 invalid_argument`; an unknown volume is `404 not_found`; a device
@@ -77,8 +78,21 @@ async fn mount_volume(
     }
     let path = req.path.clone();
     blocking(move || mount::check_mount_point(&path).map_err(|e| control_error(&e))).await?;
+    // Attached by this call: a mount that then fails detaches it again.
+    let was_attached = st.host.device(&name).is_some();
     let att = st.host.attach(&name, false).await?;
-    Ok(Json(blocking(move || do_mount(&name, &req, att)).await?))
+    let n = name.clone();
+    match blocking(move || do_mount(&n, &req, att)).await {
+        Ok(info) => Ok(Json(info)),
+        Err(e) => {
+            if !was_attached {
+                if let Err(d) = st.host.detach(&name, false).await {
+                    tracing::warn!(volume = %name, error = %d.full_message(), "cannot detach after a failed mount");
+                }
+            }
+            Err(e)
+        }
+    }
 }
 
 fn do_mount(

@@ -305,16 +305,18 @@ impl Attacher {
         let _op = self.ops.lock().expect("attach lock");
         // Read the record first: a volume whose attachment cannot be recorded is not attached.
         let mut names = self.load()?;
-        let device = if let Some(dev) = self.frontend.device(name) {
-            dev
+        let (device, fresh) = if let Some(dev) = self.frontend.device(name) {
+            (dev, false)
         } else {
             let volume = self.source.open(name, force)?;
-            self.frontend
+            let dev = self
+                .frontend
                 .attach(name, volume)
-                .inspect_err(|_| self.source.release(name))?
+                .inspect_err(|_| self.source.release(name))?;
+            (dev, true)
         };
         let link = self.link(name);
-        std::fs::create_dir_all(&self.dev_dir)
+        let finished = std::fs::create_dir_all(&self.dev_dir)
             .and_then(|()| {
                 if std::fs::read_link(&link).is_ok_and(|t| t == device) {
                     return Ok(());
@@ -322,12 +324,25 @@ impl Attacher {
                 let tmp = self.dev_dir.join(format!(".{name}.tmp"));
                 let _ = std::fs::remove_file(&tmp);
                 std::os::unix::fs::symlink(&device, &tmp)?;
-                std::fs::rename(&tmp, &link)
+                std::fs::rename(&tmp, &link).inspect_err(|_| {
+                    let _ = std::fs::remove_file(&tmp);
+                })
             })
-            .map_err(|e| internal(&format!("cannot create {}", link.display()), &e))?;
-        if !names.iter().any(|n| n == name.as_str()) {
-            names.push(name.to_string());
-            self.save(&names)?;
+            .map_err(|e| internal(&format!("cannot create {}", link.display()), &e))
+            .and_then(|()| {
+                if names.iter().any(|n| n == name.as_str()) {
+                    return Ok(());
+                }
+                names.push(name.to_string());
+                self.save(&names)
+            });
+        if let Err(e) = finished {
+            // Not attached after all: leave no device, nexus or attachment behind.
+            if fresh {
+                self.frontend.detach(name);
+                self.source.release(name);
+            }
+            return Err(e);
         }
         tracing::info!(volume = %name, device = %device.display(), link = %link.display(), "volume attached");
         Ok(Attachment {
