@@ -51,6 +51,9 @@ use crate::store::{Kv, Store, StoreError};
 use crate::{peer, placement, repair};
 use replication::device::{Child, DeviceSource, VolumeDevice};
 
+/// How old a replica with no volume record must be before it counts as an orphan.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(3600);
+
 /// Compare-and-swap retries before giving up on a contended record.
 const CAS_RETRIES: usize = 20;
 
@@ -693,6 +696,47 @@ impl Cluster {
     /// The nexus of an attached volume, for status.
     pub fn nexus(&self, name: &str) -> Option<Arc<Nexus<Child>>> {
         self.nexus_table().get(name).cloned()
+    }
+
+    /// Delete this node's replicas that no volume record places here any more: the replica
+    /// of a node that was gone long enough to be replaced, found when it comes back. A
+    /// replica with no record at all is deleted only once it is older than
+    /// [`ORPHAN_GRACE`] (a create records its volume after making the replicas). Cluster
+    /// mode only; returns how many were deleted.
+    ///
+    /// # Errors
+    /// The store or the storage cannot be read.
+    pub async fn collect_orphans(&self) -> Result<usize, ControlError> {
+        if self.mode != Mode::Cluster {
+            return Ok(0);
+        }
+        let now = now_secs();
+        let mut deleted = 0;
+        for local in self.storage.list_volumes().await? {
+            let orphan = match self.volume(local.name.as_str()).await {
+                Ok((rec, _)) => !rec.placement.iter().any(|r| r.node == self.me.id),
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    now.saturating_sub(local.created_at) > ORPHAN_GRACE.as_secs()
+                }
+                Err(e) => return Err(e),
+            };
+            if !orphan {
+                continue;
+            }
+            match self.storage.delete_volume(&local.name).await {
+                Ok(()) => {
+                    deleted += 1;
+                    tracing::warn!(volume = %local.name, "deleted this node's replica of a volume that no longer places one here");
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %local.name, error = %e.full_message(), "cannot delete an orphan replica");
+                }
+            }
+            if let Err(e) = self.fence.forget(local.name.as_str()) {
+                tracing::warn!(volume = %local.name, error = %e, "cannot drop an orphan from the fence table");
+            }
+        }
+        Ok(deleted)
     }
 
     /// Place a new volume's replicas on distinct nodes and create each one where it lives

@@ -254,6 +254,14 @@ async fn start_cluster(
         tracing::info!(node = %cluster.node_id(), "standalone: this node alone, over the embedded store");
     } else {
         tracing::info!(node = %cluster.node_id(), replica_addr = %cluster.record().await.replica_addr, zone = ?cfg.zone, ttl = ?cfg.lease_ttl, "joined the cluster");
+        // Replicas replaced while this node was away are garbage now.
+        match cluster.collect_orphans().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(replicas = n, "deleted orphan replicas"),
+            Err(e) => {
+                tracing::warn!(error = %e.full_message(), "cannot look for orphan replicas");
+            }
+        }
     }
     // Whatever ends the lease task (a panic included), this node can no longer vouch for its
     // lease: fence every attachment at once.

@@ -218,5 +218,27 @@ fn a_replica_of_a_node_gone_for_good_is_replaced_with_a_full_rebuild() {
     assert_eq!(read_direct(&dev_s, 8 * MIB, 5 * MIB), data);
     report.verify(&dev_s).unwrap();
     up[spare_i].cli(["volume", "detach", "rvol"]).success();
+
+    // The gone node comes back: its replaced replica is garbage and is deleted.
+    let mut args = cluster_args(&dirs[victim], ids[victim], &format!("zone-{victim}"), &etcd);
+    args.extend(["--replace-after", "2"].map(String::from));
+    let mut back = Daemon::spawn(&dirs[victim], args).unwrap();
+    back.wait_ready(Duration::from_secs(30)).unwrap();
+    let pools = back.cli(["pool", "list", "-o", "json"]);
+    pools.success();
+    let held: u64 = pools
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["volumes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(held, 0, "the replaced replica is left on {}", ids[victim]);
+    assert!(
+        back.log().contains("no longer places one here"),
+        "{}",
+        back.log()
+    );
+    drop(back);
     up.clear();
 }
