@@ -51,7 +51,8 @@ use crate::store::{Kv, Store, StoreError};
 use crate::{peer, placement, repair};
 use replication::device::{Child, DeviceSource, VolumeDevice};
 
-/// How old a replica with no volume record must be before it counts as an orphan.
+/// How old a replica with no volume record must be before it is reported (a create records
+/// its volume after making the replicas).
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(3600);
 
 /// Compare-and-swap retries before giving up on a contended record.
@@ -698,11 +699,11 @@ impl Cluster {
         self.nexus_table().get(name).cloned()
     }
 
-    /// Delete this node's replicas that no volume record places here any more: the replica
-    /// of a node that was gone long enough to be replaced, found when it comes back. A
-    /// replica with no record at all is deleted only once it is older than
-    /// [`ORPHAN_GRACE`] (a create records its volume after making the replicas). Cluster
-    /// mode only; returns how many were deleted.
+    /// Delete this node's replicas that their volume's record no longer places here: the
+    /// replica of a node that was gone long enough to be replaced, found when it comes back.
+    /// A replica whose volume has no record at all is kept (and reported once it is older
+    /// than [`ORPHAN_GRACE`]): a store pointed at by mistake must not cost data. Cluster mode
+    /// only; returns how many were deleted.
     ///
     /// # Errors
     /// The store or the storage cannot be read.
@@ -715,8 +716,13 @@ impl Cluster {
         for local in self.storage.list_volumes().await? {
             let orphan = match self.volume(local.name.as_str()).await {
                 Ok((rec, _)) => !rec.placement.iter().any(|r| r.node == self.me.id),
+                // No record at all: never deleted on that ground alone (a store pointed at
+                // by mistake, or restored from an old backup, must not cost any data).
                 Err(e) if e.kind() == ErrorKind::NotFound => {
-                    now.saturating_sub(local.created_at) > ORPHAN_GRACE.as_secs()
+                    if now.saturating_sub(local.created_at) > ORPHAN_GRACE.as_secs() {
+                        tracing::warn!(volume = %local.name, "this node holds a replica of a volume the cluster store does not know; kept (delete it with `ballast volume delete` if it is garbage)");
+                    }
+                    false
                 }
                 Err(e) => return Err(e),
             };
