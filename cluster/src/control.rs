@@ -572,6 +572,12 @@ impl Cluster {
             )
             .with_source(e)
         })?;
+        // Generations restart above the highest one the replicas hold, which a discard can
+        // lower; an ejected replica's rebuild starts from its recorded point, so every new
+        // write must be numbered above it too, or a delta would skip it.
+        if let Some(floor) = rec.placement.iter().map(|r| r.since).max() {
+            nexus.number_above(floor);
+        }
         self.nexus_table()
             .insert(name.to_string(), Arc::clone(&nexus));
         tracing::info!(volume = %name, epoch, replicas = nexus.children().len(), "attached a replicated volume");
@@ -1205,6 +1211,54 @@ mod tests {
             RepairPolicy::default(),
         );
         ClusterSource(Arc::new(cluster))
+    }
+
+    /// New writes are numbered above every recorded ejection point, even when no extent
+    /// holds a generation that high any more (discards free extents and their generations).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn generations_start_above_recorded_ejection_points() {
+        let base = std::env::var_os("BALLAST_TEST_DIR")
+            .map_or_else(|| std::path::PathBuf::from("/var/tmp"), Into::into);
+        let dir = tempfile::tempdir_in(base).unwrap();
+        let source = Arc::new(standalone(dir.path()).await);
+        let name = VolumeName::new("db").unwrap();
+        source
+            .create_volume(VolumeSpec {
+                name: name.clone(),
+                size_bytes: 8 * MIB,
+                replicas: 2,
+            })
+            .await
+            .unwrap();
+        // A replica ejected (by an earlier attachment) at generation 1000; its extents were
+        // discarded since, so nothing on the replicas is numbered that high.
+        source
+            .0
+            .update("db", |rec| {
+                rec.placement[1].state = ReplicaState::Ejected;
+                rec.placement[1].since = 1000;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let (s, n) = (Arc::clone(&source), name.clone());
+        let dev = tokio::task::spawn_blocking(move || s.open(&n, false))
+            .await
+            .unwrap()
+            .unwrap();
+        let VolumeDevice::Replicated(nexus) = dev else {
+            panic!("a two-replica volume opened without a nexus");
+        };
+        assert!(
+            nexus.next_generation() > 1000,
+            "new writes would be numbered {} and skipped by the delta from 1000",
+            nexus.next_generation()
+        );
+        let (s, n) = (Arc::clone(&source), name.clone());
+        tokio::task::spawn_blocking(move || s.release(&n))
+            .await
+            .unwrap();
+        source.0.storage.close().await.unwrap();
     }
 
     /// Releasing a volume fences its nexus, so its repair task and any rebuild stop with it.

@@ -536,7 +536,9 @@ async fn a_returning_replica_gets_only_what_it_missed() {
             .await
             .unwrap();
     }
-    // n1 fails on a write to extent 5 and is ejected; it had everything before that write.
+    nexus.flush().await.unwrap();
+    // n1 fails on a write to extent 5 and is ejected; it had everything before that write,
+    // flushed.
     f.devs[1].faults.io.store(true, SeqCst);
     nexus
         .write(5 * MIB, pattern(50, 8192), WriteFlags::default())
@@ -954,5 +956,40 @@ async fn impossible_generations_from_a_child_are_refused() {
     *f.devs[1].faults.lie.lock().unwrap() = None;
     nexus.reconcile().await.unwrap();
     assert!(nexus.next_generation() < 1 << 62);
+    f.close().await;
+}
+
+/// An ejection's starting point is what the child had *flushed*: a write it completed but
+/// never flushed may be gone if it loses power, so the delta must include it.
+#[tokio::test]
+async fn an_ejection_starts_from_what_the_child_had_flushed() {
+    let f = Fixture::new(2).await;
+    let rec = Arc::new(Recorder::default());
+    let nexus = f.nexus(rec.clone());
+    nexus
+        .write(0, pattern(1, 4096), WriteFlags::default())
+        .await
+        .unwrap();
+    nexus.flush().await.unwrap();
+    let flushed = nexus.next_generation() - 1;
+    // Completed on both, never flushed.
+    nexus
+        .write(MIB, pattern(2, 4096), WriteFlags::default())
+        .await
+        .unwrap();
+    f.devs[1].faults.io.store(true, SeqCst);
+    nexus
+        .write(2 * MIB, pattern(3, 4096), WriteFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        *rec.since.lock().unwrap(),
+        [flushed],
+        "the unflushed write counts as missed"
+    );
+    f.devs[1].faults.io.store(false, SeqCst);
+    let progress = RebuildProgress::default();
+    let report = nexus.rebuild("n1", flushed, None, &progress).await.unwrap();
+    assert_eq!(report.copied_extents, 2, "extents 1 and 2: {report:?}");
     f.close().await;
 }

@@ -82,6 +82,13 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         self.seq.lock().expect("sequencer lock").next
     }
 
+    /// Number every later request above `floor` (a generation recorded elsewhere, such as an
+    /// ejection's starting point): a delta rebuild from `floor` must see them.
+    pub fn number_above(&self, floor: u64) {
+        let mut s = self.seq.lock().expect("sequencer lock");
+        s.next = s.next.max(floor.saturating_add(1));
+    }
+
     /// Every request up to this generation has completed.
     pub(super) fn completed_through(&self) -> u64 {
         let s = self.seq.lock().expect("sequencer lock");

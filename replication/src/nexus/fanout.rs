@@ -35,7 +35,8 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         });
         if won {
             tracing::warn!(volume = %self.name, replica = %child.id, reason, "ejecting a replica");
-            let since = self.completed_through();
+            // What the child is known to hold durably, not merely what it completed.
+            let since = child.flushed.load(SeqCst);
             match self.ejector.eject(&child.id, reason, since).await {
                 Ok(()) => {
                     self.stats.ejections.fetch_add(1, SeqCst);

@@ -30,8 +30,9 @@
 //! **Generations.** Every write, discard and write-zeroes gets the next volume-wide
 //! generation; writes carry it to the replicas, which record it as the generation of every
 //! extent the write touches. An ejection records `since`: every request numbered up to
-//! `since` had completed on the ejected child (it is the lowest generation still in flight,
-//! minus one). A returning replica then needs exactly the extents that changed after `since`
+//! `since` is *durable* on the ejected child (it had completed before a flush the child
+//! completed; completed but unflushed writes can be lost if the child then loses power, so
+//! they are not counted). A returning replica then needs exactly the extents that changed after `since`
 //! on either side ([`plan_rebuild`]).
 //!
 //! **Rebuild** ([`Nexus::rebuild`]): writes are paused for the moment it takes to snapshot the
@@ -178,6 +179,10 @@ struct Child<D> {
     dev: D,
     local: bool,
     state: watch::Sender<ChildState>,
+    /// Every request up to this generation is durable on the child: it completed before a
+    /// flush the child completed. An ejection records this as the point its rebuild starts
+    /// from (0 until its first flush: a full rebuild).
+    flushed: AtomicU64,
 }
 
 impl<D> Child<D> {
@@ -287,6 +292,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
                     dev: c.dev,
                     local: c.local,
                     state: watch::Sender::new(c.state),
+                    flushed: AtomicU64::new(0),
                 })
             })
             .collect();
@@ -359,6 +365,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
             dev: spec.dev,
             local: spec.local,
             state: watch::Sender::new(spec.state),
+            flushed: AtomicU64::new(0),
         });
         match children.iter_mut().find(|c| c.id == child.id) {
             Some(slot) => *slot = child,
@@ -494,9 +501,20 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> BlockDevice for Nexus<D> {
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {
+        // Everything completed now is durable on each child that completes this flush.
+        let durable = self.completed_through();
+        let targets: Vec<Arc<Child<D>>> = self
+            .snapshot()
+            .into_iter()
+            .filter(|c| c.state().writable())
+            .collect();
         self.fan_out(("flush", 0, 0), |dev: D| async move { dev.flush().await })
-            .await
-            .map(drop)
+            .await?;
+        // A target that failed the flush was ejected (with its older point) before this.
+        for c in targets.iter().filter(|c| c.state().writable()) {
+            c.flushed.fetch_max(durable, SeqCst);
+        }
+        Ok(())
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
