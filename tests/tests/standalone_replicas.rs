@@ -394,3 +394,108 @@ impl Drop for ReleaseOnDrop {
         release_attachments(&self.0, &self.1);
     }
 }
+
+/// NBD writes to a degraded two-replica volume go through its replicas' nexus like any
+/// attachment: the replica whose device is missing is ejected (recorded) before the first
+/// write, and rebuilt when its device is back; then it alone holds what NBD wrote.
+#[test]
+fn nbd_writes_to_a_degraded_volume_are_replicated_when_the_device_returns() {
+    let node = NodeDir::new().unwrap();
+    let name = format!("sr{}-nbd", std::process::id());
+    let fuse = node.data_dir().join("fuse");
+    let _release = ReleaseOnDrop(fuse, vec![name.clone()]);
+    let second = node.scratch("second.img");
+    // The node's own pool is A, the second file is B; each may be left out.
+    let args = |with_a: bool, with_b: bool| {
+        let mut args = node.daemon_args();
+        if !with_a {
+            let at = args.iter().position(|a| a == "--pool").unwrap();
+            args.drain(at..=at + 1);
+        }
+        if with_b {
+            args.push("--pool".into());
+            args.push(format!("{}:128MiB", second.display()));
+        }
+        args
+    };
+    let start = |args: Vec<String>| {
+        let mut d = Daemon::spawn(&node, args).unwrap();
+        d.wait_ready(integration_tests::START_TIMEOUT).unwrap();
+        d
+    };
+    let mut d = start(args(true, true));
+    d.cli([
+        "volume",
+        "create",
+        &name,
+        "--size",
+        "16MiB",
+        "--replicas",
+        "2",
+    ])
+    .success();
+    let pools = pool_ids(&d);
+    let id_b = pools
+        .iter()
+        .find(|(p, _)| Path::new(p) == second)
+        .unwrap()
+        .1
+        .clone();
+    let _ = d.terminate().unwrap();
+    drop(d);
+
+    // Pool B is not configured: NBD writes reach A only, and B's ejection is recorded first.
+    let mut d = start(args(true, false));
+    let export = d.cli(["volume", "export", &name, "-o", "json"]);
+    export.success();
+    let uri = export.json()["uri"].as_str().unwrap().to_owned();
+    let data = pattern(5, 0, 4 * MIB);
+    let src = node.scratch("nbd-src.img");
+    std::fs::write(&src, &data).unwrap();
+    integration_tests::run_tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            src.to_str().unwrap(),
+            &uri,
+        ],
+    );
+    let (replicas, state) = inspect(&d, &name);
+    assert!(
+        replicas.contains(&(id_b.clone(), "ejected".into())),
+        "B missed NBD writes and must be recorded ejected: {replicas:?}"
+    );
+    assert_eq!(state, "degraded");
+    let _ = d.terminate().unwrap();
+    drop(d);
+
+    // B is back: it is rebuilt, then it alone holds what NBD wrote.
+    let mut d = start(args(true, true));
+    let dev = attach(&d, &name);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while inspect(&d, &name).1 != "online" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B was not rebuilt: {}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(read_direct(&dev, 0, 4 * MIB) == data);
+    d.cli(["volume", "detach", &name]).success();
+    let _ = d.terminate().unwrap();
+    drop(d);
+    let d = start(args(false, true));
+    let dev = attach(&d, &name);
+    assert!(
+        read_direct(&dev, 0, 4 * MIB) == data,
+        "B alone does not hold what NBD wrote"
+    );
+    d.cli(["volume", "detach", &name]).success();
+    d.cli(["volume", "delete", &name]).success();
+}
