@@ -2,18 +2,23 @@
 //!
 //! - [`VolumeDevice::Local`]: a single-replica volume in this node's storage;
 //! - [`VolumeDevice::Replicated`]: a [`Nexus`] over the volume's replicas, where each child is
-//!   a [`Child`]: this node's replica (admitted by the fence table for every request, through
-//!   the same [`FenceTable::admit`] as the replica server's requests, so a `Register` is
-//!   ordered against local writes exactly as against remote ones), a remote one, or, in
-//!   standalone mode, one of this node's replicas on distinct pool devices (unfenced: one
-//!   daemon owns a data directory and its devices, so there is no other writer to fence out).
+//!   a [`Child`]: one of this node's replicas, or a remote one.
 //!
-//! [`DeviceSource`] is how a frontend gets a device for a name and gives it back; the
-//! standalone source opens replicas from this node's storage, the cluster source takes the
-//! attachment in the cluster store first.
+//! A local child is admitted by the fence table for every request, through the same
+//! [`FenceTable::admit`] as the replica server's requests, so a `Register` is ordered against
+//! local writes exactly as against remote ones. Its requests run in their own task holding
+//! that admission, and the child gives up waiting after [`LOCAL_IO_TIMEOUT`]: a hung local
+//! disk then fails the request (and the nexus ejects the replica) instead of stalling every
+//! write. The request itself keeps its admission until the disk answers, so nothing can
+//! re-register the volume here (a rebuild of that replica, a takeover) while it may still land.
+//!
+//! [`DeviceSource`] is how a frontend gets a device for a name and gives it back; the cluster
+//! source (also in standalone mode) takes the attachment in the cluster store first.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use api::{ControlError, VolumeName};
 use volume::device::{
@@ -25,6 +30,9 @@ use volume::pool::Replica;
 use crate::fence::{Admission, FenceTable};
 use crate::nexus::{Nexus, Resizable};
 use crate::remote::RemoteReplica;
+
+/// How long a request to this node's own replica may take before the child fails it.
+pub const LOCAL_IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One child of a replicated volume's nexus.
 #[derive(Debug, Clone)]
@@ -40,40 +48,81 @@ pub enum Child {
     },
     /// A replica on another node.
     Remote(RemoteReplica),
-    /// One of this node's replicas in standalone mode (no fencing).
-    Standalone(Replica),
 }
 
-impl Child {
-    /// For this node's fenced replica, the admission to hold until the request's I/O has
-    /// completed; `None` for the other kinds.
-    async fn admit(
-        &self,
-        op: &'static str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Option<Admission>, DeviceError> {
-        let Child::Local {
-            replica,
-            fence,
-            epoch,
-        } = self
-        else {
-            return Ok(None);
-        };
-        match fence.admit(replica.name(), *epoch).await {
-            Ok(a) => Ok(Some(a)),
-            Err(e) => Err(DeviceError::new(
-                DeviceErrorKind::Fenced,
-                op,
-                offset,
-                len,
-                format!(
-                    "epoch {epoch} of volume {} is no longer current on this node: {e}",
-                    replica.name()
-                ),
-            )),
-        }
+/// Run one request on this node's replica: admitted by the fence table, in its own task that
+/// holds the admission until the replica answers, waited for at most [`LOCAL_IO_TIMEOUT`].
+async fn local<T, Fut>(
+    replica: &Replica,
+    fence: &FenceTable,
+    epoch: u64,
+    at: (&'static str, u64, u64),
+    io: impl FnOnce(Replica) -> Fut,
+) -> Result<T, DeviceError>
+where
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let (op, offset, len) = at;
+    let admitted: Admission = fence.admit(replica.name(), epoch).await.map_err(|e| {
+        DeviceError::new(
+            DeviceErrorKind::Fenced,
+            op,
+            offset,
+            len,
+            format!(
+                "epoch {epoch} of volume {} is no longer current on this node: {e}",
+                replica.name()
+            ),
+        )
+    })?;
+    let fut = io(replica.clone());
+    let task = tokio::spawn(async move {
+        let out = fut.await;
+        drop(admitted);
+        out
+    });
+    match tokio::time::timeout(LOCAL_IO_TIMEOUT, task).await {
+        Ok(Ok(out)) => Ok(out),
+        Ok(Err(e)) => Err(DeviceError::new(
+            DeviceErrorKind::Io,
+            op,
+            offset,
+            len,
+            format!("the request to this node's replica failed: {e}"),
+        )),
+        Err(_) => Err(DeviceError::new(
+            DeviceErrorKind::Io,
+            op,
+            offset,
+            len,
+            format!(
+                "this node's replica of {} did not answer within {LOCAL_IO_TIMEOUT:?}",
+                replica.name()
+            ),
+        )),
+    }
+}
+
+/// [`local`] for requests that carry a buffer: on a failure before the replica answered, a
+/// zeroed buffer of the same length comes back with the error.
+async fn local_buf<Fut>(
+    replica: &Replica,
+    fence: &FenceTable,
+    epoch: u64,
+    at: (&'static str, u64, u64),
+    io: impl FnOnce(Replica) -> Fut,
+) -> BufResult
+where
+    Fut: Future<Output = BufResult> + Send + 'static,
+{
+    let len = at.2;
+    match local(replica, fence, epoch, at, io).await {
+        Ok(r) => r,
+        Err(error) => Err(BufError {
+            error,
+            buf: IoBuf::zeroed(len as usize),
+        }),
     }
 }
 
@@ -82,76 +131,135 @@ impl BlockDevice for Child {
         match self {
             Child::Local { replica, .. } => replica.size(),
             Child::Remote(r) => r.size(),
-            Child::Standalone(r) => r.size(),
         }
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> BufResult {
-        let _admitted = match self.admit("read", offset, buf.len() as u64).await {
-            Ok(a) => a,
-            Err(error) => return Err(BufError { error, buf }),
-        };
         match self {
-            Child::Local { replica, .. } => replica.read(offset, buf).await,
+            Child::Local {
+                replica,
+                fence,
+                epoch,
+            } => {
+                let at = ("read", offset, buf.len() as u64);
+                local_buf(replica, fence, *epoch, at, move |r| async move {
+                    r.read(offset, buf).await
+                })
+                .await
+            }
             Child::Remote(r) => r.read(offset, buf).await,
-            Child::Standalone(r) => r.read(offset, buf).await,
         }
     }
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BufResult {
-        let _admitted = match self.admit("write", offset, buf.len() as u64).await {
-            Ok(a) => a,
-            Err(error) => return Err(BufError { error, buf }),
-        };
         match self {
-            Child::Local { replica, .. } => replica.write(offset, buf, flags).await,
+            Child::Local {
+                replica,
+                fence,
+                epoch,
+            } => {
+                let at = ("write", offset, buf.len() as u64);
+                local_buf(replica, fence, *epoch, at, move |r| async move {
+                    r.write(offset, buf, flags).await
+                })
+                .await
+            }
             Child::Remote(r) => r.write(offset, buf, flags).await,
-            Child::Standalone(r) => r.write(offset, buf, flags).await,
         }
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {
-        let _admitted = self.admit("flush", 0, 0).await?;
         match self {
-            Child::Local { replica, .. } => replica.flush().await,
+            Child::Local {
+                replica,
+                fence,
+                epoch,
+            } => {
+                local(replica, fence, *epoch, ("flush", 0, 0), |r| async move {
+                    r.flush().await
+                })
+                .await?
+            }
             Child::Remote(r) => r.flush().await,
-            Child::Standalone(r) => r.flush().await,
         }
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
-        let _admitted = self.admit("discard", offset, len).await?;
         match self {
-            Child::Local { replica, .. } => replica.discard(offset, len).await,
+            Child::Local {
+                replica,
+                fence,
+                epoch,
+            } => {
+                local(
+                    replica,
+                    fence,
+                    *epoch,
+                    ("discard", offset, len),
+                    move |r| async move { r.discard(offset, len).await },
+                )
+                .await?
+            }
             Child::Remote(r) => r.discard(offset, len).await,
-            Child::Standalone(r) => r.discard(offset, len).await,
         }
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
-        let _admitted = self.admit("write_zeroes", offset, len).await?;
         match self {
-            Child::Local { replica, .. } => replica.write_zeroes(offset, len).await,
+            Child::Local {
+                replica,
+                fence,
+                epoch,
+            } => {
+                let at = ("write_zeroes", offset, len);
+                local(replica, fence, *epoch, at, move |r| async move {
+                    r.write_zeroes(offset, len).await
+                })
+                .await?
+            }
             Child::Remote(r) => r.write_zeroes(offset, len).await,
-            Child::Standalone(r) => r.write_zeroes(offset, len).await,
         }
     }
 
     async fn generations(&self) -> Result<Generations, DeviceError> {
-        let _admitted = self.admit("generations", 0, 0).await?;
         match self {
-            Child::Local { replica, .. } => replica.generations().await,
+            Child::Local {
+                replica,
+                fence,
+                epoch,
+            } => {
+                local(
+                    replica,
+                    fence,
+                    *epoch,
+                    ("generations", 0, 0),
+                    |r| async move { r.generations().await },
+                )
+                .await?
+            }
             Child::Remote(r) => r.generations().await,
-            Child::Standalone(r) => r.generations().await,
         }
     }
 }
 
 impl Resizable for Child {
     async fn refresh_size(&self) -> Result<u64, DeviceError> {
-        let _admitted = self.admit("refresh_size", 0, 0).await?;
         match self {
-            Child::Local { replica, .. } | Child::Standalone(replica) => Ok(replica.size()),
+            Child::Local {
+                replica,
+                fence,
+                epoch,
+            } => {
+                let r = replica.clone();
+                local(
+                    replica,
+                    fence,
+                    *epoch,
+                    ("refresh_size", 0, 0),
+                    |_| async move { r.size() },
+                )
+                .await
+            }
             Child::Remote(r) => r.refresh_size().await,
         }
     }

@@ -5,10 +5,12 @@
 
 use std::sync::Arc;
 
-use replication::device::Child;
+use api::{VolumeControl, VolumeName, VolumeSpec};
+use replication::device::{Child, LOCAL_IO_TIMEOUT};
 use replication::fence::FenceTable;
 use volume::device::{BlockDevice, DeviceErrorKind, WriteFlags};
-use volume::io::IoBuf;
+use volume::io::{probe, EngineKind, IoBuf};
+use volume::pool::{DeviceSpec, Storage, StorageConfig};
 
 mod common;
 
@@ -71,5 +73,153 @@ async fn no_older_epoch_write_lands_after_register_returns() {
         assert!(fence.register("v", epoch).await.is_err());
         fence.forget("v").unwrap();
     }
+    storage.close().await.unwrap();
+}
+
+/// A filesystem image loop-mounted on a directory, frozen with `fsfreeze` to make every write
+/// to it hang as on a dead disk. Dropping it thaws and unmounts, even when the test fails.
+struct Freezable {
+    dir: tempfile::TempDir,
+    frozen: bool,
+}
+
+impl Freezable {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("ballast-hang-test-")
+            .tempdir_in(
+                std::env::var_os("BALLAST_TEST_DIR")
+                    .map_or_else(|| std::path::PathBuf::from("/var/tmp"), Into::into),
+            )
+            .unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(160 * MIB)
+            .unwrap();
+        std::fs::create_dir(dir.path().join("mnt")).unwrap();
+        run("mkfs.ext4", &["-q", "-F", image.to_str().unwrap()]);
+        let f = Self { dir, frozen: false };
+        run(
+            "mount",
+            &[
+                "-o",
+                "loop",
+                image.to_str().unwrap(),
+                f.mnt().to_str().unwrap(),
+            ],
+        );
+        f
+    }
+
+    fn mnt(&self) -> std::path::PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    fn freeze(&mut self) {
+        run("fsfreeze", &["-f", self.mnt().to_str().unwrap()]);
+        self.frozen = true;
+    }
+
+    fn thaw(&mut self) {
+        if std::mem::take(&mut self.frozen) {
+            run("fsfreeze", &["-u", self.mnt().to_str().unwrap()]);
+        }
+    }
+}
+
+impl Drop for Freezable {
+    fn drop(&mut self) {
+        if self.frozen {
+            let _ = std::process::Command::new("fsfreeze")
+                .args(["-u", self.mnt().to_str().unwrap()])
+                .status();
+        }
+        let _ = std::process::Command::new("umount")
+            .arg(self.mnt())
+            .status();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = std::process::Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A hung local disk fails the local child's request after its timeout instead of stalling
+/// the nexus; the hung request keeps its admission, so a registration waits until the disk
+/// answers and nothing written under the old epoch lands after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_local_disk_times_out_and_keeps_registrations_ordered() {
+    let mut disk = Freezable::new();
+    let storage = Storage::open(StorageConfig {
+        devices: vec![DeviceSpec {
+            path: disk.mnt().join("pool"),
+            create_size: Some(64 * MIB),
+        }],
+        node_id: "n0".into(),
+        force_format: false,
+        engine: probe(EngineKind::Sync, 2).unwrap(),
+    })
+    .await
+    .unwrap();
+    let name = VolumeName::new("v").unwrap();
+    storage
+        .create_volume(VolumeSpec {
+            name: name.clone(),
+            size_bytes: 8 * MIB,
+            replicas: 1,
+        })
+        .await
+        .unwrap();
+    let replica = storage.replica(&name).unwrap();
+    let fence = Arc::new(FenceTable::open(disk.dir.path().join("fence.json")).unwrap());
+    fence.register("v", 1).await.unwrap();
+    let child = Child::Local {
+        replica: replica.clone(),
+        fence: Arc::clone(&fence),
+        epoch: 1,
+    };
+    child
+        .write(0, IoBuf::from_slice(&[1u8; 4096]), WriteFlags::default())
+        .await
+        .unwrap();
+    child.flush().await.unwrap();
+
+    disk.freeze();
+    let started = std::time::Instant::now();
+    let e = child
+        .write(0, IoBuf::from_slice(&[2u8; 4096]), WriteFlags::default())
+        .await
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(e.error.kind, DeviceErrorKind::Io, "{}", e.error);
+    assert!(e.error.message.contains("did not answer"), "{}", e.error);
+    assert!(
+        waited >= LOCAL_IO_TIMEOUT && waited < LOCAL_IO_TIMEOUT * 2,
+        "failed after {waited:?}"
+    );
+    // The hung write still holds its admission: a new epoch cannot be registered yet.
+    let register = tokio::spawn({
+        let fence = Arc::clone(&fence);
+        async move { fence.register("v", 2).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !register.is_finished(),
+        "registered over a write still in flight"
+    );
+    disk.thaw();
+    register.await.unwrap().unwrap();
+    // The write landed before the registration returned, and nothing after it.
+    let got = replica.read(0, IoBuf::zeroed(4096)).await.unwrap();
+    assert!(
+        got.iter().all(|&b| b == 2),
+        "the hung write was lost or torn"
+    );
     storage.close().await.unwrap();
 }
