@@ -993,3 +993,31 @@ async fn an_ejection_starts_from_what_the_child_had_flushed() {
     assert_eq!(report.copied_extents, 2, "extents 1 and 2: {report:?}");
     f.close().await;
 }
+
+/// Found by the seeded fault runs (`tests/chaos.rs`): a rebuild whose source has a bad block
+/// copies that block from another healthy replica instead of stopping.
+#[tokio::test]
+async fn a_rebuild_copies_around_a_bad_block_on_its_source() {
+    let f = Fixture::new(3).await;
+    let rec = Arc::new(Recorder::default());
+    let nexus = f.nexus(rec.clone());
+    f.devs[2].faults.io.store(true, SeqCst);
+    let data = pattern(9, MIB as usize);
+    nexus
+        .write(0, data.clone(), WriteFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(nexus.children()[2].1, ChildState::Ejected);
+    f.devs[2].faults.io.store(false, SeqCst);
+    // The preferred source (the local child) and the other healthy one each have a bad
+    // block in the extent, at different places.
+    f.devs[0].faults.corrupt.lock().unwrap().insert(3);
+    f.devs[1].faults.corrupt.lock().unwrap().insert(200);
+    let progress = RebuildProgress::default();
+    let since = rec.since.lock().unwrap()[0];
+    let report = nexus.rebuild("n2", since, None, &progress).await.unwrap();
+    assert_eq!(report.copied_extents, 1);
+    assert!(nexus.transition("n2", ChildState::Rebuilding, ChildState::Healthy));
+    assert_eq!(read_child(&f.devs[2], 0, MIB as usize).await, data.to_vec());
+    f.close().await;
+}

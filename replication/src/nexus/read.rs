@@ -88,6 +88,46 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         Err(BufError { error, buf })
     }
 
+    /// Read `offset..offset + len` block by block, each block from the first healthy child
+    /// whose copy of it passes its checksum: for a copy that must not fail because every
+    /// replica has a bad block somewhere in the range (each elsewhere).
+    ///
+    /// # Errors
+    /// A block no healthy child can read.
+    pub(super) async fn read_blockwise(&self, offset: u64, len: u64) -> Result<IoBuf, DeviceError> {
+        let mut out = IoBuf::zeroed(len as usize);
+        let readers = self.readers();
+        let mut at = 0;
+        while at < len {
+            let n = BLOCK.min(len - at);
+            let mut last = None;
+            let mut got = None;
+            for c in &readers {
+                match c.dev.read(offset + at, IoBuf::zeroed(n as usize)).await {
+                    Ok(b) => {
+                        got = Some(b);
+                        break;
+                    }
+                    Err(e) => last = Some(e.error),
+                }
+            }
+            let Some(block) = got else {
+                return Err(last.unwrap_or_else(|| {
+                    DeviceError::new(
+                        DeviceErrorKind::Io,
+                        "read",
+                        offset + at,
+                        n,
+                        format!("volume {} has no healthy replica to read from", self.name),
+                    )
+                }));
+            };
+            out[at as usize..(at + n) as usize].copy_from_slice(&block);
+            at += n;
+        }
+        Ok(out)
+    }
+
     /// On each child of `bad` (whose copy of `offset..offset + len` failed its checksum),
     /// rewrite the blocks that still fail it, from a healthy copy read again while the
     /// block's extent is held exclusively: no write is in flight there, so the copy written is

@@ -7,7 +7,9 @@ use std::time::Duration;
 use std::time::Instant;
 
 use volume::device::BlockDevice;
+use volume::device::BufError;
 use volume::device::DeviceError;
+use volume::device::DeviceErrorKind;
 use volume::device::Generations;
 use volume::device::WriteFlags;
 use volume::io::IoBuf;
@@ -166,10 +168,20 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
             return Ok(0);
         };
         let buf = IoBuf::zeroed(len as usize);
-        let data = match source {
-            Some(c) => c.dev.read(offset, buf).await?,
-            // Holding the extent: read without repairing (a repair would wait for the lock).
-            None => self.read_impl(offset, buf, false).await?,
+        // Holding the extent: read without repairing (a repair would wait for the lock).
+        let read = match source {
+            Some(c) => c.dev.read(offset, buf).await,
+            None => self.read_impl(offset, buf, false).await,
+        };
+        let data = match read {
+            Ok(data) => data,
+            // Every copy has a bad block somewhere in the extent: any healthy copy of each
+            // block will do.
+            Err(BufError { error, .. }) if error.kind == DeviceErrorKind::Checksum => {
+                tracing::warn!(volume = %self.name, offset, "a copy's source failed a checksum; copying block by block from the healthy replicas");
+                self.read_blockwise(offset, len).await?
+            }
+            Err(e) => return Err(e.error),
         };
         let flags = WriteFlags {
             fua: false,
