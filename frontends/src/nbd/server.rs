@@ -299,10 +299,42 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, scope: Scope) {
     }
 }
 
-/// An export chosen by the handshake: its volume is open until the connection ends.
+/// An export chosen by the handshake: its volume is open until [`Export::close`], or until
+/// it is dropped however the connection ends (a handshake cut short by its timeout
+/// included), which gives the volume back on a blocking thread.
 struct Export {
     name: VolumeName,
     device: VolumeDevice,
+    devices: Arc<dyn DeviceSource>,
+    open: bool,
+}
+
+impl Export {
+    /// Give the volume back and wait for it.
+    async fn close(mut self, shared: &Shared) {
+        self.open = false;
+        let name = self.name.clone();
+        let _ = shared
+            .blocking(move |d| {
+                d.release(&name);
+                Ok(())
+            })
+            .await;
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        let (devices, name) = (Arc::clone(&self.devices), self.name.clone());
+        // The release calls the store: never on an async worker.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || devices.release(&name))),
+            Err(_) => devices.release(&name),
+        }
+    }
 }
 
 async fn connection(
@@ -328,19 +360,13 @@ async fn connection(
         }
     };
     tracing::debug!(%peer, volume = %export.name, "NBD client connected");
-    match transmission(rd, wr, export.device, shared.stop.clone()).await {
+    match transmission(rd, wr, export.device.clone(), shared.stop.clone()).await {
         Ok(()) => tracing::debug!(%peer, volume = %export.name, "NBD client disconnected"),
         Err(e) => {
             tracing::info!(%peer, volume = %export.name, error = %e, "NBD connection closed");
         }
     }
-    let name = export.name;
-    let _ = shared
-        .blocking(move |d| {
-            d.release(&name);
-            Ok(())
-        })
-        .await;
+    export.close(&shared).await;
 }
 
 /// The volume `name` if this listener serves it.
@@ -410,7 +436,12 @@ where
                     // This old option has no error reply: closing is the answer.
                     return Err(ConnError::UnknownExport(name));
                 };
-                let export = Export { name: vn, device };
+                let export = Export {
+                    name: vn,
+                    device,
+                    devices: Arc::clone(&shared.devices),
+                    open: true,
+                };
                 let sent = wr
                     .write_all(&proto::export_name_reply(
                         export.device.size(),
@@ -419,7 +450,7 @@ where
                     ))
                     .await;
                 if let Err(e) = sent {
-                    release(shared, export.name).await;
+                    export.close(shared).await;
                     return Err(e.into());
                 }
                 return Ok(Some(export));
@@ -490,10 +521,12 @@ where
                 let export = device.map(|device| Export {
                     name: vn.clone(),
                     device,
+                    devices: Arc::clone(&shared.devices),
+                    open: true,
                 });
                 if let Err(e) = describe(wr, option, size, &request).await {
                     if let Some(export) = export {
-                        release(shared, export.name).await;
+                        export.close(shared).await;
                     }
                     return Err(e.into());
                 }
@@ -507,16 +540,6 @@ where
             }
         }
     }
-}
-
-/// Give an opened volume back (a connection that ends before transmission).
-async fn release(shared: &Shared, name: VolumeName) {
-    let _ = shared
-        .blocking(move |d| {
-            d.release(&name);
-            Ok(())
-        })
-        .await;
 }
 
 /// The information replies of `NBD_OPT_INFO` and `NBD_OPT_GO`, then the final ack.
