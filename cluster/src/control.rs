@@ -49,7 +49,7 @@ use crate::model::{
 use crate::repair::RepairPolicy;
 use crate::store::{Kv, Store, StoreError};
 use crate::{peer, placement, repair};
-use replication::device::{Child, DeviceSource, VolumeDevice};
+use replication::device::{Child, DeviceSource, LocalChild, VolumeDevice};
 
 /// How old a replica with no volume record must be before it is reported (a create records
 /// its volume after making the replicas).
@@ -624,11 +624,11 @@ impl Cluster {
                     )
                     .with_source(e)
                 })?;
-            return Ok(Child::Local {
+            return Ok(Child::Local(LocalChild {
                 replica,
                 fence: Arc::clone(&self.fence),
                 epoch,
-            });
+            }));
         }
         let addr = Self::node_addr(nodes, node).ok_or_else(|| {
             ControlError::new(ErrorKind::Unavailable, format!("node {node} is not live"))
@@ -1213,10 +1213,9 @@ mod tests {
         ClusterSource(Arc::new(cluster))
     }
 
-    /// New writes are numbered above every recorded ejection point, even when no extent
-    /// holds a generation that high any more (discards free extents and their generations).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn generations_start_above_recorded_ejection_points() {
+    /// A standalone node in a fresh directory with a two-replica volume `db`. Keep the
+    /// directory until the end of the test.
+    async fn with_volume() -> (tempfile::TempDir, Arc<ClusterSource>, VolumeName) {
         let base = std::env::var_os("BALLAST_TEST_DIR")
             .map_or_else(|| std::path::PathBuf::from("/var/tmp"), Into::into);
         let dir = tempfile::tempdir_in(base).unwrap();
@@ -1230,6 +1229,35 @@ mod tests {
             })
             .await
             .unwrap();
+        (dir, source, name)
+    }
+
+    /// Attach `name` as the attacher does (on a blocking thread); its nexus.
+    async fn open(source: &Arc<ClusterSource>, name: &VolumeName) -> Arc<Nexus<Child>> {
+        let (s, n) = (Arc::clone(source), name.clone());
+        let dev = tokio::task::spawn_blocking(move || s.open(&n, false))
+            .await
+            .unwrap()
+            .unwrap();
+        let VolumeDevice::Replicated(nexus) = dev else {
+            panic!("a two-replica volume opened without a nexus");
+        };
+        nexus
+    }
+
+    /// Detach `name` as the attacher does.
+    async fn release(source: &Arc<ClusterSource>, name: &VolumeName) {
+        let (s, n) = (Arc::clone(source), name.clone());
+        tokio::task::spawn_blocking(move || s.release(&n))
+            .await
+            .unwrap();
+    }
+
+    /// New writes are numbered above every recorded ejection point, even when no extent
+    /// holds a generation that high any more (discards free extents and their generations).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn generations_start_above_recorded_ejection_points() {
+        let (_dir, source, name) = with_volume().await;
         // A replica ejected (by an earlier attachment) at generation 1000; its extents were
         // discarded since, so nothing on the replicas is numbered that high.
         source
@@ -1241,55 +1269,23 @@ mod tests {
             })
             .await
             .unwrap();
-        let (s, n) = (Arc::clone(&source), name.clone());
-        let dev = tokio::task::spawn_blocking(move || s.open(&n, false))
-            .await
-            .unwrap()
-            .unwrap();
-        let VolumeDevice::Replicated(nexus) = dev else {
-            panic!("a two-replica volume opened without a nexus");
-        };
+        let nexus = open(&source, &name).await;
         assert!(
             nexus.next_generation() > 1000,
             "new writes would be numbered {} and skipped by the delta from 1000",
             nexus.next_generation()
         );
-        let (s, n) = (Arc::clone(&source), name.clone());
-        tokio::task::spawn_blocking(move || s.release(&n))
-            .await
-            .unwrap();
+        release(&source, &name).await;
         source.0.storage.close().await.unwrap();
     }
 
     /// Releasing a volume fences its nexus, so its repair task and any rebuild stop with it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_released_nexus_is_fenced() {
-        let base = std::env::var_os("BALLAST_TEST_DIR")
-            .map_or_else(|| std::path::PathBuf::from("/var/tmp"), Into::into);
-        let dir = tempfile::tempdir_in(base).unwrap();
-        let source = Arc::new(standalone(dir.path()).await);
-        let name = VolumeName::new("db").unwrap();
-        source
-            .create_volume(VolumeSpec {
-                name: name.clone(),
-                size_bytes: 8 * MIB,
-                replicas: 2,
-            })
-            .await
-            .unwrap();
-        let (s, n) = (Arc::clone(&source), name.clone());
-        let dev = tokio::task::spawn_blocking(move || s.open(&n, false))
-            .await
-            .unwrap()
-            .unwrap();
-        let VolumeDevice::Replicated(nexus) = dev else {
-            panic!("a two-replica volume opened without a nexus");
-        };
+        let (_dir, source, name) = with_volume().await;
+        let nexus = open(&source, &name).await;
         assert!(!nexus.is_fenced());
-        let (s, n) = (Arc::clone(&source), name.clone());
-        tokio::task::spawn_blocking(move || s.release(&n))
-            .await
-            .unwrap();
+        release(&source, &name).await;
         assert!(nexus.is_fenced(), "a released nexus must stop serving");
         let (rec, _) = source.0.volume("db").await.unwrap();
         assert!(rec.attachment.is_none());

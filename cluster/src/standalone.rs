@@ -58,12 +58,9 @@ struct LegacySet {
 /// ejections would let a stale replica serve reads), or a record cannot be written.
 pub async fn adopt(cluster: &Cluster, legacy_sets: &Path) -> Result<usize, ControlError> {
     debug_assert_eq!(cluster.mode(), Mode::Standalone);
-    let known: Vec<String> = cluster
-        .volume_records()
-        .await?
-        .into_iter()
-        .map(|r| r.name)
-        .collect();
+    let records = cluster.volume_records().await?;
+    rehome(cluster, &records).await?;
+    let known: Vec<String> = records.into_iter().map(|r| r.name).collect();
     let legacy: BTreeMap<String, LegacySet> =
         match host::persist::read_json::<LegacySets>(legacy_sets) {
             Ok(Some(f)) => f.volumes,
@@ -79,7 +76,6 @@ pub async fn adopt(cluster: &Cluster, legacy_sets: &Path) -> Result<usize, Contr
             }
         };
     let me = cluster.node_id().to_owned();
-    rehome(cluster, &known).await?;
     let mut adopted = 0;
     for status in cluster.storage().list_volumes().await? {
         if known.iter().any(|n| n == status.name.as_str()) {
@@ -142,26 +138,26 @@ pub async fn adopt(cluster: &Cluster, legacy_sets: &Path) -> Result<usize, Contr
 /// Give this node's id to every record that names another: in standalone mode every volume
 /// in the store lives on this node's pool devices, whatever id the node had when it was
 /// recorded (`--node-id` changed, or the hostname it defaults to did).
-async fn rehome(cluster: &Cluster, names: &[String]) -> Result<(), ControlError> {
+async fn rehome(cluster: &Cluster, records: &[VolumeRecord]) -> Result<(), ControlError> {
     let me = cluster.node_id().to_owned();
-    for name in names {
-        let (_, changed) = cluster
-            .update(name, |rec| {
-                let mut changed = false;
-                for r in rec.placement.iter_mut().filter(|r| r.node != me) {
+    let elsewhere = |rec: &VolumeRecord| {
+        rec.placement.iter().any(|r| r.node != me)
+            || rec.attachment.as_ref().is_some_and(|a| a.node != me)
+    };
+    // Only records that name another node are written (a start-up writes nothing otherwise).
+    for rec in records.iter().filter(|r| elsewhere(r)) {
+        cluster
+            .update(&rec.name, |rec| {
+                for r in &mut rec.placement {
                     r.node.clone_from(&me);
-                    changed = true;
                 }
-                if let Some(a) = rec.attachment.as_mut().filter(|a| a.node != me) {
+                if let Some(a) = rec.attachment.as_mut() {
                     a.node.clone_from(&me);
-                    changed = true;
                 }
-                Ok(changed)
+                Ok(())
             })
             .await?;
-        if changed {
-            tracing::warn!(volume = %name, node = %me, "this node's id changed; the volume's record now names it");
-        }
+        tracing::warn!(volume = %rec.name, node = %me, "this node's id changed; the volume's record now names it");
     }
     Ok(())
 }

@@ -37,115 +37,98 @@ pub const LOCAL_IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// One child of a replicated volume's nexus.
 #[derive(Debug, Clone)]
 pub enum Child {
-    /// This node's replica, fenced by `epoch`.
-    Local {
-        /// The replica.
-        replica: Replica,
-        /// The node's fence table (shared with the replica server).
-        fence: Arc<FenceTable>,
-        /// The attachment's epoch.
-        epoch: u64,
-    },
+    /// This node's replica, fenced by its attachment's epoch.
+    Local(LocalChild),
     /// A replica on another node.
     Remote(RemoteReplica),
 }
 
-/// Run one request on this node's replica: admitted by the fence table, in its own task that
-/// holds the admission until the replica answers, waited for at most [`LOCAL_IO_TIMEOUT`].
-async fn local<T, Fut>(
-    replica: &Replica,
-    fence: &FenceTable,
-    epoch: u64,
-    at: (&'static str, u64, u64),
-    io: impl FnOnce(Replica) -> Fut,
-) -> Result<T, DeviceError>
-where
-    Fut: Future<Output = T> + Send + 'static,
-    T: Send + 'static,
-{
-    let (op, offset, len) = at;
-    let admitted: Admission = fence.admit(replica.name(), epoch).await.map_err(|e| {
-        DeviceError::new(
-            DeviceErrorKind::Fenced,
-            op,
-            offset,
-            len,
-            format!(
-                "epoch {epoch} of volume {} is no longer current on this node: {e}",
-                replica.name()
-            ),
-        )
-    })?;
-    let fut = io(replica.clone());
-    let task = tokio::spawn(async move {
-        let out = fut.await;
-        drop(admitted);
-        out
-    });
-    match tokio::time::timeout(LOCAL_IO_TIMEOUT, task).await {
-        Ok(Ok(out)) => Ok(out),
-        Ok(Err(e)) => Err(DeviceError::new(
-            DeviceErrorKind::Io,
-            op,
-            offset,
-            len,
-            format!("the request to this node's replica failed: {e}"),
-        )),
-        Err(_) => Err(DeviceError::new(
-            DeviceErrorKind::Io,
-            op,
-            offset,
-            len,
-            format!(
-                "this node's replica of {} did not answer within {LOCAL_IO_TIMEOUT:?}",
-                replica.name()
-            ),
-        )),
-    }
+/// This node's replica as a nexus child.
+#[derive(Debug, Clone)]
+pub struct LocalChild {
+    /// The replica.
+    pub replica: Replica,
+    /// The node's fence table (shared with the replica server).
+    pub fence: Arc<FenceTable>,
+    /// The attachment's epoch.
+    pub epoch: u64,
 }
 
-/// [`local`] for requests that carry a buffer: on a failure before the replica answered, a
-/// zeroed buffer of the same length comes back with the error.
-async fn local_buf<Fut>(
-    replica: &Replica,
-    fence: &FenceTable,
-    epoch: u64,
-    at: (&'static str, u64, u64),
-    io: impl FnOnce(Replica) -> Fut,
-) -> BufResult
-where
-    Fut: Future<Output = BufResult> + Send + 'static,
-{
-    let len = at.2;
-    match local(replica, fence, epoch, at, io).await {
-        Ok(r) => r,
-        Err(error) => Err(BufError {
-            error,
-            buf: IoBuf::zeroed(len as usize),
-        }),
+impl LocalChild {
+    /// Run one request on the replica: admitted by the fence table, in its own task that
+    /// holds the admission until the replica answers, waited for at most
+    /// [`LOCAL_IO_TIMEOUT`].
+    async fn run<T, Fut>(
+        &self,
+        at: (&'static str, u64, u64),
+        io: impl FnOnce(Replica) -> Fut,
+    ) -> Result<T, DeviceError>
+    where
+        Fut: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (op, offset, len) = at;
+        let (name, epoch) = (self.replica.name(), self.epoch);
+        let fail = |kind, why: String| DeviceError::new(kind, op, offset, len, why);
+        let admitted: Admission = self.fence.admit(name, epoch).await.map_err(|e| {
+            fail(
+                DeviceErrorKind::Fenced,
+                format!("epoch {epoch} of volume {name} is no longer current on this node: {e}"),
+            )
+        })?;
+        let fut = io(self.replica.clone());
+        let task = tokio::spawn(async move {
+            let out = fut.await;
+            drop(admitted);
+            out
+        });
+        match tokio::time::timeout(LOCAL_IO_TIMEOUT, task).await {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(e)) => Err(fail(
+                DeviceErrorKind::Io,
+                format!("the request to this node's replica failed: {e}"),
+            )),
+            Err(_) => Err(fail(
+                DeviceErrorKind::Io,
+                format!("this node's replica of {name} did not answer within {LOCAL_IO_TIMEOUT:?}"),
+            )),
+        }
+    }
+
+    /// [`LocalChild::run`] for requests that carry a buffer: on a failure before the replica
+    /// answered, a zeroed buffer of the same length comes back with the error.
+    async fn run_buf<Fut>(
+        &self,
+        at: (&'static str, u64, u64),
+        io: impl FnOnce(Replica) -> Fut,
+    ) -> BufResult
+    where
+        Fut: Future<Output = BufResult> + Send + 'static,
+    {
+        let len = at.2;
+        self.run(at, io).await.unwrap_or_else(|error| {
+            Err(BufError {
+                error,
+                buf: IoBuf::zeroed(len as usize),
+            })
+        })
     }
 }
 
 impl BlockDevice for Child {
     fn size(&self) -> u64 {
         match self {
-            Child::Local { replica, .. } => replica.size(),
+            Child::Local(l) => l.replica.size(),
             Child::Remote(r) => r.size(),
         }
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> BufResult {
         match self {
-            Child::Local {
-                replica,
-                fence,
-                epoch,
-            } => {
+            Child::Local(l) => {
                 let at = ("read", offset, buf.len() as u64);
-                local_buf(replica, fence, *epoch, at, move |r| async move {
-                    r.read(offset, buf).await
-                })
-                .await
+                l.run_buf(at, move |r| async move { r.read(offset, buf).await })
+                    .await
             }
             Child::Remote(r) => r.read(offset, buf).await,
         }
@@ -153,15 +136,12 @@ impl BlockDevice for Child {
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BufResult {
         match self {
-            Child::Local {
-                replica,
-                fence,
-                epoch,
-            } => {
+            Child::Local(l) => {
                 let at = ("write", offset, buf.len() as u64);
-                local_buf(replica, fence, *epoch, at, move |r| async move {
-                    r.write(offset, buf, flags).await
-                })
+                l.run_buf(
+                    at,
+                    move |r| async move { r.write(offset, buf, flags).await },
+                )
                 .await
             }
             Child::Remote(r) => r.write(offset, buf, flags).await,
@@ -170,15 +150,9 @@ impl BlockDevice for Child {
 
     async fn flush(&self) -> Result<(), DeviceError> {
         match self {
-            Child::Local {
-                replica,
-                fence,
-                epoch,
-            } => {
-                local(replica, fence, *epoch, ("flush", 0, 0), |r| async move {
-                    r.flush().await
-                })
-                .await?
+            Child::Local(l) => {
+                l.run(("flush", 0, 0), |r| async move { r.flush().await })
+                    .await?
             }
             Child::Remote(r) => r.flush().await,
         }
@@ -186,19 +160,10 @@ impl BlockDevice for Child {
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         match self {
-            Child::Local {
-                replica,
-                fence,
-                epoch,
-            } => {
-                local(
-                    replica,
-                    fence,
-                    *epoch,
-                    ("discard", offset, len),
-                    move |r| async move { r.discard(offset, len).await },
-                )
-                .await?
+            Child::Local(l) => {
+                let at = ("discard", offset, len);
+                l.run(at, move |r| async move { r.discard(offset, len).await })
+                    .await?
             }
             Child::Remote(r) => r.discard(offset, len).await,
         }
@@ -206,15 +171,12 @@ impl BlockDevice for Child {
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         match self {
-            Child::Local {
-                replica,
-                fence,
-                epoch,
-            } => {
+            Child::Local(l) => {
                 let at = ("write_zeroes", offset, len);
-                local(replica, fence, *epoch, at, move |r| async move {
-                    r.write_zeroes(offset, len).await
-                })
+                l.run(
+                    at,
+                    move |r| async move { r.write_zeroes(offset, len).await },
+                )
                 .await?
             }
             Child::Remote(r) => r.write_zeroes(offset, len).await,
@@ -223,15 +185,8 @@ impl BlockDevice for Child {
 
     async fn generations(&self) -> Result<Generations, DeviceError> {
         match self {
-            Child::Local {
-                replica,
-                fence,
-                epoch,
-            } => {
-                local(
-                    replica,
-                    fence,
-                    *epoch,
+            Child::Local(l) => {
+                l.run(
                     ("generations", 0, 0),
                     |r| async move { r.generations().await },
                 )
@@ -245,20 +200,9 @@ impl BlockDevice for Child {
 impl Resizable for Child {
     async fn refresh_size(&self) -> Result<u64, DeviceError> {
         match self {
-            Child::Local {
-                replica,
-                fence,
-                epoch,
-            } => {
-                let r = replica.clone();
-                local(
-                    replica,
-                    fence,
-                    *epoch,
-                    ("refresh_size", 0, 0),
-                    |_| async move { r.size() },
-                )
-                .await
+            Child::Local(l) => {
+                l.run(("refresh_size", 0, 0), |r| async move { r.size() })
+                    .await
             }
             Child::Remote(r) => r.refresh_size().await,
         }

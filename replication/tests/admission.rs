@@ -5,12 +5,10 @@
 
 use std::sync::Arc;
 
-use api::{VolumeControl, VolumeName, VolumeSpec};
-use replication::device::{Child, LOCAL_IO_TIMEOUT};
+use replication::device::{Child, LocalChild, LOCAL_IO_TIMEOUT};
 use replication::fence::FenceTable;
 use volume::device::{BlockDevice, DeviceErrorKind, WriteFlags};
-use volume::io::{probe, EngineKind, IoBuf};
-use volume::pool::{DeviceSpec, Storage, StorageConfig};
+use volume::io::IoBuf;
 
 mod common;
 
@@ -27,11 +25,11 @@ async fn no_older_epoch_write_lands_after_register_returns() {
 
     for epoch in 1..=ROUNDS {
         fence.register("v", epoch).await.unwrap();
-        let child = Child::Local {
+        let child = Child::Local(LocalChild {
             replica: replica.clone(),
             fence: Arc::clone(&fence),
             epoch,
-        };
+        });
         // Writers overwrite the same MiB with their own pattern until they are fenced out.
         let mut writers = Vec::new();
         for w in 0..WRITERS {
@@ -85,13 +83,7 @@ struct Freezable {
 
 impl Freezable {
     fn new() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("ballast-hang-test-")
-            .tempdir_in(
-                std::env::var_os("BALLAST_TEST_DIR")
-                    .map_or_else(|| std::path::PathBuf::from("/var/tmp"), Into::into),
-            )
-            .unwrap();
+        let dir = common::test_dir("ballast-hang-test-");
         let image = dir.path().join("disk.img");
         std::fs::File::create(&image)
             .unwrap()
@@ -156,34 +148,14 @@ fn run(cmd: &str, args: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_local_disk_times_out_and_keeps_registrations_ordered() {
     let mut disk = Freezable::new();
-    let storage = Storage::open(StorageConfig {
-        devices: vec![DeviceSpec {
-            path: disk.mnt().join("pool"),
-            create_size: Some(64 * MIB),
-        }],
-        node_id: "n0".into(),
-        force_format: false,
-        engine: probe(EngineKind::Sync, 2).unwrap(),
-    })
-    .await
-    .unwrap();
-    let name = VolumeName::new("v").unwrap();
-    storage
-        .create_volume(VolumeSpec {
-            name: name.clone(),
-            size_bytes: 8 * MIB,
-            replicas: 1,
-        })
-        .await
-        .unwrap();
-    let replica = storage.replica(&name).unwrap();
+    let (storage, replica) = common::volume_in(&disk.mnt(), "n0", 2).await;
     let fence = Arc::new(FenceTable::open(disk.dir.path().join("fence.json")).unwrap());
     fence.register("v", 1).await.unwrap();
-    let child = Child::Local {
+    let child = Child::Local(LocalChild {
         replica: replica.clone(),
         fence: Arc::clone(&fence),
         epoch: 1,
-    };
+    });
     child
         .write(0, IoBuf::from_slice(&[1u8; 4096]), WriteFlags::default())
         .await

@@ -102,6 +102,26 @@ impl Dev {
     fn cache(&self, op: Cached) {
         self.st.cache.lock().unwrap().push(op);
     }
+
+    /// A discard or write-zeroes, taken into the cache.
+    fn zero(
+        &self,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        discard: bool,
+    ) -> Result<(), DeviceError> {
+        if let Some(e) = self.failed(op, offset, len) {
+            return Err(e);
+        }
+        self.cache(Cached::Zero {
+            offset,
+            len,
+            discard,
+        });
+        self.heal_blocks(offset, len);
+        Ok(())
+    }
 }
 
 /// The overlap of `a..a + alen` and `b..b + blen`, if any.
@@ -204,29 +224,11 @@ impl BlockDevice for Dev {
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
-        if let Some(e) = self.failed("discard", offset, len) {
-            return Err(e);
-        }
-        self.cache(Cached::Zero {
-            offset,
-            len,
-            discard: true,
-        });
-        self.heal_blocks(offset, len);
-        Ok(())
+        self.zero("discard", offset, len, true)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
-        if let Some(e) = self.failed("write_zeroes", offset, len) {
-            return Err(e);
-        }
-        self.cache(Cached::Zero {
-            offset,
-            len,
-            discard: false,
-        });
-        self.heal_blocks(offset, len);
-        Ok(())
+        self.zero("write_zeroes", offset, len, false)
     }
 
     /// The replica's generations with the cached changes applied, as a replica reports the

@@ -129,9 +129,20 @@ fn args(node: &NodeDir, b: &DiskB) -> Vec<String> {
 }
 
 fn start(node: &NodeDir, b: &DiskB) -> Daemon {
-    let mut d = Daemon::spawn(node, args(node, b)).unwrap();
+    ready(node, args(node, b))
+}
+
+/// A daemon started with `args`, ready.
+fn ready(node: &NodeDir, args: Vec<String>) -> Daemon {
+    let mut d = Daemon::spawn(node, args).unwrap();
     d.wait_ready(integration_tests::START_TIMEOUT).unwrap();
     d
+}
+
+/// Create `name` with two replicas (one per pool device) and `size`.
+fn create_mirror(d: &Daemon, name: &str, size: &str) {
+    d.cli(["volume", "create", name, "--size", size, "--replicas", "2"])
+        .success();
 }
 
 /// Pool path to pool id.
@@ -188,16 +199,7 @@ fn two_replicas_on_two_disks_survive_losing_one_disk_and_a_restart() {
         .1
         .clone();
     assert_ne!(id_a, id_b);
-    d.cli([
-        "volume",
-        "create",
-        &name,
-        "--size",
-        "32MiB",
-        "--replicas",
-        "2",
-    ])
-    .success();
+    create_mirror(&d, &name, "32MiB");
     let (replicas, state) = inspect(&d, &name);
     assert_eq!(state, "online");
     let mut on: Vec<&str> = replicas.iter().map(|(p, _)| p.as_str()).collect();
@@ -313,8 +315,7 @@ fn two_replicas_on_two_disks_survive_losing_one_disk_and_a_restart() {
     b_only.drain(a_at..=a_at + 1);
     b_only.push("--pool".into());
     b_only.push(format!("{}:128MiB", b.pool().display()));
-    let mut d = Daemon::spawn(&node, b_only).unwrap();
-    d.wait_ready(integration_tests::START_TIMEOUT).unwrap();
+    let d = ready(&node, b_only);
     let (replicas, state) = inspect(&d, &name);
     assert!(
         replicas.contains(&(id_a.clone(), "missing".into())),
@@ -354,18 +355,8 @@ fn a_changed_node_id_keeps_the_volumes() {
         args.push(format!("{}:128MiB", node.scratch("second.img").display()));
         args
     };
-    let mut d = Daemon::spawn(&node, args("first-id")).unwrap();
-    d.wait_ready(integration_tests::START_TIMEOUT).unwrap();
-    d.cli([
-        "volume",
-        "create",
-        &name,
-        "--size",
-        "16MiB",
-        "--replicas",
-        "2",
-    ])
-    .success();
+    let mut d = ready(&node, args("first-id"));
+    create_mirror(&d, &name, "16MiB");
     let dev = attach(&d, &name);
     let data = pattern(9, 0, 4 * MIB);
     write_direct(&dev, 0, &data).unwrap();
@@ -373,8 +364,7 @@ fn a_changed_node_id_keeps_the_volumes() {
     let _ = d.terminate().unwrap();
     drop(d);
 
-    let mut d = Daemon::spawn(&node, args("second-id")).unwrap();
-    d.wait_ready(integration_tests::START_TIMEOUT).unwrap();
+    let d = ready(&node, args("second-id"));
     let (replicas, state) = inspect(&d, &name);
     assert_eq!(state, "online", "{replicas:?}");
     let dev = attach(&d, &name);
@@ -418,22 +408,8 @@ fn nbd_writes_to_a_degraded_volume_are_replicated_when_the_device_returns() {
         }
         args
     };
-    let start = |args: Vec<String>| {
-        let mut d = Daemon::spawn(&node, args).unwrap();
-        d.wait_ready(integration_tests::START_TIMEOUT).unwrap();
-        d
-    };
-    let mut d = start(args(true, true));
-    d.cli([
-        "volume",
-        "create",
-        &name,
-        "--size",
-        "16MiB",
-        "--replicas",
-        "2",
-    ])
-    .success();
+    let mut d = ready(&node, args(true, true));
+    create_mirror(&d, &name, "16MiB");
     let pools = pool_ids(&d);
     let id_b = pools
         .iter()
@@ -445,7 +421,7 @@ fn nbd_writes_to_a_degraded_volume_are_replicated_when_the_device_returns() {
     drop(d);
 
     // Pool B is not configured: NBD writes reach A only, and B's ejection is recorded first.
-    let mut d = start(args(true, false));
+    let mut d = ready(&node, args(true, false));
     let export = d.cli(["volume", "export", &name, "-o", "json"]);
     export.success();
     let uri = export.json()["uri"].as_str().unwrap().to_owned();
@@ -475,7 +451,7 @@ fn nbd_writes_to_a_degraded_volume_are_replicated_when_the_device_returns() {
     drop(d);
 
     // B is back: it is rebuilt, then it alone holds what NBD wrote.
-    let mut d = start(args(true, true));
+    let mut d = ready(&node, args(true, true));
     let dev = attach(&d, &name);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while inspect(&d, &name).1 != "online" {
@@ -490,7 +466,7 @@ fn nbd_writes_to_a_degraded_volume_are_replicated_when_the_device_returns() {
     d.cli(["volume", "detach", &name]).success();
     let _ = d.terminate().unwrap();
     drop(d);
-    let d = start(args(false, true));
+    let d = ready(&node, args(false, true));
     let dev = attach(&d, &name);
     assert!(
         read_direct(&dev, 0, 4 * MIB) == data,

@@ -116,20 +116,18 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
             self.count_writes(first..end, false);
             notified.await;
         }
-        let mut s = self.seq.lock().expect("sequencer lock");
-        let generation = s.next;
-        s.next += 1;
-        s.in_flight.insert(generation);
-        Admitted {
-            nexus: self,
-            generation,
-            extents: first..end,
-        }
+        self.sequenced(first..end)
     }
 
     /// A generation for a change made while holding its extent exclusively (a repair): in
     /// flight like a write's until dropped, without counting as a write on the extent.
     pub(super) fn sequence(&self) -> Admitted<'_, D> {
+        self.sequenced(0..0)
+    }
+
+    /// Take the next generation, in flight until the returned registration (which also
+    /// counts as a write on `extents`, already counted) drops.
+    fn sequenced(&self, extents: std::ops::Range<u64>) -> Admitted<'_, D> {
         let mut s = self.seq.lock().expect("sequencer lock");
         let generation = s.next;
         s.next += 1;
@@ -137,7 +135,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         Admitted {
             nexus: self,
             generation,
-            extents: 0..0,
+            extents,
         }
     }
 
