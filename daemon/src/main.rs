@@ -36,6 +36,9 @@ fn main() -> ExitCode {
 fn run_daemon(args: &daemon::cli::DaemonArgs, api_socket: Option<&Path>) -> anyhow::Result<()> {
     let cfg = DaemonConfig::resolve(args, api_socket)?;
     logging::init(cfg.log_format);
+    if let Err(e) = frontends::attach::raise_fd_limit() {
+        tracing::warn!(error = %e, "cannot raise the open-descriptor limit");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ballast-control")

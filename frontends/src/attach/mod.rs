@@ -42,6 +42,31 @@ pub const STATE_FILE: &str = "attached.json";
 /// The FUSE mount point's name in the data directory.
 pub const FUSE_DIR: &str = "fuse";
 
+/// Raise the soft limit on open descriptors to the hard limit, so the `/dev/fuse` descriptors
+/// can be numbered above every loop device's (see `fuse::session`) and many volumes fit.
+/// Returns the soft limit now in force.
+///
+/// # Errors
+/// The limits cannot be read or set.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through the valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads one rlimit through the valid pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// A way to turn a volume into a kernel block device.
 pub trait Frontend: Send + Sync + std::fmt::Debug {
     /// Make `device` the block device for `name`; returns its kernel path (`/dev/…`).

@@ -84,6 +84,29 @@ fn cstr(s: &[u8]) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))
 }
 
+/// Where `/dev/fuse` descriptors are numbered from: half the soft descriptor limit, at most
+/// 4096 (the daemon raises its soft limit to the hard one at start, see
+/// [`crate::attach::raise_fd_limit`]).
+///
+/// Why: when the daemon dies, the kernel closes its descriptors and defers each release to the
+/// exiting task's work list, which runs last-in first-out, so higher numbers are released
+/// first. A loop device's release can wait on its disk's open mutex, held by another opener
+/// (`blkid`, udev) whose read is waiting on this FUSE connection; the connection only aborts
+/// once its last `/dev/fuse` descriptor is released. Keeping those descriptors numbered above
+/// every loop device's makes them go first, so the reads fail with an error instead of
+/// hanging with the dead daemon's loop release behind them.
+fn dev_fd_floor() -> libc::c_int {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through the valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        return 0;
+    }
+    libc::c_int::try_from((lim.rlim_cur / 2).min(4096)).unwrap_or(0)
+}
+
 fn open_dev() -> io::Result<OwnedFd> {
     // SAFETY: a valid NUL-terminated path; the result is checked.
     let fd = unsafe { libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
@@ -91,7 +114,18 @@ fn open_dev() -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` was just opened and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: F_DUPFD_CLOEXEC takes an int floor and returns a new descriptor or -1.
+    let high = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, dev_fd_floor()) };
+    if high < 0 {
+        // Every number above the floor is taken: keep the low one (only the release order on
+        // a crash is lost, see `dev_fd_floor`).
+        tracing::debug!(error = %io::Error::last_os_error(), "cannot move a /dev/fuse descriptor up");
+        return Ok(fd);
+    }
+    // SAFETY: `high` was just returned by F_DUPFD and is owned by nobody else; the low
+    // descriptor is closed when `fd` drops.
+    Ok(unsafe { OwnedFd::from_raw_fd(high) })
 }
 
 fn clone_dev(session: RawFd) -> io::Result<OwnedFd> {
@@ -220,5 +254,26 @@ fn worker(ch: &Arc<Channel>, fs: &Arc<VolumeFs>) {
         if h.opcode == abi::op::DESTROY {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `/dev/fuse` descriptor is numbered above the descriptors opened after it, so a dying
+    /// daemon releases it before its loop devices (see `dev_fd_floor`).
+    #[test]
+    fn dev_descriptors_are_numbered_above_later_files() {
+        crate::attach::raise_fd_limit().unwrap();
+        let dev = open_dev().unwrap();
+        let later = std::fs::File::open("/dev/null").unwrap();
+        assert!(
+            dev.as_raw_fd() > later.as_raw_fd(),
+            "/dev/fuse got {}, a later file {}",
+            dev.as_raw_fd(),
+            later.as_raw_fd()
+        );
+        assert!(dev.as_raw_fd() >= dev_fd_floor());
     }
 }
