@@ -427,15 +427,16 @@ impl Cluster {
         }
     }
 
-    /// Take the attachment of `name` for this node and return the new epoch and the record.
+    /// Take the attachment of `name` for this node; the record (with the new epoch) and the
+    /// attachment it replaced.
     async fn take_attachment(
         &self,
         name: &VolumeName,
         force: bool,
-    ) -> Result<VolumeRecord, ControlError> {
+    ) -> Result<(VolumeRecord, Option<AttachmentRecord>), ControlError> {
         let live: Vec<String> = self.nodes().await?.into_iter().map(|n| n.id).collect();
         let me = self.me.id.clone();
-        let (rec, ()) = self
+        let (rec, previous) = self
             .update(name.as_str(), |rec| {
                 if let Some(a) = &rec.attachment {
                     let holder_live = live.contains(&a.node);
@@ -458,14 +459,14 @@ impl Cluster {
                     ));
                 }
                 rec.epoch += 1;
-                rec.attachment = Some(AttachmentRecord {
+                let previous = rec.attachment.replace(AttachmentRecord {
                     node: me.clone(),
                     epoch: rec.epoch,
                 });
-                Ok(())
+                Ok(previous)
             })
             .await?;
-        Ok(rec)
+        Ok((rec, previous))
     }
 
     async fn open_async(
@@ -473,11 +474,14 @@ impl Cluster {
         name: &VolumeName,
         force: bool,
     ) -> Result<VolumeDevice, ControlError> {
-        let rec = self.take_attachment(name, force).await?;
+        let (rec, previous) = self.take_attachment(name, force).await?;
         let opened = self.open_taken(name, &rec).await;
         if opened.is_err() {
-            // Do not keep an attachment this node cannot serve.
-            self.release_async(name).await;
+            // Do not keep an attachment this node cannot serve, and give the volume back to
+            // the node that held it: a takeover that failed (say, its only healthy replica is
+            // on the old node, which is only slow) must not leave the old writer, which may
+            // well go on, recorded as detached, for any node to attach without `--force`.
+            self.release_to(name, rec.epoch, previous).await;
         }
         opened
     }
@@ -516,7 +520,7 @@ impl Cluster {
                     state: ChildState::Healthy,
                 }),
                 Err(e) => {
-                    tracing::warn!(volume = %name, replica = %r.id(), error = %e.full_message(), "replica unreachable at attach; ejecting it");
+                    tracing::warn!(volume = %name, replica = %r.id(), error = %e.full_message(), "replica unreachable at attach");
                     unreachable.push(r.id());
                 }
             }
@@ -651,6 +655,30 @@ impl Cluster {
                 ControlError::new(ErrorKind::Unavailable, format!("replica on {node}"))
                     .with_source(e)
             })
+    }
+
+    /// Undo this node's attachment of `name` at `epoch` (if it is still the recorded one):
+    /// the attachment becomes `previous` again.
+    async fn release_to(&self, name: &VolumeName, epoch: u64, previous: Option<AttachmentRecord>) {
+        if let Some(nexus) = self.nexus_table().remove(name.as_str()) {
+            nexus.fence();
+        }
+        let me = self.me.id.clone();
+        let r = self
+            .update(name.as_str(), |rec| {
+                if rec
+                    .attachment
+                    .as_ref()
+                    .is_some_and(|a| a.node == me && a.epoch == epoch)
+                {
+                    rec.attachment.clone_from(&previous);
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(volume = %name, error = %e.full_message(), "cannot give the attachment back");
+        }
     }
 
     async fn release_async(&self, name: &VolumeName) {
@@ -1276,6 +1304,43 @@ mod tests {
             nexus.next_generation()
         );
         release(&source, &name).await;
+        source.0.storage.close().await.unwrap();
+    }
+
+    /// Found by the seeded cluster fault runs (seed 10): a forced takeover that failed (its
+    /// only healthy replica was on the stopped old node) left the volume recorded as detached,
+    /// though the old node went on writing; any node could then attach it without `--force`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_attach_gives_the_volume_back_to_its_holder() {
+        let (_dir, source, name) = with_volume().await;
+        let held = AttachmentRecord {
+            node: "other".into(),
+            epoch: 7,
+        };
+        source
+            .0
+            .update("db", |rec| {
+                rec.epoch = 7;
+                rec.attachment = Some(held.clone());
+                // Neither replica can be opened here.
+                for r in &mut rec.placement {
+                    r.device = Some("absent".into());
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let (s, n) = (Arc::clone(&source), name.clone());
+        let opened = tokio::task::spawn_blocking(move || s.open(&n, true))
+            .await
+            .unwrap();
+        assert!(opened.is_err());
+        let (rec, _) = source.0.volume("db").await.unwrap();
+        assert_eq!(
+            rec.attachment,
+            Some(held),
+            "the holder must keep the volume"
+        );
         source.0.storage.close().await.unwrap();
     }
 

@@ -226,6 +226,15 @@ impl VolumeDevice {
             VolumeDevice::Replicated(n) => n.name(),
         }
     }
+
+    /// Whether a newer attachment (or the loss of this node's lease) fenced it: every request
+    /// fails from then on, and the volume must be attached again to be used here.
+    pub fn is_fenced(&self) -> bool {
+        match self {
+            VolumeDevice::Local(_) => false,
+            VolumeDevice::Replicated(n) => n.is_fenced(),
+        }
+    }
 }
 
 impl BlockDevice for VolumeDevice {

@@ -13,7 +13,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -233,6 +233,55 @@ pub fn read_direct(dev: impl AsRef<Path>, offset: usize, len: usize) -> Vec<u8> 
     try_read_direct(dev, offset, len).unwrap()
 }
 
+/// Read `len` bytes at `offset` of `path` with `O_DIRECT`.
+///
+/// # Panics
+/// On any I/O error.
+pub fn pread_direct(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    let mut buf = volume::io::IoBuf::zeroed(len);
+    f.read_exact_at(&mut buf, offset).unwrap();
+    buf.to_vec()
+}
+
+/// Write `data` at `offset` of `path` with `O_DIRECT` and `fdatasync`.
+///
+/// # Panics
+/// On any I/O error.
+pub fn pwrite_direct(path: &Path, offset: u64, data: &[u8]) {
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    let mut buf = volume::io::IoBuf::zeroed(data.len());
+    buf.copy_from_slice(data);
+    f.write_all_at(&buf, offset).unwrap();
+    f.sync_data().unwrap();
+}
+
+/// The offsets of the 4 KiB blocks of `path` that start with `marker`.
+pub fn find_blocks(path: &Path, marker: &[u8]) -> Vec<u64> {
+    let size = std::fs::metadata(path).unwrap().len();
+    let mut found = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(4 * MIB as u64) as usize;
+        let chunk = pread_direct(path, at, n);
+        for (i, b) in chunk.chunks(4096).enumerate() {
+            if b.starts_with(marker) {
+                found.push(at + (i * 4096) as u64);
+            }
+        }
+        at += n as u64;
+    }
+    found
+}
+
 /// The value of the Prometheus sample `name{labels}` (the first line starting with `prefix`)
 /// on `d`'s `/metrics`; `None` if there is no such line.
 pub fn metric(d: &Daemon, prefix: &str) -> Option<f64> {
@@ -301,6 +350,27 @@ impl Partition {
                 })
                 .to_vec(),
         )
+    }
+
+    /// Cut one direction of TCP traffic on `port` of the loopback interface: `to_server`
+    /// drops what clients send to the server listening there; otherwise what it sends back is
+    /// dropped, so requests arrive and are executed but no reply gets through.
+    ///
+    /// # Panics
+    /// If `iptables` is missing or refuses a rule.
+    pub fn cut_port_one_way(port: u16, to_server: bool) -> Self {
+        let dir = if to_server { "--dport" } else { "--sport" };
+        Self::install(vec![[
+            "INPUT",
+            "-i",
+            "lo",
+            "-p",
+            "tcp",
+            dir,
+            &port.to_string(),
+        ]
+        .map(String::from)
+        .to_vec()])
     }
 
     /// Cut everything in and out of the host interface `ifname` (e.g. the host end of a

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod chaos;
 pub mod cluster;
 pub mod csi;
 pub mod docker;

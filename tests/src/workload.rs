@@ -14,6 +14,11 @@
 //!   a re-attach on another node) and fails unless each block is intact, in its slot, and holds
 //!   the last acknowledged `seq` or a later unacknowledged one; never-written slots must read
 //!   as zeros.
+//! - With [`Config::check_reads`], a reader thread reads random slots while the writer runs and
+//!   counts **stale reads**: a block older than the write acknowledged to that slot before the
+//!   read began (or zeros, misplaced or corrupt data), the real-time form of the check above.
+//! - [`Workload::resume`] goes on from an earlier run's [`Ledger`] (after the volume moved to
+//!   another node, say), numbering its writes above every `seq` the earlier run issued.
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -46,6 +51,8 @@ pub struct Config {
     pub sync_every: u32,
     /// Pause after a failed write or sync, so a failing device is not hammered.
     pub error_backoff: Duration,
+    /// Run the stale-read checker beside the writer.
+    pub check_reads: bool,
 }
 
 impl Default for Config {
@@ -57,19 +64,29 @@ impl Default for Config {
             seed: 0x00ba_11a5_7000_0001,
             sync_every: 1,
             error_backoff: Duration::from_millis(20),
+            check_reads: false,
         }
     }
 }
 
 /// xorshift64*: a tiny deterministic PRNG (no external crate, the same on every run).
 #[derive(Debug, Clone)]
-struct Rng(u64);
+pub struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64) -> Self {
+    /// Seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
         Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    fn next(&mut self) -> u64 {
+
+    /// A number below `n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// The next number.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -144,6 +161,20 @@ pub struct Ledger {
     maybe: Vec<Vec<u64>>,
 }
 
+/// What [`Ledger::audit`] found: the slots that verified and the ones that did not.
+#[derive(Debug, Clone, Default)]
+pub struct Audit {
+    /// The slots that verified.
+    pub verified: Verified,
+    /// Slots whose acknowledged write is gone (zeros or an older block where a write was
+    /// acknowledged).
+    pub lost: u64,
+    /// Slots holding something never written there (corrupt, misplaced, an unknown `seq`).
+    pub wrong: u64,
+    /// Up to 20 of the bad slots, described.
+    pub examples: Vec<String>,
+}
+
 /// What [`Ledger::verify`] found in a volume that verified.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Verified {
@@ -178,15 +209,33 @@ impl Ledger {
     /// The device cannot be read, or any slot is wrong (up to 20 are named).
     pub fn verify(&self, dev: impl AsRef<Path>) -> Result<Verified> {
         let dev = dev.as_ref();
+        let audit = self.audit(dev)?;
+        let nbad = audit.lost + audit.wrong;
+        if nbad > 0 {
+            bail!(
+                "{nbad} of {} slots of {} are wrong:\n  {}",
+                self.cfg.slots,
+                dev.display(),
+                audit.examples.join("\n  ")
+            );
+        }
+        Ok(audit.verified)
+    }
+
+    /// Read every slot from `dev` (`O_DIRECT`) and count what matches the ledger and what
+    /// does not.
+    ///
+    /// # Errors
+    /// The device cannot be read.
+    pub fn audit(&self, dev: impl AsRef<Path>) -> Result<Audit> {
+        let dev = dev.as_ref();
         let f = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECT)
             .open(dev)
             .with_context(|| format!("cannot open {}", dev.display()))?;
         const CHUNK: u64 = 256; // slots per read: 1 MiB
-        let mut out = Verified::default();
-        let mut bad = Vec::new();
-        let mut nbad = 0usize;
+        let mut out = Audit::default();
         let mut slot = 0;
         while slot < self.cfg.slots {
             let n = CHUNK.min(self.cfg.slots - slot);
@@ -203,32 +252,43 @@ impl Ledger {
                 let s = slot + i as u64;
                 match self.check(s, b) {
                     Ok(kind) => {
-                        out.slots += 1;
+                        out.verified.slots += 1;
                         match kind {
-                            0 => out.zero += 1,
-                            1 => out.acked += 1,
-                            _ => out.unacked += 1,
+                            0 => out.verified.zero += 1,
+                            1 => out.verified.acked += 1,
+                            _ => out.verified.unacked += 1,
                         }
                     }
                     Err(e) => {
-                        nbad += 1;
-                        if bad.len() < 20 {
-                            bad.push(e);
+                        if e.contains("OLDER") || e.contains("reads as zeros") {
+                            out.lost += 1;
+                        } else {
+                            out.wrong += 1;
+                        }
+                        if out.examples.len() < 20 {
+                            out.examples.push(e);
                         }
                     }
                 }
             }
             slot += n;
         }
-        if nbad > 0 {
-            bail!(
-                "{nbad} of {} slots of {} are wrong:\n  {}",
-                self.cfg.slots,
-                dev.display(),
-                bad.join("\n  ")
-            );
-        }
         Ok(out)
+    }
+
+    /// How many slots hold an acknowledged write numbered above `seq`.
+    pub fn acked_above(&self, seq: u64) -> usize {
+        self.acked.iter().filter(|&&s| s > seq).count()
+    }
+
+    /// The highest `seq` issued (acknowledged or not).
+    pub fn last_seq(&self) -> u64 {
+        self.acked
+            .iter()
+            .copied()
+            .chain(self.maybe.iter().flatten().copied())
+            .max()
+            .unwrap_or(0)
     }
 
     /// Check slot `s` holding `b`: `Ok(0)` zero, `Ok(1)` last acked, `Ok(2)` an unacked write.
@@ -289,6 +349,14 @@ pub struct Report {
     pub errnos: BTreeSet<i32>,
     /// The longest write + sync.
     pub max_latency: Duration,
+    /// Reads by the stale-read checker ([`Config::check_reads`]).
+    pub reads: u64,
+    /// Reads that failed with an error.
+    pub read_errors: u64,
+    /// Reads that returned data older than acknowledged (or zeros, misplaced, corrupt).
+    pub stale_reads: u64,
+    /// The first stale read.
+    pub first_stale: Option<String>,
     /// How long the writer ran.
     pub ran: Duration,
     /// Per-slot state, for [`Ledger::verify`].
@@ -311,6 +379,9 @@ struct Shared {
     attempted: AtomicU64,
     acked: AtomicU64,
     errors: AtomicU64,
+    reads: AtomicU64,
+    read_errors: AtomicU64,
+    stale_reads: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -320,6 +391,7 @@ struct Inner {
     first_error: Option<String>,
     errnos: BTreeSet<i32>,
     max_latency: Duration,
+    first_stale: Option<String>,
 }
 
 /// A running writer; stopped (and joined) by [`Workload::stop`] or on drop.
@@ -327,7 +399,7 @@ struct Inner {
 pub struct Workload {
     dev: PathBuf,
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
     started: Instant,
 }
 
@@ -337,38 +409,93 @@ impl Workload {
     /// # Errors
     /// The device cannot be opened or is too small for the slots.
     pub fn start(dev: impl AsRef<Path>, cfg: Config) -> Result<Self> {
-        let dev = dev.as_ref().to_owned();
+        Self::run(dev.as_ref(), Ledger::new(cfg), 1)
+    }
+
+    /// Go on from `ledger` (an earlier run's, on the same volume): its acknowledged and
+    /// unacknowledged writes stay as they were, new writes are numbered from `first_seq`
+    /// (above [`Ledger::last_seq`]) in a new slot order.
+    ///
+    /// # Errors
+    /// As [`Workload::start`].
+    pub fn resume(dev: impl AsRef<Path>, mut ledger: Ledger, first_seq: u64) -> Result<Self> {
+        assert!(
+            first_seq > ledger.last_seq(),
+            "resume above every issued seq"
+        );
+        ledger.cfg.seed ^= first_seq.rotate_left(17);
+        Self::run(dev.as_ref(), ledger, first_seq)
+    }
+
+    fn run(dev: &Path, ledger: Ledger, first_seq: u64) -> Result<Self> {
+        let cfg = ledger.cfg.clone();
         assert!(cfg.base % BLOCK as u64 == 0, "base must be 4 KiB aligned");
         assert!(cfg.sync_every >= 1, "sync_every must be at least 1");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&dev)
-            .with_context(|| format!("cannot open {}", dev.display()))?;
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(dev)
+                .with_context(|| format!("cannot open {}", dev.display()))
+        };
+        let f = open()?;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             attempted: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            read_errors: AtomicU64::new(0),
+            stale_reads: AtomicU64::new(0),
             inner: Mutex::new(Inner {
-                ledger: Ledger::new(cfg.clone()),
+                ledger,
                 first_error: None,
                 errnos: BTreeSet::new(),
                 max_latency: Duration::ZERO,
+                first_stale: None,
             }),
         });
+        let mut threads = Vec::new();
         let s = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("workload".into())
-            .spawn(move || writer(&f, &cfg, &s))
-            .context("cannot start the writer thread")?;
+        let c = cfg.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("workload".into())
+                .spawn(move || writer(&f, &c, &s, first_seq))
+                .context("cannot start the writer thread")?,
+        );
+        if cfg.check_reads {
+            let f = open()?;
+            let s = Arc::clone(&shared);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("workload-reads".into())
+                    .spawn(move || reader(&f, &cfg, &s))
+                    .context("cannot start the reader thread")?,
+            );
+        }
         Ok(Self {
-            dev,
+            dev: dev.to_owned(),
             shared,
-            thread: Some(thread),
+            threads,
             started: Instant::now(),
         })
+    }
+
+    /// Writes issued so far.
+    pub fn attempted(&self) -> u64 {
+        self.shared.attempted.load(Ordering::SeqCst)
+    }
+
+    /// A copy of the ledger as it is now.
+    pub fn ledger(&self) -> Ledger {
+        self.shared.inner.lock().expect("lock").ledger.clone()
+    }
+
+    /// Stale reads so far (see [`Config::check_reads`]).
+    pub fn stale_reads(&self) -> u64 {
+        self.shared.stale_reads.load(Ordering::SeqCst)
     }
 
     /// The device written.
@@ -436,6 +563,10 @@ impl Workload {
             first_error: inner.first_error.clone(),
             errnos: inner.errnos.clone(),
             max_latency: inner.max_latency,
+            reads: self.shared.reads.load(Ordering::SeqCst),
+            read_errors: self.shared.read_errors.load(Ordering::SeqCst),
+            stale_reads: self.shared.stale_reads.load(Ordering::SeqCst),
+            first_stale: inner.first_stale.clone(),
             ran: self.started.elapsed(),
             ledger: inner.ledger.clone(),
         }
@@ -443,11 +574,11 @@ impl Workload {
 
     fn halt(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let joined = t.join();
             assert!(
                 joined.is_ok() || std::thread::panicking(),
-                "the workload writer panicked"
+                "a workload thread panicked"
             );
         }
     }
@@ -470,10 +601,48 @@ fn record_error(shared: &Shared, what: &str, e: &std::io::Error) {
     }
 }
 
-fn writer(f: &File, cfg: &Config, shared: &Shared) {
+/// Whether a read of `slot`, begun after `acked` was acknowledged there, may return `b`; `Err`
+/// says why not (older than acknowledged, zeros, misplaced, corrupt).
+fn read_ok(slot: u64, acked: u64, b: &[u8]) -> Result<(), String> {
+    match parse_block(b) {
+        Block::Zero if acked == 0 => Ok(()),
+        Block::Valid { slot: s, seq } if s == slot && seq >= acked => Ok(()),
+        other => Err(format!(
+            "slot {slot}: read {other:?} after seq {acked} was acknowledged there"
+        )),
+    }
+}
+
+/// Read random slots until stopped, checking each against the ledger as it was when the read
+/// began.
+fn reader(f: &File, cfg: &Config, shared: &Shared) {
+    let mut rng = Rng::new(cfg.seed ^ 0x5EAD);
+    let mut buf = IoBuf::zeroed(BLOCK);
+    while !shared.stop.load(Ordering::SeqCst) {
+        let slot = rng.next() % cfg.slots;
+        let before = shared.inner.lock().expect("lock").ledger.acked[slot as usize];
+        let at = cfg.base + slot * BLOCK as u64;
+        shared.reads.fetch_add(1, Ordering::SeqCst);
+        if f.read_exact_at(&mut buf, at).is_err() {
+            shared.read_errors.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(cfg.error_backoff);
+            continue;
+        }
+        // Judge against the acknowledged seq from before the read: a write acknowledged
+        // while the read ran may or may not be seen.
+        if let Err(why) = read_ok(slot, before, &buf) {
+            shared.stale_reads.fetch_add(1, Ordering::SeqCst);
+            let mut inner = shared.inner.lock().expect("lock");
+            inner.first_stale.get_or_insert(why);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn writer(f: &File, cfg: &Config, shared: &Shared, first_seq: u64) {
     let mut rng = Rng::new(cfg.seed);
     let mut buf = IoBuf::zeroed(BLOCK);
-    let mut seq = 0u64;
+    let mut seq = first_seq - 1;
     // Written (write returned OK) since the last sync.
     let mut staged: Vec<(usize, u64)> = Vec::new();
     let mut batch_start = Instant::now();
@@ -555,5 +724,20 @@ mod tests {
         assert!(l.check(0, &[0u8; BLOCK]).is_err());
         assert_eq!(l.check(1, &[0u8; BLOCK]), Ok(0));
         assert!(l.check(1, &block(1, 4)).is_err());
+    }
+
+    #[test]
+    fn a_read_older_than_the_acknowledged_write_is_stale() {
+        let block = |slot, seq| {
+            let mut b = vec![0u8; BLOCK];
+            fill_block(&mut b, slot, seq);
+            b
+        };
+        assert!(read_ok(3, 5, &block(3, 5)).is_ok());
+        assert!(read_ok(3, 5, &block(3, 8)).is_ok());
+        assert!(read_ok(3, 0, &[0u8; BLOCK]).is_ok());
+        assert!(read_ok(3, 5, &block(3, 4)).is_err());
+        assert!(read_ok(3, 5, &[0u8; BLOCK]).is_err());
+        assert!(read_ok(3, 5, &block(2, 9)).is_err());
     }
 }

@@ -11,15 +11,13 @@
 //! - a corrupted block in the local replica's pool file: the read is answered from another
 //!   replica, the bad copy is rewritten, and the checksum error is counted in `/metrics`.
 
-use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use integration_tests::cluster::{
-    attach, create_volume, metric_sum, node_dirs, nodes, read_direct, replica_addr, replica_states,
-    start, start_in_netns, three_nodes, try_read_direct, wait_for, write_direct, Cleanup, NetNs,
-    Partition, MIB,
+    attach, create_volume, find_blocks, metric_sum, node_dirs, nodes, pattern, pread_direct,
+    pwrite_direct, read_direct, replica_addr, replica_states, start, start_in_netns, three_nodes,
+    try_read_direct, wait_for, write_direct, Cleanup, NetNs, Partition, MIB,
 };
 use integration_tests::etcd::Etcd;
 use integration_tests::workload::{Config, Workload};
@@ -340,49 +338,6 @@ fn an_etcd_outage_longer_than_the_lease_fences_writes_but_loses_no_acknowledged_
     drop(c);
 }
 
-/// Read `len` bytes at `offset` of `path` with `O_DIRECT`.
-fn pread_direct(path: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap();
-    let mut buf = volume::io::IoBuf::zeroed(len);
-    f.read_exact_at(&mut buf, offset).unwrap();
-    buf.to_vec()
-}
-
-/// Write `data` at `offset` of `path` with `O_DIRECT` and `fdatasync`.
-fn pwrite_direct(path: &Path, offset: u64, data: &[u8]) {
-    let f = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap();
-    let mut buf = volume::io::IoBuf::zeroed(data.len());
-    buf.copy_from_slice(data);
-    f.write_all_at(&buf, offset).unwrap();
-    f.sync_data().unwrap();
-}
-
-/// The offsets of the 4 KiB blocks of `path` that start with `marker`.
-fn find_blocks(path: &Path, marker: &[u8]) -> Vec<u64> {
-    let size = std::fs::metadata(path).unwrap().len();
-    let mut found = Vec::new();
-    let mut at = 0;
-    while at < size {
-        let n = (size - at).min(4 * MIB as u64) as usize;
-        let chunk = pread_direct(path, at, n);
-        for (i, b) in chunk.chunks(4096).enumerate() {
-            if b.starts_with(marker) {
-                found.push(at + (i * 4096) as u64);
-            }
-        }
-        at += n as u64;
-    }
-    found
-}
-
 #[test]
 fn a_corrupt_block_in_the_local_replica_is_read_from_another_and_repaired() {
     let etcd = Etcd::start().unwrap();
@@ -399,7 +354,7 @@ fn a_corrupt_block_in_the_local_replica_is_read_from_another_and_repaired() {
     let marker = format!("BALLAST-CORRUPTION-{}-", std::process::id()).into_bytes();
     let mut known = Vec::new();
     for i in 0..4u8 {
-        let mut b = integration_tests::cluster::pattern(i + 1, base + usize::from(i) * 4096, 4096);
+        let mut b = pattern(i + 1, base + usize::from(i) * 4096, 4096);
         b[..marker.len()].copy_from_slice(&marker);
         b[marker.len()] = b'0' + i;
         known.extend_from_slice(&b);
@@ -482,4 +437,53 @@ fn a_corrupt_block_in_the_local_replica_is_read_from_another_and_repaired() {
     assert_eq!(report.errors, 0, "{:?}", report.first_error);
     report.verify(&dev).unwrap();
     a.cli(["volume", "detach", "xvol"]).success();
+}
+
+/// Found by the seeded fault runs (`integration_tests::chaos`, seed 6): a node whose
+/// attachment was taken over with `--force` while it was stopped kept that fenced attachment,
+/// and attaching the volume there again later returned the dead device (every read failed
+/// with EIO). Attaching again must give a working device with the newest data, and a handle
+/// still open on the old device must keep failing: never reach the new attachment.
+#[test]
+fn a_node_taken_over_attaches_again_afresh_and_its_old_handles_stay_fenced() {
+    let etcd = Etcd::start().unwrap();
+    let dirs = node_dirs(3);
+    let _cleanup = Cleanup::new(&dirs, &["tvol"]);
+    let [a, b, c] = three_nodes(&dirs, &etcd);
+    create_volume(&a, "tvol");
+    let dev_a = attach(&a, "tvol");
+    write_direct(&dev_a, 0, &pattern(1, 0, MIB)).unwrap();
+    // An application's handle on node-a's device, kept open throughout.
+    let old = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&dev_a)
+        .unwrap();
+
+    // Take the volume over while node-a is stopped, write there, and give it up.
+    a.signal(nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let taken = b.cli(["volume", "attach", "tvol", "--force", "-o", "json"]);
+    a.signal(nix::sys::signal::Signal::SIGCONT).unwrap();
+    taken.success();
+    let dev_b = taken.json()["device"].as_str().unwrap().to_owned();
+    write_direct(&dev_b, 0, &pattern(2, 0, MIB)).unwrap();
+    b.cli(["volume", "detach", "tvol"]).success();
+
+    // node-a never did I/O since: attaching there again must still see it was superseded.
+    let dev_a2 = attach(&a, "tvol");
+    assert_eq!(
+        try_read_direct(&dev_a2, 0, MIB).expect("the new attachment on node-a must serve"),
+        pattern(2, 0, MIB),
+        "node-a must read what node-b wrote"
+    );
+    // The old handle is fenced: its write fails (now or at the sync) and lands nowhere.
+    let mut buf = volume::io::IoBuf::zeroed(4096);
+    buf.copy_from_slice(&pattern(3, 0, 4096));
+    let wrote = old.write_all_at(&buf, 0).and_then(|()| old.sync_data());
+    assert!(wrote.is_err(), "a write through the old handle must fail");
+    assert_eq!(read_direct(&dev_a2, 0, 4096), pattern(2, 0, 4096));
+    drop(old);
+    a.cli(["volume", "detach", "tvol"]).success();
+    drop(c);
 }

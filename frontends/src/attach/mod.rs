@@ -67,6 +67,9 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// How long [`Frontend::fenced`] waits for its probe of the replicas.
+const FENCE_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A way to turn a volume into a kernel block device.
 pub trait Frontend: Send + Sync + std::fmt::Debug {
     /// Make `device` the block device for `name`; returns its kernel path (`/dev/…`).
@@ -83,6 +86,11 @@ pub trait Frontend: Send + Sync + std::fmt::Debug {
 
     /// The kernel path of `name`'s device, if attached.
     fn device(&self, name: &VolumeName) -> Option<PathBuf>;
+
+    /// Whether `name`'s device is attached but fenced (by a newer attachment on another node,
+    /// or by the loss of this node's lease), so that every request on it fails. Asks the
+    /// replicas (one flush) when the device does not know yet. Blocking.
+    fn fenced(&self, name: &VolumeName) -> bool;
 
     /// Make the attached device of `name` show the volume's current size; returns it.
     ///
@@ -218,6 +226,27 @@ impl Frontend for FuseLoop {
             .map(|d| d.path().to_owned())
     }
 
+    fn fenced(&self, name: &VolumeName) -> bool {
+        if self.device(name).is_none() {
+            return false;
+        }
+        let Some(device) = self.registry.device(name.as_str()) else {
+            return false;
+        };
+        if device.is_fenced() || matches!(device, VolumeDevice::Local(_)) {
+            return device.is_fenced();
+        }
+        // A node learns that another took its volume over at its next request to a replica:
+        // make one (a flush, harmless) so a superseded attachment is found now.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let probe = device.clone();
+        self.runtime.spawn(async move {
+            let _ = tx.send(volume::device::BlockDevice::flush(&probe).await);
+        });
+        let _ = rx.recv_timeout(FENCE_PROBE_TIMEOUT);
+        device.is_fenced()
+    }
+
     fn refresh(&self, name: &VolumeName) -> Result<u64, ControlError> {
         let want = self
             .registry
@@ -330,10 +359,30 @@ impl Attacher {
         let _op = self.ops.lock().expect("attach lock");
         // Read the record first: a volume whose attachment cannot be recorded is not attached.
         let mut names = self.load()?;
+        if self.frontend.fenced(name) {
+            // Another node took the volume over (or this node lost its lease) since it was
+            // attached here: that attachment can never serve again. Replace it; a handle still
+            // open on the old device keeps failing (see `fuse::Registry::insert`).
+            tracing::warn!(volume = %name, "the attachment here was fenced; attaching again");
+            self.frontend.detach(name);
+            self.source.release(name);
+        }
         let (device, fresh) = if let Some(dev) = self.frontend.device(name) {
             (dev, false)
         } else {
             let volume = self.source.open(name, force)?;
+            if volume.is_fenced() {
+                // Still shared with an NBD export of the fenced attachment.
+                self.source.release(name);
+                return Err(ControlError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!(
+                        "this node's earlier attachment of volume {name} was fenced by a newer \
+                         one and is still used by an NBD export; close its NBD connections and \
+                         attach again"
+                    ),
+                ));
+            }
             let dev = self
                 .frontend
                 .attach(name, volume)

@@ -43,6 +43,31 @@ const MAX_BACKGROUND: u16 = 512;
 struct Entry {
     name: String,
     device: VolumeDevice,
+    /// Which attachment of `name` this is: a file handle opened under one attachment is bound
+    /// to it (see [`Handle`]), so a loop device left open across a detach never reaches the
+    /// next attachment of the same name.
+    generation: u64,
+}
+
+/// A FUSE file handle: the attachment's generation, and whether writes through it must be
+/// durable on completion (`O_SYNC`/`O_DSYNC` opens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Handle {
+    generation: u64,
+    sync: bool,
+}
+
+impl Handle {
+    fn encode(self) -> u64 {
+        self.generation << 1 | u64::from(self.sync)
+    }
+
+    fn decode(fh: u64) -> Self {
+        Self {
+            generation: fh >> 1,
+            sync: fh & 1 != 0,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -50,6 +75,7 @@ struct Table {
     by_ino: HashMap<u64, Entry>,
     by_name: HashMap<String, u64>,
     next_ino: u64,
+    generations: u64,
 }
 
 /// The volumes the filesystem serves; shared between the frontend and the FUSE session.
@@ -60,28 +86,28 @@ pub struct Registry {
 
 impl Registry {
     /// Serve `device` as the file `name` (replacing any earlier one of that name).
+    /// Handles opened on an earlier device of that name fail from now on.
     pub fn insert(&self, name: &str, device: VolumeDevice) {
         let mut t = self.inner.write().expect("registry lock");
+        t.generations += 1;
+        let entry = Entry {
+            name: name.to_owned(),
+            device,
+            generation: t.generations,
+        };
         if let Some(ino) = t.by_name.get(name).copied() {
-            t.by_ino.insert(
-                ino,
-                Entry {
-                    name: name.to_owned(),
-                    device,
-                },
-            );
+            t.by_ino.insert(ino, entry);
             return;
         }
         t.next_ino = t.next_ino.max(ROOT_ID) + 1;
         let ino = t.next_ino;
         t.by_name.insert(name.to_owned(), ino);
-        t.by_ino.insert(
-            ino,
-            Entry {
-                name: name.to_owned(),
-                device,
-            },
-        );
+        t.by_ino.insert(ino, entry);
+    }
+
+    /// The device served as `name`, if any.
+    pub fn device(&self, name: &str) -> Option<VolumeDevice> {
+        self.lookup(name.as_bytes()).map(|(_, e)| e.device)
     }
 
     /// The current size of `name`'s device, if registered.
@@ -144,11 +170,27 @@ impl VolumeFs {
     }
 
     fn volume(&self, ch: &Channel, h: &InHeader) -> Option<VolumeDevice> {
+        self.entry(ch, h).map(|e| e.device)
+    }
+
+    fn entry(&self, ch: &Channel, h: &InHeader) -> Option<Entry> {
         let e = self.registry.get(h.nodeid);
         if e.is_none() {
             ch.error(h.unique, libc::ENOENT);
         }
-        e.map(|e| e.device)
+        e
+    }
+
+    /// The device of a request made through the open file handle `fh`: `None` (answered with
+    /// `EIO`) when the handle was opened under an earlier attachment of the volume, which was
+    /// detached (or fenced and replaced) since.
+    fn handle_volume(&self, ch: &Channel, h: &InHeader, fh: u64) -> Option<VolumeDevice> {
+        let e = self.entry(ch, h)?;
+        if Handle::decode(fh).generation != e.generation {
+            ch.error(h.unique, libc::EIO);
+            return None;
+        }
+        Some(e.device)
     }
 
     /// Answer one request other than `WRITE`. `body` follows the `fuse_in_header`.
@@ -176,19 +218,23 @@ impl VolumeFs {
                 if body.len() < 8 {
                     return ch.error(u, libc::EINVAL);
                 }
-                if self.volume(ch, &h).is_some() {
-                    // The handle remembers whether writes must be durable on completion.
-                    let flags = u32_at(body, 0);
-                    let sync = u64::from(flags & SYNC_FLAGS != 0);
+                if let Some(e) = self.entry(ch, &h) {
+                    let handle = Handle {
+                        generation: e.generation,
+                        sync: u32_at(body, 0) & SYNC_FLAGS != 0,
+                    };
                     let open = abi::fopen::DIRECT_IO | abi::fopen::PARALLEL_DIRECT_WRITES;
-                    ch.reply(u, &[&abi::open_out(sync, open).0]);
+                    ch.reply(u, &[&abi::open_out(handle.encode(), open).0]);
                 }
             }
             op::OPENDIR => ch.reply(u, &[&abi::open_out(0, 0).0]),
             op::READ => self.read(ch, h, body),
             op::READDIR => self.readdir(ch, h, body),
             op::FSYNC => {
-                if let Some(dev) = self.volume(ch, &h) {
+                if body.len() < 8 {
+                    return ch.error(u, libc::EINVAL);
+                }
+                if let Some(dev) = self.handle_volume(ch, &h, u64_at(body, 0)) {
                     let ch = ch.clone();
                     self.runtime
                         .spawn(async move { done(&ch, u, dev.flush().await) });
@@ -259,7 +305,7 @@ impl VolumeFs {
         if body.len() < 20 {
             return ch.error(h.unique, libc::EINVAL);
         }
-        let Some(dev) = self.volume(ch, &h) else {
+        let Some(dev) = self.handle_volume(ch, &h, u64_at(body, 0)) else {
             return;
         };
         let (offset, size) = (u64_at(body, 8), u64::from(u32_at(body, 16)));
@@ -289,19 +335,19 @@ impl VolumeFs {
 
     /// Answer a `WRITE`; `write_in` is its `fuse_write_in`, `data` its payload.
     pub fn write(&self, ch: &Arc<Channel>, h: InHeader, write_in: &[u8], data: IoBuf) {
-        let Some(dev) = self.volume(ch, &h) else {
-            return pool::give(data);
-        };
         let (fh, offset, flags) = (
             u64_at(write_in, 0),
             u64_at(write_in, 8),
             u32_at(write_in, 32),
         );
+        let Some(dev) = self.handle_volume(ch, &h, fh) else {
+            return pool::give(data);
+        };
         if offset % BLOCK != 0 || data.len() as u64 % BLOCK != 0 {
             ch.error(h.unique, libc::EINVAL);
             return pool::give(data);
         }
-        let fua = fh != 0 || flags & SYNC_FLAGS != 0;
+        let fua = Handle::decode(fh).sync || flags & SYNC_FLAGS != 0;
         let ch = ch.clone();
         self.runtime.spawn(async move {
             let len = data.len() as u32;
@@ -334,7 +380,7 @@ impl VolumeFs {
         if body.len() < 28 {
             return ch.error(h.unique, libc::EINVAL);
         }
-        let Some(dev) = self.volume(ch, &h) else {
+        let Some(dev) = self.handle_volume(ch, &h, u64_at(body, 0)) else {
             return;
         };
         let (offset, len) = (u64_at(body, 8), u64_at(body, 16));
