@@ -97,6 +97,12 @@ pub struct Cluster {
     pub(crate) timeout: Duration,
     pub(crate) repair: RepairPolicy,
     pub(crate) nexuses: Mutex<HashMap<String, Arc<Nexus<Child>>>>,
+    /// The epoch of each nexus in `nexuses` (changed together with it).
+    epochs: Mutex<HashMap<String, u64>>,
+    /// Cluster mode: how long an attachment counts as confirmed after its record was read
+    /// back (the node lease TTL); see [`Cluster::confirm_attachments`]. `None`: standalone,
+    /// where no other node can take a volume over.
+    attachment_ttl: Option<Duration>,
 }
 
 impl Cluster {
@@ -121,6 +127,75 @@ impl Cluster {
             timeout,
             repair,
             nexuses: Mutex::new(HashMap::new()),
+            epochs: Mutex::new(HashMap::new()),
+            attachment_ttl: None,
+        }
+    }
+
+    /// Confirm attachments for `ttl` (the node lease TTL) at a time; see
+    /// [`Cluster::confirm_attachments`]. Cluster mode.
+    #[must_use]
+    pub fn with_attachment_ttl(mut self, ttl: Duration) -> Self {
+        self.attachment_ttl = Some(ttl);
+        self
+    }
+
+    fn epoch_table(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.epochs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keep this node's attachments confirmed, every `ttl / 3`, until the task is dropped.
+    ///
+    /// Each round reads every volume record (one store call) and, for each nexus of this
+    /// node: if its record still names this node at the nexus's epoch, the nexus may serve
+    /// until the round's *send* time plus `ttl`; if another attachment replaced it, it is
+    /// fenced at once. A node cut off from the store (or stopped) thus stops serving within
+    /// `ttl`, and a node that takes a volume over from another waits `ttl` before its first
+    /// I/O (see `open_async`): by then the old attachment can serve nothing, not even a read
+    /// of its own stale replica.
+    pub async fn confirm_attachments(self: Arc<Self>) {
+        let Some(ttl) = self.attachment_ttl else {
+            return;
+        };
+        let mut tick = tokio::time::interval(ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let attached: Vec<(String, u64, Arc<Nexus<Child>>)> = {
+                let nexuses = self.nexus_table();
+                let epochs = self.epoch_table();
+                nexuses
+                    .iter()
+                    .filter_map(|(k, n)| Some((k.clone(), *epochs.get(k)?, Arc::clone(n))))
+                    .collect()
+            };
+            if attached.is_empty() {
+                continue;
+            }
+            let sent = std::time::Instant::now();
+            let records = match tokio::time::timeout(ttl, self.volume_records()).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e.full_message(), "cannot confirm this node's attachments");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            for (name, epoch, nexus) in attached {
+                let current = records.iter().find(|r| r.name == name).is_some_and(|r| {
+                    r.attachment
+                        .as_ref()
+                        .is_some_and(|a| a.node == self.me.id && a.epoch == epoch)
+                });
+                if current {
+                    nexus.confirm_until(sent + ttl);
+                } else if !nexus.is_fenced() {
+                    tracing::warn!(volume = %name, epoch, "this node's attachment was replaced; fencing it");
+                    nexus.fence();
+                }
+            }
         }
     }
 
@@ -475,6 +550,15 @@ impl Cluster {
         force: bool,
     ) -> Result<VolumeDevice, ControlError> {
         let (rec, previous) = self.take_attachment(name, force).await?;
+        if let (Some(ttl), Some(p)) = (self.attachment_ttl, &previous) {
+            if p.node != self.me.id {
+                // Taken from another node, which may be stopped or cut off rather than dead:
+                // it stops serving (reads of its own replica included) within one TTL of its
+                // last confirmation, which was before this record changed. Wait that out.
+                tracing::info!(volume = %name, from = %p.node, wait = ?ttl, "taking the volume over; waiting for the old attachment to expire");
+                tokio::time::sleep(ttl).await;
+            }
+        }
         let opened = self.open_taken(name, &rec).await;
         if opened.is_err() {
             // Do not keep an attachment this node cannot serve, and give the volume back to
@@ -567,6 +651,22 @@ impl Cluster {
             ejector,
             rec.size_bytes,
         ));
+        if let Some(ttl) = self.attachment_ttl {
+            // Confirm the attachment now that its replicas are open (that took time).
+            let sent = std::time::Instant::now();
+            let (now, _) = self.volume(name.as_str()).await?;
+            if now
+                .attachment
+                .as_ref()
+                .is_none_or(|a| a.node != self.me.id || a.epoch != epoch)
+            {
+                return Err(ControlError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("volume {name} was taken over during attach"),
+                ));
+            }
+            nexus.confirm_until(sent + ttl);
+        }
         // Before the first I/O: the healthy replicas must agree where the last writer died
         // mid-write, and new generations must be above every one they hold.
         nexus.reconcile().await.map_err(|e| {
@@ -584,6 +684,7 @@ impl Cluster {
         }
         self.nexus_table()
             .insert(name.to_string(), Arc::clone(&nexus));
+        self.epoch_table().insert(name.to_string(), epoch);
         tracing::info!(volume = %name, epoch, replicas = nexus.children().len(), "attached a replicated volume");
         tokio::spawn(repair::run(
             Arc::clone(self),
@@ -663,6 +764,7 @@ impl Cluster {
         if let Some(nexus) = self.nexus_table().remove(name.as_str()) {
             nexus.fence();
         }
+        self.epoch_table().remove(name.as_str());
         let me = self.me.id.clone();
         let r = self
             .update(name.as_str(), |rec| {
@@ -686,6 +788,7 @@ impl Cluster {
         if let Some(nexus) = self.nexus_table().remove(name.as_str()) {
             nexus.fence();
         }
+        self.epoch_table().remove(name.as_str());
         let me = self.me.id.clone();
         let r = self
             .update(name.as_str(), |rec| {

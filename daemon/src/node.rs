@@ -214,7 +214,7 @@ async fn start_cluster(
         free_bytes: 0,
         version: crate::node_info::VERSION.to_owned(),
     };
-    let cluster = Arc::new(Cluster::new(
+    let cluster = Cluster::new(
         mode,
         store,
         me,
@@ -226,7 +226,12 @@ async fn start_cluster(
             replace_after: cfg.replace_after,
             ..cluster::RepairPolicy::default()
         },
-    ));
+    );
+    let cluster = Arc::new(if mode == Mode::Cluster {
+        cluster.with_attachment_ttl(cfg.lease_ttl)
+    } else {
+        cluster
+    });
     let server = server.map(|(s, _)| s);
     let stop_server = |server: Option<replication::server::ServerHandle>| async move {
         if let Some(s) = server {
@@ -283,13 +288,6 @@ async fn start_cluster(
 /// Wait for `task` (the lease task) and call `fence` if it ends for any reason (returns or
 /// panics). Aborting the returned future (at shutdown) aborts `task` too, without fencing.
 async fn fence_when_done(task: JoinHandle<()>, fence: impl FnOnce()) {
-    /// Aborts the task when the waiting future is dropped.
-    struct AbortOnDrop(JoinHandle<()>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
     let mut task = AbortOnDrop(task);
     match (&mut task.0).await {
         Ok(()) => tracing::error!("the lease task ended; fencing this node's attachments"),
@@ -303,7 +301,19 @@ async fn fence_when_done(task: JoinHandle<()>, fence: impl FnOnce()) {
 
 /// Keep the node's lease; when it lapses, fence every attachment of this node, take a new
 /// lease and register again. Capacity figures are republished on every round.
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn lease_loop(cluster: Arc<Cluster>, mut lease: cluster::store::LeaseId, ttl: Duration) {
+    // Attachments are confirmed against the store while the lease task runs (see
+    // `Cluster::confirm_attachments`); they lapse by themselves if it stops.
+    let _confirm = AbortOnDrop(tokio::spawn(Arc::clone(&cluster).confirm_attachments()));
     loop {
         let keep = cluster::store::spawn_keepalive(cluster.store().clone(), lease, ttl);
         let mut valid = keep.subscribe();

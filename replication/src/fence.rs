@@ -51,6 +51,10 @@ pub enum FenceError {
         /// The registered epoch, if any.
         registered: Option<u64>,
     },
+    /// The request came on a connection that another connection has since replaced (it
+    /// registered the volume later); the client gave this one up.
+    #[error("this connection was superseded by a later registration of the volume")]
+    Superseded,
 }
 
 /// Why a registration failed.
@@ -94,6 +98,10 @@ pub struct FenceTable {
     persisted: Mutex<u64>,
     /// Per-volume gates ordering admitted data requests against registrations.
     gates: Mutex<HashMap<String, Arc<RwLock<()>>>>,
+    /// Per volume, the replica-server connection that registered last (in memory: after a
+    /// restart every client connects, and registers, again). Only it may change the replica:
+    /// see [`FenceTable::admit_session`].
+    sessions: Mutex<HashMap<String, u64>>,
 }
 
 /// A data request's permission to touch a replica under the epoch it was checked with. Hold
@@ -150,6 +158,7 @@ impl FenceTable {
             }),
             persisted: Mutex::new(0),
             gates: Mutex::default(),
+            sessions: Mutex::default(),
         })
     }
 
@@ -169,6 +178,47 @@ impl FenceTable {
         Ok(Admission { _gate: gate })
     }
 
+    /// [`FenceTable::admit`] for a request that changes the replica, arriving on the server
+    /// connection `session`: also refused unless `session` registered the volume last.
+    ///
+    /// Why: a client that gave up on a connection (a timeout; it then ejects the replica and
+    /// later rebuilds it over a new connection, which registers again) may have left writes
+    /// in it that the server has not read yet. Under the same epoch they would pass the
+    /// epoch check and land after the rebuild copied newer data: lost writes.
+    ///
+    /// # Errors
+    /// As [`FenceTable::check`], or [`FenceError::Superseded`].
+    pub async fn admit_session(
+        &self,
+        volume: &str,
+        epoch: u64,
+        session: u64,
+    ) -> Result<Admission, FenceError> {
+        let admission = self.admit(volume, epoch).await?;
+        match lock(&self.sessions).get(volume) {
+            Some(&current) if current != session => Err(FenceError::Superseded),
+            _ => Ok(admission),
+        }
+    }
+
+    /// [`FenceTable::register`] from the server connection `session`, which becomes the only
+    /// one allowed to change the volume's replica (see [`FenceTable::admit_session`]). Changes
+    /// admitted from other connections have finished when it returns.
+    ///
+    /// # Errors
+    /// As [`FenceTable::register`].
+    pub async fn register_session(
+        self: &Arc<Self>,
+        volume: &str,
+        epoch: u64,
+        session: u64,
+    ) -> Result<(), RegisterError> {
+        let _exclusive = self.gate(volume).write_owned().await;
+        self.register_locked(volume, epoch).await?;
+        lock(&self.sessions).insert(volume.to_owned(), session);
+        Ok(())
+    }
+
     /// The file the table is persisted to.
     pub fn path(&self) -> &Path {
         &self.path
@@ -186,6 +236,15 @@ impl FenceTable {
         // Wait for every request admitted under an older epoch to finish, and keep new ones
         // out until the new epoch is in force.
         let _exclusive = self.gate(volume).write_owned().await;
+        self.register_locked(volume, epoch).await
+    }
+
+    /// Register with the volume's gate held exclusively.
+    async fn register_locked(
+        self: &Arc<Self>,
+        volume: &str,
+        epoch: u64,
+    ) -> Result<(), RegisterError> {
         let (table, v) = (Arc::clone(self), volume.to_owned());
         // Persisting fsyncs a file: keep it off the async workers.
         tokio::task::spawn_blocking(move || table.register_now(&v, epoch))
@@ -235,6 +294,7 @@ impl FenceTable {
     /// The table could not be written.
     pub fn forget(&self, volume: &str) -> io::Result<()> {
         lock(&self.gates).remove(volume);
+        lock(&self.sessions).remove(volume);
         {
             let mut st = lock(&self.state);
             if st.epochs.remove(volume).is_some() {
@@ -270,6 +330,25 @@ impl FenceTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the seeded cluster fault runs (seed 10): writes a client had given up on,
+    /// left unread in a stalled connection, landed after the replica was rebuilt over a new
+    /// connection (same epoch) and overwrote newer data.
+    #[tokio::test]
+    async fn only_the_connection_that_registered_last_may_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Arc::new(FenceTable::open(dir.path().join("fence.json")).unwrap());
+        t.register_session("v", 1, 10).await.unwrap();
+        drop(t.admit_session("v", 1, 10).await.unwrap());
+        t.register_session("v", 1, 11).await.unwrap();
+        assert!(matches!(
+            t.admit_session("v", 1, 10).await,
+            Err(FenceError::Superseded)
+        ));
+        drop(t.admit_session("v", 1, 11).await.unwrap());
+        // Reads carry no session check.
+        drop(t.admit("v", 1).await.unwrap());
+    }
 
     #[tokio::test]
     async fn rules_and_persistence() {

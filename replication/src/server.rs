@@ -192,6 +192,9 @@ async fn connection(
     let writer = tokio::spawn(write_responses(BufWriter::new(wr), rx, peer));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut node = String::from("?");
+    // Names this connection to the fence table: see `FenceTable::admit_session`.
+    static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let session = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::debug!(%peer, "replica connection opened");
     loop {
         let permit = tokio::select! {
@@ -229,7 +232,7 @@ async fn connection(
         let tx = tx.clone();
         tokio::spawn(async move {
             let _running = running;
-            let resp = handle(&ctx, req).await;
+            let resp = handle(&ctx, req, session).await;
             // The connection may be gone; the work is done either way.
             let _ = tx.send((id, resp)).await;
             drop(permit);
@@ -294,15 +297,15 @@ fn fence_error(e: &FenceError) -> Response {
     }
 }
 
-/// Execute one request.
-async fn handle(ctx: &Ctx, req: Request) -> Response {
+/// Execute one request that came on the connection `session`.
+async fn handle(ctx: &Ctx, req: Request, session: u64) -> Response {
     match req {
         Request::Hello { .. } => Response::Ok,
         Request::Register { volume, epoch } => {
             if let Err(e) = VolumeName::new(&volume) {
                 return control_error(&e);
             }
-            match ctx.fence.register(&volume, epoch).await {
+            match ctx.fence.register_session(&volume, epoch, session).await {
                 Ok(()) => {
                     tracing::info!(%volume, epoch, "registered attachment epoch");
                     Response::Ok
@@ -375,7 +378,7 @@ async fn handle(ctx: &Ctx, req: Request) -> Response {
         | Request::Flush { .. }
         | Request::Discard { .. }
         | Request::WriteZeroes { .. }
-        | Request::Generations { .. }) => data_request(ctx, req).await,
+        | Request::Generations { .. }) => data_request(ctx, req, session).await,
     }
 }
 
@@ -437,7 +440,7 @@ pub async fn resize_replica(
 }
 
 /// Execute a fenced data request.
-async fn data_request(ctx: &Ctx, req: Request) -> Response {
+async fn data_request(ctx: &Ctx, req: Request, session: u64) -> Response {
     let (volume, epoch, io) = match req {
         Request::Read {
             volume,
@@ -485,7 +488,16 @@ async fn data_request(ctx: &Ctx, req: Request) -> Response {
         Ok(r) => r,
         Err(e) => return control_error(&e),
     };
-    let _admitted = match ctx.fence.admit(&volume, epoch).await {
+    let changes = matches!(
+        io,
+        Io::Write { .. } | Io::Discard { .. } | Io::WriteZeroes { .. }
+    );
+    let admitted = if changes {
+        ctx.fence.admit_session(&volume, epoch, session).await
+    } else {
+        ctx.fence.admit(&volume, epoch).await
+    };
+    let _admitted = match admitted {
         Ok(a) => a,
         Err(e) => return fence_error(&e),
     };

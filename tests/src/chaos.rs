@@ -15,8 +15,9 @@
 //! **The checker.** While the workload runs, every read is checked against the last write
 //! acknowledged before it began (a stale read is counted). After every move, the whole volume
 //! is audited on the new device against every acknowledged write. A zombie writer must get no
-//! write acknowledged after its node was taken over, and none of its later writes may land
-//! (they would audit as writes never made). At the end every fault is healed, every node
+//! write acknowledged after its node was taken over, none of its later writes may land (they
+//! would audit as writes never made), and reads through its old device must fail or return
+//! nothing older than what the new node had acknowledged. At the end every fault is healed, every node
 //! runs, the volume must be back to three healthy replicas, and it is audited from **each**
 //! replica node in turn (reads prefer the local replica). I/O errors are allowed only in the
 //! writer on a node that was killed or fenced; anywhere else they count as application errors.
@@ -33,8 +34,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::Signal;
 
 use crate::cluster::{
-    cluster_args, find_blocks, node_dirs, pread_direct, pwrite_direct, replica_addr, Cleanup,
-    Partition,
+    cluster_args, find_blocks, node_dirs, pread_direct, pwrite_direct, replica_addr,
+    try_read_direct, Cleanup, Partition,
 };
 use crate::etcd::Etcd;
 use crate::workload::{Config, Ledger, Rng, Workload, MAGIC};
@@ -295,7 +296,7 @@ impl Trial<'_> {
             etcd,
         };
         let r = t.body(plan);
-        if r.is_err() {
+        if r.is_err() || !t.out.ok() {
             t.save_logs(plan.seed);
         }
         r
@@ -620,14 +621,29 @@ impl Trial<'_> {
             if format!("{e:#}").contains("no healthy replica") {
                 // Refused, rightly: the only healthy replicas are on the stopped node. It goes
                 // on as the writer once continued.
+                // Refusing took a lease TTL or more, so the stopped node may have lost its
+                // lease and fenced itself: its writer's errors are expected, and the volume is
+                // attached there again (which replaces a fenced attachment).
                 self.node(old)?.signal(Signal::SIGCONT)?;
-                self.workload = Some(zombie);
                 self.out.refused_takeovers += 1;
-                return Ok(());
+                let ledger = self.stop_writer(zombie, true);
+                let mut dev = Err(anyhow!("not tried"));
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(30) {
+                    dev = self.attach(old, false);
+                    if dev.is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                self.dev = dev.context("attaching again on the node that kept the volume")?;
+                self.audit(&ledger, &self.dev.clone(), &self.ids[old].clone())?;
+                return self.resume(ledger);
             }
         }
         let frozen = zombie.ledger();
         let last_before = frozen.last_seq();
+        let old_dev = zombie.dev().to_owned();
         let resumed = taken.and_then(|dev| {
             self.attached = to;
             self.dev = dev;
@@ -639,6 +655,23 @@ impl Trial<'_> {
         resumed?;
         self.zombie = Some(zombie);
         self.progress()?;
+        // Reads through the old node's device: each fails, or returns nothing older than
+        // what the new node has had acknowledged.
+        let now = self.workload.as_ref().expect("a workload runs").ledger();
+        for _ in 0..32 {
+            let slot = self.rng.below(now.slots());
+            let at = slot as usize * crate::workload::BLOCK;
+            self.out.reads += 1;
+            if let Ok(b) = try_read_direct(&old_dev, at, crate::workload::BLOCK) {
+                if let Err(why) = now.check_read(slot, &b) {
+                    self.out.stale_reads += 1;
+                    self.out.details.push(format!(
+                        "the taken-over node {} served a stale read: {why}",
+                        self.ids[old]
+                    ));
+                }
+            }
+        }
         // Let the zombie try for a while, then count what it got acknowledged.
         std::thread::sleep(Duration::from_secs(2));
         let zombie = self.zombie.take().expect("the zombie");

@@ -276,6 +276,20 @@ impl Ledger {
         Ok(out)
     }
 
+    /// Whether a read of slot `s`, begun when the ledger was like this, may return `b`; `Err`
+    /// says why not (a stale read).
+    ///
+    /// # Errors
+    /// See above.
+    pub fn check_read(&self, s: u64, b: &[u8]) -> Result<(), String> {
+        read_ok(s, self.acked[s as usize], b)
+    }
+
+    /// The number of slots.
+    pub fn slots(&self) -> u64 {
+        self.cfg.slots
+    }
+
     /// How many slots hold an acknowledged write numbered above `seq`.
     pub fn acked_above(&self, seq: u64) -> usize {
         self.acked.iter().filter(|&&s| s > seq).count()

@@ -487,3 +487,48 @@ fn a_node_taken_over_attaches_again_afresh_and_its_old_handles_stay_fenced() {
     a.cli(["volume", "detach", "tvol"]).success();
     drop(c);
 }
+
+/// Found while building the seeded fault runs: a node whose volume was taken over while it was
+/// stopped served reads from its own (now stale) replica when it was continued, until its next
+/// write found the newer epoch. An attachment now serves only while confirmed against the
+/// store, and a takeover waits out the old one's confirmation: the continued node's read fails
+/// or returns the newest data, never the old.
+#[test]
+fn a_stopped_node_taken_over_serves_no_stale_read_when_continued() {
+    const LEN: usize = 64 << 10;
+    let etcd = Etcd::start().unwrap();
+    let dirs = node_dirs(3);
+    let _cleanup = Cleanup::new(&dirs, &["zvol"]);
+    let [a, b, c] = three_nodes(&dirs, &etcd);
+    create_volume(&a, "zvol");
+    let dev_a = attach(&a, "zvol");
+    write_direct(&dev_a, 0, &pattern(1, 0, LEN)).unwrap();
+
+    a.signal(nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let started = Instant::now();
+    let taken = b.cli(["volume", "attach", "zvol", "--force", "-o", "json"]);
+    let took = started.elapsed();
+    let written = taken.code == Some(0) && {
+        let dev_b = taken.json()["device"].as_str().unwrap().to_owned();
+        write_direct(&dev_b, 0, &pattern(2, 0, LEN)).is_ok()
+    };
+    a.signal(nix::sys::signal::Signal::SIGCONT).unwrap();
+    taken.success();
+    assert!(written, "node-b must write after the takeover");
+    eprintln!("the takeover took {took:?}");
+
+    match try_read_direct(&dev_a, 0, LEN) {
+        Err(e) => eprintln!("node-a's old device fails as it should: {e}"),
+        Ok(data) => assert!(
+            data == pattern(2, 0, LEN),
+            "node-a served {} after node-b's write was acknowledged",
+            if data == pattern(1, 0, LEN) {
+                "its own stale data"
+            } else {
+                "unknown data"
+            }
+        ),
+    }
+    b.cli(["volume", "detach", "zvol"]).success();
+    drop(c);
+}

@@ -167,6 +167,14 @@ pub(crate) async fn run(
             .filter(|(_, state)| state.writable())
             .map(|(id, _)| id)
             .collect();
+        // The store reads took time: a nexus fenced meanwhile, or a node whose own lease has
+        // lapsed, acts on nothing (it would eject replicas on the strength of a stale view).
+        if nexus.is_fenced() {
+            return;
+        }
+        if !nodes.iter().any(|n| n.id == cluster.me.id) {
+            continue;
+        }
         let step = planner.next(Instant::now(), &rec, &nodes, &writable, nexus.size());
         let outcome = execute(&cluster, &nexus, &name, epoch, &nodes, &rec, step).await;
         match grown.and(outcome).map_err(|e| api::error_chain(&e)) {

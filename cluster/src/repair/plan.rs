@@ -86,7 +86,15 @@ impl Planner {
         self.gone_since.retain(|id, _| !live(id));
         for r in &rec.placement {
             if r.state == ReplicaState::Healthy {
-                if !live(&r.node) && writable.contains(&r.id()) {
+                // Never the last healthy replica: with none left recorded healthy the volume
+                // could not be attached anywhere again, though its data is intact on that node.
+                let another = rec.placement.iter().any(|o| {
+                    o.id() != r.id()
+                        && o.state == ReplicaState::Healthy
+                        && live(&o.node)
+                        && writable.contains(&o.id())
+                });
+                if !live(&r.node) && writable.contains(&r.id()) && another {
                     return Step::Eject { replica: r.id() };
                 }
                 continue;
@@ -215,6 +223,21 @@ mod tests {
         );
         // Already out of the nexus (its ejection is being recorded): nothing to do.
         assert_eq!(p.next(now, &rec, &nodes, &set(&["a"]), GIB), Step::Idle);
+    }
+
+    /// Found by the seeded cluster fault runs (seed 10): the attached node, stopped past its
+    /// lease with the only healthy replica, ejected that replica when it was continued; the
+    /// volume then had no healthy replica and could not be attached anywhere.
+    #[test]
+    fn the_last_healthy_replica_is_never_ejected() {
+        let mut p = Planner::new(REPLACE_AFTER);
+        let rec = volume(&[("a", Healthy, 0), ("b", Ejected, 40)]);
+        let nodes = [node("b", None)];
+        let step = p.next(Instant::now(), &rec, &nodes, &set(&["a"]), GIB);
+        assert!(
+            !matches!(step, Step::Eject { .. }),
+            "the only healthy replica was ejected: {step:?}"
+        );
     }
 
     #[test]

@@ -214,6 +214,19 @@ struct Sequencer {
 /// "No extent is being copied."
 const NO_COPY: u64 = u64::MAX;
 
+/// [`Nexus::confirm_until`] never set: the attachment needs no confirmation.
+const UNLIMITED: u64 = u64::MAX;
+
+/// The origin of the confirmation deadlines (the first call, early in the process).
+fn clock_base() -> std::time::Instant {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *BASE.get_or_init(std::time::Instant::now)
+}
+
+fn millis_since_base(at: std::time::Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(clock_base()).as_millis()).unwrap_or(UNLIMITED - 1)
+}
+
 /// One volume's replicated device.
 pub struct Nexus<D> {
     name: String,
@@ -222,6 +235,11 @@ pub struct Nexus<D> {
     children: RwLock<Vec<Arc<Child<D>>>>,
     ejector: Arc<dyn Ejector>,
     fenced: AtomicBool,
+    /// Until when this attachment is known to be the volume's only one, in ms after
+    /// [`clock_base`] ([`UNLIMITED`]: always, e.g. standalone). Past it every request fences
+    /// the nexus: another node may have taken the volume over and written since, so even a
+    /// read from this node's replica could be stale. See [`Nexus::confirm_until`].
+    confirmed_until: AtomicU64,
     stats: NexusStats,
     seq: Mutex<Sequencer>,
     /// Writes in flight per extent, so a copy can wait for them. Only grows, with the size;
@@ -302,6 +320,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
             children: RwLock::new(children),
             ejector,
             fenced: AtomicBool::new(false),
+            confirmed_until: AtomicU64::new(UNLIMITED),
             stats: NexusStats::default(),
             seq: Mutex::new(Sequencer {
                 next: 1,
@@ -350,6 +369,30 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         }
     }
 
+    /// Serve requests only until `at` (a monotonic instant), unless confirmed again before.
+    /// The cluster confirms an attachment by reading its record back from the store: if the
+    /// read was *sent* at `t` and the record still named this attachment, no other node can
+    /// have written before `t`; a node that takes the volume over waits one lease TTL before
+    /// its first write, so `t + TTL` is safe. Never moves the deadline back.
+    pub fn confirm_until(&self, at: std::time::Instant) {
+        let _ = clock_base();
+        let at = millis_since_base(at);
+        let _ = self.confirmed_until.fetch_update(SeqCst, SeqCst, |cur| {
+            (cur == UNLIMITED || at > cur).then_some(at)
+        });
+    }
+
+    /// Fence unless the attachment is confirmed for now (see [`Nexus::confirm_until`]).
+    fn check_confirmed(&self) {
+        let until = self.confirmed_until.load(SeqCst);
+        if until != UNLIMITED && millis_since_base(std::time::Instant::now()) >= until {
+            if !self.is_fenced() {
+                tracing::error!(volume = %self.name, "this attachment could not be confirmed in time (another node may hold the volume now)");
+            }
+            self.fence();
+        }
+    }
+
     /// Set a child's state (rebuild start and end). Unknown ids are ignored.
     pub fn set_state(&self, id: &str, state: ChildState) {
         if let Some(c) = self.snapshot().iter().find(|c| c.id == id) {
@@ -378,6 +421,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
     }
 
     fn check_fence(&self, op: &'static str, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.check_confirmed();
         if self.is_fenced() {
             return Err(fenced_error(op, offset, len));
         }

@@ -49,6 +49,11 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
         for child in self.readers() {
             match child.dev.read(offset, buf).await {
                 Ok(good) => {
+                    // The data is only as good as the attachment when it was read: a read that
+                    // took past the confirmed deadline may predate another node's writes.
+                    if let Err(error) = self.check_fence("read", offset, len) {
+                        return Err(BufError { error, buf: good });
+                    }
                     if repair {
                         self.repair(&bad, offset, len).await;
                     }
