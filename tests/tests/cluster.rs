@@ -127,10 +127,12 @@ fn a_stale_writer_is_fenced_after_a_forced_takeover() {
     let after = pattern(2, MIB, MIB);
     write_direct(&dev_c, MIB, &after).unwrap();
     assert_eq!(read_direct(&dev_c, MIB, MIB), after);
-    // It failed because A learned it was fenced, not by accident.
+    // It failed because A learned it was fenced (a replica's newer epoch, its replaced
+    // record, or its lapsed confirmation), not by accident.
     let log = a.log();
     assert!(
-        log.contains("newer attachment") && log.contains("stops all I/O"),
+        (log.contains("newer attachment") && log.contains("stops all I/O"))
+            || log.contains("attachment fenced: every further request fails"),
         "node-a should report that it was fenced:\n{log}"
     );
     c.cli(["volume", "detach", "cvol", "--force"]).success();
