@@ -4,7 +4,7 @@
 # over a real etcd and K faults (default 6) drawn from the seed: killed, stopped and
 # partitioned replica nodes (both ways, requests only, replies only), etcd restarts,
 # corrupted blocks, moves, forced takeovers of a stopped node (a zombie writer), a killed
-# attached node. Prints a line per trial and one table: faults by kind, acknowledged writes
+# attached node, disk write errors and hangs (a debug daemon). Prints a line per trial and one table: faults by kind, acknowledged writes
 # checked, writes lost and stale reads (both must be 0), application I/O errors, zombie acks.
 # Needs root, etcd-server and iptables (scripts/test installs them).
 #

@@ -7,10 +7,13 @@
 //! - a replica node's replica port cut both ways, or one way (requests, or only the replies:
 //!   the writes land but are never acknowledged);
 //! - etcd killed and restarted (shorter than the 3 s lease);
-//! - a block of one replica's pool file corrupted on disk;
+//! - a block of the attached node's replica corrupted on disk (while another replica is
+//!   healthy), then read through the device;
 //! - the volume moved to another node: cleanly (detach, attach), or by a forced takeover while
 //!   the attached node is SIGSTOPped, which is continued afterwards (a zombie writer);
-//! - the attached node SIGKILLed and started again (it attaches the volume again).
+//! - the attached node SIGKILLed and started again (it attaches the volume again);
+//! - one replica node's disk failing every write, or holding every request, for a while
+//!   (debug builds of the daemon, `volume::io::faults`), the attached node's included.
 //!
 //! **The checker.** While the workload runs, every read is checked against the last write
 //! acknowledged before it began (a stale read is counted). After every move, the whole volume
@@ -76,11 +79,32 @@ pub enum FaultKind {
     TakeoverForce,
     /// SIGKILL the attached node and start it again: it attaches the volume again.
     KillAttached,
+    /// Make one replica node's disk fail every write (and flush) for the hold.
+    DiskErrors,
+    /// Make one replica node's disk hold every request for the hold.
+    DiskHang,
 }
 
 impl FaultKind {
     /// Every kind, in table order.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 12] = [
+        Self::KillReplica,
+        Self::PauseReplica,
+        Self::CutReplica,
+        Self::CutRequests,
+        Self::CutReplies,
+        Self::EtcdOutage,
+        Self::CorruptBlock,
+        Self::MoveClean,
+        Self::TakeoverForce,
+        Self::KillAttached,
+        Self::DiskErrors,
+        Self::DiskHang,
+    ];
+
+    /// The kinds drawn for the main schedule (the disk faults are drawn apart, so adding
+    /// them kept every earlier seed's schedule).
+    const MAIN: [Self; 10] = [
         Self::KillReplica,
         Self::PauseReplica,
         Self::CutReplica,
@@ -106,6 +130,8 @@ impl FaultKind {
             Self::MoveClean => "move (detach, attach)",
             Self::TakeoverForce => "takeover --force (zombie)",
             Self::KillAttached => "kill attached node",
+            Self::DiskErrors => "disk write errors",
+            Self::DiskHang => "disk hang",
         }
     }
 
@@ -116,6 +142,8 @@ impl FaultKind {
             Self::PauseReplica => 500 + rng.below(5500),
             Self::CutReplica | Self::CutRequests | Self::CutReplies => 1000 + rng.below(4000),
             Self::EtcdOutage => 200 + rng.below(800),
+            Self::DiskErrors => 500 + rng.below(3500),
+            Self::DiskHang => 1000 + rng.below(5000),
             Self::CorruptBlock | Self::MoveClean | Self::TakeoverForce | Self::KillAttached => 0,
         }
     }
@@ -151,16 +179,25 @@ impl Plan {
         let mut rng = Rng::new(seed ^ 0xC4A0_5EED);
         let nodes = 3 + rng.below(2) as usize;
         let sync_every = [1, 1, 2, 4, 8][rng.below(5) as usize];
-        let faults = (0..steps)
-            .map(|_| {
-                let kind = FaultKind::ALL[rng.below(FaultKind::ALL.len() as u64) as usize];
-                Fault {
+        let mut disk = Rng::new(seed ^ 0xD15C_FA17);
+        let mut faults = Vec::new();
+        for _ in 0..steps {
+            let kind = FaultKind::MAIN[rng.below(FaultKind::MAIN.len() as u64) as usize];
+            faults.push(Fault {
+                kind,
+                hold: Duration::from_millis(kind.hold_ms(&mut rng)),
+                pick: rng.next(),
+            });
+            // One step in three is followed by a disk fault.
+            if disk.below(3) == 0 {
+                let kind = [FaultKind::DiskErrors, FaultKind::DiskHang][disk.below(2) as usize];
+                faults.push(Fault {
                     kind,
-                    hold: Duration::from_millis(kind.hold_ms(&mut rng)),
-                    pick: rng.next(),
-                }
-            })
-            .collect();
+                    hold: Duration::from_millis(kind.hold_ms(&mut disk)),
+                    pick: disk.next(),
+                });
+            }
+        }
         Self {
             seed,
             nodes,
@@ -210,6 +247,8 @@ pub struct Outcome {
     /// Forced takeovers refused because every healthy replica was on the stopped node (the
     /// right answer; the old node then goes on writing).
     pub refused_takeovers: u64,
+    /// Corruptions not made because no other replica was healthy to repair from.
+    pub skipped_corruptions: u64,
     /// What stopped the trial early or failed a check, if anything.
     pub failure: Option<String>,
     /// The first stale read or application error, and the audits' first bad slots.
@@ -296,7 +335,7 @@ impl Trial<'_> {
             etcd,
         };
         let r = t.body(plan);
-        if r.is_err() || !t.out.ok() {
+        if r.is_err() || !t.out.ok() || std::env::var_os("BALLAST_CHAOS_KEEP_LOGS").is_some() {
             t.save_logs(plan.seed);
         }
         r
@@ -345,7 +384,8 @@ impl Trial<'_> {
         t.finish()
     }
 
-    /// Keep every node's daemon logs in `/tmp/ballast-chaos-SEED/` (named in the failure).
+    /// Keep every node's daemon logs in `/tmp/ballast-chaos-SEED/` (named in the failure; kept
+    /// for every trial when `BALLAST_CHAOS_KEEP_LOGS` is set).
     fn save_logs(&mut self, seed: u64) {
         let dir = std::env::temp_dir().join(format!("ballast-chaos-{seed}"));
         if std::fs::create_dir_all(&dir).is_err() {
@@ -568,6 +608,26 @@ impl Trial<'_> {
                 self.resume(ledger)?;
             }
             FaultKind::TakeoverForce => self.takeover(f.pick)?,
+            FaultKind::DiskErrors | FaultKind::DiskHang => {
+                let holders = self.holders()?;
+                let i = holders[(f.pick % holders.len() as u64) as usize];
+                let log = self.node(i)?.log();
+                if !log.contains("disk fault injection is on") {
+                    bail!(
+                        "the daemon under test cannot fail its disk: use a debug build, or a \
+                         release build with `--features daemon/failpoints`"
+                    );
+                }
+                let control = self.dirs[i].disk_faults();
+                let word = if f.kind == FaultKind::DiskErrors {
+                    "error"
+                } else {
+                    "hang"
+                };
+                std::fs::write(&control, word)?;
+                std::thread::sleep(f.hold);
+                std::fs::remove_file(&control)?;
+            }
             FaultKind::KillAttached => {
                 let i = self.attached;
                 self.kill(i);
@@ -583,12 +643,23 @@ impl Trial<'_> {
         Ok(())
     }
 
-    /// Flip bytes in one workload block of one replica's pool file (never a slot corrupted
-    /// before, so no two replicas lose the same block).
+    /// Flip bytes in one workload block of the attached node's replica (never a slot
+    /// corrupted before), then read that slot through the device: the local replica is read
+    /// first, so the bad copy must be found, answered from another replica and repaired.
+    ///
+    /// Only while another replica is healthy: a bad block on a replica that is not read
+    /// stays bad until it is (there is no background scrub yet), and could end up the last
+    /// healthy copy; that is not what this fault tests.
     fn corrupt(&mut self, pick: u64) -> Result<()> {
-        let holders = self.holders()?;
-        let i = holders[(pick % holders.len() as u64) as usize];
-        let pool = self.dirs[i].pool();
+        let states = self.replicas()?;
+        let me = self.attached;
+        let local_healthy = states.iter().any(|(n, st)| *n == me && st == "healthy");
+        let other_healthy = states.iter().any(|(n, st)| *n != me && st == "healthy");
+        if !local_healthy || !other_healthy {
+            self.out.skipped_corruptions += 1;
+            return Ok(());
+        }
+        let pool = self.dirs[me].pool();
         let mut blocks = find_blocks(&pool, MAGIC);
         blocks.retain(|at| {
             let b = pread_direct(&pool, *at, 4096);
@@ -600,12 +671,31 @@ impl Trial<'_> {
         }
         let at = blocks[(pick / 7 % blocks.len() as u64) as usize];
         let mut b = pread_direct(&pool, at, 4096);
-        self.corrupted
-            .insert(u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")));
+        let slot = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+        self.corrupted.insert(slot);
         for x in &mut b[1000..1016] {
             *x ^= 0x5A;
         }
         pwrite_direct(&pool, at, &b);
+        let ledger = self.workload.as_ref().expect("a workload runs").ledger();
+        let block = crate::workload::BLOCK;
+        self.out.reads += 1;
+        match try_read_direct(&self.dev, slot as usize * block, block) {
+            Ok(data) => {
+                if let Err(why) = ledger.check_read(slot, &data) {
+                    self.out.stale_reads += 1;
+                    self.out
+                        .details
+                        .push(format!("read of a corrupted block: {why}"));
+                }
+            }
+            Err(e) => {
+                self.out.app_errors += 1;
+                self.out.details.push(format!(
+                    "read of a corrupted block (slot {slot}) failed: {e}"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -748,7 +838,7 @@ pub fn table(outcomes: &[Outcome]) -> String {
     }
     let sum = |f: fn(&Outcome) -> u64| outcomes.iter().map(f).sum::<u64>();
     let failed = outcomes.iter().filter(|o| !o.ok()).count() as u64;
-    let rows: [(&str, u64); 12] = [
+    let rows: [(&str, u64); 13] = [
         ("trials", outcomes.len() as u64),
         ("trials failed", failed),
         ("acknowledged writes", sum(|o| o.acked)),
@@ -775,6 +865,10 @@ pub fn table(outcomes: &[Outcome]) -> String {
         (
             "takeovers refused: every healthy copy on the stopped node (right)",
             sum(|o| o.refused_takeovers),
+        ),
+        (
+            "corruptions skipped: no other healthy replica to repair from",
+            sum(|o| o.skipped_corruptions),
         ),
     ];
     let _ = writeln!(s);

@@ -130,6 +130,12 @@ impl NodeDir {
         self.state.path().join("data")
     }
 
+    /// The control file of this node's disk faults (test builds): write `error`, `error-all`
+    /// or `hang` to it, remove it to heal.
+    pub fn disk_faults(&self) -> PathBuf {
+        self.state.path().join("disk-faults")
+    }
+
     /// The pool file.
     pub fn pool(&self) -> PathBuf {
         self.state.path().join("pool.img")
@@ -255,6 +261,9 @@ impl Daemon {
         let child = command
             .args(args)
             .env_remove("BALLAST_API_SOCKET")
+            // A debug build fails or hangs this node's disk when the file says so
+            // (`volume::io::faults`); see `NodeDir::disk_faults`.
+            .env("BALLAST_FAILPOINTS", node.disk_faults())
             .env(
                 "RUST_LOG",
                 std::env::var("BALLAST_TEST_LOG").unwrap_or_else(|_| "info".into()),

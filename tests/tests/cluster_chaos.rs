@@ -2,7 +2,7 @@
 //! checker are `integration_tests::chaos`): three or four daemons over a real etcd, the
 //! verifying workload on an attached three-replica volume, and faults drawn from each seed
 //! (killed, stopped and partitioned replica nodes, etcd restarts, corrupted blocks, moves,
-//! forced takeovers of a stopped node, a killed attached node). Each seed must lose no
+//! forced takeovers of a stopped node, a killed attached node, disk write errors and hangs). Each seed must lose no
 //! acknowledged write, return no stale read, show the application no I/O error outside a
 //! killed or fenced writer, and give a fenced zombie no acknowledgement.
 //!

@@ -19,6 +19,8 @@
 //! - a read past the end of a regular file is an `UnexpectedEof` error, never silent zeros.
 
 pub mod buf;
+#[cfg(any(debug_assertions, feature = "failpoints"))]
+pub mod faults;
 pub mod pool;
 pub mod sync_engine;
 pub mod uring;
@@ -189,6 +191,20 @@ impl Completion {
     pub fn ready(c: IoCompletion) -> Self {
         Self(CompletionInner::Ready(Some(c)))
     }
+
+    /// Block the calling (non-async) thread until the request completes.
+    #[cfg(any(debug_assertions, feature = "failpoints"))]
+    pub fn wait(self) -> IoCompletion {
+        match self.0 {
+            CompletionInner::Ready(c) => c.expect("Completion waited after ready"),
+            CompletionInner::Pending(rx) => rx.blocking_recv().unwrap_or_else(|_| IoCompletion {
+                result: Err(io::Error::other(
+                    "the I/O engine shut down before completing the request",
+                )),
+                buf: None,
+            }),
+        }
+    }
 }
 
 impl Future for Completion {
@@ -242,6 +258,13 @@ pub enum EngineKind {
 /// # Errors
 /// Only with [`EngineKind::Uring`] when io_uring cannot be set up, or if threads cannot spawn.
 pub fn probe(kind: EngineKind, threads: usize) -> io::Result<Arc<dyn IoEngine>> {
+    let engine = probe_engine(kind, threads)?;
+    #[cfg(any(debug_assertions, feature = "failpoints"))]
+    let engine = faults::wrap(engine);
+    Ok(engine)
+}
+
+fn probe_engine(kind: EngineKind, threads: usize) -> io::Result<Arc<dyn IoEngine>> {
     let threads = threads.max(1);
     match kind {
         EngineKind::Sync => {
