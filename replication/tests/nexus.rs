@@ -392,7 +392,7 @@ async fn a_write_fails_when_the_ejection_cannot_be_recorded() {
 }
 
 #[tokio::test]
-async fn when_every_child_fails_nobody_is_ejected() {
+async fn when_every_child_fails_nobody_is_ejected_and_the_attachment_stops() {
     let f = Fixture::new(2).await;
     let rec = Arc::new(Recorder::default());
     let nexus = f.nexus(rec.clone());
@@ -404,6 +404,20 @@ async fn when_every_child_fails_nobody_is_ejected() {
         .await
         .is_err());
     assert!(rec.ejected.lock().unwrap().is_empty());
+    // The children may now differ (a write can land on some before failing), and all of them
+    // stay healthy: reads would depend on which one answers. So the attachment stops, and
+    // the replicas are reconciled when the volume is attached again.
+    assert!(
+        nexus.is_fenced(),
+        "a write that failed on every child must fence the nexus"
+    );
+    for d in &f.devs {
+        d.faults.io.store(false, SeqCst);
+    }
+    assert!(nexus
+        .write(0, pattern(5, 4096), WriteFlags::default())
+        .await
+        .is_err());
     f.close().await;
 }
 

@@ -120,7 +120,16 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
                 tracing::error!(volume = %self.name, "a replica reports a newer attachment; this attachment stops all I/O");
                 Err(take_err(&mut results, from))
             }
-            Decision::Fail { from } => Err(take_err(&mut results, from)),
+            Decision::Fail { from } => {
+                if targets.len() > 1 && answers.iter().all(|a| *a == Answer::Failed) {
+                    // Every child failed and all stay healthy, yet some may have applied it:
+                    // they can differ now, and a read would depend on which one answers.
+                    // Stop; attaching again reconciles them before the first I/O.
+                    tracing::error!(volume = %self.name, op = name, offset, len, "every replica failed a request; stopping this attachment so the replicas are reconciled at the next attach");
+                    self.fence();
+                }
+                Err(take_err(&mut results, from))
+            }
             Decision::Ack { eject } => {
                 for i in eject {
                     let e = take_err(&mut results, i);
