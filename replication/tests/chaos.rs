@@ -6,7 +6,8 @@
 //!   rebuild starts from);
 //! - lose power: a volatile write cache holds what the child completed since its last
 //!   completed flush (data and generations, as a replica reports them); a flush applies it to
-//!   the real replica, a "power cut" drops it;
+//!   the real replica, a "power cut" drops it, or (half the cuts) keeps a random part of it,
+//!   torn at 4 KiB: each block of each cached write reached the medium or not;
 //! - hold corrupt blocks: reads covering one fail their checksum until a write covers it.
 //!
 //! A run draws from its seed a sequence of writes, flushes, reads, failures, power cuts of
@@ -90,6 +91,29 @@ impl Dev {
     /// Power lost: everything since the last completed flush is gone, data and generations.
     fn power_cut(&self) {
         self.st.cache.lock().unwrap().clear();
+    }
+
+    /// Power lost mid-way: of what the child completed since its last flush, each 4 KiB block
+    /// of each write reached the medium or not, as `keep` says (a torn multi-block write
+    /// included); discards and zeroing are lost. The rest is gone.
+    async fn torn_power_cut(&self, mut keep: impl FnMut() -> bool) {
+        let ops = std::mem::take(&mut *self.st.cache.lock().unwrap());
+        for op in ops {
+            if let Cached::Write {
+                offset,
+                data,
+                flags,
+            } = op
+            {
+                for (i, block) in data.chunks(BLOCK as usize).enumerate() {
+                    if keep() {
+                        let at = offset + i as u64 * BLOCK;
+                        let _ = self.replica.write(at, IoBuf::from_slice(block), flags).await;
+                    }
+                }
+            }
+        }
+        let _ = self.replica.flush().await;
     }
 
     fn heal_blocks(&self, offset: u64, len: u64) {
@@ -322,6 +346,8 @@ struct Tally {
     reads: u64,
     failures: u64,
     power_cuts: u64,
+    /// Power cuts that kept a random part of the unflushed writes (torn at 4 KiB).
+    torn_cuts: u64,
     corruptions: u64,
     rebuilds: u64,
     /// Blocks read back other than as last acknowledged.
@@ -334,6 +360,8 @@ struct Tally {
 
 async fn run(seed: u64) -> Tally {
     let mut rng = StdRng::seed_from_u64(seed);
+    // Apart, so that tearing did not change any seed's sequence of operations.
+    let mut tear = StdRng::seed_from_u64(seed ^ 0x7EA2);
     let mut dirs = Vec::new();
     let mut storages = Vec::new();
     let mut devs = Vec::new();
@@ -425,7 +453,12 @@ async fn run(seed: u64) -> Tally {
                     .iter()
                     .find(|&&i| state(&nexus, i) == ChildState::Ejected)
                 {
-                    devs[i].power_cut();
+                    if tear.gen_bool(0.5) {
+                        devs[i].torn_power_cut(|| tear.gen_bool(0.5)).await;
+                        t.torn_cuts += 1;
+                    } else {
+                        devs[i].power_cut();
+                    }
                     t.power_cuts += 1;
                 }
             }
@@ -546,22 +579,24 @@ async fn seeded_fault_runs_lose_no_acknowledged_write_and_read_nothing_stale() {
         sum.reads += t.reads;
         sum.failures += t.failures;
         sum.power_cuts += t.power_cuts;
+        sum.torn_cuts += t.torn_cuts;
         sum.corruptions += t.corruptions;
         sum.rebuilds += t.rebuilds;
         sum.stale_reads += t.stale_reads;
         sum.lost += t.lost;
         sum.io_errors += t.io_errors;
     }
-    println!("| trials | writes | flushes | reads | child failures | power cuts | corruptions | rebuilds | writes lost (blocks) | stale reads (blocks) | I/O errors |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| trials | writes | flushes | reads | child failures | power cuts | of them torn | corruptions | rebuilds | writes lost (blocks) | stale reads (blocks) | I/O errors |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
         seeds.len(),
         sum.writes,
         sum.flushes,
         sum.reads,
         sum.failures,
         sum.power_cuts,
+        sum.torn_cuts,
         sum.corruptions,
         sum.rebuilds,
         sum.lost,
