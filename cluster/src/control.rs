@@ -146,7 +146,8 @@ impl Cluster {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Keep this node's attachments confirmed, every `ttl / 3`, until the task is dropped.
+    /// Keep this node's attachments confirmed, every `ttl / 3` (every `ttl / 30` after a
+    /// failed round), until the task is dropped.
     ///
     /// Each round reads every volume record (one store call) and, for each nexus of this
     /// node: if its record still names this node at the nexus's epoch, the nexus may serve
@@ -159,10 +160,14 @@ impl Cluster {
         let Some(ttl) = self.attachment_ttl else {
             return;
         };
-        let mut tick = tokio::time::interval(ttl / 3);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // After a failed round, try again soon (as the lease renewal does): the next regular
+        // round could fall after the deadline, and a short store outage must not cost the
+        // attachment.
+        let retry = (ttl / 30).max(Duration::from_millis(10));
+        let mut pause = ttl / 3;
         loop {
-            tick.tick().await;
+            tokio::time::sleep(pause).await;
+            pause = retry;
             let attached: Vec<(String, u64, Arc<Nexus<Child>>)> = {
                 let nexuses = self.nexus_table();
                 let epochs = self.epoch_table();
@@ -172,6 +177,7 @@ impl Cluster {
                     .collect()
             };
             if attached.is_empty() {
+                pause = ttl / 3;
                 continue;
             }
             let sent = std::time::Instant::now();
@@ -183,6 +189,7 @@ impl Cluster {
                 }
                 Err(_) => continue,
             };
+            pause = ttl / 3;
             for (name, epoch, nexus) in attached {
                 let current = records.iter().find(|r| r.name == name).is_some_and(|r| {
                     r.attachment

@@ -108,7 +108,10 @@ impl Dev {
                 for (i, block) in data.chunks(BLOCK as usize).enumerate() {
                     if keep() {
                         let at = offset + i as u64 * BLOCK;
-                        let _ = self.replica.write(at, IoBuf::from_slice(block), flags).await;
+                        let _ = self
+                            .replica
+                            .write(at, IoBuf::from_slice(block), flags)
+                            .await;
                     }
                 }
             }

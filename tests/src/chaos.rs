@@ -249,6 +249,8 @@ pub struct Outcome {
     pub refused_takeovers: u64,
     /// Corruptions not made because no other replica was healthy to repair from.
     pub skipped_corruptions: u64,
+    /// Disk faults not made because the only healthy replica was the one left to hit.
+    pub skipped_disk_faults: u64,
     /// What stopped the trial early or failed a check, if anything.
     pub failure: Option<String>,
     /// The first stale read or application error, and the audits' first bad slots.
@@ -609,8 +611,20 @@ impl Trial<'_> {
             }
             FaultKind::TakeoverForce => self.takeover(f.pick)?,
             FaultKind::DiskErrors | FaultKind::DiskHang => {
-                let holders = self.holders()?;
-                let i = holders[(f.pick % holders.len() as u64) as usize];
+                // Never the disk of the only healthy replica: that takes every complete copy
+                // away, and writes must then fail (the application's errors would be right).
+                let states = self.replicas()?;
+                let healthy = states.iter().filter(|(_, st)| st == "healthy").count();
+                let targets: Vec<usize> = states
+                    .iter()
+                    .filter(|(_, st)| st != "healthy" || healthy > 1)
+                    .map(|(n, _)| *n)
+                    .collect();
+                if targets.is_empty() {
+                    self.out.skipped_disk_faults += 1;
+                    return Ok(());
+                }
+                let i = targets[(f.pick % targets.len() as u64) as usize];
                 let log = self.node(i)?.log();
                 if !log.contains("disk fault injection is on") {
                     bail!(
@@ -838,7 +852,7 @@ pub fn table(outcomes: &[Outcome]) -> String {
     }
     let sum = |f: fn(&Outcome) -> u64| outcomes.iter().map(f).sum::<u64>();
     let failed = outcomes.iter().filter(|o| !o.ok()).count() as u64;
-    let rows: [(&str, u64); 13] = [
+    let rows: [(&str, u64); 14] = [
         ("trials", outcomes.len() as u64),
         ("trials failed", failed),
         ("acknowledged writes", sum(|o| o.acked)),
@@ -869,6 +883,10 @@ pub fn table(outcomes: &[Outcome]) -> String {
         (
             "corruptions skipped: no other healthy replica to repair from",
             sum(|o| o.skipped_corruptions),
+        ),
+        (
+            "disk faults skipped: only the last healthy replica was left to hit",
+            sum(|o| o.skipped_disk_faults),
         ),
     ];
     let _ = writeln!(s);

@@ -114,18 +114,22 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
                 Some(Err(e)) => e,
                 _ => DeviceError::new(DeviceErrorKind::Io, name, offset, len, "replica failed"),
             };
-        match decide(&answers) {
+        let complete: Vec<bool> = targets
+            .iter()
+            .map(|c| c.state() == ChildState::Healthy)
+            .collect();
+        match decide(&answers, &complete) {
             Decision::Fenced { from } => {
                 self.fenced.store(true, SeqCst);
                 tracing::error!(volume = %self.name, "a replica reports a newer attachment; this attachment stops all I/O");
                 Err(take_err(&mut results, from))
             }
             Decision::Fail { from } => {
-                if targets.len() > 1 && answers.iter().all(|a| *a == Answer::Failed) {
-                    // Every child failed and all stay healthy, yet some may have applied it:
-                    // they can differ now, and a read would depend on which one answers.
-                    // Stop; attaching again reconciles them before the first I/O.
-                    tracing::error!(volume = %self.name, op = name, offset, len, "every replica failed a request; stopping this attachment so the replicas are reconciled at the next attach");
+                if targets.len() > 1 && !answers.contains(&Answer::Caller) {
+                    // No complete child took it, and none is ejected, yet some may have
+                    // applied it: they can differ now, and a read would depend on which one
+                    // answers. Stop; attaching again reconciles them before the first I/O.
+                    tracing::error!(volume = %self.name, op = name, offset, len, "no complete replica took a request; stopping this attachment so the replicas are reconciled at the next attach");
                     self.fence();
                 }
                 Err(take_err(&mut results, from))
