@@ -76,7 +76,17 @@ impl LoopDevice {
                 return Err(std::io::Error::last_os_error());
             }
             let path = PathBuf::from(format!("/dev/loop{n}"));
-            let file = open_device(&path, n)?;
+            let file = match open_device(&path, n) {
+                Ok(f) => f,
+                // A device being torn down by its last closer (autoclear) refuses opens for
+                // a moment: take another.
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                    last = Some(e);
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let mut result = Err(std::io::Error::from_raw_os_error(libc::EINVAL));
             for flags in [LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO, LO_FLAGS_AUTOCLEAR] {
                 result = loop_configure(&file, backing, name, block_size, flags);
