@@ -391,6 +391,25 @@ async fn a_write_fails_when_the_ejection_cannot_be_recorded() {
     f.close().await;
 }
 
+/// Found by the cluster fault runs (seed 13): the only healthy replica's node was stopped for
+/// a few seconds; a read timed out and ejected it, and the volume had no healthy replica left,
+/// so it could neither serve nor rebuild once that node was back.
+#[tokio::test]
+async fn a_failed_read_never_ejects_the_last_healthy_child() {
+    let f = Fixture::new(2).await;
+    let rec = Arc::new(Recorder::default());
+    let nexus = f.nexus(rec.clone());
+    nexus.set_state("n1", ChildState::Ejected);
+    f.devs[0].faults.io.store(true, SeqCst);
+    assert!(nexus.read(0, IoBuf::zeroed(4096)).await.is_err());
+    assert_eq!(nexus.children()[0].1, ChildState::Healthy);
+    assert!(rec.ejected.lock().unwrap().is_empty());
+    // Back: it serves again.
+    f.devs[0].faults.io.store(false, SeqCst);
+    assert!(nexus.read(0, IoBuf::zeroed(4096)).await.is_ok());
+    f.close().await;
+}
+
 #[tokio::test]
 async fn when_every_child_fails_nobody_is_ejected_and_the_attachment_stops() {
     let f = Fixture::new(2).await;

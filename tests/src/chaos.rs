@@ -249,8 +249,9 @@ pub struct Outcome {
     pub refused_takeovers: u64,
     /// Corruptions not made because no other replica was healthy to repair from.
     pub skipped_corruptions: u64,
-    /// Disk faults not made because the only healthy replica was the one left to hit.
-    pub skipped_disk_faults: u64,
+    /// Faults on a replica node or disk not made because they would have hit the only
+    /// healthy replica (every complete copy: errors would then be right).
+    pub skipped_faults: u64,
     /// What stopped the trial early or failed a check, if anything.
     pub failure: Option<String>,
     /// The first stale read or application error, and the audits' first bad slots.
@@ -482,6 +483,20 @@ impl Trial<'_> {
         Ok(others[(pick % others.len() as u64) as usize])
     }
 
+    /// The node a replica-node fault hits: another holder than the attached node, never the
+    /// only healthy replica (that would take every complete copy away, and errors would then
+    /// be right). `None`: no such node now.
+    fn fault_target(&self, pick: u64) -> Result<Option<usize>> {
+        let states = self.replicas()?;
+        let healthy = states.iter().filter(|(_, st)| st == "healthy").count();
+        let fair: Vec<usize> = states
+            .iter()
+            .filter(|(n, st)| *n != self.attached && (st != "healthy" || healthy > 1))
+            .map(|(n, _)| *n)
+            .collect();
+        Ok((!fair.is_empty()).then(|| fair[(pick % fair.len() as u64) as usize]))
+    }
+
     fn attach(&self, i: usize, force: bool) -> Result<String> {
         let mut args = vec!["volume", "attach", VOLUME, "-o", "json"];
         if force {
@@ -571,20 +586,29 @@ impl Trial<'_> {
     fn apply(&mut self, f: &Fault) -> Result<()> {
         match f.kind {
             FaultKind::KillReplica => {
-                let i = self.other_holder(f.pick)?;
+                let Some(i) = self.fault_target(f.pick)? else {
+                    self.out.skipped_faults += 1;
+                    return Ok(());
+                };
                 self.kill(i);
                 std::thread::sleep(f.hold);
                 self.daemons[i] = Some(self.start_node(i)?);
             }
             FaultKind::PauseReplica => {
-                let i = self.other_holder(f.pick)?;
+                let Some(i) = self.fault_target(f.pick)? else {
+                    self.out.skipped_faults += 1;
+                    return Ok(());
+                };
                 let d = self.node(i)?;
                 d.signal(Signal::SIGSTOP)?;
                 std::thread::sleep(f.hold);
                 d.signal(Signal::SIGCONT)?;
             }
             FaultKind::CutReplica | FaultKind::CutRequests | FaultKind::CutReplies => {
-                let i = self.other_holder(f.pick)?;
+                let Some(i) = self.fault_target(f.pick)? else {
+                    self.out.skipped_faults += 1;
+                    return Ok(());
+                };
                 let port = replica_addr(self.any(), &self.ids[i]).port();
                 let cut = match f.kind {
                     FaultKind::CutReplica => Partition::cut_port(port),
@@ -621,7 +645,7 @@ impl Trial<'_> {
                     .map(|(n, _)| *n)
                     .collect();
                 if targets.is_empty() {
-                    self.out.skipped_disk_faults += 1;
+                    self.out.skipped_faults += 1;
                     return Ok(());
                 }
                 let i = targets[(f.pick % targets.len() as u64) as usize];
@@ -885,8 +909,8 @@ pub fn table(outcomes: &[Outcome]) -> String {
             sum(|o| o.skipped_corruptions),
         ),
         (
-            "disk faults skipped: only the last healthy replica was left to hit",
-            sum(|o| o.skipped_disk_faults),
+            "node and disk faults skipped: only the last healthy replica was left to hit",
+            sum(|o| o.skipped_faults),
         ),
     ];
     let _ = writeln!(s);

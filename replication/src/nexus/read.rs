@@ -71,6 +71,15 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
                             bad.push(child.clone());
                         }
                         Answer::Failed | Answer::Ok => {
+                            // Never the last healthy child: with none left the volume could
+                            // not be served or rebuilt even once this one answers again.
+                            let another = self
+                                .snapshot()
+                                .iter()
+                                .any(|c| c.id != child.id && c.state() == ChildState::Healthy);
+                            if !another {
+                                return Err(BufError { error, buf });
+                            }
                             let reason = error.to_string();
                             if !self.eject(&child, &reason, false).await {
                                 return Err(BufError { error, buf });
