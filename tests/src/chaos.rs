@@ -37,8 +37,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::Signal;
 
 use crate::cluster::{
-    cluster_args, find_blocks, node_dirs, pread_direct, pwrite_direct, replica_addr,
-    try_read_direct, Cleanup, Partition,
+    cluster_args, find_blocks, node_dirs, pread_direct, pwrite_direct, try_read_direct, Cleanup,
+    Partition,
 };
 use crate::etcd::Etcd;
 use crate::workload::{Config, Ledger, Rng, Workload, MAGIC};
@@ -609,7 +609,20 @@ impl Trial<'_> {
                     self.out.skipped_faults += 1;
                     return Ok(());
                 };
-                let port = replica_addr(self.any(), &self.ids[i]).port();
+                // A node whose lease lapsed (stopped earlier) is not listed until it registers
+                // again: nothing to cut then.
+                let listed = self.node_list()?.into_iter().find_map(|n| {
+                    (n["id"].as_str() == Some(self.ids[i].as_str()))
+                        .then(|| n["replica_addr"].as_str().map(str::to_owned))
+                        .flatten()
+                });
+                let Some(port) = listed
+                    .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                    .map(|a| a.port())
+                else {
+                    self.out.skipped_faults += 1;
+                    return Ok(());
+                };
                 let cut = match f.kind {
                     FaultKind::CutReplica => Partition::cut_port(port),
                     k => Partition::cut_port_one_way(port, k == FaultKind::CutRequests),
