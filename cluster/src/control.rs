@@ -85,6 +85,9 @@ pub enum Mode {
     Standalone,
 }
 
+/// This node's attached nexuses by volume name, each with its attachment's epoch.
+type NexusTable = HashMap<String, (Arc<Nexus<Child>>, u64)>;
+
 /// This node's part of the cluster.
 #[derive(Debug)]
 pub struct Cluster {
@@ -96,9 +99,8 @@ pub struct Cluster {
     pub(crate) runtime: tokio::runtime::Handle,
     pub(crate) timeout: Duration,
     pub(crate) repair: RepairPolicy,
-    pub(crate) nexuses: Mutex<HashMap<String, Arc<Nexus<Child>>>>,
-    /// The epoch of each nexus in `nexuses` (changed together with it).
-    epochs: Mutex<HashMap<String, u64>>,
+    /// The attached nexuses, each with its attachment's epoch.
+    pub(crate) nexuses: Mutex<NexusTable>,
     /// Cluster mode: how long an attachment counts as confirmed after its record was read
     /// back (the node lease TTL); see [`Cluster::confirm_attachments`]. `None`: standalone,
     /// where no other node can take a volume over.
@@ -127,7 +129,6 @@ impl Cluster {
             timeout,
             repair,
             nexuses: Mutex::new(HashMap::new()),
-            epochs: Mutex::new(HashMap::new()),
             attachment_ttl: None,
         }
     }
@@ -138,12 +139,6 @@ impl Cluster {
     pub fn with_attachment_ttl(mut self, ttl: Duration) -> Self {
         self.attachment_ttl = Some(ttl);
         self
-    }
-
-    fn epoch_table(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
-        self.epochs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Keep this node's attachments confirmed, every `ttl / 3` (every `ttl / 30` after a
@@ -168,14 +163,11 @@ impl Cluster {
         loop {
             tokio::time::sleep(pause).await;
             pause = retry;
-            let attached: Vec<(String, u64, Arc<Nexus<Child>>)> = {
-                let nexuses = self.nexus_table();
-                let epochs = self.epoch_table();
-                nexuses
-                    .iter()
-                    .filter_map(|(k, n)| Some((k.clone(), *epochs.get(k)?, Arc::clone(n))))
-                    .collect()
-            };
+            let attached: Vec<(String, u64, Arc<Nexus<Child>>)> = self
+                .nexus_table()
+                .iter()
+                .map(|(k, (n, epoch))| (k.clone(), *epoch, Arc::clone(n)))
+                .collect();
             if attached.is_empty() {
                 pause = ttl / 3;
                 continue;
@@ -209,7 +201,7 @@ impl Cluster {
     /// The attached nexuses. Each change is one map operation, so a panic elsewhere cannot
     /// leave the map half-changed: a poisoned lock is still safe to use (the rule of
     /// `ARCHITECTURE.md`, "Locks").
-    fn nexus_table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Nexus<Child>>>> {
+    fn nexus_table(&self) -> std::sync::MutexGuard<'_, NexusTable> {
         self.nexuses
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -690,8 +682,7 @@ impl Cluster {
             nexus.number_above(floor);
         }
         self.nexus_table()
-            .insert(name.to_string(), Arc::clone(&nexus));
-        self.epoch_table().insert(name.to_string(), epoch);
+            .insert(name.to_string(), (Arc::clone(&nexus), epoch));
         tracing::info!(volume = %name, epoch, replicas = nexus.children().len(), "attached a replicated volume");
         tokio::spawn(repair::run(
             Arc::clone(self),
@@ -768,39 +759,29 @@ impl Cluster {
     /// Undo this node's attachment of `name` at `epoch` (if it is still the recorded one):
     /// the attachment becomes `previous` again.
     async fn release_to(&self, name: &VolumeName, epoch: u64, previous: Option<AttachmentRecord>) {
-        if let Some(nexus) = self.nexus_table().remove(name.as_str()) {
-            nexus.fence();
-        }
-        self.epoch_table().remove(name.as_str());
-        let me = self.me.id.clone();
-        let r = self
-            .update(name.as_str(), |rec| {
-                if rec
-                    .attachment
-                    .as_ref()
-                    .is_some_and(|a| a.node == me && a.epoch == epoch)
-                {
-                    rec.attachment.clone_from(&previous);
-                }
-                Ok(())
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::warn!(volume = %name, error = %e.full_message(), "cannot give the attachment back");
-        }
+        self.give_up(name, Some(epoch), previous).await;
     }
 
     async fn release_async(&self, name: &VolumeName) {
+        self.give_up(name, None, None).await;
+    }
+
+    /// Stop this node's nexus of `name` and, if the record still names this node (at `epoch`,
+    /// when given), record `then` as the attachment.
+    async fn give_up(&self, name: &VolumeName, epoch: Option<u64>, then: Option<AttachmentRecord>) {
         // Nobody serves it any more: stop its repair task and any rebuild with it.
-        if let Some(nexus) = self.nexus_table().remove(name.as_str()) {
+        if let Some((nexus, _)) = self.nexus_table().remove(name.as_str()) {
             nexus.fence();
         }
-        self.epoch_table().remove(name.as_str());
         let me = self.me.id.clone();
         let r = self
             .update(name.as_str(), |rec| {
-                if rec.attachment.as_ref().is_some_and(|a| a.node == me) {
-                    rec.attachment = None;
+                let ours = rec
+                    .attachment
+                    .as_ref()
+                    .is_some_and(|a| a.node == me && epoch.is_none_or(|e| a.epoch == e));
+                if ours {
+                    rec.attachment.clone_from(&then);
                 }
                 Ok(())
             })
@@ -813,7 +794,7 @@ impl Cluster {
     /// Stop every nexus of this node: its lease could not be renewed, so another node may
     /// take its volumes over.
     pub fn fence_all(&self) {
-        for n in self.nexus_table().values() {
+        for (n, _) in self.nexus_table().values() {
             n.fence();
         }
     }
@@ -832,7 +813,7 @@ impl Cluster {
         let mut v: Vec<_> = self
             .nexus_table()
             .iter()
-            .map(|(k, n)| (k.clone(), Arc::clone(n)))
+            .map(|(k, (n, _))| (k.clone(), Arc::clone(n)))
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
@@ -840,7 +821,7 @@ impl Cluster {
 
     /// The nexus of an attached volume, for status.
     pub fn nexus(&self, name: &str) -> Option<Arc<Nexus<Child>>> {
-        self.nexus_table().get(name).cloned()
+        self.nexus_table().get(name).map(|(n, _)| Arc::clone(n))
     }
 
     /// Delete this node's replicas that their volume's record no longer places here: the

@@ -86,22 +86,6 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
-    /// Every kind, in table order.
-    pub const ALL: [Self; 12] = [
-        Self::KillReplica,
-        Self::PauseReplica,
-        Self::CutReplica,
-        Self::CutRequests,
-        Self::CutReplies,
-        Self::EtcdOutage,
-        Self::CorruptBlock,
-        Self::MoveClean,
-        Self::TakeoverForce,
-        Self::KillAttached,
-        Self::DiskErrors,
-        Self::DiskHang,
-    ];
-
     /// The kinds drawn for the main schedule (the disk faults are drawn apart, so adding
     /// them kept every earlier seed's schedule).
     const MAIN: [Self; 10] = [
@@ -116,6 +100,14 @@ impl FaultKind {
         Self::TakeoverForce,
         Self::KillAttached,
     ];
+
+    /// The disk faults.
+    const DISK: [Self; 2] = [Self::DiskErrors, Self::DiskHang];
+
+    /// Every kind, in table order.
+    pub fn all() -> impl Iterator<Item = Self> {
+        Self::MAIN.into_iter().chain(Self::DISK)
+    }
 
     /// A short name for tables.
     pub fn name(self) -> &'static str {
@@ -190,7 +182,7 @@ impl Plan {
             });
             // One step in three is followed by a disk fault.
             if disk.below(3) == 0 {
-                let kind = [FaultKind::DiskErrors, FaultKind::DiskHang][disk.below(2) as usize];
+                let kind = FaultKind::DISK[disk.below(2) as usize];
                 faults.push(Fault {
                     kind,
                     hold: Duration::from_millis(kind.hold_ms(&mut disk)),
@@ -879,7 +871,7 @@ pub fn table(outcomes: &[Outcome]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "| fault | trials with it | times |");
     let _ = writeln!(s, "|---|---:|---:|");
-    for k in FaultKind::ALL {
+    for k in FaultKind::all() {
         let trials = outcomes
             .iter()
             .filter(|o| o.faults.contains_key(&k))
@@ -951,6 +943,6 @@ mod tests {
             .flat_map(|s| Plan::from_seed(s, 6).faults)
             .map(|f| f.kind)
             .collect();
-        assert_eq!(kinds.len(), FaultKind::ALL.len());
+        assert_eq!(kinds.len(), FaultKind::all().count());
     }
 }
