@@ -13,7 +13,10 @@
 //!   the attached node is SIGSTOPped, which is continued afterwards (a zombie writer);
 //! - the attached node SIGKILLed and started again (it attaches the volume again);
 //! - one replica node's disk failing every write, or holding every request, for a while
-//!   (debug builds of the daemon, `volume::io::faults`), the attached node's included.
+//!   (debug builds of the daemon, `volume::io::faults`), the attached node's included;
+//! - a power cut of one replica node, the attached one included: the daemon is SIGKILLed and
+//!   each write its disk had not made durable is undone, kept, or torn at 4 KiB
+//!   ([`crate::power`]) before it starts again.
 //!
 //! **The checker.** While the workload runs, every read is checked against the last write
 //! acknowledged before it began (a stale read is counted). After every move, the whole volume
@@ -44,8 +47,11 @@ use crate::etcd::Etcd;
 use crate::workload::{Config, Ledger, Rng, Workload, MAGIC};
 use crate::{Daemon, NodeDir};
 
-/// The volume every trial writes.
-pub const VOLUME: &str = "chaosvol";
+/// The volume a trial writes: named after the process, so runs side by side (each with its
+/// own etcd and daemons) do not share `/dev/ballast/NAME`.
+fn volume_name() -> String {
+    format!("chaos-{}", std::process::id())
+}
 /// Slots of the workload (4 KiB each: the first 8 MiB of the volume).
 const SLOTS: u64 = 2048;
 /// Acknowledged writes to wait for after each fault.
@@ -83,6 +89,10 @@ pub enum FaultKind {
     DiskErrors,
     /// Make one replica node's disk hold every request for the hold.
     DiskHang,
+    /// Cut the power of one replica node (the attached one included): SIGKILL it, undo each
+    /// write its disk had not made durable (all of it, none, or some 4 KiB sectors), start it
+    /// again after the hold.
+    PowerCut,
 }
 
 impl FaultKind {
@@ -106,7 +116,10 @@ impl FaultKind {
 
     /// Every kind, in table order.
     pub fn all() -> impl Iterator<Item = Self> {
-        Self::MAIN.into_iter().chain(Self::DISK)
+        Self::MAIN
+            .into_iter()
+            .chain(Self::DISK)
+            .chain([Self::PowerCut])
     }
 
     /// A short name for tables.
@@ -124,6 +137,7 @@ impl FaultKind {
             Self::KillAttached => "kill attached node",
             Self::DiskErrors => "disk write errors",
             Self::DiskHang => "disk hang",
+            Self::PowerCut => "power cut (unflushed writes undone or torn)",
         }
     }
 
@@ -136,6 +150,7 @@ impl FaultKind {
             Self::EtcdOutage => 200 + rng.below(800),
             Self::DiskErrors => 500 + rng.below(3500),
             Self::DiskHang => 1000 + rng.below(5000),
+            Self::PowerCut => rng.below(2000),
             Self::CorruptBlock | Self::MoveClean | Self::TakeoverForce | Self::KillAttached => 0,
         }
     }
@@ -172,6 +187,7 @@ impl Plan {
         let nodes = 3 + rng.below(2) as usize;
         let sync_every = [1, 1, 2, 4, 8][rng.below(5) as usize];
         let mut disk = Rng::new(seed ^ 0xD15C_FA17);
+        let mut power = Rng::new(seed ^ 0x90E4_C075);
         let mut faults = Vec::new();
         for _ in 0..steps {
             let kind = FaultKind::MAIN[rng.below(FaultKind::MAIN.len() as u64) as usize];
@@ -187,6 +203,15 @@ impl Plan {
                     kind,
                     hold: Duration::from_millis(kind.hold_ms(&mut disk)),
                     pick: disk.next(),
+                });
+            }
+            // And one in four by a power cut (drawn apart too, for the same reason).
+            if power.below(4) == 0 {
+                let kind = FaultKind::PowerCut;
+                faults.push(Fault {
+                    kind,
+                    hold: Duration::from_millis(kind.hold_ms(&mut power)),
+                    pick: power.next(),
                 });
             }
         }
@@ -244,6 +269,9 @@ pub struct Outcome {
     /// Faults on a replica node or disk not made because they would have hit the only
     /// healthy replica (every complete copy: errors would then be right).
     pub skipped_faults: u64,
+    /// Writes not durable when a power cut came, and of those, how many were undone
+    /// completely or torn.
+    pub power_cut: crate::power::Cut,
     /// What stopped the trial early or failed a check, if anything.
     pub failure: Option<String>,
     /// The first stale read or application error, and the audits' first bad slots.
@@ -292,6 +320,7 @@ pub fn run(seed: u64, steps: usize) -> Outcome {
 struct Trial<'a> {
     /// The logs of each node's earlier (killed) daemons.
     old_logs: Vec<String>,
+    volume: String,
     out: &'a mut Outcome,
     rng: Rng,
     ids: Vec<String>,
@@ -310,12 +339,14 @@ impl Trial<'_> {
     fn run(plan: &Plan, out: &mut Outcome) -> Result<()> {
         let etcd = Etcd::start()?;
         let dirs = node_dirs(plan.nodes);
-        let cleanup = Cleanup::new(&dirs, &[VOLUME]);
+        let volume = volume_name();
+        let cleanup = Cleanup::new(&dirs, &[volume.as_str()]);
         let ids = (0..plan.nodes)
             .map(|i| format!("node-{}", char::from(b'a' + i as u8)))
             .collect();
         let mut t = Trial {
             old_logs: vec![String::new(); plan.nodes],
+            volume,
             out,
             rng: Rng::new(plan.seed),
             ids,
@@ -350,7 +381,7 @@ impl Trial<'_> {
             &[
                 "volume",
                 "create",
-                VOLUME,
+                &t.volume,
                 "--size",
                 "64MiB",
                 "--replicas",
@@ -424,6 +455,10 @@ impl Trial<'_> {
     }
 
     fn start_node(&self, i: usize) -> Result<Daemon> {
+        // The power-cut journal is kept when this file exists as the daemon starts.
+        let journal = self.dirs[i].power_journal();
+        std::fs::File::create(&journal)
+            .with_context(|| format!("creating {}", journal.display()))?;
         let zone = format!("zone-{i}");
         let args = cluster_args(&self.dirs[i], &self.ids[i], &zone, &self.etcd);
         let mut d = Daemon::spawn(&self.dirs[i], args)?;
@@ -440,7 +475,10 @@ impl Trial<'_> {
 
     /// `(node index, state)` of each replica of the volume.
     fn replicas(&self) -> Result<Vec<(usize, String)>> {
-        let v = cli(self.any(), &["volume", "inspect", VOLUME, "-o", "json"])?;
+        let v = cli(
+            self.any(),
+            &["volume", "inspect", &self.volume, "-o", "json"],
+        )?;
         let list = v["replica_status"]
             .as_array()
             .ok_or_else(|| anyhow!("inspect has no replica_status: {v}"))?;
@@ -490,7 +528,7 @@ impl Trial<'_> {
     }
 
     fn attach(&self, i: usize, force: bool) -> Result<String> {
-        let mut args = vec!["volume", "attach", VOLUME, "-o", "json"];
+        let mut args = vec!["volume", "attach", &self.volume, "-o", "json"];
         if force {
             args.push("--force");
         }
@@ -632,7 +670,7 @@ impl Trial<'_> {
                 let to = self.other_holder(f.pick)?;
                 let w = self.workload.take().expect("a workload runs");
                 let ledger = self.stop_writer(w, false);
-                cli(self.any(), &["volume", "detach", VOLUME])?;
+                cli(self.any(), &["volume", "detach", &self.volume])?;
                 self.attached = to;
                 self.dev = self.attach(to, false)?;
                 self.audit(&ledger, &self.dev.clone(), &self.ids[to].clone())?;
@@ -640,27 +678,10 @@ impl Trial<'_> {
             }
             FaultKind::TakeoverForce => self.takeover(f.pick)?,
             FaultKind::DiskErrors | FaultKind::DiskHang => {
-                // Never the disk of the only healthy replica: that takes every complete copy
-                // away, and writes must then fail (the application's errors would be right).
-                let states = self.replicas()?;
-                let healthy = states.iter().filter(|(_, st)| st == "healthy").count();
-                let targets: Vec<usize> = states
-                    .iter()
-                    .filter(|(_, st)| st != "healthy" || healthy > 1)
-                    .map(|(n, _)| *n)
-                    .collect();
-                if targets.is_empty() {
+                let Some(i) = self.disk_target(f.pick, "disk fault injection is on")? else {
                     self.out.skipped_faults += 1;
                     return Ok(());
-                }
-                let i = targets[(f.pick % targets.len() as u64) as usize];
-                let log = self.node(i)?.log();
-                if !log.contains("disk fault injection is on") {
-                    bail!(
-                        "the daemon under test cannot fail its disk: use a debug build, or a \
-                         release build with `--features daemon/failpoints`"
-                    );
-                }
+                };
                 let control = self.dirs[i].disk_faults();
                 let word = if f.kind == FaultKind::DiskErrors {
                     "error"
@@ -671,19 +692,75 @@ impl Trial<'_> {
                 std::thread::sleep(f.hold);
                 std::fs::remove_file(&control)?;
             }
-            FaultKind::KillAttached => {
-                let i = self.attached;
-                self.kill(i);
-                let w = self.workload.take().expect("a workload runs");
-                let ledger = self.stop_writer(w, true);
-                self.daemons[i] = Some(self.start_node(i)?);
-                // The restarted daemon attaches the volume again by itself; this waits for it.
-                self.dev = self.attach(i, false)?;
-                self.audit(&ledger, &self.dev.clone(), &self.ids[i].clone())?;
-                self.resume(ledger)?;
+            FaultKind::KillAttached => self.restart_attached(None)?,
+            FaultKind::PowerCut => {
+                let Some(i) = self.disk_target(f.pick, "power-cut journal is on")? else {
+                    self.out.skipped_faults += 1;
+                    return Ok(());
+                };
+                if i == self.attached {
+                    self.restart_attached(Some(f.pick))?;
+                } else {
+                    self.kill(i);
+                    self.cut_power(i, f.pick)?;
+                    std::thread::sleep(f.hold);
+                    self.daemons[i] = Some(self.start_node(i)?);
+                }
             }
         }
         Ok(())
+    }
+
+    /// The node a disk fault or power cut hits, the attached one included, chosen by `pick`:
+    /// never the only healthy replica's (that takes every complete copy away, and writes must
+    /// then fail: the application's errors would be right). `None`: no such node now. Its
+    /// daemon must have logged `ready` (it can inject the fault).
+    fn disk_target(&self, pick: u64, ready: &str) -> Result<Option<usize>> {
+        let states = self.replicas()?;
+        let healthy = states.iter().filter(|(_, st)| st == "healthy").count();
+        let targets: Vec<usize> = states
+            .iter()
+            .filter(|(_, st)| st != "healthy" || healthy > 1)
+            .map(|(n, _)| *n)
+            .collect();
+        if targets.is_empty() {
+            return Ok(None);
+        }
+        let i = targets[(pick % targets.len() as u64) as usize];
+        if !self.node(i)?.log().contains(ready) {
+            bail!(
+                "the daemon under test cannot inject disk faults or power cuts: use a debug \
+                 build, or a release build with `--features daemon/failpoints`"
+            );
+        }
+        Ok(Some(i))
+    }
+
+    /// Undo what node `i`'s (killed) daemon had not made durable, as `pick` draws.
+    fn cut_power(&mut self, i: usize, pick: u64) -> Result<()> {
+        let cut = crate::power::cut(&self.dirs[i].power_journal(), &mut Rng::new(pick))?;
+        let total = &mut self.out.power_cut;
+        total.pending += cut.pending;
+        total.undone += cut.undone;
+        total.torn += cut.torn;
+        Ok(())
+    }
+
+    /// SIGKILL the attached node (and cut its power, drawn by `power`), start it again, and
+    /// resume writing once it has attached the volume again by itself.
+    fn restart_attached(&mut self, power: Option<u64>) -> Result<()> {
+        let i = self.attached;
+        self.kill(i);
+        let w = self.workload.take().expect("a workload runs");
+        let ledger = self.stop_writer(w, true);
+        if let Some(pick) = power {
+            self.cut_power(i, pick)?;
+        }
+        self.daemons[i] = Some(self.start_node(i)?);
+        // The restarted daemon attaches the volume again by itself; this waits for it.
+        self.dev = self.attach(i, false)?;
+        self.audit(&ledger, &self.dev.clone(), &self.ids[i].clone())?;
+        self.resume(ledger)
     }
 
     /// Flip bytes in one workload block of the attached node's replica (never a slot
@@ -843,12 +920,12 @@ impl Trial<'_> {
             if i == self.attached {
                 continue;
             }
-            cli(self.any(), &["volume", "detach", VOLUME])?;
+            cli(self.any(), &["volume", "detach", &self.volume])?;
             self.attached = i;
             self.dev = self.attach(i, false)?;
             self.audit(&ledger, &self.dev.clone(), &self.ids[i].clone())?;
         }
-        cli(self.any(), &["volume", "detach", VOLUME])?;
+        cli(self.any(), &["volume", "detach", &self.volume])?;
         Ok(())
     }
 }
@@ -881,7 +958,8 @@ pub fn table(outcomes: &[Outcome]) -> String {
     }
     let sum = |f: fn(&Outcome) -> u64| outcomes.iter().map(f).sum::<u64>();
     let failed = outcomes.iter().filter(|o| !o.ok()).count() as u64;
-    let rows: [(&str, u64); 14] = [
+    let cut = |f: fn(&crate::power::Cut) -> u64| outcomes.iter().map(|o| f(&o.power_cut)).sum();
+    let rows: [(&str, u64); 17] = [
         ("trials", outcomes.len() as u64),
         ("trials failed", failed),
         ("acknowledged writes", sum(|o| o.acked)),
@@ -917,6 +995,9 @@ pub fn table(outcomes: &[Outcome]) -> String {
             "node and disk faults skipped: only the last healthy replica was left to hit",
             sum(|o| o.skipped_faults),
         ),
+        ("writes not yet durable at a power cut", cut(|c| c.pending)),
+        ("... of which undone completely", cut(|c| c.undone)),
+        ("... of which torn at 4 KiB", cut(|c| c.torn)),
     ];
     let _ = writeln!(s);
     let _ = writeln!(s, "| measure | value |");

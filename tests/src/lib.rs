@@ -38,6 +38,7 @@ pub mod csi;
 pub mod docker;
 pub mod etcd;
 pub mod nbd;
+pub mod power;
 pub mod workload;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -134,6 +135,13 @@ impl NodeDir {
     /// or `hang` to it, remove it to heal.
     pub fn disk_faults(&self) -> PathBuf {
         self.state.path().join("disk-faults")
+    }
+
+    /// The power-cut journal of this node's disk (test builds): when this file exists as the
+    /// daemon starts, every write is recorded there until durable, so
+    /// [`crate::power::cut`] can undo what no flush had made durable.
+    pub fn power_journal(&self) -> PathBuf {
+        self.state.path().join("disk-faults.undo")
     }
 
     /// The pool file.

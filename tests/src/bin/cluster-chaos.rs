@@ -4,6 +4,7 @@
 //! ```text
 //! cluster-chaos [--trials N] [--first S] [--steps K]   # seeds S..S+N (default 1..=20), K faults each
 //! cluster-chaos --seed S [--steps K]                   # replay one seed
+//! cluster-chaos --plan [--trials N] [--first S]        # print the schedules, run nothing
 //! ```
 //!
 //! Needs root, etcd and iptables, and `BALLAST_BIN` (or a built `target/debug/ballast`).
@@ -17,6 +18,7 @@ fn main() -> ExitCode {
     let mut trials = 20u64;
     let mut first = 1u64;
     let mut steps = 6usize;
+    let mut plan_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || -> u64 {
@@ -28,6 +30,7 @@ fn main() -> ExitCode {
             "--trials" => trials = value(),
             "--first" => first = value(),
             "--steps" => steps = usize::try_from(value()).unwrap_or(6),
+            "--plan" => plan_only = true,
             "--seed" => {
                 first = value();
                 trials = 1;
@@ -38,6 +41,9 @@ fn main() -> ExitCode {
     let mut outcomes = Vec::new();
     for seed in first..first + trials {
         eprintln!("{}", Plan::from_seed(seed, steps).describe());
+        if plan_only {
+            continue;
+        }
         let started = std::time::Instant::now();
         let o = chaos::run(seed, steps);
         println!(
@@ -61,6 +67,9 @@ fn main() -> ExitCode {
         }
         outcomes.push(o);
     }
+    if plan_only {
+        return ExitCode::SUCCESS;
+    }
     println!("\n{}", chaos::table(&outcomes));
     if outcomes.iter().all(chaos::Outcome::ok) {
         ExitCode::SUCCESS
@@ -70,6 +79,6 @@ fn main() -> ExitCode {
 }
 
 fn usage(why: &str) -> ! {
-    eprintln!("cluster-chaos: {why}\nusage: cluster-chaos [--trials N] [--first S] [--steps K] | --seed S [--steps K]");
+    eprintln!("cluster-chaos: {why}\nusage: cluster-chaos [--trials N] [--first S] [--steps K] | --seed S [--steps K] | --plan [--trials N] [--first S]");
     std::process::exit(2)
 }
