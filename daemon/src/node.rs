@@ -58,8 +58,8 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    /// The data directory could not be created.
-    #[error("cannot create the data directory {path}")]
+    /// The data directory could not be created, or made private.
+    #[error("cannot create the data directory {path} or make it private (mode 0700)")]
     DataDir {
         /// The directory.
         path: PathBuf,
@@ -109,24 +109,12 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
-    /// The CSI socket could not be bound.
-    #[error("cannot listen for CSI on {path}")]
-    CsiSocket {
-        /// The socket path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The Docker plugin socket could not be bound.
-    #[error("cannot listen for Docker on {path}")]
-    DockerSocket {
-        /// The socket path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The CSI socket could not be bound (the source names the path).
+    #[error("cannot listen for CSI")]
+    CsiSocket(#[source] SocketError),
+    /// The Docker plugin socket could not be bound (the source names the path).
+    #[error("cannot listen for Docker")]
+    DockerSocket(#[source] SocketError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
@@ -419,34 +407,45 @@ struct Held {
 /// The listening sockets the servers take over.
 struct Listeners {
     api: tokio::net::UnixListener,
-    csi: Option<tokio::net::UnixListener>,
-    docker: Option<tokio::net::UnixListener>,
+    csi: Option<(BoundSocket, tokio::net::UnixListener)>,
+    docker: Option<(BoundSocket, tokio::net::UnixListener)>,
+}
+
+/// Create `dir` (and its parents) if missing, and make it mode 0700: the data directory holds
+/// the attach FUSE mount, the NBD socket and the fence and attachment records, none of them
+/// for any user but the daemon's.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        tracing::info!(path = %dir.display(), mode = format!("{mode:o}"), "making the data directory private (0700)");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 impl Held {
     fn acquire(cfg: &DaemonConfig) -> Result<Self, NodeError> {
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| NodeError::DataDir {
+        private_dir(&cfg.data_dir).map_err(|source| NodeError::DataDir {
             path: cfg.data_dir.clone(),
             source,
         })?;
         let lock = DataDirLock::acquire(&cfg.lock_file())?;
         tracing::debug!(path = %lock.path().display(), "locked the data directory");
         let (socket, api) = BoundSocket::bind(&cfg.api_socket)?;
-        // The CSI and Docker sockets follow the same rules: create the directory, replace a
-        // stale socket.
-        let bind = |path: &Option<PathBuf>, err: fn(PathBuf, std::io::Error) -> NodeError| {
-            path.as_ref()
-                .map(|p| csi::bind(p).map_err(|source| err(p.clone(), source)))
+        // The CSI and Docker sockets follow the same rules: 0600 from the start, a stale
+        // socket replaced, a live one or another file refused.
+        let bind = |path: &Option<PathBuf>, err: fn(SocketError) -> NodeError| {
+            path.as_deref()
+                .map(|p| BoundSocket::bind(p).map_err(err))
                 .transpose()
         };
-        let csi = bind(&cfg.csi_socket, |path, source| NodeError::CsiSocket {
-            path,
-            source,
-        })?;
-        let docker = bind(&cfg.docker_socket, |path, source| NodeError::DockerSocket {
-            path,
-            source,
-        })?;
+        let csi = bind(&cfg.csi_socket, NodeError::CsiSocket)?;
+        let docker = bind(&cfg.docker_socket, NodeError::DockerSocket)?;
         Ok(Self {
             lock,
             socket,
@@ -510,7 +509,7 @@ struct Running {
     /// The local API server.
     api: Option<ServerTask>,
     /// The other servers, with the socket each one removes when it stops.
-    servers: Vec<(&'static str, ServerTask, Option<PathBuf>)>,
+    servers: Vec<(&'static str, ServerTask, BoundSocket)>,
     checkpoints: Option<JoinHandle<()>>,
 }
 
@@ -569,7 +568,7 @@ impl Running {
             .merge(api::attach::router(Arc::clone(&host)))
             .merge(api::mount::router(Arc::clone(&host)))
             .merge(api::export::router(devices, nbd));
-        if let Some(listener) = listeners.docker {
+        if let Some((socket, listener)) = listeners.docker {
             let config = plugin::PluginConfig {
                 mount_root: cfg.data_dir.join(DOCKER_MOUNT_DIR),
                 refs_file: cfg.data_dir.join(DOCKER_REFS_FILE),
@@ -585,14 +584,12 @@ impl Running {
             )
             .await
             {
-                Ok(task) => self
-                    .servers
-                    .push(("Docker plugin", task, cfg.docker_socket.clone())),
+                Ok(task) => self.servers.push(("Docker plugin", task, socket)),
                 // The callers file is unreadable: mounting would lose track of users.
                 Err(source) => tracing::error!(error = %source, "the Docker plugin is not served"),
             }
         }
-        if let Some(listener) = listeners.csi {
+        if let Some((socket, listener)) = listeners.csi {
             let config = csi::NodeConfig {
                 allowed_root: cfg.kubelet_dir.clone(),
             };
@@ -604,7 +601,7 @@ impl Running {
                 config,
                 stopped(self.stop_rx.clone()),
             ));
-            self.servers.push(("CSI", task, cfg.csi_socket.clone()));
+            self.servers.push(("CSI", task, socket));
         }
         self.api = Some(spawn_server(
             axum::serve(listeners.api, api)
@@ -647,9 +644,7 @@ impl Running {
         }
         for (name, task, socket) in self.servers.drain(..) {
             drain(name, task).await;
-            if let Some(path) = socket {
-                remove_quietly(&path);
-            }
+            drop(socket);
         }
         if let Some(attacher) = self.attacher.take() {
             let _ = tokio::task::spawn_blocking(move || attacher.shutdown()).await;

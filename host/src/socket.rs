@@ -6,9 +6,11 @@
 //!   is serving there, and this one refuses to start;
 //! - a stale socket (left by a daemon that was killed) is removed and re-bound;
 //! - a path that exists but is not a socket is never deleted;
-//! - the socket is mode 0600 (only root, or the daemon's user, may manage volumes); it is
-//!   bound and then `chmod`ed before any connection is accepted, and its parent directory, if
-//!   the daemon creates it, is mode 0700;
+//! - the socket is mode 0600 (only root, or the daemon's user, may manage volumes) from the
+//!   moment its path exists: it is bound in a private (0700) directory next to it, `chmod`ed
+//!   there, then hard-linked into place (so no umask, and no window between `bind` and
+//!   `chmod`, lets another user connect); its parent directory, if the daemon creates it, is
+//!   mode 0700;
 //! - the file is removed when the [`BoundSocket`] guard drops.
 
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
@@ -25,8 +27,12 @@ pub enum SocketError {
     /// The path exists and is not a socket.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
-    /// The path is longer than a unix socket address allows.
-    #[error("the socket path {0} is too long for a unix socket (at most 107 bytes)")]
+    /// The path is longer than a unix socket address allows (with room for the private
+    /// directory it is bound in first).
+    #[error(
+        "the socket path {0} is too long: a unix socket path has at most 107 bytes, and ballast \
+         needs {MARGIN} more to bind it privately first; choose a shorter path"
+    )]
     TooLong(PathBuf),
     /// Creating, removing, binding or `chmod`ing failed.
     #[error("cannot {action} {path}")]
@@ -62,17 +68,19 @@ impl BoundSocket {
             source,
         };
         // sun_path is 108 bytes including the terminating NUL.
-        if path.as_os_str().len() > 107 {
+        if path.as_os_str().len() + MARGIN > 107 {
             return Err(SocketError::TooLong(path.to_owned()));
         }
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.exists() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .map_err(|e| io("create the directory of", e))?;
-            }
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| io("create the directory of", e))?;
         }
         match std::fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_socket() => {
@@ -86,19 +94,47 @@ impl BoundSocket {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io("inspect", e)),
         }
-        let listener = UnixListener::bind(path).map_err(|e| io("bind", e))?;
-        let guard = Self {
-            path: path.to_owned(),
-        };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| io("set the permissions of", e))?;
-        Ok((guard, listener))
+        let listener = bind_private(dir, path).map_err(|(action, e)| io(action, e))?;
+        Ok((
+            Self {
+                path: path.to_owned(),
+            },
+            listener,
+        ))
     }
 
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// What the private directory's name adds to a socket path (`/.b` and a pid of up to 7
+/// digits, then `/s`).
+const MARGIN: usize = 12;
+
+/// Bind a socket at `path` (in `dir`) that is mode 0600 when it appears there: bind it in a
+/// fresh 0700 directory of `dir`, `chmod` it, hard-link it to `path` (which fails if anything
+/// appeared there meanwhile), and remove the directory.
+fn bind_private(dir: &Path, path: &Path) -> Result<UnixListener, (&'static str, std::io::Error)> {
+    let private = dir.join(format!(".b{}", std::process::id()));
+    // Left by a daemon of this pid that died here: it holds nothing.
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(|e| ("create a private directory to bind", e))?;
+    let tmp = private.join("s");
+    let bound = UnixListener::bind(&tmp)
+        .map_err(|e| ("bind", e))
+        .and_then(|l| {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| ("set the permissions of", e))?;
+            std::fs::hard_link(&tmp, path).map_err(|e| ("link the bound socket to", e))?;
+            Ok(l)
+        });
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 impl Drop for BoundSocket {

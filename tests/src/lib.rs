@@ -231,6 +231,20 @@ impl Daemon {
         Self::spawn_wrapped(node, &[], args)
     }
 
+    /// [`Daemon::spawn`] under the file-creation mask `umask` (through `sh`, which execs the
+    /// daemon).
+    ///
+    /// # Errors
+    /// The process cannot be started.
+    pub fn spawn_under_umask<I, S>(node: &NodeDir, umask: u32, args: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let script = format!("umask {umask:03o}; exec \"$0\" \"$@\"");
+        Self::spawn_wrapped(node, &["sh", "-c", &script], args)
+    }
+
     /// [`Daemon::spawn`] inside the network namespace `netns`, through `ip netns exec` (which
     /// execs the daemon, so [`Daemon::pid`] and killing work as usual). The daemon's
     /// `--http` and `--listen` addresses must be reachable in `netns`.

@@ -318,3 +318,83 @@ fn a_failed_attach_leaves_nothing_attached() {
     );
     daemon.cli(["volume", "delete", &name]).success();
 }
+
+/// Run `dd` as user `nobody` (uid and gid 65534, no groups) reading one block of `path`
+/// with O_DIRECT, or writing one if `write`; its stderr when it fails.
+fn dd_as_nobody(path: &Path, write: bool) -> Result<(), String> {
+    let file = path.display().to_string();
+    let args = if write {
+        vec![
+            "if=/dev/zero".to_owned(),
+            format!("of={file}"),
+            "oflag=direct".into(),
+            "conv=notrunc".into(),
+        ]
+    } else {
+        vec![
+            format!("if={file}"),
+            "of=/dev/null".into(),
+            "iflag=direct".into(),
+        ]
+    };
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "dd"])
+        .args(args)
+        .args(["bs=4096", "count=1", "status=none"])
+        .output()
+        .expect("run setpriv");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Issue 14: as user `nobody`, `dd` read and wrote an attached volume through
+/// `<data-dir>/fuse/NAME`. Now the data directory is 0700, and even with it opened up the FUSE
+/// mount checks permissions (`default_permissions`, files 0600 owned by root).
+#[test]
+fn a_local_user_who_is_not_root_cannot_open_an_attached_volume() {
+    use std::os::unix::fs::PermissionsExt;
+    let node = NodeDir::new().unwrap();
+    let mut clean = Cleanup::new(&node);
+    let daemon = Daemon::start(&node).unwrap();
+    let name = clean.name("perm");
+    daemon
+        .cli(["volume", "create", &name, "--size", "16MiB"])
+        .success();
+    attach(&daemon, &name);
+    let fuse_file = node.data_dir().join("fuse").join(&name);
+    // The test's own directories may be private (a tempdir is 0700); open them so that only
+    // the daemon's permissions are tested.
+    let mut dir = node.data_dir();
+    while let Some(parent) = dir.parent().map(Path::to_path_buf) {
+        if parent == Path::new("/") {
+            break;
+        }
+        let mode = std::fs::metadata(&parent).unwrap().permissions().mode();
+        if mode & 0o001 == 0 {
+            std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(mode | 0o711))
+                .unwrap();
+        }
+        dir = parent;
+    }
+    let data_mode = std::fs::metadata(node.data_dir())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(data_mode & 0o777, 0o700, "the data directory is private");
+    for write in [false, true] {
+        let e = dd_as_nobody(&fuse_file, write).expect_err("nobody opened the volume");
+        assert!(e.contains("Permission denied"), "{e}");
+    }
+    // Opened up by a careless admin, the directory still does not expose the volume.
+    std::fs::set_permissions(node.data_dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for write in [false, true] {
+        let e = dd_as_nobody(&fuse_file, write).expect_err("nobody opened the volume");
+        assert!(e.contains("Permission denied"), "{e}");
+    }
+    // Root still can.
+    read_direct(&fuse_file.display().to_string(), &node.scratch("one"), 0, 1);
+    daemon.cli(["volume", "detach", &name]).success();
+}

@@ -31,12 +31,12 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ::api::{ControlError, ErrorKind, VolumeName};
+use host::socket::BoundSocket;
 use replication::device::{DeviceSource, VolumeDevice};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
@@ -136,6 +136,8 @@ impl Shared {
 pub struct NbdServer {
     shared: Arc<Shared>,
     socket: PathBuf,
+    /// Removes the socket file when taken at shutdown.
+    bound: std::sync::Mutex<Option<BoundSocket>>,
     tcp: Mutex<Vec<TcpExport>>,
     listeners: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
@@ -151,13 +153,9 @@ impl NbdServer {
         socket: PathBuf,
         stop: watch::Receiver<bool>,
     ) -> std::io::Result<Arc<Self>> {
-        match std::fs::remove_file(&socket) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let listener = UnixListener::bind(&socket)?;
-        // Like the API socket: whoever connects reads and writes every volume.
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+        // Like the API socket (0600 from the start): whoever connects reads and writes every
+        // volume.
+        let (bound, listener) = BoundSocket::bind(&socket).map_err(std::io::Error::other)?;
         let shared = Arc::new(Shared { devices, stop });
         let task = tokio::spawn(accept_loop(
             Listener::Unix(listener),
@@ -168,6 +166,7 @@ impl NbdServer {
         Ok(Arc::new(Self {
             shared,
             socket,
+            bound: std::sync::Mutex::new(Some(bound)),
             tcp: Mutex::new(Vec::new()),
             listeners: std::sync::Mutex::new(vec![task]),
         }))
@@ -230,11 +229,12 @@ impl NbdServer {
         for t in tasks {
             let _ = t.await;
         }
-        if let Err(e) = std::fs::remove_file(&self.socket) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %self.socket.display(), error = %e, "cannot remove the NBD socket");
-            }
-        }
+        drop(
+            self.bound
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
     }
 }
 

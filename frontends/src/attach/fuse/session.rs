@@ -147,9 +147,12 @@ impl Session {
     pub fn mount(mountpoint: &Path, fs: &Arc<VolumeFs>, workers: usize) -> io::Result<Self> {
         let fd = open_dev()?;
         let target = cstr(mountpoint.as_os_str().as_encoded_bytes())?;
+        // `allow_other` lets root in any context (the loop driver, containers) in;
+        // `default_permissions` makes the kernel check the files' modes (0600, root's), so no
+        // other user opens a volume even if the data directory's mode is loosened.
         let data = cstr(
             format!(
-                "fd={},rootmode=40000,user_id=0,group_id=0,allow_other,max_read={MAX_IO}",
+                "fd={},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions,max_read={MAX_IO}",
                 fd.as_raw_fd()
             )
             .as_bytes(),
