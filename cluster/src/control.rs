@@ -101,6 +101,9 @@ pub struct Cluster {
     pub(crate) repair: RepairPolicy,
     /// The attached nexuses, each with its attachment's epoch.
     pub(crate) nexuses: Mutex<NexusTable>,
+    /// The record of each volume attached here as its repair task last read it (about once a
+    /// second): what `/metrics` reports, so a scrape asks the store nothing.
+    views: Mutex<HashMap<String, VolumeRecord>>,
     /// Cluster mode: how long an attachment counts as confirmed after its record was read
     /// back (the node lease TTL); see [`Cluster::confirm_attachments`]. `None`: standalone,
     /// where no other node can take a volume over.
@@ -129,6 +132,7 @@ impl Cluster {
             timeout,
             repair,
             nexuses: Mutex::new(HashMap::new()),
+            views: Mutex::new(HashMap::new()),
             attachment_ttl: None,
         }
     }
@@ -773,6 +777,7 @@ impl Cluster {
         if let Some((nexus, _)) = self.nexus_table().remove(name.as_str()) {
             nexus.fence();
         }
+        self.set_view(name.as_str(), None);
         let me = self.me.id.clone();
         let r = self
             .update(name.as_str(), |rec| {
@@ -806,6 +811,38 @@ impl Cluster {
     pub async fn volume_records(&self) -> Result<Vec<VolumeRecord>, ControlError> {
         let kvs = self.store.list(VOLUMES).await.map_err(store_error)?;
         kvs.iter().map(decode_volume).collect()
+    }
+
+    /// The records of the volumes attached here, as their repair tasks last read them from
+    /// the store, sorted by name. Asks the store nothing.
+    pub fn attached_views(&self) -> Vec<VolumeRecord> {
+        let attached: Vec<String> = self.nexus_table().keys().cloned().collect();
+        let views = self
+            .views
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut v: Vec<VolumeRecord> = attached
+            .iter()
+            .filter_map(|name| views.get(name).cloned())
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Keep `rec` as the latest view of a volume attached here (`None`: forget `name`).
+    pub(crate) fn set_view(&self, name: &str, rec: Option<&VolumeRecord>) {
+        let mut views = self
+            .views
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match rec {
+            Some(r) => {
+                views.insert(name.to_owned(), r.clone());
+            }
+            None => {
+                views.remove(name);
+            }
+        }
     }
 
     /// The counters of every nexus on this node, by volume name.

@@ -25,8 +25,11 @@
 //! | `ballast_volume_io_latency_seconds` | histogram | `volume`, `op` |
 //! | `ballast_volume_checksum_errors_total` | counter | `volume` |
 //!
-//! Also the cluster's view (the same on every node; aggregate with `max`). `node` names the
-//! replica: its node, or `NODE/DEVICE` in standalone mode (one replica per pool device):
+//! Also the replicas of each volume attached on this node, as the record in the store said
+//! when the node's repair task last read it (about once a second; a scrape itself asks the
+//! store nothing, and names no volume this node does not serve). Each volume is reported by
+//! the node it is attached on. `node` names the replica: its node, or `NODE/DEVICE` in
+//! standalone mode (one replica per pool device):
 //!
 //! | name | type | labels |
 //! |---|---|---|
@@ -119,10 +122,7 @@ impl<S: VolumeControl + IoStatsSource> MetricsExporter<S> {
                 Some(storage) => Some(StorageScrape::gather(storage.as_ref()).await),
                 None => None,
             },
-            cluster: match self.cluster.get() {
-                Some(c) => Some(ClusterScrape::gather(c).await),
-                None => None,
-            },
+            cluster: self.cluster.get().map(|c| ClusterScrape::gather(c)),
         };
         let mut registry = Registry::with_prefix("ballast");
         registry.register_collector(Box::new(scrape));
@@ -153,11 +153,10 @@ struct ClusterScrape {
 }
 
 impl ClusterScrape {
-    async fn gather(cluster: &Cluster) -> Self {
-        let volumes = cluster.volume_records().await.unwrap_or_else(|e| {
-            tracing::warn!(error = %e.full_message(), "metrics: cannot list volume records");
-            Vec::new()
-        });
+    fn gather(cluster: &Cluster) -> Self {
+        // Local state only: a scrape must not load the store (nor list every volume of the
+        // cluster to whoever reaches the port).
+        let volumes = cluster.attached_views();
         let nexuses = cluster
             .nexus_stats()
             .into_iter()

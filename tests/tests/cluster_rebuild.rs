@@ -112,11 +112,17 @@ fn a_killed_replica_node_returns_through_a_delta_rebuild() {
     );
     let out = a.cli(["volume", "inspect", "avol", "-o", "json"]);
     assert_eq!(out.json()["state"], "online");
-    let metrics = a.http("GET", "/metrics").unwrap().body;
-    assert!(
-        metrics.contains(r#"ballast_replica_state{volume="avol",node="node-b",state="healthy"} 1"#),
-        "{metrics}"
-    );
+    // `/metrics` reports the record as the repair task last read it (about once a second).
+    let healthy = r#"ballast_replica_state{volume="avol",node="node-b",state="healthy"} 1"#;
+    let asked = Instant::now();
+    loop {
+        let metrics = a.http("GET", "/metrics").unwrap().body;
+        if metrics.contains(healthy) {
+            break;
+        }
+        assert!(asked.elapsed() < Duration::from_secs(10), "{metrics}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // B's replica alone answers reads once the volume is attached there: it has everything.
     report.verify(&dev).unwrap();

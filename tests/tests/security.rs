@@ -1,12 +1,16 @@
-//! Issue 14, the local surfaces: who on the same host can reach a daemon.
+//! Issue 14, the local surfaces: who on the same host can reach a daemon, and what it tells
+//! them.
 //!
 //! (The FUSE attach mount's permissions are tested with the other attach tests, in
 //! `attach_block.rs`.)
 
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use integration_tests::cluster::{attach, node_dirs, start, Cleanup};
+use integration_tests::etcd::Etcd;
 use integration_tests::{Daemon, NodeDir};
 
 fn mode(path: &Path) -> u32 {
@@ -61,4 +65,77 @@ fn every_socket_is_private_even_under_a_permissive_umask() {
             socket.display()
         );
     }
+}
+
+/// `etcd_mvcc_range_total` of `etcd`: how many range requests (reads) it has served.
+fn etcd_reads(etcd: &Etcd) -> u64 {
+    let addr = etcd.url().trim_start_matches("http://").to_owned();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    // HTTP/1.0: the whole body, never chunked.
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("etcd_mvcc_range_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("etcd reports no etcd_mvcc_range_total:\n{text}")) as u64
+}
+
+/// Issue 14: every scrape of `/metrics` listed every volume record in etcd (load on etcd that
+/// grows with the scrapers, and every volume's name to whoever reaches the port). Now a scrape
+/// reads local state only: 40 scrapes cost etcd (almost) nothing beyond the node's own
+/// background reads, and replica states are reported for the volumes attached here only.
+#[test]
+fn a_metrics_scrape_reads_nothing_from_the_store_and_names_only_local_volumes() {
+    let etcd = Etcd::start().unwrap();
+    let dirs = node_dirs(1);
+    let _cleanup = Cleanup::new(&dirs, &["secmetrics", "secother"]);
+    let d = start(&dirs[0], "node-a", "zone-a", &etcd);
+    for name in ["secmetrics", "secother"] {
+        d.cli([
+            "volume",
+            "create",
+            name,
+            "--size",
+            "16MiB",
+            "--replicas",
+            "1",
+        ])
+        .success();
+    }
+    attach(&d, "secmetrics");
+    let wanted = r#"ballast_replica_state{volume="secmetrics",node="node-a",state="healthy"} 1"#;
+    let start_wait = Instant::now();
+    while !d.http("GET", "/metrics").unwrap().body.contains(wanted) {
+        assert!(
+            start_wait.elapsed() < Duration::from_secs(10),
+            "the attached volume's replica never showed in /metrics"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = etcd_reads(&etcd);
+    let t = Instant::now();
+    let mut body = String::new();
+    for _ in 0..40 {
+        body = d.http("GET", "/metrics").unwrap().body;
+    }
+    let reads = etcd_reads(&etcd) - before;
+    // The node's own loops (lease, attachment confirmation, repair) read a few times a
+    // second; a read per scrape would be 40 more.
+    let background = 4 * (t.elapsed().as_secs() + 1);
+    assert!(
+        reads <= background,
+        "40 scrapes in {:?} cost etcd {reads} reads (background allows {background})",
+        t.elapsed()
+    );
+    assert!(body.contains(wanted), "{body}");
+    // The replica states are of the volumes attached here only (the replica this node holds
+    // of the other has its I/O counters, as before).
+    assert!(
+        !body
+            .lines()
+            .any(|l| l.starts_with("ballast_replica_state") && l.contains("secother")),
+        "the replica states of a volume not attached here are not reported:\n{body}"
+    );
+    d.cli(["volume", "detach", "secmetrics"]).success();
 }

@@ -151,6 +151,7 @@ pub(crate) async fn run(
         if !holds(&cluster, &rec, epoch) {
             return;
         }
+        cluster.set_view(name.as_str(), Some(&rec));
         // A resize recorded a bigger size: the nexus follows (its replicas grow first).
         let grown = if rec.size_bytes > nexus.size() {
             cluster
