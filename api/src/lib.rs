@@ -297,6 +297,20 @@ pub fn parse_size(input: &str) -> Result<u64, ControlError> {
     Ok(bytes)
 }
 
+/// The calendar date (year, month 1-12, day 1-31) `days` days after 1970-01-01, in the
+/// proleptic Gregorian calendar (the civil-from-days conversion).
+pub fn civil_date(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
 /// Format `bytes` for humans with binary units (`1.5 GiB`).
 pub fn format_size(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];

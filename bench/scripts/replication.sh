@@ -62,10 +62,14 @@ etcd --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$cport" \
 etcd_pid=$!
 for _ in $(seq 100); do curl -s "http://127.0.0.1:$cport/health" | grep -q true && break; sleep 0.1; done
 
+"$bin" ca init --dir "$work/ca" >/dev/null
 start() { # node
   mkdir -p "$work/$1"
+  # Mutual TLS between nodes, as in production.
+  [ -f "$work/tls/$1.pem" ] || "$bin" cert issue --node "$1" --ca-dir "$work/ca" --out-dir "$work/tls" >/dev/null
   "$bin" daemon --data-dir "$work/$1/data" --node-id "$1" --api-socket "$work/$1/api.sock" \
     --http 127.0.0.1:0 --pool "$work/$1/pool.img:16GiB" --etcd "http://127.0.0.1:$cport" \
+    --tls-ca "$work/ca/ca.pem" --tls-cert "$work/tls/$1.pem" --tls-key "$work/tls/$1-key.pem" \
     --listen 127.0.0.1:0 --zone "zone-$1" --lease-ttl "$ttl" --replace-after 3 \
     --rebuild-rate 0 >>"$work/$1.log" 2>&1 &
   pid[$1]=$!

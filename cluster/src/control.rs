@@ -104,6 +104,8 @@ pub struct Cluster {
     /// The record of each volume attached here as its repair task last read it (about once a
     /// second): what `/metrics` reports, so a scrape asks the store nothing.
     views: Mutex<HashMap<String, VolumeRecord>>,
+    /// Mutual TLS with the other nodes' replica servers; `None`: plaintext.
+    tls: Option<Arc<replication::tls::Tls>>,
     /// Cluster mode: how long an attachment counts as confirmed after its record was read
     /// back (the node lease TTL); see [`Cluster::confirm_attachments`]. `None`: standalone,
     /// where no other node can take a volume over.
@@ -133,6 +135,7 @@ impl Cluster {
             repair,
             nexuses: Mutex::new(HashMap::new()),
             views: Mutex::new(HashMap::new()),
+            tls: None,
             attachment_ttl: None,
         }
     }
@@ -143,6 +146,22 @@ impl Cluster {
     pub fn with_attachment_ttl(mut self, ttl: Duration) -> Self {
         self.attachment_ttl = Some(ttl);
         self
+    }
+
+    /// Reach the other nodes' replica servers over mutual TLS with `tls`.
+    #[must_use]
+    pub fn with_tls(mut self, tls: Arc<replication::tls::Tls>) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// How to reach node `node`'s replica server.
+    pub(crate) fn peer_options(&self, node: &str) -> RemoteOptions {
+        RemoteOptions {
+            timeout: self.timeout,
+            node: self.me.id.clone(),
+            tls: self.tls.clone().map(|t| (t, node.to_owned())),
+        }
     }
 
     /// Keep this node's attachments confirmed, every `ttl / 3` (every `ttl / 30` after a
@@ -318,7 +337,7 @@ impl Cluster {
         let addr = Self::node_addr(nodes, node).ok_or_else(|| {
             ControlError::new(ErrorKind::Unavailable, format!("node {node} is not live"))
         })?;
-        peer::create(&addr, name.as_str(), size, self.timeout).await
+        peer::create(&addr, name.as_str(), size, &self.peer_options(node)).await
     }
 
     /// Grow the replica of `name` on `node` to at least `size` bytes where it lives (this
@@ -340,7 +359,14 @@ impl Cluster {
         let addr = Self::node_addr(nodes, node).ok_or_else(|| {
             ControlError::new(ErrorKind::Unavailable, format!("node {node} is not live"))
         })?;
-        peer::resize(&addr, name.as_str(), size, dry_run, self.timeout).await
+        peer::resize(
+            &addr,
+            name.as_str(),
+            size,
+            dry_run,
+            &self.peer_options(node),
+        )
+        .await
     }
 
     /// Make `child` (the replica on `node`) hold at least `size` bytes: grow its replica
@@ -430,7 +456,7 @@ impl Cluster {
                 r => r,
             }
         } else if let Some(addr) = Self::node_addr(nodes, node) {
-            peer::delete(&addr, name.as_str(), self.timeout).await
+            peer::delete(&addr, name.as_str(), &self.peer_options(node)).await
         } else {
             Ok(()) // a dead node's replica is garbage; its node removes orphans later
         };
@@ -747,10 +773,7 @@ impl Cluster {
             )
             .with_source(e)
         })?;
-        let opts = RemoteOptions {
-            timeout: self.timeout,
-            node: self.me.id.clone(),
-        };
+        let opts = self.peer_options(node);
         RemoteReplica::connect(addr, name.as_str(), epoch, opts)
             .await
             .map(Child::Remote)

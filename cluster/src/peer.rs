@@ -1,7 +1,5 @@
 //! Control requests to peers over the replica protocol: create, grow and delete a replica.
 
-use std::time::Duration;
-
 use ::api::{ControlError, ErrorKind};
 use replication::remote::{RemoteOptions, ReplicaClient};
 use volume::device::{DeviceError, DeviceErrorKind};
@@ -13,18 +11,14 @@ fn unavailable(addr: &str, what: &str, e: &DeviceError) -> ControlError {
     )
 }
 
-async fn client(addr: &str, timeout: Duration) -> Result<ReplicaClient, ControlError> {
+async fn client(addr: &str, opts: &RemoteOptions) -> Result<ReplicaClient, ControlError> {
     let sock = addr.parse().map_err(|e| {
         ControlError::new(
             ErrorKind::Internal,
             format!("bad replica server address {addr}: {e}"),
         )
     })?;
-    let opts = RemoteOptions {
-        timeout,
-        ..RemoteOptions::default()
-    };
-    ReplicaClient::connect(sock, &opts)
+    ReplicaClient::connect(sock, opts)
         .await
         .map_err(|e| unavailable(addr, "connect", &e))
 }
@@ -37,9 +31,9 @@ pub async fn create(
     addr: &str,
     volume: &str,
     size: u64,
-    timeout: Duration,
+    opts: &RemoteOptions,
 ) -> Result<(), ControlError> {
-    client(addr, timeout)
+    client(addr, opts)
         .await?
         .create(volume, size)
         .await
@@ -57,9 +51,9 @@ pub async fn resize(
     volume: &str,
     size: u64,
     dry_run: bool,
-    timeout: Duration,
+    opts: &RemoteOptions,
 ) -> Result<(), ControlError> {
-    client(addr, timeout)
+    client(addr, opts)
         .await?
         .resize(volume, size, dry_run)
         .await
@@ -77,10 +71,32 @@ pub async fn resize(
 ///
 /// # Errors
 /// The peer cannot be reached or refuses.
-pub async fn delete(addr: &str, volume: &str, timeout: Duration) -> Result<(), ControlError> {
-    client(addr, timeout)
+pub async fn delete(addr: &str, volume: &str, opts: &RemoteOptions) -> Result<(), ControlError> {
+    client(addr, opts)
         .await?
         .delete(volume)
         .await
         .map_err(|e| unavailable(addr, "delete a replica", &e))
+}
+
+/// Who may connect to this node's replica server over TLS: the nodes registered in the store
+/// (a node's record lives while its lease does).
+#[derive(Debug, Clone)]
+pub struct StoreMembers(pub crate::store::Store);
+
+impl replication::tls::Members for StoreMembers {
+    fn is_node<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
+        Box::pin(async move {
+            match self.0.get(&crate::model::node_key(name)).await {
+                Ok(found) => found.is_some(),
+                Err(e) => {
+                    tracing::warn!(node = name, error = %e, "cannot check a connecting node against the store; refusing it");
+                    false
+                }
+            }
+        })
+    }
 }

@@ -56,9 +56,49 @@ pub struct Cli {
 pub enum Command {
     /// Run the node daemon (storage, local API, health and metrics).
     Daemon(Box<DaemonArgs>),
+    /// The cluster's certificate authority for mutual TLS between nodes.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Node certificates signed by the cluster CA.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// The client commands (`volume`, `pool`, `status`, `node`).
     #[command(flatten)]
     Client(::cli::args::ClientCommand),
+}
+
+/// `ballast ca ...`
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Make a new cluster CA: DIR/ca.pem (give it to every node as --tls-ca) and
+    /// DIR/ca-key.pem (keep it secret; it signs node certificates). Refuses to replace an
+    /// existing CA key.
+    Init {
+        /// Where to write the CA's files (created 0700 if missing).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+/// `ballast cert ...`
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Issue node NAME's certificate and key, signed by the CA in --ca-dir:
+    /// OUT/NAME.pem (--tls-cert) and OUT/NAME-key.pem (--tls-key).
+    Issue {
+        /// The node's ID (its --node-id), which the certificate names.
+        #[arg(long, value_name = "NAME")]
+        node: String,
+        /// The directory of `ballast ca init`.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        ca_dir: PathBuf,
+        /// Where to write the node's files (created 0700 if missing).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out_dir: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, value_name = "DAYS", default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=36500))]
+        days: u32,
+    },
 }
 
 /// Flags of `ballast daemon`. Each one overrides the same setting in `--config`.
@@ -111,6 +151,26 @@ pub struct DaemonArgs {
     /// Where this node serves its replicas to peers (cluster mode), e.g. 10.0.0.5:9471.
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
+
+    /// The cluster CA's certificate (PEM): peers' replica connections must present a
+    /// certificate it signed (cluster mode; `ballast ca init` makes one).
+    #[arg(long, value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// This node's certificate (PEM), signed by the cluster CA, naming this node
+    /// (`ballast cert issue --node NAME`). Read again when it changes.
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// This node's private key (PEM).
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Serve and reach replicas over plaintext TCP, with no authentication: anyone who can
+    /// reach --listen can read, write and fence every replica. Only for a trusted, isolated
+    /// network; TLS (--tls-ca, --tls-cert, --tls-key) is the default in cluster mode.
+    #[arg(long, env = "BALLAST_INSECURE_PLAINTEXT_REPLICAS")]
+    pub insecure_plaintext_replicas: bool,
 
     /// This node's zone label; replicas of a volume are spread over zones.
     #[arg(long, value_name = "ZONE")]

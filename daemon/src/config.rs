@@ -100,6 +100,10 @@ pub enum ConfigError {
 /// log_format = "text"      # text | json
 /// etcd = ["http://10.0.0.1:2379"]   # cluster mode; needs `listen`
 /// listen = "10.0.0.5:9471"          # where peers reach this node's replicas
+/// tls_ca = "/etc/ballast/tls/ca.pem"          # mutual TLS between nodes (cluster mode)
+/// tls_cert = "/etc/ballast/tls/node.pem"
+/// tls_key = "/etc/ballast/tls/node-key.pem"
+/// insecure_plaintext_replicas = false         # true: no TLS (isolated networks only)
 /// zone = "zone-a"
 /// lease_ttl = 5                     # seconds
 /// rebuild_rate = 256                # MiB/s per rebuild; 0: no limit
@@ -139,6 +143,14 @@ pub struct ConfigFile {
     pub etcd: Vec<String>,
     /// See `--listen`.
     pub listen: Option<SocketAddr>,
+    /// See `--tls-ca`.
+    pub tls_ca: Option<PathBuf>,
+    /// See `--tls-cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// See `--tls-key`.
+    pub tls_key: Option<PathBuf>,
+    /// See `--insecure-plaintext-replicas`.
+    pub insecure_plaintext_replicas: Option<bool>,
     /// See `--zone`.
     pub zone: Option<String>,
     /// See `--lease-ttl`.
@@ -255,6 +267,9 @@ pub struct DaemonConfig {
     pub etcd: Vec<String>,
     /// The replica server's address (cluster mode).
     pub listen: Option<SocketAddr>,
+    /// Mutual TLS between nodes (cluster mode; `None` only with
+    /// `--insecure-plaintext-replicas`, or standalone).
+    pub tls: Option<replication::tls::TlsFiles>,
     /// The node's zone label.
     pub zone: Option<String>,
     /// The node lease's time to live.
@@ -337,6 +352,19 @@ impl DaemonConfig {
                     .into(),
             });
         }
+        let tls = if etcd_given {
+            Self::tls(
+                args,
+                [
+                    file.tls_ca.clone(),
+                    file.tls_cert.clone(),
+                    file.tls_key.clone(),
+                ],
+                file.insecure_plaintext_replicas,
+            )?
+        } else {
+            None
+        };
         let io_threads = args
             .io_threads
             .or(file.io_threads)
@@ -382,6 +410,7 @@ impl DaemonConfig {
                 args.etcd.clone()
             },
             listen: args.listen.or(file.listen),
+            tls,
             zone: args.zone.clone().or(file.zone),
             lease_ttl: std::time::Duration::from_secs(lease_ttl),
             rebuild_rate: Some(
@@ -400,6 +429,37 @@ impl DaemonConfig {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_KUBELET_DIR)),
             docker_socket: args.docker_socket.clone().or(file.docker_socket),
         })
+    }
+
+    /// The TLS files of cluster mode: all three, or none with the explicit insecure setting.
+    fn tls(
+        args: &DaemonArgs,
+        [file_ca, file_cert, file_key]: [Option<PathBuf>; 3],
+        file_insecure: Option<bool>,
+    ) -> Result<Option<replication::tls::TlsFiles>, ConfigError> {
+        let insecure = args.insecure_plaintext_replicas || file_insecure.unwrap_or(false);
+        let ca = args.tls_ca.clone().or(file_ca);
+        let cert = args.tls_cert.clone().or(file_cert);
+        let key = args.tls_key.clone().or(file_key);
+        match (ca, cert, key) {
+            (Some(ca), Some(cert), Some(key)) if !insecure => {
+                Ok(Some(replication::tls::TlsFiles { ca, cert, key }))
+            }
+            (None, None, None) if insecure => Ok(None),
+            (_, _, _) if insecure => Err(ConfigError::Invalid {
+                setting: "--insecure-plaintext-replicas",
+                message: "it contradicts --tls-ca, --tls-cert and --tls-key; give one or the other"
+                    .into(),
+            }),
+            _ => Err(ConfigError::Invalid {
+                setting: "--tls-ca, --tls-cert, --tls-key",
+                message: "cluster mode (--etcd) encrypts and authenticates replica traffic with \
+                          mutual TLS: give all three (make them with `ballast ca init` and \
+                          `ballast cert issue --node NAME`), or --insecure-plaintext-replicas \
+                          on an isolated network"
+                    .into(),
+            }),
+        }
     }
 
     /// The devices to hand to the storage engine.
@@ -487,6 +547,63 @@ mod tests {
         assert_eq!(cfg.http.port(), 9470);
         assert_eq!(cfg.io_threads, 2);
         assert_eq!(cfg.engine, EngineChoice::Auto);
+    }
+
+    #[test]
+    fn cluster_mode_needs_tls_or_an_explicit_plaintext_flag() {
+        let cluster = |edit: &dyn Fn(&mut DaemonArgs), file: &str| {
+            let mut args = DaemonArgs {
+                etcd: vec!["http://127.0.0.1:2379".into()],
+                listen: Some("127.0.0.1:9471".parse().unwrap()),
+                ..DaemonArgs::default()
+            };
+            edit(&mut args);
+            DaemonConfig::merge(&args, None, ConfigFile::parse(file).unwrap(), fixed_host)
+        };
+        let e = cluster(&|_| {}, "").unwrap_err().to_string();
+        assert!(
+            e.contains("--tls-ca") && e.contains("ballast ca init"),
+            "{e}"
+        );
+        let all = |a: &mut DaemonArgs| {
+            a.tls_ca = Some("/t/ca.pem".into());
+            a.tls_cert = Some("/t/n.pem".into());
+            a.tls_key = Some("/t/n-key.pem".into());
+        };
+        let tls = cluster(&all, "").unwrap().tls.unwrap();
+        assert_eq!(tls.cert, Path::new("/t/n.pem"));
+        // From the file too.
+        let file = "tls_ca = \"/f/ca.pem\"\ntls_cert = \"/f/n.pem\"\ntls_key = \"/f/k.pem\"";
+        assert_eq!(
+            cluster(&|_| {}, file).unwrap().tls.unwrap().key,
+            Path::new("/f/k.pem")
+        );
+        // Two of three: refused.
+        let e = cluster(&|a| a.tls_ca = Some("/t/ca.pem".into()), "")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("all three"), "{e}");
+        // Plaintext only when asked for, and not together with TLS files.
+        let insecure = cluster(&|a| a.insecure_plaintext_replicas = true, "").unwrap();
+        assert!(insecure.tls.is_none());
+        assert!(cluster(&|_| {}, "insecure_plaintext_replicas = true")
+            .unwrap()
+            .tls
+            .is_none());
+        let both = |a: &mut DaemonArgs| {
+            all(a);
+            a.insecure_plaintext_replicas = true;
+        };
+        let e = cluster(&both, "").unwrap_err().to_string();
+        assert!(e.contains("contradicts"), "{e}");
+        // Standalone needs none of it.
+        let alone = DaemonConfig::merge(
+            &DaemonArgs::default(),
+            None,
+            ConfigFile::default(),
+            fixed_host,
+        );
+        assert!(alone.unwrap().tls.is_none());
     }
 
     #[test]

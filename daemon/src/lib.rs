@@ -25,6 +25,7 @@
 
 pub mod api;
 pub use ::host::socket as api_socket;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod data_dir_lock;

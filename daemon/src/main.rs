@@ -24,11 +24,48 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Ca(daemon::cli::CaCommand::Init { dir }) => {
+            report(daemon::certs::ca_init(&dir).map(|[cert, key]| {
+                format!(
+                    "wrote {} (give it to every node as --tls-ca) and {} (keep it secret)",
+                    cert.display(),
+                    key.display()
+                )
+            }))
+        }
+        Command::Cert(daemon::cli::CertCommand::Issue {
+            node,
+            ca_dir,
+            out_dir,
+            days,
+        }) => report(
+            daemon::certs::cert_issue(&node, &ca_dir, &out_dir, days).map(|[cert, key]| {
+                format!(
+                    "wrote {} (--tls-cert) and {} (--tls-key) for node {node}",
+                    cert.display(),
+                    key.display()
+                )
+            }),
+        ),
         Command::Client(command) => {
             let socket = cli
                 .api_socket
                 .unwrap_or_else(|| PathBuf::from(::cli::args::DEFAULT_API_SOCKET));
             ::cli::run(command, &socket)
+        }
+    }
+}
+
+/// Print what a local command did, or its error (exit 1).
+fn report(done: anyhow::Result<String>) -> ExitCode {
+    match done {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&*e));
+            ExitCode::FAILURE
         }
     }
 }

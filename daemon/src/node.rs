@@ -26,6 +26,8 @@
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+use rustls_pki_types::pem::PemObject;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -160,6 +162,16 @@ async fn start_cluster(
     let fence = replication::fence::FenceTable::open(cfg.data_dir.join("fence.json"))
         .map_err(|e| fail("cannot open the fence table", e))?;
     let fence = Arc::new(fence);
+    let tls = match &cfg.tls {
+        Some(files) => {
+            Some(load_tls(files, &cfg.node_id).map_err(|e| fail("cannot set up TLS", e))?)
+        }
+        None if !cfg.etcd.is_empty() => {
+            tracing::warn!("REPLICA TRAFFIC IS PLAINTEXT AND UNAUTHENTICATED (--insecure-plaintext-replicas): anyone who reaches the replica port can read, write and fence every replica");
+            None
+        }
+        None => None,
+    };
     let (mode, store, server) = if cfg.etcd.is_empty() {
         let path = cfg.data_dir.join(standalone::STORE_FILE);
         let store = cluster::store::Store::embedded(&path).map_err(|e| {
@@ -183,6 +195,13 @@ async fn start_cluster(
         )
         .await
         .map_err(|e| fail(&format!("cannot listen for replicas on {listen}"), e))?;
+        let server = match &tls {
+            Some(t) => server.with_tls(
+                Arc::clone(t),
+                Arc::new(cluster::peer::StoreMembers(store.clone())),
+            ),
+            None => server,
+        };
         let addr = server
             .local_addr()
             .map_err(|e| fail("cannot read the replica address", e))?;
@@ -215,6 +234,10 @@ async fn start_cluster(
             ..cluster::RepairPolicy::default()
         },
     );
+    let cluster = match tls {
+        Some(t) => cluster.with_tls(t),
+        None => cluster,
+    };
     let cluster = Arc::new(if mode == Mode::Cluster {
         cluster.with_attachment_ttl(cfg.lease_ttl)
     } else {
@@ -328,8 +351,14 @@ async fn lease_loop(cluster: Arc<Cluster>, mut lease: cluster::store::LeaseId, t
         drop(keep);
         tracing::error!("the node lease lapsed: fencing this node's attachments");
         cluster.fence_all();
+        // Register again at once (while unlisted, no other node reaches this node's replicas,
+        // so a volume whose only healthy copy is here cannot attach anywhere), then every
+        // TTL/5 while the store refuses.
+        let mut first = true;
         loop {
-            tokio::time::sleep(ttl / 5).await;
+            if !std::mem::take(&mut first) {
+                tokio::time::sleep(ttl / 5).await;
+            }
             match cluster.store().grant_lease(ttl).await {
                 Ok(l) => match publish_node(&cluster, l).await {
                     Ok(()) => {
@@ -409,6 +438,29 @@ struct Listeners {
     api: tokio::net::UnixListener,
     csi: Option<(BoundSocket, tokio::net::UnixListener)>,
     docker: Option<(BoundSocket, tokio::net::UnixListener)>,
+}
+
+/// Load this node's TLS files, and check that its certificate names it (peers would refuse
+/// it otherwise).
+fn load_tls(
+    files: &replication::tls::TlsFiles,
+    node_id: &str,
+) -> Result<Arc<replication::tls::Tls>, Box<dyn std::error::Error + Send + Sync>> {
+    let tls = replication::tls::Tls::load(files.clone())?;
+    let pem = std::fs::read(&files.cert)?;
+    let names_me = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .and_then(Result::ok)
+        .is_some_and(|c| replication::tls::certifies(&c, node_id));
+    if !names_me {
+        return Err(format!(
+            "{} does not name this node ({node_id}); issue one with `ballast cert issue --node {node_id}`",
+            files.cert.display()
+        )
+        .into());
+    }
+    tracing::info!(cert = %files.cert.display(), "replica traffic uses mutual TLS");
+    Ok(tls)
 }
 
 /// Create `dir` (and its parents) if missing, and make it mode 0700: the data directory holds

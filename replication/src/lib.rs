@@ -21,4 +21,5 @@ pub mod fence;
 pub mod nexus;
 pub mod remote;
 pub mod server;
+pub mod tls;
 pub mod wire;

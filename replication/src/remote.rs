@@ -26,8 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use volume::device::{
@@ -37,6 +36,7 @@ use volume::device::{
 use volume::io::IoBuf;
 
 use crate::nexus::Resizable;
+use crate::tls::Tls;
 use crate::wire::{self, Request, Response, MAX_IO};
 
 /// Requests queued for the writer task before callers wait for room.
@@ -47,8 +47,12 @@ const QUEUE: usize = 256;
 pub struct RemoteOptions {
     /// The bound on connecting and on each request.
     pub timeout: Duration,
-    /// This node's ID, sent in `Hello` for the server's logs.
+    /// This node's ID, sent in `Hello` (with TLS, the server checks that this node's
+    /// certificate names it).
     pub node: String,
+    /// Mutual TLS with the server, whose certificate must name node `peer`; `None`:
+    /// plaintext.
+    pub tls: Option<(Arc<Tls>, String)>,
 }
 
 impl Default for RemoteOptions {
@@ -56,6 +60,7 @@ impl Default for RemoteOptions {
         Self {
             timeout: Duration::from_secs(2),
             node: String::from("unknown"),
+            tls: None,
         }
     }
 }
@@ -160,7 +165,6 @@ impl Conn {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%addr, error = %e, "could not set TCP_NODELAY");
         }
-        let (rd, wr) = stream.into_split();
         let (closing, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             addr,
@@ -168,8 +172,29 @@ impl Conn {
             closing,
         });
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_requests(shared.clone(), BufWriter::new(wr), rx));
-        tokio::spawn(read_responses(shared.clone(), rd));
+        if let Some((tls, peer)) = &opts.tls {
+            let stream = match tokio::time::timeout(opts.timeout, tls.connect(peer, stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    return Err(CallError(format!(
+                        "TLS with replica server {addr} (node {peer}) failed: {e}"
+                    )))
+                }
+                Err(_) => {
+                    return Err(CallError(format!(
+                        "TLS with replica server {addr} (node {peer}) timed out after {:?}",
+                        opts.timeout
+                    )))
+                }
+            };
+            let (rd, wr) = tokio::io::split(stream);
+            tokio::spawn(write_requests(shared.clone(), BufWriter::new(wr), rx));
+            tokio::spawn(read_responses(shared.clone(), rd));
+        } else {
+            let (rd, wr) = stream.into_split();
+            tokio::spawn(write_requests(shared.clone(), BufWriter::new(wr), rx));
+            tokio::spawn(read_responses(shared.clone(), rd));
+        }
         let conn = Self {
             shared,
             tx,
@@ -267,9 +292,9 @@ impl Conn {
 
 /// The writer task: write queued frames, flushing when the queue is empty, and return every
 /// request that asked for it.
-async fn write_requests(
+async fn write_requests<W: AsyncWrite + Unpin>(
     shared: Arc<Shared>,
-    mut w: BufWriter<OwnedWriteHalf>,
+    mut w: BufWriter<W>,
     mut rx: mpsc::Receiver<Outgoing>,
 ) {
     let mut closing = shared.closing.subscribe();
@@ -310,7 +335,7 @@ async fn write_requests(
 }
 
 /// The reader task: route responses to their waiters until the connection ends.
-async fn read_responses(shared: Arc<Shared>, rd: OwnedReadHalf) {
+async fn read_responses<R: AsyncRead + Unpin>(shared: Arc<Shared>, rd: R) {
     let mut rd = BufReader::with_capacity(64 << 10, rd);
     let mut closing = shared.closing.subscribe();
     loop {

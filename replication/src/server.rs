@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use api::{format_size, ControlError, ErrorKind, VolumeControl, VolumeName, VolumeSpec};
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, RwLock, Semaphore};
 use tokio::task::JoinHandle;
@@ -35,6 +35,7 @@ use volume::io::IoBuf;
 use volume::pool::Storage;
 
 use crate::fence::{FenceError, FenceTable, RegisterError};
+use crate::tls::{self, Members, Tls};
 use crate::wire::{self, ErrCode, Request, Response, MAX_GENERATIONS, MAX_IO};
 
 /// The most requests of one connection executing at once.
@@ -51,6 +52,8 @@ struct Ctx {
     /// Held shared by every request task; [`ServerHandle::stop`] takes it exclusively to wait
     /// for them.
     drain: Arc<RwLock<()>>,
+    /// Mutual TLS, and who may connect (see [`crate::tls`]); `None`: plaintext.
+    tls: Option<(Arc<Tls>, Arc<dyn Members>)>,
 }
 
 /// A bound replica server, not yet serving.
@@ -116,6 +119,7 @@ impl ReplicaServer {
                 storage,
                 fence,
                 drain: Arc::default(),
+                tls: None,
             }),
             shutdown,
         })
@@ -127,6 +131,15 @@ impl ReplicaServer {
     /// The socket cannot report its address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Serve over mutual TLS only, to the nodes `members` names (before [`Self::spawn`]).
+    #[must_use]
+    pub fn with_tls(mut self, tls: Arc<Tls>, members: Arc<dyn Members>) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.tls = Some((tls, members));
+        }
+        self
     }
 
     /// Ask [`serve`](Self::serve) to stop (also before it starts).
@@ -162,7 +175,7 @@ impl ReplicaServer {
                     Ok((stream, peer)) => {
                         let ctx = self.ctx.clone();
                         let stop = self.shutdown.subscribe();
-                        tokio::spawn(connection(ctx, stream, peer, stop));
+                        tokio::spawn(accepted_connection(ctx, stream, peer, stop));
                     }
                     Err(e) => {
                         // Usually a transient resource shortage (EMFILE); back off briefly.
@@ -176,22 +189,54 @@ impl ReplicaServer {
     }
 }
 
-/// Serve one connection until the peer closes it, it sends a malformed frame, or shutdown.
-async fn connection(
+/// Set up an accepted connection (the TLS handshake, when configured), then serve it.
+async fn accepted_connection(
     ctx: Arc<Ctx>,
     stream: TcpStream,
     peer: SocketAddr,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
     }
-    let (rd, wr) = stream.into_split();
+    let Some((tls, _)) = &ctx.tls else {
+        return connection(ctx, stream, peer, stop, None).await;
+    };
+    match tls.accept(stream).await {
+        Ok(stream) => {
+            let cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.clone().into_owned());
+            connection(ctx, stream, peer, stop, cert).await;
+        }
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "refused a replica connection: TLS handshake failed");
+        }
+    }
+}
+
+/// Serve one connection until the peer closes it, it sends a malformed frame, or shutdown.
+/// With TLS, `cert` is the client's verified certificate, and nothing is served until a
+/// `Hello` names a node of the cluster that it certifies.
+async fn connection<S>(
+    ctx: Arc<Ctx>,
+    stream: S,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+    cert: Option<rustls::pki_types::CertificateDer<'static>>,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(64 << 10, rd);
     let (tx, rx) = mpsc::channel::<(u64, Response)>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(write_responses(BufWriter::new(wr), rx, peer));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut node = String::from("?");
+    let mut greeted = false;
     // Names this connection to the fence table: see `FenceTable::admit_session`.
     static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let session = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -217,12 +262,26 @@ async fn connection(
             }
         };
         if let Request::Hello { node: n } = &req {
+            if let Some((_, members)) = &ctx.tls {
+                let certified = cert.as_ref().is_some_and(|c| tls::certifies(c, n));
+                if !certified || !members.is_node(n).await {
+                    tracing::warn!(%peer, node = %n, certified, "refused a replica connection: its certificate does not name a node of the cluster");
+                    let refused = error(ErrCode::Invalid, "not a node of this cluster");
+                    let _ = tx.send((id, refused)).await;
+                    break;
+                }
+            }
             tracing::debug!(%peer, node = %n, "replica client said hello");
             node.clone_from(n);
+            greeted = true;
             if tx.send((id, Response::Ok)).await.is_err() {
                 break;
             }
             continue;
+        }
+        if ctx.tls.is_some() && !greeted {
+            tracing::warn!(%peer, "closing a replica connection: a request before hello");
+            break;
         }
         // Stopping: requests that were not running yet are not started.
         let Ok(running) = Arc::clone(&ctx.drain).try_read_owned() else {
@@ -250,8 +309,8 @@ async fn connection(
 }
 
 /// Write responses as they complete, flushing whenever no more are queued.
-async fn write_responses(
-    mut w: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+async fn write_responses<W: AsyncWrite + Unpin>(
+    mut w: BufWriter<W>,
     mut rx: mpsc::Receiver<(u64, Response)>,
     peer: SocketAddr,
 ) {

@@ -98,6 +98,7 @@ fn opts() -> RemoteOptions {
     RemoteOptions {
         timeout: Duration::from_secs(2),
         node: "client-node".into(),
+        tls: None,
     }
 }
 
@@ -361,6 +362,7 @@ async fn silent_server_times_out() {
         RemoteOptions {
             timeout: Duration::from_millis(300),
             node: "n".into(),
+            tls: None,
         },
     )
     .await

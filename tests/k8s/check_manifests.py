@@ -359,6 +359,14 @@ def check_node_daemonset(docs, r):
             f"{d} ballast {probe} port",
             f"probe port {port} and --http {http!r} must both be {HTTP_PORT}",
         )
+    # Issue 14: replica traffic is mutual TLS, never plaintext, in the shipped manifests.
+    for flag in ("--tls-ca", "--tls-cert", "--tls-key"):
+        r.check(arg_value(ballast, flag) is not None, f"{d} ballast {flag}", "missing")
+    r.check(
+        not has_flag(ballast, "--insecure-plaintext-replicas"),
+        f"{d} ballast --insecure-plaintext-replicas",
+        "plaintext replica traffic in a shipped manifest",
+    )
     r.check(
         (arg_value(ballast, "--listen") or "").endswith(":9471"),
         f"{d} ballast --listen",

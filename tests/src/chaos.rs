@@ -539,6 +539,24 @@ impl Trial<'_> {
             .ok_or_else(|| anyhow!("attach printed no device: {v}"))
     }
 
+    /// Attach on node `i`, retrying for up to 30 s while the answer is "unavailable": the
+    /// node holding the only healthy replica may be briefly unlisted (its lease lapsed while
+    /// it was stopped, and it is registering again), and an orchestrator retries that.
+    fn attach_retrying(&self, i: usize) -> Result<String> {
+        let start = Instant::now();
+        loop {
+            match self.attach(i, false) {
+                Err(e)
+                    if format!("{e:#}").contains("can be reached")
+                        && start.elapsed() < Duration::from_secs(30) =>
+                {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                r => return r,
+            }
+        }
+    }
+
     fn wait(
         &self,
         what: &str,
@@ -672,7 +690,7 @@ impl Trial<'_> {
                 let ledger = self.stop_writer(w, false);
                 cli(self.any(), &["volume", "detach", &self.volume])?;
                 self.attached = to;
-                self.dev = self.attach(to, false)?;
+                self.dev = self.attach_retrying(to)?;
                 self.audit(&ledger, &self.dev.clone(), &self.ids[to].clone())?;
                 self.resume(ledger)?;
             }

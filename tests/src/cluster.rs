@@ -63,6 +63,7 @@ pub fn cluster_args(node: &NodeDir, id: &str, zone: &str, etcd: &Etcd) -> Vec<St
     let mut args = node.daemon_args();
     let at = args.iter().position(|a| a == "--node-id").unwrap();
     id.clone_into(&mut args[at + 1]);
+    args.extend(tls_args(node, id, etcd));
     args.extend(
         [
             "--etcd",
@@ -77,6 +78,36 @@ pub fn cluster_args(node: &NodeDir, id: &str, zone: &str, etcd: &Etcd) -> Vec<St
         .map(String::from),
     );
     args
+}
+
+/// The mutual-TLS flags of node `id`: the CA of `etcd`'s cluster, and a certificate issued
+/// for `id` (with `ballast cert issue`, once) in the node's state directory.
+pub fn tls_args(node: &NodeDir, id: &str, etcd: &Etcd) -> Vec<String> {
+    let ca = etcd.ca_dir().unwrap();
+    let out = node.scratch("tls");
+    let cert = out.join(format!("{id}.pem"));
+    if !cert.exists() {
+        let done = std::process::Command::new(crate::ballast_bin())
+            .args(["cert", "issue", "--node", id, "--ca-dir"])
+            .arg(&ca)
+            .arg("--out-dir")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            done.status.success(),
+            "ballast cert issue failed: {}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+    }
+    vec![
+        "--tls-ca".into(),
+        ca.join("ca.pem").display().to_string(),
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        out.join(format!("{id}-key.pem")).display().to_string(),
+    ]
 }
 
 /// Start cluster node `id` and wait until it is ready.

@@ -72,6 +72,8 @@ pub struct Etcd {
     peer: String,
     port: u16,
     dir: tempfile::TempDir,
+    /// The cluster CA of the nodes using this etcd (made on first use).
+    ca: std::sync::OnceLock<Result<std::path::PathBuf, String>>,
 }
 
 impl Etcd {
@@ -106,9 +108,34 @@ impl Etcd {
             peer,
             port,
             dir,
+            ca: std::sync::OnceLock::new(),
         };
         etcd.wait_healthy()?;
         Ok(etcd)
+    }
+
+    /// The directory of the cluster CA (`ballast ca init`) of the nodes using this etcd,
+    /// made on first use.
+    ///
+    /// # Errors
+    /// `ballast ca init` fails.
+    pub fn ca_dir(&self) -> Result<std::path::PathBuf> {
+        self.ca
+            .get_or_init(|| {
+                let dir = self.dir.path().join("ca");
+                let out = std::process::Command::new(crate::ballast_bin())
+                    .args(["ca", "init", "--dir"])
+                    .arg(&dir)
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                if out.status.success() {
+                    Ok(dir)
+                } else {
+                    Err(String::from_utf8_lossy(&out.stderr).into_owned())
+                }
+            })
+            .clone()
+            .map_err(|e| anyhow::anyhow!("ballast ca init failed: {e}"))
     }
 
     /// The client URL on `ip` (one given to [`Etcd::start_also_on`]).

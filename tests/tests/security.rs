@@ -139,3 +139,70 @@ fn a_metrics_scrape_reads_nothing_from_the_store_and_names_only_local_volumes() 
     );
     d.cli(["volume", "detach", "secmetrics"]).success();
 }
+
+/// Issue 14: cluster mode is mutual TLS by default. A node refuses to start with a certificate
+/// that names another node, or with none (unless plaintext is asked for, loudly); with its
+/// own it serves peers only over TLS.
+#[test]
+fn a_cluster_node_runs_on_its_own_certificate_only() {
+    let etcd = Etcd::start().unwrap();
+    let dirs = node_dirs(2);
+    let _cleanup = Cleanup::new(&dirs, &[]);
+    // node-a's flags, with node-b's certificate: refused at start.
+    let mut args = integration_tests::cluster::cluster_args(&dirs[0], "node-a", "z", &etcd);
+    let theirs = integration_tests::cluster::tls_args(&dirs[1], "node-b", &etcd);
+    let at = args.iter().position(|a| a == "--tls-cert").unwrap();
+    args[at + 1].clone_from(&theirs[3]);
+    args[at + 3].clone_from(&theirs[5]);
+    let mut d = Daemon::spawn(&dirs[0], args).unwrap();
+    let status = d.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(!status.success());
+    assert!(
+        d.log().contains("does not name this node (node-a)"),
+        "{}",
+        d.log()
+    );
+
+    // No TLS flags at all: refused, naming the fix.
+    let mut args = integration_tests::cluster::cluster_args(&dirs[0], "node-a", "z", &etcd);
+    let at = args.iter().position(|a| a == "--tls-ca").unwrap();
+    args.drain(at..at + 6);
+    let mut d = Daemon::spawn(&dirs[0], args.clone()).unwrap();
+    assert!(!d.wait_exit(Duration::from_secs(30)).unwrap().success());
+    assert!(d.log().contains("ballast ca init"), "{}", d.log());
+
+    // Plaintext when asked for: it runs, and says so loudly.
+    args.push("--insecure-plaintext-replicas".into());
+    let mut d = Daemon::spawn(&dirs[0], args).unwrap();
+    d.wait_ready(Duration::from_secs(30)).unwrap();
+    assert!(
+        d.log().contains("PLAINTEXT AND UNAUTHENTICATED"),
+        "{}",
+        d.log()
+    );
+    assert!(d.terminate().unwrap().success());
+
+    // With its own certificate: a raw plaintext frame on the replica port gets nothing
+    // but a closed connection.
+    let d = start(&dirs[0], "node-a", "z", &etcd);
+    let addr: std::net::SocketAddr = d.cli(["node", "list", "-o", "json"]).json()[0]
+        ["replica_addr"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(&[0u8; 64]).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(
+        buf.is_empty() || buf[0] == 0x15,
+        "a plaintext client got an answer that is not a TLS alert: {buf:?}"
+    );
+    let asked = Instant::now();
+    while !d.log().contains("TLS handshake failed") {
+        assert!(asked.elapsed() < Duration::from_secs(10), "{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

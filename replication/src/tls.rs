@@ -1,0 +1,364 @@
+//! Mutual TLS on the replica protocol (issue 14).
+//!
+//! Every node has a key and a certificate whose subject alternative name is its node name,
+//! signed by the cluster's CA ([`issue_ca`], [`issue_node`]: `ballast ca init`, `ballast cert
+//! issue --node NAME`). A connection between nodes is TLS 1.3 (or 1.2) with a certificate on
+//! both sides, each checked against the CA:
+//!
+//! - the client checks that the server's certificate names the node it meant to reach;
+//! - the server requires a client certificate from the CA, and before it serves anything the
+//!   client's `Hello` must name a node of the cluster (asked of [`Members`]) that the
+//!   certificate is valid for. The connection is then that node's, whatever later frames say.
+//!
+//! The files are read again when they change (their size or modification time, checked at
+//! most once a second on a new connection): certificates rotate with no restart. A rotation
+//! that does not parse keeps the previous ones and logs an error.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::net::TcpStream;
+
+/// How long a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The files of a node's TLS identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The cluster CA's certificate (PEM).
+    pub ca: PathBuf,
+    /// This node's certificate (PEM), its SAN this node's name.
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+}
+
+/// Why TLS cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file cannot be read.
+    #[error("cannot read {what} {path}")]
+    Read {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A file holds no usable PEM object of the kind wanted.
+    #[error("{path} holds no {what} in PEM form (make one with `ballast ca init` and `ballast cert issue --node NAME`)")]
+    Pem {
+        /// What was looked for.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+    },
+    /// rustls refused the material.
+    #[error("invalid TLS material: {0}")]
+    Rustls(String),
+    /// Making a certificate failed.
+    #[error("cannot make a certificate: {0}")]
+    Issue(String),
+}
+
+/// The nodes of the cluster, as the store knows them: who may connect.
+pub trait Members: Send + Sync + fmt::Debug {
+    /// Whether `name` is a node of the cluster.
+    fn is_node<'a>(&'a self, name: &'a str) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
+}
+
+/// A node's TLS identity and trust, reloaded when its files change.
+#[derive(Debug)]
+pub struct Tls {
+    files: TlsFiles,
+    state: Mutex<Loaded>,
+}
+
+struct Loaded {
+    stamps: Vec<Option<(SystemTime, u64)>>,
+    checked: Instant,
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+}
+
+impl fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Loaded")
+            .field("stamps", &self.stamps)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(what, path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .filter_map(Result::ok)
+        .collect();
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            what,
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Loaded {
+    fn load(files: &TlsFiles) -> Result<Self, TlsError> {
+        let stamps = [&files.ca, &files.cert, &files.key]
+            .iter()
+            .map(|p| stamp(p))
+            .collect();
+        let mut roots = RootCertStore::empty();
+        for ca in certs("CA certificate", &files.ca)? {
+            roots
+                .add(ca)
+                .map_err(|e| TlsError::Rustls(format!("{}: {e}", files.ca.display())))?;
+        }
+        let roots = Arc::new(roots);
+        let chain = certs("node certificate", &files.cert)?;
+        let key_pem = read("node key", &files.key)?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::Pem {
+            what: "private key",
+            path: files.key.clone(),
+        })?;
+        let rustls_err = |e: rustls::Error| TlsError::Rustls(e.to_string());
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        let server = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(rustls_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(rustls_err)?;
+        let client = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(rustls_err)?
+            .with_root_certificates(Arc::clone(&roots))
+            .with_client_auth_cert(chain, key)
+            .map_err(rustls_err)?;
+        Ok(Self {
+            stamps,
+            checked: Instant::now(),
+            server: Arc::new(server),
+            client: Arc::new(client),
+        })
+    }
+}
+
+/// A TLS stream of either side.
+pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
+/// A TLS stream of the connecting side.
+pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+impl Tls {
+    /// Load `files`.
+    ///
+    /// # Errors
+    /// A file cannot be read or parsed, or the key does not match the certificate.
+    pub fn load(files: TlsFiles) -> Result<Arc<Self>, TlsError> {
+        let loaded = Loaded::load(&files)?;
+        Ok(Arc::new(Self {
+            files,
+            state: Mutex::new(loaded),
+        }))
+    }
+
+    /// The current configurations, read again first if a file changed.
+    fn configs(&self) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if s.checked.elapsed() >= Duration::from_secs(1) {
+            s.checked = Instant::now();
+            let now: Vec<_> = [&self.files.ca, &self.files.cert, &self.files.key]
+                .iter()
+                .map(|p| stamp(p))
+                .collect();
+            if now != s.stamps {
+                match Loaded::load(&self.files) {
+                    Ok(fresh) => {
+                        tracing::info!(cert = %self.files.cert.display(), "TLS files changed; using the new ones");
+                        *s = fresh;
+                    }
+                    Err(e) => {
+                        // Keep serving with the previous ones; try again once they change.
+                        s.stamps = now;
+                        tracing::error!(error = %e, "TLS files changed but cannot be used; keeping the previous ones");
+                    }
+                }
+            }
+        }
+        (Arc::clone(&s.server), Arc::clone(&s.client))
+    }
+
+    /// The server side of a handshake on `tcp`.
+    ///
+    /// # Errors
+    /// The handshake fails (no client certificate, one not from the CA, …) or times out.
+    pub async fn accept(&self, tcp: TcpStream) -> io::Result<ServerStream> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.configs().0);
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+    }
+
+    /// The client side of a handshake with node `peer` on `tcp`: its certificate must name
+    /// `peer`.
+    ///
+    /// # Errors
+    /// `peer` is not a valid DNS name, or the handshake fails.
+    pub async fn connect(&self, peer: &str, tcp: TcpStream) -> io::Result<ClientStream> {
+        let name = ServerName::try_from(peer.to_owned()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("node name {peer:?} cannot be checked against a certificate"),
+            )
+        })?;
+        let connector = tokio_rustls::TlsConnector::from(self.configs().1);
+        connector.connect(name, tcp).await
+    }
+}
+
+/// Whether the verified client certificate `cert` names node `name`.
+pub fn certifies(cert: &CertificateDer<'_>, name: &str) -> bool {
+    let Ok(end) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    let Ok(name) = ServerName::try_from(name) else {
+        return false;
+    };
+    end.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
+/// The CA's subject. A node certificate is signed by a CA certificate rebuilt from these
+/// parameters and the CA's key: the same subject and key identifier as the one `ca init`
+/// wrote, so chains verify against it.
+const CA_NAME: &str = "ballast cluster CA";
+
+fn ca_params() -> rcgen::CertificateParams {
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, CA_NAME);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    params
+}
+
+/// A new CA: its certificate and key, both PEM.
+///
+/// # Errors
+/// Key generation or signing fails.
+pub fn issue_ca() -> Result<(String, String), TlsError> {
+    let issue = |e: rcgen::Error| TlsError::Issue(e.to_string());
+    let key = rcgen::KeyPair::generate().map_err(issue)?;
+    let cert = ca_params().self_signed(&key).map_err(issue)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A certificate and key for node `node`, signed by the CA whose key is `ca_key` (PEM, as
+/// [`issue_ca`] made it); valid from yesterday for `days` days. Its SAN is the node name, and
+/// it serves both as a server and as a client certificate.
+///
+/// # Errors
+/// The CA key does not parse, `node` is not a valid DNS name, or signing fails.
+pub fn issue_node(ca_key: &str, node: &str, days: u32) -> Result<(String, String), TlsError> {
+    let issue = |e: rcgen::Error| TlsError::Issue(e.to_string());
+    if ServerName::try_from(node).is_err() {
+        return Err(TlsError::Issue(format!(
+            "node name {node:?} is not a valid DNS name, so no certificate can name it"
+        )));
+    }
+    let ca_key = rcgen::KeyPair::from_pem(ca_key).map_err(issue)?;
+    let ca = ca_params().self_signed(&ca_key).map_err(issue)?;
+    let key = rcgen::KeyPair::generate().map_err(issue)?;
+    let mut params = rcgen::CertificateParams::new(vec![node.to_owned()]).map_err(issue)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, node);
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let today = days_since_epoch();
+    let (y, m, d) = ymd(today - 1);
+    params.not_before = rcgen::date_time_ymd(y, m, d);
+    let (y, m, d) = ymd(today + i64::from(days));
+    params.not_after = rcgen::date_time_ymd(y, m, d);
+    let cert = params.signed_by(&key, &ca, &ca_key).map_err(issue)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn days_since_epoch() -> i64 {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2)
+}
+
+/// The calendar date `days` after 1970-01-01, as rcgen takes it.
+fn ymd(days: i64) -> (i32, u8, u8) {
+    let (y, m, d) = api::civil_date(days);
+    (i32::try_from(y).unwrap_or(i32::MAX), m as u8, d as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar_dates() {
+        assert_eq!(ymd(0), (1970, 1, 1));
+        assert_eq!(ymd(59), (1970, 3, 1));
+        assert_eq!(ymd(11_016), (2000, 2, 29));
+        assert_eq!(ymd(20_790), (2026, 12, 3));
+    }
+
+    #[test]
+    fn a_node_certificate_names_its_node_only() {
+        let (_ca, ca_key) = issue_ca().unwrap();
+        let (cert, _key) = issue_node(&ca_key, "node-a", 30).unwrap();
+        let der = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        assert!(certifies(&der, "node-a"));
+        assert!(!certifies(&der, "node-b"));
+        assert!(issue_node(&ca_key, "not a name", 30).is_err());
+        assert!(issue_node("garbage", "node-a", 30).is_err());
+    }
+}
