@@ -62,7 +62,7 @@ fn store_error(e: StoreError) -> ControlError {
     ControlError::new(ErrorKind::Unavailable, "the cluster store cannot be used").with_source(e)
 }
 
-fn decode_volume(kv: &Kv) -> Result<VolumeRecord, ControlError> {
+pub(crate) fn decode_volume(kv: &Kv) -> Result<VolumeRecord, ControlError> {
     let corrupt = |why: String| {
         ControlError::new(
             ErrorKind::Internal,

@@ -79,21 +79,69 @@ pub async fn delete(addr: &str, volume: &str, opts: &RemoteOptions) -> Result<()
         .map_err(|e| unavailable(addr, "delete a replica", &e))
 }
 
-/// Who may connect to this node's replica server over TLS: the nodes registered in the store
-/// (a node's record lives while its lease does).
+/// What the store lets peers of this node (`me`) do over TLS: connect if registered (a
+/// node's record lives while its lease does), register the attachment recorded in the
+/// volume's record, delete a replica the record no longer places here. A store that cannot
+/// be read answers no.
 #[derive(Debug, Clone)]
-pub struct StoreMembers(pub crate::store::Store);
+pub struct StoreMembers {
+    /// The store.
+    pub store: crate::store::Store,
+    /// This node's ID.
+    pub me: String,
+}
+
+impl StoreMembers {
+    /// The record of `volume`: `Ok(None)` if there is none, `Err` if the store cannot say.
+    async fn volume(&self, volume: &str) -> Result<Option<crate::model::VolumeRecord>, String> {
+        match self.store.get(&crate::model::volume_key(volume)).await {
+            Ok(None) => Ok(None),
+            Ok(Some(kv)) => crate::control::decode_volume(&kv)
+                .map(Some)
+                .map_err(|e| e.full_message()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
 
 impl replication::tls::Members for StoreMembers {
-    fn is_node<'a>(
-        &'a self,
-        name: &'a str,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
+    fn is_node<'a>(&'a self, name: &'a str) -> replication::tls::Answer<'a> {
         Box::pin(async move {
-            match self.0.get(&crate::model::node_key(name)).await {
+            match self.store.get(&crate::model::node_key(name)).await {
                 Ok(found) => found.is_some(),
                 Err(e) => {
                     tracing::warn!(node = name, error = %e, "cannot check a connecting node against the store; refusing it");
+                    false
+                }
+            }
+        })
+    }
+
+    fn may_register<'a>(
+        &'a self,
+        peer: &'a str,
+        volume: &'a str,
+        epoch: u64,
+    ) -> replication::tls::Answer<'a> {
+        Box::pin(async move {
+            match self.volume(volume).await {
+                Ok(rec) => rec
+                    .and_then(|r| r.attachment)
+                    .is_some_and(|a| a.node == peer && a.epoch == epoch),
+                Err(e) => {
+                    tracing::warn!(volume, node = peer, error = %e, "cannot check a registration against the store; refusing it");
+                    false
+                }
+            }
+        })
+    }
+
+    fn may_delete<'a>(&'a self, volume: &'a str) -> replication::tls::Answer<'a> {
+        Box::pin(async move {
+            match self.volume(volume).await {
+                Ok(rec) => rec.is_none_or(|r| r.placement.iter().all(|p| p.node != self.me)),
+                Err(e) => {
+                    tracing::warn!(volume, error = %e, "cannot check a replica deletion against the store; refusing it");
                     false
                 }
             }

@@ -198,7 +198,10 @@ async fn start_cluster(
         let server = match &tls {
             Some(t) => server.with_tls(
                 Arc::clone(t),
-                Arc::new(cluster::peer::StoreMembers(store.clone())),
+                Arc::new(cluster::peer::StoreMembers {
+                    store: store.clone(),
+                    me: cfg.node_id.clone(),
+                }),
             ),
             None => server,
         };

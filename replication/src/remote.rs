@@ -373,7 +373,7 @@ fn describe(r: &Response) -> String {
         Response::Data(d) => format!("{} bytes of data", d.len()),
         Response::Stat { .. } => "stat".into(),
         Response::Generations { extents, .. } => format!("{} extent generations", extents.len()),
-        Response::Stale { epoch } => format!("stale (epoch {epoch})"),
+        Response::Stale { .. } => "stale".into(),
         Response::Error { code, message } => format!("error {code:?}: {message}"),
     }
 }
@@ -512,15 +512,15 @@ impl ReplicaClient {
 /// Turn a non-success response into a device error.
 fn response_error(addr: SocketAddr, epoch: Option<u64>, at: At, resp: Response) -> DeviceError {
     match resp {
-        Response::Stale { epoch: theirs } => {
-            let ours = epoch.map_or_else(String::new, |e| format!(" (this attachment has {e})"));
+        Response::Stale { .. } => {
+            let ours = epoch.map_or_else(String::new, |e| format!(" than {e}"));
             DeviceError::new(
                 DeviceErrorKind::Fenced,
                 at.op,
                 at.offset,
                 at.len,
                 format!(
-                    "replica server {addr} has registered the newer attachment epoch {theirs}{ours}; another node has taken the volume over"
+                    "replica server {addr} has registered a newer attachment epoch{ours}; another node has taken the volume over"
                 ),
             )
         }

@@ -289,9 +289,13 @@ async fn connection<S>(
         };
         let ctx = ctx.clone();
         let tx = tx.clone();
+        let node = node.clone();
         tokio::spawn(async move {
             let _running = running;
-            let resp = handle(&ctx, req, session).await;
+            let resp = match authorize(&ctx, &node, &req).await {
+                Ok(()) => handle(&ctx, req, session).await,
+                Err(refused) => refused,
+            };
             // The connection may be gone; the work is done either way.
             let _ = tx.send((id, resp)).await;
             drop(permit);
@@ -349,9 +353,44 @@ fn control_error(e: &ControlError) -> Response {
     error(code, e.full_message())
 }
 
+/// With TLS, whether the store lets node `peer` make `req` here (see [`crate::tls`]);
+/// without, everything is allowed.
+async fn authorize(ctx: &Ctx, peer: &str, req: &Request) -> Result<(), Response> {
+    let Some((_, members)) = &ctx.tls else {
+        return Ok(());
+    };
+    let (allowed, what) = match req {
+        Request::Register { volume, epoch } => (
+            members.may_register(peer, volume, *epoch).await,
+            format!("the attachment of {volume} by node {peer} with epoch {epoch}"),
+        ),
+        Request::Delete { volume } => (
+            members.may_delete(volume).await,
+            format!("the removal of the replica of {volume} here"),
+        ),
+        _ => return Ok(()),
+    };
+    if allowed {
+        return Ok(());
+    }
+    tracing::warn!(
+        node = peer,
+        what,
+        "refused a replica request the cluster store does not allow"
+    );
+    Err(error(
+        ErrCode::Invalid,
+        format!("not allowed: the cluster store does not record {what}"),
+    ))
+}
+
+/// A stale request learns nothing more than that: not the epoch now registered (a peer
+/// could otherwise resend with it).
+const STALE: Response = Response::Stale { epoch: 0 };
+
 fn fence_error(e: &FenceError) -> Response {
     match e {
-        FenceError::Stale { current } => Response::Stale { epoch: *current },
+        FenceError::Stale { .. } => STALE,
         e => error(ErrCode::NotRegistered, e.to_string()),
     }
 }
@@ -369,7 +408,7 @@ async fn handle(ctx: &Ctx, req: Request, session: u64) -> Response {
                     tracing::info!(%volume, epoch, "registered attachment epoch");
                     Response::Ok
                 }
-                Err(RegisterError::Stale { current }) => Response::Stale { epoch: current },
+                Err(RegisterError::Stale { .. }) => STALE,
                 Err(e) => error(ErrCode::Io, format!("{e}: {}", source_text(&e))),
             }
         }

@@ -8,7 +8,11 @@
 //! - the client checks that the server's certificate names the node it meant to reach;
 //! - the server requires a client certificate from the CA, and before it serves anything the
 //!   client's `Hello` must name a node of the cluster (asked of [`Members`]) that the
-//!   certificate is valid for. The connection is then that node's, whatever later frames say.
+//!   certificate is valid for. The connection is then that node's, whatever later frames say;
+//! - what a node may ask is checked against the store too ([`Members`]): `Register` only for
+//!   the node and epoch recorded as the volume's attachment (reads and writes are admitted only
+//!   on the connection that registered the current epoch, see `crate::fence`), `Delete` only of
+//!   a replica the store no longer places here.
 //!
 //! The files are read again when they change (their size or modification time, checked at
 //! most once a second on a new connection): certificates rotate with no restart. A rotation
@@ -72,10 +76,22 @@ pub enum TlsError {
     Issue(String),
 }
 
-/// The nodes of the cluster, as the store knows them: who may connect.
+/// A boxed future of a yes-or-no answer.
+pub type Answer<'a> = Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
+
+/// What the store says peers may do: who may connect, and what a node may ask of this one.
+/// A store that cannot be asked answers no.
 pub trait Members: Send + Sync + fmt::Debug {
     /// Whether `name` is a node of the cluster.
-    fn is_node<'a>(&'a self, name: &'a str) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
+    fn is_node<'a>(&'a self, name: &'a str) -> Answer<'a>;
+
+    /// Whether node `peer` may register `epoch` for `volume` here: the store records that
+    /// node and epoch as the volume's current attachment.
+    fn may_register<'a>(&'a self, peer: &'a str, volume: &'a str, epoch: u64) -> Answer<'a>;
+
+    /// Whether this node's replica of `volume` may be deleted: the store no longer places
+    /// one here (the volume is deleted, or its replica here was replaced).
+    fn may_delete<'a>(&'a self, volume: &'a str) -> Answer<'a>;
 }
 
 /// A node's TLS identity and trust, reloaded when its files change.

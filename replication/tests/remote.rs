@@ -246,7 +246,26 @@ async fn stale_epoch_is_fenced() {
         .await
         .unwrap_err();
     assert_eq!(e.error.kind, DeviceErrorKind::Fenced, "{}", e.error);
-    assert!(e.error.message.contains("epoch 2"), "{}", e.error.message);
+    assert!(
+        e.error.message.contains("newer attachment epoch than 1"),
+        "{}",
+        e.error.message
+    );
+    // Issue 14: the answer says "stale" and nothing more (it disclosed the epoch registered
+    // now, which a peer could resend with).
+    let raw = node
+        .client()
+        .await
+        .call(replication::wire::Request::Register {
+            volume: "vol".into(),
+            epoch: 1,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(raw, replication::wire::Response::Stale { epoch: 0 }),
+        "{raw:?}"
+    );
     assert_eq!(
         &e.buf[..],
         &blocks(0, 1, 666)[..],

@@ -16,15 +16,34 @@ use volume::pool::{DeviceSpec, Storage, StorageConfig};
 
 const MIB: u64 = 1 << 20;
 
+/// What the "store" says: the nodes, each volume's attachment, the volumes placed here.
 #[derive(Debug)]
-struct Fixed(BTreeSet<String>);
+struct Fixed {
+    nodes: BTreeSet<String>,
+    attached: std::collections::BTreeMap<String, (String, u64)>,
+    placed_here: BTreeSet<String>,
+}
 
 impl Members for Fixed {
-    fn is_node<'a>(
+    fn is_node<'a>(&'a self, name: &'a str) -> replication::tls::Answer<'a> {
+        Box::pin(async move { self.nodes.contains(name) })
+    }
+
+    fn may_register<'a>(
         &'a self,
-        name: &'a str,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
-        Box::pin(async move { self.0.contains(name) })
+        peer: &'a str,
+        volume: &'a str,
+        epoch: u64,
+    ) -> replication::tls::Answer<'a> {
+        Box::pin(async move {
+            self.attached
+                .get(volume)
+                .is_some_and(|(n, e)| n == peer && *e == epoch)
+        })
+    }
+
+    fn may_delete<'a>(&'a self, volume: &'a str) -> replication::tls::Answer<'a> {
+        Box::pin(async move { !self.placed_here.contains(volume) })
     }
 }
 
@@ -80,7 +99,11 @@ async fn server(dir: &Path, files: TlsFiles) -> (Arc<Storage>, ServerHandle) {
         .unwrap(),
     );
     let fence = Arc::new(FenceTable::open(dir.join("fence.json")).unwrap());
-    let members = Fixed(["node-a", "node-b"].map(String::from).into());
+    let members = Fixed {
+        nodes: ["node-a", "node-b"].map(String::from).into(),
+        attached: [("v1".to_owned(), ("node-a".to_owned(), 3))].into(),
+        placed_here: ["v1".to_owned()].into(),
+    };
     let handle = ReplicaServer::bind("127.0.0.1:0".parse().unwrap(), storage.clone(), fence)
         .await
         .unwrap()
@@ -166,6 +189,32 @@ async fn only_a_node_of_the_cluster_with_a_certificate_from_its_ca_is_served() {
         .map(|v| v.name.to_string())
         .collect();
     assert_eq!(made, ["v1"]);
+
+    // A node of the cluster with a good certificate is still held to what the store says:
+    // it registers only the attachment recorded for it, and deletes no replica placed here.
+    let c = ReplicaClient::connect(addr, &opts("node-a", Some(&node_a), "node-b"))
+        .await
+        .unwrap();
+    c.register("v1", 3)
+        .await
+        .expect("the recorded attachment registers");
+    for (volume, epoch) in [("v1", 4), ("v1", u64::MAX), ("v2", 1)] {
+        let e = c.register(volume, epoch).await.unwrap_err().to_string();
+        assert!(e.contains("not allowed"), "{volume} {epoch}: {e}");
+    }
+    let b = ReplicaClient::connect(
+        addr,
+        &opts("node-b", Some(&ca.files(dir.path(), "node-b")), "node-b"),
+    )
+    .await
+    .unwrap();
+    let e = b.register("v1", 3).await.unwrap_err().to_string();
+    assert!(e.contains("not allowed"), "another node's attachment: {e}");
+    let e = c.delete("v1").await.unwrap_err().to_string();
+    assert!(e.contains("not allowed"), "{e}");
+    // A stale request learns nothing: no epoch in the answer.
+    let stale = c.register("v1", 2).await.unwrap_err().to_string();
+    assert!(stale.contains("not allowed"), "{stale}");
 
     // A raw plaintext frame gets nothing back: the connection is closed.
     let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
