@@ -590,7 +590,9 @@ async fn data_request(ctx: &Ctx, req: Request, session: u64) -> Response {
         io,
         Io::Write { .. } | Io::Discard { .. } | Io::WriteZeroes { .. }
     );
-    let admitted = if changes {
+    // With TLS, reads too come only from the connection (so the node) that registered the
+    // epoch: another node of the cluster, even knowing the epoch, reads nothing.
+    let admitted = if changes || ctx.tls.is_some() {
         ctx.fence.admit_session(&volume, epoch, session).await
     } else {
         ctx.fence.admit(&volume, epoch).await

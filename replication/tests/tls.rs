@@ -210,6 +210,25 @@ async fn only_a_node_of_the_cluster_with_a_certificate_from_its_ca_is_served() {
     .unwrap();
     let e = b.register("v1", 3).await.unwrap_err().to_string();
     assert!(e.contains("not allowed"), "another node's attachment: {e}");
+    // Nor does it read or write node-a's attachment, even with its epoch.
+    for req in [
+        replication::wire::Request::Read {
+            volume: "v1".into(),
+            epoch: 3,
+            offset: 0,
+            len: 4096,
+        },
+        replication::wire::Request::Flush {
+            volume: "v1".into(),
+            epoch: 3,
+        },
+    ] {
+        let resp = b.call(req).await.unwrap();
+        assert!(
+            matches!(resp, replication::wire::Response::Error { .. }),
+            "another node was served: {resp:?}"
+        );
+    }
     let e = c.delete("v1").await.unwrap_err().to_string();
     assert!(e.contains("not allowed"), "{e}");
     // A stale request learns nothing: no epoch in the answer.
