@@ -41,8 +41,45 @@ use crate::wire::{self, ErrCode, Request, Response, MAX_GENERATIONS, MAX_IO};
 /// The most requests of one connection executing at once.
 pub const MAX_IN_FLIGHT: usize = 64;
 
+/// The most connections served at once; more are closed as they come.
+pub const MAX_CONNECTIONS: usize = 128;
+
+/// The most request and response bytes one connection may hold at once (KiB).
+pub const CONNECTION_BUDGET_KIB: u32 = 128 << 10;
+
+/// The most request and response bytes every connection together may hold at once (KiB).
+pub const SERVER_BUDGET_KIB: usize = 1 << 20;
+
+/// How long a new connection may take to say hello (after the TLS handshake, if any).
+pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a frame may take to arrive once its first byte has: a peer that dribbles bytes
+/// is cut off (an idle connection between frames is fine).
+pub const FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How long [`ServerHandle::stop`] waits for requests in flight.
 pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The bounds a server puts on its peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; more are closed as they come.
+    pub max_connections: usize,
+    /// How long a new connection may take to say hello (after the TLS handshake, if any).
+    pub hello_timeout: std::time::Duration,
+    /// How long a frame may take to arrive once its first byte has.
+    pub frame_timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: MAX_CONNECTIONS,
+            hello_timeout: HELLO_TIMEOUT,
+            frame_timeout: FRAME_TIMEOUT,
+        }
+    }
+}
 
 /// Shared by every connection.
 #[derive(Debug)]
@@ -54,6 +91,12 @@ struct Ctx {
     drain: Arc<RwLock<()>>,
     /// Mutual TLS, and who may connect (see [`crate::tls`]); `None`: plaintext.
     tls: Option<(Arc<Tls>, Arc<dyn Members>)>,
+    /// The bounds on peers.
+    limits: Limits,
+    /// Connections served now (see [`Limits::max_connections`]).
+    connections: Arc<Semaphore>,
+    /// Bytes held by requests of every connection, in KiB (see [`SERVER_BUDGET_KIB`]).
+    budget: Arc<Semaphore>,
 }
 
 /// A bound replica server, not yet serving.
@@ -120,6 +163,9 @@ impl ReplicaServer {
                 fence,
                 drain: Arc::default(),
                 tls: None,
+                limits: Limits::default(),
+                connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+                budget: Arc::new(Semaphore::new(SERVER_BUDGET_KIB)),
             }),
             shutdown,
         })
@@ -131,6 +177,16 @@ impl ReplicaServer {
     /// The socket cannot report its address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Bound peers by `limits` instead of the defaults (before [`Self::spawn`]).
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.limits = limits;
+            ctx.connections = Arc::new(Semaphore::new(limits.max_connections));
+        }
+        self
     }
 
     /// Serve over mutual TLS only, to the nodes `members` names (before [`Self::spawn`]).
@@ -173,9 +229,16 @@ impl ReplicaServer {
                 () = stopped(&mut stop) => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        let Ok(slot) = Arc::clone(&self.ctx.connections).try_acquire_owned() else {
+                            tracing::warn!(%peer, max = self.ctx.limits.max_connections, "refused a replica connection: too many connections");
+                            continue;
+                        };
                         let ctx = self.ctx.clone();
                         let stop = self.shutdown.subscribe();
-                        tokio::spawn(accepted_connection(ctx, stream, peer, stop));
+                        tokio::spawn(async move {
+                            accepted_connection(ctx, stream, peer, stop).await;
+                            drop(slot);
+                        });
                     }
                     Err(e) => {
                         // Usually a transient resource shortage (EMFILE); back off briefly.
@@ -198,6 +261,15 @@ async fn accepted_connection(
 ) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
+    }
+    // A peer that vanished (power, partition) is noticed within about a minute even when
+    // nothing is sent.
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(30))
+        .with_interval(std::time::Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(%peer, error = %e, "could not set TCP keepalive");
     }
     let Some((tls, _)) = &ctx.tls else {
         return connection(ctx, stream, peer, stop, None).await;
@@ -235,6 +307,7 @@ async fn connection<S>(
     let (tx, rx) = mpsc::channel::<(u64, Response)>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(write_responses(BufWriter::new(wr), rx, peer));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let bytes = Arc::new(Semaphore::new(CONNECTION_BUDGET_KIB as usize));
     let mut node = String::from("?");
     let mut greeted = false;
     // Names this connection to the fence table: see `FenceTable::admit_session`.
@@ -251,7 +324,7 @@ async fn connection<S>(
         };
         let frame = tokio::select! {
             () = stopped(&mut stop) => break,
-            f = wire::read_frame::<Request, _>(&mut rd) => f,
+            f = next_frame(&mut rd, greeted, &ctx.limits) => f,
         };
         let (id, req) = match frame {
             Ok(Some(f)) => f,
@@ -283,6 +356,20 @@ async fn connection<S>(
             tracing::warn!(%peer, "closing a replica connection: a request before hello");
             break;
         }
+        // The bytes this request holds until its response is written: the reader waits
+        // (reads nothing more) while this connection, or the server, is at its budget.
+        let kib = request_kib(&req);
+        let held = tokio::select! {
+            () = stopped(&mut stop) => break,
+            held = async {
+                let mine = Arc::clone(&bytes).acquire_many_owned(kib).await.ok()?;
+                let all = Arc::clone(&ctx.budget).acquire_many_owned(kib).await.ok()?;
+                Some((mine, all))
+            } => match held {
+                Some(h) => h,
+                None => break,
+            },
+        };
         // Stopping: requests that were not running yet are not started.
         let Ok(running) = Arc::clone(&ctx.drain).try_read_owned() else {
             break;
@@ -299,6 +386,7 @@ async fn connection<S>(
             // The connection may be gone; the work is done either way.
             let _ = tx.send((id, resp)).await;
             drop(permit);
+            drop(held);
         });
     }
     drop(tx);
@@ -310,6 +398,46 @@ async fn connection<S>(
         tracing::debug!(%peer, error = %e, "replica connection writer ended abnormally");
     }
     tracing::debug!(%peer, %node, "replica connection closed");
+}
+
+/// The next request of a connection: the first (the hello) must arrive whole within the
+/// hello timeout; after that, waiting for a frame is unbounded but each must arrive whole
+/// within the frame timeout of its first byte (see [`Limits`]).
+async fn next_frame<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    greeted: bool,
+    limits: &Limits,
+) -> Result<Option<(u64, Request)>, wire::WireError> {
+    use tokio::io::AsyncBufReadExt;
+    let limit = if greeted {
+        if rd.fill_buf().await?.is_empty() {
+            return Ok(None);
+        }
+        limits.frame_timeout
+    } else {
+        limits.hello_timeout
+    };
+    tokio::time::timeout(limit, wire::read_frame::<Request, _>(rd))
+        .await
+        .unwrap_or_else(|_| {
+            Err(wire::WireError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("a frame took longer than {limit:?} to arrive"),
+            )))
+        })
+}
+
+/// What a request holds until its response is written, in KiB (at least 1): its data, or the
+/// data it reads.
+fn request_kib(req: &Request) -> u32 {
+    let bytes = match req {
+        Request::Write { data, .. } => data.len(),
+        Request::Read { len, .. } => *len as usize,
+        _ => 0,
+    };
+    u32::try_from(bytes.div_ceil(1024))
+        .unwrap_or(u32::MAX)
+        .max(1)
 }
 
 /// Write responses as they complete, flushing whenever no more are queued.
