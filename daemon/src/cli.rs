@@ -148,6 +148,20 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
     pub etcd: Vec<String>,
 
+    /// The CA certificate (PEM) of an etcd served over TLS: the --etcd endpoints are then
+    /// https:// URLs.
+    #[arg(long, value_name = "PEM")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// The client certificate (PEM) this node presents to etcd (etcd's --client-cert-auth);
+    /// with --etcd-key. The node's --tls-cert serves, if etcd trusts the cluster CA.
+    #[arg(long, value_name = "PEM")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// The key (PEM) of --etcd-cert.
+    #[arg(long, value_name = "PEM")]
+    pub etcd_key: Option<PathBuf>,
+
     /// Where this node serves its replicas to peers (cluster mode), e.g. 10.0.0.5:9471.
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,

@@ -99,6 +99,9 @@ pub enum ConfigError {
 /// force_format = false
 /// log_format = "text"      # text | json
 /// etcd = ["http://10.0.0.1:2379"]   # cluster mode; needs `listen`
+/// etcd_ca = "/etc/ballast/etcd/ca.pem"        # https:// endpoints; etcd_cert and etcd_key
+/// etcd_cert = "/etc/ballast/tls/node.pem"     # for etcd's --client-cert-auth
+/// etcd_key = "/etc/ballast/tls/node-key.pem"
 /// listen = "10.0.0.5:9471"          # where peers reach this node's replicas
 /// tls_ca = "/etc/ballast/tls/ca.pem"          # mutual TLS between nodes (cluster mode)
 /// tls_cert = "/etc/ballast/tls/node.pem"
@@ -143,6 +146,12 @@ pub struct ConfigFile {
     pub etcd: Vec<String>,
     /// See `--listen`.
     pub listen: Option<SocketAddr>,
+    /// See `--etcd-ca`.
+    pub etcd_ca: Option<PathBuf>,
+    /// See `--etcd-cert`.
+    pub etcd_cert: Option<PathBuf>,
+    /// See `--etcd-key`.
+    pub etcd_key: Option<PathBuf>,
     /// See `--tls-ca`.
     pub tls_ca: Option<PathBuf>,
     /// See `--tls-cert`.
@@ -265,6 +274,8 @@ pub struct DaemonConfig {
     pub log_format: LogFormat,
     /// The etcd endpoints; empty for a single node.
     pub etcd: Vec<String>,
+    /// etcd over TLS: its CA, and this node's client certificate and key if given.
+    pub etcd_tls: Option<EtcdTls>,
     /// The replica server's address (cluster mode).
     pub listen: Option<SocketAddr>,
     /// Mutual TLS between nodes (cluster mode; `None` only with
@@ -284,6 +295,15 @@ pub struct DaemonConfig {
     pub kubelet_dir: PathBuf,
     /// The Docker plugin socket, when the plugin is served.
     pub docker_socket: Option<PathBuf>,
+}
+
+/// How the daemon reaches an etcd served over TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA certificate etcd's certificate is checked against.
+    pub ca: PathBuf,
+    /// This node's client certificate and key, for etcd's `--client-cert-auth`.
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl DaemonConfig {
@@ -352,6 +372,14 @@ impl DaemonConfig {
                     .into(),
             });
         }
+        let etcd_tls = Self::etcd_tls(
+            args,
+            [
+                file.etcd_ca.clone(),
+                file.etcd_cert.clone(),
+                file.etcd_key.clone(),
+            ],
+        )?;
         let tls = if etcd_given {
             Self::tls(
                 args,
@@ -410,6 +438,7 @@ impl DaemonConfig {
                 args.etcd.clone()
             },
             listen: args.listen.or(file.listen),
+            etcd_tls,
             tls,
             zone: args.zone.clone().or(file.zone),
             lease_ttl: std::time::Duration::from_secs(lease_ttl),
@@ -429,6 +458,36 @@ impl DaemonConfig {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_KUBELET_DIR)),
             docker_socket: args.docker_socket.clone().or(file.docker_socket),
         })
+    }
+
+    /// The etcd TLS files: a CA, and a client certificate with its key, or neither.
+    fn etcd_tls(
+        args: &DaemonArgs,
+        [file_ca, file_cert, file_key]: [Option<PathBuf>; 3],
+    ) -> Result<Option<EtcdTls>, ConfigError> {
+        let ca = args.etcd_ca.clone().or(file_ca);
+        let cert = args.etcd_cert.clone().or(file_cert);
+        let key = args.etcd_key.clone().or(file_key);
+        let identity = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    setting: "--etcd-cert, --etcd-key",
+                    message: "give both: the client certificate and its key".into(),
+                })
+            }
+        };
+        match ca {
+            Some(ca) => Ok(Some(EtcdTls { ca, identity })),
+            None if identity.is_some() => Err(ConfigError::Invalid {
+                setting: "--etcd-ca",
+                message: "a client certificate for etcd needs the CA that etcd's certificate \
+                          is checked against (--etcd-ca), and https:// endpoints"
+                    .into(),
+            }),
+            None => Ok(None),
+        }
     }
 
     /// The TLS files of cluster mode: all three, or none with the explicit insecure setting.
@@ -604,6 +663,27 @@ mod tests {
             fixed_host,
         );
         assert!(alone.unwrap().tls.is_none());
+    }
+
+    #[test]
+    fn etcd_tls_needs_its_ca_and_a_whole_identity() {
+        let merge =
+            |args: &DaemonArgs| DaemonConfig::merge(args, None, ConfigFile::default(), fixed_host);
+        let mut args = DaemonArgs {
+            etcd_ca: Some("/e/ca.pem".into()),
+            ..DaemonArgs::default()
+        };
+        let t = merge(&args).unwrap().etcd_tls.unwrap();
+        assert!(t.identity.is_none());
+        args.etcd_cert = Some("/e/c.pem".into());
+        let e = merge(&args).unwrap_err().to_string();
+        assert!(e.contains("give both"), "{e}");
+        args.etcd_key = Some("/e/k.pem".into());
+        let t = merge(&args).unwrap().etcd_tls.unwrap();
+        assert_eq!(t.identity.unwrap().1, Path::new("/e/k.pem"));
+        args.etcd_ca = None;
+        let e = merge(&args).unwrap_err().to_string();
+        assert!(e.contains("--etcd-ca"), "{e}");
     }
 
     #[test]

@@ -182,7 +182,17 @@ async fn start_cluster(
         })?;
         (Mode::Standalone, store, None)
     } else {
-        let store = cluster::store::Store::etcd(&cfg.etcd)
+        let etcd_tls = match &cfg.etcd_tls {
+            Some(t) => Some(Arc::new(
+                replication::tls::client_config(
+                    &t.ca,
+                    t.identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+                )
+                .map_err(|e| fail("cannot set up TLS to etcd", e))?,
+            )),
+            None => None,
+        };
+        let store = cluster::store::Store::etcd_with(&cfg.etcd, etcd_tls)
             .await
             .map_err(|e| fail("cannot reach the cluster store", e))?;
         let listen = cfg

@@ -191,6 +191,43 @@ impl Loaded {
     }
 }
 
+/// A client configuration trusting the CA certificates in `ca`, presenting the certificate
+/// and key in `identity` if given (for a TLS service such as etcd; names are checked as
+/// usual).
+///
+/// # Errors
+/// A file cannot be read or parsed, or the key does not match the certificate.
+pub fn client_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in certs("CA certificate", ca)? {
+        roots
+            .add(c)
+            .map_err(|e| TlsError::Rustls(format!("{}: {e}", ca.display())))?;
+    }
+    let rustls_err = |e: rustls::Error| TlsError::Rustls(e.to_string());
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(rustls_err)?
+        .with_root_certificates(roots);
+    match identity {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let chain = certs("client certificate", cert)?;
+            let pem = read("client key", key)?;
+            let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| TlsError::Pem {
+                what: "private key",
+                path: key.to_owned(),
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(rustls_err)
+        }
+    }
+}
+
 /// A TLS stream of either side.
 pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
 /// A TLS stream of the connecting side.

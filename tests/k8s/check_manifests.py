@@ -411,6 +411,20 @@ def check_etcd_endpoints(docs, ds, ballast, r):
     urls = (arg_value(ballast, "--etcd") or "").split(",")
     hosts = {urlparse(u).hostname for u in urls}
     ports = {urlparse(u).port for u in urls}
+    # Issue 14: the shipped etcd is TLS with client certificates; the node has all three.
+    r.check(
+        all(u.startswith("https://") for u in urls),
+        f"{ds} ballast --etcd",
+        f"{urls} must be https:// (the shipped etcd requires TLS)",
+    )
+    for flag in ("--etcd-ca", "--etcd-cert", "--etcd-key"):
+        r.check(arg_value(ballast, flag) is not None, f"{ds} ballast {flag}", "missing")
+    etcd = next(iter(pod_spec(sts).get("containers") or []), {})
+    r.check(
+        has_flag(etcd, "--client-cert-auth"),
+        f"{sts} etcd --client-cert-auth",
+        "etcd must require client certificates",
+    )
     r.check(
         hosts == expected and ports == {2379},
         f"{ds} ballast --etcd",
@@ -535,7 +549,13 @@ def check_statefulsets(docs, r):
             sc = (t.get("spec") or {}).get("storageClassName")
             if sc is not None and sc.startswith("ballast-"):
                 r.check(sc in classes, f"{d} claim storageClassName", f"no StorageClass {sc}")
-        empty = [v["name"] for v in pod.get("volumes") or [] if "emptyDir" in v]
+        # A memory emptyDir holds no data (certificates made at start); any other belongs
+        # in a claim.
+        empty = [
+            v["name"]
+            for v in pod.get("volumes") or []
+            if "emptyDir" in v and (v["emptyDir"] or {}).get("medium") != "Memory"
+        ]
         r.check(not empty, f"{d} volumes", f"emptyDir {empty} where claims belong")
         service = find(same_ns, "Service", spec.get("serviceName"))
         r.check(

@@ -100,14 +100,27 @@ pub fn tls_args(node: &NodeDir, id: &str, etcd: &Etcd) -> Vec<String> {
             String::from_utf8_lossy(&done.stderr)
         );
     }
-    vec![
+    let key = out.join(format!("{id}-key.pem")).display().to_string();
+    let mut args = vec![
         "--tls-ca".into(),
         ca.join("ca.pem").display().to_string(),
         "--tls-cert".into(),
         cert.display().to_string(),
         "--tls-key".into(),
-        out.join(format!("{id}-key.pem")).display().to_string(),
-    ]
+        key.clone(),
+    ];
+    if etcd.is_tls() {
+        // etcd trusts the same CA: the node's certificate is its etcd client certificate.
+        args.extend([
+            "--etcd-ca".into(),
+            ca.join("ca.pem").display().to_string(),
+            "--etcd-cert".into(),
+            cert.display().to_string(),
+            "--etcd-key".into(),
+            key,
+        ]);
+    }
+    args
 }
 
 /// Start cluster node `id` and wait until it is ready.

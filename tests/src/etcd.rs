@@ -30,7 +30,13 @@ fn binary() -> Result<PathBuf> {
     bail!("etcd is not installed; run `apt-get install etcd-server` (scripts/test does)")
 }
 
-fn spawn(dir: &tempfile::TempDir, listen: &str, url: &str, peer: &str) -> Result<Child> {
+fn spawn(
+    dir: &tempfile::TempDir,
+    listen: &str,
+    url: &str,
+    peer: &str,
+    extra: &[String],
+) -> Result<Child> {
     // Appends, so the log of a restarted etcd keeps the earlier run's.
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -55,6 +61,7 @@ fn spawn(dir: &tempfile::TempDir, listen: &str, url: &str, peer: &str) -> Result
         // One local member: a short election timeout makes a (re)start elect itself within
         // ~0.2 s instead of ~1 s, so an outage can be kept shorter than a node's lease.
         .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -71,6 +78,11 @@ pub struct Etcd {
     client_urls: String,
     peer: String,
     port: u16,
+    /// Where `/health` is served over plain HTTP (the client port, or with TLS a metrics
+    /// port).
+    health_port: u16,
+    /// The TLS flags, when etcd serves clients over TLS.
+    extra: Vec<String>,
     dir: tempfile::TempDir,
     /// The cluster CA of the nodes using this etcd (made on first use).
     ca: std::sync::OnceLock<Result<std::path::PathBuf, String>>,
@@ -99,7 +111,7 @@ impl Etcd {
             None => url.clone(),
         };
         let peer = format!("http://127.0.0.1:{}", free_port()?);
-        let child = spawn(&dir, &client_urls, &url, &peer)?;
+        let child = spawn(&dir, &client_urls, &url, &peer, &[])?;
         let mut etcd = Self {
             child,
             running: true,
@@ -107,6 +119,8 @@ impl Etcd {
             client_urls,
             peer,
             port,
+            health_port: port,
+            extra: Vec::new(),
             dir,
             ca: std::sync::OnceLock::new(),
         };
@@ -138,6 +152,66 @@ impl Etcd {
             .map_err(|e| anyhow::anyhow!("ballast ca init failed: {e}"))
     }
 
+    /// An etcd that serves clients only over TLS with client certificates
+    /// (`--client-cert-auth`), its certificate (SAN `localhost`) and the clients' from the CA
+    /// of [`Etcd::ca_dir`]; its URL is `https://localhost:PORT`. `/health` is served on a
+    /// separate plain-HTTP metrics port.
+    ///
+    /// # Errors
+    /// See [`Etcd::start`]; or the certificates cannot be made.
+    pub fn start_tls() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let health_port = free_port()?;
+        let peer = format!("http://127.0.0.1:{}", free_port()?);
+        let mut etcd = Self {
+            child: Command::new("true").spawn()?,
+            running: false,
+            url: format!("https://localhost:{port}"),
+            client_urls: format!("https://127.0.0.1:{port}"),
+            peer,
+            port,
+            health_port,
+            extra: Vec::new(),
+            dir,
+            ca: std::sync::OnceLock::new(),
+        };
+        let _ = etcd.child.wait();
+        let ca = etcd.ca_dir()?;
+        let out = etcd.dir.path().join("server-tls");
+        let issued = Command::new(crate::ballast_bin())
+            .args(["cert", "issue", "--node", "localhost", "--ca-dir"])
+            .arg(&ca)
+            .arg("--out-dir")
+            .arg(&out)
+            .output()?;
+        if !issued.status.success() {
+            bail!(
+                "ballast cert issue failed: {}",
+                String::from_utf8_lossy(&issued.stderr)
+            );
+        }
+        let path = |p: PathBuf| p.display().to_string();
+        etcd.extra = vec![
+            "--cert-file".into(),
+            path(out.join("localhost.pem")),
+            "--key-file".into(),
+            path(out.join("localhost-key.pem")),
+            "--client-cert-auth".into(),
+            "--trusted-ca-file".into(),
+            path(ca.join("ca.pem")),
+            "--listen-metrics-urls".into(),
+            format!("http://127.0.0.1:{health_port}"),
+        ];
+        etcd.restart()?;
+        Ok(etcd)
+    }
+
+    /// Whether clients reach this etcd over TLS ([`Etcd::start_tls`]).
+    pub fn is_tls(&self) -> bool {
+        self.url.starts_with("https://")
+    }
+
     /// The client URL on `ip` (one given to [`Etcd::start_also_on`]).
     pub fn url_on(&self, ip: std::net::IpAddr) -> String {
         format!("http://{ip}:{}", self.port)
@@ -166,7 +240,13 @@ impl Etcd {
         if self.running {
             bail!("etcd is still running");
         }
-        self.child = spawn(&self.dir, &self.client_urls, &self.url, &self.peer)?;
+        self.child = spawn(
+            &self.dir,
+            &self.client_urls,
+            &self.url,
+            &self.peer,
+            &self.extra,
+        )?;
         self.running = true;
         self.wait_healthy()
     }
@@ -197,13 +277,13 @@ impl Etcd {
     }
 
     fn healthy(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.health_port)) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
         let req = format!(
             "GET /health HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
-            self.port
+            self.health_port
         );
         if s.write_all(req.as_bytes()).is_err() {
             return false;

@@ -1,5 +1,5 @@
 //! The etcd backend: etcd's v3 API through its JSON gateway (`POST /v3/kv/range`, …) over
-//! plain HTTP, with hyper. Bytes travel as base64 and 64-bit integers as JSON strings.
+//! HTTP, or HTTPS with a client certificate (etcd's `--client-cert-auth`), with hyper. Bytes travel as base64 and 64-bit integers as JSON strings.
 //!
 //! Invariants:
 //! - every request has a deadline ([`REQUEST_TIMEOUT`]) and every failure becomes a
@@ -18,6 +18,7 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, Uri};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -48,7 +49,7 @@ struct Inner {
     endpoints: Vec<String>,
     /// The index of the endpoint to try first: the last one that answered.
     preferred: AtomicUsize,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 /// Whether a request may be sent again to another member after it may have been received.
@@ -77,17 +78,28 @@ struct ErrorBody {
     code: Option<i64>,
 }
 
-fn parse_endpoint(raw: &str) -> Result<String, StoreError> {
+fn parse_endpoint(raw: &str, tls: bool) -> Result<String, StoreError> {
     let invalid = |reason: &str| StoreError::InvalidEndpoint {
         endpoint: raw.to_owned(),
         reason: reason.to_owned(),
     };
     let trimmed = raw.trim().trim_end_matches('/');
     let uri: Uri = trimmed.parse().map_err(|_| invalid("not a URL"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err(invalid("TLS (https) is not supported")),
-        _ => return Err(invalid("the URL must start with http://")),
+    match (uri.scheme_str(), tls) {
+        (Some("http"), false) | (Some("https"), true) => {}
+        (Some("https"), false) => {
+            return Err(invalid(
+                "an https:// endpoint needs the etcd CA (--etcd-ca), and a client certificate \
+                 (--etcd-cert, --etcd-key) if etcd asks for one",
+            ))
+        }
+        (Some("http"), true) => {
+            return Err(invalid(
+                "with --etcd-ca, every endpoint must be https://: plain http would send the \
+                 cluster's records unencrypted",
+            ))
+        }
+        _ => return Err(invalid("the URL must start with http:// or https://")),
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(invalid("no host"));
@@ -167,11 +179,22 @@ impl EtcdStore {
     /// # Errors
     /// [`StoreError::InvalidEndpoint`] or [`StoreError::Unavailable`].
     pub async fn connect(endpoints: &[String]) -> Result<EtcdStore, StoreError> {
+        Self::connect_with(endpoints, None).await
+    }
+
+    /// [`EtcdStore::connect`] over TLS with `tls` (then every endpoint must be `https://`).
+    ///
+    /// # Errors
+    /// See [`EtcdStore::connect`].
+    pub async fn connect_with(
+        endpoints: &[String],
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<EtcdStore, StoreError> {
         let endpoints = endpoints
             .iter()
             .flat_map(|e| e.split(','))
             .filter(|e| !e.trim().is_empty())
-            .map(parse_endpoint)
+            .map(|e| parse_endpoint(e, tls.is_some()))
             .collect::<Result<Vec<_>, _>>()?;
         if endpoints.is_empty() {
             return Err(StoreError::InvalidEndpoint {
@@ -182,6 +205,28 @@ impl EtcdStore {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
+        connector.enforce_http(false);
+        // Without TLS, a configuration that trusts nothing: only http:// endpoints were
+        // accepted, and it is never used.
+        let config = tls.map_or_else(
+            || {
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .map(|b| {
+                    b.with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth()
+                })
+                .expect("the ring provider supports the default protocol versions")
+            },
+            |c| (*c).clone(),
+        );
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
@@ -501,8 +546,12 @@ mod tests {
     #[test]
     fn endpoints_are_checked() {
         assert_eq!(
-            parse_endpoint(" http://127.0.0.1:2379/ ").unwrap(),
+            parse_endpoint(" http://127.0.0.1:2379/ ", false).unwrap(),
             "http://127.0.0.1:2379"
+        );
+        assert_eq!(
+            parse_endpoint("https://etcd-0.etcd:2379", true).unwrap(),
+            "https://etcd-0.etcd:2379"
         );
         for bad in [
             "https://h:1",
@@ -511,9 +560,16 @@ mod tests {
             "http://",
             "::",
         ] {
-            let err = parse_endpoint(bad).unwrap_err();
+            let err = parse_endpoint(bad, false).unwrap_err();
             assert!(err.to_string().contains("--etcd URL"), "{bad}: {err}");
         }
+        // TLS: https only (plain http would carry the records unencrypted).
+        let err = parse_endpoint("http://h:1", true).unwrap_err().to_string();
+        assert!(err.contains("must be https://"), "{err}");
+        let err = parse_endpoint("https://h:1", false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--etcd-ca"), "{err}");
     }
 
     #[test]

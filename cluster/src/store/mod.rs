@@ -173,6 +173,19 @@ impl Store {
         EtcdStore::connect(endpoints).await.map(Store::Etcd)
     }
 
+    /// [`Store::etcd`] over TLS with `tls` (`https://` endpoints).
+    ///
+    /// # Errors
+    /// See [`Store::etcd`].
+    pub async fn etcd_with(
+        endpoints: &[String],
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Result<Store, StoreError> {
+        EtcdStore::connect_with(endpoints, tls)
+            .await
+            .map(Store::Etcd)
+    }
+
     /// The value of `key`, if it exists.
     ///
     /// # Errors
