@@ -352,3 +352,68 @@ fn fio_verifies_and_nbdcopy_copies() {
         "nbdcopy round trip differs"
     );
 }
+
+/// Issue 14, bounded NBD server: a client that dribbles a request byte by byte is cut off
+/// (it could hold a connection and its buffers for ever), one that idles between requests is
+/// not, and connections beyond the cap are closed as they come.
+#[test]
+fn a_dribbling_client_is_cut_off_and_connections_are_capped() {
+    let (node, d) = start();
+    d.cli(["volume", "create", "slow", "--size", "16MiB"])
+        .success();
+    let sock = nbd_socket(&node);
+
+    // Idle between requests: kept.
+    let mut idle = Raw::connect(&sock);
+    idle.go("slow").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        idle.read(0, 4096).unwrap().len(),
+        4096,
+        "an idle client is served"
+    );
+
+    // A request header (28 bytes) sent a byte every 2 s: the server gives up 30 s after the
+    // first byte, before the header is whole.
+    let mut slow = Raw::connect(&sock);
+    slow.go("slow").unwrap();
+    let mut header = REQUEST_MAGIC.to_be_bytes().to_vec();
+    header.extend_from_slice(&[0u8; 24]);
+    let start = std::time::Instant::now();
+    for b in &header {
+        if slow.s.write_all(&[*b]).is_err() || start.elapsed() > Duration::from_secs(45) {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        if start.elapsed() > Duration::from_secs(32) {
+            break;
+        }
+    }
+    slow.s
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    match slow.s.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("a dribbling client was not cut off: {other:?}"),
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(50),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // 64 connections are served (each greeted); the 65th is closed at once.
+    let held: Vec<Raw> = (0..63).map(|_| Raw::connect(&sock)).collect();
+    let mut over = UnixStream::connect(&sock).unwrap();
+    over.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 18];
+    assert!(
+        matches!(over.read(&mut buf), Ok(0) | Err(_)),
+        "a connection over the cap was greeted"
+    );
+    drop(held);
+    drop(idle);
+    d.cli(["volume", "delete", "slow"]).success();
+}

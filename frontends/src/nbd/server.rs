@@ -22,8 +22,12 @@
 //! - a request that is merely wrong (unaligned, out of range, unknown command or flag) gets an
 //!   error reply and the connection stays usable; a write's payload is always consumed, so the
 //!   stream stays in sync;
+//! - at most [`MAX_CONNECTIONS`] connections per listener; a handshake must end within
+//!   [`HANDSHAKE_TIMEOUT`] and each request arrive within [`FRAME_TIMEOUT`] of its first byte;
+//!   TCP connections keep TCP keepalive on;
 //! - requests run concurrently, at most [`MAX_IN_FLIGHT`] per connection (large ones count
-//!   more, so buffers stay bounded); replies are written
+//!   more, so buffers stay bounded, and all connections together hold at most
+//!   [`SERVER_BUDGET_MIB`]); replies are written
 //!   whole under the connection's writer lock, in completion order;
 //! - on shutdown listeners stop accepting, connections stop reading new requests, and requests
 //!   in flight complete before the connection closes (bounded by [`DRAIN_TIMEOUT`]), so storage
@@ -38,7 +42,9 @@ use std::time::Duration;
 use ::api::{ControlError, ErrorKind, VolumeName};
 use host::socket::BoundSocket;
 use replication::device::{DeviceSource, VolumeDevice};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
@@ -53,6 +59,15 @@ use super::{BLOCK_SIZE, MAX_PAYLOAD};
 pub const MAX_IN_FLIGHT: usize = 128;
 /// How long a client may take to finish the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a request (its header and any payload) may take to arrive once its first byte
+/// has: a client that dribbles bytes is cut off. An idle connection between requests stays.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once per listener (the unix socket, each TCP address); more are
+/// closed as they come.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Request buffers of every connection together, in MiB (each connection holds at most
+/// about [`MAX_IN_FLIGHT`] MiB).
+pub const SERVER_BUDGET_MIB: usize = 1024;
 /// How long shutdown waits for a listener's connections to finish their requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Option data longer than this is discarded and refused with `NBD_REP_ERR_TOO_BIG`.
@@ -83,6 +98,9 @@ pub enum ConnError {
     /// The handshake took longer than [`HANDSHAKE_TIMEOUT`].
     #[error("handshake timed out")]
     Timeout,
+    /// A request took longer than [`FRAME_TIMEOUT`] to arrive once begun.
+    #[error("a request took longer than {FRAME_TIMEOUT:?} to arrive")]
+    SlowRequest,
 }
 
 /// Which volumes a listener serves.
@@ -116,6 +134,8 @@ struct TcpExport {
 struct Shared {
     devices: Arc<dyn DeviceSource>,
     stop: watch::Receiver<bool>,
+    /// Request buffers of every connection, in MiB-ish slots (see [`slot_cost`]).
+    budget: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -156,7 +176,11 @@ impl NbdServer {
         // Like the API socket (0600 from the start): whoever connects reads and writes every
         // volume.
         let (bound, listener) = BoundSocket::bind(&socket).map_err(std::io::Error::other)?;
-        let shared = Arc::new(Shared { devices, stop });
+        let shared = Arc::new(Shared {
+            devices,
+            stop,
+            budget: Arc::new(Semaphore::new(SERVER_BUDGET_MIB)),
+        });
         let task = tokio::spawn(accept_loop(
             Listener::Unix(listener),
             Arc::clone(&shared),
@@ -258,6 +282,13 @@ impl Listener {
             Self::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
+                let keepalive = socket2::TcpKeepalive::new()
+                    .with_time(Duration::from_secs(30))
+                    .with_interval(Duration::from_secs(10))
+                    .with_retries(3);
+                if let Err(e) = socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive) {
+                    tracing::debug!(%peer, error = %e, "could not set TCP keepalive");
+                }
                 let (r, w) = s.into_split();
                 Ok((Box::new(r), Box::new(w), peer.to_string()))
             }
@@ -277,6 +308,11 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, scope: Scope) {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((rd, wr, peer)) => {
+                    if conns.len() >= MAX_CONNECTIONS {
+                        tracing::warn!(%peer, max = MAX_CONNECTIONS, "refused an NBD connection: too many connections");
+                        drop((rd, wr));
+                        continue;
+                    }
                     conns.spawn(connection(rd, wr, peer, Arc::clone(&shared), scope.clone()));
                 }
                 Err(e) => {
@@ -360,7 +396,15 @@ async fn connection(
         }
     };
     tracing::debug!(%peer, volume = %export.name, "NBD client connected");
-    match transmission(rd, wr, export.device.clone(), shared.stop.clone()).await {
+    match transmission(
+        rd,
+        wr,
+        export.device.clone(),
+        shared.stop.clone(),
+        Arc::clone(&shared.budget),
+    )
+    .await
+    {
         Ok(()) => tracing::debug!(%peer, volume = %export.name, "NBD client disconnected"),
         Err(e) => {
             tracing::info!(%peer, volume = %export.name, error = %e, "NBD connection closed");
@@ -575,18 +619,26 @@ async fn transmission(
     wr: BoxWrite,
     device: VolumeDevice,
     mut stop: watch::Receiver<bool>,
+    budget: Arc<Semaphore>,
 ) -> Result<(), ConnError> {
     let writer: Writer = Arc::new(Mutex::new(BufWriter::with_capacity(REPLY_BUFFER, wr)));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let result = loop {
         let mut header = [0u8; proto::REQUEST_LEN];
+        // Waiting for a request is unbounded; once it starts, it must arrive in time.
         tokio::select! {
-            r = rd.read_exact(&mut header) => match r {
+            r = rd.fill_buf() => match r {
+                Ok([]) => break Ok(()),
                 Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
                 Err(e) => break Err(e.into()),
             },
             () = stopping(&mut stop) => break Ok(()),
+        }
+        match tokio::time::timeout(FRAME_TIMEOUT, rd.read_exact(&mut header)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+            Ok(Err(e)) => break Err(e.into()),
+            Err(_) => break Err(ConnError::SlowRequest),
         }
         let req = match proto::decode_request(&header) {
             Ok(r) => r,
@@ -606,11 +658,17 @@ async fn transmission(
             .acquire_many_owned(cost)
             .await
             .expect("the semaphore is never closed");
+        let shared_permit = Arc::clone(&budget)
+            .acquire_many_owned(cost)
+            .await
+            .expect("the semaphore is never closed");
         let payload = if req.kind == proto::CMD_WRITE {
             if checked.is_ok() {
                 let mut buf = pool::take(req.len as usize);
-                if let Err(e) = rd.read_exact(&mut buf).await {
-                    break Err(e.into());
+                match tokio::time::timeout(FRAME_TIMEOUT, rd.read_exact(&mut buf)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => break Err(e.into()),
+                    Err(_) => break Err(ConnError::SlowRequest),
                 }
                 Some(buf)
             } else {
@@ -648,6 +706,7 @@ async fn transmission(
             }
             drop(w);
             drop(permit);
+            drop(shared_permit);
             if let Err(e) = sent {
                 tracing::debug!(error = %e, "cannot send an NBD reply");
             }
