@@ -419,6 +419,18 @@ def check_etcd_endpoints(docs, ds, ballast, r):
     )
     for flag in ("--etcd-ca", "--etcd-cert", "--etcd-key"):
         r.check(arg_value(ballast, flag) is not None, f"{ds} ballast {flag}", "missing")
+    policy = find(docs, "NetworkPolicy", sts.name)
+    if r.check(policy is not None, f"NetworkPolicy {sts.name}", "missing"):
+        peer = [
+            rule
+            for rule in policy.body["spec"].get("ingress") or []
+            if any(p.get("port") == 2380 for p in rule.get("ports") or [])
+        ]
+        r.check(
+            bool(peer) and all(rule.get("from") for rule in peer),
+            f"{policy} peer port",
+            "etcd's peer port must be open to etcd members only",
+        )
     etcd = next(iter(pod_spec(sts).get("containers") or []), {})
     r.check(
         has_flag(etcd, "--client-cert-auth"),
