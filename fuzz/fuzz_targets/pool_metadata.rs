@@ -1,0 +1,22 @@
+//! The pool's on-disk parsers on any bytes (superblock CRCs are skipped in fuzzing builds):
+//! a superblock copy, and a metadata body for the layout of a device size taken from the
+//! input. An error, never a panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use volume::pool::format::{Layout, Superblock};
+use volume::pool::metadata::MetaState;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = Superblock::decode(data);
+    if data.len() >= 8 {
+        let size = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+        // Small devices only: the body of a huge layout is megabytes of input.
+        if let Ok(layout) = Layout::for_device(size % (512 << 20)) {
+            let body = layout.body_pages as usize * 4096;
+            let mut b = data[8..].to_vec();
+            b.resize(body, 0);
+            let _ = MetaState::decode_body(&layout, &b);
+        }
+    }
+});
