@@ -15,6 +15,12 @@
 //!   data path.
 //! - At most [`MAX_IN_FLIGHT`] requests per connection run at once; the reader stops reading
 //!   until one completes, which bounds the memory one peer can pin.
+//! - With TLS ([`ReplicaServer::with_tls`]), nothing is served before a `Hello` naming a node
+//!   the client certificate is valid for and the store lists; `Register` and `Delete` are
+//!   then checked against the store, and every data request must come on the connection that
+//!   registered the current epoch (see [`crate::tls`]).
+//! - Peers are bounded ([`Limits`]): connections, the hello's and each frame's arrival, and the
+//!   bytes requests hold per connection and per server.
 //! - A malformed frame closes that connection only. Request tasks are never aborted: a write
 //!   that has started runs to completion even if its connection or the server goes away.
 //! - [`ServerHandle::stop`] returns only once every request task has finished (bounded by

@@ -147,26 +147,66 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The size and modification time of each file of `files`: what a change is noticed by.
+fn stamps(files: &TlsFiles) -> Vec<Option<(SystemTime, u64)>> {
+    [&files.ca, &files.cert, &files.key]
+        .iter()
+        .map(|p| stamp(p))
+        .collect()
+}
+
+/// The CA certificates in `ca`, as trust roots.
+fn roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in certs("CA certificate", ca)? {
+        roots
+            .add(c)
+            .map_err(|e| TlsError::Rustls(format!("{}: {e}", ca.display())))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The certificate chain in `cert` and the private key in `key`.
+fn identity(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let chain = certs("certificate", cert)?;
+    let pem = read("private key", key)?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| TlsError::Pem {
+        what: "private key",
+        path: key.to_owned(),
+    })?;
+    Ok((chain, key))
+}
+
+#[allow(clippy::needless_pass_by_value)] // the shape `map_err` takes
+fn rustls_err(e: rustls::Error) -> TlsError {
+    TlsError::Rustls(e.to_string())
+}
+
+/// A client configuration trusting `roots`, presenting `identity` if given.
+fn client_with(
+    roots: Arc<RootCertStore>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<ClientConfig, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(rustls_err)?
+        .with_root_certificates(roots);
+    match identity {
+        None => Ok(builder.with_no_client_auth()),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(rustls_err),
+    }
+}
+
 impl Loaded {
     fn load(files: &TlsFiles) -> Result<Self, TlsError> {
-        let stamps = [&files.ca, &files.cert, &files.key]
-            .iter()
-            .map(|p| stamp(p))
-            .collect();
-        let mut roots = RootCertStore::empty();
-        for ca in certs("CA certificate", &files.ca)? {
-            roots
-                .add(ca)
-                .map_err(|e| TlsError::Rustls(format!("{}: {e}", files.ca.display())))?;
-        }
-        let roots = Arc::new(roots);
-        let chain = certs("node certificate", &files.cert)?;
-        let key_pem = read("node key", &files.key)?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::Pem {
-            what: "private key",
-            path: files.key.clone(),
-        })?;
-        let rustls_err = |e: rustls::Error| TlsError::Rustls(e.to_string());
+        let stamps = stamps(files);
+        let roots = roots(&files.ca)?;
+        let (chain, key) = identity(&files.cert, &files.key)?;
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), provider())
             .build()
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
@@ -176,12 +216,7 @@ impl Loaded {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(rustls_err)?;
-        let client = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(rustls_err)?
-            .with_root_certificates(Arc::clone(&roots))
-            .with_client_auth_cert(chain, key)
-            .map_err(rustls_err)?;
+        let client = client_with(roots, Some((chain, key)))?;
         Ok(Self {
             stamps,
             checked: Instant::now(),
@@ -201,31 +236,8 @@ pub fn client_config(
     ca: &Path,
     identity: Option<(&Path, &Path)>,
 ) -> Result<ClientConfig, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for c in certs("CA certificate", ca)? {
-        roots
-            .add(c)
-            .map_err(|e| TlsError::Rustls(format!("{}: {e}", ca.display())))?;
-    }
-    let rustls_err = |e: rustls::Error| TlsError::Rustls(e.to_string());
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(rustls_err)?
-        .with_root_certificates(roots);
-    match identity {
-        None => Ok(builder.with_no_client_auth()),
-        Some((cert, key)) => {
-            let chain = certs("client certificate", cert)?;
-            let pem = read("client key", key)?;
-            let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| TlsError::Pem {
-                what: "private key",
-                path: key.to_owned(),
-            })?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(rustls_err)
-        }
-    }
+    let identity = identity.map(|(c, k)| self::identity(c, k)).transpose()?;
+    client_with(roots(ca)?, identity)
 }
 
 /// A TLS stream of either side.
@@ -254,10 +266,7 @@ impl Tls {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if s.checked.elapsed() >= Duration::from_secs(1) {
             s.checked = Instant::now();
-            let now: Vec<_> = [&self.files.ca, &self.files.cert, &self.files.key]
-                .iter()
-                .map(|p| stamp(p))
-                .collect();
+            let now = stamps(&self.files);
             if now != s.stamps {
                 match Loaded::load(&self.files) {
                     Ok(fresh) => {
