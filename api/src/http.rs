@@ -140,6 +140,10 @@ pub struct ExportRequest {
     /// Also serve the volume on TCP at this address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<SocketAddr>,
+    /// Serve it there in plaintext with no authentication (for isolated networks); by
+    /// default TCP clients must start TLS with a certificate from the cluster CA.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_plaintext: bool,
 }
 
 /// Where a volume is exported.
@@ -156,6 +160,9 @@ pub struct ExportInfo {
     /// The bound TCP address, if TCP was asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<String>,
+    /// Whether TCP clients must start TLS (`nbds://`) with a certificate from the cluster CA.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// The answer of `GET /v1/nodes`.

@@ -70,9 +70,15 @@ pub enum VolumeCommand {
     Export {
         /// The volume name.
         name: String,
-        /// Also serve the volume over TCP on this address (port 0 picks a free port).
+        /// Also serve the volume over TCP on this address (port 0 picks a free port), over
+        /// TLS: clients need a certificate from the cluster CA (`ballast cert issue --client
+        /// NAME`).
         #[arg(long, value_name = "ADDR")]
         tcp: Option<SocketAddr>,
+        /// Serve the TCP export in plaintext, unauthenticated: whoever reaches the address
+        /// reads and writes the volume. Only on an isolated network.
+        #[arg(long, requires = "tcp")]
+        insecure_plaintext: bool,
         /// Output format.
         #[command(flatten)]
         output: OutputArgs,

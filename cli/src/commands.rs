@@ -98,10 +98,19 @@ pub async fn volume(client: &ApiClient, command: VolumeCommand) -> Result<Output
                 }
             })
         }
-        VolumeCommand::Export { name, tcp, output } => {
+        VolumeCommand::Export {
+            name,
+            tcp,
+            insecure_plaintext,
+            output,
+        } => {
             let name = validate_name(&name)?;
             let path = format!("{}/export", volume_path(&name));
-            let (_, export): (_, ExportInfo) = client.post(&path, &ExportRequest { tcp }).await?;
+            let request = ExportRequest {
+                tcp,
+                insecure_plaintext,
+            };
+            let (_, export): (_, ExportInfo) = client.post(&path, &request).await?;
             Ok(match output.format {
                 OutputFormat::Json => json(&export),
                 OutputFormat::Table => format!("{}\n", export.uri),

@@ -39,6 +39,7 @@ use ::api::{
 use replication::fence::FenceTable;
 use replication::nexus::{ChildSpec, ChildState, EjectFuture, Ejector, Nexus, Resizable};
 use replication::remote::{RemoteOptions, RemoteReplica};
+use replication::tls::Change;
 use volume::device::BlockDevice;
 use volume::pool::Storage;
 
@@ -337,7 +338,41 @@ impl Cluster {
         let addr = Self::node_addr(nodes, node).ok_or_else(|| {
             ControlError::new(ErrorKind::Unavailable, format!("node {node} is not live"))
         })?;
-        peer::create(&addr, name.as_str(), size, &self.peer_options(node)).await
+        let opts = self.peer_options(node);
+        self.with_intent(node, name, Change::Create, size, async {
+            peer::create(&addr, name.as_str(), size, &opts).await
+        })
+        .await
+    }
+
+    /// Record in the store this node's intent to make `change` (to `size` bytes) to the
+    /// replica of `name` on `node`, which that node's replica server checks before it obeys;
+    /// run `ask`; then delete the intent, whatever the answer.
+    async fn with_intent<T>(
+        &self,
+        node: &str,
+        name: &VolumeName,
+        change: Change,
+        size: u64,
+        ask: impl std::future::Future<Output = Result<T, ControlError>>,
+    ) -> Result<T, ControlError> {
+        let key = crate::model::intent_key(name.as_str(), node);
+        let intent = crate::model::IntentRecord {
+            by: self.me.id.clone(),
+            change,
+            size_bytes: size,
+            at: now_secs(),
+        };
+        self.store
+            .put_json(&key, &intent, None)
+            .await
+            .map_err(store_error)?;
+        let answer = ask.await;
+        if let Err(e) = self.store.delete(&key).await {
+            // It expires anyway (IntentRecord::TTL), and only ever authorized this change.
+            tracing::debug!(volume = %name, node, error = %e, "cannot delete an intent");
+        }
+        answer
     }
 
     /// Grow the replica of `name` on `node` to at least `size` bytes where it lives (this
@@ -359,14 +394,14 @@ impl Cluster {
         let addr = Self::node_addr(nodes, node).ok_or_else(|| {
             ControlError::new(ErrorKind::Unavailable, format!("node {node} is not live"))
         })?;
-        peer::resize(
-            &addr,
-            name.as_str(),
-            size,
-            dry_run,
-            &self.peer_options(node),
-        )
-        .await
+        let opts = self.peer_options(node);
+        let ask = peer::resize(&addr, name.as_str(), size, dry_run, &opts);
+        if dry_run {
+            // Only a check: it changes nothing, so it needs no intent.
+            return ask.await;
+        }
+        self.with_intent(node, name, Change::Resize, size, ask)
+            .await
     }
 
     /// Make `child` (the replica on `node`) hold at least `size` bytes: grow its replica
@@ -1244,6 +1279,11 @@ impl VolumeControl for ClusterSource {
             .delete(&volume_key(name.as_str()))
             .await
             .map_err(store_error)?;
+        // Intents left by an asker that died (they would expire anyway).
+        let intents = format!("{}{name}/", crate::model::INTENTS);
+        if let Err(e) = c.store.delete_prefix(&intents).await {
+            tracing::debug!(volume = %name, error = %e, "cannot delete the volume's intents");
+        }
         let nodes = c.nodes().await?;
         for r in &rec.placement {
             c.delete_replica(&nodes, &r.node, name).await;

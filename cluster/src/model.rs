@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `/ballast/v1/nodes/{id}` | [`NodeRecord`], attached to the node's lease | the node itself |
 //! | `/ballast/v1/volumes/{name}` | [`VolumeRecord`] | any node, by compare-and-swap |
+//! | `/ballast/v1/intents/{name}/{node}` | [`IntentRecord`]: a node is about to create or grow the replica of `name` on `node` | the node that asks, just before it asks |
 //!
 //! A node's record disappears when its lease expires, so the set of node records is the set
 //! of live nodes. Every change to a volume record is a compare-and-swap on its revision, so
@@ -17,6 +18,35 @@ use serde::{Deserialize, Serialize};
 pub const NODES: &str = "/ballast/v1/nodes/";
 /// The key prefix of volume records.
 pub const VOLUMES: &str = "/ballast/v1/volumes/";
+
+/// The key prefix of intents.
+pub const INTENTS: &str = "/ballast/v1/intents/";
+
+/// The key of the intent about volume `name`'s replica on node `node`.
+pub fn intent_key(name: &str, node: &str) -> String {
+    format!("{INTENTS}{name}/{node}")
+}
+
+/// A node's intent to create or grow a replica on another node. The replica server of that
+/// node (under TLS) does it only for the node, change and size recorded here, and only while
+/// the intent is fresh ([`IntentRecord::TTL`]); the asking node deletes it once answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntentRecord {
+    /// The node that asks.
+    pub by: String,
+    /// What it asks.
+    pub change: replication::tls::Change,
+    /// The replica's size it asks for, in bytes.
+    pub size_bytes: u64,
+    /// When it was written, in seconds since the epoch.
+    pub at: u64,
+}
+
+impl IntentRecord {
+    /// How long an intent authorizes its change: a request is sent right after its intent
+    /// is written, so only a clock far off (or an asker that died in between) outlives it.
+    pub const TTL: std::time::Duration = std::time::Duration::from_secs(300);
+}
 
 /// The key of node `id`.
 pub fn node_key(id: &str) -> String {

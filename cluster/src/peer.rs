@@ -81,8 +81,8 @@ pub async fn delete(addr: &str, volume: &str, opts: &RemoteOptions) -> Result<()
 
 /// What the store lets peers of this node (`me`) do over TLS: connect if registered (a
 /// node's record lives while its lease does), register the attachment recorded in the
-/// volume's record, delete a replica the record no longer places here. A store that cannot
-/// be read answers no.
+/// volume's record, delete a replica the record no longer places here, create or grow one as
+/// its fresh intent says. A store that cannot be read answers no.
 #[derive(Debug, Clone)]
 pub struct StoreMembers {
     /// The store.
@@ -145,6 +145,36 @@ impl replication::tls::Members for StoreMembers {
                     false
                 }
             }
+        })
+    }
+
+    fn may_change<'a>(
+        &'a self,
+        peer: &'a str,
+        volume: &'a str,
+        change: replication::tls::Change,
+        size: u64,
+    ) -> replication::tls::Answer<'a> {
+        Box::pin(async move {
+            let key = crate::model::intent_key(volume, &self.me);
+            let intent = match self
+                .store
+                .get_json::<crate::model::IntentRecord>(&key)
+                .await
+            {
+                Ok(found) => found.map(|v| v.value),
+                Err(e) => {
+                    tracing::warn!(volume, node = peer, error = %e, "cannot check a replica change against the store; refusing it");
+                    return false;
+                }
+            };
+            let now = crate::control::now_secs();
+            intent.is_some_and(|i| {
+                i.by == peer
+                    && i.change == change
+                    && i.size_bytes == size
+                    && now.abs_diff(i.at) <= crate::model::IntentRecord::TTL.as_secs()
+            })
         })
     }
 }

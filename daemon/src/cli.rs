@@ -83,16 +83,27 @@ pub enum CaCommand {
 /// `ballast cert ...`
 #[derive(Debug, Subcommand)]
 pub enum CertCommand {
-    /// Issue node NAME's certificate and key, signed by the CA in --ca-dir:
-    /// OUT/NAME.pem (--tls-cert) and OUT/NAME-key.pem (--tls-key).
+    /// Issue a certificate and key signed by the CA in --ca-dir. With --node NAME: node
+    /// NAME's, as OUT/NAME.pem (--tls-cert) and OUT/NAME-key.pem (--tls-key). With --client
+    /// NAME: an NBD client's, as OUT/ca-cert.pem, OUT/client-cert.pem and OUT/client-key.pem
+    /// (qemu's `tls-creds-x509,dir=OUT`, libnbd's `tls-certificates=OUT`).
+    #[command(group(clap::ArgGroup::new("whom").required(true).args(["node", "client"])))]
     Issue {
         /// The node's ID (its --node-id), which the certificate names.
         #[arg(long, value_name = "NAME")]
-        node: String,
+        node: Option<String>,
+        /// An NBD client's name (any label): the certificate lets it use TCP exports and
+        /// nothing else.
+        #[arg(long, value_name = "NAME")]
+        client: Option<String>,
+        /// With --node: another IP address or DNS name the certificate names, for clients
+        /// that dial the node by it (NBD over TCP). Repeatable.
+        #[arg(long, value_name = "ADDR", requires = "node")]
+        address: Vec<String>,
         /// The directory of `ballast ca init`.
         #[arg(long, value_name = "DIR", default_value = ".")]
         ca_dir: PathBuf,
-        /// Where to write the node's files (created 0700 if missing).
+        /// Where to write the files (created 0700 if missing).
         #[arg(long, value_name = "DIR", default_value = ".")]
         out_dir: PathBuf,
         /// Days the certificate is valid.

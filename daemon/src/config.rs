@@ -380,19 +380,16 @@ impl DaemonConfig {
                 file.etcd_key.clone(),
             ],
         )?;
-        let tls = if etcd_given {
-            Self::tls(
-                args,
-                [
-                    file.tls_ca.clone(),
-                    file.tls_cert.clone(),
-                    file.tls_key.clone(),
-                ],
-                file.insecure_plaintext_replicas,
-            )?
-        } else {
-            None
-        };
+        let tls = Self::tls(
+            args,
+            [
+                file.tls_ca.clone(),
+                file.tls_cert.clone(),
+                file.tls_key.clone(),
+            ],
+            file.insecure_plaintext_replicas,
+            etcd_given,
+        )?;
         let io_threads = args
             .io_threads
             .or(file.io_threads)
@@ -490,16 +487,33 @@ impl DaemonConfig {
         }
     }
 
-    /// The TLS files of cluster mode: all three, or none with the explicit insecure setting.
+    /// The node's TLS files. Cluster mode: all three, or none with the explicit insecure
+    /// setting. Standalone: all three (for NBD over TCP) or none.
     fn tls(
         args: &DaemonArgs,
         [file_ca, file_cert, file_key]: [Option<PathBuf>; 3],
         file_insecure: Option<bool>,
+        cluster: bool,
     ) -> Result<Option<replication::tls::TlsFiles>, ConfigError> {
         let insecure = args.insecure_plaintext_replicas || file_insecure.unwrap_or(false);
         let ca = args.tls_ca.clone().or(file_ca);
         let cert = args.tls_cert.clone().or(file_cert);
         let key = args.tls_key.clone().or(file_key);
+        if !cluster {
+            return match (ca, cert, key) {
+                (Some(ca), Some(cert), Some(key)) => {
+                    Ok(Some(replication::tls::TlsFiles { ca, cert, key }))
+                }
+                (None, None, None) => Ok(None),
+                _ => Err(ConfigError::Invalid {
+                    setting: "--tls-ca, --tls-cert, --tls-key",
+                    message: "give all three or none (standalone, they secure NBD over TCP; \
+                              make them with `ballast ca init` and `ballast cert issue --node \
+                              NAME`)"
+                        .into(),
+                }),
+            };
+        }
         match (ca, cert, key) {
             (Some(ca), Some(cert), Some(key)) if !insecure => {
                 Ok(Some(replication::tls::TlsFiles { ca, cert, key }))
@@ -655,14 +669,18 @@ mod tests {
         };
         let e = cluster(&both, "").unwrap_err().to_string();
         assert!(e.contains("contradicts"), "{e}");
-        // Standalone needs none of it.
-        let alone = DaemonConfig::merge(
-            &DaemonArgs::default(),
-            None,
-            ConfigFile::default(),
-            fixed_host,
-        );
-        assert!(alone.unwrap().tls.is_none());
+        // Standalone needs none of it, takes all three (for NBD over TCP), refuses a part.
+        let standalone = |f: &dyn Fn(&mut DaemonArgs)| {
+            let mut a = DaemonArgs::default();
+            f(&mut a);
+            DaemonConfig::merge(&a, None, ConfigFile::default(), fixed_host)
+        };
+        assert!(standalone(&|_| {}).unwrap().tls.is_none());
+        assert!(standalone(&all).unwrap().tls.is_some());
+        let e = standalone(&|a| a.tls_cert = Some("/t/n.pem".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("all three or none"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! Logs go to standard error: human-readable lines by default, one JSON object per line with
 //! `--log-format json` (for log shippers). Colours are used only when standard error is a
 //! terminal. `RUST_LOG` selects what is logged, with the usual
-//! `tracing_subscriber::EnvFilter` syntax; without it, `info` and above are logged.
+//! `tracing_subscriber::EnvFilter` syntax; without it, `info` and above are logged, except
+//! rustls's warnings about what a peer sent (clients such as qemu send an IP address as the
+//! TLS server name; the daemon logs the handshakes that fail itself).
 //!
 //! Invariant: [`init`] installs the global subscriber at most once per process.
 
@@ -14,7 +16,7 @@ use tracing_subscriber::EnvFilter;
 use crate::cli::LogFormat;
 
 /// The filter used when `RUST_LOG` is unset or empty.
-const DEFAULT_FILTER: &str = "info";
+const DEFAULT_FILTER: &str = "info,rustls=error";
 
 /// Install the global subscriber. A second call, or an invalid `RUST_LOG` directive, is
 /// reported on standard error and otherwise ignored; logging must never stop the daemon.

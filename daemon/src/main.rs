@@ -35,18 +35,31 @@ fn main() -> ExitCode {
         }
         Command::Cert(daemon::cli::CertCommand::Issue {
             node,
+            client,
+            address,
             ca_dir,
             out_dir,
             days,
-        }) => report(
-            daemon::certs::cert_issue(&node, &ca_dir, &out_dir, days).map(|[cert, key]| {
-                format!(
-                    "wrote {} (--tls-cert) and {} (--tls-key) for node {node}",
-                    cert.display(),
-                    key.display()
-                )
-            }),
-        ),
+        }) => report(match (node, client) {
+            (Some(node), _) => daemon::certs::cert_issue(&node, &address, &ca_dir, &out_dir, days)
+                .map(|[cert, key]| {
+                    format!(
+                        "wrote {} (--tls-cert) and {} (--tls-key) for node {node}",
+                        cert.display(),
+                        key.display()
+                    )
+                }),
+            (None, Some(client)) => daemon::certs::client_issue(&client, &ca_dir, &out_dir, days)
+                .map(|_| {
+                    format!(
+                        "wrote NBD client {client}'s CA, certificate and key in {} (qemu: \
+                         --object tls-creds-x509,id=tls0,endpoint=client,dir={0}; libnbd: \
+                         nbds://HOST/NAME?tls-certificates={0})",
+                        out_dir.display()
+                    )
+                }),
+            (None, None) => Err(anyhow::anyhow!("give --node NAME or --client NAME")),
+        }),
         Command::Client(command) => {
             let socket = cli
                 .api_socket

@@ -140,6 +140,9 @@ struct ClusterParts {
     cluster: Arc<Cluster>,
     server: Option<replication::server::ServerHandle>,
     lease_task: JoinHandle<()>,
+    /// The node's TLS identity (cluster mode unless plaintext; standalone if given): the
+    /// replica port's and TCP NBD exports'.
+    tls: Option<Arc<replication::tls::Tls>>,
 }
 
 /// How long a replica request may take before the replica is ejected.
@@ -247,8 +250,8 @@ async fn start_cluster(
             ..cluster::RepairPolicy::default()
         },
     );
-    let cluster = match tls {
-        Some(t) => cluster.with_tls(t),
+    let cluster = match &tls {
+        Some(t) => cluster.with_tls(Arc::clone(t)),
         None => cluster,
     };
     let cluster = Arc::new(if mode == Mode::Cluster {
@@ -306,6 +309,7 @@ async fn start_cluster(
         cluster,
         server,
         lease_task,
+        tls,
     })
 }
 
@@ -610,6 +614,7 @@ impl Running {
         let parts = start_cluster(cfg, &storage).await?;
         metrics.attach_cluster(Arc::clone(&parts.cluster));
         let cluster = Arc::clone(&parts.cluster);
+        let tls = parts.tls.clone();
         self.cluster = Some(parts);
         let volumes = Arc::new(ClusterSource(Arc::clone(&cluster)));
         // One open device per volume, shared by the block device and NBD connections.
@@ -617,8 +622,13 @@ impl Running {
             Arc::clone(&volumes) as Arc<dyn DeviceSource>
         ));
         let path = cfg.data_dir.join(nbd::SOCKET_NAME);
-        let nbd = NbdServer::start(Arc::clone(&devices), path.clone(), self.stop_rx.clone())
-            .map_err(|source| NodeError::NbdSocket { path, source })?;
+        let nbd = NbdServer::start(
+            Arc::clone(&devices),
+            path.clone(),
+            self.stop_rx.clone(),
+            tls,
+        )
+        .map_err(|source| NodeError::NbdSocket { path, source })?;
         self.nbd = Some(Arc::clone(&nbd));
         let source = Arc::clone(&devices);
         self.attacher = start_attacher(source, &cfg.data_dir).await;

@@ -16,9 +16,9 @@
 //! - At most [`MAX_IN_FLIGHT`] requests per connection run at once; the reader stops reading
 //!   until one completes, which bounds the memory one peer can pin.
 //! - With TLS ([`ReplicaServer::with_tls`]), nothing is served before a `Hello` naming a node
-//!   the client certificate is valid for and the store lists; `Register` and `Delete` are
-//!   then checked against the store, and every data request must come on the connection that
-//!   registered the current epoch (see [`crate::tls`]).
+//!   the client certificate is valid for and the store lists; `Register`, `Delete`, `Create`
+//!   and `Resize` are then checked against the store, and every data request must come on the
+//!   connection that registered the current epoch (see [`crate::tls`]).
 //! - Peers are bounded ([`Limits`]): connections, the hello's and each frame's arrival, and the
 //!   bytes requests hold per connection and per server.
 //! - A malformed frame closes that connection only. Request tasks are never aborted: a write
@@ -41,7 +41,7 @@ use volume::io::IoBuf;
 use volume::pool::Storage;
 
 use crate::fence::{FenceError, FenceTable, RegisterError};
-use crate::tls::{self, Members, Tls};
+use crate::tls::{self, Change, Members, Tls};
 use crate::wire::{self, ErrCode, Request, Response, MAX_GENERATIONS, MAX_IO};
 
 /// The most requests of one connection executing at once.
@@ -501,6 +501,22 @@ async fn authorize(ctx: &Ctx, peer: &str, req: &Request) -> Result<(), Response>
         Request::Delete { volume } => (
             members.may_delete(volume).await,
             format!("the removal of the replica of {volume} here"),
+        ),
+        Request::Create { volume, size } => (
+            members
+                .may_change(peer, volume, Change::Create, *size)
+                .await,
+            format!("node {peer}'s creation of a replica of {volume} here, {size} bytes"),
+        ),
+        Request::Resize {
+            volume,
+            size,
+            dry_run: false,
+        } => (
+            members
+                .may_change(peer, volume, Change::Resize, *size)
+                .await,
+            format!("node {peer}'s growth of the replica of {volume} here to {size} bytes"),
         ),
         _ => return Ok(()),
     };

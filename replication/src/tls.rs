@@ -2,7 +2,8 @@
 //!
 //! Every node has a key and a certificate whose subject alternative name is its node name,
 //! signed by the cluster's CA ([`issue_ca`], [`issue_node`]: `ballast ca init`, `ballast cert
-//! issue --node NAME`). A connection between nodes is TLS 1.3 (or 1.2) with a certificate on
+//! issue --node NAME`). NBD clients over TCP get client-only certificates that name no node
+//! ([`issue_client`]: `ballast cert issue --client NAME`). A connection between nodes is TLS 1.3 (or 1.2) with a certificate on
 //! both sides, each checked against the CA:
 //!
 //! - the client checks that the server's certificate names the node it meant to reach;
@@ -12,7 +13,8 @@
 //! - what a node may ask is checked against the store too ([`Members`]): `Register` only for
 //!   the node and epoch recorded as the volume's attachment (reads and writes are admitted only
 //!   on the connection that registered the current epoch, see `crate::fence`), `Delete` only of
-//!   a replica the store no longer places here.
+//!   a replica the store no longer places here, `Create` and `Resize` (but a dry run) only as
+//!   the store's fresh intent by that node says ([`Change`]).
 //!
 //! The files are read again when they change (their size or modification time, checked at
 //! most once a second on a new connection): certificates rotate with no restart. A rotation
@@ -92,6 +94,27 @@ pub trait Members: Send + Sync + fmt::Debug {
     /// Whether this node's replica of `volume` may be deleted: the store no longer places
     /// one here (the volume is deleted, or its replica here was replaced).
     fn may_delete<'a>(&'a self, volume: &'a str) -> Answer<'a>;
+
+    /// Whether node `peer` may make `change` to a replica of `volume` of `size` bytes here:
+    /// the store holds that node's recent intent to do exactly that.
+    fn may_change<'a>(
+        &'a self,
+        peer: &'a str,
+        volume: &'a str,
+        change: Change,
+        size: u64,
+    ) -> Answer<'a>;
+}
+
+/// A change a node asks of a peer's replica, which it records as an intent in the store
+/// first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    /// Create the replica.
+    Create,
+    /// Grow the replica.
+    Resize,
 }
 
 /// A node's TLS identity and trust, reloaded when its files change.
@@ -356,29 +379,94 @@ pub fn issue_ca() -> Result<(String, String), TlsError> {
 }
 
 /// A certificate and key for node `node`, signed by the CA whose key is `ca_key` (PEM, as
-/// [`issue_ca`] made it); valid from yesterday for `days` days. Its SAN is the node name, and
+/// [`issue_ca`] made it); valid from yesterday for `days` days. Its SANs are the node name
+/// and `addresses` (IP addresses or DNS names a client may dial, e.g. for NBD over TCP), and
 /// it serves both as a server and as a client certificate.
 ///
 /// # Errors
-/// The CA key does not parse, `node` is not a valid DNS name, or signing fails.
-pub fn issue_node(ca_key: &str, node: &str, days: u32) -> Result<(String, String), TlsError> {
-    let issue = |e: rcgen::Error| TlsError::Issue(e.to_string());
+/// The CA key does not parse, `node` or an address is not a valid DNS name or IP address, or
+/// signing fails.
+pub fn issue_node(
+    ca_key: &str,
+    node: &str,
+    addresses: &[String],
+    days: u32,
+) -> Result<(String, String), TlsError> {
     if ServerName::try_from(node).is_err() {
         return Err(TlsError::Issue(format!(
             "node name {node:?} is not a valid DNS name, so no certificate can name it"
         )));
     }
+    let mut sans = vec![rcgen::SanType::DnsName(dns_name(node)?)];
+    for a in addresses {
+        sans.push(match a.parse::<std::net::IpAddr>() {
+            Ok(ip) => rcgen::SanType::IpAddress(ip),
+            Err(_) if ServerName::try_from(a.as_str()).is_ok() => {
+                rcgen::SanType::DnsName(dns_name(a)?)
+            }
+            Err(_) => {
+                return Err(TlsError::Issue(format!(
+                    "address {a:?} is neither an IP address nor a DNS name"
+                )))
+            }
+        });
+    }
+    issue_leaf(
+        ca_key,
+        node,
+        sans,
+        vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+        days,
+    )
+}
+
+/// A client certificate and key for `name` (an NBD client over TCP), signed by the CA whose
+/// key is `ca_key`; valid from yesterday for `days` days. `name` is only its common name: it
+/// has no subject alternative name, so it can never pass for a node ([`certifies`] is false
+/// for every name) and it is good for client authentication only.
+///
+/// # Errors
+/// `name` is empty, the CA key does not parse, or signing fails.
+pub fn issue_client(ca_key: &str, name: &str, days: u32) -> Result<(String, String), TlsError> {
+    if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+        return Err(TlsError::Issue(format!(
+            "client name {name:?} must be 1 to 64 printable characters"
+        )));
+    }
+    issue_leaf(
+        ca_key,
+        name,
+        Vec::new(),
+        vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth],
+        days,
+    )
+}
+
+fn dns_name(name: &str) -> Result<rcgen::Ia5String, TlsError> {
+    rcgen::Ia5String::try_from(name).map_err(|e| TlsError::Issue(e.to_string()))
+}
+
+/// A certificate signed by the CA of `ca_key`, with common name `cn`, these SANs and uses.
+fn issue_leaf(
+    ca_key: &str,
+    cn: &str,
+    sans: Vec<rcgen::SanType>,
+    uses: Vec<rcgen::ExtendedKeyUsagePurpose>,
+    days: u32,
+) -> Result<(String, String), TlsError> {
+    let issue = |e: rcgen::Error| TlsError::Issue(e.to_string());
     let ca_key = rcgen::KeyPair::from_pem(ca_key).map_err(issue)?;
     let ca = ca_params().self_signed(&ca_key).map_err(issue)?;
     let key = rcgen::KeyPair::generate().map_err(issue)?;
-    let mut params = rcgen::CertificateParams::new(vec![node.to_owned()]).map_err(issue)?;
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = sans;
     params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, node);
-    params.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+        .push(rcgen::DnType::CommonName, cn);
+    params.extended_key_usages = uses;
     let today = days_since_epoch();
     let (y, m, d) = ymd(today - 1);
     params.not_before = rcgen::date_time_ymd(y, m, d);
@@ -416,11 +504,26 @@ mod tests {
     #[test]
     fn a_node_certificate_names_its_node_only() {
         let (_ca, ca_key) = issue_ca().unwrap();
-        let (cert, _key) = issue_node(&ca_key, "node-a", 30).unwrap();
+        let (cert, _key) = issue_node(&ca_key, "node-a", &[], 30).unwrap();
         let der = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
         assert!(certifies(&der, "node-a"));
         assert!(!certifies(&der, "node-b"));
-        assert!(issue_node(&ca_key, "not a name", 30).is_err());
-        assert!(issue_node("garbage", "node-a", 30).is_err());
+        assert!(issue_node(&ca_key, "not a name", &[], 30).is_err());
+        assert!(issue_node("garbage", "node-a", &[], 30).is_err());
+        let extra = ["10.0.0.5".to_owned(), "node-a.example".to_owned()];
+        let (cert, _key) = issue_node(&ca_key, "node-a", &extra, 30).unwrap();
+        let der = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        assert!(certifies(&der, "node-a") && certifies(&der, "node-a.example"));
+        assert!(issue_node(&ca_key, "node-a", &["bad name!".to_owned()], 30).is_err());
+    }
+
+    #[test]
+    fn a_client_certificate_names_no_node() {
+        let (_ca, ca_key) = issue_ca().unwrap();
+        let (cert, _key) = issue_client(&ca_key, "backup-job", 30).unwrap();
+        let der = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        assert!(!certifies(&der, "backup-job"));
+        assert!(!certifies(&der, "node-a"));
+        assert!(issue_client(&ca_key, "", 30).is_err());
     }
 }

@@ -9,19 +9,21 @@ use std::time::Duration;
 use replication::fence::FenceTable;
 use replication::remote::{RemoteOptions, ReplicaClient};
 use replication::server::{ReplicaServer, ServerHandle};
-use replication::tls::{issue_ca, issue_node, Members, Tls, TlsFiles};
+use replication::tls::{issue_ca, issue_node, Change, Members, Tls, TlsFiles};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use volume::io::{probe, EngineKind};
 use volume::pool::{DeviceSpec, Storage, StorageConfig};
 
 const MIB: u64 = 1 << 20;
 
-/// What the "store" says: the nodes, each volume's attachment, the volumes placed here.
+/// What the "store" says: the nodes, each volume's attachment, the volumes placed here, and
+/// the intents (volume: node, change, size).
 #[derive(Debug)]
 struct Fixed {
     nodes: BTreeSet<String>,
     attached: std::collections::BTreeMap<String, (String, u64)>,
     placed_here: BTreeSet<String>,
+    intents: Vec<(&'static str, &'static str, Change, u64)>,
 }
 
 impl Members for Fixed {
@@ -45,6 +47,16 @@ impl Members for Fixed {
     fn may_delete<'a>(&'a self, volume: &'a str) -> replication::tls::Answer<'a> {
         Box::pin(async move { !self.placed_here.contains(volume) })
     }
+
+    fn may_change<'a>(
+        &'a self,
+        peer: &'a str,
+        volume: &'a str,
+        change: Change,
+        size: u64,
+    ) -> replication::tls::Answer<'a> {
+        Box::pin(async move { self.intents.contains(&(volume, peer, change, size)) })
+    }
 }
 
 /// A CA: its certificate and key.
@@ -61,7 +73,7 @@ impl Ca {
 
     /// Write `node`'s files (and this CA's certificate) under `dir`; their paths.
     fn files(&self, dir: &Path, node: &str) -> TlsFiles {
-        let (cert, key) = issue_node(&self.key, node, 30).unwrap();
+        let (cert, key) = issue_node(&self.key, node, &[], 30).unwrap();
         let files = TlsFiles {
             ca: dir.join(format!("{node}-ca.pem")),
             cert: dir.join(format!("{node}.pem")),
@@ -103,6 +115,12 @@ async fn server(dir: &Path, files: TlsFiles) -> (Arc<Storage>, ServerHandle) {
         nodes: ["node-a", "node-b"].map(String::from).into(),
         attached: [("v1".to_owned(), ("node-a".to_owned(), 3))].into(),
         placed_here: ["v1".to_owned()].into(),
+        // node-a may create these (4 MiB each) and grow v1 to 8 MiB.
+        intents: ["v1", "v2", "v3", "v4", "v5", "v6", "r1", "r2", "r3", "r4"]
+            .map(|v| (v, "node-a", Change::Create, 4 * MIB))
+            .into_iter()
+            .chain([("v1", "node-a", Change::Resize, 8 * MIB)])
+            .collect(),
     };
     let handle = ReplicaServer::bind("127.0.0.1:0".parse().unwrap(), storage.clone(), fence)
         .await
@@ -231,6 +249,37 @@ async fn only_a_node_of_the_cluster_with_a_certificate_from_its_ca_is_served() {
     }
     let e = c.delete("v1").await.unwrap_err().to_string();
     assert!(e.contains("not allowed"), "{e}");
+    // It creates and grows replicas only as its intents in the store say: not another
+    // volume, not another size, not someone else's intent.
+    for (who, volume, size) in [
+        (&c, "v9", 4 * MIB),
+        (&c, "v2", 16 * MIB),
+        (&b, "v2", 4 * MIB),
+    ] {
+        let e = who.create(volume, size).await.unwrap_err().to_string();
+        assert!(e.contains("not allowed"), "{volume} {size}: {e}");
+    }
+    let e = c
+        .resize("v1", 64 * MIB, false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not allowed"), "{e}");
+    let e = b
+        .resize("v1", 8 * MIB, false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not allowed"), "{e}");
+    c.resize("v1", 64 * MIB, true)
+        .await
+        .expect_err("a dry run is only a check, but 64 MiB does not fit");
+    c.resize("v1", 8 * MIB, true)
+        .await
+        .expect("a dry run needs no intent");
+    c.resize("v1", 8 * MIB, false)
+        .await
+        .expect("the recorded growth is done");
     // A stale request learns nothing: no epoch in the answer.
     let stale = c.register("v1", 2).await.unwrap_err().to_string();
     assert!(stale.contains("not allowed"), "{stale}");

@@ -23,6 +23,10 @@ mod consts {
     pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
     pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
     pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+    pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
+    pub const OPT_EXPORT_NAME: u32 = 1;
+    pub const OPT_INFO: u32 = 6;
+    pub const OPT_STARTTLS: u32 = 5;
     pub const CMD_READ: u16 = 0;
     pub const CMD_WRITE: u16 = 1;
     pub const CMD_DISC: u16 = 2;
@@ -36,11 +40,15 @@ mod consts {
 }
 pub use consts::*;
 
-/// A raw NBD client on a unix socket.
+/// A byte stream to a server.
+pub trait Stream: Read + Write + Send + std::fmt::Debug {}
+impl<T: Read + Write + Send + std::fmt::Debug> Stream for T {}
+
+/// A raw NBD client on a unix socket (or a TCP connection).
 #[derive(Debug)]
 pub struct Raw {
     /// The connection, for bytes the methods do not send.
-    pub s: UnixStream,
+    pub s: Box<dyn Stream>,
 }
 
 impl Raw {
@@ -48,6 +56,17 @@ impl Raw {
     pub fn connect(path: &Path) -> Self {
         let s = UnixStream::connect(path).expect("connect to the NBD socket");
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Self::greet(Box::new(s))
+    }
+
+    /// [`Raw::connect`] over TCP.
+    pub fn connect_tcp(addr: &str) -> Self {
+        let s = std::net::TcpStream::connect(addr).expect("connect to the NBD address");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Self::greet(Box::new(s))
+    }
+
+    fn greet(s: Box<dyn Stream>) -> Self {
         let mut raw = Self { s };
         let mut greeting = [0u8; 18];
         raw.s.read_exact(&mut greeting).unwrap();

@@ -129,7 +129,18 @@ fn tcp_export_serves_only_the_exported_volume() {
     let (node, d) = start();
     create(&d, "net", "8MiB");
     create(&d, "private", "8MiB");
-    let out = d.cli(["volume", "export", "net", "--tcp", "127.0.0.1:0"]);
+    // A daemon with no TLS identity serves TCP only when plaintext is asked for explicitly.
+    d.cli(["volume", "export", "net", "--tcp", "127.0.0.1:0"])
+        .expect_code(1)
+        .stderr_has("--insecure-plaintext");
+    let out = d.cli([
+        "volume",
+        "export",
+        "net",
+        "--tcp",
+        "127.0.0.1:0",
+        "--insecure-plaintext",
+    ]);
     out.success();
     let uri = out.stdout.trim().to_owned();
     assert!(uri.starts_with("nbd://127.0.0.1:"), "{uri}");
@@ -152,6 +163,211 @@ fn tcp_export_serves_only_the_exported_volume() {
     d.cli(["volume", "export", "nope"]).expect_code(4);
     d.cli(["volume", "export", "net", "--tcp", "not-an-address"])
         .expect_code(2);
+}
+
+/// `ballast <args>`, which must succeed.
+fn ballast(args: &[&str]) {
+    let out = Command::new(integration_tests::ballast_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ballast {args:?}: {out:?}");
+}
+
+/// qemu-img's arguments for the TLS export `name` at `port` with the client files in `dir`:
+/// the object and the image options.
+fn qemu_tls(dir: &Path, port: &str, name: &str) -> [String; 2] {
+    [
+        format!(
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            dir.display()
+        ),
+        format!(
+            "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export={name},\
+             tls-creds=tls0"
+        ),
+    ]
+}
+
+#[test]
+fn tcp_exports_need_tls_and_a_client_certificate_from_the_cluster_ca() {
+    let node = NodeDir::new().unwrap();
+    let (ca, tls, client) = (
+        node.scratch("ca"),
+        node.scratch("tls"),
+        node.scratch("client"),
+    );
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    ballast(&["ca", "init", "--dir", &s(&ca)]);
+    ballast(&[
+        "cert",
+        "issue",
+        "--node",
+        "test-node",
+        "--address",
+        "127.0.0.1",
+        "--ca-dir",
+        &s(&ca),
+        "--out-dir",
+        &s(&tls),
+    ]);
+    ballast(&[
+        "cert",
+        "issue",
+        "--client",
+        "qemu",
+        "--ca-dir",
+        &s(&ca),
+        "--out-dir",
+        &s(&client),
+    ]);
+    // A client certificate from another CA, and a client with no certificate at all.
+    let (rogue_ca, rogue) = (node.scratch("rogue-ca"), node.scratch("rogue"));
+    ballast(&["ca", "init", "--dir", &s(&rogue_ca)]);
+    ballast(&[
+        "cert",
+        "issue",
+        "--client",
+        "qemu",
+        "--ca-dir",
+        &s(&rogue_ca),
+        "--out-dir",
+        &s(&rogue),
+    ]);
+    std::fs::copy(client.join("ca-cert.pem"), rogue.join("ca-cert.pem")).unwrap();
+    let anonymous = node.scratch("anonymous");
+    std::fs::create_dir(&anonymous).unwrap();
+    std::fs::copy(client.join("ca-cert.pem"), anonymous.join("ca-cert.pem")).unwrap();
+
+    let mut args = node.daemon_args();
+    args.extend(
+        [
+            "--tls-ca",
+            &s(&ca.join("ca.pem")),
+            "--tls-cert",
+            &s(&tls.join("test-node.pem")),
+            "--tls-key",
+            &s(&tls.join("test-node-key.pem")),
+        ]
+        .map(String::from),
+    );
+    let mut d = Daemon::spawn(&node, &args).unwrap();
+    d.wait_ready(integration_tests::START_TIMEOUT).unwrap();
+    create(&d, "net", "8MiB");
+    create(&d, "other", "8MiB");
+    let out = d.cli([
+        "volume",
+        "export",
+        "net",
+        "--tcp",
+        "127.0.0.1:0",
+        "-o",
+        "json",
+    ]);
+    out.success();
+    let info = out.json();
+    assert_eq!(info["tls"], true, "{info}");
+    let uri = info["uri"].as_str().unwrap().to_owned();
+    assert!(uri.starts_with("nbds://127.0.0.1:"), "{uri}");
+    let addr = info["tcp"].as_str().unwrap().to_owned();
+    let port = addr.rsplit(':').next().unwrap().to_owned();
+    // The listener serves TLS: exporting another volume there in plaintext is refused.
+    d.cli([
+        "volume",
+        "export",
+        "other",
+        "--tcp",
+        &addr,
+        "--insecure-plaintext",
+    ])
+    .expect_code(1)
+    .stderr_has("already serves NBD over TLS");
+
+    // qemu with the client certificate writes and reads the volume.
+    let data = random_file(&node.scratch("in.img"), 4 * MIB);
+    let [object, image] = qemu_tls(&client, &port, "net");
+    let src = s(&node.scratch("in.img"));
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "--object",
+            &object,
+            "-f",
+            "raw",
+            &src,
+            "--target-image-opts",
+            &image,
+        ],
+    );
+    let back = s(&node.scratch("out.img"));
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "--object",
+            &object,
+            "--image-opts",
+            &image,
+            "-O",
+            "raw",
+            &back,
+        ],
+    );
+    let read = std::fs::read(&back).unwrap();
+    assert!(read[..data.len()] == *data, "data differs over TLS");
+    // So does libnbd, which checks the node certificate's address.
+    let info = Command::new("nbdinfo")
+        .arg(format!("{uri}?tls-certificates={}", client.display()))
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "{info:?}");
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("with TLS"),
+        "{info:?}"
+    );
+
+    // Refused: a certificate from another CA, no certificate, and no TLS.
+    for (dir, who) in [
+        (&rogue, "another CA's client"),
+        (&anonymous, "a client with no certificate"),
+    ] {
+        let [object, image] = qemu_tls(dir, &port, "net");
+        let out = Command::new("qemu-img")
+            .args(["info", "--object", &object, "--image-opts", &image])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{who} was served: {out:?}");
+    }
+    let plain = Command::new("nbdinfo")
+        .arg(format!("nbd://{addr}/net"))
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "served without TLS: {plain:?}");
+    // On the wire: before TLS, every option but STARTTLS and ABORT is refused with
+    // NBD_REP_ERR_TLS_REQD, and the old EXPORT_NAME (which has no error reply) closes.
+    let mut raw = Raw::connect_tcp(&addr);
+    let mut go = 3u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"net");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    for option in [OPT_GO, OPT_INFO, OPT_LIST] {
+        let body: &[u8] = if option == OPT_LIST { &[] } else { &go };
+        raw.send_option(option, body);
+        let (o, kind, msg) = raw.option_reply();
+        assert_eq!((o, kind), (option, REP_ERR_TLS_REQD));
+        assert!(String::from_utf8_lossy(&msg).contains("client certificate"));
+    }
+    raw.send_option(OPT_STARTTLS, b"junk");
+    assert_ne!(raw.option_reply().1, REP_ACK, "STARTTLS with data");
+    raw.send_option(OPT_EXPORT_NAME, b"net");
+    assert!(raw.closed(), "EXPORT_NAME before TLS must close");
+
+    // The unix socket (0600, root only) needs no TLS.
+    let mut local = Raw::connect(&nbd_socket(&node));
+    assert!(local.go("net").is_ok());
+    drop(local);
+    d.terminate().unwrap();
 }
 
 #[test]
@@ -389,9 +605,7 @@ fn a_dribbling_client_is_cut_off_and_connections_are_capped() {
             break;
         }
     }
-    slow.s
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
+    // (Reads time out after 20 s.)
     let mut b = [0u8; 1];
     match slow.s.read(&mut b) {
         Ok(0) => {}

@@ -207,6 +207,120 @@ fn a_cluster_node_runs_on_its_own_certificate_only() {
     }
 }
 
+/// Issue 14, a hostile peer with a valid certificate of a live node of the cluster (node-c's)
+/// against node-b's replica port, while node-a holds a replicated volume: it can register no
+/// epoch, read, write, flush, delete, create or grow nothing there. Meanwhile the real
+/// cluster creates and grows replicas through the intents it records first.
+#[test]
+fn a_valid_node_certificate_gets_only_what_the_store_records() {
+    use replication::remote::{RemoteOptions, ReplicaClient};
+    use replication::wire::{Request, Response};
+
+    let etcd = Etcd::start().unwrap();
+    let dirs = node_dirs(3);
+    let _cleanup = Cleanup::new(&dirs, &["held"]);
+    let nodes = integration_tests::cluster::three_nodes(&dirs, &etcd);
+    nodes[0]
+        .cli([
+            "volume",
+            "create",
+            "held",
+            "--size",
+            "16MiB",
+            "--replicas",
+            "3",
+        ])
+        .success();
+    attach(&nodes[0], "held");
+    let list = nodes[0].cli(["node", "list", "-o", "json"]).json();
+    let addr_of = |id: &str| -> std::net::SocketAddr {
+        let n = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == id)
+            .unwrap();
+        n["replica_addr"].as_str().unwrap().parse().unwrap()
+    };
+    let tls = integration_tests::cluster::tls_args(&dirs[2], "node-c", &etcd);
+    let files = replication::tls::TlsFiles {
+        ca: tls[1].clone().into(),
+        cert: tls[3].clone().into(),
+        key: tls[5].clone().into(),
+    };
+    let opts = RemoteOptions {
+        timeout: Duration::from_secs(5),
+        node: "node-c".into(),
+        tls: Some((replication::tls::Tls::load(files).unwrap(), "node-b".into())),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = ReplicaClient::connect(addr_of("node-b"), &opts)
+            .await
+            .expect("node-c is a node of the cluster: connected");
+        let refused = |what: &str, r: Result<(), volume::device::DeviceError>| {
+            let e = r.expect_err(what).to_string();
+            assert!(e.contains("not allowed"), "{what}: {e}");
+        };
+        for epoch in [1, 2, 3, 4, 5, u64::MAX] {
+            refused("register", c.register("held", epoch).await);
+        }
+        refused("delete", c.delete("held").await);
+        refused("create", c.create("evil", 4 << 20).await);
+        refused("grow", c.resize("held", 32 << 20, false).await);
+        for epoch in 0..6 {
+            let mut data = volume::io::pool::take(4096);
+            data.fill(0xee);
+            for req in [
+                Request::Read {
+                    volume: "held".into(),
+                    epoch,
+                    offset: 0,
+                    len: 4096,
+                },
+                Request::Write {
+                    volume: "held".into(),
+                    epoch,
+                    offset: 0,
+                    fua: false,
+                    generation: 0,
+                    data,
+                },
+                Request::Flush {
+                    volume: "held".into(),
+                    epoch,
+                },
+            ] {
+                let resp = c.call(req).await.unwrap();
+                assert!(
+                    matches!(resp, Response::Error { .. } | Response::Stale { epoch: 0 }),
+                    "epoch {epoch}: served: {resp:?}"
+                );
+            }
+        }
+    });
+    // The cluster itself still creates and grows its replicas (through intents).
+    nodes[0]
+        .cli(["volume", "resize", "held", "--size", "32MiB"])
+        .success();
+    nodes[1]
+        .cli([
+            "volume",
+            "create",
+            "fresh",
+            "--size",
+            "8MiB",
+            "--replicas",
+            "3",
+        ])
+        .success();
+    nodes[1].cli(["volume", "delete", "fresh"]).success();
+    let v = nodes[0]
+        .cli(["volume", "inspect", "held", "-o", "json"])
+        .json();
+    assert_eq!(v["size_bytes"], 32 << 20, "{v}");
+}
+
 /// Issue 14: etcd over TLS with client certificates (`--client-cert-auth`). Nodes with the
 /// etcd CA and a client certificate run a replicated volume through it; a node without a
 /// client certificate, or speaking plain HTTP, is refused with a message naming the store.

@@ -1,10 +1,13 @@
 //! The NBD export route of the local API: `POST /v1/volumes/{name}/export`.
 //!
-//! Body: [`ExportRequest`] (`{}` or `{"tcp": "ADDR"}`); answer `200` [`ExportInfo`]. Every
-//! volume is always exported on the daemon's NBD unix socket; with `tcp`, the volume is also
-//! served on a TCP listener at that address (port 0 picks a free port, reported back) until
-//! the daemon stops. Unknown volumes are `404 not_found`, an address that cannot be bound is
-//! `400 invalid_argument`.
+//! Body: [`ExportRequest`] (`{}`, `{"tcp": "ADDR"}`, optionally with
+//! `"insecure_plaintext": true`); answer `200` [`ExportInfo`]. Every volume is always exported
+//! on the daemon's NBD unix socket; with `tcp`, the volume is also served on a TCP listener at
+//! that address (port 0 picks a free port, reported back) until the daemon stops, over TLS
+//! with client certificates from the cluster CA (`nbds://`). Unknown volumes are
+//! `404 not_found`, an address that cannot be bound is `400 invalid_argument`, a TCP export
+//! without TLS (none configured, plaintext not asked for) or one whose address already serves
+//! the other way is `412 failed_precondition`.
 //!
 //! An export serves the volume's device from this node's shared devices (see
 //! `frontends::devices`): opened by the first NBD connection, taking the attachment as an
@@ -19,6 +22,7 @@ use ::api::{ErrorKind, VolumeName};
 use axum::extract::{Path, State};
 use axum::routing::post;
 use axum::{Json, Router};
+use frontends::nbd::server::ExportError;
 use frontends::nbd::NbdServer;
 use replication::device::DeviceSource;
 
@@ -49,20 +53,41 @@ async fn export_volume(
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))??;
     let unix_uri = st.nbd.unix_uri(&name);
+    if req.insecure_plaintext && req.tcp.is_none() {
+        return Err(ApiError::new(
+            ErrorKind::InvalidArgument,
+            "insecure_plaintext applies to a TCP export: give tcp too",
+        ));
+    }
     let tcp = match req.tcp {
-        Some(addr) => Some(st.nbd.export_tcp(&name, addr).await.map_err(|e| {
-            ApiError::new(
-                ErrorKind::InvalidArgument,
-                format!("cannot listen for NBD on {addr}: {e}"),
-            )
-        })?),
+        Some(addr) => Some(
+            st.nbd
+                .export_tcp(&name, addr, req.insecure_plaintext)
+                .await
+                .map_err(|e| {
+                    let kind = match e {
+                        ExportError::Bind { .. } => ErrorKind::InvalidArgument,
+                        ExportError::NeedsTls | ExportError::Mismatch { .. } => {
+                            ErrorKind::FailedPrecondition
+                        }
+                    };
+                    ApiError::new(kind, e.to_string())
+                })?,
+        ),
         None => None,
     };
     Ok(Json(ExportInfo {
         volume: name.to_string(),
-        uri: tcp.map_or_else(|| unix_uri.clone(), |a| format!("nbd://{a}/{name}")),
+        uri: tcp.map_or_else(
+            || unix_uri.clone(),
+            |t| {
+                let scheme = if t.tls { "nbds" } else { "nbd" };
+                format!("{scheme}://{}/{name}", t.addr)
+            },
+        ),
         unix_uri,
         socket: st.nbd.socket().display().to_string(),
-        tcp: tcp.map(|a| a.to_string()),
+        tcp: tcp.map(|t| t.addr.to_string()),
+        tls: tcp.is_some_and(|t| t.tls),
     }))
 }

@@ -10,9 +10,12 @@
 //! over, its requests fail with `EPERM`.
 //!
 //! Invariants:
-//! - the unix socket has mode 0600, like the API socket: a connection can read and write every
-//!   volume; TCP listeners serve only the volumes exported on them and have no
-//!   authentication (bind them to trusted networks);
+//! - the unix socket has mode 0600 from the start, like the API socket: a connection can read
+//!   and write every volume. TCP listeners serve only the volumes exported on them, and only
+//!   over TLS (`NBD_OPT_STARTTLS`) with a client certificate from the cluster CA: before
+//!   TLS, every option but `STARTTLS` and `ABORT` gets `NBD_REP_ERR_TLS_REQD` and
+//!   `NBD_OPT_EXPORT_NAME` closes the connection. A plaintext TCP listener exists only when
+//!   the export asked for it explicitly (and it is logged as a warning);
 //! - `NBD_OPT_INFO` and `NBD_OPT_LIST` open nothing: sizes and names come from the source;
 //!   only `NBD_OPT_GO` and `NBD_OPT_EXPORT_NAME` open the volume, and a volume attached on
 //!   another live node is refused with `NBD_REP_ERR_POLICY` and a message saying so;
@@ -42,10 +45,11 @@ use std::time::Duration;
 use ::api::{ControlError, ErrorKind, VolumeName};
 use host::socket::BoundSocket;
 use replication::device::{DeviceSource, VolumeDevice};
+use replication::tls::Tls;
 use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
 };
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use volume::device::{BlockDevice, DeviceError, DeviceErrorKind, WriteFlags};
@@ -101,6 +105,48 @@ pub enum ConnError {
     /// A request took longer than [`FRAME_TIMEOUT`] to arrive once begun.
     #[error("a request took longer than {FRAME_TIMEOUT:?} to arrive")]
     SlowRequest,
+    /// `NBD_OPT_EXPORT_NAME` before TLS on a listener that requires it (the protocol says:
+    /// close).
+    #[error("the client asked for an export before starting TLS")]
+    TlsRequired,
+}
+
+/// Why a TCP export cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// TCP exports need TLS, and the daemon has no TLS identity.
+    #[error(
+        "NBD over TCP needs TLS: start the daemon with --tls-ca, --tls-cert and --tls-key \
+         (`ballast ca init`, `ballast cert issue --node NAME`; clients get `ballast cert issue \
+         --client NAME`), or export with --insecure-plaintext on an isolated network"
+    )]
+    NeedsTls,
+    /// A listener at that address already serves the other way (TLS or plaintext).
+    #[error("{addr} already serves NBD {}; export there the same way, or use another address", if *.tls { "over TLS" } else { "in plaintext" })]
+    Mismatch {
+        /// The listener's address.
+        addr: SocketAddr,
+        /// Whether it serves TLS.
+        tls: bool,
+    },
+    /// The address cannot be bound.
+    #[error("cannot listen for NBD on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A TCP export made: where, and whether clients must use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpBound {
+    /// The bound address (useful for port 0).
+    pub addr: SocketAddr,
+    /// Clients must start TLS and present a certificate from the cluster CA.
+    pub tls: bool,
 }
 
 /// Which volumes a listener serves.
@@ -126,6 +172,7 @@ impl Scope {
 struct TcpExport {
     requested: SocketAddr,
     bound: SocketAddr,
+    tls: bool,
     names: Arc<RwLock<BTreeSet<String>>>,
 }
 
@@ -155,6 +202,8 @@ impl Shared {
 #[derive(Debug)]
 pub struct NbdServer {
     shared: Arc<Shared>,
+    /// The node's TLS identity, which TCP exports require.
+    tls: Option<Arc<Tls>>,
     socket: PathBuf,
     /// Removes the socket file when taken at shutdown.
     bound: std::sync::Mutex<Option<BoundSocket>>,
@@ -165,6 +214,8 @@ pub struct NbdServer {
 impl NbdServer {
     /// Listen on the unix socket `socket` (a stale file there is replaced: the caller holds
     /// the data directory lock) and serve every volume of `devices` until `stop` turns true.
+    /// TCP exports are served over TLS with `tls` (the node's identity; clients need a
+    /// certificate from its CA).
     ///
     /// # Errors
     /// The socket cannot be bound.
@@ -172,6 +223,7 @@ impl NbdServer {
         devices: Arc<dyn DeviceSource>,
         socket: PathBuf,
         stop: watch::Receiver<bool>,
+        tls: Option<Arc<Tls>>,
     ) -> std::io::Result<Arc<Self>> {
         // Like the API socket (0600 from the start): whoever connects reads and writes every
         // volume.
@@ -189,6 +241,7 @@ impl NbdServer {
         tracing::info!(socket = %socket.display(), "serving NBD exports");
         Ok(Arc::new(Self {
             shared,
+            tls,
             socket,
             bound: std::sync::Mutex::new(Some(bound)),
             tcp: Mutex::new(Vec::new()),
@@ -207,43 +260,69 @@ impl NbdServer {
     }
 
     /// Export `name` on TCP at `addr` too, starting a listener there unless one already runs
-    /// (for the same requested or bound address). Returns the bound address (useful for
-    /// port 0). TCP exports last until the daemon stops.
+    /// (for the same requested or bound address). Clients must use TLS unless `plaintext`
+    /// (an explicit, logged choice). TCP exports last until the daemon stops.
     ///
     /// # Errors
-    /// The address cannot be bound.
+    /// No TLS identity and no `plaintext`, a listener there serving the other way, or the
+    /// address cannot be bound.
     pub async fn export_tcp(
         &self,
         name: &VolumeName,
         addr: SocketAddr,
-    ) -> std::io::Result<SocketAddr> {
+        plaintext: bool,
+    ) -> Result<TcpBound, ExportError> {
+        let tls = match (&self.tls, plaintext) {
+            (_, true) => None,
+            (Some(t), false) => Some(Arc::clone(t)),
+            (None, false) => return Err(ExportError::NeedsTls),
+        };
         let mut tcp = self.tcp.lock().await;
         if let Some(t) = tcp
             .iter()
             .find(|t| (t.requested == addr && addr.port() != 0) || t.bound == addr)
         {
+            if t.tls != tls.is_some() {
+                return Err(ExportError::Mismatch {
+                    addr: t.bound,
+                    tls: t.tls,
+                });
+            }
             t.names
                 .write()
                 .expect("scope lock")
                 .insert(name.to_string());
-            return Ok(t.bound);
+            return Ok(TcpBound {
+                addr: t.bound,
+                tls: t.tls,
+            });
         }
-        let listener = TcpListener::bind(addr).await?;
-        let bound = listener.local_addr()?;
+        let bind = |source| ExportError::Bind { addr, source };
+        let listener = TcpListener::bind(addr).await.map_err(bind)?;
+        let bound = listener.local_addr().map_err(bind)?;
         let names = Arc::new(RwLock::new(BTreeSet::from([name.to_string()])));
+        let secure = tls.is_some();
         let task = tokio::spawn(accept_loop(
-            Listener::Tcp(listener),
+            Listener::Tcp(listener, tls),
             Arc::clone(&self.shared),
             Scope::Only(Arc::clone(&names)),
         ));
         self.listeners.lock().expect("listeners lock").push(task);
-        tracing::info!(%bound, volume = %name, "serving an NBD export on TCP");
+        if secure {
+            tracing::info!(%bound, volume = %name, "serving an NBD export on TCP (TLS with client certificates)");
+        } else {
+            tracing::warn!(%bound, volume = %name, "SERVING AN NBD EXPORT ON TCP IN PLAINTEXT, UNAUTHENTICATED (--insecure-plaintext): whoever reaches this address reads and writes the volume");
+        }
         tcp.push(TcpExport {
             requested: addr,
             bound,
+            tls: secure,
             names,
         });
-        Ok(bound)
+        Ok(TcpBound {
+            addr: bound,
+            tls: secure,
+        })
     }
 
     /// Wait for every listener to stop and drain (call after the stop signal was sent), then
@@ -268,18 +347,23 @@ type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 #[derive(Debug)]
 enum Listener {
     Unix(UnixListener),
-    Tcp(TcpListener),
+    /// With the TLS identity its clients must use, if any.
+    Tcp(TcpListener, Option<Arc<Tls>>),
+}
+
+/// An accepted connection, before the handshake.
+enum Accepted {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+    /// A TCP connection that must start TLS with this identity.
+    TcpTls(TcpStream, Arc<Tls>),
 }
 
 impl Listener {
-    async fn accept(&self) -> std::io::Result<(BoxRead, BoxWrite, String)> {
+    async fn accept(&self) -> std::io::Result<(Accepted, String)> {
         match self {
-            Self::Unix(l) => {
-                let (s, _) = l.accept().await?;
-                let (r, w) = s.into_split();
-                Ok((Box::new(r), Box::new(w), "unix".to_owned()))
-            }
-            Self::Tcp(l) => {
+            Self::Unix(l) => Ok((Accepted::Unix(l.accept().await?.0), "unix".to_owned())),
+            Self::Tcp(l, tls) => {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
                 let keepalive = socket2::TcpKeepalive::new()
@@ -289,8 +373,11 @@ impl Listener {
                 if let Err(e) = socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive) {
                     tracing::debug!(%peer, error = %e, "could not set TCP keepalive");
                 }
-                let (r, w) = s.into_split();
-                Ok((Box::new(r), Box::new(w), peer.to_string()))
+                let accepted = match tls {
+                    Some(t) => Accepted::TcpTls(s, Arc::clone(t)),
+                    None => Accepted::Tcp(s),
+                };
+                Ok((accepted, peer.to_string()))
             }
         }
     }
@@ -307,13 +394,13 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, scope: Scope) {
     loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok((rd, wr, peer)) => {
+                Ok((accepted, peer)) => {
                     if conns.len() >= MAX_CONNECTIONS {
                         tracing::warn!(%peer, max = MAX_CONNECTIONS, "refused an NBD connection: too many connections");
-                        drop((rd, wr));
+                        drop(accepted);
                         continue;
                     }
-                    conns.spawn(connection(rd, wr, peer, Arc::clone(&shared), scope.clone()));
+                    conns.spawn(connection(accepted, peer, Arc::clone(&shared), scope.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "NBD accept failed");
@@ -373,22 +460,19 @@ impl Drop for Export {
     }
 }
 
-async fn connection(
-    rd: BoxRead,
-    mut wr: BoxWrite,
-    peer: String,
-    shared: Arc<Shared>,
-    scope: Scope,
-) {
-    let mut rd = BufReader::with_capacity(256 * 1024, rd);
-    let negotiated = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        handshake(&mut rd, &mut wr, &shared, &scope),
-    )
+async fn connection(accepted: Accepted, peer: String, shared: Arc<Shared>, scope: Scope) {
+    let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let Some((rd, mut wr, no_zeroes, secure)) = open_channel(accepted).await? else {
+            return Ok(None);
+        };
+        let mut rd = BufReader::with_capacity(256 * 1024, rd);
+        let export = handshake(&mut rd, &mut wr, &shared, &scope, no_zeroes, secure).await?;
+        Ok(export.map(|e| (rd, wr, e)))
+    })
     .await
     .unwrap_or(Err(ConnError::Timeout));
-    let export = match negotiated {
-        Ok(Some(export)) => export,
+    let (rd, wr, export) = match negotiated {
+        Ok(Some(negotiated)) => negotiated,
         Ok(None) => return,
         Err(e) => {
             tracing::info!(%peer, error = %e, "NBD handshake failed; closing the connection");
@@ -411,6 +495,91 @@ async fn connection(
         }
     }
     export.close(&shared).await;
+}
+
+/// The greeting and the client's flags, then (on a TLS listener) the options before TLS up
+/// to a successful `NBD_OPT_STARTTLS`: the channel the rest of the handshake and
+/// transmission use, whether the client asked for no zeroes, and whether it is TLS.
+/// `Ok(None)`: the client aborted.
+async fn open_channel(
+    accepted: Accepted,
+) -> Result<Option<(BoxRead, BoxWrite, bool, bool)>, ConnError> {
+    async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<bool, ConnError> {
+        s.write_all(&proto::greeting()).await?;
+        let mut flags = [0u8; 4];
+        s.read_exact(&mut flags).await?;
+        Ok(proto::decode_client_flags(&flags)? & proto::FLAG_C_NO_ZEROES != 0)
+    }
+    let (mut tcp, tls) = match accepted {
+        Accepted::Unix(mut s) => {
+            let no_zeroes = greet(&mut s).await?;
+            let (r, w) = s.into_split();
+            return Ok(Some((Box::new(r), Box::new(w), no_zeroes, false)));
+        }
+        Accepted::Tcp(mut s) => {
+            let no_zeroes = greet(&mut s).await?;
+            let (r, w) = s.into_split();
+            return Ok(Some((Box::new(r), Box::new(w), no_zeroes, false)));
+        }
+        Accepted::TcpTls(s, tls) => (s, tls),
+    };
+    let no_zeroes = greet(&mut tcp).await?;
+    loop {
+        // Unbuffered: nothing the client sends after STARTTLS may be read here.
+        let Some((option, data)) = read_option(&mut tcp).await? else {
+            continue;
+        };
+        match option {
+            proto::OPT_STARTTLS if data.is_empty() => {
+                reply(&mut tcp, option, proto::REP_ACK, &[]).await?;
+                let stream = tls.accept(tcp).await?;
+                let (r, w) = tokio::io::split(stream);
+                return Ok(Some((Box::new(r), Box::new(w), no_zeroes, true)));
+            }
+            proto::OPT_STARTTLS => {
+                let msg = b"NBD_OPT_STARTTLS has no data";
+                reply(&mut tcp, option, proto::REP_ERR_INVALID, msg).await?;
+            }
+            proto::OPT_ABORT => {
+                let _ = reply(&mut tcp, option, proto::REP_ACK, &[]).await;
+                return Ok(None);
+            }
+            proto::OPT_EXPORT_NAME => return Err(ConnError::TlsRequired),
+            _ => {
+                let msg = b"this server requires TLS (NBD_OPT_STARTTLS) and a client certificate \
+                            from the cluster CA (ballast cert issue --client NAME)";
+                reply(&mut tcp, option, proto::REP_ERR_TLS_REQD, msg).await?;
+            }
+        }
+    }
+}
+
+/// The next option and its data. `Ok(None)`: its data was too long, was discarded and
+/// refused (`NBD_REP_ERR_TOO_BIG`).
+async fn read_option<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+) -> Result<Option<(u32, Vec<u8>)>, ConnError> {
+    let mut header = [0u8; proto::OPTION_HEADER_LEN];
+    s.read_exact(&mut header).await?;
+    let header = proto::decode_option_header(&header)?;
+    if header.len > MAX_OPTION_DATA {
+        tokio::io::copy(
+            &mut (&mut *s).take(header.len.into()),
+            &mut tokio::io::sink(),
+        )
+        .await?;
+        reply(
+            s,
+            header.option,
+            proto::REP_ERR_TOO_BIG,
+            b"option data too large",
+        )
+        .await?;
+        return Ok(None);
+    }
+    let mut data = vec![0u8; header.len as usize];
+    s.read_exact(&mut data).await?;
+    Ok(Some((header.option, data)))
 }
 
 /// The volume `name` if this listener serves it.
@@ -442,21 +611,20 @@ async fn reply<W: AsyncWrite + Unpin>(
     wr.write_all(&proto::option_reply(option, kind, data)).await
 }
 
-/// The fixed newstyle handshake. `Ok(None)`: the client aborted.
+/// The option haggling of the fixed newstyle handshake, after the greeting (and TLS, if
+/// `secure`). `Ok(None)`: the client aborted.
 async fn handshake<R, W>(
     rd: &mut R,
     wr: &mut W,
     shared: &Shared,
     scope: &Scope,
+    no_zeroes: bool,
+    secure: bool,
 ) -> Result<Option<Export>, ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    wr.write_all(&proto::greeting()).await?;
-    let mut flags = [0u8; 4];
-    rd.read_exact(&mut flags).await?;
-    let no_zeroes = proto::decode_client_flags(&flags)? & proto::FLAG_C_NO_ZEROES != 0;
     loop {
         let mut header = [0u8; proto::OPTION_HEADER_LEN];
         rd.read_exact(&mut header).await?;
@@ -470,6 +638,9 @@ where
         let mut data = vec![0u8; header.len as usize];
         rd.read_exact(&mut data).await?;
         match option {
+            proto::OPT_STARTTLS if secure => {
+                reply(wr, option, proto::REP_ERR_INVALID, b"TLS is already on").await?;
+            }
             proto::OPT_EXPORT_NAME => {
                 let name = proto::decode_export_name(&data)?;
                 let Some(vn) = in_scope(scope, &name) else {
