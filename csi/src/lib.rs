@@ -35,8 +35,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use api::{NodeControl, VolumeControl};
-use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 
 /// The generated `csi.v1` messages, servers and clients.
 #[allow(
@@ -75,13 +73,14 @@ pub struct NodeConfig {
     pub allowed_root: PathBuf,
 }
 
-/// Serve the Identity, Controller and Node services on `listener` (see [`bind`]) until
+/// Serve the Identity, Controller and Node services on `listener` (bound with
+/// `host::socket::BoundSocket`, which admits only root and the daemon's user) until
 /// `shutdown` completes.
 ///
 /// # Errors
 /// The server failed.
 pub async fn serve<C: VolumeControl, N: NodeControl>(
-    listener: UnixListener,
+    listener: host::socket::LocalListener,
     control: Arc<C>,
     node: Arc<N>,
     config: NodeConfig,
@@ -98,7 +97,7 @@ pub async fn serve<C: VolumeControl, N: NodeControl>(
         .add_service(proto::node_server::NodeServer::new(node::Node::new(
             control, node, config, ops,
         )))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(listener.into_stream(), shutdown)
         .await
         .map_err(std::io::Error::other)
 }

@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 use volume::pool::{PoolError, Storage, StorageConfig};
 
 use crate::api;
-use crate::api_socket::{BoundSocket, SocketError};
+use crate::api_socket::{BoundSocket, LocalListener, SocketError};
 use crate::config::DaemonConfig;
 use crate::data_dir_lock::{DataDirLock, LockError};
 use crate::host::NodeHost;
@@ -452,9 +452,9 @@ struct Held {
 
 /// The listening sockets the servers take over.
 struct Listeners {
-    api: tokio::net::UnixListener,
-    csi: Option<(BoundSocket, tokio::net::UnixListener)>,
-    docker: Option<(BoundSocket, tokio::net::UnixListener)>,
+    api: LocalListener,
+    csi: Option<(BoundSocket, LocalListener)>,
+    docker: Option<(BoundSocket, LocalListener)>,
 }
 
 /// Load this node's TLS files, and check that its certificate names it (peers would refuse
@@ -751,7 +751,7 @@ pub const DOCKER_REFS_FILE: &str = "docker-mounts.json";
 
 /// Load the Docker plugin's state, mount again the volumes that have callers, and serve it.
 async fn start_docker<C: ::api::VolumeControl>(
-    listener: tokio::net::UnixListener,
+    listener: LocalListener,
     control: Arc<C>,
     host: Arc<NodeHost>,
     config: plugin::PluginConfig,

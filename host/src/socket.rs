@@ -11,12 +11,15 @@
 //!   there, then hard-linked into place (so no umask, and no window between `bind` and
 //!   `chmod`, lets another user connect); its parent directory, if the daemon creates it, is
 //!   mode 0700;
-//! - the file is removed when the [`BoundSocket`] guard drops.
+//! - the file is removed when the [`BoundSocket`] guard drops;
+//! - whoever connects is checked too ([`LocalListener`]): a peer whose user is neither root nor
+//!   the daemon's own (`SO_PEERCRED`) is disconnected before a byte is read, so a socket made
+//!   reachable by mistake (a `chmod`, a bind mount into a container) still serves no one else.
 
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 
 /// Errors binding a unix socket.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +64,7 @@ impl BoundSocket {
     /// # Errors
     /// [`SocketError::InUse`] if a daemon answers there, [`SocketError::NotASocket`] if the
     /// path is something else, otherwise the I/O error.
-    pub fn bind(path: &Path) -> Result<(Self, UnixListener), SocketError> {
+    pub fn bind(path: &Path) -> Result<(Self, LocalListener), SocketError> {
         let io = |action, source| SocketError::Io {
             action,
             path: path.to_owned(),
@@ -99,7 +102,7 @@ impl BoundSocket {
             Self {
                 path: path.to_owned(),
             },
-            listener,
+            LocalListener::new(listener),
         ))
     }
 
@@ -135,6 +138,78 @@ fn bind_private(dir: &Path, path: &Path) -> Result<UnixListener, (&'static str, 
         });
     let _ = std::fs::remove_dir_all(&private);
     bound
+}
+
+/// A unix listener that accepts only peers running as root or as the daemon's user.
+#[derive(Debug)]
+pub struct LocalListener {
+    inner: UnixListener,
+    me: u32,
+}
+
+impl LocalListener {
+    /// Check the peers of `inner`.
+    pub fn new(inner: UnixListener) -> Self {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        Self { inner, me }
+    }
+
+    /// Whether a peer running as `uid` may use the socket.
+    pub fn admits(&self, uid: u32) -> bool {
+        uid == 0 || uid == self.me
+    }
+
+    /// The next connection of an admitted peer; the others are closed (and logged).
+    ///
+    /// # Errors
+    /// Accepting failed.
+    pub async fn accept(&self) -> std::io::Result<(UnixStream, tokio::net::unix::SocketAddr)> {
+        loop {
+            let (stream, addr) = self.inner.accept().await?;
+            match stream.peer_cred() {
+                Ok(cred) if self.admits(cred.uid()) => return Ok((stream, addr)),
+                Ok(cred) => {
+                    tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), socket = ?self.inner.local_addr().ok(), "refused a local connection: its user is neither root nor the daemon's");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "refused a local connection whose user cannot be read");
+                }
+            }
+        }
+    }
+
+    /// The admitted connections as a stream (for tonic's `serve_with_incoming`).
+    pub fn into_stream(
+        self,
+    ) -> impl futures_util::Stream<Item = std::io::Result<UnixStream>> + Send + 'static {
+        futures_util::stream::unfold(self, |l| async move {
+            let next = l.accept().await.map(|(s, _)| s);
+            Some((next, l))
+        })
+    }
+}
+
+impl axum::serve::Listener for LocalListener {
+    type Io = UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match LocalListener::accept(self).await {
+                Ok(accepted) => return accepted,
+                Err(e) => {
+                    // Like axum's own listeners: out of descriptors and the like pass.
+                    tracing::warn!(error = %e, "accepting a local connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
 }
 
 impl Drop for BoundSocket {

@@ -528,7 +528,7 @@ async fn list<C: VolumeControl, N: NodeControl>(State(p): St<C, N>) -> Json<List
 /// # Errors
 /// The server failed.
 pub async fn serve(
-    listener: tokio::net::UnixListener,
+    listener: host::socket::LocalListener,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {

@@ -417,31 +417,63 @@ fn managed_plugin_runs_containers_on_a_ballast_volume() {
     assert_eq!(config["Args"]["Name"], "args");
     assert_eq!(strings(&config["Args"]["Settable"]), ["value"]);
 
+    // TLS files in the plugin's data directory (as deploy/docker/README.md says), named in
+    // its args: the node's identity, which TCP NBD exports need.
+    let propagated = docker_root
+        .join("plugins")
+        .join(&id)
+        .join("propagated-mount");
+    let tls = propagated.join("tls");
+    let ca = guard.work.path().join("ca");
+    let bin = integration_tests::ballast_bin();
+    for args in [
+        vec!["ca", "init", "--dir", ca.to_str().unwrap()],
+        vec![
+            "cert",
+            "issue",
+            "--node",
+            "mp-node",
+            "--address",
+            "127.0.0.1",
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--out-dir",
+            tls.to_str().unwrap(),
+        ],
+    ] {
+        let out = Command::new(bin).args(&args).output().unwrap();
+        assert!(out.status.success(), "ballast {args:?}: {out:?}");
+    }
+    std::fs::copy(ca.join("ca.pem"), tls.join("ca.pem")).unwrap();
+    let in_plugin = |f: &str| format!("{DATA_DIR}/tls/{f}");
+    let settings = [
+        "--pool".to_owned(),
+        format!("{DATA_DIR}/pool.img:512MiB"),
+        "--http".to_owned(),
+        "127.0.0.1:0".to_owned(),
+        "--node-id".to_owned(),
+        "mp-node".to_owned(),
+        "--tls-ca".to_owned(),
+        in_plugin("ca.pem"),
+        "--tls-cert".to_owned(),
+        in_plugin("mp-node.pem"),
+        "--tls-key".to_owned(),
+        in_plugin("mp-node-key.pem"),
+    ];
+
     // Settings, then start it.
     docker(&[
         "plugin",
         "set",
         &plugin,
-        &format!("args=--pool {DATA_DIR}/pool.img:512MiB --http 127.0.0.1:0"),
+        &format!("args={}", settings.join(" ")),
     ])
     .ok();
     docker(&["plugin", "enable", &plugin]).ok();
     let enabled = inspect_plugin(&plugin);
     assert_eq!(enabled["Enabled"], true);
     let args = enabled["Settings"]["Args"].clone();
-    assert_eq!(
-        strings(&args),
-        [
-            "--pool",
-            &format!("{DATA_DIR}/pool.img:512MiB"),
-            "--http",
-            "127.0.0.1:0"
-        ]
-    );
-    let propagated = docker_root
-        .join("plugins")
-        .join(&id)
-        .join("propagated-mount");
+    assert_eq!(strings(&args), settings);
     let pool = std::fs::metadata(propagated.join("pool.img"))
         .expect("the pool file in the plugin's data directory");
     assert_eq!(pool.len(), 512 << 20);
@@ -462,6 +494,21 @@ fn managed_plugin_runs_containers_on_a_ballast_volume() {
     assert_eq!(vol_json["Status"]["replicas"], 1);
     let listed = run_cli(&api, ["volume", "ls", "-o", "json"]);
     listed.success().stdout_has(&vol);
+    // The plugin's daemon runs on the certificate from its settings: a TCP export is TLS.
+    let export = run_cli(
+        &api,
+        [
+            "volume",
+            "export",
+            &vol,
+            "--tcp",
+            "127.0.0.1:0",
+            "-o",
+            "json",
+        ],
+    );
+    export.success();
+    assert_eq!(export.json()["tls"], true, "{}", export.stdout);
 
     // One container writes, another reads.
     let writer = in_container(

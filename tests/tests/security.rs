@@ -57,6 +57,45 @@ fn every_socket_is_private_even_under_a_permissive_umask() {
     }
     // The daemon still serves through them.
     daemon.cli(["volume", "list"]).success();
+
+    // Even a socket made reachable by mistake serves only root and the daemon's user: each
+    // one hard-linked, mode 0666, into a directory anyone may enter. Root gets answers
+    // through the links; user nobody is disconnected before any answer.
+    let base = std::env::var_os("BALLAST_TEST_DIR")
+        .map_or_else(|| std::path::PathBuf::from("/var/tmp"), Into::into);
+    let open = tempfile::Builder::new()
+        .prefix("ballast-open-")
+        .tempdir_in(base)
+        .unwrap();
+    std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let http = b"GET /v1/volumes HTTP/1.0\r\n\r\n".as_slice();
+    // The HTTP/2 preface and an empty SETTINGS frame: a gRPC server answers with its own.
+    let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".as_slice();
+    for (name, socket, hello) in [
+        ("api", node.socket(), http),
+        ("nbd", nbd.clone(), b"".as_slice()),
+        ("csi", csi.clone(), h2),
+        ("docker", docker.clone(), http),
+    ] {
+        let link = open.path().join(name);
+        std::fs::hard_link(&socket, &link).unwrap();
+        std::fs::set_permissions(&link, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(
+            answer_bytes(&link, hello, false) > 0,
+            "{name}: root is served"
+        );
+        assert_eq!(
+            answer_bytes(&link, hello, true),
+            0,
+            "{name}: nobody was served"
+        );
+    }
+    assert!(
+        daemon.log().contains("refused a local connection"),
+        "{}",
+        daemon.log()
+    );
+    drop(open);
     assert!(daemon.terminate().unwrap().success());
     for socket in [node.socket(), nbd, csi, docker] {
         assert!(
@@ -65,6 +104,51 @@ fn every_socket_is_private_even_under_a_permissive_umask() {
             socket.display()
         );
     }
+}
+
+/// Connect to the unix socket `path` (as user nobody if `as_nobody`), send `hello`, and count
+/// the bytes answered before the server closes or 2 s pass.
+fn answer_bytes(path: &Path, hello: &[u8], as_nobody: bool) -> usize {
+    const CLIENT: &str = "import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(2)
+s.connect(sys.argv[1])
+s.sendall(sys.stdin.buffer.read())
+n = 0
+try:
+    while True:
+        b = s.recv(4096)
+        if not b:
+            break
+        n += len(b)
+except (socket.timeout, ConnectionResetError):
+    pass
+print(n)
+";
+    let mut cmd = if as_nobody {
+        let mut c = std::process::Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+        ]);
+        c
+    } else {
+        std::process::Command::new("/usr/bin/python3")
+    };
+    let mut child = cmd
+        .args(["-c", CLIENT])
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    child.stdin.take().unwrap().write_all(hello).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
 /// `etcd_mvcc_range_total` of `etcd`: how many range requests (reads) it has served.

@@ -43,13 +43,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ::api::{ControlError, ErrorKind, VolumeName};
-use host::socket::BoundSocket;
+use host::socket::{BoundSocket, LocalListener};
 use replication::device::{DeviceSource, VolumeDevice};
 use replication::tls::Tls;
 use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
 };
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use volume::device::{BlockDevice, DeviceError, DeviceErrorKind, WriteFlags};
@@ -346,7 +346,7 @@ type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 #[derive(Debug)]
 enum Listener {
-    Unix(UnixListener),
+    Unix(LocalListener),
     /// With the TLS identity its clients must use, if any.
     Tcp(TcpListener, Option<Arc<Tls>>),
 }
