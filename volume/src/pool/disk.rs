@@ -23,6 +23,19 @@
 //!    writes that completed before the flush durable);
 //! 3. write the changed pages of the metadata slot `seq % 2` with its header, then `fdatasync`.
 //!
+//! Step 2's `fdatasync` orders checksums before the metadata that depends on them. Only two
+//! kinds of commit need that order: one that changes the structure (an extent allocated or
+//! freed, a volume created, resized or deleted: a durable owner must never meet a stale
+//! checksum of the extent's previous life), and one that closes extents (recovery would no
+//! longer recompute their checksums). Every other commit (the steady state of a database:
+//! writes into open extents, then a flush) writes the checksum pages and the metadata slot
+//! together and syncs once: after a crash at any point the valid slot, old or new, has every
+//! written extent open, so recovery recomputes whatever checksums the data disagrees with.
+//! Such a commit cannot vouch for the generations of the writes it makes durable (its slot may
+//! land before their data), so it records [`GENERATION_UNKNOWN`] for every extent written
+//! since the previous commit; the next commit, once this one's sync succeeded, records their
+//! real generations. A delta rebuild thus never trusts a generation whose data may be lost.
+//!
 //! Data blocks are overwritten in place, and their checksums on disk only catch up at the
 //! next commit. So a crash can leave blocks whose data is newer than their durable checksum.
 //! The **open set** bounds where that can happen: an extent whose allocation is durable may be
@@ -261,6 +274,44 @@ struct CommitState {
     last_ok: u64,
     /// The body each slot is known to hold, if known.
     slot_body: [Option<Vec<u8>>; 2],
+    /// The structure (see [`Structure`]) of the last successful commit, if known.
+    structure: Option<Structure>,
+    /// The extents' generations in the snapshot of the last successful commit: its sync made
+    /// their writes durable, so any commit after it may record them.
+    durable_generations: Option<Vec<u64>>,
+}
+
+/// What the order of a commit's writes depends on: the metadata without its write
+/// generations (which change at every commit) and without the open set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Structure {
+    volumes: Vec<Option<VolumeRecord>>,
+    extents: Vec<ExtentEntry>,
+}
+
+impl Structure {
+    fn of(meta: &MetaState) -> Self {
+        Self {
+            volumes: meta
+                .volumes
+                .iter()
+                .map(|v| {
+                    v.as_ref().map(|v| VolumeRecord {
+                        generation: 0,
+                        ..v.clone()
+                    })
+                })
+                .collect(),
+            extents: meta
+                .extents
+                .iter()
+                .map(|e| ExtentEntry {
+                    generation: 0,
+                    ..*e
+                })
+                .collect(),
+        }
+    }
 }
 
 /// What a device holds, as found at open.
@@ -470,6 +521,8 @@ impl Disk {
                 seq: 0,
                 last_ok: 0,
                 slot_body: [None, None],
+                structure: None,
+                durable_generations: None,
             }),
             checksum_errors: AtomicU64::new(0),
             changes: AtomicU64::new(0),
@@ -893,7 +946,7 @@ impl Disk {
         let cur = self.interval.fetch_add(1, SeqCst);
         let n = self.layout.n_extents as usize;
         // 1. Snapshot under the open and state locks (in that order).
-        let (meta, new_open, releasable) = {
+        let (meta, new_open, releasable, closes) = {
             let mut os = lock(&self.open);
             let st = lock(&self.state);
             for (p, e) in st.owners.iter().enumerate() {
@@ -915,6 +968,7 @@ impl Disk {
             for ((safe, durable), open) in safe.iter_mut().zip(durable.iter()).zip(&new_open) {
                 *safe = *durable && *open;
             }
+            let closes = durable.iter().zip(&new_open).any(|(&d, &o)| d && !o);
             let mut meta = MetaState::empty(&self.layout);
             for (i, v) in st.volumes.iter().enumerate() {
                 meta.volumes[i] = v.as_ref().map(|v| v.record());
@@ -936,9 +990,29 @@ impl Disk {
                 .filter(|(_, at)| *at <= cur)
                 .map(|(p, _)| *p)
                 .collect();
-            (meta, new_open, releasable)
+            (meta, new_open, releasable, closes)
         };
-        let result = self.write_commit(&mut cs, &meta).await;
+        let structure = Structure::of(&meta);
+        let generations: Vec<u64> = meta.extents.iter().map(|e| e.generation).collect();
+        let ordered = closing
+            || closes
+            || cs.structure.as_ref() != Some(&structure)
+            || cs.durable_generations.is_none();
+        let result = if ordered {
+            self.write_commit(&mut cs, &meta, true).await
+        } else {
+            let durable = cs.durable_generations.as_deref().unwrap_or_default();
+            let mut vouched = meta.clone();
+            for (e, &known) in vouched.extents.iter_mut().zip(durable) {
+                if e.owner != 0 && e.generation != known {
+                    e.generation = GENERATION_UNKNOWN;
+                }
+            }
+            self.write_commit(&mut cs, &vouched, false).await
+        };
+        let ok = result.is_ok();
+        cs.structure = ok.then_some(structure);
+        cs.durable_generations = ok.then_some(generations);
         let mut os = lock(&self.open);
         match result {
             Ok(()) => {
@@ -979,7 +1053,14 @@ impl Disk {
         }
     }
 
-    async fn write_commit(&self, cs: &mut CommitState, meta: &MetaState) -> Result<(), PoolError> {
+    /// Write the dirty checksum pages and `meta`'s slot; with `ordered`, the checksums (and the
+    /// data before them) are made durable before the slot is written (see the module docs).
+    async fn write_commit(
+        &self,
+        cs: &mut CommitState,
+        meta: &MetaState,
+        ordered: bool,
+    ) -> Result<(), PoolError> {
         let l = self.layout;
         // 2. Dirty checksum pages, in place.
         let mut pages = Vec::new();
@@ -1014,8 +1095,11 @@ impl Disk {
                 return Err(self.io_err("write checksums")(e));
             }
         }
-        // 3. Data and checksums durable before the metadata that refers to them.
-        self.fsync().await.map_err(self.io_err("fdatasync"))?;
+        // 3. Data and checksums durable before the metadata that refers to them, where the
+        //    order matters.
+        if ordered {
+            self.fsync().await.map_err(self.io_err("fdatasync"))?;
+        }
         // 4. The metadata slot: changed body pages and the header, then sync.
         let seq = cs.seq + 1;
         let slot = (seq % 2) as usize;
