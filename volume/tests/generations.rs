@@ -87,9 +87,13 @@ async fn a_single_sync_commit_vouches_only_for_writes_an_earlier_sync_made_durab
         let s = open(&path, 64 * MIB, EngineKind::Sync).await;
         let r = volume(&s, "g", 8 * MIB).await;
         for (extent, generation) in [(0, 10), (1, 11)] {
-            r.write(extent * MIB, IoBuf::from_slice(&[1; 4096]), stamped(generation))
-                .await
-                .unwrap();
+            r.write(
+                extent * MIB,
+                IoBuf::from_slice(&[1; 4096]),
+                stamped(generation),
+            )
+            .await
+            .unwrap();
         }
         r.flush().await.unwrap();
         // Steady state: a write into an open extent, then a flush.

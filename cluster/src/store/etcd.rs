@@ -10,6 +10,9 @@
 //!   — only for requests that are safe to repeat (reads, renewals) — when it timed out or the
 //!   member had no leader. A compare-and-swap that may have been applied is never sent twice;
 //!   its caller gets [`StoreError::Unavailable`] and must read again.
+//!
+//! What an answer means is worked out in [`answer`], apart from the HTTP exchange, so that
+//! the fuzz target `fuzz/fuzz_targets/etcd_json.rs` runs the same decoding on any bytes.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,9 +25,9 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
+use self::answer::AnswerError;
 use super::{base64, prefix_end, Kv, LeaseId, StoreError};
 
 /// How long one request to one endpoint may take.
@@ -67,17 +70,6 @@ enum Attempt {
     Fail(StoreError),
 }
 
-/// etcd's error body: `{"error": "...", "code": 5, "message": "..."}`.
-#[derive(Deserialize)]
-struct ErrorBody {
-    #[serde(default)]
-    message: Option<String>,
-    #[serde(default)]
-    error: Option<String>,
-    #[serde(default)]
-    code: Option<i64>,
-}
-
 fn parse_endpoint(raw: &str, tls: bool) -> Result<String, StoreError> {
     let invalid = |reason: &str| StoreError::InvalidEndpoint {
         endpoint: raw.to_owned(),
@@ -110,48 +102,239 @@ fn parse_endpoint(raw: &str, tls: bool) -> Result<String, StoreError> {
     Ok(trimmed.to_owned())
 }
 
-/// An int64 field of an answer: a JSON string (as the gateway writes it) or number; absent
-/// means 0, as in protobuf.
-fn int(value: &Value, field: &str) -> Result<i64, String> {
-    match value.get(field) {
-        None | Some(Value::Null) => Ok(0),
-        Some(Value::String(s)) => s
-            .parse()
-            .map_err(|_| format!("field {field:?} is not an integer: {s:?}")),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .ok_or_else(|| format!("field {field:?} is not an integer: {n}")),
-        Some(other) => Err(format!("field {field:?} is not an integer: {other}")),
-    }
-}
+/// etcd's answers taken apart, without the HTTP exchange: [`EtcdStore`] runs these on every
+/// answer it gets, the fuzz target `etcd_json` on any bytes. None panics; an answer that is
+/// not etcd's documented shape is [`AnswerError::Bad`], never a guess.
+#[doc(hidden)]
+pub mod answer {
+    use std::time::Duration;
 
-fn bytes(value: &Value, field: &str) -> Result<Vec<u8>, String> {
-    match value.get(field) {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => base64::decode(s).map_err(|e| format!("field {field:?}: {e}")),
-        Some(other) => Err(format!("field {field:?} is not a base64 string: {other}")),
-    }
-}
+    use hyper::StatusCode;
+    use serde::Deserialize;
+    use serde_json::Value;
 
-fn revision(value: &Value, field: &str) -> Result<u64, String> {
-    let n = int(value, field)?;
-    u64::try_from(n).map_err(|_| format!("field {field:?} is negative: {n}"))
-}
+    use super::{GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE};
+    use crate::store::{base64, Kv, LeaseId, StoreError};
 
-fn decode_kv(value: &Value) -> Result<Kv, String> {
-    let key = String::from_utf8(bytes(value, "key")?)
-        .map_err(|_| "a key is not UTF-8 (written by another program?)".to_owned())?;
-    let mod_revision = revision(value, "mod_revision")?;
-    if mod_revision == 0 {
-        return Err(format!("key {key:?} has no mod_revision"));
+    /// Why an answer is not taken, before the endpoint it came from is named.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum AnswerError {
+        /// Not etcd's documented shape: [`StoreError::BadAnswer`].
+        Bad(String),
+        /// etcd refused the request: [`StoreError::Rejected`].
+        Rejected(String),
+        /// [`StoreError::LeaseExpired`].
+        LeaseExpired,
+        /// The member could not serve the request (no leader, deadline exceeded), which it
+        /// did receive: another member may do better.
+        Retry(String),
     }
-    let lease = int(value, "lease")?;
-    Ok(Kv {
-        value: bytes(value, "value")?,
-        mod_revision,
-        lease: (lease != 0).then_some(lease),
-        key,
-    })
+
+    impl AnswerError {
+        /// The error, as answered by `endpoint`.
+        pub fn at(self, endpoint: &str) -> StoreError {
+            match self {
+                Self::Bad(message) => StoreError::BadAnswer {
+                    endpoint: endpoint.to_owned(),
+                    message,
+                },
+                Self::Rejected(message) => StoreError::Rejected {
+                    endpoint: endpoint.to_owned(),
+                    message,
+                },
+                Self::LeaseExpired => StoreError::LeaseExpired,
+                Self::Retry(message) => StoreError::Unavailable {
+                    endpoints: endpoint.to_owned(),
+                    message,
+                },
+            }
+        }
+    }
+
+    /// etcd's error body: `{"error": "...", "code": 5, "message": "..."}`.
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        #[serde(default)]
+        message: Option<String>,
+        #[serde(default)]
+        error: Option<String>,
+        #[serde(default)]
+        code: Option<i64>,
+    }
+
+    /// The body of an answer with HTTP status `status`: a JSON object if the status is a
+    /// success, otherwise etcd's error (or a bad answer).
+    pub fn body(status: u16, bytes: &[u8]) -> Result<Value, AnswerError> {
+        let status_text =
+            StatusCode::from_u16(status).map_or_else(|_| status.to_string(), |s| s.to_string());
+        if (200..300).contains(&status) {
+            let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+                AnswerError::Bad(format!(
+                    "status {status_text} with a body that is not JSON ({e}): {:?}",
+                    String::from_utf8_lossy(bytes)
+                ))
+            })?;
+            if !value.is_object() {
+                return Err(AnswerError::Bad(format!(
+                    "the answer is not a JSON object: {value}"
+                )));
+            }
+            return Ok(value);
+        }
+        let Ok(err) = serde_json::from_slice::<ErrorBody>(bytes) else {
+            return Err(AnswerError::Bad(format!(
+                "status {status_text} with body {:?}",
+                String::from_utf8_lossy(bytes).trim()
+            )));
+        };
+        let message = err
+            .message
+            .or(err.error)
+            .unwrap_or_else(|| format!("status {status_text}"));
+        if message.contains("requested lease not found") {
+            return Err(AnswerError::LeaseExpired);
+        }
+        match err.code {
+            Some(GRPC_UNAVAILABLE | GRPC_DEADLINE_EXCEEDED) => Err(AnswerError::Retry(message)),
+            _ => Err(AnswerError::Rejected(message)),
+        }
+    }
+
+    /// An int64 field of an answer: a JSON string (as the gateway writes it) or number; absent
+    /// means 0, as in protobuf.
+    fn int(value: &Value, field: &str) -> Result<i64, String> {
+        match value.get(field) {
+            None | Some(Value::Null) => Ok(0),
+            Some(Value::String(s)) => s
+                .parse()
+                .map_err(|_| format!("field {field:?} is not an integer: {s:?}")),
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .ok_or_else(|| format!("field {field:?} is not an integer: {n}")),
+            Some(other) => Err(format!("field {field:?} is not an integer: {other}")),
+        }
+    }
+
+    fn bytes(value: &Value, field: &str) -> Result<Vec<u8>, String> {
+        match value.get(field) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::String(s)) => {
+                base64::decode(s).map_err(|e| format!("field {field:?}: {e}"))
+            }
+            Some(other) => Err(format!("field {field:?} is not a base64 string: {other}")),
+        }
+    }
+
+    fn revision(value: &Value, field: &str) -> Result<u64, String> {
+        let n = int(value, field)?;
+        u64::try_from(n).map_err(|_| format!("field {field:?} is negative: {n}"))
+    }
+
+    /// One key of a range answer (a `mvccpb.KeyValue`).
+    pub fn decode_kv(value: &Value) -> Result<Kv, String> {
+        let key = String::from_utf8(bytes(value, "key")?)
+            .map_err(|_| "a key is not UTF-8 (written by another program?)".to_owned())?;
+        let mod_revision = revision(value, "mod_revision")?;
+        if mod_revision == 0 {
+            return Err(format!("key {key:?} has no mod_revision"));
+        }
+        let lease = int(value, "lease")?;
+        Ok(Kv {
+            value: bytes(value, "value")?,
+            mod_revision,
+            lease: (lease != 0).then_some(lease),
+            key,
+        })
+    }
+
+    /// The keys of a range answer (`/v3/kv/range`), in etcd's order.
+    pub fn kvs(answer: &Value) -> Result<Vec<Kv>, AnswerError> {
+        let kvs = match answer.get("kvs") {
+            None | Some(Value::Null) => return Ok(Vec::new()),
+            Some(Value::Array(kvs)) => kvs,
+            Some(other) => {
+                return Err(AnswerError::Bad(format!(
+                    "field \"kvs\" is not an array: {other}"
+                )))
+            }
+        };
+        kvs.iter()
+            .map(|kv| decode_kv(kv).map_err(AnswerError::Bad))
+            .collect()
+    }
+
+    /// The answer to a range request for the single key `key`.
+    pub fn get(answer: &Value, key: &str) -> Result<Option<Kv>, AnswerError> {
+        let mut kvs = kvs(answer)?;
+        match kvs.len() {
+            0 => Ok(None),
+            1 if kvs[0].key == key => Ok(kvs.pop()),
+            n => Err(AnswerError::Bad(format!(
+                "{n} keys for a get of the single key {key:?}"
+            ))),
+        }
+    }
+
+    /// The answer to a range request for a prefix, sorted by key.
+    pub fn list(answer: &Value) -> Result<Vec<Kv>, AnswerError> {
+        let mut kvs = kvs(answer)?;
+        // etcd sorts by key already; sorting again costs little and makes it a guarantee.
+        kvs.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(kvs)
+    }
+
+    /// The store revision of a put (`/v3/kv/put`), never 0.
+    pub fn put(answer: &Value) -> Result<u64, AnswerError> {
+        let header = answer.get("header").cloned().unwrap_or(Value::Null);
+        let revision = revision(&header, "revision").map_err(AnswerError::Bad)?;
+        if revision == 0 {
+            return Err(AnswerError::Bad(
+                "the put answer has no revision".to_owned(),
+            ));
+        }
+        Ok(revision)
+    }
+
+    /// Whether a transaction (`/v3/kv/txn`) on `key` succeeded.
+    pub fn txn(answer: &Value, key: &str) -> Result<bool, AnswerError> {
+        match answer.get("succeeded") {
+            None | Some(Value::Null | Value::Bool(false)) => Ok(false),
+            Some(Value::Bool(true)) => Ok(true),
+            Some(other) => Err(AnswerError::Bad(format!(
+                "field \"succeeded\" of the transaction on {key:?} is not a boolean: {other}"
+            ))),
+        }
+    }
+
+    /// The lease of a grant (`/v3/lease/grant`), never 0.
+    pub fn lease_grant(answer: &Value) -> Result<LeaseId, AnswerError> {
+        if let Some(Value::String(e)) = answer.get("error") {
+            if !e.is_empty() {
+                return Err(AnswerError::Rejected(e.clone()));
+            }
+        }
+        let id = int(answer, "ID").map_err(AnswerError::Bad)?;
+        if id == 0 {
+            return Err(AnswerError::Bad(
+                "the lease grant answer has no ID".to_owned(),
+            ));
+        }
+        Ok(LeaseId(id))
+    }
+
+    /// The lease's time to live after a renewal (`/v3/lease/keepalive`), at least a second.
+    pub fn keep_alive(answer: &Value) -> Result<Duration, AnswerError> {
+        // The gateway wraps stream messages: {"result": {...}} or {"error": {...}}.
+        if let Some(error) = answer.get("error") {
+            return Err(AnswerError::Rejected(error.to_string()));
+        }
+        let result = answer.get("result").unwrap_or(answer);
+        let ttl = int(result, "TTL").map_err(AnswerError::Bad)?;
+        match u64::try_from(ttl) {
+            Ok(seconds) if seconds > 0 => Ok(Duration::from_secs(seconds)),
+            _ => Err(AnswerError::LeaseExpired),
+        }
+    }
 }
 
 fn b64(s: &str) -> String {
@@ -284,12 +467,6 @@ impl EtcdStore {
 
     async fn attempt(&self, endpoint: &str, path: &str, body: Bytes) -> Result<Value, Attempt> {
         let fail = |e| Attempt::Fail(e);
-        let bad = |message: String| {
-            Attempt::Fail(StoreError::BadAnswer {
-                endpoint: endpoint.to_owned(),
-                message,
-            })
-        };
         let request = Request::builder()
             .method(Method::POST)
             .uri(format!("{endpoint}{path}"))
@@ -325,65 +502,23 @@ impl EtcdStore {
             }
             Ok(Ok(answer)) => answer,
         };
-        if status.is_success() {
-            let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-                bad(format!(
-                    "status {status} with a body that is not JSON ({e}): {:?}",
-                    String::from_utf8_lossy(&bytes)
-                ))
-            })?;
-            if !value.is_object() {
-                return Err(bad(format!("the answer is not a JSON object: {value}")));
-            }
-            return Ok(value);
-        }
-        let Ok(err) = serde_json::from_slice::<ErrorBody>(&bytes) else {
-            return Err(bad(format!(
-                "status {status} with body {:?}",
-                String::from_utf8_lossy(&bytes).trim()
-            )));
-        };
-        let message = err
-            .message
-            .or(err.error)
-            .unwrap_or_else(|| format!("status {status}"));
-        if message.contains("requested lease not found") {
-            return Err(fail(StoreError::LeaseExpired));
-        }
-        match err.code {
-            Some(GRPC_UNAVAILABLE | GRPC_DEADLINE_EXCEEDED) => Err(Attempt::Next {
+        answer::body(status.as_u16(), &bytes).map_err(|e| match e {
+            AnswerError::Retry(message) => Attempt::Next {
                 sent: true,
                 message,
-            }),
-            _ => Err(fail(StoreError::Rejected {
-                endpoint: endpoint.to_owned(),
-                message,
-            })),
-        }
+            },
+            e => Attempt::Fail(e.at(endpoint)),
+        })
     }
 
-    /// Decode a field of an answer, or report the answer as bad.
-    fn decoded<T>(&self, result: Result<T, String>) -> Result<T, StoreError> {
-        result.map_err(|message| StoreError::BadAnswer {
-            endpoint: self.current_endpoint(),
-            message,
-        })
+    /// A decoded answer, or why it was not taken, as answered by the current endpoint.
+    fn decoded<T>(&self, result: Result<T, AnswerError>) -> Result<T, StoreError> {
+        result.map_err(|e| e.at(&self.current_endpoint()))
     }
 
     fn current_endpoint(&self) -> String {
         let count = self.inner.endpoints.len();
         self.inner.endpoints[self.inner.preferred.load(Ordering::Relaxed) % count].clone()
-    }
-
-    fn kvs(&self, answer: &Value) -> Result<Vec<Kv>, StoreError> {
-        let kvs = match answer.get("kvs") {
-            None | Some(Value::Null) => return Ok(Vec::new()),
-            Some(Value::Array(kvs)) => kvs,
-            Some(other) => {
-                return self.decoded(Err(format!("field \"kvs\" is not an array: {other}")))
-            }
-        };
-        kvs.iter().map(|kv| self.decoded(decode_kv(kv))).collect()
     }
 
     async fn txn_put_if(&self, key: &str, compare: Value, put: Value) -> Result<bool, StoreError> {
@@ -392,35 +527,21 @@ impl EtcdStore {
             "success": [{ "request_put": put }],
         });
         let answer = self.call("/v3/kv/txn", &body, Repeat::Unsafe).await?;
-        match answer.get("succeeded") {
-            None | Some(Value::Null | Value::Bool(false)) => Ok(false),
-            Some(Value::Bool(true)) => Ok(true),
-            Some(other) => self.decoded(Err(format!(
-                "field \"succeeded\" of the transaction on {key:?} is not a boolean: {other}"
-            ))),
-        }
+        self.decoded(answer::txn(&answer, key))
     }
 
     pub(super) async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
         let answer = self
             .call("/v3/kv/range", &json!({ "key": b64(key) }), Repeat::Safe)
             .await?;
-        let mut kvs = self.kvs(&answer)?;
-        match kvs.len() {
-            0 => Ok(None),
-            1 if kvs[0].key == key => Ok(kvs.pop()),
-            n => self.decoded(Err(format!("{n} keys for a get of the single key {key:?}"))),
-        }
+        self.decoded(answer::get(&answer, key))
     }
 
     pub(super) async fn list(&self, prefix: &str) -> Result<Vec<Kv>, StoreError> {
         let answer = self
             .call("/v3/kv/range", &prefix_range(prefix), Repeat::Safe)
             .await?;
-        let mut kvs = self.kvs(&answer)?;
-        // etcd sorts by key already; sorting again costs little and makes it a guarantee.
-        kvs.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(kvs)
+        self.decoded(answer::list(&answer))
     }
 
     pub(super) async fn put(
@@ -436,12 +557,7 @@ impl EtcdStore {
                 Repeat::Unsafe,
             )
             .await?;
-        let header = answer.get("header").cloned().unwrap_or(Value::Null);
-        let revision = self.decoded(revision(&header, "revision"))?;
-        if revision == 0 {
-            return self.decoded(Err("the put answer has no revision".to_owned()));
-        }
-        Ok(revision)
+        self.decoded(answer::put(&answer))
     }
 
     pub(super) async fn create(
@@ -495,19 +611,7 @@ impl EtcdStore {
         let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
         let body = json!({ "TTL": seconds.max(1).to_string(), "ID": "0" });
         let answer = self.call("/v3/lease/grant", &body, Repeat::Unsafe).await?;
-        if let Some(Value::String(e)) = answer.get("error") {
-            if !e.is_empty() {
-                return Err(StoreError::Rejected {
-                    endpoint: self.current_endpoint(),
-                    message: e.clone(),
-                });
-            }
-        }
-        let id = self.decoded(int(&answer, "ID"))?;
-        if id == 0 {
-            return self.decoded(Err("the lease grant answer has no ID".to_owned()));
-        }
-        Ok(LeaseId(id))
+        self.decoded(answer::lease_grant(&answer))
     }
 
     pub(super) async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
@@ -515,19 +619,7 @@ impl EtcdStore {
         let answer = self
             .call("/v3/lease/keepalive", &body, Repeat::Safe)
             .await?;
-        // The gateway wraps stream messages: {"result": {...}} or {"error": {...}}.
-        if let Some(error) = answer.get("error") {
-            return Err(StoreError::Rejected {
-                endpoint: self.current_endpoint(),
-                message: error.to_string(),
-            });
-        }
-        let result = answer.get("result").unwrap_or(&answer);
-        let ttl = self.decoded(int(result, "TTL"))?;
-        match u64::try_from(ttl) {
-            Ok(seconds) if seconds > 0 => Ok(Duration::from_secs(seconds)),
-            _ => Err(StoreError::LeaseExpired),
-        }
+        self.decoded(answer::keep_alive(&answer))
     }
 
     pub(super) async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
@@ -541,6 +633,7 @@ impl EtcdStore {
 
 #[cfg(test)]
 mod tests {
+    use super::answer::{decode_kv, AnswerError};
     use super::*;
 
     #[test]
@@ -596,6 +689,63 @@ mod tests {
         ] {
             assert!(decode_kv(&bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn answers_and_error_bodies_mean_what_etcd_says() {
+        let range = br#"{"header":{"revision":"5"},"kvs":[{"key":"L2I=","value":"e30=","mod_revision":"3"},{"key":"L2E=","mod_revision":"4"}],"count":"2"}"#;
+        let value = answer::body(200, range).unwrap();
+        let keys = |kvs: Vec<Kv>| kvs.into_iter().map(|kv| kv.key).collect::<Vec<_>>();
+        assert_eq!(keys(answer::kvs(&value).unwrap()), ["/b", "/a"]);
+        assert_eq!(keys(answer::list(&value).unwrap()), ["/a", "/b"]);
+        assert!(matches!(
+            answer::get(&value, "/b"),
+            Err(AnswerError::Bad(_))
+        ));
+        assert_eq!(answer::put(&value), Ok(5));
+        assert_eq!(answer::txn(&json!({"succeeded": true}), "k"), Ok(true));
+        assert_eq!(answer::txn(&json!({}), "k"), Ok(false));
+        assert_eq!(
+            answer::lease_grant(&json!({"ID": "7587", "TTL": "10"})),
+            Ok(LeaseId(7587))
+        );
+        assert_eq!(
+            answer::keep_alive(&json!({"result": {"ID": "7587", "TTL": "10"}})),
+            Ok(Duration::from_secs(10))
+        );
+        assert_eq!(
+            answer::keep_alive(&json!({"result": {"ID": "7587"}})),
+            Err(AnswerError::LeaseExpired)
+        );
+        for bad in [&b"[1]"[..], b"not json", b""] {
+            assert!(matches!(answer::body(200, bad), Err(AnswerError::Bad(_))));
+        }
+        let err = |code: i64, message: &str| {
+            json!({"error": message, "code": code, "message": message}).to_string()
+        };
+        assert_eq!(
+            answer::body(
+                404,
+                err(5, "etcdserver: requested lease not found").as_bytes()
+            ),
+            Err(AnswerError::LeaseExpired)
+        );
+        assert_eq!(
+            answer::body(503, err(14, "etcdserver: no leader").as_bytes()),
+            Err(AnswerError::Retry("etcdserver: no leader".into()))
+        );
+        assert_eq!(
+            answer::body(400, err(3, "etcdserver: key is not provided").as_bytes()),
+            Err(AnswerError::Rejected(
+                "etcdserver: key is not provided".into()
+            ))
+        );
+        assert_eq!(
+            answer::body(502, b"Bad Gateway"),
+            Err(AnswerError::Bad(
+                "status 502 Bad Gateway with body \"Bad Gateway\"".into()
+            ))
+        );
     }
 
     #[test]

@@ -4,13 +4,15 @@
 //! nbd-client) read and write volumes. The daemon always listens on the unix socket
 //! `<data-dir>/nbd.sock`, where every volume is an export named after it; `ballast volume
 //! export NAME --tcp ADDR` (route `POST /v1/volumes/{name}/export`) also serves that volume on
-//! a TCP listener at ADDR, until the daemon stops.
+//! a TCP listener at ADDR, until the daemon stops, over TLS with client certificates (see
+//! [`server`]).
 //!
 //! Protocol subset (see [`proto`] for layouts):
 //! - fixed newstyle handshake; options `NBD_OPT_GO`, `NBD_OPT_INFO` (answering
 //!   `NBD_INFO_EXPORT`, `NBD_INFO_BLOCK_SIZE` and, when asked, `NBD_INFO_NAME`),
-//!   `NBD_OPT_LIST`, `NBD_OPT_ABORT` and the old `NBD_OPT_EXPORT_NAME`; every other option
-//!   (TLS, structured replies, metadata contexts, …) gets `NBD_REP_ERR_UNSUP`;
+//!   `NBD_OPT_LIST`, `NBD_OPT_ABORT`, the old `NBD_OPT_EXPORT_NAME`, and `NBD_OPT_STARTTLS` on
+//!   TCP listeners (where it is required); every other option (structured replies, metadata
+//!   contexts, …) gets `NBD_REP_ERR_UNSUP`;
 //! - simple replies only; commands `READ`, `WRITE` (with `FUA`), `FLUSH`, `TRIM` (with
 //!   `FUA`), `WRITE_ZEROES` (with `FUA`; `NO_HOLE` is accepted, the range reads back as zeros
 //!   either way) and `DISC`.

@@ -2,6 +2,11 @@
 //!
 //! Requests and replies are native-endian C structs; they are decoded and encoded field by
 //! field here, without `unsafe`. Layouts follow `<linux/fuse.h>`.
+//!
+//! Decoding ([`parse_head`], [`Request::decode`]) takes any bytes: a request too short for
+//! what its opcode carries is a [`BadRequest`], never a panic (the fuzz target
+//! `fuzz/fuzz_targets/fuse_request.rs` runs them on arbitrary input). Bytes past the fields
+//! used are ignored, as newer kernels send longer structs.
 
 /// Protocol major version.
 pub const MAJOR: u32 = 7;
@@ -15,6 +20,22 @@ pub const IN_HEADER: usize = 40;
 pub const OUT_HEADER: usize = 16;
 /// `sizeof(struct fuse_write_in)` (minor ≥ 9).
 pub const WRITE_IN: usize = 40;
+/// What the session reads into its header buffer: a header and a `fuse_write_in`, so that a
+/// `WRITE`'s payload starts right after it (see [`parse_head`]).
+pub const HEAD: usize = IN_HEADER + WRITE_IN;
+/// `sizeof(struct fuse_init_in)` up to its `flags` (protocol 7.6 to 7.35; later kernels
+/// send a longer one).
+const INIT_IN: usize = 16;
+/// The bytes of `struct fuse_open_in` (8 bytes) used: `flags`.
+const OPEN_IN: usize = 8;
+/// The bytes of `struct fuse_read_in` (40 bytes) used: `fh`, `offset`, `size`.
+const READ_IN: usize = 20;
+/// The bytes of `struct fuse_setattr_in` (88 bytes) used: `valid`, `size`.
+const SETATTR_IN: usize = 24;
+/// The bytes of `struct fuse_fsync_in` (16 bytes) used: `fh`.
+const FSYNC_IN: usize = 8;
+/// The bytes of `struct fuse_fallocate_in` (32 bytes) used: `fh`, `offset`, `length`, `mode`.
+const FALLOCATE_IN: usize = 28;
 
 /// Opcodes.
 pub mod op {
@@ -83,6 +104,199 @@ impl InHeader {
             opcode: u32_at(b, 4),
             unique: u64_at(b, 8),
             nodeid: u64_at(b, 16),
+        })
+    }
+}
+
+/// `struct fuse_write_in`, the fields used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteIn {
+    /// The file handle ([`open_out`]'s `fh`).
+    pub fh: u64,
+    pub offset: u64,
+    /// The payload's length as the kernel states it (the payload itself is what follows).
+    pub size: u32,
+    /// The open file's flags (`O_SYNC`, …).
+    pub flags: u32,
+}
+
+impl WriteIn {
+    /// Decode from the first [`WRITE_IN`] bytes.
+    pub fn parse(b: &[u8]) -> Option<Self> {
+        (b.len() >= WRITE_IN).then(|| Self {
+            fh: u64_at(b, 0),
+            offset: u64_at(b, 8),
+            size: u32_at(b, 16),
+            flags: u32_at(b, 32),
+        })
+    }
+}
+
+/// Take apart the start of a request as the session reads it from `/dev/fuse`: `head` is its
+/// first bytes, at most [`HEAD`] of them. `None` when they are fewer than a header. A `WRITE`
+/// long enough to carry its `fuse_write_in` comes with it, and its payload is what follows
+/// the first [`HEAD`] bytes; any other request's body is everything after the header, for
+/// [`Request::decode`].
+pub fn parse_head(head: &[u8]) -> Option<(InHeader, Option<WriteIn>)> {
+    let h = InHeader::parse(head)?;
+    let write_in = if h.opcode == op::WRITE {
+        WriteIn::parse(&head[IN_HEADER..])
+    } else {
+        None
+    };
+    Some((h, write_in))
+}
+
+/// A request's body that cannot be decoded: too short for what its opcode carries, an `INIT`
+/// of another major version, or a `READDIR` of a node that is no directory. Answered with
+/// `errno`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadRequest {
+    pub errno: i32,
+}
+
+/// A request, decoded from its header and the body that follows it: the fields this
+/// filesystem uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// `INIT`, protocol major [`MAJOR`]: the kernel's minor version, readahead and
+    /// capability flags.
+    Init {
+        minor: u32,
+        max_readahead: u32,
+        flags: u32,
+    },
+    /// `FORGET`, `BATCH_FORGET`: not answered.
+    Forget,
+    /// `LOOKUP` of `name` (the body up to its first NUL) in the directory `nodeid`.
+    Lookup { name: &'a [u8] },
+    /// `GETATTR`.
+    Getattr,
+    /// `SETATTR`; `size` when it sets the size (`FATTR_SIZE`).
+    Setattr { size: Option<u64> },
+    /// `OPEN` with the open flags.
+    Open { flags: u32 },
+    /// `OPENDIR`.
+    Opendir,
+    /// `READ` of `size` bytes at `offset` through the handle `fh`.
+    Read { fh: u64, offset: u64, size: u32 },
+    /// `WRITE` of `data`.
+    Write { write_in: WriteIn, data: &'a [u8] },
+    /// `READDIR` of the root, from entry `offset`, at most `size` bytes of entries.
+    Readdir { offset: u64, size: u32 },
+    /// `FSYNC` through the handle `fh`.
+    Fsync { fh: u64 },
+    /// `FALLOCATE` through the handle `fh`; `mode` is `fallocate(2)`'s.
+    Fallocate {
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    },
+    /// `STATFS`.
+    Statfs,
+    /// `FLUSH`, `RELEASE`, `RELEASEDIR`, `FSYNCDIR`, `ACCESS`, `DESTROY`: answered with an
+    /// empty success.
+    Ack,
+    /// Any other opcode (`INTERRUPT` included): answered with `ENOSYS`.
+    Unsupported,
+}
+
+impl<'a> Request<'a> {
+    /// Decode the request `h` whose body (the bytes after the header) is `body`.
+    ///
+    /// # Errors
+    /// [`BadRequest`] with the errno to answer: `EINVAL` for a body too short,
+    /// `EPROTO` for an `INIT` that is short or of another major version, `ENOTDIR` for a
+    /// `READDIR` of a node other than the root (checked first), and `ENOSYS` for a `WRITE`
+    /// without a whole `fuse_write_in` (as for any request this filesystem cannot take).
+    pub fn decode(h: &InHeader, body: &'a [u8]) -> Result<Self, BadRequest> {
+        let need = |len: usize, errno: i32| {
+            if body.len() >= len {
+                Ok(())
+            } else {
+                Err(BadRequest { errno })
+            }
+        };
+        Ok(match h.opcode {
+            op::INIT => {
+                need(INIT_IN, libc::EPROTO)?;
+                if u32_at(body, 0) != MAJOR {
+                    return Err(BadRequest {
+                        errno: libc::EPROTO,
+                    });
+                }
+                Self::Init {
+                    minor: u32_at(body, 4),
+                    max_readahead: u32_at(body, 8),
+                    flags: u32_at(body, 12),
+                }
+            }
+            op::FORGET | op::BATCH_FORGET => Self::Forget,
+            op::LOOKUP => Self::Lookup {
+                name: body.split(|&b| b == 0).next().unwrap_or_default(),
+            },
+            op::GETATTR => Self::Getattr,
+            op::SETATTR => Self::Setattr {
+                size: (body.len() >= SETATTR_IN && u32_at(body, 0) & FATTR_SIZE != 0)
+                    .then(|| u64_at(body, 16)),
+            },
+            op::OPEN => {
+                need(OPEN_IN, libc::EINVAL)?;
+                Self::Open {
+                    flags: u32_at(body, 0),
+                }
+            }
+            op::OPENDIR => Self::Opendir,
+            op::READ => {
+                need(READ_IN, libc::EINVAL)?;
+                Self::Read {
+                    fh: u64_at(body, 0),
+                    offset: u64_at(body, 8),
+                    size: u32_at(body, 16),
+                }
+            }
+            op::WRITE => {
+                let write_in = WriteIn::parse(body).ok_or(BadRequest {
+                    errno: libc::ENOSYS,
+                })?;
+                Self::Write {
+                    write_in,
+                    data: &body[WRITE_IN..],
+                }
+            }
+            op::READDIR => {
+                if h.nodeid != ROOT_ID {
+                    return Err(BadRequest {
+                        errno: libc::ENOTDIR,
+                    });
+                }
+                need(READ_IN, libc::EINVAL)?;
+                Self::Readdir {
+                    offset: u64_at(body, 8),
+                    size: u32_at(body, 16),
+                }
+            }
+            op::FSYNC => {
+                need(FSYNC_IN, libc::EINVAL)?;
+                Self::Fsync {
+                    fh: u64_at(body, 0),
+                }
+            }
+            op::FALLOCATE => {
+                need(FALLOCATE_IN, libc::EINVAL)?;
+                Self::Fallocate {
+                    fh: u64_at(body, 0),
+                    offset: u64_at(body, 8),
+                    length: u64_at(body, 16),
+                    mode: i32::from_ne_bytes(body[24..28].try_into().expect("4 bytes")),
+                }
+            }
+            op::STATFS => Self::Statfs,
+            op::FLUSH | op::RELEASE | op::RELEASEDIR | op::FSYNCDIR | op::ACCESS | op::DESTROY => {
+                Self::Ack
+            }
+            _ => Self::Unsupported,
         })
     }
 }
@@ -223,4 +437,272 @@ pub fn push_dirent(
     o.0.extend_from_slice(name.as_bytes());
     o.zeros(entry - 24 - name.len());
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request as the kernel lays it out: `fuse_in_header`, then `body`.
+    fn request(opcode: u32, nodeid: u64, body: &[u8]) -> Vec<u8> {
+        let mut o = Out::default();
+        o.u32((IN_HEADER + body.len()) as u32)
+            .u32(opcode)
+            .u64(7)
+            .u64(nodeid);
+        o.u32(0).u32(0).u32(1234).u32(0); // uid, gid, pid, padding
+        o.0.extend_from_slice(body);
+        o.0
+    }
+
+    /// Header and body decoded as the session does for anything but a long `WRITE`.
+    fn decode(bytes: &[u8]) -> Result<Request<'_>, BadRequest> {
+        let (h, _) = parse_head(&bytes[..bytes.len().min(HEAD)]).expect("a header");
+        Request::decode(&h, &bytes[IN_HEADER..])
+    }
+
+    fn header(opcode: u32, nodeid: u64) -> InHeader {
+        InHeader {
+            len: 0,
+            opcode,
+            unique: 1,
+            nodeid,
+        }
+    }
+
+    #[test]
+    fn headers_decode_and_short_ones_are_refused() {
+        let bytes = request(op::GETATTR, 42, &[0; 16]);
+        let h = InHeader::parse(&bytes).unwrap();
+        assert_eq!(
+            (h.len, h.opcode, h.unique, h.nodeid),
+            (56, op::GETATTR, 7, 42)
+        );
+        for len in 0..IN_HEADER {
+            assert!(parse_head(&bytes[..len]).is_none(), "{len} bytes");
+        }
+        assert_eq!(decode(&bytes), Ok(Request::Getattr));
+    }
+
+    #[test]
+    fn init_decodes_old_and_new_layouts_and_refuses_other_majors() {
+        let mut body = Out::default();
+        body.u32(MAJOR)
+            .u32(39)
+            .u32(128 << 10)
+            .u32(init::ASYNC_READ | init::MAX_PAGES);
+        let want = Request::Init {
+            minor: 39,
+            max_readahead: 128 << 10,
+            flags: init::ASYNC_READ | init::MAX_PAGES,
+        };
+        assert_eq!(decode(&request(op::INIT, 0, &body.0)), Ok(want));
+        // 7.36 and later: flags2 and reserved words follow (64 bytes in all).
+        let mut long = body.0.clone();
+        long.resize(64, 0xee);
+        assert_eq!(decode(&request(op::INIT, 0, &long)), Ok(want));
+        let eproto = Err(BadRequest {
+            errno: libc::EPROTO,
+        });
+        for len in 0..INIT_IN {
+            assert_eq!(decode(&request(op::INIT, 0, &body.0[..len])), eproto);
+        }
+        let mut other = Out::default();
+        other.u32(8).u32(0).u32(0).u32(0);
+        assert_eq!(decode(&request(op::INIT, 0, &other.0)), eproto);
+    }
+
+    #[test]
+    fn lookup_names_end_at_the_first_nul() {
+        let r = request(op::LOOKUP, ROOT_ID, b"pvc-1\0junk");
+        assert_eq!(decode(&r), Ok(Request::Lookup { name: b"pvc-1" }));
+        let r = request(op::LOOKUP, ROOT_ID, b"no-nul");
+        assert_eq!(decode(&r), Ok(Request::Lookup { name: b"no-nul" }));
+        let r = request(op::LOOKUP, ROOT_ID, b"");
+        assert_eq!(decode(&r), Ok(Request::Lookup { name: b"" }));
+    }
+
+    #[test]
+    fn fixed_bodies_decode_to_their_fields() {
+        let mut open = Out::default();
+        open.u32(libc::O_RDWR.unsigned_abs() | libc::O_DSYNC.unsigned_abs())
+            .u32(0);
+        assert_eq!(
+            decode(&request(op::OPEN, 2, &open.0)),
+            Ok(Request::Open {
+                flags: libc::O_RDWR.unsigned_abs() | libc::O_DSYNC.unsigned_abs()
+            })
+        );
+        // fuse_read_in: fh, offset, size, read_flags, lock_owner, flags, padding.
+        let mut read = Out::default();
+        read.u64(9)
+            .u64(1 << 20)
+            .u32(4096)
+            .u32(0)
+            .u64(0)
+            .u32(0)
+            .u32(0);
+        assert_eq!(
+            decode(&request(op::READ, 2, &read.0)),
+            Ok(Request::Read {
+                fh: 9,
+                offset: 1 << 20,
+                size: 4096
+            })
+        );
+        assert_eq!(
+            decode(&request(op::READDIR, ROOT_ID, &read.0)),
+            Ok(Request::Readdir {
+                offset: 1 << 20,
+                size: 4096
+            })
+        );
+        // fuse_fsync_in: fh, fsync_flags, padding.
+        let mut fsync = Out::default();
+        fsync.u64(9).u32(1).u32(0);
+        assert_eq!(
+            decode(&request(op::FSYNC, 2, &fsync.0)),
+            Ok(Request::Fsync { fh: 9 })
+        );
+        // fuse_fallocate_in: fh, offset, length, mode, padding.
+        let mut falloc = Out::default();
+        falloc.u64(9).u64(8192).u64(4096);
+        falloc
+            .u32(libc::FALLOC_FL_PUNCH_HOLE.unsigned_abs() | 1)
+            .u32(0);
+        assert_eq!(
+            decode(&request(op::FALLOCATE, 2, &falloc.0)),
+            Ok(Request::Fallocate {
+                fh: 9,
+                offset: 8192,
+                length: 4096,
+                mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            })
+        );
+        // fuse_setattr_in (88 bytes): valid, padding, fh, size, …
+        let mut setattr = Out::default();
+        setattr.u32(FATTR_SIZE).u32(0).u64(0).u64(1 << 30).zeros(64);
+        assert_eq!(
+            decode(&request(op::SETATTR, 2, &setattr.0)),
+            Ok(Request::Setattr {
+                size: Some(1 << 30)
+            })
+        );
+        setattr.0[0] = 0; // a mode change, say: not the size
+        assert_eq!(
+            decode(&request(op::SETATTR, 2, &setattr.0)),
+            Ok(Request::Setattr { size: None })
+        );
+        for opcode in [
+            op::FLUSH,
+            op::RELEASE,
+            op::RELEASEDIR,
+            op::FSYNCDIR,
+            op::ACCESS,
+        ] {
+            assert_eq!(decode(&request(opcode, 2, &[0; 24])), Ok(Request::Ack));
+        }
+        assert_eq!(decode(&request(op::DESTROY, 0, &[])), Ok(Request::Ack));
+        assert_eq!(decode(&request(op::STATFS, 1, &[])), Ok(Request::Statfs));
+        assert_eq!(
+            decode(&request(op::FORGET, 2, &[1, 0, 0, 0, 0, 0, 0, 0])),
+            Ok(Request::Forget)
+        );
+        assert_eq!(
+            decode(&request(op::INTERRUPT, 0, &[0; 8])),
+            Ok(Request::Unsupported)
+        );
+    }
+
+    #[test]
+    fn writes_decode_the_same_from_the_head_and_from_the_whole_body() {
+        // fuse_write_in: fh, offset, size, write_flags, lock_owner, flags, padding.
+        let mut write_in = Out::default();
+        write_in.u64(9).u64(4096).u32(4096).u32(0).u64(0);
+        write_in.u32(libc::O_SYNC.unsigned_abs()).u32(0);
+        let payload = [0x5a; 4096];
+        let mut body = write_in.0.clone();
+        body.extend_from_slice(&payload);
+        let bytes = request(op::WRITE, 2, &body);
+        let want = WriteIn {
+            fh: 9,
+            offset: 4096,
+            size: 4096,
+            flags: libc::O_SYNC.unsigned_abs(),
+        };
+        assert_eq!(parse_head(&bytes[..HEAD]).unwrap().1, Some(want));
+        assert_eq!(
+            decode(&bytes),
+            Ok(Request::Write {
+                write_in: want,
+                data: &payload
+            })
+        );
+        // Without a whole fuse_write_in it is no write (the session dispatches it).
+        for len in 0..WRITE_IN {
+            let short = &bytes[..IN_HEADER + len];
+            assert_eq!(parse_head(short).unwrap().1, None);
+            assert_eq!(
+                decode(short),
+                Err(BadRequest {
+                    errno: libc::ENOSYS
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn truncated_bodies_are_refused() {
+        let einval = Err(BadRequest {
+            errno: libc::EINVAL,
+        });
+        for (opcode, need) in [
+            (op::OPEN, OPEN_IN),
+            (op::READ, READ_IN),
+            (op::READDIR, READ_IN),
+            (op::FSYNC, FSYNC_IN),
+            (op::FALLOCATE, FALLOCATE_IN),
+        ] {
+            for len in 0..need {
+                let body = vec![0xff; len];
+                assert_eq!(
+                    Request::decode(&header(opcode, ROOT_ID), &body),
+                    einval,
+                    "opcode {opcode}, {len} bytes"
+                );
+            }
+            assert!(Request::decode(&header(opcode, ROOT_ID), &vec![0xff; need]).is_ok());
+        }
+        // A short setattr sets nothing (it is answered as a getattr).
+        assert_eq!(
+            Request::decode(&header(op::SETATTR, 2), &[0xff; SETATTR_IN - 1]),
+            Ok(Request::Setattr { size: None })
+        );
+        // A readdir of another node is refused before its body is looked at.
+        assert_eq!(
+            Request::decode(&header(op::READDIR, 2), &[]),
+            Err(BadRequest {
+                errno: libc::ENOTDIR
+            })
+        );
+    }
+
+    #[test]
+    fn no_opcode_and_no_body_length_panics() {
+        let body: Vec<u8> = (0..=255).collect();
+        for opcode in 0..64 {
+            for nodeid in [0, ROOT_ID, 2] {
+                for len in 0..=body.len() {
+                    let decoded = Request::decode(&header(opcode, nodeid), &body[..len]);
+                    // Whatever decodes still decodes, the same, with more bytes after it.
+                    if let (Ok(short), Some(longer)) = (decoded, body.get(..=len)) {
+                        let again = Request::decode(&header(opcode, nodeid), longer).unwrap();
+                        if !matches!(short, Request::Lookup { .. } | Request::Write { .. }) {
+                            assert_eq!(short, again, "opcode {opcode}, {len} bytes");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -26,7 +26,7 @@ use std::sync::{Arc, RwLock};
 use volume::device::{BlockDevice, WriteFlags};
 use volume::io::{pool, IoBuf};
 
-use self::abi::{op, u32_at, u64_at, Attr, InHeader, ROOT_ID};
+use self::abi::{op, Attr, InHeader, Request, WriteIn, ROOT_ID};
 use self::session::{Channel, MAX_IO};
 use replication::device::VolumeDevice;
 
@@ -148,6 +148,58 @@ impl Registry {
     }
 }
 
+/// What a `FALLOCATE` asks of a device, worked out from the request alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FallocatePlan {
+    /// Nothing to do: answer with success.
+    Nothing,
+    /// Release these whole blocks (`PUNCH_HOLE`).
+    Discard { offset: u64, len: u64 },
+    /// Zero these blocks (`ZERO_RANGE`).
+    Zero { offset: u64, len: u64 },
+    /// Answer with this errno.
+    Refuse(i32),
+}
+
+impl FallocatePlan {
+    /// The plan for `fallocate(mode, offset, len)` on a device of `size` bytes. A range it
+    /// returns is never empty, lies within both the request and the device, and is made of
+    /// whole blocks; any `offset` and `len` are taken (the kernel sends neither negative
+    /// offsets nor ones past its maximum file size, but nothing here relies on it).
+    pub fn new(offset: u64, len: u64, mode: i32, size: u64) -> Self {
+        let end = offset.saturating_add(len).min(size);
+        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            // Only whole blocks can be released; a partial block at either end keeps its data.
+            // (Saturating: an offset in the last block below 2^64 rounds up to no block.)
+            let start = offset.div_ceil(BLOCK).saturating_mul(BLOCK);
+            let stop = end / BLOCK * BLOCK;
+            if stop <= start {
+                return Self::Nothing;
+            }
+            Self::Discard {
+                offset: start,
+                len: stop - start,
+            }
+        } else if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+            if offset % BLOCK != 0 || end % BLOCK != 0 {
+                return Self::Refuse(libc::EINVAL);
+            }
+            if end <= offset {
+                return Self::Nothing;
+            }
+            Self::Zero {
+                offset,
+                len: end - offset,
+            }
+        } else if mode & !libc::FALLOC_FL_KEEP_SIZE == 0 {
+            // Plain preallocation: the volume's space is allocated on write, nothing to do.
+            Self::Nothing
+        } else {
+            Self::Refuse(libc::EOPNOTSUPP)
+        }
+    }
+}
+
 /// The filesystem over a [`Registry`]: decodes requests and answers them.
 #[derive(Debug)]
 pub struct VolumeFs {
@@ -193,69 +245,83 @@ impl VolumeFs {
         Some(e.device)
     }
 
-    /// Answer one request other than `WRITE`. `body` follows the `fuse_in_header`.
+    /// Answer one request. `body` follows the `fuse_in_header`. (The session hands a `WRITE`
+    /// with its payload apart to [`VolumeFs::write`].)
     pub fn dispatch(&self, ch: &Arc<Channel>, h: InHeader, body: &[u8]) {
         let u = h.unique;
-        match h.opcode {
-            op::INIT => Self::init(ch, u, body),
-            op::FORGET | op::BATCH_FORGET => {} // no reply; inode numbers are never reused
-            op::LOOKUP => {
-                let name = body.split(|&b| b == 0).next().unwrap_or_default();
-                match (h.nodeid, self.registry.lookup(name)) {
-                    (ROOT_ID, Some((ino, e))) => {
-                        let attr = Attr {
-                            ino,
-                            size: e.device.size(),
-                            dir: false,
-                        };
-                        ch.reply(u, &[&attr.entry(TTL).0]);
-                    }
-                    _ => ch.error(u, libc::ENOENT),
+        let request = match Request::decode(&h, body) {
+            Ok(request) => request,
+            Err(e) => {
+                if h.opcode == op::INIT {
+                    tracing::error!("the kernel speaks an unsupported FUSE protocol");
                 }
+                return ch.error(u, e.errno);
             }
-            op::GETATTR | op::SETATTR => self.getattr(ch, h, body),
-            op::OPEN => {
-                if body.len() < 8 {
-                    return ch.error(u, libc::EINVAL);
+        };
+        match request {
+            Request::Init {
+                minor,
+                max_readahead,
+                flags,
+            } => Self::init(ch, u, minor, max_readahead, flags),
+            Request::Forget => {} // no reply; inode numbers are never reused
+            Request::Lookup { name } => match (h.nodeid, self.registry.lookup(name)) {
+                (ROOT_ID, Some((ino, e))) => {
+                    let attr = Attr {
+                        ino,
+                        size: e.device.size(),
+                        dir: false,
+                    };
+                    ch.reply(u, &[&attr.entry(TTL).0]);
                 }
+                _ => ch.error(u, libc::ENOENT),
+            },
+            Request::Getattr => self.getattr(ch, h, None),
+            Request::Setattr { size } => self.getattr(ch, h, size),
+            Request::Open { flags } => {
                 if let Some(e) = self.entry(ch, &h) {
                     let handle = Handle {
                         generation: e.generation,
-                        sync: u32_at(body, 0) & SYNC_FLAGS != 0,
+                        sync: flags & SYNC_FLAGS != 0,
                     };
                     let open = abi::fopen::DIRECT_IO | abi::fopen::PARALLEL_DIRECT_WRITES;
                     ch.reply(u, &[&abi::open_out(handle.encode(), open).0]);
                 }
             }
-            op::OPENDIR => ch.reply(u, &[&abi::open_out(0, 0).0]),
-            op::READ => self.read(ch, h, body),
-            op::READDIR => self.readdir(ch, h, body),
-            op::FSYNC => {
-                if body.len() < 8 {
-                    return ch.error(u, libc::EINVAL);
-                }
-                if let Some(dev) = self.handle_volume(ch, &h, u64_at(body, 0)) {
+            Request::Opendir => ch.reply(u, &[&abi::open_out(0, 0).0]),
+            Request::Read { fh, offset, size } => self.read(ch, h, fh, offset, size),
+            Request::Write { write_in, data } => {
+                self.write(ch, h, write_in, IoBuf::from_slice(data));
+            }
+            Request::Readdir { offset, size } => self.readdir(ch, h, offset, size),
+            Request::Fsync { fh } => {
+                if let Some(dev) = self.handle_volume(ch, &h, fh) {
                     let ch = ch.clone();
                     self.runtime
                         .spawn(async move { done(&ch, u, dev.flush().await) });
                 }
             }
-            op::FALLOCATE => self.fallocate(ch, h, body),
-            op::STATFS => ch.reply(u, &[&abi::statfs_out(self.registry.list().len() as u64).0]),
-            op::FLUSH | op::RELEASE | op::RELEASEDIR | op::FSYNCDIR | op::ACCESS | op::DESTROY => {
-                ch.reply(u, &[]);
+            Request::Fallocate {
+                fh,
+                offset,
+                length,
+                mode,
+            } => {
+                if let Some(dev) = self.handle_volume(ch, &h, fh) {
+                    let plan = FallocatePlan::new(offset, length, mode, dev.size());
+                    self.fallocate(ch, u, dev, plan);
+                }
             }
+            Request::Statfs => {
+                ch.reply(u, &[&abi::statfs_out(self.registry.list().len() as u64).0]);
+            }
+            Request::Ack => ch.reply(u, &[]),
             // Interrupts are not supported: requests finish on their own, promptly.
-            _ => ch.error(u, libc::ENOSYS),
+            Request::Unsupported => ch.error(u, libc::ENOSYS),
         }
     }
 
-    fn init(ch: &Channel, u: u64, body: &[u8]) {
-        if body.len() < 16 || u32_at(body, 0) != abi::MAJOR {
-            tracing::error!("the kernel speaks an unsupported FUSE protocol");
-            return ch.error(u, libc::EPROTO);
-        }
-        let (minor, readahead, kernel) = (u32_at(body, 4), u32_at(body, 8), u32_at(body, 12));
+    fn init(ch: &Channel, u: u64, minor: u32, readahead: u32, kernel: u32) {
         let wanted = abi::init::ASYNC_READ
             | abi::init::BIG_WRITES
             | abi::init::ASYNC_DIO
@@ -273,7 +339,8 @@ impl VolumeFs {
         ch.reply(u, &[&out.0]);
     }
 
-    fn getattr(&self, ch: &Channel, h: InHeader, body: &[u8]) {
+    /// Answer a `GETATTR`, or a `SETATTR` (that sets the size to `size`, if given).
+    fn getattr(&self, ch: &Channel, h: InHeader, size: Option<u64>) {
         if h.nodeid == ROOT_ID {
             let attr = Attr {
                 ino: ROOT_ID,
@@ -286,11 +353,7 @@ impl VolumeFs {
             return;
         };
         // The size of a volume is changed with `ballast volume resize`, never by truncate.
-        if h.opcode == op::SETATTR
-            && body.len() >= 24
-            && u32_at(body, 0) & abi::FATTR_SIZE != 0
-            && u64_at(body, 16) != dev.size()
-        {
+        if size.is_some_and(|size| size != dev.size()) {
             return ch.error(h.unique, libc::EPERM);
         }
         let attr = Attr {
@@ -301,14 +364,11 @@ impl VolumeFs {
         ch.reply(h.unique, &[&attr.attr_out(TTL).0]);
     }
 
-    fn read(&self, ch: &Arc<Channel>, h: InHeader, body: &[u8]) {
-        if body.len() < 20 {
-            return ch.error(h.unique, libc::EINVAL);
-        }
-        let Some(dev) = self.handle_volume(ch, &h, u64_at(body, 0)) else {
+    fn read(&self, ch: &Arc<Channel>, h: InHeader, fh: u64, offset: u64, size: u32) {
+        let Some(dev) = self.handle_volume(ch, &h, fh) else {
             return;
         };
-        let (offset, size) = (u64_at(body, 8), u64::from(u32_at(body, 16)));
+        let size = u64::from(size);
         let end = (offset.saturating_add(size)).min(dev.size());
         if offset >= end {
             return ch.reply(h.unique, &[]);
@@ -334,12 +394,10 @@ impl VolumeFs {
     }
 
     /// Answer a `WRITE`; `write_in` is its `fuse_write_in`, `data` its payload.
-    pub fn write(&self, ch: &Arc<Channel>, h: InHeader, write_in: &[u8], data: IoBuf) {
-        let (fh, offset, flags) = (
-            u64_at(write_in, 0),
-            u64_at(write_in, 8),
-            u32_at(write_in, 32),
-        );
+    pub fn write(&self, ch: &Arc<Channel>, h: InHeader, write_in: WriteIn, data: IoBuf) {
+        let WriteIn {
+            fh, offset, flags, ..
+        } = write_in;
         let Some(dev) = self.handle_volume(ch, &h, fh) else {
             return pool::give(data);
         };
@@ -376,53 +434,27 @@ impl VolumeFs {
         });
     }
 
-    fn fallocate(&self, ch: &Arc<Channel>, h: InHeader, body: &[u8]) {
-        if body.len() < 28 {
-            return ch.error(h.unique, libc::EINVAL);
-        }
-        let Some(dev) = self.handle_volume(ch, &h, u64_at(body, 0)) else {
-            return;
-        };
-        let (offset, len) = (u64_at(body, 8), u64_at(body, 16));
-        let mode = i32::from_ne_bytes(body[24..28].try_into().expect("4 bytes"));
-        let end = offset.saturating_add(len).min(dev.size());
-        let u = h.unique;
-        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
-            // Only whole blocks can be released; a partial block at either end keeps its data.
-            let start = offset.div_ceil(BLOCK) * BLOCK;
-            let stop = end / BLOCK * BLOCK;
-            if stop <= start {
-                return ch.reply(u, &[]);
+    /// Carry out a `FALLOCATE` on `dev` as planned.
+    fn fallocate(&self, ch: &Arc<Channel>, u: u64, dev: VolumeDevice, plan: FallocatePlan) {
+        match plan {
+            FallocatePlan::Nothing => ch.reply(u, &[]),
+            FallocatePlan::Refuse(errno) => ch.error(u, errno),
+            FallocatePlan::Discard { offset, len } => {
+                let ch = ch.clone();
+                self.runtime
+                    .spawn(async move { done(&ch, u, dev.discard(offset, len).await) });
             }
-            let ch = ch.clone();
-            self.runtime
-                .spawn(async move { done(&ch, u, dev.discard(start, stop - start).await) });
-        } else if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
-            if offset % BLOCK != 0 || end % BLOCK != 0 {
-                return ch.error(u, libc::EINVAL);
+            FallocatePlan::Zero { offset, len } => {
+                let ch = ch.clone();
+                self.runtime
+                    .spawn(async move { done(&ch, u, dev.write_zeroes(offset, len).await) });
             }
-            if end <= offset {
-                return ch.reply(u, &[]);
-            }
-            let ch = ch.clone();
-            self.runtime
-                .spawn(async move { done(&ch, u, dev.write_zeroes(offset, end - offset).await) });
-        } else if mode & !libc::FALLOC_FL_KEEP_SIZE == 0 {
-            // Plain preallocation: the volume's space is allocated on write, nothing to do.
-            ch.reply(u, &[]);
-        } else {
-            ch.error(u, libc::EOPNOTSUPP);
         }
     }
 
-    fn readdir(&self, ch: &Channel, h: InHeader, body: &[u8]) {
-        if h.nodeid != ROOT_ID {
-            return ch.error(h.unique, libc::ENOTDIR);
-        }
-        if body.len() < 20 {
-            return ch.error(h.unique, libc::EINVAL);
-        }
-        let (offset, size) = (u64_at(body, 8), u32_at(body, 16) as usize);
+    /// Answer a `READDIR` of the root ([`Request::decode`] refuses any other node's).
+    fn readdir(&self, ch: &Channel, h: InHeader, offset: u64, size: u32) {
+        let size = size as usize;
         let mut entries = vec![
             (ROOT_ID, true, ".".to_owned()),
             (ROOT_ID, true, "..".to_owned()),
@@ -435,5 +467,78 @@ impl VolumeFs {
             }
         }
         ch.reply(h.unique, &[&out.0]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+
+    #[test]
+    fn punch_hole_releases_the_whole_blocks_inside_the_request_and_the_device() {
+        let size = 1 << 20;
+        assert_eq!(
+            FallocatePlan::new(100, 3 * BLOCK, PUNCH, size),
+            FallocatePlan::Discard {
+                offset: BLOCK,
+                len: 2 * BLOCK
+            }
+        );
+        assert_eq!(
+            FallocatePlan::new(100, 100, PUNCH, size),
+            FallocatePlan::Nothing
+        );
+        assert_eq!(
+            FallocatePlan::new(size - BLOCK, u64::MAX, PUNCH, size),
+            FallocatePlan::Discard {
+                offset: size - BLOCK,
+                len: BLOCK
+            }
+        );
+        // An offset in the last block below 2^64 used to round up past it: in a release
+        // build to 0, a discard of the whole device.
+        for offset in [u64::MAX, u64::MAX - 100, u64::MAX - BLOCK + 2] {
+            assert_eq!(
+                FallocatePlan::new(offset, 1, PUNCH, size),
+                FallocatePlan::Nothing,
+                "{offset}"
+            );
+            assert_eq!(
+                FallocatePlan::new(offset, u64::MAX, PUNCH, u64::MAX),
+                FallocatePlan::Nothing,
+                "{offset}"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_range_takes_whole_blocks_only_and_other_modes_do_nothing_or_are_refused() {
+        let size = 1 << 20;
+        let zero = libc::FALLOC_FL_ZERO_RANGE;
+        assert_eq!(
+            FallocatePlan::new(BLOCK, 2 * BLOCK, zero, size),
+            FallocatePlan::Zero {
+                offset: BLOCK,
+                len: 2 * BLOCK
+            }
+        );
+        assert_eq!(
+            FallocatePlan::new(BLOCK, 100, zero, size),
+            FallocatePlan::Refuse(libc::EINVAL)
+        );
+        assert_eq!(
+            FallocatePlan::new(2 * size, BLOCK, zero, size),
+            FallocatePlan::Nothing
+        );
+        assert_eq!(
+            FallocatePlan::new(0, BLOCK, libc::FALLOC_FL_KEEP_SIZE, size),
+            FallocatePlan::Nothing
+        );
+        assert_eq!(
+            FallocatePlan::new(0, BLOCK, libc::FALLOC_FL_COLLAPSE_RANGE, size),
+            FallocatePlan::Refuse(libc::EOPNOTSUPP)
+        );
     }
 }

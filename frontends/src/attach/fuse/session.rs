@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use volume::io::{pool, IoBuf};
 
-use super::abi::{self, InHeader};
+use super::abi;
 use super::VolumeFs;
 
 /// The largest request payload (and `max_read`): 1 MiB, i.e. 256 pages.
@@ -204,7 +204,7 @@ impl Session {
 
 /// Read and dispatch requests until the session ends (`ENODEV` after unmount).
 fn worker(ch: &Arc<Channel>, fs: &Arc<VolumeFs>) {
-    let mut head = [0u8; abi::IN_HEADER + abi::WRITE_IN];
+    let mut head = [0u8; abi::HEAD];
     let mut data = IoBuf::zeroed(MAX_IO);
     loop {
         data.set_len(data.capacity());
@@ -233,11 +233,12 @@ fn worker(ch: &Arc<Channel>, fs: &Arc<VolumeFs>) {
             }
         }
         let n = n as usize;
-        let Some(h) = InHeader::parse(&head[..n.min(head.len())]) else {
+        let Some((h, write_in)) = abi::parse_head(&head[..n.min(head.len())]) else {
             tracing::warn!(bytes = n, "short FUSE request ignored");
             continue;
         };
-        if h.opcode == abi::op::WRITE && n >= head.len() {
+        if let Some(write_in) = write_in {
+            // A whole `fuse_write_in`: `n >= head.len()`, the payload is in `data`.
             let len = n - head.len();
             let payload = if len >= pool::POOL_MIN {
                 data.set_len(len);
@@ -245,7 +246,7 @@ fn worker(ch: &Arc<Channel>, fs: &Arc<VolumeFs>) {
             } else {
                 IoBuf::from_slice(&data[..len])
             };
-            fs.write(ch, h, &head[abi::IN_HEADER..], payload);
+            fs.write(ch, h, write_in, payload);
         } else if n <= head.len() {
             fs.dispatch(ch, h, &head[abi::IN_HEADER..n]);
         } else {
