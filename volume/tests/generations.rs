@@ -128,3 +128,56 @@ async fn a_single_sync_commit_vouches_only_for_writes_an_earlier_sync_made_durab
     assert_eq!(gens(&r), [(0, GENERATION_UNKNOWN), (1, 32)]);
     s.close().await.unwrap();
 }
+
+/// Extents stay open across flushes (a write to a closed one waits for a commit that opens
+/// it), until a device holds more than `OPEN_LIMIT`: then the idle ones written longest ago
+/// close. After an unclean shutdown, recovery re-reads only the open ones.
+#[tokio::test]
+async fn extents_stay_open_until_the_limit_and_recovery_reads_only_those() {
+    use volume::pool::{KEEP_OPEN_COMMITS, OPEN_LIMIT};
+    let dir = tempdir();
+    let path = dir.path().join("pool");
+    let pool = 1024 * MIB;
+    {
+        let s = open(&path, pool, EngineKind::Sync).await;
+        let r = volume(&s, "g", 768 * MIB).await;
+        for extent in 0..10 {
+            r.write(extent * MIB, IoBuf::from_slice(&[1; 4096]), stamped(1))
+                .await
+                .unwrap();
+        }
+        for _ in 0..3 * KEEP_OPEN_COMMITS {
+            r.flush().await.unwrap();
+        }
+    }
+    {
+        let s = open(&path, pool, EngineKind::Sync).await;
+        assert_eq!(s.recovered_extents(), 10, "idle extents stayed open");
+        let r = s.replica(&api::VolumeName::new("g").unwrap()).unwrap();
+        let extents = OPEN_LIMIT as u64 + 100;
+        for extent in 0..extents {
+            r.write(extent * MIB, IoBuf::from_slice(&[2; 4096]), stamped(2))
+                .await
+                .unwrap();
+        }
+        for _ in 0..2 * KEEP_OPEN_COMMITS {
+            r.write(0, IoBuf::from_slice(&[3; 4096]), stamped(3))
+                .await
+                .unwrap();
+            r.flush().await.unwrap();
+        }
+    }
+    let s = open(&path, pool, EngineKind::Sync).await;
+    let recovered = s.recovered_extents();
+    assert!(
+        recovered <= OPEN_LIMIT as u64 && recovered >= OPEN_LIMIT as u64 * 3 / 4 - 1,
+        "{recovered} extents were open"
+    );
+    let r = s.replica(&api::VolumeName::new("g").unwrap()).unwrap();
+    let last = r
+        .read((OPEN_LIMIT as u64 + 99) * MIB, IoBuf::zeroed(4096))
+        .await
+        .unwrap();
+    assert!(last.iter().all(|&b| b == 2));
+    s.close().await.unwrap();
+}

@@ -42,8 +42,9 @@
 //! written only while it is in the open set of the durable commit *and* of any commit being
 //! written. A write to any other extent first asks for a commit that opens it. Recovery
 //! recomputes the checksums of the blocks of open extents that had a durable checksum; blocks
-//! with a durable `0` stay zero (their first write was never flushed). Extents leave the open
-//! set after [`KEEP_OPEN_COMMITS`] commits without writes, and all of them at a clean close.
+//! with a durable `0` stay zero (their first write was never flushed). Extents stay open until
+//! the set grows past [`OPEN_LIMIT`]: then those idle for [`KEEP_OPEN_COMMITS`] commits and
+//! written longest ago leave it, down to 3/4 of the limit; all of them leave at a clean close.
 //!
 //! Freed extents are reused only after the commit recording the free is durable and no I/O
 //! still pins them, so a crash never shows one volume's data to another.
@@ -64,8 +65,13 @@ use crate::device::GENERATION_UNKNOWN;
 use crate::io::{IoBuf, IoEngine, IoFile, IoOp, IoRequest, Segment};
 use api::VolumeName;
 
-/// Commits without writes after which an extent leaves the open set.
+/// Commits without writes before an extent may leave the open set.
 pub const KEEP_OPEN_COMMITS: u64 = 8;
+
+/// Extents a device keeps open at most (past it, the idle ones written longest ago close, down
+/// to 3/4 of it). Each open extent is 1 MiB that crash recovery reads again; a write to a
+/// closed extent waits for a commit that opens it, so a working set that fits stays fast.
+pub const OPEN_LIMIT: usize = 512;
 
 /// "No physical extent" in a volume map.
 pub(crate) const UNMAPPED: u32 = u32::MAX;
@@ -274,44 +280,13 @@ struct CommitState {
     last_ok: u64,
     /// The body each slot is known to hold, if known.
     slot_body: [Option<Vec<u8>>; 2],
-    /// The structure (see [`Structure`]) of the last successful commit, if known.
-    structure: Option<Structure>,
+    /// A body buffer to encode the next commit into (a slot's previous body).
+    spare_body: Option<Vec<u8>>,
+    /// [`Disk::structure`] as of the last successful commit's snapshot, if known.
+    structure: Option<u64>,
     /// The extents' generations in the snapshot of the last successful commit: its sync made
     /// their writes durable, so any commit after it may record them.
     durable_generations: Option<Vec<u64>>,
-}
-
-/// What the order of a commit's writes depends on: the metadata without its write
-/// generations (which change at every commit) and without the open set.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Structure {
-    volumes: Vec<Option<VolumeRecord>>,
-    extents: Vec<ExtentEntry>,
-}
-
-impl Structure {
-    fn of(meta: &MetaState) -> Self {
-        Self {
-            volumes: meta
-                .volumes
-                .iter()
-                .map(|v| {
-                    v.as_ref().map(|v| VolumeRecord {
-                        generation: 0,
-                        ..v.clone()
-                    })
-                })
-                .collect(),
-            extents: meta
-                .extents
-                .iter()
-                .map(|e| ExtentEntry {
-                    generation: 0,
-                    ..*e
-                })
-                .collect(),
-        }
-    }
 }
 
 /// What a device holds, as found at open.
@@ -351,6 +326,10 @@ pub(crate) struct Disk {
     pub checksum_errors: AtomicU64,
     /// Bumped by every change a commit would persist; compared by [`Disk::commit_if_changed`].
     changes: AtomicU64,
+    /// Bumped, under the state lock, by every change of the structure: an extent allocated or
+    /// freed, a volume created, grown or deleted. A commit that persists one syncs its
+    /// checksums first (see the module docs).
+    structure: AtomicU64,
     /// The value of `changes` at the start of the last successful commit.
     committed_changes: AtomicU64,
     /// Commits whose snapshot has started; a commit's index is this count after its start.
@@ -521,11 +500,13 @@ impl Disk {
                 seq: 0,
                 last_ok: 0,
                 slot_body: [None, None],
+                spare_body: None,
                 structure: None,
                 durable_generations: None,
             }),
             checksum_errors: AtomicU64::new(0),
             changes: AtomicU64::new(0),
+            structure: AtomicU64::new(0),
             committed_changes: AtomicU64::new(0),
             commits_started: AtomicU64::new(0),
             punch_holes,
@@ -784,6 +765,7 @@ impl Disk {
                 counters: IoCounters::default(),
             });
             st.volumes[index] = Some(vol.clone());
+            self.structure.fetch_add(1, SeqCst);
             vol
         };
         self.commit(false).await?;
@@ -796,6 +778,7 @@ impl Disk {
             let mut st = lock(&self.state);
             vol.deleted.store(true, SeqCst);
             st.volumes[vol.index as usize] = None;
+            self.structure.fetch_add(1, SeqCst);
             let map = vol.map.read().expect("volume map lock");
             for le in 0..map.len() as u64 {
                 self.free_extent_locked(&mut st, vol, &map, le);
@@ -814,6 +797,7 @@ impl Disk {
                 map.push(AtomicU32::new(UNMAPPED));
             }
             vol.size.store(new_size, SeqCst);
+            self.structure.fetch_add(1, SeqCst);
         }
         self.commit(false).await
     }
@@ -858,6 +842,7 @@ impl Disk {
                     vol.set_mapping(logical as u32, p);
                     vol.allocated_extents.fetch_add(1, SeqCst);
                     self.changes.fetch_add(1, SeqCst);
+                    self.structure.fetch_add(1, SeqCst);
                     return Ok(p);
                 }
                 if st.pending_free.is_empty() || committed_for_space {
@@ -883,6 +868,7 @@ impl Disk {
         }
         st.pending_free.push((p, self.interval.load(SeqCst)));
         self.changes.fetch_add(1, SeqCst);
+        self.structure.fetch_add(1, SeqCst);
         vol.allocated_extents.fetch_sub(1, SeqCst);
     }
 
@@ -912,17 +898,26 @@ impl Disk {
         }
     }
 
-    /// Commit if anything changed since the last commit, or if the open set can shrink.
+    /// Whether extent `p` may leave the open set at interval `cur`: no write in flight, none
+    /// for [`KEEP_OPEN_COMMITS`] commits.
+    fn closable(&self, p: usize, cur: u64) -> bool {
+        let e = &self.ext[p];
+        e.writes.load(SeqCst) == 0 && e.last_write.load(SeqCst) + KEEP_OPEN_COMMITS <= cur
+    }
+
+    /// Commit if anything changed since the last commit, or if the open set is over its limit
+    /// and can shrink.
     pub(crate) async fn commit_if_changed(&self) -> Result<(), PoolError> {
         let changed = self.changes.load(SeqCst) != self.committed_changes.load(SeqCst);
         let shrinkable = {
             let os = lock(&self.open);
             let cur = self.interval.load(SeqCst);
-            os.durable.iter().enumerate().any(|(p, &open)| {
-                let e = &self.ext[p];
-                open && e.writes.load(SeqCst) == 0
-                    && e.last_write.load(SeqCst) + KEEP_OPEN_COMMITS <= cur
-            })
+            os.durable.iter().filter(|&&o| o).count() > OPEN_LIMIT
+                && os
+                    .durable
+                    .iter()
+                    .enumerate()
+                    .any(|(p, &open)| open && self.closable(p, cur))
         };
         if changed || shrinkable {
             self.commit(false).await?;
@@ -946,11 +941,12 @@ impl Disk {
         let cur = self.interval.fetch_add(1, SeqCst);
         let n = self.layout.n_extents as usize;
         // 1. Snapshot under the open and state locks (in that order).
-        let (meta, new_open, releasable, closes) = {
+        let (mut meta, new_open, releasable, closes, structure) = {
             let mut os = lock(&self.open);
             let st = lock(&self.state);
+            let structure = self.structure.load(SeqCst);
             for (p, e) in st.owners.iter().enumerate() {
-                if e.owner != 0 {
+                if e.owner != 0 && !self.ext[p].committed.load(SeqCst) {
                     self.ext[p].committed.store(true, SeqCst);
                 }
             }
@@ -959,10 +955,30 @@ impl Disk {
                 new_open[p as usize] = true;
             }
             os.wanted.clear();
+            let requested = new_open.clone();
             for (p, open) in new_open.iter_mut().enumerate() {
                 let e = &self.ext[p];
                 let recent = !closing && e.last_write.load(SeqCst) + KEEP_OPEN_COMMITS > cur;
-                *open = st.owners[p].owner != 0 && (*open || e.writes.load(SeqCst) > 0 || recent);
+                // An open extent stays open (a write to a closed one waits for a commit)
+                // unless the set is over its limit, trimmed below.
+                let kept = !closing && os.durable[p];
+                *open = st.owners[p].owner != 0
+                    && (*open || e.writes.load(SeqCst) > 0 || recent || kept);
+            }
+            let count = new_open.iter().filter(|&&o| o).count();
+            if count > OPEN_LIMIT {
+                // Close the idle extents written longest ago, down to 3/4 of the limit, in one
+                // commit (an ordered one), so most commits close nothing.
+                let mut idle: Vec<(u64, usize)> = new_open
+                    .iter()
+                    .enumerate()
+                    .filter(|&(p, &o)| o && !requested[p] && self.closable(p, cur))
+                    .map(|(p, _)| (self.ext[p].last_write.load(SeqCst), p))
+                    .collect();
+                idle.sort_unstable();
+                for &(_, p) in idle.iter().take(count - OPEN_LIMIT * 3 / 4) {
+                    new_open[p] = false;
+                }
             }
             let OpenState { durable, safe, .. } = &mut *os;
             for ((safe, durable), open) in safe.iter_mut().zip(durable.iter()).zip(&new_open) {
@@ -990,26 +1006,22 @@ impl Disk {
                 .filter(|(_, at)| *at <= cur)
                 .map(|(p, _)| *p)
                 .collect();
-            (meta, new_open, releasable, closes)
+            (meta, new_open, releasable, closes, structure)
         };
-        let structure = Structure::of(&meta);
         let generations: Vec<u64> = meta.extents.iter().map(|e| e.generation).collect();
         let ordered = closing
             || closes
-            || cs.structure.as_ref() != Some(&structure)
+            || cs.structure != Some(structure)
             || cs.durable_generations.is_none();
-        let result = if ordered {
-            self.write_commit(&mut cs, &meta, true).await
-        } else {
+        if !ordered {
             let durable = cs.durable_generations.as_deref().unwrap_or_default();
-            let mut vouched = meta.clone();
-            for (e, &known) in vouched.extents.iter_mut().zip(durable) {
+            for (e, &known) in meta.extents.iter_mut().zip(durable) {
                 if e.owner != 0 && e.generation != known {
                     e.generation = GENERATION_UNKNOWN;
                 }
             }
-            self.write_commit(&mut cs, &vouched, false).await
-        };
+        }
+        let result = self.write_commit(&mut cs, &meta, ordered).await;
         let ok = result.is_ok();
         cs.structure = ok.then_some(structure);
         cs.durable_generations = ok.then_some(generations);
@@ -1100,27 +1112,36 @@ impl Disk {
         if ordered {
             self.fsync().await.map_err(self.io_err("fdatasync"))?;
         }
-        // 4. The metadata slot: changed body pages and the header, then sync.
+        // 4. The metadata slot: changed body pages and the header, then sync. Only those
+        //    pages are copied into the I/O buffer (the body is the size of the whole table).
         let seq = cs.seq + 1;
         let slot = (seq % 2) as usize;
-        let body = meta.encode_body(&l);
+        let mut body = cs.spare_body.take().unwrap_or_default();
+        meta.encode_body_into(&l, &mut body);
         let header = encode_header(&l, seq, &self.sb.disk_uuid, &body);
-        let mut buf = IoBuf::zeroed(header.len() + body.len());
+        let page = BLOCK as usize;
+        let known = cs.slot_body[slot].take();
+        let changed: Vec<usize> = (0..body.len() / page)
+            .filter(|&i| {
+                let new = &body[i * page..(i + 1) * page];
+                known
+                    .as_ref()
+                    .is_none_or(|k| &k[i * page..(i + 1) * page] != new)
+            })
+            .collect();
+        let mut buf = IoBuf::zeroed(header.len() + changed.len() * page);
         buf[..header.len()].copy_from_slice(&header);
-        buf[header.len()..].copy_from_slice(&body);
         let base = l.meta_slot_offset[slot];
-        let mut segments = Vec::new();
+        let mut segments = Vec::with_capacity(1 + changed.len());
         push_segment(&mut segments, base, 0, header.len());
-        for (i, page) in body.chunks(BLOCK as usize).enumerate() {
-            let known = cs.slot_body[slot]
-                .as_ref()
-                .map(|b| &b[i * BLOCK as usize..(i + 1) * BLOCK as usize]);
-            if known != Some(page) {
-                let off = header.len() + i * BLOCK as usize;
-                push_segment(&mut segments, base + off as u64, off, BLOCK as usize);
-            }
+        for (k, &i) in changed.iter().enumerate() {
+            let at = header.len() + k * page;
+            buf[at..at + page].copy_from_slice(&body[i * page..(i + 1) * page]);
+            let disk = base + (header.len() + i * page) as u64;
+            push_segment(&mut segments, disk, at, page);
         }
-        cs.slot_body[slot] = None;
+        // The slot's old body is the next commit's buffer.
+        cs.spare_body = known;
         self.write_segments(buf, segments)
             .await
             .map_err(self.io_err("write metadata"))?;

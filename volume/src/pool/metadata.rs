@@ -117,7 +117,15 @@ impl MetaState {
 
     /// Encode the body (`body_pages` pages).
     pub fn encode_body(&self, layout: &Layout) -> Vec<u8> {
-        let mut b = vec![0u8; layout.body_pages as usize * BLOCK as usize];
+        let mut b = Vec::new();
+        self.encode_body_into(layout, &mut b);
+        b
+    }
+
+    /// [`MetaState::encode_body`] into `b`, whatever it held (its allocation is reused).
+    pub fn encode_body_into(&self, layout: &Layout, b: &mut Vec<u8>) {
+        b.clear();
+        b.resize(layout.body_pages as usize * BLOCK as usize, 0);
         for (i, v) in self.volumes.iter().enumerate() {
             let Some(v) = v else { continue };
             let r = &mut b[i * 128..(i + 1) * 128];
@@ -134,15 +142,14 @@ impl MetaState {
         let ext_base = layout.volume_pages as usize * BLOCK as usize;
         for (i, e) in self.extents.iter().enumerate() {
             let at = ext_base + i * 16;
-            put_u32(&mut b, at, e.owner);
-            put_u32(&mut b, at + 4, e.logical);
-            put_u64(&mut b, at + 8, e.generation);
+            put_u32(b, at, e.owner);
+            put_u32(b, at + 4, e.logical);
+            put_u64(b, at + 8, e.generation);
         }
         let open_base = ext_base + layout.extent_pages as usize * BLOCK as usize;
         for (i, _) in self.open.iter().enumerate().filter(|(_, o)| **o) {
             b[open_base + i / 8] |= 1 << (i % 8);
         }
-        b
     }
 
     /// Decode and check a body.

@@ -34,7 +34,7 @@ pub mod metadata;
 pub mod replica;
 pub mod stats;
 
-pub use disk::{encode_crc, OpenReport, KEEP_OPEN_COMMITS};
+pub use disk::{encode_crc, OpenReport, KEEP_OPEN_COMMITS, OPEN_LIMIT};
 pub use replica::Replica;
 
 /// One replica of a volume and the pool device holding it.
@@ -158,6 +158,8 @@ pub struct Storage {
     engine: Arc<dyn IoEngine>,
     /// Serialises control operations so check-then-act (idempotent create) is atomic.
     control: tokio::sync::Mutex<()>,
+    /// Open extents whose checksums were recomputed at open (after an unclean shutdown).
+    recovered_extents: u64,
 }
 
 /// Read the pool UUID of an existing Ballast device, if it is one.
@@ -195,6 +197,7 @@ impl Storage {
         }
         let mut pool_uuid = cfg.devices.iter().find_map(|d| peek_pool_uuid(&d.path));
         let mut disks = Vec::new();
+        let mut recovered_extents = 0;
         for d in &cfg.devices {
             let (disk, report) = disk::Disk::open(
                 &d.path,
@@ -206,6 +209,7 @@ impl Storage {
             )
             .await?;
             pool_uuid = Some(disk.sb.pool_uuid);
+            recovered_extents += report.recovered_extents;
             let (used, total) = disk.usage();
             tracing::info!(
                 path = %d.path.display(),
@@ -241,7 +245,14 @@ impl Storage {
             disks,
             engine: cfg.engine,
             control: tokio::sync::Mutex::new(()),
+            recovered_extents,
         })
+    }
+
+    /// How many open extents the open had to re-read and re-checksum, over every device
+    /// (0 after a clean shutdown; at most [`OPEN_LIMIT`] per device otherwise).
+    pub fn recovered_extents(&self) -> u64 {
+        self.recovered_extents
     }
 
     /// The I/O engine's name.
