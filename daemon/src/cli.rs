@@ -177,8 +177,8 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
 
-    /// The cluster CA's certificate (PEM): peers' replica connections must present a
-    /// certificate it signed (cluster mode; `ballast ca init` makes one).
+    /// The cluster CA's certificate (PEM): peers' replica connections (cluster mode) and NBD
+    /// clients over TCP must present a certificate it signed (`ballast ca init` makes one).
     #[arg(long, value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
 

@@ -476,7 +476,7 @@ fn load_tls(
         )
         .into());
     }
-    tracing::info!(cert = %files.cert.display(), "replica traffic uses mutual TLS");
+    tracing::info!(cert = %files.cert.display(), "TLS identity loaded: mutual TLS for replica traffic (cluster mode) and NBD over TCP");
     Ok(tls)
 }
 
