@@ -178,3 +178,78 @@ impl replication::tls::Members for StoreMembers {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use replication::tls::{Change, Members};
+
+    use super::StoreMembers;
+    use crate::model::{intent_key, IntentRecord};
+
+    #[tokio::test]
+    async fn a_change_is_allowed_only_as_a_fresh_intent_of_that_node_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::embedded(&dir.path().join("store.json")).unwrap();
+        let members = StoreMembers {
+            store: store.clone(),
+            me: "node-b".into(),
+        };
+        let now = crate::control::now_secs();
+        let intent = |at| IntentRecord {
+            by: "node-a".into(),
+            change: Change::Create,
+            size_bytes: 4096,
+            at,
+        };
+        let key = intent_key("v", "node-b");
+        assert!(
+            !members
+                .may_change("node-a", "v", Change::Create, 4096)
+                .await
+        );
+        store.put_json(&key, &intent(now), None).await.unwrap();
+        assert!(
+            members
+                .may_change("node-a", "v", Change::Create, 4096)
+                .await
+        );
+        // Not another node, change, size or volume; nor an intent about another node.
+        assert!(
+            !members
+                .may_change("node-c", "v", Change::Create, 4096)
+                .await
+        );
+        assert!(
+            !members
+                .may_change("node-a", "v", Change::Resize, 4096)
+                .await
+        );
+        assert!(
+            !members
+                .may_change("node-a", "v", Change::Create, 8192)
+                .await
+        );
+        assert!(
+            !members
+                .may_change("node-a", "w", Change::Create, 4096)
+                .await
+        );
+        let elsewhere = StoreMembers {
+            store: store.clone(),
+            me: "node-c".into(),
+        };
+        assert!(
+            !elsewhere
+                .may_change("node-a", "v", Change::Create, 4096)
+                .await
+        );
+        // A stale intent (its asker died before deleting it) authorizes nothing.
+        let stale = now - IntentRecord::TTL.as_secs() - 1;
+        store.put_json(&key, &intent(stale), None).await.unwrap();
+        assert!(
+            !members
+                .may_change("node-a", "v", Change::Create, 4096)
+                .await
+        );
+    }
+}

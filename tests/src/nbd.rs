@@ -24,6 +24,8 @@ mod consts {
     pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
     pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
     pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
+    pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+    pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
     pub const OPT_EXPORT_NAME: u32 = 1;
     pub const OPT_INFO: u32 = 6;
     pub const OPT_STARTTLS: u32 = 5;

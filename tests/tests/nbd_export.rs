@@ -129,6 +129,16 @@ fn tcp_export_serves_only_the_exported_volume() {
     let (node, d) = start();
     create(&d, "net", "8MiB");
     create(&d, "private", "8MiB");
+    // Plaintext is a choice about a TCP export only.
+    let r = d
+        .api(
+            "POST",
+            "/v1/volumes/net/export",
+            Some(r#"{"insecure_plaintext":true}"#),
+        )
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("give tcp too"), "{}", r.body);
     // A daemon with no TLS identity serves TCP only when plaintext is asked for explicitly.
     d.cli(["volume", "export", "net", "--tcp", "127.0.0.1:0"])
         .expect_code(1)
@@ -359,7 +369,15 @@ fn tcp_exports_need_tls_and_a_client_certificate_from_the_cluster_ca() {
         assert!(String::from_utf8_lossy(&msg).contains("client certificate"));
     }
     raw.send_option(OPT_STARTTLS, b"junk");
-    assert_ne!(raw.option_reply().1, REP_ACK, "STARTTLS with data");
+    let (o, kind, _) = raw.option_reply();
+    assert_eq!(
+        (o, kind),
+        (OPT_STARTTLS, REP_ERR_INVALID),
+        "STARTTLS with data"
+    );
+    // Before TLS too, oversized option data is read past and refused.
+    raw.send_option(OPT_INFO, &vec![0u8; 64 * 1024 + 1]);
+    assert_eq!(raw.option_reply().1, REP_ERR_TOO_BIG);
     raw.send_option(OPT_EXPORT_NAME, b"net");
     assert!(raw.closed(), "EXPORT_NAME before TLS must close");
 
@@ -424,6 +442,13 @@ fn options_get_the_protocols_replies() {
 
     c.send_option(OPT_STRUCTURED_REPLY, &[]);
     assert_eq!(c.option_reply().1, REP_ERR_UNSUP);
+
+    // Option data over 64 KiB is read past and refused; the connection stays in sync.
+    c.send_option(OPT_GO, &vec![0u8; 64 * 1024 + 1]);
+    assert_eq!(
+        c.option_reply(),
+        (OPT_GO, REP_ERR_TOO_BIG, b"option data too large".to_vec())
+    );
 
     c.send_option(OPT_LIST, &[]);
     let mut names = Vec::new();

@@ -526,7 +526,8 @@ async fn open_channel(
     let no_zeroes = greet(&mut tcp).await?;
     loop {
         // Unbuffered: nothing the client sends after STARTTLS may be read here.
-        let Some((option, data)) = read_option(&mut tcp).await? else {
+        let (mut r, mut w) = tcp.split();
+        let Some((option, data)) = read_option(&mut r, &mut w).await? else {
             continue;
         };
         match option {
@@ -556,29 +557,22 @@ async fn open_channel(
 
 /// The next option and its data. `Ok(None)`: its data was too long, was discarded and
 /// refused (`NBD_REP_ERR_TOO_BIG`).
-async fn read_option<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-) -> Result<Option<(u32, Vec<u8>)>, ConnError> {
+async fn read_option<R, W>(rd: &mut R, wr: &mut W) -> Result<Option<(u32, Vec<u8>)>, ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut header = [0u8; proto::OPTION_HEADER_LEN];
-    s.read_exact(&mut header).await?;
+    rd.read_exact(&mut header).await?;
     let header = proto::decode_option_header(&header)?;
     if header.len > MAX_OPTION_DATA {
-        tokio::io::copy(
-            &mut (&mut *s).take(header.len.into()),
-            &mut tokio::io::sink(),
-        )
-        .await?;
-        reply(
-            s,
-            header.option,
-            proto::REP_ERR_TOO_BIG,
-            b"option data too large",
-        )
-        .await?;
+        tokio::io::copy(&mut rd.take(header.len.into()), &mut tokio::io::sink()).await?;
+        let msg = b"option data too large";
+        reply(wr, header.option, proto::REP_ERR_TOO_BIG, msg).await?;
         return Ok(None);
     }
     let mut data = vec![0u8; header.len as usize];
-    s.read_exact(&mut data).await?;
+    rd.read_exact(&mut data).await?;
     Ok(Some((header.option, data)))
 }
 
@@ -626,17 +620,9 @@ where
     W: AsyncWrite + Unpin,
 {
     loop {
-        let mut header = [0u8; proto::OPTION_HEADER_LEN];
-        rd.read_exact(&mut header).await?;
-        let header = proto::decode_option_header(&header)?;
-        let option = header.option;
-        if header.len > MAX_OPTION_DATA {
-            tokio::io::copy(&mut rd.take(header.len.into()), &mut tokio::io::sink()).await?;
-            reply(wr, option, proto::REP_ERR_TOO_BIG, b"option data too large").await?;
+        let Some((option, data)) = read_option(rd, wr).await? else {
             continue;
-        }
-        let mut data = vec![0u8; header.len as usize];
-        rd.read_exact(&mut data).await?;
+        };
         match option {
             proto::OPT_STARTTLS if secure => {
                 reply(wr, option, proto::REP_ERR_INVALID, b"TLS is already on").await?;
