@@ -17,27 +17,45 @@
 //!
 //! # Commits and crash safety
 //!
-//! A commit (every flush, FUA write and control operation) does, under the commit lock:
-//! 1. snapshot: the metadata body, the open set (below) and the dirty checksum pages;
-//! 2. write the dirty checksum pages in place, then `fdatasync` (this also makes all data
-//!    writes that completed before the flush durable);
-//! 3. write the changed pages of the metadata slot `seq % 2` with its header, then `fdatasync`.
+//! A commit (every flush, FUA write and control operation) is one of two kinds, both under the
+//! commit lock:
 //!
-//! Step 2's `fdatasync` orders checksums before the metadata that depends on them. Only two
-//! kinds of commit need that order: one that changes the structure (an extent allocated or
-//! freed, a volume created, resized or deleted: a durable owner must never meet a stale
-//! checksum of the extent's previous life), and one that closes extents (recovery would no
-//! longer recompute their checksums). Every other commit (the steady state of a database:
-//! writes into open extents, then a flush) writes the checksum pages and the metadata slot
-//! together and syncs once: after a crash at any point the valid slot, old or new, has every
-//! written extent open, so recovery recomputes whatever checksums the data disagrees with.
-//! Such a commit cannot vouch for the generations of the writes it makes durable (its slot may
-//! land before their data), so it records [`GENERATION_UNKNOWN`] for every extent written
-//! since the previous commit; the next commit, once this one's sync succeeded, records their
-//! real generations. A delta rebuild thus never trusts a generation whose data may be lost.
+//! - **A journal record** (format 2, the usual kind): snapshot only what changed since the
+//!   previous record (the extents written, allocated or freed with their changed checksums,
+//!   the volume records that changed, the extents writers asked to open), append it to the
+//!   journal (`journal.rs`) and `fdatasync` once; that sync also makes every data write that
+//!   completed before the flush durable. Its work is proportional to the change, not to the
+//!   device.
+//! - **A checkpoint**: snapshot the whole metadata body, the open set and the dirty checksum
+//!   pages; write the checksum pages in place and `fdatasync` (the data and checksums are
+//!   durable before the metadata that depends on them); write the changed pages of the
+//!   metadata slot `seq % 2` with its header, which names the last journal record it covers,
+//!   and `fdatasync`. Checkpoints are taken when the journal has no room for the next record,
+//!   when the open set must shrink (only a checkpoint closes extents), after a record failed,
+//!   at open and at a clean close: that is, in the background of a flush-heavy workload.
+//!
+//! Recovery loads the newest valid slot, then replays the records after the one it names, in
+//! sequence, until one is missing, torn or stale (each record carries its sequence number and
+//! a CRC), then recomputes the checksums of open extents (below).
+//!
+//! A record's sync does not order the data it covers before the record itself: after a crash,
+//! the record may be durable while a write it accounts for is not. Two rules make that safe.
+//! Every extent written since the previous record is open in the record (and was durably open
+//! before the write began, unless the record allocates it), so recovery recomputes whatever
+//! checksums the data disagrees with. And a record that gives a block its first checksum (the
+//! block read as zeros until then) is *ordered*: it syncs the data first, then writes and syncs
+//! the record. Otherwise recovery could vouch for what the block held before: the previous
+//! life of a reused extent on a pool block device, which may be another volume's data. The
+//! steady state of a database, which overwrites blocks it has written before, syncs once.
+//!
+//! An unordered record cannot vouch for the generations of the writes it makes durable, so it
+//! records [`GENERATION_UNKNOWN`] for every extent written since the previous one; the next
+//! record, once this one's sync succeeded, records their real generations. A delta rebuild
+//! thus never trusts a generation whose data may be lost.
 //!
 //! Data blocks are overwritten in place, and their checksums on disk only catch up at the
 //! next commit. So a crash can leave blocks whose data is newer than their durable checksum.
+//! (Records never close an extent, so they open extents only.)
 //! The **open set** bounds where that can happen: an extent whose allocation is durable may be
 //! written only while it is in the open set of the durable commit *and* of any commit being
 //! written. A write to any other extent first asks for a commit that opens it. Recovery
@@ -56,8 +74,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::format::{detect_foreign, Layout, Superblock, BLOCK, BLOCKS_PER_EXTENT, EXTENT};
+use super::journal::{ExtentChange, Record};
 use super::metadata::{
-    check_slot, encode_header, ExtentEntry, MetaState, MetadataError, VolumeRecord,
+    check_slot, encode_header, ExtentEntry, JournalMark, MetaState, MetadataError, VolumeRecord,
 };
 use super::stats::IoCounters;
 use super::PoolError;
@@ -282,11 +301,39 @@ struct CommitState {
     slot_body: [Option<Vec<u8>>; 2],
     /// A body buffer to encode the next commit into (a slot's previous body).
     spare_body: Option<Vec<u8>>,
-    /// [`Disk::structure`] as of the last successful commit's snapshot, if known.
-    structure: Option<u64>,
-    /// The extents' generations in the snapshot of the last successful commit: its sync made
-    /// their writes durable, so any commit after it may record them.
+    /// The extents' generations as the durable commits know them: each successful commit's
+    /// sync made the writes before its snapshot durable, so any commit after it may record
+    /// them. `None` until the first checkpoint after open.
     durable_generations: Option<Vec<u64>>,
+    /// The last journal record written (whether its sync succeeded or not: a sequence number
+    /// and its space are never reused) and where the next one goes.
+    journal: JournalMark,
+    /// Bytes of the journal between the newest checkpoint's mark and `journal.pos`: what a
+    /// record must not overwrite.
+    journal_used: u64,
+    /// A record failed: checkpoint before writing another.
+    journal_broken: bool,
+    /// (uuid, size, generation) of each volume slot as the journal last recorded it.
+    recorded_volumes: Vec<VolumeMark>,
+    /// Extents the last record called [`GENERATION_UNKNOWN`]: the next one records their real
+    /// generations.
+    unsure: Vec<u32>,
+}
+
+/// A volume slot as the journal records it: (uuid, size, generation), or free.
+type VolumeMark = Option<([u8; 16], u64, u64)>;
+
+/// What a record snapshot took, to account for once the record is durable.
+struct RecordSnap {
+    record: Record,
+    /// The real generation of each extent in `record`, in order.
+    generations: Vec<u64>,
+    /// Volume slots as recorded, for `CommitState::recorded_volumes`.
+    volumes: Vec<(u32, VolumeMark)>,
+    /// Extents whose frees this record makes durable.
+    releasable: Vec<u32>,
+    /// The record gives blocks their first checksum: sync the data first.
+    ordered: bool,
 }
 
 /// What a device holds, as found at open.
@@ -319,6 +366,12 @@ pub(crate) struct Disk {
     state: Mutex<DiskState>,
     csums: Box<[AtomicU32]>,
     csum_dirty: Box<[AtomicU64]>,
+    /// One bit per block whose checksum changed since the last journal record.
+    blk_changed: Box<[AtomicU64]>,
+    /// One bit per extent changed (written, allocated, freed) since the last journal record.
+    ext_changed: Box<[AtomicU64]>,
+    /// A block got its first checksum since the last journal record (see the module docs).
+    fresh: AtomicBool,
     pub ext: Box<[ExtentRt]>,
     open: Mutex<OpenState>,
     interval: AtomicU64,
@@ -326,10 +379,6 @@ pub(crate) struct Disk {
     pub checksum_errors: AtomicU64,
     /// Bumped by every change a commit would persist; compared by [`Disk::commit_if_changed`].
     changes: AtomicU64,
-    /// Bumped, under the state lock, by every change of the structure: an extent allocated or
-    /// freed, a volume created, grown or deleted. A commit that persists one syncs its
-    /// checksums first (see the module docs).
-    structure: AtomicU64,
     /// The value of `changes` at the start of the last successful commit.
     committed_changes: AtomicU64,
     /// Commits whose snapshot has started; a commit's index is this count after its start.
@@ -429,7 +478,7 @@ impl Disk {
         };
         match found {
             Found::Pool(sb) => {
-                let disk = Self::new(p.clone(), file, engine, sb);
+                let mut disk = Self::new(p.clone(), file.clone(), engine.clone(), sb);
                 if rewrite_a {
                     disk.write_raw(0, &disk.sb.encode())
                         .await
@@ -438,6 +487,13 @@ impl Disk {
                 let report = disk.load().await?;
                 if disk.sb.node_id != node_id {
                     tracing::warn!(path = %path.display(), recorded = %disk.sb.node_id, node_id, "pool device was formatted by another node ID");
+                }
+                if disk.layout.journal_extents == 0 {
+                    let sb = disk.upgrade().await?;
+                    drop(disk);
+                    disk = Self::new(p.clone(), file, engine, sb);
+                    disk.load().await?;
+                    tracing::info!(path = %path.display(), version = disk.layout.version(), "upgraded the pool device's on-disk format in place");
                 }
                 Ok((disk, report))
             }
@@ -482,13 +538,18 @@ impl Disk {
             state: Mutex::new(DiskState {
                 volumes: vec![None; layout.max_volumes as usize],
                 owners: vec![ExtentEntry::default(); n],
-                free: (0..n as u32).collect(),
+                free: (0..layout.usable_extents()).collect(),
                 pending_free: Vec::new(),
             }),
             csums: (0..blocks).map(|_| AtomicU32::new(0)).collect(),
             csum_dirty: (0..csum_pages.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            blk_changed: (0..blocks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            ext_changed: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            fresh: AtomicBool::new(false),
             ext: (0..n).map(|_| ExtentRt::default()).collect(),
             open: Mutex::new(OpenState {
                 durable: vec![false; n],
@@ -501,12 +562,15 @@ impl Disk {
                 last_ok: 0,
                 slot_body: [None, None],
                 spare_body: None,
-                structure: None,
                 durable_generations: None,
+                journal: JournalMark::default(),
+                journal_used: 0,
+                journal_broken: false,
+                recorded_volumes: vec![None; layout.max_volumes as usize],
+                unsure: Vec::new(),
             }),
             checksum_errors: AtomicU64::new(0),
             changes: AtomicU64::new(0),
-            structure: AtomicU64::new(0),
             committed_changes: AtomicU64::new(0),
             commits_started: AtomicU64::new(0),
             punch_holes,
@@ -533,6 +597,97 @@ impl Disk {
         self.fsync().await.map_err(self.io_err("fdatasync"))
     }
 
+    /// Upgrade a format 1 device to the current format in place (see `format.rs`): move what
+    /// the journal's extents hold to free extents, checkpoint, then write the new superblocks,
+    /// B first (a crash between the two leaves A, which open prefers, at format 1, and the
+    /// upgrade runs again). Returns the new superblock; the device is then opened afresh.
+    async fn upgrade(&self) -> Result<Superblock, PoolError> {
+        let v2 = Layout {
+            journal_extents: super::format::JOURNAL_EXTENTS,
+            ..self.layout
+        };
+        let usable = v2.usable_extents();
+        for p in usable..self.layout.n_extents {
+            let (entry, q, vol) = {
+                let mut st = lock(&self.state);
+                let entry = st.owners[p as usize];
+                if entry.owner == 0 {
+                    continue;
+                }
+                let Some(q) = st.free.iter().copied().find(|&q| q < usable) else {
+                    let mut held: Vec<String> = st
+                        .owners
+                        .iter()
+                        .skip(usable as usize)
+                        .filter(|e| e.owner != 0)
+                        .filter_map(|e| st.volumes[e.owner as usize - 1].as_ref())
+                        .map(|v| v.name.to_string())
+                        .collect();
+                    held.dedup();
+                    return Err(PoolError::Upgrade {
+                        path: self.path.clone(),
+                        reason: format!(
+                            "its journal needs the last {} MiB of the data area, which hold data of {}, and the device has no free extent to move it to; free that much space on it (delete or shrink a volume, or discard data) with the Ballast release that wrote it, then start this one again",
+                            v2.journal_extents,
+                            held.join(", ")
+                        ),
+                    });
+                };
+                st.free.remove(&q);
+                let vol = st.volumes[entry.owner as usize - 1]
+                    .clone()
+                    .expect("owners are live volumes");
+                (entry, q, vol)
+            };
+            let data = read_at(
+                &*self.engine,
+                &self.file,
+                self.layout
+                    .data_block_offset(u64::from(p) * BLOCKS_PER_EXTENT),
+                EXTENT as usize,
+            )
+            .await
+            .map_err(self.io_err("read"))?;
+            self.engine
+                .submit(IoRequest::write(
+                    &self.file,
+                    self.layout
+                        .data_block_offset(u64::from(q) * BLOCKS_PER_EXTENT),
+                    data,
+                    false,
+                ))
+                .await
+                .result
+                .map_err(self.io_err("write"))?;
+            let mut st = lock(&self.state);
+            for (from, to) in Self::block_range(p).zip(Self::block_range(q)) {
+                self.set_csum(to, self.csum(from));
+                self.set_csum(from, 0);
+            }
+            st.owners[q as usize] = entry;
+            st.owners[p as usize] = ExtentEntry::default();
+            let g = self.ext[p as usize].generation.load(SeqCst);
+            self.ext[q as usize].generation.store(g, SeqCst);
+            self.ext[q as usize].committed.store(false, SeqCst);
+            vol.set_mapping(entry.logical, q);
+            tracing::info!(path = %self.path.display(), from = p, to = q, volume = %vol.name, "moved an extent out of the journal's space");
+        }
+        // The moved data is synced before the slot that points at it.
+        self.checkpoint(true).await?;
+        let sb = Superblock {
+            layout: v2,
+            ..self.sb.clone()
+        };
+        let encoded = sb.encode();
+        for at in [v2.sb_b_offset(), 0] {
+            self.write_raw(at, &encoded)
+                .await
+                .map_err(self.io_err("write"))?;
+            self.fsync().await.map_err(self.io_err("fdatasync"))?;
+        }
+        Ok(sb)
+    }
+
     /// Load the newest valid metadata slot and the checksum area; recover open extents.
     async fn load(&self) -> Result<OpenReport, PoolError> {
         let l = self.layout;
@@ -540,16 +695,16 @@ impl Disk {
             path: self.path.clone(),
             source,
         };
-        let mut best: Option<(u64, usize, Vec<u8>)> = None;
+        let mut best: Option<(super::metadata::SlotHeader, usize, Vec<u8>)> = None;
         let mut last_err = MetadataError::BadHeader;
         for (i, off) in l.meta_slot_offset.iter().enumerate() {
             let slot = read_at(&*self.engine, &self.file, *off, l.meta_slot_bytes as usize)
                 .await
                 .map_err(self.io_err("read"))?;
             match check_slot(&l, &self.sb.disk_uuid, &slot) {
-                Ok(seq) if best.as_ref().is_none_or(|b| seq > b.0) => {
+                Ok(h) if best.as_ref().is_none_or(|b| h.seq > b.0.seq) => {
                     best = Some((
-                        seq,
+                        h,
                         i,
                         slot[l.header_pages as usize * BLOCK as usize..].to_vec(),
                     ));
@@ -558,15 +713,10 @@ impl Disk {
                 Err(e) => last_err = e,
             }
         }
-        let Some((seq, slot, body)) = best else {
+        let Some((header, slot, body)) = best else {
             return Err(meta_err(last_err));
         };
-        let meta = MetaState::decode_body(&l, &body).map_err(meta_err)?;
-        {
-            let mut cs = self.commit_lock.lock().await;
-            cs.seq = seq;
-            cs.slot_body[slot] = Some(body);
-        }
+        let mut meta = MetaState::decode_body(&l, &body).map_err(meta_err)?;
         let csum_area = read_at(
             &*self.engine,
             &self.file,
@@ -575,9 +725,49 @@ impl Disk {
         )
         .await
         .map_err(self.io_err("read"))?;
-        for (i, c) in self.csums.iter().enumerate() {
-            c.store(super::format::get_u32(&csum_area, i * 4), SeqCst);
+        let mut csums: Vec<u32> = (0..self.csums.len())
+            .map(|i| super::format::get_u32(&csum_area, i * 4))
+            .collect();
+        // The journal records written after that checkpoint.
+        let mut journal = header.journal;
+        if l.journal_extents > 0 {
+            let region = read_at(
+                &*self.engine,
+                &self.file,
+                l.journal_offset(),
+                l.journal_bytes() as usize,
+            )
+            .await
+            .map_err(self.io_err("read"))?;
+            let replayed;
+            (journal, replayed) = super::journal::replay(
+                &l,
+                &self.sb.disk_uuid,
+                &region,
+                header.journal,
+                &mut meta,
+                &mut csums,
+            )
+            .map_err(meta_err)?;
+            meta.check(&l).map_err(meta_err)?;
+            if replayed > 0 {
+                tracing::info!(path = %self.path.display(), records = replayed, "replayed the journal");
+            }
         }
+        {
+            let mut cs = self.commit_lock.lock().await;
+            cs.seq = header.seq;
+            cs.journal = journal;
+            cs.slot_body[slot] = Some(body);
+        }
+        for (i, (c, v)) in self.csums.iter().zip(csums).enumerate() {
+            c.store(v, SeqCst);
+            // What the journal changed goes into the checksum area at the next checkpoint.
+            if super::format::get_u32(&csum_area, i * 4) != v {
+                self.mark_dirty(i);
+            }
+        }
+        drop(csum_area);
         {
             let mut st = lock(&self.state);
             for (i, rec) in meta.volumes.iter().enumerate() {
@@ -604,7 +794,9 @@ impl Disk {
             for (p, e) in meta.extents.iter().enumerate() {
                 st.owners[p] = *e;
                 if e.owner == 0 {
-                    st.free.insert(p as u32);
+                    if p < l.usable_extents() as usize {
+                        st.free.insert(p as u32);
+                    }
                     for b in Self::block_range(p as u32) {
                         if self.csums[b].swap(0, SeqCst) != 0 {
                             self.mark_dirty(b);
@@ -664,8 +856,9 @@ impl Disk {
         if recovered > 0 {
             tracing::warn!(path = %self.path.display(), extents = recovered, "recovered after an unclean shutdown: recomputed checksums of open extents");
         }
-        // Commit now so the other slot is known and the recovered checksums are durable.
-        self.commit(recovered > 0).await?;
+        // A checkpoint now: the other slot becomes known, the recovered checksums durable, and
+        // the journal starts after what was replayed.
+        self.checkpoint(recovered > 0).await?;
         Ok(OpenReport {
             formatted: false,
             recovered_extents: recovered,
@@ -682,15 +875,30 @@ impl Disk {
     }
 
     pub(crate) fn set_csum(&self, pblock: usize, value: u32) {
-        if self.csums[pblock].swap(value, SeqCst) != value {
+        let old = self.csums[pblock].swap(value, SeqCst);
+        if old != value {
+            if old == 0 {
+                self.fresh.store(true, SeqCst);
+            }
             self.mark_dirty(pblock);
         }
     }
 
+    /// Note a changed checksum for the next record (the block, then its extent: a record
+    /// takes the extent bits first, so it never misses a block whose extent bit it took) and
+    /// the next checkpoint.
     fn mark_dirty(&self, pblock: usize) {
-        self.changes.fetch_add(1, SeqCst);
+        self.blk_changed[pblock / 64].fetch_or(1 << (pblock % 64), SeqCst);
+        self.mark_extent((pblock / BLOCKS_PER_EXTENT as usize) as u32);
         let page = pblock / CSUM_PER_PAGE;
         self.csum_dirty[page / 64].fetch_or(1 << (page % 64), SeqCst);
+    }
+
+    /// Note that extent `p`'s table entry (owner, generation) changed, for the next record.
+    pub(crate) fn mark_extent(&self, p: u32) {
+        self.changes.fetch_add(1, SeqCst);
+        let p = p as usize;
+        self.ext_changed[p / 64].fetch_or(1 << (p % 64), SeqCst);
     }
 
     pub(crate) fn current_interval(&self) -> u64 {
@@ -719,7 +927,7 @@ impl Disk {
     pub(crate) fn usage(&self) -> (u64, u64) {
         let st = lock(&self.state);
         let used = st.owners.iter().filter(|e| e.owner != 0).count() as u64;
-        (used, u64::from(self.layout.n_extents))
+        (used, u64::from(self.layout.usable_extents()))
     }
 
     pub(crate) fn free_volume_slots(&self) -> usize {
@@ -765,7 +973,6 @@ impl Disk {
                 counters: IoCounters::default(),
             });
             st.volumes[index] = Some(vol.clone());
-            self.structure.fetch_add(1, SeqCst);
             vol
         };
         self.commit(false).await?;
@@ -778,7 +985,6 @@ impl Disk {
             let mut st = lock(&self.state);
             vol.deleted.store(true, SeqCst);
             st.volumes[vol.index as usize] = None;
-            self.structure.fetch_add(1, SeqCst);
             let map = vol.map.read().expect("volume map lock");
             for le in 0..map.len() as u64 {
                 self.free_extent_locked(&mut st, vol, &map, le);
@@ -797,7 +1003,6 @@ impl Disk {
                 map.push(AtomicU32::new(UNMAPPED));
             }
             vol.size.store(new_size, SeqCst);
-            self.structure.fetch_add(1, SeqCst);
         }
         self.commit(false).await
     }
@@ -841,8 +1046,7 @@ impl Disk {
                     e.generation.store(0, SeqCst);
                     vol.set_mapping(logical as u32, p);
                     vol.allocated_extents.fetch_add(1, SeqCst);
-                    self.changes.fetch_add(1, SeqCst);
-                    self.structure.fetch_add(1, SeqCst);
+                    self.mark_extent(p);
                     return Ok(p);
                 }
                 if st.pending_free.is_empty() || committed_for_space {
@@ -867,8 +1071,7 @@ impl Disk {
             self.set_csum(b, 0);
         }
         st.pending_free.push((p, self.interval.load(SeqCst)));
-        self.changes.fetch_add(1, SeqCst);
-        self.structure.fetch_add(1, SeqCst);
+        self.mark_extent(p);
         vol.allocated_extents.fetch_sub(1, SeqCst);
     }
 
@@ -919,7 +1122,13 @@ impl Disk {
                     .enumerate()
                     .any(|(p, &open)| open && self.closable(p, cur))
         };
-        if changed || shrinkable {
+        let journal_half_full = {
+            let cs = self.commit_lock.lock().await;
+            cs.journal_used * 2 > self.layout.journal_bytes()
+        };
+        if shrinkable || journal_half_full {
+            self.checkpoint(false).await?;
+        } else if changed {
             self.commit(false).await?;
         }
         Ok(())
@@ -936,15 +1145,211 @@ impl Disk {
         if !closing && cs.last_ok > arrived {
             return Ok(());
         }
+        if closing || cs.journal_broken || cs.durable_generations.is_none() {
+            return self.checkpoint_locked(&mut cs, closing).await;
+        }
+        self.record_locked(&mut cs).await
+    }
+
+    /// Take a checkpoint (see the module docs), whatever the journal holds.
+    pub(crate) async fn checkpoint(&self, closing: bool) -> Result<(), PoolError> {
+        let mut cs = self.commit_lock.lock().await;
+        self.checkpoint_locked(&mut cs, closing).await
+    }
+
+    /// Append a journal record of what changed since the previous one, and sync; a checkpoint
+    /// instead when the journal has no room for it.
+    async fn record_locked(&self, cs: &mut CommitState) -> Result<(), PoolError> {
+        let index = self.commits_started.fetch_add(1, SeqCst) + 1;
+        let changes = self.changes.load(SeqCst);
+        self.interval.fetch_add(1, SeqCst);
+        let snap = self.snapshot_record(cs);
+        let len = snap.record.encoded_len() as u64;
+        let cap = self.layout.journal_bytes();
+        let (pos, used) = if cs.journal.pos + len <= cap {
+            (cs.journal.pos, cs.journal_used + len)
+        } else {
+            (0, cs.journal_used + (cap - cs.journal.pos) + len)
+        };
+        if used > cap {
+            // No room: the checkpoint covers this record's changes (it snapshots everything,
+            // records exact generations, and opens what writers asked for).
+            cs.unsure.clear();
+            lock(&self.open).wanted.extend(
+                snap.record
+                    .extents
+                    .iter()
+                    .filter(|c| c.entry.owner != 0)
+                    .map(|c| c.extent),
+            );
+            return self.checkpoint_locked(cs, false).await;
+        }
+        let seq = cs.journal.seq + 1;
+        let mut bytes = Vec::new();
+        snap.record.encode(seq, &self.sb.disk_uuid, &mut bytes);
+        // The sequence number and the space are spent whatever happens next.
+        cs.journal = JournalMark {
+            seq,
+            pos: pos + len,
+        };
+        cs.journal_used = used;
+        let result = async {
+            if snap.ordered {
+                self.fsync().await.map_err(self.io_err("fdatasync"))?;
+            }
+            self.write_raw(self.layout.journal_offset() + pos, &bytes)
+                .await
+                .map_err(self.io_err("write journal"))?;
+            self.fsync().await.map_err(self.io_err("fdatasync"))
+        }
+        .await;
+        if let Err(e) = result {
+            cs.journal_broken = true;
+            tracing::error!(path = %self.path.display(), error = %e, "journal commit failed");
+            return Err(e);
+        }
+        // Durable: account for it.
+        let gens = cs
+            .durable_generations
+            .as_mut()
+            .expect("records follow a checkpoint");
+        let mut os = lock(&self.open);
+        for (c, &g) in snap.record.extents.iter().zip(&snap.generations) {
+            let p = c.extent as usize;
+            gens[p] = g;
+            let open = c.entry.owner != 0;
+            os.durable[p] = open;
+            os.safe[p] = open;
+        }
+        drop(os);
+        for (i, v) in snap.volumes {
+            cs.recorded_volumes[i as usize] = v;
+        }
+        cs.last_ok = index;
+        self.committed_changes.store(changes, SeqCst);
+        self.release_freed(&snap.releasable);
+        Ok(())
+    }
+
+    /// Take what changed since the previous record (see [`RecordSnap`]), under the open and
+    /// state locks (in that order).
+    fn snapshot_record(&self, cs: &mut CommitState) -> RecordSnap {
+        let cur = self.interval.load(SeqCst);
+        let ordered = self.fresh.swap(false, SeqCst);
+        let mut os = lock(&self.open);
+        let st = lock(&self.state);
+        let mut list = std::mem::take(&mut cs.unsure);
+        list.append(&mut os.wanted);
+        drop(os);
+        for (w, word) in self.ext_changed.iter().enumerate() {
+            let mut bits = word.swap(0, SeqCst);
+            while bits != 0 {
+                list.push((w * 64 + bits.trailing_zeros() as usize) as u32);
+                bits &= bits - 1;
+            }
+        }
+        list.sort_unstable();
+        list.dedup();
+        let durable = cs
+            .durable_generations
+            .as_deref()
+            .expect("records follow a checkpoint");
+        let mut record = Record::default();
+        let mut generations = Vec::with_capacity(list.len());
+        for p in list {
+            let e = &self.ext[p as usize];
+            let mut entry = st.owners[p as usize];
+            entry.generation = 0;
+            if entry.owner != 0 {
+                e.committed.store(true, SeqCst);
+                entry.generation = e.generation.load(SeqCst);
+            }
+            generations.push(entry.generation);
+            if entry.owner != 0 && !ordered && entry.generation != durable[p as usize] {
+                entry.generation = GENERATION_UNKNOWN;
+                cs.unsure.push(p);
+            }
+            let mut csums = Vec::new();
+            let first = p as usize * BLOCKS_PER_EXTENT as usize;
+            for w in first / 64..(first + BLOCKS_PER_EXTENT as usize) / 64 {
+                let mut bits = self.blk_changed[w].swap(0, SeqCst);
+                while bits != 0 {
+                    let b = w * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    csums.push(((b - first) as u8, self.csums[b].load(SeqCst)));
+                }
+            }
+            record.extents.push(ExtentChange {
+                extent: p,
+                entry,
+                csums,
+            });
+        }
+        let mut volumes = Vec::new();
+        for (i, v) in st.volumes.iter().enumerate() {
+            let now = v
+                .as_ref()
+                .map(|v| (v.uuid, v.size.load(SeqCst), v.seq.load(SeqCst)));
+            if now != cs.recorded_volumes[i] {
+                volumes.push((i as u32, now));
+                record
+                    .volumes
+                    .push((i as u32, v.as_ref().map(|v| v.record())));
+            }
+        }
+        let releasable = st
+            .pending_free
+            .iter()
+            .filter(|(_, at)| *at <= cur)
+            .map(|(p, _)| *p)
+            .collect();
+        RecordSnap {
+            record,
+            generations,
+            volumes,
+            releasable,
+            ordered,
+        }
+    }
+
+    /// Put extents whose free a commit made durable, and that no I/O pins, on the free list.
+    /// New pins on them are transient (the pinner finds the mapping gone and lets go), so no
+    /// I/O can start on them before they reach the free list.
+    fn release_freed(&self, releasable: &[u32]) {
+        let released: Vec<u32> = lock(&self.state)
+            .pending_free
+            .iter()
+            .map(|&(p, _)| p)
+            .filter(|p| releasable.contains(p) && self.ext[*p as usize].pins.load(SeqCst) == 0)
+            .collect();
+        if self.punch_holes {
+            for &p in &released {
+                self.punch_extent(p);
+            }
+        }
+        let mut st = lock(&self.state);
+        let DiskState {
+            free, pending_free, ..
+        } = &mut *st;
+        pending_free.retain(|(p, _)| !released.contains(p));
+        free.extend(released);
+    }
+
+    /// Write a checkpoint: the dirty checksum pages, a sync, the metadata slot, a sync. With
+    /// `closing`, the open set is emptied of every extent without a write in flight.
+    async fn checkpoint_locked(
+        &self,
+        cs: &mut CommitState,
+        closing: bool,
+    ) -> Result<(), PoolError> {
         let index = self.commits_started.fetch_add(1, SeqCst) + 1;
         let changes = self.changes.load(SeqCst);
         let cur = self.interval.fetch_add(1, SeqCst);
         let n = self.layout.n_extents as usize;
         // 1. Snapshot under the open and state locks (in that order).
-        let (mut meta, new_open, releasable, closes, structure) = {
+        let (meta, new_open, releasable, volumes) = {
             let mut os = lock(&self.open);
             let st = lock(&self.state);
-            let structure = self.structure.load(SeqCst);
             for (p, e) in st.owners.iter().enumerate() {
                 if e.owner != 0 && !self.ext[p].committed.load(SeqCst) {
                     self.ext[p].committed.store(true, SeqCst);
@@ -984,7 +1389,6 @@ impl Disk {
             for ((safe, durable), open) in safe.iter_mut().zip(durable.iter()).zip(&new_open) {
                 *safe = *durable && *open;
             }
-            let closes = durable.iter().zip(&new_open).any(|(&d, &o)| d && !o);
             let mut meta = MetaState::empty(&self.layout);
             for (i, v) in st.volumes.iter().enumerate() {
                 meta.volumes[i] = v.as_ref().map(|v| v.record());
@@ -1006,55 +1410,32 @@ impl Disk {
                 .filter(|(_, at)| *at <= cur)
                 .map(|(p, _)| *p)
                 .collect();
-            (meta, new_open, releasable, closes, structure)
+            let volumes: Vec<_> = st
+                .volumes
+                .iter()
+                .map(|v| {
+                    v.as_ref()
+                        .map(|v| (v.uuid, v.size.load(SeqCst), v.seq.load(SeqCst)))
+                })
+                .collect();
+            (meta, new_open, releasable, volumes)
         };
         let generations: Vec<u64> = meta.extents.iter().map(|e| e.generation).collect();
-        let ordered = closing
-            || closes
-            || cs.structure != Some(structure)
-            || cs.durable_generations.is_none();
-        if !ordered {
-            let durable = cs.durable_generations.as_deref().unwrap_or_default();
-            for (e, &known) in meta.extents.iter_mut().zip(durable) {
-                if e.owner != 0 && e.generation != known {
-                    e.generation = GENERATION_UNKNOWN;
-                }
-            }
-        }
-        let result = self.write_commit(&mut cs, &meta, ordered).await;
-        let ok = result.is_ok();
-        cs.structure = ok.then_some(structure);
-        cs.durable_generations = ok.then_some(generations);
+        let result = self.write_commit(cs, &meta).await;
         let mut os = lock(&self.open);
         match result {
             Ok(()) => {
+                cs.durable_generations = Some(generations);
+                cs.recorded_volumes = volumes;
+                cs.unsure.clear();
+                cs.journal_used = 0;
+                cs.journal_broken = false;
                 cs.last_ok = index;
                 self.committed_changes.store(changes, SeqCst);
                 os.durable.clone_from(&new_open);
                 os.safe = new_open;
                 drop(os);
-                // Extents whose free is now durable and that no I/O pins. New pins on them are
-                // transient (the pinner finds the mapping gone and lets go), so no I/O can
-                // start on them before they reach the free list.
-                let released: Vec<u32> = lock(&self.state)
-                    .pending_free
-                    .iter()
-                    .map(|&(p, _)| p)
-                    .filter(|p| {
-                        releasable.contains(p) && self.ext[*p as usize].pins.load(SeqCst) == 0
-                    })
-                    .collect();
-                if self.punch_holes {
-                    for &p in &released {
-                        self.punch_extent(p);
-                    }
-                }
-                let mut st = lock(&self.state);
-                let DiskState {
-                    free, pending_free, ..
-                } = &mut *st;
-                pending_free.retain(|(p, _)| !released.contains(p));
-                free.extend(released);
+                self.release_freed(&releasable);
                 Ok(())
             }
             Err(e) => {
@@ -1065,14 +1446,9 @@ impl Disk {
         }
     }
 
-    /// Write the dirty checksum pages and `meta`'s slot; with `ordered`, the checksums (and the
-    /// data before them) are made durable before the slot is written (see the module docs).
-    async fn write_commit(
-        &self,
-        cs: &mut CommitState,
-        meta: &MetaState,
-        ordered: bool,
-    ) -> Result<(), PoolError> {
+    /// Write the dirty checksum pages, sync (the checksums and the data before them are
+    /// durable before the slot that depends on them), and write and sync `meta`'s slot.
+    async fn write_commit(&self, cs: &mut CommitState, meta: &MetaState) -> Result<(), PoolError> {
         let l = self.layout;
         // 2. Dirty checksum pages, in place.
         let mut pages = Vec::new();
@@ -1107,18 +1483,15 @@ impl Disk {
                 return Err(self.io_err("write checksums")(e));
             }
         }
-        // 3. Data and checksums durable before the metadata that refers to them, where the
-        //    order matters.
-        if ordered {
-            self.fsync().await.map_err(self.io_err("fdatasync"))?;
-        }
+        // 3. Data and checksums durable before the metadata that refers to them.
+        self.fsync().await.map_err(self.io_err("fdatasync"))?;
         // 4. The metadata slot: changed body pages and the header, then sync. Only those
         //    pages are copied into the I/O buffer (the body is the size of the whole table).
         let seq = cs.seq + 1;
         let slot = (seq % 2) as usize;
         let mut body = cs.spare_body.take().unwrap_or_default();
         meta.encode_body_into(&l, &mut body);
-        let header = encode_header(&l, seq, &self.sb.disk_uuid, &body);
+        let header = encode_header(&l, seq, cs.journal, &self.sb.disk_uuid, &body);
         let page = BLOCK as usize;
         let known = cs.slot_body[slot].take();
         let changed: Vec<usize> = (0..body.len() / page)

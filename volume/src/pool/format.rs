@@ -10,9 +10,18 @@
 //! meta_slot_offset[0]     metadata slot 0  (header pages + body pages)
 //! meta_slot_offset[1]     metadata slot 1  (same size)
 //! csum_offset             checksum area: one u32 per 4 KiB data block, indexed by physical block
-//! data_offset             data area: n_extents extents of 1 MiB (256 blocks each)
+//! data_offset             data area: n_extents extents of 1 MiB (256 blocks each), the last
+//!                         journal_extents of which hold the journal (format 2)
 //! device_bytes - 4 KiB    superblock B (a second copy of A)
 //! ```
+//!
+//! # Versions
+//!
+//! - **1**: no journal; every commit rewrote checksum pages and a metadata slot.
+//! - **2**: the last [`JOURNAL_EXTENTS`] extents of the data area are the journal (see
+//!   `journal.rs`): a flush appends one record there. Everything else is laid out exactly as in
+//!   version 1, so a version 1 device is upgraded in place at open: whatever data its last
+//!   extents hold is moved to free extents, and the superblocks are rewritten (B, then A).
 //!
 //! # Superblock
 //!
@@ -46,7 +55,9 @@ pub const MAX_DEVICE_BYTES: u64 = (u32::MAX as u64) * EXTENT;
 /// The magic at the start of a superblock.
 pub const SB_MAGIC: &[u8; 8] = b"BALLASTP";
 /// The current on-disk format version.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// Extents at the end of the data area that hold the journal (format 2).
+pub const JOURNAL_EXTENTS: u32 = 4;
 /// Bytes per volume record in the metadata body.
 pub const VOLUME_RECORD_BYTES: u64 = 128;
 /// Bytes per extent-table entry in the metadata body.
@@ -80,8 +91,10 @@ pub enum FormatError {
 pub struct Layout {
     /// Bytes covered by the format (the device size rounded down to 4 KiB).
     pub device_bytes: u64,
-    /// Number of 1 MiB data extents.
+    /// Number of 1 MiB extents in the data area (the tables' size), the journal's included.
     pub n_extents: u32,
+    /// The last extents of the data area that hold the journal: 0 in format 1.
+    pub journal_extents: u32,
     /// Number of volume records in the metadata body.
     pub max_volumes: u32,
     /// Header pages of a metadata slot.
@@ -118,6 +131,17 @@ impl Layout {
     /// [`MAX_DEVICE_BYTES`] (a superblock is read from disk: its size is checked before any
     /// arithmetic on it).
     pub fn for_device(device_bytes: u64) -> Result<Self, FormatError> {
+        Ok(Self {
+            journal_extents: JOURNAL_EXTENTS,
+            ..Self::version_1(device_bytes)?
+        })
+    }
+
+    /// The layout format 1 gave a device of `device_bytes` (no journal).
+    ///
+    /// # Errors
+    /// As [`Layout::for_device`].
+    pub fn version_1(device_bytes: u64) -> Result<Self, FormatError> {
         let device_bytes = device_bytes / BLOCK * BLOCK;
         if device_bytes < MIN_DEVICE_BYTES {
             return Err(FormatError::TooSmall(device_bytes));
@@ -151,6 +175,7 @@ impl Layout {
         Self {
             device_bytes,
             n_extents: n as u32,
+            journal_extents: 0,
             max_volumes: max_volumes as u32,
             header_pages: header_pages as u32,
             body_pages: body_pages as u32,
@@ -165,9 +190,33 @@ impl Layout {
         }
     }
 
+    /// The format version this layout is.
+    pub fn version(&self) -> u32 {
+        if self.journal_extents == 0 {
+            1
+        } else {
+            FORMAT_VERSION
+        }
+    }
+
+    /// Extents volumes may use: the data area without the journal.
+    pub fn usable_extents(&self) -> u32 {
+        self.n_extents - self.journal_extents
+    }
+
     /// Usable data capacity in bytes.
     pub fn capacity_bytes(&self) -> u64 {
-        u64::from(self.n_extents) * EXTENT
+        u64::from(self.usable_extents()) * EXTENT
+    }
+
+    /// Where the journal starts.
+    pub fn journal_offset(&self) -> u64 {
+        self.data_block_offset(u64::from(self.usable_extents()) * BLOCKS_PER_EXTENT)
+    }
+
+    /// Bytes of the journal.
+    pub fn journal_bytes(&self) -> u64 {
+        u64::from(self.journal_extents) * EXTENT
     }
 
     /// The device offset of physical block `pblock` of the data area.
@@ -208,6 +257,9 @@ pub(crate) fn put_u64(b: &mut [u8], at: usize, v: u64) {
 pub(crate) fn get_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
+pub(crate) fn get_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(b[at..at + 2].try_into().expect("2 bytes"))
+}
 pub(crate) fn get_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
@@ -218,7 +270,7 @@ impl Superblock {
         let mut b = vec![0u8; BLOCK as usize];
         let l = &self.layout;
         b[0..8].copy_from_slice(SB_MAGIC);
-        put_u32(&mut b, 8, FORMAT_VERSION);
+        put_u32(&mut b, 8, l.version());
         put_u32(&mut b, 12, BLOCK as u32);
         put_u32(&mut b, 16, EXTENT as u32);
         b[24..40].copy_from_slice(&self.pool_uuid);
@@ -237,6 +289,7 @@ impl Superblock {
         let n = id.len().min(MAX_NODE_ID);
         b[128..130].copy_from_slice(&(n as u16).to_le_bytes());
         b[130..130 + n].copy_from_slice(&id[..n]);
+        put_u32(&mut b, 200, l.journal_extents);
         let crc = crc32c::crc32c(&b[..BLOCK as usize - 4]);
         put_u32(&mut b, BLOCK as usize - 4, crc);
         b
@@ -257,15 +310,22 @@ impl Superblock {
             return Err(FormatError::NoSuperblock);
         }
         let version = get_u32(b, 8);
-        if version != FORMAT_VERSION {
+        if version == 0 || version > FORMAT_VERSION {
             return Err(FormatError::UnsupportedVersion(version));
         }
         if u64::from(get_u32(b, 12)) != BLOCK || u64::from(get_u32(b, 16)) != EXTENT {
             return Err(FormatError::Inconsistent("block or extent size"));
         }
         let device_bytes = get_u64(b, 56);
-        let layout = Layout::for_device(device_bytes)
-            .map_err(|_| FormatError::Inconsistent("device size"))?;
+        let layout = if version == 1 {
+            Layout::version_1(device_bytes)
+        } else {
+            Layout::for_device(device_bytes)
+        }
+        .map_err(|_| FormatError::Inconsistent("device size"))?;
+        if get_u32(b, 200) != layout.journal_extents {
+            return Err(FormatError::Inconsistent("journal size"));
+        }
         let recorded = (
             get_u32(b, 64),
             get_u32(b, 68),

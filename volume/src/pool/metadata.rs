@@ -4,8 +4,9 @@
 //! # Slots
 //!
 //! A slot is `header_pages` of header followed by `body_pages` of body. The header holds the
-//! magic `BLSTMETA`, the commit sequence number, the owning device's UUID, a CRC32C of every
-//! body page, and a CRC of the header itself. A slot is valid only if all of those check out,
+//! magic `BLSTMETA`, the commit sequence number, the owning device's UUID, where the journal
+//! continues after this checkpoint (the sequence number of the last record the slot covers and
+//! the offset of the next one), a CRC32C of every body page, and a CRC of the header itself. A slot is valid only if all of those check out,
 //! so a torn write of any page makes the slot invalid, never half-applied.
 //!
 //! Commit `n` is written to slot `n % 2`, so the newest valid slot is never overwritten by the
@@ -127,17 +128,9 @@ impl MetaState {
         b.clear();
         b.resize(layout.body_pages as usize * BLOCK as usize, 0);
         for (i, v) in self.volumes.iter().enumerate() {
-            let Some(v) = v else { continue };
-            let r = &mut b[i * 128..(i + 1) * 128];
-            r[0] = 1;
-            let name = v.name.as_str().as_bytes();
-            r[1] = name.len() as u8;
-            r[2..2 + name.len()].copy_from_slice(name);
-            r[68..84].copy_from_slice(&v.uuid);
-            put_u64(r, 88, v.size);
-            put_u64(r, 96, v.created_at);
-            put_u64(r, 104, v.generation);
-            r[112] = v.replicas;
+            if let Some(v) = v {
+                v.encode(&mut b[i * 128..(i + 1) * 128]);
+            }
         }
         let ext_base = layout.volume_pages as usize * BLOCK as usize;
         for (i, e) in self.extents.iter().enumerate() {
@@ -157,57 +150,14 @@ impl MetaState {
     /// # Errors
     /// [`MetadataError::Inconsistent`] naming the broken invariant.
     pub fn decode_body(layout: &Layout, b: &[u8]) -> Result<Self, MetadataError> {
-        let bad = |m: String| MetadataError::Inconsistent(m);
         let mut volumes = Vec::with_capacity(layout.max_volumes as usize);
         for i in 0..layout.max_volumes as usize {
-            let r = &b[i * 128..(i + 1) * 128];
-            match r[0] {
-                0 => volumes.push(None),
-                1 => {
-                    let n = r[1] as usize;
-                    let name = std::str::from_utf8(
-                        r.get(2..2 + n)
-                            .ok_or_else(|| bad(format!("volume {i}: name length")))?,
-                    )
-                    .map_err(|_| bad(format!("volume {i}: name is not UTF-8")))?;
-                    let name = VolumeName::new(name)
-                        .map_err(|e| bad(format!("volume {i}: {}", e.message())))?;
-                    let size = get_u64(r, 88);
-                    if size == 0 || size % EXTENT != 0 {
-                        return Err(bad(format!(
-                            "volume {name}: size {size} is not a whole number of extents"
-                        )));
-                    }
-                    // Checked before anything is sized by it (the extent map is).
-                    if size > api::MAX_VOLUME_SIZE {
-                        return Err(bad(format!(
-                            "volume {name}: size {size} is above the largest volume ({})",
-                            api::MAX_VOLUME_SIZE
-                        )));
-                    }
-                    volumes.push(Some(VolumeRecord {
-                        name,
-                        uuid: r[68..84].try_into().expect("16 bytes"),
-                        size,
-                        created_at: get_u64(r, 96),
-                        generation: get_u64(r, 104),
-                        replicas: r[112],
-                    }));
-                }
-                s => return Err(bad(format!("volume {i}: unknown state {s}"))),
-            }
-        }
-        let mut names = HashSet::new();
-        for v in volumes.iter().flatten() {
-            if !names.insert(v.name.clone()) {
-                return Err(bad(format!("volume name {} appears twice", v.name)));
-            }
+            volumes.push(VolumeRecord::decode(i, &b[i * 128..(i + 1) * 128])?);
         }
         let ext_base = layout.volume_pages as usize * BLOCK as usize;
         let open_base = ext_base + layout.extent_pages as usize * BLOCK as usize;
         let mut extents = Vec::with_capacity(layout.n_extents as usize);
         let mut open = Vec::with_capacity(layout.n_extents as usize);
-        let mut claimed = HashSet::new();
         for i in 0..layout.n_extents as usize {
             let at = ext_base + i * 16;
             let e = ExtentEntry {
@@ -215,42 +165,151 @@ impl MetaState {
                 logical: get_u32(b, at + 4),
                 generation: get_u64(b, at + 8),
             };
-            if e.owner != 0 {
-                let vol = volumes
-                    .get(e.owner as usize - 1)
-                    .and_then(Option::as_ref)
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "extent {i} belongs to volume slot {} which is free",
-                            e.owner - 1
-                        ))
-                    })?;
-                if u64::from(e.logical) >= vol.size / EXTENT {
-                    return Err(bad(format!(
-                        "extent {i} maps logical extent {} beyond the end of {}",
-                        e.logical, vol.name
-                    )));
-                }
-                if !claimed.insert((e.owner, e.logical)) {
-                    return Err(bad(format!(
-                        "logical extent {} of {} is mapped twice",
-                        e.logical, vol.name
-                    )));
-                }
-            }
             extents.push(e);
             open.push(e.owner != 0 && b[open_base + i / 8] & (1 << (i % 8)) != 0);
         }
-        Ok(Self {
+        let s = Self {
             volumes,
             extents,
             open,
-        })
+        };
+        s.check(layout)?;
+        Ok(s)
+    }
+
+    /// Check the invariants: volume names are unique, every owner is a live volume, every
+    /// logical index lies inside its volume, no two physical extents claim the same logical
+    /// extent, and the journal's extents are free.
+    ///
+    /// # Errors
+    /// [`MetadataError::Inconsistent`] naming the broken invariant.
+    pub fn check(&self, layout: &Layout) -> Result<(), MetadataError> {
+        let bad = |m: String| MetadataError::Inconsistent(m);
+        let mut names = HashSet::new();
+        for v in self.volumes.iter().flatten() {
+            if !names.insert(v.name.clone()) {
+                return Err(bad(format!("volume name {} appears twice", v.name)));
+            }
+        }
+        let mut claimed = HashSet::new();
+        for (i, e) in self.extents.iter().enumerate() {
+            if e.owner == 0 {
+                continue;
+            }
+            if i >= layout.usable_extents() as usize {
+                return Err(bad(format!(
+                    "extent {i} is part of the journal but is in use"
+                )));
+            }
+            let vol = self
+                .volumes
+                .get(e.owner as usize - 1)
+                .and_then(Option::as_ref)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "extent {i} belongs to volume slot {} which is free",
+                        e.owner - 1
+                    ))
+                })?;
+            if u64::from(e.logical) >= vol.size / EXTENT {
+                return Err(bad(format!(
+                    "extent {i} maps logical extent {} beyond the end of {}",
+                    e.logical, vol.name
+                )));
+            }
+            if !claimed.insert((e.owner, e.logical)) {
+                return Err(bad(format!(
+                    "logical extent {} of {} is mapped twice",
+                    e.logical, vol.name
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
+impl VolumeRecord {
+    /// Encode into a zeroed 128-byte record.
+    pub(crate) fn encode(&self, r: &mut [u8]) {
+        r[0] = 1;
+        let name = self.name.as_str().as_bytes();
+        r[1] = name.len() as u8;
+        r[2..2 + name.len()].copy_from_slice(name);
+        r[68..84].copy_from_slice(&self.uuid);
+        put_u64(r, 88, self.size);
+        put_u64(r, 96, self.created_at);
+        put_u64(r, 104, self.generation);
+        r[112] = self.replicas;
+    }
+
+    /// Decode the 128-byte record of volume slot `i`: `None` if the slot is free.
+    pub(crate) fn decode(i: usize, r: &[u8]) -> Result<Option<Self>, MetadataError> {
+        let bad = |m: String| MetadataError::Inconsistent(m);
+        match r[0] {
+            0 => Ok(None),
+            1 => {
+                let n = r[1] as usize;
+                let name = std::str::from_utf8(
+                    r.get(2..2 + n)
+                        .ok_or_else(|| bad(format!("volume {i}: name length")))?,
+                )
+                .map_err(|_| bad(format!("volume {i}: name is not UTF-8")))?;
+                let name = VolumeName::new(name)
+                    .map_err(|e| bad(format!("volume {i}: {}", e.message())))?;
+                let size = get_u64(r, 88);
+                if size == 0 || size % EXTENT != 0 {
+                    return Err(bad(format!(
+                        "volume {name}: size {size} is not a whole number of extents"
+                    )));
+                }
+                // Checked before anything is sized by it (the extent map is).
+                if size > api::MAX_VOLUME_SIZE {
+                    return Err(bad(format!(
+                        "volume {name}: size {size} is above the largest volume ({})",
+                        api::MAX_VOLUME_SIZE
+                    )));
+                }
+                Ok(Some(Self {
+                    name,
+                    uuid: r[68..84].try_into().expect("16 bytes"),
+                    size,
+                    created_at: get_u64(r, 96),
+                    generation: get_u64(r, 104),
+                    replicas: r[112],
+                }))
+            }
+            s => Err(bad(format!("volume {i}: unknown state {s}"))),
+        }
+    }
+}
+
+/// Where the journal continues after a checkpoint: the last record the checkpoint covers and
+/// the offset (within the journal) of the next one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JournalMark {
+    /// The sequence number of the last record the checkpoint covers (0: none yet).
+    pub seq: u64,
+    /// The byte offset in the journal where the record after it goes.
+    pub pos: u64,
+}
+
+/// A valid slot's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotHeader {
+    /// The commit sequence number.
+    pub seq: u64,
+    /// Where the journal continues.
+    pub journal: JournalMark,
+}
+
 /// Encode a slot header for `body` at commit `seq`.
-pub fn encode_header(layout: &Layout, seq: u64, disk_uuid: &[u8; 16], body: &[u8]) -> Vec<u8> {
+pub fn encode_header(
+    layout: &Layout,
+    seq: u64,
+    journal: JournalMark,
+    disk_uuid: &[u8; 16],
+    body: &[u8],
+) -> Vec<u8> {
     let len = layout.header_pages as usize * BLOCK as usize;
     let mut h = vec![0u8; len];
     h[0..8].copy_from_slice(META_MAGIC);
@@ -259,6 +318,8 @@ pub fn encode_header(layout: &Layout, seq: u64, disk_uuid: &[u8; 16], body: &[u8
     put_u32(&mut h, 16, layout.body_pages);
     put_u64(&mut h, 24, seq);
     h[32..48].copy_from_slice(disk_uuid);
+    put_u64(&mut h, 48, journal.seq);
+    put_u64(&mut h, 56, journal.pos);
     for (i, page) in body.chunks(BLOCK as usize).enumerate() {
         put_u32(
             &mut h,
@@ -271,7 +332,7 @@ pub fn encode_header(layout: &Layout, seq: u64, disk_uuid: &[u8; 16], body: &[u8
     h
 }
 
-/// Validate a slot (header followed by body) and return its sequence number.
+/// Validate a slot (header followed by body) and return its header.
 ///
 /// # Errors
 /// [`MetadataError::BadHeader`] or [`MetadataError::BadPage`].
@@ -279,7 +340,7 @@ pub fn check_slot(
     layout: &Layout,
     disk_uuid: &[u8; 16],
     slot: &[u8],
-) -> Result<u64, MetadataError> {
+) -> Result<SlotHeader, MetadataError> {
     let hlen = layout.header_pages as usize * BLOCK as usize;
     let h = &slot[..hlen];
     let ok = &h[0..8] == META_MAGIC
@@ -296,7 +357,13 @@ pub fn check_slot(
             return Err(MetadataError::BadPage(i as u32));
         }
     }
-    Ok(get_u64(h, 24))
+    Ok(SlotHeader {
+        seq: get_u64(h, 24),
+        journal: JournalMark {
+            seq: get_u64(h, 48),
+            pos: get_u64(h, 56),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -347,9 +414,16 @@ mod tests {
         let s = sample(&layout);
         let body = s.encode_body(&layout);
         assert_eq!(MetaState::decode_body(&layout, &body).unwrap(), s);
-        let mut slot = encode_header(&layout, 17, &[9; 16], &body);
+        let mark = JournalMark { seq: 5, pos: 8192 };
+        let mut slot = encode_header(&layout, 17, mark, &[9; 16], &body);
         slot.extend_from_slice(&body);
-        assert_eq!(check_slot(&layout, &[9; 16], &slot), Ok(17));
+        assert_eq!(
+            check_slot(&layout, &[9; 16], &slot),
+            Ok(SlotHeader {
+                seq: 17,
+                journal: mark
+            })
+        );
         assert_eq!(
             check_slot(&layout, &[8; 16], &slot),
             Err(MetadataError::BadHeader)
@@ -401,7 +475,7 @@ mod tests {
             let end = (at + bytes.len()).min(body.len());
             body[at..end].copy_from_slice(&bytes[..end - at]);
             let _ = MetaState::decode_body(&layout, &body);
-            let mut slot = encode_header(&layout, 1, &[0; 16], &body);
+            let mut slot = encode_header(&layout, 1, JournalMark::default(), &[0; 16], &body);
             slot.extend_from_slice(&body);
             let hl = slot.len().min(bytes.len());
             slot[..hl].copy_from_slice(&bytes[..hl]);

@@ -30,6 +30,7 @@ use api::{
 
 mod disk;
 pub mod format;
+pub mod journal;
 pub mod metadata;
 pub mod replica;
 pub mod stats;
@@ -117,6 +118,17 @@ pub enum PoolError {
         /// Why.
         #[source]
         source: metadata::MetadataError,
+    },
+    /// A format 1 device cannot be upgraded in place.
+    #[error(
+        "pool device {path} has on-disk format 1 and cannot be upgraded to format {}: {reason}",
+        format::FORMAT_VERSION
+    )]
+    Upgrade {
+        /// The device.
+        path: PathBuf,
+        /// Why, and what to do.
+        reason: String,
     },
     /// Two devices hold different volumes (different ids) of the same name.
     #[error("two different volumes named {name} exist on pool devices {a} and {b}; remove one of the devices")]

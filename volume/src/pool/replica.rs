@@ -401,6 +401,7 @@ impl Replica {
             self.disk.ext[p as usize]
                 .generation
                 .fetch_max(generation, SeqCst);
+            self.disk.mark_extent(p);
         }
         drop(pins);
         if flags.fua {
@@ -436,6 +437,7 @@ impl Replica {
                     // Zeroed blocks are a change a delta rebuild must carry.
                     e.generation
                         .fetch_max(self.vol.seq.fetch_add(1, SeqCst) + 1, SeqCst);
+                    self.disk.mark_extent(p);
                 }
             }
             pos = ext_end;
