@@ -281,6 +281,36 @@ mod cases {
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
     }
 
+    /// A write-then-sync writes every segment, syncs, and returns the buffer; the sync is
+    /// issued even with nothing to write, and its error is reported.
+    pub async fn write_then_sync(fx: Fixture) {
+        let e = &*fx.engine;
+        let f = fx.file("write-then-sync");
+        let data = pattern(9, 3 * BLOCK);
+        let mut req = IoRequest::write_then_sync(&f, 0, data.clone());
+        req.segments = vec![
+            segment(4 * BLOCK as u64, 0, BLOCK),
+            segment(0, BLOCK, 2 * BLOCK),
+        ];
+        let c = e.submit(req).await;
+        c.result.expect("write then sync on a regular file");
+        assert_eq!(c.buf.expect("the buffer comes back")[..], data[..]);
+        let back = read(e, &f, 0, 5 * BLOCK).await;
+        assert_eq!(&back[..2 * BLOCK], &data[BLOCK..]);
+        assert_eq!(&back[4 * BLOCK..], &data[..BLOCK]);
+
+        // Nothing to write: only the sync, whose failure on a pipe (EINVAL) is reported.
+        let (pipe_read, _pipe_write) = pipe();
+        let mut req = IoRequest::write_then_sync(&pipe_read, 0, IoBuf::zeroed(BLOCK));
+        req.segments.clear();
+        let err = e
+            .submit(req)
+            .await
+            .result
+            .expect_err("the sync of a pipe fails");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+    }
+
     pub async fn read_past_eof_fails_with_buffer(fx: Fixture) {
         let e = &*fx.engine;
         let f = fx.file("short");
@@ -523,6 +553,7 @@ conformance_suite!(
     many_segments,
     large_transfer,
     dsync_writes_and_fsync,
+    write_then_sync,
     read_past_eof_fails_with_buffer,
     invalid_requests_are_refused_with_buffer,
     empty_requests_complete,
@@ -559,6 +590,10 @@ async fn run_script(e: &dyn IoEngine, f: &IoFile) -> Vec<Outcome> {
     ];
     steps.push(("scatter write", scatter));
     steps.push(("fsync", IoRequest::fsync(f)));
+    steps.push((
+        "write then sync 4K at 40K",
+        IoRequest::write_then_sync(f, 10 * BLOCK as u64, pattern(24, BLOCK)),
+    ));
     steps.push((
         "read 52K at 0",
         IoRequest::read(f, 0, filled(0xEE, 13 * BLOCK)),

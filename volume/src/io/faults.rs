@@ -129,6 +129,9 @@ enum Done {
     Write { id: u64, dsync: bool },
     /// An `fdatasync`, which makes `covered` durable if it succeeds.
     Fsync { covered: Vec<u64> },
+    /// Write `id`, then an `fdatasync` covering it and `covered` (the writes completed when
+    /// it was submitted).
+    WriteThenSync { id: u64, covered: Vec<u64> },
 }
 
 /// A pending completion and where to pass it on.
@@ -260,6 +263,17 @@ impl Journal {
             }
             Done::Fsync { covered } if ok => covered,
             Done::Fsync { .. } => Vec::new(),
+            Done::WriteThenSync { id, mut covered } => {
+                if let Some(p) = s.pending.get_mut(&id) {
+                    p.1 = true;
+                }
+                if ok {
+                    covered.push(id);
+                    covered
+                } else {
+                    Vec::new()
+                }
+            }
         };
         let mut lines = String::new();
         for id in durable {
@@ -323,6 +337,16 @@ impl IoEngine for FaultyEngine {
             IoOp::Fsync => Done::Fsync {
                 covered: journal.completed_writes(&req.file),
             },
+            IoOp::WriteThenSync => {
+                let covered = journal.completed_writes(&req.file);
+                match journal.before_write(&req) {
+                    Ok(id) => Done::WriteThenSync { id, covered },
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot journal a write; failing it");
+                        return failed(req);
+                    }
+                }
+            }
         };
         journal.track(self.submit_faulty(req), done)
     }
@@ -430,5 +454,13 @@ mod tests {
         bad.mode.now.store(ERROR_WRITES, Ordering::SeqCst);
         assert!(bad.submit(IoRequest::fsync(&file)).await.result.is_err());
         assert_eq!(lines(&journal).len(), 3);
+        // A write-then-sync makes itself and the writes completed before it durable.
+        let buf = IoBuf::from_slice(&[5; 4096]);
+        engine
+            .submit(IoRequest::write_then_sync(&file, 4096, buf))
+            .await
+            .result
+            .unwrap();
+        assert!(lines(&journal).is_empty(), "{:?}", lines(&journal));
     }
 }

@@ -48,6 +48,10 @@ pub enum IoOp {
     },
     /// `fdatasync` the file: every completed write becomes durable. No buffer, no segments.
     Fsync,
+    /// Write each segment, then `fdatasync` the file, as one request that completes once the
+    /// sync has: these writes and every write completed before them are durable. (One trip
+    /// through the engine where a write and an `Fsync` take two.)
+    WriteThenSync,
 }
 
 /// One contiguous transfer between `buf[buf_offset..buf_offset + len]` and the file at
@@ -119,6 +123,14 @@ impl IoRequest {
                 buf_offset: 0,
                 len,
             }],
+        }
+    }
+
+    /// Write all of `buf` at `offset`, then `fdatasync` the file ([`IoOp::WriteThenSync`]).
+    pub fn write_then_sync(file: &IoFile, offset: u64, buf: IoBuf) -> Self {
+        Self {
+            op: IoOp::WriteThenSync,
+            ..Self::write(file, offset, buf, false)
         }
     }
 

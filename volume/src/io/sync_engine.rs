@@ -54,14 +54,17 @@ impl SyncEngine {
 fn run(req: &mut IoRequest) -> io::Result<()> {
     req.validate()?;
     let fd = req.file.raw_fd();
-    if req.op == IoOp::Fsync {
+    let fdatasync = || {
         // SAFETY: `fd` is open for as long as `req.file` lives, which outlives this call.
         let rc = unsafe { libc::fdatasync(fd) };
-        return if rc < 0 {
+        if rc < 0 {
             Err(io::Error::last_os_error())
         } else {
             Ok(())
-        };
+        }
+    };
+    if req.op == IoOp::Fsync {
+        return fdatasync();
     }
     let buf = req
         .buf
@@ -81,7 +84,8 @@ fn run(req: &mut IoRequest) -> io::Result<()> {
             let n = match req.op {
                 // SAFETY: `ptr..ptr+len` lies inside `buf` (validated), which we own exclusively.
                 IoOp::Read => unsafe { libc::pread(fd, ptr.cast(), len, off) },
-                IoOp::Write { dsync } => {
+                IoOp::Write { .. } | IoOp::WriteThenSync => {
+                    let dsync = req.op == IoOp::Write { dsync: true };
                     let iov = libc::iovec {
                         iov_base: ptr.cast(),
                         iov_len: len,
@@ -107,6 +111,9 @@ fn run(req: &mut IoRequest) -> io::Result<()> {
             }
             done += n as usize;
         }
+    }
+    if req.op == IoOp::WriteThenSync {
+        return fdatasync();
     }
     Ok(())
 }

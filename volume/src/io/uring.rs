@@ -284,6 +284,8 @@ struct InFlight {
     busy: usize,
     /// The first error; once set, no new SQE of this request is submitted.
     error: Option<io::Error>,
+    /// A [`IoOp::WriteThenSync`] whose writes are done has had its `Fsync` queued.
+    synced: bool,
 }
 
 /// A data-path thread's state: its ring, its channel and its in-flight table.
@@ -452,16 +454,19 @@ impl Worker {
             }
         };
         let mut busy = 0;
-        if req.op == IoOp::Fsync {
-            self.queue.push_back(user_data(slot, FSYNC_SEGMENT));
-            busy = 1;
-        } else {
+        let mut synced = false;
+        if req.op != IoOp::Fsync {
             for (i, seg) in req.segments.iter().enumerate() {
                 if seg.len > 0 {
                     self.queue.push_back(user_data(slot, i as u32));
                     busy += 1;
                 }
             }
+        }
+        if busy == 0 && matches!(req.op, IoOp::Fsync | IoOp::WriteThenSync) {
+            self.queue.push_back(user_data(slot, FSYNC_SEGMENT));
+            busy = 1;
+            synced = true;
         }
         if busy == 0 {
             // Nothing to transfer (no segments, or only empty ones).
@@ -479,6 +484,7 @@ impl Worker {
             progress,
             busy,
             error: None,
+            synced,
         });
         self.live += 1;
     }
@@ -540,10 +546,11 @@ impl Worker {
         }
         let fd = types::Fd(f.req.file.raw_fd());
         let entry = match f.req.op {
-            IoOp::Fsync => opcode::Fsync::new(fd)
+            _ if seg == FSYNC_SEGMENT => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
-            op @ (IoOp::Read | IoOp::Write { .. }) => {
+            IoOp::Fsync => unreachable!("an Fsync request has only its FSYNC_SEGMENT SQE"),
+            op @ (IoOp::Read | IoOp::Write { .. } | IoOp::WriteThenSync) => {
                 let s = f.req.segments[seg as usize];
                 let done = f.progress[seg as usize];
                 let len = (s.len - done).min(MAX_SQE_LEN) as u32;
@@ -560,6 +567,7 @@ impl Worker {
                         .offset(offset)
                         .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
                         .build(),
+                    IoOp::WriteThenSync => opcode::Write::new(fd, ptr, len).offset(offset).build(),
                     _ => opcode::Read::new(fd, ptr, len).offset(offset).build(),
                 }
             }
@@ -662,6 +670,13 @@ impl Worker {
         let f = entry.as_mut().expect("an SQE for an empty table slot");
         f.busy -= 1;
         if f.busy > 0 {
+            return;
+        }
+        if f.req.op == IoOp::WriteThenSync && !f.synced && f.error.is_none() {
+            // The writes are done: the sync that covers them, on this thread, no round trip.
+            f.synced = true;
+            f.busy = 1;
+            self.queue.push_back(user_data(slot, FSYNC_SEGMENT));
             return;
         }
         let f = entry.take().expect("checked above");

@@ -1197,10 +1197,16 @@ impl Disk {
             if snap.ordered {
                 self.fsync().await.map_err(self.io_err("fdatasync"))?;
             }
-            self.write_raw(self.layout.journal_offset() + pos, &bytes)
+            // The record and its sync in one trip through the engine.
+            self.engine
+                .submit(IoRequest::write_then_sync(
+                    &self.file,
+                    self.layout.journal_offset() + pos,
+                    IoBuf::from_slice(&bytes),
+                ))
                 .await
-                .map_err(self.io_err("write journal"))?;
-            self.fsync().await.map_err(self.io_err("fdatasync"))
+                .result
+                .map_err(self.io_err("write journal"))
         }
         .await;
         if let Err(e) = result {

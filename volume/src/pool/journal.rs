@@ -83,10 +83,10 @@ impl Record {
 
     /// The bytes this record takes on disk, a multiple of 4 KiB.
     pub fn encoded_len(&self) -> usize {
-        let payload =
-            self.volumes
-                .iter()
-                .map(|(_, v)| if v.is_some() { VOLUME_ENTRY } else { 1 + 4 });
+        let payload = self
+            .volumes
+            .iter()
+            .map(|(_, v)| if v.is_some() { VOLUME_ENTRY } else { 1 + 4 });
         let extents = self
             .extents
             .iter()
