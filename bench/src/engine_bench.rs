@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use api::{parse_size, VolumeControl, VolumeName, VolumeSpec};
 use clap::{Parser, ValueEnum};
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 use volume::device::{BlockDevice, WriteFlags};
 use volume::io::{open_direct, probe, EngineKind, IoBuf, IoEngine, IoFile, IoRequest};
 use volume::pool::{DeviceSpec, Replica, Storage, StorageConfig};
@@ -96,22 +96,31 @@ enum Test {
     /// 1 MiB sequential write.
     #[value(name = "seqwrite")]
     SeqWrite1m,
+    /// 4 KiB random write, each followed by a flush (`fdatasync`): a database's commit.
+    #[value(name = "syncwrite")]
+    SyncWrite4k,
 }
 
 impl Test {
-    const ALL: [Test; 3] = [Test::RandRead4k, Test::RandWrite4k, Test::SeqWrite1m];
+    const ALL: [Test; 4] = [
+        Test::RandRead4k,
+        Test::RandWrite4k,
+        Test::SeqWrite1m,
+        Test::SyncWrite4k,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Test::RandRead4k => "4 KiB random read",
             Test::RandWrite4k => "4 KiB random write",
             Test::SeqWrite1m => "1 MiB sequential write",
+            Test::SyncWrite4k => "4 KiB random write + flush",
         }
     }
 
     fn block(self) -> u64 {
         match self {
-            Test::RandRead4k | Test::RandWrite4k => 4096,
+            Test::RandRead4k | Test::RandWrite4k | Test::SyncWrite4k => 4096,
             Test::SeqWrite1m => 1 << 20,
         }
     }
@@ -128,7 +137,7 @@ impl Test {
     fn figure(self, s: Sample) -> f64 {
         let secs = s.elapsed.as_secs_f64().max(1e-9);
         match self {
-            Test::RandRead4k | Test::RandWrite4k => s.ops as f64 / secs,
+            Test::RandRead4k | Test::RandWrite4k | Test::SyncWrite4k => s.ops as f64 / secs,
             Test::SeqWrite1m => (s.ops * self.block()) as f64 / secs / 1e6,
         }
     }
@@ -141,6 +150,9 @@ impl Test {
         }
     }
 }
+
+/// `user_data` of the write of a raw write + sync pair.
+const SYNC_WRITE: u64 = u64::MAX;
 
 /// Where the I/O goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,6 +279,16 @@ fn raw_direct(
         } else {
             opcode::Write::new(fd, ptr, len).offset(off).build()
         };
+        if test == Test::SyncWrite4k {
+            // The write, linked to the fdatasync after it; the sync's completion counts.
+            let sync = opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .user_data(i as u64);
+            let write = sqe.flags(squeue::Flags::IO_LINK).user_data(SYNC_WRITE);
+            // SAFETY: as below; the pair goes in together or not at all.
+            return unsafe { ring.submission().push_multiple(&[write, sync]) }.is_ok();
+        }
         // SAFETY: `ptr` points to `bs` bytes of `bufs[i]`, which lives in `bufs` until this
         // function returns, and this function only returns after every queued operation has
         // completed (`in_flight == 0`). Buffer `i` is queued again only after its previous
@@ -300,6 +322,16 @@ fn raw_direct(
                 .map(|c| (c.user_data() as usize, c.result())),
         );
         for &(i, res) in &done {
+            if i as u64 == SYNC_WRITE {
+                // The write of a write + sync pair: its sync's completion is the operation's.
+                if res < 0 || res as u64 != bs {
+                    failure.get_or_insert_with(|| {
+                        anyhow!("raw {}: write returned {res}", test.label())
+                    });
+                    stopping = true;
+                }
+                continue;
+            }
             in_flight -= 1;
             if res < 0 {
                 failure.get_or_insert_with(|| {
@@ -307,7 +339,7 @@ fn raw_direct(
                         .context(format!("raw {}", test.label()))
                 });
                 stopping = true;
-            } else if res as u64 != bs {
+            } else if res as u64 != bs && test != Test::SyncWrite4k {
                 failure.get_or_insert_with(|| {
                     anyhow!("raw {}: short transfer of {res} bytes", test.label())
                 });
@@ -408,10 +440,18 @@ fn engine_op(
             IoRequest::write(&file, off, buf, false)
         };
         let completion = engine.submit(req);
+        let (engine, file) = (Arc::clone(&engine), file.clone());
         Box::pin(async move {
             let c = completion.await;
             c.result
                 .with_context(|| format!("engine {} at {off}", test.label()))?;
+            if test == Test::SyncWrite4k {
+                engine
+                    .submit(IoRequest::fsync(&file))
+                    .await
+                    .result
+                    .with_context(|| format!("engine fdatasync after {off}"))?;
+            }
             c.buf.ok_or_else(|| anyhow!("the engine lost a buffer"))
         })
     }
@@ -434,7 +474,16 @@ fn replica_op(
             } else {
                 replica.write(off, buf, WriteFlags::default()).await
             };
-            r.map_err(|e| anyhow!(e.error).context(format!("ballast {} at {off}", test.label())))
+            let buf = r.map_err(|e| {
+                anyhow!(e.error).context(format!("ballast {} at {off}", test.label()))
+            })?;
+            if test == Test::SyncWrite4k {
+                replica
+                    .flush()
+                    .await
+                    .map_err(|e| anyhow!(e).context(format!("ballast flush after {off}")))?;
+            }
+            Ok(buf)
         })
     }
 }
@@ -665,6 +714,7 @@ fn fio_reference(args: &Args, raw_path: &Path) -> Option<Vec<(Test, f64)>> {
             Test::RandRead4k => "randread",
             Test::RandWrite4k => "randwrite",
             Test::SeqWrite1m => "write",
+            Test::SyncWrite4k => "randwrite",
         };
         let result = Command::new("fio")
             .args([
@@ -684,6 +734,7 @@ fn fio_reference(args: &Args, raw_path: &Path) -> Option<Vec<(Test, f64)>> {
             .arg(format!("--rw={rw}"))
             .arg(format!("--bs={}", test.block()))
             .arg(format!("--iodepth={}", args.qd))
+            .args((test == Test::SyncWrite4k).then_some("--fdatasync=1"))
             .arg(format!("--size={}", args.size))
             .arg(format!("--runtime={}", args.seconds.div_ceil(2).max(1)))
             .output();
@@ -702,7 +753,7 @@ fn fio_reference(args: &Args, raw_path: &Path) -> Option<Vec<(Test, f64)>> {
         let field = |n: usize| f.get(n - 1).and_then(|v| v.parse::<f64>().ok());
         let value = match test {
             Test::RandRead4k => field(8)?,
-            Test::RandWrite4k => field(49)?,
+            Test::RandWrite4k | Test::SyncWrite4k => field(49)?,
             Test::SeqWrite1m => field(48)? * 1024.0 / 1e6,
         };
         out.push((test, value));
