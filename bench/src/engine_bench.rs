@@ -712,9 +712,8 @@ fn fio_reference(args: &Args, raw_path: &Path) -> Option<Vec<(Test, f64)>> {
     for &test in &args.tests {
         let rw = match test {
             Test::RandRead4k => "randread",
-            Test::RandWrite4k => "randwrite",
+            Test::RandWrite4k | Test::SyncWrite4k => "randwrite",
             Test::SeqWrite1m => "write",
-            Test::SyncWrite4k => "randwrite",
         };
         let result = Command::new("fio")
             .args([
