@@ -51,7 +51,8 @@ impl SyncEngine {
     }
 }
 
-fn run(req: &mut IoRequest) -> io::Result<()> {
+/// Run `req` on the calling thread.
+pub(crate) fn run(req: &mut IoRequest) -> io::Result<()> {
     req.validate()?;
     let fd = req.file.raw_fd();
     let fdatasync = || {
@@ -124,6 +125,10 @@ impl IoEngine for SyncEngine {
     }
 
     fn submit(&self, req: IoRequest) -> Completion {
+        let req = match super::run_inline(req) {
+            Ok(done) => return done,
+            Err(req) => req,
+        };
         let (done, completion) = Completion::channel();
         if let Some(tx) = &self.tx {
             if let Err(crossbeam_channel::SendError((req, done))) = tx.send((req, done)) {

@@ -145,6 +145,10 @@ impl IoEngine for UringEngine {
     }
 
     fn submit(&self, req: IoRequest) -> Completion {
+        let req = match super::run_inline(req) {
+            Ok(done) => return done,
+            Err(req) => req,
+        };
         if let Err(e) = req.validate().and_then(|()| check_kernel_limits(&req)) {
             return Completion::ready(IoCompletion {
                 result: Err(e),

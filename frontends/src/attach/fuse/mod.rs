@@ -5,9 +5,12 @@
 //! straight here (no page cache in between), and the loop device on top runs with direct I/O.
 //!
 //! Data path: several worker threads ([`session`]) each read requests from their own clone of
-//! the `/dev/fuse` descriptor. A worker takes a clone of the volume's [`VolumeDevice`] under a short
-//! read lock of the [`Registry`] and hands the I/O to a task on the daemon's tokio runtime,
-//! which replies when the engine completes. The session asks the kernel for asynchronous
+//! the `/dev/fuse` descriptor. A worker takes a clone of the volume's [`VolumeDevice`] under a
+//! short read lock of the [`Registry`]. A local (one-replica) volume's request runs to
+//! completion on that worker: the engine executes its I/O inline on the thread, and the worker
+//! replies and reads the next request, with no thread hand-off. A replicated volume's request
+//! goes to a task on the daemon's tokio runtime, which replies when its replicas answer, so
+//! the worker keeps reading meanwhile. The session asks the kernel for asynchronous
 //! direct I/O and a deep background queue, and opens files with parallel direct writes, so
 //! the loop device's queue depth reaches the engine. No lock is held across I/O; see
 //! [`session`] for how copies are avoided.
@@ -21,6 +24,7 @@ pub mod abi;
 pub mod session;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, RwLock};
 
 use volume::device::{BlockDevice, WriteFlags};
@@ -208,6 +212,30 @@ pub struct VolumeFs {
 }
 
 /// Reply to a request with the outcome of an engine call.
+/// Drive `work` to completion on this thread, sleeping while it waits. The futures of a local
+/// volume need no runtime: engine completions, the commit lock and per-extent waits wake this
+/// thread directly.
+fn block_on<F: Future>(work: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut work = std::pin::pin!(work);
+    loop {
+        if let std::task::Poll::Ready(v) = work.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
 fn done(ch: &Channel, unique: u64, r: Result<(), volume::device::DeviceError>) {
     match r {
         Ok(()) => ch.reply(unique, &[]),
@@ -219,6 +247,17 @@ impl VolumeFs {
     /// A filesystem serving `registry`, doing its I/O on `runtime`.
     pub fn new(registry: Registry, runtime: tokio::runtime::Handle) -> Self {
         Self { registry, runtime }
+    }
+
+    /// Serve one request of `dev`: a local volume's on this worker thread, start to finish
+    /// (its I/O inline, see [`volume::io::inline`]), since its work is short and bounded; a
+    /// replicated volume's on the runtime, so the worker reads the next request while this
+    /// one waits for its peers.
+    fn serve(&self, dev: &VolumeDevice, work: impl Future<Output = ()> + Send + 'static) {
+        match dev {
+            VolumeDevice::Local(_) => volume::io::inline(|| block_on(work)),
+            VolumeDevice::Replicated(_) => drop(self.runtime.spawn(work)),
+        }
     }
 
     fn volume(&self, ch: &Channel, h: &InHeader) -> Option<VolumeDevice> {
@@ -297,8 +336,7 @@ impl VolumeFs {
             Request::Fsync { fh } => {
                 if let Some(dev) = self.handle_volume(ch, &h, fh) {
                     let ch = ch.clone();
-                    self.runtime
-                        .spawn(async move { done(&ch, u, dev.flush().await) });
+                    self.serve(&dev.clone(), async move { done(&ch, u, dev.flush().await) });
                 }
             }
             Request::Fallocate {
@@ -378,7 +416,7 @@ impl VolumeFs {
         let aligned_end = end.div_ceil(BLOCK) * BLOCK;
         let buf = pool::take((aligned_end - start) as usize);
         let ch = ch.clone();
-        self.runtime.spawn(async move {
+        self.serve(&dev.clone(), async move {
             match dev.read(start, buf).await {
                 Ok(buf) => {
                     let skip = (offset - start) as usize;
@@ -407,7 +445,7 @@ impl VolumeFs {
         }
         let fua = Handle::decode(fh).sync || flags & SYNC_FLAGS != 0;
         let ch = ch.clone();
-        self.runtime.spawn(async move {
+        self.serve(&dev.clone(), async move {
             let len = data.len() as u32;
             match dev
                 .write(
@@ -441,13 +479,15 @@ impl VolumeFs {
             FallocatePlan::Refuse(errno) => ch.error(u, errno),
             FallocatePlan::Discard { offset, len } => {
                 let ch = ch.clone();
-                self.runtime
-                    .spawn(async move { done(&ch, u, dev.discard(offset, len).await) });
+                self.serve(&dev.clone(), async move {
+                    done(&ch, u, dev.discard(offset, len).await);
+                });
             }
             FallocatePlan::Zero { offset, len } => {
                 let ch = ch.clone();
-                self.runtime
-                    .spawn(async move { done(&ch, u, dev.write_zeroes(offset, len).await) });
+                self.serve(&dev.clone(), async move {
+                    done(&ch, u, dev.write_zeroes(offset, len).await);
+                });
             }
         }
     }

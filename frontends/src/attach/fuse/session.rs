@@ -3,8 +3,9 @@
 //! The daemon mounts with `mount(2)` directly (it runs as root), then clones the `/dev/fuse`
 //! descriptor with `FUSE_DEV_IOC_CLONE` once per worker thread. Each worker blocks reading
 //! requests from its own descriptor and replies on it; the kernel spreads requests over the
-//! workers. Data requests are handed to the daemon's runtime and answered from there when the
-//! engine completes, so one worker keeps many requests in flight.
+//! workers. A local volume's data request runs to completion on the worker that read it; a
+//! replicated volume's is handed to the daemon's runtime and answered from there, so one
+//! worker keeps many of those in flight (see `VolumeFs::serve`).
 //!
 //! Copies: a request is read with `readv` into an 80-byte header buffer and a 4 KiB-aligned
 //! [`IoBuf`]. A `WRITE`'s header and `fuse_write_in` are exactly those 80 bytes, so its
