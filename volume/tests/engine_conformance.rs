@@ -311,6 +311,46 @@ mod cases {
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
     }
 
+    /// Inside `volume::io::inline`, a request has run by the time `submit` returns: its
+    /// completion is ready at the first poll, with the same results as outside.
+    pub async fn inline_requests_complete_at_submission(fx: Fixture) {
+        use std::future::Future;
+        let e = &*fx.engine;
+        let f = fx.file("inline");
+        let data = pattern(11, 2 * BLOCK);
+        let poll_now = |c: &mut volume::io::Completion| {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            match std::pin::Pin::new(c).poll(&mut cx) {
+                std::task::Poll::Ready(done) => done,
+                std::task::Poll::Pending => panic!("an inline request was still pending"),
+            }
+        };
+        let (w, s, r, bad) = volume::io::inline(|| {
+            let mut w = e.submit(IoRequest::write(&f, 0, data.clone(), false));
+            let mut s = e.submit(IoRequest::fsync(&f));
+            let mut r = e.submit(IoRequest::read(&f, 0, IoBuf::zeroed(2 * BLOCK)));
+            let mut bad = e.submit(IoRequest::read(&f, 8 * BLOCK as u64, IoBuf::zeroed(BLOCK)));
+            (
+                poll_now(&mut w),
+                poll_now(&mut s),
+                poll_now(&mut r),
+                poll_now(&mut bad),
+            )
+        });
+        w.result.expect("inline write");
+        s.result.expect("inline fsync");
+        r.result.expect("inline read");
+        assert_eq!(r.buf.expect("the buffer comes back")[..], data[..]);
+        let err = bad
+            .result
+            .expect_err("a read past the end fails inline too");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+        assert!(bad.buf.is_some(), "the buffer comes back on failure");
+        // Outside, the engine's threads serve requests again.
+        let back = read(e, &f, 0, 2 * BLOCK).await;
+        assert_eq!(back[..], data[..]);
+    }
+
     pub async fn read_past_eof_fails_with_buffer(fx: Fixture) {
         let e = &*fx.engine;
         let f = fx.file("short");
@@ -554,6 +594,7 @@ conformance_suite!(
     large_transfer,
     dsync_writes_and_fsync,
     write_then_sync,
+    inline_requests_complete_at_submission,
     read_past_eof_fails_with_buffer,
     invalid_requests_are_refused_with_buffer,
     empty_requests_complete,

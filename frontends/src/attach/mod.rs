@@ -137,7 +137,8 @@ impl FuseLoop {
         let fs = Arc::new(VolumeFs::new(self.registry.clone(), self.runtime.clone()));
         // A local volume's request occupies its worker until it completes (see
         // `fuse::VolumeFs::serve`), so the workers bound how many are in flight.
-        let workers = std::thread::available_parallelism().map_or(16, |n| (n.get() * 8).clamp(8, 32));
+        let workers =
+            std::thread::available_parallelism().map_or(16, |n| (n.get() * 8).clamp(8, 32));
         let s = Session::mount(&self.mountpoint, &fs, workers)?;
         tracing::info!(path = %self.mountpoint.display(), workers = s.workers(), "mounted the attach FUSE filesystem");
         *session = Some(s);
