@@ -1,11 +1,13 @@
-//! The pool's on-disk parsers on any bytes (superblock CRCs are skipped in fuzzing builds):
-//! a superblock copy, and a metadata body for the layout of a device size taken from the
-//! input. An error, never a panic.
+//! The pool's on-disk parsers on any bytes (superblock and journal CRCs are skipped in fuzzing
+//! builds): a superblock copy, a metadata body for the layout of a device size taken from the
+//! input, and the journal replayed from the same bytes onto that body. An error, never a
+//! panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use volume::pool::format::{Layout, Superblock};
-use volume::pool::metadata::MetaState;
+use volume::pool::journal;
+use volume::pool::metadata::{JournalMark, MetaState};
 
 fuzz_target!(|data: &[u8]| {
     let _ = Superblock::decode(data);
@@ -16,7 +18,18 @@ fuzz_target!(|data: &[u8]| {
             let body = layout.body_pages as usize * 4096;
             let mut b = data[8..].to_vec();
             b.resize(body, 0);
-            let _ = MetaState::decode_body(&layout, &b);
+            let mut meta =
+                MetaState::decode_body(&layout, &b).unwrap_or_else(|_| MetaState::empty(&layout));
+            let mut csums = vec![0u32; layout.n_extents as usize * 256];
+            let _ = journal::replay(
+                &layout,
+                &[0; 16],
+                &data[8..],
+                JournalMark::default(),
+                &mut meta,
+                &mut csums,
+            );
+            let _ = meta.check(&layout);
         }
     }
 });

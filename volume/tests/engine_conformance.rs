@@ -325,22 +325,22 @@ mod cases {
                 std::task::Poll::Pending => panic!("an inline request was still pending"),
             }
         };
-        let (w, s, r, bad) = volume::io::inline(|| {
-            let mut w = e.submit(IoRequest::write(&f, 0, data.clone(), false));
-            let mut s = e.submit(IoRequest::fsync(&f));
-            let mut r = e.submit(IoRequest::read(&f, 0, IoBuf::zeroed(2 * BLOCK)));
+        let (wrote, synced, got, bad) = volume::io::inline(|| {
+            let mut wrote = e.submit(IoRequest::write(&f, 0, data.clone(), false));
+            let mut synced = e.submit(IoRequest::fsync(&f));
+            let mut got = e.submit(IoRequest::read(&f, 0, IoBuf::zeroed(2 * BLOCK)));
             let mut bad = e.submit(IoRequest::read(&f, 8 * BLOCK as u64, IoBuf::zeroed(BLOCK)));
             (
-                poll_now(&mut w),
-                poll_now(&mut s),
-                poll_now(&mut r),
+                poll_now(&mut wrote),
+                poll_now(&mut synced),
+                poll_now(&mut got),
                 poll_now(&mut bad),
             )
         });
-        w.result.expect("inline write");
-        s.result.expect("inline fsync");
-        r.result.expect("inline read");
-        assert_eq!(r.buf.expect("the buffer comes back")[..], data[..]);
+        wrote.result.expect("inline write");
+        synced.result.expect("inline fsync");
+        got.result.expect("inline read");
+        assert_eq!(got.buf.expect("the buffer comes back")[..], data[..]);
         let err = bad
             .result
             .expect_err("a read past the end fails inline too");

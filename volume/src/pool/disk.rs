@@ -27,8 +27,9 @@
 //!   completed before the flush durable. Its work is proportional to the change, not to the
 //!   device.
 //! - **A checkpoint**: snapshot the whole metadata body, the open set and the dirty checksum
-//!   pages; write the checksum pages in place and `fdatasync` (the data and checksums are
-//!   durable before the metadata that depends on them); write the changed pages of the
+//!   pages; `fdatasync` (the data those checksums cover is durable before them), write the
+//!   checksum pages in place and `fdatasync` (the checksums are durable before the metadata
+//!   that depends on them); write the changed pages of the
 //!   metadata slot `seq % 2` with its header, which names the last journal record it covers,
 //!   and `fdatasync`. Checkpoints are taken when the journal has no room for the next record,
 //!   when the open set must shrink (only a checkpoint closes extents), after a record failed,
@@ -1482,7 +1483,15 @@ impl Disk {
                     BLOCK as usize,
                 );
             }
-            if let Err(e) = self.write_segments(buf, segments).await {
+            // The pages hold checksums only of writes that completed before they were read;
+            // those writes are durable before any page that vouches for them is written (a
+            // page landing before its data would let recovery recompute a checksum over what
+            // the block held before: a reused extent's previous life).
+            let written = match self.fsync().await {
+                Ok(()) => self.write_segments(buf, segments).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
                 for page in pages {
                     self.csum_dirty[page / 64].fetch_or(1 << (page % 64), SeqCst);
                 }
