@@ -138,10 +138,10 @@ async fn extents_stay_open_until_the_limit_and_recovery_reads_only_those() {
     use volume::pool::{KEEP_OPEN_COMMITS, OPEN_LIMIT};
     let dir = tempdir();
     let path = dir.path().join("pool");
-    let pool = 1024 * MIB;
+    let pool = OPEN_LIMIT as u64 * MIB + 512 * MIB;
     {
         let s = open(&path, pool, EngineKind::Sync).await;
-        let r = volume(&s, "g", 768 * MIB).await;
+        let r = volume(&s, "g", OPEN_LIMIT as u64 * MIB + 256 * MIB).await;
         for extent in 0..10 {
             r.write(extent * MIB, IoBuf::from_slice(&[1; 4096]), stamped(1))
                 .await

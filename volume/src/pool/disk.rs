@@ -89,9 +89,12 @@ use api::VolumeName;
 pub const KEEP_OPEN_COMMITS: u64 = 8;
 
 /// Extents a device keeps open at most (past it, the idle ones written longest ago close, down
-/// to 3/4 of it). Each open extent is 1 MiB that crash recovery reads again; a write to a
-/// closed extent waits for a commit that opens it, so a working set that fits stays fast.
-pub const OPEN_LIMIT: usize = 512;
+/// to 3/4 of it, at the next checkpoint). Each open extent is 1 MiB that crash recovery reads
+/// again (at most 2 GiB per device, a second or two on an SSD); a write to a closed extent waits
+/// for a synced journal record that opens it, so a working set that fits (2 GiB per device)
+/// pays no sync per write. (At 512, a 2 GiB random-write working set paid one on three writes
+/// in four: 0.18 of raw's rate at QD1.)
+pub const OPEN_LIMIT: usize = 2048;
 
 /// "No physical extent" in a volume map.
 pub(crate) const UNMAPPED: u32 = u32::MAX;
