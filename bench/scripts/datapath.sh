@@ -12,15 +12,17 @@
 # it beside raw, b1 and b3 when a Ceph build is available.
 #
 #   bench/scripts/datapath.sh [--seconds N] [--size 2G] [--targets "raw b1 b3"] [--dir /var/tmp]
+#                             [--jobs "randwrite-4k-qd1 ..."]
 set -euo pipefail
-seconds=10 size=2G targets="raw b1 b3" dir=/var/tmp
+seconds=10 size=2G targets="raw b1 b3" dir=/var/tmp only=""
 while (($#)); do
   case "$1" in
     --seconds) seconds=$2; shift 2 ;;
     --size) size=$2; shift 2 ;;
     --targets) targets=$2; shift 2 ;;
     --dir) dir=$2; shift 2 ;;
-    *) echo "usage: $0 [--seconds N] [--size SIZE] [--targets \"raw b1 b3\"] [--dir DIR]" >&2; exit 2 ;;
+    --jobs) only=$2; shift 2 ;;
+    *) echo "usage: $0 [--seconds N] [--size SIZE] [--targets \"raw b1 b3\"] [--dir DIR] [--jobs \"NAME ...\"]" >&2; exit 2 ;;
   esac
 done
 cd "$(dirname "$0")/../.."
@@ -71,6 +73,10 @@ randwrite-4k-qd1 randwrite 4k 1 -
 randread-4k-qd1 randread 4k 1 -
 randwrite-4k-qd1-fdatasync randwrite 4k 1 sync
 write-1m-qd8 write 1M 8 -"
+if [ -n "$only" ]; then
+  jobs=$(awk -v only=" $only " 'index(only, " " $1 " ")' <<<"$jobs")
+  [ -n "$jobs" ] || { echo "--jobs names none of the jobs" >&2; exit 2; }
+fi
 cpu_ticks() { awk '/^cpu /{t = 0; for (i = 2; i <= 9; i++) t += $i; print t - $5 - $6, t}' /proc/stat; }
 suite() { # TARGET FILE
   local t=$1 f=$2

@@ -6,18 +6,21 @@
 //!
 //! A local child is admitted by the fence table for every request, through the same
 //! [`FenceTable::admit`] as the replica server's requests, so a `Register` is ordered against
-//! local writes exactly as against remote ones. Its requests run in their own task holding
-//! that admission, and the child gives up waiting after [`LOCAL_IO_TIMEOUT`]: a hung local
-//! disk then fails the request (and the nexus ejects the replica) instead of stalling every
-//! write. The request itself keeps its admission until the disk answers, so nothing can
-//! re-register the volume here (a rebuild of that replica, a takeover) while it may still land.
+//! local writes exactly as against remote ones. Its requests are polled where they are awaited
+//! (no task per request), and the child gives up waiting after [`LOCAL_IO_TIMEOUT`]: a hung
+//! local disk then fails the request (and the nexus ejects the replica) instead of stalling
+//! every write. A request given up on finishes on the runtime, still holding its admission
+//! until the disk answers, so nothing can re-register the volume here (a rebuild of that
+//! replica, a takeover) while it may still land.
 //!
 //! [`DeviceSource`] is how a frontend gets a device for a name and gives it back; the cluster
 //! source (also in standalone mode) takes the attachment in the cluster store first.
 
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use api::{ControlError, VolumeName};
@@ -55,9 +58,8 @@ pub struct LocalChild {
 }
 
 impl LocalChild {
-    /// Run one request on the replica: admitted by the fence table, in its own task that
-    /// holds the admission until the replica answers, waited for at most
-    /// [`LOCAL_IO_TIMEOUT`].
+    /// Run one request on the replica: admitted by the fence table, holding the admission
+    /// until the replica answers (see [`Held`]), waited for at most [`LOCAL_IO_TIMEOUT`].
     async fn run<T, Fut>(
         &self,
         at: (&'static str, u64, u64),
@@ -77,17 +79,13 @@ impl LocalChild {
             )
         })?;
         let fut = io(self.replica.clone());
-        let task = tokio::spawn(async move {
+        let held = Held(Some(Box::pin(async move {
             let out = fut.await;
             drop(admitted);
             out
-        });
-        match tokio::time::timeout(LOCAL_IO_TIMEOUT, task).await {
-            Ok(Ok(out)) => Ok(out),
-            Ok(Err(e)) => Err(fail(
-                DeviceErrorKind::Io,
-                format!("the request to this node's replica failed: {e}"),
-            )),
+        })));
+        match tokio::time::timeout(LOCAL_IO_TIMEOUT, held).await {
+            Ok(out) => Ok(out),
             Err(_) => Err(fail(
                 DeviceErrorKind::Io,
                 format!("this node's replica of {name} did not answer within {LOCAL_IO_TIMEOUT:?}"),
@@ -112,6 +110,35 @@ impl LocalChild {
                 buf: IoBuf::zeroed(len as usize),
             })
         })
+    }
+}
+
+/// A local request holding its fence admission, polled where it is awaited (no task, no
+/// hand-off). If its waiter gives up first (the timeout, or the caller dropped), it finishes on
+/// the runtime, or on a thread of its own outside one, so the admission is held until the
+/// replica has answered.
+struct Held<T: Send + 'static>(Option<Pin<Box<dyn Future<Output = T> + Send>>>);
+
+impl<T: Send + 'static> Future for Held<T> {
+    type Output = T;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let Some(work) = self.0.as_mut() else {
+            return Poll::Pending;
+        };
+        let out = std::task::ready!(work.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(out)
+    }
+}
+
+impl<T: Send + 'static> Drop for Held<T> {
+    fn drop(&mut self) {
+        let Some(work) = self.0.take() else { return };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            drop(runtime.spawn(work));
+        } else {
+            std::thread::spawn(move || volume::io::block_on(work));
+        }
     }
 }
 

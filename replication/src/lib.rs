@@ -9,6 +9,7 @@
 //! - [`remote`]: a replica on another node as a `volume::device::BlockDevice`, over one
 //!   multiplexed connection, and a control client to create and delete remote replicas.
 //!
+//! - [`net`]: the threads replica connections run on.
 //! - [`device`]: the device a frontend serves (one local replica, or a nexus over children
 //!   that are fenced local replicas, remote replicas or standalone replicas) and the
 //!   [`device::DeviceSource`] trait frontends get devices from.
@@ -18,6 +19,7 @@
 
 pub mod device;
 pub mod fence;
+pub mod net;
 pub mod nexus;
 pub mod remote;
 pub mod server;

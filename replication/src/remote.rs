@@ -408,7 +408,8 @@ impl ReplicaClient {
     /// # Errors
     /// `Io` if the server cannot be reached in time or does not speak the protocol.
     pub async fn connect(addr: SocketAddr, opts: &RemoteOptions) -> Result<Self, DeviceError> {
-        let conn = Conn::connect(addr, opts)
+        let opts = opts.clone();
+        let conn = crate::net::run(async move { Conn::connect(addr, &opts).await })
             .await
             .map_err(|e| At::new("connect", 0, 0).io(e.0))?;
         Ok(Self {

@@ -241,8 +241,20 @@ impl ReplicaServer {
                         };
                         let ctx = self.ctx.clone();
                         let stop = self.shutdown.subscribe();
-                        tokio::spawn(async move {
-                            accepted_connection(ctx, stream, peer, stop).await;
+                        // Served on a network thread (see `crate::net`): the socket moves
+                        // to that thread's runtime.
+                        let stream = match stream.into_std() {
+                            Ok(s) => s,
+                            Err(e) => {
+                                tracing::warn!(%peer, error = %e, "cannot take an accepted replica connection");
+                                continue;
+                            }
+                        };
+                        crate::net::next().spawn(async move {
+                            match TcpStream::from_std(stream) {
+                                Ok(stream) => accepted_connection(ctx, stream, peer, stop).await,
+                                Err(e) => tracing::warn!(%peer, error = %e, "cannot serve an accepted replica connection"),
+                            }
                             drop(slot);
                         });
                     }

@@ -206,6 +206,30 @@ pub fn inline<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Drive `work` to completion on this thread, sleeping while it waits. Engine completions (and
+/// the pool's locks and waits) wake this thread directly; futures that also use tokio's timers
+/// or spawn tasks need the runtime entered ([`tokio::runtime::Handle::enter`]).
+pub fn block_on<F: std::future::Future>(work: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut work = std::pin::pin!(work);
+    loop {
+        if let std::task::Poll::Ready(v) = work.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
 /// If this thread runs requests inline ([`inline`]), run `req` now and return its completion.
 pub(crate) fn run_inline(req: IoRequest) -> Result<Completion, IoRequest> {
     if !INLINE.with(std::cell::Cell::get) {

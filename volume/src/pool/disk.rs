@@ -927,6 +927,17 @@ impl Disk {
             .collect()
     }
 
+    /// The volume named `name`, if this device holds one (without copying the volume table:
+    /// the data path looks a replica up per peer request).
+    pub(crate) fn volume_named(&self, name: &VolumeName) -> Option<Arc<VolRt>> {
+        lock(&self.state)
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| &v.name == name)
+            .cloned()
+    }
+
     /// Allocated and total extents.
     pub(crate) fn usage(&self) -> (u64, u64) {
         let st = lock(&self.state);

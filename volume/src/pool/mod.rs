@@ -281,12 +281,7 @@ impl Storage {
     fn find(&self, name: &VolumeName) -> Vec<(Arc<disk::Disk>, Arc<disk::VolRt>)> {
         self.disks
             .iter()
-            .filter_map(|d| {
-                d.volumes()
-                    .into_iter()
-                    .find(|v| &v.name == name)
-                    .map(|v| (d.clone(), v))
-            })
+            .filter_map(|d| d.volume_named(name).map(|v| (d.clone(), v)))
             .collect()
     }
 

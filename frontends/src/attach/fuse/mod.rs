@@ -212,30 +212,6 @@ pub struct VolumeFs {
 }
 
 /// Reply to a request with the outcome of an engine call.
-/// Drive `work` to completion on this thread, sleeping while it waits. The futures of a local
-/// volume need no runtime: engine completions, the commit lock and per-extent waits wake this
-/// thread directly.
-fn block_on<F: Future>(work: F) -> F::Output {
-    struct Unpark(std::thread::Thread);
-    impl std::task::Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-        fn wake_by_ref(self: &Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = std::task::Context::from_waker(&waker);
-    let mut work = std::pin::pin!(work);
-    loop {
-        if let std::task::Poll::Ready(v) = work.as_mut().poll(&mut cx) {
-            return v;
-        }
-        std::thread::park();
-    }
-}
-
 fn done(ch: &Channel, unique: u64, r: Result<(), volume::device::DeviceError>) {
     match r {
         Ok(()) => ch.reply(unique, &[]),
@@ -249,14 +225,18 @@ impl VolumeFs {
         Self { registry, runtime }
     }
 
-    /// Serve one request of `dev`: a local volume's on this worker thread, start to finish
-    /// (its I/O inline, see [`volume::io::inline`]), since its work is short and bounded; a
-    /// replicated volume's on the runtime, so the worker reads the next request while this
-    /// one waits for its peers.
+    /// Serve one request of `dev` on this worker thread, start to finish: no hand-off to the
+    /// runtime and back. A local volume's I/O runs inline (see [`volume::io::inline`]); a
+    /// replicated volume's local child goes through the engine and its remote children through
+    /// their connections (whose tasks, and the nexus' timers, need the runtime entered), and
+    /// this worker sleeps until they answer while the other workers read the next requests.
     fn serve(&self, dev: &VolumeDevice, work: impl Future<Output = ()> + Send + 'static) {
         match dev {
-            VolumeDevice::Local(_) => volume::io::inline(|| block_on(work)),
-            VolumeDevice::Replicated(_) => drop(self.runtime.spawn(work)),
+            VolumeDevice::Local(_) => volume::io::inline(|| volume::io::block_on(work)),
+            VolumeDevice::Replicated(_) => {
+                let _runtime = self.runtime.enter();
+                volume::io::block_on(work);
+            }
         }
     }
 
