@@ -10,6 +10,10 @@
 //! a wake-up is one only when that thread was asleep. Connections are spread over the threads
 //! round-robin.
 //!
+//! Each thread also owns an io_uring (`volume::io::uring::thread_ring`): the storage
+//! requests of the peers it serves are submitted and completed on it, with no hand-off to the
+//! engine's threads.
+//!
 //! The threads start on first use and live as long as the process. The control plane's timers
 //! and tasks are unaffected; a connection's tasks use this runtime's timers.
 
@@ -36,6 +40,11 @@ fn runtimes() -> &'static [Handle] {
                             .build()
                             .expect("a network runtime (an epoll instance and a timer) is needed");
                         let _ = tx.send(runtime.handle().clone());
+                        // The thread's own io_uring: a peer's request to this node's
+                        // storage is submitted and completed here.
+                        if let Err(e) = runtime.block_on(volume::io::uring::thread_ring::drive()) {
+                            tracing::warn!(error = %e, "a network thread has no io_uring of its own; its storage requests go through the engine's threads");
+                        }
                         runtime.block_on(std::future::pending::<()>());
                     })
                     .expect("a network thread is needed");

@@ -156,6 +156,9 @@ impl IoEngine for UringEngine {
             });
         }
         let (done, completion) = Completion::channel();
+        let Some(Job { req, done }) = thread_ring::submit(Job { req, done }) else {
+            return completion;
+        };
         let worker = &self.workers[self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len()];
         let sent = match &worker.tx {
             Some(tx) => tx
@@ -323,6 +326,9 @@ struct Worker {
     overflow_seen: u32,
     /// An `io_uring_enter` failure has been logged (only the first is).
     enter_error_logged: bool,
+    /// A thread's own ring ([`thread_ring`]): no channel, no wake-up read; the kernel signals
+    /// `bell`'s eventfd for every completion instead.
+    owned: bool,
 }
 
 impl Worker {
@@ -338,6 +344,11 @@ impl Worker {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::new(RING_ENTRIES)?,
             Err(e) => return Err(e),
         };
+        Self::with_ring(ring, rx, bell)
+    }
+
+    /// A worker over `ring`, once the kernel is known to have the opcodes it needs.
+    fn with_ring(ring: IoUring, rx: Receiver<Job>, bell: Arc<Doorbell>) -> io::Result<Self> {
         let mut probe = io_uring::Probe::new();
         ring.submitter().register_probe(&mut probe).map_err(|e| {
             io::Error::new(
@@ -375,6 +386,7 @@ impl Worker {
             reaped: Vec::new(),
             overflow_seen: 0,
             enter_error_logged: false,
+            owned: false,
         })
     }
 
@@ -495,7 +507,7 @@ impl Worker {
 
     /// Queue the wake-up read of the doorbell eventfd, ahead of other work.
     fn arm_wake(&mut self) {
-        if !self.wake_armed && !self.closing {
+        if !self.wake_armed && !self.closing && !self.owned {
             self.queue.push_front(WAKE_TOKEN);
             self.wake_armed = true;
         }
@@ -728,6 +740,115 @@ impl std::fmt::Debug for Worker {
     }
 }
 
+/// A ring of the calling thread's own, for a thread that runs a single-threaded tokio runtime
+/// (the replica connections' network threads): a request that thread submits goes into its
+/// ring at once, with no hand-off to a data-path thread, and its completion is reaped on the
+/// same thread when the kernel signals the ring's eventfd, which the runtime polls. So a peer's
+/// write costs no wake-up of another thread on the way in and none on the way back.
+///
+/// [`drive`] installs the ring and runs it; requests submitted on any other thread (or on this
+/// one before `drive` started, or if the ring could not be built) go to the engine's threads
+/// as before. The ring is built without cooperative task running, so a completion wakes the
+/// thread even while it sleeps in `epoll_wait`.
+pub mod thread_ring {
+    use std::cell::RefCell;
+    use std::io;
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+
+    use io_uring::IoUring;
+    use tokio::io::unix::AsyncFd;
+
+    use super::{Doorbell, Job, Worker, RING_ENTRIES};
+
+    thread_local! {
+        static RING: RefCell<Option<Worker>> = const { RefCell::new(None) };
+        static TAKEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Requests this thread's ring has taken so far.
+    pub fn taken() -> u64 {
+        TAKEN.with(std::cell::Cell::get)
+    }
+
+    /// The eventfd the kernel signals for each completion, as the runtime polls it.
+    struct Signal(Arc<Doorbell>);
+
+    impl AsRawFd for Signal {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            self.0.eventfd.as_raw_fd()
+        }
+    }
+
+    /// Submit `job` on this thread's ring; gives it back if this thread has none (or the ring
+    /// is busy, which only happens while it is being reaped).
+    pub(super) fn submit(job: Job) -> Option<Job> {
+        RING.with(|r| {
+            let Ok(mut r) = r.try_borrow_mut() else {
+                return Some(job);
+            };
+            let Some(w) = r.as_mut() else {
+                return Some(job);
+            };
+            w.admit(job);
+            TAKEN.with(|t| t.set(t.get() + 1));
+            w.push_queued();
+            w.enter(0);
+            // Completions that are already there (an error, a cached read) go back now.
+            w.reap();
+            None
+        })
+    }
+
+    /// Whether this thread has a ring of its own.
+    pub fn installed() -> bool {
+        RING.with(|r| r.try_borrow().map_or(true, |r| r.is_some()))
+    }
+
+    /// Build this thread's ring and run it forever: reap completions as the kernel signals
+    /// them, continue short transfers and retries. Run it as the future a single-threaded
+    /// runtime blocks on (it never returns unless the ring cannot be built).
+    ///
+    /// # Errors
+    /// The ring or its eventfd cannot be set up (then this thread has no ring).
+    pub async fn drive() -> io::Result<()> {
+        let bell = Arc::new(Doorbell::new()?);
+        // SAFETY: `fcntl` on a descriptor we own; no pointers.
+        let rc = unsafe { libc::fcntl(bell.eventfd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let ring = IoUring::new(RING_ENTRIES)?;
+        ring.submitter()
+            .register_eventfd(bell.eventfd.as_raw_fd())?;
+        let mut worker = Worker::with_ring(ring, crossbeam_channel::never(), Arc::clone(&bell))?;
+        worker.owned = true;
+        // SAFETY: the eventfd is owned by `bell`, which `Signal` keeps alive for as long as
+        // it is registered, and nothing closes or replaces it meanwhile.
+        let ready = unsafe { AsyncFd::register(Signal(Arc::clone(&bell))) }?;
+        RING.with(|r| *r.borrow_mut() = Some(worker));
+        loop {
+            let mut guard = ready.readable().await?;
+            let mut count = 0u64;
+            // SAFETY: reads 8 bytes into the live local `count` from our non-blocking
+            // eventfd; `EAGAIN` (nothing to read) is fine.
+            let n = unsafe { libc::read(bell.eventfd.as_raw_fd(), (&raw mut count).cast(), 8) };
+            if n < 0 {
+                guard.clear_ready();
+            }
+            RING.with(|r| {
+                let mut r = r.borrow_mut();
+                let w = r.as_mut().expect("installed above");
+                w.reap();
+                if !w.queue.is_empty() {
+                    w.push_queued();
+                    w.enter(0);
+                }
+            });
+        }
+    }
+}
+
 /// `user_data` of segment `seg` of the request in table slot `slot`.
 fn user_data(slot: u32, seg: u32) -> u64 {
     (u64::from(slot) << 32) | u64::from(seg)
@@ -797,6 +918,68 @@ mod tests {
         let buf = c.buf.expect("buffer returned");
         assert!(buf[..3000].iter().all(|&b| b == 1));
         assert!(buf[3000..].iter().all(|&b| b == 2));
+    }
+
+    /// On a thread that drives its own ring, requests go into that ring (no engine thread)
+    /// and complete there: a short pipe read is continued by the driver, and a write, an
+    /// fdatasync and a read of a file round-trip.
+    #[test]
+    fn a_threads_own_ring_serves_its_requests() {
+        let e = engine();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("ballast-thread-ring-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = IoFile::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.join("f"))
+                .unwrap()
+                .into(),
+        );
+        let (r, mut w) = pipe();
+        let writer = std::thread::spawn(move || {
+            w.write_all(&[1; 3000]).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            w.write_all(&[2; 5192]).unwrap();
+        });
+        let body = async {
+            while !thread_ring::installed() {
+                tokio::task::yield_now().await;
+            }
+            let before = thread_ring::taken();
+            let c = e.submit(IoRequest::read(&r, 0, IoBuf::zeroed(8192))).await;
+            c.result.expect("the short read is continued");
+            let buf = c.buf.unwrap();
+            assert!(buf[..3000].iter().all(|&b| b == 1) && buf[3000..].iter().all(|&b| b == 2));
+            let req = IoRequest::write_then_sync(&file, 4096, IoBuf::from_slice(&[7; 4096]));
+            e.submit(req).await.result.expect("write and sync");
+            let c = e
+                .submit(IoRequest::read(&file, 4096, IoBuf::zeroed(4096)))
+                .await;
+            c.result.expect("read back");
+            assert!(c.buf.unwrap().iter().all(|&b| b == 7));
+            assert_eq!(
+                thread_ring::taken() - before,
+                3,
+                "every request went into this thread's ring"
+            );
+        };
+        rt.block_on(async {
+            tokio::select! {
+                r = thread_ring::drive() => panic!("the driver stopped: {r:?}"),
+                () = body => {}
+            }
+        });
+        writer.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Another thread has no ring of its own: its requests go to the engine's threads.
+        assert!(!std::thread::spawn(thread_ring::installed).join().unwrap());
     }
 
     #[test]
