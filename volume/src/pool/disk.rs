@@ -280,6 +280,10 @@ impl VolRt {
 #[derive(Debug)]
 struct DiskState {
     volumes: Vec<Option<Arc<VolRt>>>,
+    /// One past the highest volume slot used since the device was opened: no slot at or past
+    /// it holds a volume or has one recorded, so a journal record looks only below it (the
+    /// table has up to 4096 slots; scanning them all cost most of a record's CPU time).
+    volumes_high: usize,
     owners: Vec<ExtentEntry>,
     free: BTreeSet<u32>,
     /// Freed extents and the interval they were freed in.
@@ -541,6 +545,7 @@ impl Disk {
             layout,
             state: Mutex::new(DiskState {
                 volumes: vec![None; layout.max_volumes as usize],
+                volumes_high: 0,
                 owners: vec![ExtentEntry::default(); n],
                 free: (0..layout.usable_extents()).collect(),
                 pending_free: Vec::new(),
@@ -776,6 +781,7 @@ impl Disk {
             let mut st = lock(&self.state);
             for (i, rec) in meta.volumes.iter().enumerate() {
                 let Some(rec) = rec else { continue };
+                st.volumes_high = st.volumes_high.max(i + 1);
                 st.volumes[i] = Some(Arc::new(VolRt {
                     index: i as u32,
                     name: rec.name.clone(),
@@ -988,6 +994,7 @@ impl Disk {
                 counters: IoCounters::default(),
             });
             st.volumes[index] = Some(vol.clone());
+            st.volumes_high = st.volumes_high.max(index + 1);
             vol
         };
         self.commit(false).await?;
@@ -1307,7 +1314,7 @@ impl Disk {
             });
         }
         let mut volumes = Vec::new();
-        for (i, v) in st.volumes.iter().enumerate() {
+        for (i, v) in st.volumes.iter().enumerate().take(st.volumes_high) {
             let now = v
                 .as_ref()
                 .map(|v| (v.uuid, v.size.load(SeqCst), v.seq.load(SeqCst)));
