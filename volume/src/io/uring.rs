@@ -329,6 +329,9 @@ struct Worker {
     /// A thread's own ring ([`thread_ring`]): no channel, no wake-up read; the kernel signals
     /// `bell`'s eventfd for every completion instead.
     owned: bool,
+    /// A thread ring's requests are queued for an `io_uring_enter` that is due (a task
+    /// spawned to make it).
+    submit_due: bool,
 }
 
 impl Worker {
@@ -387,6 +390,7 @@ impl Worker {
             overflow_seen: 0,
             enter_error_logged: false,
             owned: false,
+            submit_due: false,
         })
     }
 
@@ -793,11 +797,35 @@ pub mod thread_ring {
             w.admit(job);
             TAKEN.with(|t| t.set(t.get() + 1));
             w.push_queued();
+            // One `io_uring_enter` for every request this thread submits before its runtime
+            // gets back to the tasks queued now (the requests of one batch of frames): the
+            // kernel then issues them under one plug, with one doorbell to the device.
+            if !w.submit_due {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    w.submit_due = true;
+                    drop(runtime.spawn(async { submit_due() }));
+                } else {
+                    w.enter(0);
+                    w.reap();
+                }
+            }
+            None
+        })
+    }
+
+    /// Enter the kernel with what the ring has queued (see [`submit`]).
+    fn submit_due() {
+        RING.with(|r| {
+            let Ok(mut r) = r.try_borrow_mut() else {
+                return;
+            };
+            let Some(w) = r.as_mut() else { return };
+            w.submit_due = false;
+            w.push_queued();
             w.enter(0);
             // Completions that are already there (an error, a cached read) go back now.
             w.reap();
-            None
-        })
+        });
     }
 
     /// Whether this thread has a ring of its own.
