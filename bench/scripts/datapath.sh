@@ -4,17 +4,21 @@
 #   raw  a file on the same filesystem (io_uring, O_DIRECT);
 #   b1   a 1-replica volume through /dev/ballast/NAME (one standalone daemon);
 #   b3   a 3-replica volume through /dev/ballast/NAME (three daemons over etcd on loopback,
-#        mutual TLS between them as shipped, every pool on this disk).
+#        mutual TLS between them as shipped, every pool on this disk);
+#   rbd  Ceph RBD, size 3, three BlueStore OSDs on this disk, through fio's rbd engine (built
+#        by ../shared/peers/ceph/up.sh; included by default when Ceph is installed).
 # Jobs: 4 KiB random write and read at QD32 and QD1, 4 KiB random write at QD1 with an
-# fdatasync after each write, 1 MiB sequential write at QD8. Prints IOPS (MiB/s for 1 MiB)
-# with mean latency, each as a ratio to raw, and 4 KiB random writes per busy core (host CPU
-# time while the job ran). Ceph RBD is not started here: ../shared/peers/compare.sh measures
-# it beside raw, b1 and b3 when a Ceph build is available.
+# fdatasync after each write (a flush, fio's --fsync, for rbd), 1 MiB sequential write at QD8.
+# Prints IOPS (MiB/s for 1 MiB) with mean latency, each as a ratio to raw, 4 KiB random writes
+# per busy core (host CPU time while the job ran), and 3 replicas against Ceph.
 #
-#   bench/scripts/datapath.sh [--seconds N] [--size 2G] [--targets "raw b1 b3"] [--dir /var/tmp]
+#   bench/scripts/datapath.sh [--seconds N] [--size 2G] [--targets "raw b1 b3 rbd"] [--dir /var/tmp]
 #                             [--jobs "randwrite-4k-qd1 ..."]
 set -euo pipefail
-seconds=10 size=2G targets="raw b1 b3" dir=/var/tmp only=""
+peers=${BALLAST_PEERS:-$(cd "$(dirname "$0")/../.." && pwd)/../shared/peers}
+targets="raw b1 b3"
+command -v ceph-osd >/dev/null && [ -f "$peers/ceph/up.sh" ] && targets="$targets rbd"
+seconds=10 size=2G dir=/var/tmp only=""
 while (($#)); do
   case "$1" in
     --seconds) seconds=$2; shift 2 ;;
@@ -22,7 +26,7 @@ while (($#)); do
     --targets) targets=$2; shift 2 ;;
     --dir) dir=$2; shift 2 ;;
     --jobs) only=$2; shift 2 ;;
-    *) echo "usage: $0 [--seconds N] [--size SIZE] [--targets \"raw b1 b3\"] [--dir DIR] [--jobs \"NAME ...\"]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--seconds N] [--size SIZE] [--targets \"raw b1 b3 rbd\"] [--dir DIR] [--jobs \"NAME ...\"]" >&2; exit 2 ;;
   esac
 done
 cd "$(dirname "$0")/../.."
@@ -30,6 +34,10 @@ for t in fio python3; do
   command -v "$t" >/dev/null || { echo "$t is required (apt-get install fio python3)" >&2; exit 1; }
 done
 case " $targets " in *" b3 "*) command -v etcd >/dev/null || { echo "b3 needs etcd (apt-get install etcd-server)" >&2; exit 1; } ;; esac
+case " $targets " in *" rbd "*)
+  command -v ceph-osd >/dev/null && [ -f "$peers/ceph/up.sh" ] || {
+    echo "rbd needs Ceph (apt-get install ceph-mon ceph-osd ceph-mgr ceph-common) and $peers/ceph/up.sh (set BALLAST_PEERS)" >&2; exit 1; } ;;
+esac
 cargo build --release -q -p daemon --bin ballast
 bin=$PWD/target/release/ballast
 
@@ -46,6 +54,7 @@ cleanup() {
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
   awk -v w="$work" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r | while read -r m; do umount -l "$m"; done
+  [ -d "$work/ceph" ] && bash "$peers/ceph/down.sh" "$work/ceph" >/dev/null 2>&1
   rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
@@ -78,34 +87,38 @@ if [ -n "$only" ]; then
   [ -n "$jobs" ] || { echo "--jobs names none of the jobs" >&2; exit 2; }
 fi
 cpu_ticks() { awk '/^cpu /{t = 0; for (i = 2; i <= 9; i++) t += $i; print t - $5 - $6, t}' /proc/stat; }
-suite() { # TARGET FILE
-  local t=$1 f=$2
+suite() { # TARGET SYNC-FLAG FIO-TARGET-ARGS...
+  local t=$1 syncflag=$2
+  shift 2
   echo "[$t] prefill $size" >&2
-  fio --name=prefill --filename="$f" --ioengine=io_uring --direct=1 --size="$size" --rw=write \
-    --bs=1M --iodepth=8 --end_fsync=1 --output-format=json >/dev/null
+  fio --name=prefill "$@" --size="$size" --rw=write --bs=1M --iodepth=8 --end_fsync=1 \
+    --output-format=json >/dev/null
   while read -r name rw bs qd sync; do
     echo "[$t] $name" >&2
     local extra=()
-    [ "$sync" = sync ] && extra=(--fdatasync=1)
+    [ "$sync" = sync ] && extra=("$syncflag")
     read -r busy0 all0 < <(cpu_ticks)
-    fio --name="$name" --filename="$f" --ioengine=io_uring --direct=1 --size="$size" \
-      --rw="$rw" --bs="$bs" --iodepth="$qd" "${extra[@]}" --randrepeat=0 --norandommap \
-      --runtime="$seconds" --time_based --output-format=json --output="$out/$t-$name.json"
+    fio --name="$name" "$@" --size="$size" --rw="$rw" --bs="$bs" --iodepth="$qd" "${extra[@]}" \
+      --randrepeat=0 --norandommap --runtime="$seconds" --time_based --output-format=json \
+      --output="$out/$t-$name.json"
     read -r busy1 all1 < <(cpu_ticks)
     echo "$((busy1 - busy0)) $((all1 - all0))" >"$out/$t-$name.cpu"
   done <<<"$jobs"
+}
+file_suite() { # TARGET FILE
+  suite "$1" --fdatasync=1 --filename="$2" --ioengine=io_uring --direct=1
 }
 
 for t in $targets; do
   case $t in
     raw)
       truncate -s "$size" "$work/raw.img"
-      suite raw "$work/raw.img"
+      file_suite raw "$work/raw.img"
       rm -f "$work/raw.img" ;;
     b1)
       node s
       cli s volume create v1 --size "$size" >/dev/null
-      suite b1 "$(cli s volume attach v1)"
+      file_suite b1 "$(cli s volume attach v1)"
       cli s volume detach v1 >/dev/null
       stop_nodes ;;
     b3)
@@ -122,10 +135,16 @@ for t in $targets; do
           --tls-ca "$work/ca/ca.pem" --tls-cert "$work/tls/$n.pem" --tls-key "$work/tls/$n-key.pem"
       done
       cli a volume create v3 --size "$size" --replicas 3 >/dev/null
-      suite b3 "$(cli a volume attach v3)"
+      file_suite b3 "$(cli a volume attach v3)"
       cli a volume detach v3 >/dev/null
       stop_nodes ;;
-    *) echo "unknown target $t (raw, b1, b3)" >&2; exit 2 ;;
+    rbd)
+      IMAGE_SIZE=$size bash "$peers/ceph/up.sh" "$work/ceph" >"$work/ceph-up.log" 2>&1 ||
+        { echo "Ceph did not start:" >&2; tail "$work/ceph-up.log" >&2; exit 1; }
+      CEPH_CONF=$work/ceph/ceph.conf suite rbd --fsync=1 --ioengine=rbd --clientname=admin \
+        --pool=rbd --rbdname=bench
+      bash "$peers/ceph/down.sh" "$work/ceph" >/dev/null 2>&1 ;;
+    *) echo "unknown target $t (raw, b1, b3, rbd)" >&2; exit 2 ;;
   esac
 done
 
@@ -168,4 +187,13 @@ for t in targets:
     f = figures(t, "randwrite-4k-qd32")
     cells.append("-" if f is None else f"{f['per_core']:,.0f}")
 print("| 4K random writes per busy core (QD32) | " + " | ".join(cells) + " |")
+if "b3" in targets and "rbd" in targets:
+    print()
+    print("| job | 3 replicas ÷ Ceph RBD |")
+    print("|---|---:|")
+    for name, rw, bs, qd, sync in jobs:
+        a, b = figures("b3", name), figures("rbd", name)
+        if a and b:
+            key = "mibs" if bs == "1M" else "iops"
+            print(f"| {name} | {a[key] / b[key]:.1f}× |")
 EOF
