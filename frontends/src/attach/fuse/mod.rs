@@ -225,18 +225,16 @@ impl VolumeFs {
         Self { registry, runtime }
     }
 
-    /// Serve one request of `dev` on this worker thread, start to finish: no hand-off to the
-    /// runtime and back. A local volume's I/O runs inline (see [`volume::io::inline`]); a
-    /// replicated volume's local child goes through the engine and its remote children through
-    /// their connections (whose tasks, and the nexus' timers, need the runtime entered), and
-    /// this worker sleeps until they answer while the other workers read the next requests.
+    /// Serve one request of `dev`: a local volume's on this worker thread, start to finish
+    /// (its I/O inline, see [`volume::io::inline`]), since its work is short and bounded; a
+    /// replicated volume's on the runtime, so the worker reads the next request while this
+    /// one waits for its peers. (Serving those on the worker too saved no context switch in
+    /// measurement, and a peer that stalls for its timeout would then hold workers that every
+    /// other attached volume needs.)
     fn serve(&self, dev: &VolumeDevice, work: impl Future<Output = ()> + Send + 'static) {
         match dev {
             VolumeDevice::Local(_) => volume::io::inline(|| volume::io::block_on(work)),
-            VolumeDevice::Replicated(_) => {
-                let _runtime = self.runtime.enter();
-                volume::io::block_on(work);
-            }
+            VolumeDevice::Replicated(_) => drop(self.runtime.spawn(work)),
         }
     }
 
