@@ -340,3 +340,30 @@ pub trait DeviceSource: Send + Sync + fmt::Debug {
         self.size(name).map(drop)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request given up on outside any runtime (a plain thread) still runs to its end, and
+    /// what it holds (the admission, here a flag) is released only then.
+    #[test]
+    fn a_held_request_given_up_outside_a_runtime_finishes_on_a_thread() {
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let held = Held(Some(Box::pin(async move {
+            let _ = go_rx.await;
+            done_tx.send(()).unwrap();
+        })));
+        assert!(tokio::runtime::Handle::try_current().is_err());
+        drop(held);
+        assert!(
+            done_rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "it finished before the disk answered"
+        );
+        go_tx.send(()).unwrap();
+        done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the abandoned request never finished");
+    }
+}

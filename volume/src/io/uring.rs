@@ -4,7 +4,9 @@
 //!
 //! 1. [`UringEngine::submit`] validates the request (an invalid one completes at once, with its
 //!    buffer) and hands it, together with the sender half of its [`Completion`], to one worker
-//!    thread over a channel (round-robin).
+//!    thread over a channel (round-robin). A thread that owns a ring itself
+//!    ([`thread_ring`]: the replica network threads) puts it into that ring instead, and the
+//!    steps below happen on that thread.
 //! 2. If that worker is asleep in the kernel, the submitter rings its doorbell: an `eventfd` on
 //!    which the worker always keeps a read armed in its ring. A worker that is awake is not
 //!    disturbed, so a busy engine costs no `eventfd` write per request (see `Doorbell`).
@@ -350,7 +352,7 @@ impl Worker {
         Self::with_ring(ring, rx, bell)
     }
 
-    /// A worker over `ring`, once the kernel is known to have the opcodes it needs.
+    /// A worker over `ring`, if the kernel has the opcodes it needs.
     fn with_ring(ring: IoUring, rx: Receiver<Job>, bell: Arc<Doorbell>) -> io::Result<Self> {
         let mut probe = io_uring::Probe::new();
         ring.submitter().register_probe(&mut probe).map_err(|e| {
@@ -805,8 +807,7 @@ pub mod thread_ring {
                     w.submit_due = true;
                     drop(runtime.spawn(async { submit_due() }));
                 } else {
-                    w.enter(0);
-                    w.reap();
+                    w.submit_now();
                 }
             }
             None
@@ -816,16 +817,26 @@ pub mod thread_ring {
     /// Enter the kernel with what the ring has queued (see [`submit`]).
     fn submit_due() {
         RING.with(|r| {
-            let Ok(mut r) = r.try_borrow_mut() else {
-                return;
-            };
-            let Some(w) = r.as_mut() else { return };
-            w.submit_due = false;
-            w.push_queued();
-            w.enter(0);
-            // Completions that are already there (an error, a cached read) go back now.
-            w.reap();
+            if let Some(w) = r
+                .try_borrow_mut()
+                .ok()
+                .as_deref_mut()
+                .and_then(Option::as_mut)
+            {
+                w.submit_now();
+            }
         });
+    }
+
+    impl Worker {
+        /// Push what is queued, enter the kernel without waiting, and hand back the
+        /// completions already there (an error, a cached read).
+        fn submit_now(&mut self) {
+            self.submit_due = false;
+            self.push_queued();
+            self.enter(0);
+            self.reap();
+        }
     }
 
     /// Whether this thread has a ring of its own.
@@ -869,6 +880,7 @@ pub mod thread_ring {
                 let w = r.as_mut().expect("installed above");
                 w.reap();
                 if !w.queue.is_empty() {
+                    // Continuations and retries the completions queued.
                     w.push_queued();
                     w.enter(0);
                 }
