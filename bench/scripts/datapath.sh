@@ -5,6 +5,8 @@
 #   b1   a 1-replica volume through /dev/ballast/NAME (one standalone daemon);
 #   b3   a 3-replica volume through /dev/ballast/NAME (three daemons over etcd on loopback,
 #        mutual TLS between them as shipped, every pool on this disk);
+#   b1u, b3u  the same with FUSE over io_uring (--fuse-transport io-uring) instead of the
+#        classic /dev/fuse workers; not in the default targets;
 #   rbd  Ceph RBD, size 3, three BlueStore OSDs on this disk, through fio's rbd engine (built
 #        by ../shared/peers/ceph/up.sh; included by default when Ceph is installed).
 # Jobs: 4 KiB random write and read at QD32 and QD1, 4 KiB random write at QD1 with an
@@ -115,13 +117,16 @@ for t in $targets; do
       truncate -s "$size" "$work/raw.img"
       file_suite raw "$work/raw.img"
       rm -f "$work/raw.img" ;;
-    b1)
-      node s
+    b1 | b1u)
+      if [ "$t" = b1u ]; then node s --fuse-transport io-uring; else node s; fi
       cli s volume create v1 --size "$size" >/dev/null
-      file_suite b1 "$(cli s volume attach v1)"
+      file_suite "$t" "$(cli s volume attach v1)"
       cli s volume detach v1 >/dev/null
-      stop_nodes ;;
-    b3)
+      stop_nodes
+      rm -rf "$work/s" ;;
+    b3 | b3u)
+      transport=classic
+      [ "$t" = b3u ] && transport=io-uring
       "$bin" ca init --dir "$work/ca" >/dev/null
       cp=$(free_port) pp=$(free_port)
       etcd --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$cp" \
@@ -131,20 +136,21 @@ for t in $targets; do
       pids+=($!)
       for n in a b c; do
         "$bin" cert issue --node "$n" --ca-dir "$work/ca" --out-dir "$work/tls" >/dev/null
-        node "$n" --etcd "http://127.0.0.1:$cp" --listen "127.0.0.1:$(free_port)" --zone "zone-$n" \
+        node "$n" --fuse-transport "$transport" --etcd "http://127.0.0.1:$cp" --listen "127.0.0.1:$(free_port)" --zone "zone-$n" \
           --tls-ca "$work/ca/ca.pem" --tls-cert "$work/tls/$n.pem" --tls-key "$work/tls/$n-key.pem"
       done
       cli a volume create v3 --size "$size" --replicas 3 >/dev/null
-      file_suite b3 "$(cli a volume attach v3)"
+      file_suite "$t" "$(cli a volume attach v3)"
       cli a volume detach v3 >/dev/null
-      stop_nodes ;;
+      stop_nodes
+      rm -rf "$work/ca" "$work/tls" "$work/etcd" "$work/a" "$work/b" "$work/c" ;;
     rbd)
       IMAGE_SIZE=$size bash "$peers/ceph/up.sh" "$work/ceph" >"$work/ceph-up.log" 2>&1 ||
         { echo "Ceph did not start:" >&2; tail "$work/ceph-up.log" >&2; exit 1; }
       CEPH_CONF=$work/ceph/ceph.conf suite rbd --fsync=1 --ioengine=rbd --clientname=admin \
         --pool=rbd --rbdname=bench
       bash "$peers/ceph/down.sh" "$work/ceph" >/dev/null 2>&1 ;;
-    *) echo "unknown target $t (raw, b1, b3, rbd)" >&2; exit 2 ;;
+    *) echo "unknown target $t (raw, b1, b3, b1u, b3u, rbd)" >&2; exit 2 ;;
   esac
 done
 

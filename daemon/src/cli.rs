@@ -142,6 +142,12 @@ pub struct DaemonArgs {
     #[arg(long, value_enum)]
     pub engine: Option<EngineChoice>,
 
+    /// How the kernel's FUSE requests for attached volumes reach the daemon [default:
+    /// classic]: classic reads /dev/fuse with worker threads; io-uring uses FUSE over io_uring
+    /// (Linux 6.14+; falls back to classic, logged, where the kernel lacks it).
+    #[arg(long, value_enum)]
+    pub fuse_transport: Option<FuseTransport>,
+
     /// Data-path threads [default: 2].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub io_threads: Option<u16>,
@@ -251,6 +257,26 @@ impl From<EngineChoice> for volume::io::EngineKind {
             EngineChoice::Auto => Self::Auto,
             EngineChoice::Uring => Self::Uring,
             EngineChoice::Sync => Self::Sync,
+        }
+    }
+}
+
+/// How FUSE requests reach the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FuseTransport {
+    /// Worker threads read /dev/fuse.
+    #[default]
+    Classic,
+    /// FUSE over io_uring.
+    IoUring,
+}
+
+impl From<FuseTransport> for frontends::attach::fuse::session::Transport {
+    fn from(choice: FuseTransport) -> Self {
+        match choice {
+            FuseTransport::Classic => Self::Classic,
+            FuseTransport::IoUring => Self::IoUring,
         }
     }
 }

@@ -18,7 +18,9 @@ use volume::pool::DeviceSpec;
 
 use ::cli::args::DEFAULT_API_SOCKET;
 
-use crate::cli::{DaemonArgs, EngineChoice, LogFormat, LEASE_TTL_SECONDS, REPLACE_AFTER_SECONDS};
+use crate::cli::{
+    DaemonArgs, EngineChoice, FuseTransport, LogFormat, LEASE_TTL_SECONDS, REPLACE_AFTER_SECONDS,
+};
 use ::api::byte_size::ByteSize;
 
 /// The data directory used when none is configured.
@@ -95,6 +97,7 @@ pub enum ConfigError {
 /// api_socket = "/run/ballast/api.sock"
 /// http = "0.0.0.0:9470"
 /// engine = "auto"          # auto | uring | sync
+/// fuse_transport = "classic"   # classic | io-uring
 /// io_threads = 2
 /// force_format = false
 /// log_format = "text"      # text | json
@@ -135,6 +138,8 @@ pub struct ConfigFile {
     pub http: Option<SocketAddr>,
     /// See `--engine`.
     pub engine: Option<EngineChoice>,
+    /// See `--fuse-transport`.
+    pub fuse_transport: Option<FuseTransport>,
     /// See `--io-threads`.
     pub io_threads: Option<u16>,
     /// See `--force-format`.
@@ -266,6 +271,8 @@ pub struct DaemonConfig {
     pub http: SocketAddr,
     /// The I/O engine.
     pub engine: EngineChoice,
+    /// How FUSE requests reach the daemon.
+    pub fuse_transport: FuseTransport,
     /// Data-path threads, at least 1.
     pub io_threads: u16,
     /// Format devices even if they hold a foreign signature.
@@ -426,6 +433,10 @@ impl DaemonConfig {
                     .expect("the default HTTP address is valid")
             }),
             engine: args.engine.or(file.engine).unwrap_or_default(),
+            fuse_transport: args
+                .fuse_transport
+                .or(file.fuse_transport)
+                .unwrap_or_default(),
             io_threads,
             force_format: args.force_format || file.force_format.unwrap_or(false),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),

@@ -631,7 +631,7 @@ impl Running {
         .map_err(|source| NodeError::NbdSocket { path, source })?;
         self.nbd = Some(Arc::clone(&nbd));
         let source = Arc::clone(&devices);
-        self.attacher = start_attacher(source, &cfg.data_dir).await;
+        self.attacher = start_attacher(source, &cfg.data_dir, cfg.fuse_transport.into()).await;
         let host = Arc::new(NodeHost::new(
             Arc::clone(&self.node),
             cfg.zone.clone(),
@@ -769,12 +769,16 @@ async fn start_docker<C: ::api::VolumeControl>(
 
 /// Set up the attach frontend and attach again the volumes that were attached (blocking work,
 /// on a blocking thread). `None`, with an error logged, if that thread fails.
-async fn start_attacher(source: Arc<dyn DeviceSource>, data_dir: &Path) -> Option<Arc<Attacher>> {
+async fn start_attacher(
+    source: Arc<dyn DeviceSource>,
+    data_dir: &Path,
+    transport: attach::fuse::session::Transport,
+) -> Option<Arc<Attacher>> {
     let mountpoint = data_dir.join(attach::FUSE_DIR);
     let runtime = tokio::runtime::Handle::current();
     let data_dir = data_dir.to_owned();
     let started = tokio::task::spawn_blocking(move || {
-        let frontend = FuseLoop::new(mountpoint, runtime);
+        let frontend = FuseLoop::new(mountpoint, runtime).with_transport(transport);
         let attacher = Arc::new(Attacher::new(source, Box::new(frontend), &data_dir));
         attacher.restore();
         attacher

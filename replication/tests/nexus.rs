@@ -45,6 +45,8 @@ struct Faults {
     slow_copies: AtomicBool,
     reads: AtomicU32,
     writes: AtomicU32,
+    /// The address of each buffer a write was handed.
+    buffers: Mutex<Vec<usize>>,
 }
 
 /// A real replica behind a fault switch.
@@ -105,6 +107,11 @@ impl BlockDevice for Dev {
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BufResult {
         self.faults.writes.fetch_add(1, SeqCst);
+        self.faults
+            .buffers
+            .lock()
+            .unwrap()
+            .push(buf.as_ptr() as usize);
         if let Some(error) = self.fault("write", offset, buf.len() as u64) {
             return Err(BufError { error, buf });
         }
@@ -304,6 +311,49 @@ async fn writes_reach_every_child_and_reads_prefer_the_local_one() {
         "local child serves reads"
     );
     assert_eq!(f.devs[1].faults.reads.load(SeqCst), before[1]);
+    f.close().await;
+}
+
+/// A write costs one copy of the data fewer than it has children: the first child writes
+/// from the caller's buffer, which comes back to the caller; every child stores the data.
+#[tokio::test]
+async fn a_write_copies_its_buffer_for_all_children_but_one_and_gives_it_back() {
+    let f = Fixture::new(3).await;
+    let nexus = f.nexus(Arc::new(Recorder::default()));
+    for (seed, fail) in [(3u8, false), (4, true)] {
+        // The second time, the child writing from the caller's buffer fails (and is
+        // ejected): the buffer still comes back.
+        f.devs[0].faults.io.store(fail, SeqCst);
+        let data = pattern(seed, 128 * 1024);
+        let want = data.to_vec();
+        let caller = data.as_ptr() as usize;
+        for d in &f.devs {
+            d.faults.buffers.lock().unwrap().clear();
+        }
+        let back = nexus.write(MIB, data, WriteFlags::default()).await.unwrap();
+        assert_eq!(
+            back.as_ptr() as usize,
+            caller,
+            "the caller's buffer comes back"
+        );
+        assert_eq!(back.to_vec(), want);
+        let lent: Vec<usize> = f
+            .devs
+            .iter()
+            .map(|d| {
+                let seen = d.faults.buffers.lock().unwrap();
+                seen.iter().filter(|&&a| a == caller).count()
+            })
+            .collect();
+        assert_eq!(
+            lent.iter().sum::<usize>(),
+            1,
+            "one child writes from the caller's buffer: {lent:?}"
+        );
+        for d in &f.devs[1..] {
+            assert_eq!(read_child(d, MIB, want.len()).await, want);
+        }
+    }
     f.close().await;
 }
 

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 
 use ::api::{Attachment, ControlError, ErrorKind, VolumeName};
 
-use self::fuse::session::Session;
+use self::fuse::session::{Session, Transport};
 use self::fuse::{Registry, VolumeFs};
 use self::loopdev::LoopDevice;
 use replication::device::{DeviceSource, VolumeDevice};
@@ -108,6 +108,7 @@ pub struct FuseLoop {
     mountpoint: PathBuf,
     registry: Registry,
     runtime: tokio::runtime::Handle,
+    transport: Transport,
     session: Mutex<Option<Session>>,
     devices: Mutex<BTreeMap<String, LoopDevice>>,
 }
@@ -122,9 +123,17 @@ impl FuseLoop {
             mountpoint,
             registry: Registry::default(),
             runtime,
+            transport: Transport::default(),
             session: Mutex::new(None),
             devices: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Serve FUSE requests through `transport` (the classic `/dev/fuse` workers unless set).
+    #[must_use]
+    pub fn with_transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
     }
 
     /// Mount the filesystem unless it is mounted.
@@ -139,8 +148,8 @@ impl FuseLoop {
         // `fuse::VolumeFs::serve`), so the workers bound how many are in flight.
         let workers =
             std::thread::available_parallelism().map_or(16, |n| (n.get() * 8).clamp(8, 32));
-        let s = Session::mount(&self.mountpoint, &fs, workers)?;
-        tracing::info!(path = %self.mountpoint.display(), workers = s.workers(), "mounted the attach FUSE filesystem");
+        let s = Session::mount(&self.mountpoint, &fs, workers, self.transport)?;
+        tracing::info!(path = %self.mountpoint.display(), workers = s.workers(), transport = ?self.transport, "mounted the attach FUSE filesystem");
         *session = Some(s);
         Ok(())
     }

@@ -67,14 +67,16 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
     }
 
     /// Run `op` on every writable child, decide, eject, and settle ejections that the
-    /// snapshot skipped. Returns the first child's result value on success.
+    /// snapshot skipped. Returns the first child's result value on success. `op` is called
+    /// once per child, in order, with the child's index and the number of children, before
+    /// any of the futures it returns is polled.
     pub(super) async fn fan_out<T, F, Fut>(
         &self,
         what: (&'static str, u64, u64),
         op: F,
     ) -> Result<Option<T>, DeviceError>
     where
-        F: Fn(D) -> Fut + Send + Sync,
+        F: Fn(D, usize, usize) -> Fut + Send + Sync,
         Fut: Future<Output = Result<T, DeviceError>> + Send,
         T: Send,
     {
@@ -102,7 +104,11 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
                 format!("volume {} has no replica that can take writes", self.name),
             ));
         }
-        let results = join_all(targets.iter().map(|c| op(c.dev.clone()))).await;
+        let n = targets.len();
+        let calls: Vec<Fut> = (targets.iter().enumerate())
+            .map(|(i, c)| op(c.dev.clone(), i, n))
+            .collect();
+        let results = join_all(calls).await;
         let answers: Vec<Answer> = results
             .iter()
             .map(|r| r.as_ref().map_or_else(Answer::of, |_| Answer::Ok))

@@ -526,18 +526,49 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> BlockDevice for Nexus<D> {
             generation: admitted.generation,
             ..flags
         };
-        let data = &buf;
+        // The first child writes from the caller's buffer, and the others from copies made
+        // of it before it is lent (a remote child encodes its copy into its connection's
+        // frames). The buffer comes back when the first child is done with it.
+        let lent = std::sync::Mutex::new((Some(buf), Vec::new()));
+        let back = std::sync::Mutex::new(None);
         let r = self
-            .fan_out(("write", offset, len), |dev: D| {
-                let copy = IoBuf::from_slice(data);
+            .fan_out(("write", offset, len), |dev: D, i, n| {
+                let mut lent = lent.lock().expect("buffer lock");
+                let (original, copies) = &mut *lent;
+                let data = match original.take() {
+                    Some(b) if i == 0 => {
+                        copies.extend((1..n).map(|_| {
+                            let mut copy = volume::io::pool::take(b.len());
+                            copy.copy_from_slice(&b);
+                            copy
+                        }));
+                        b
+                    }
+                    other => {
+                        *original = other;
+                        copies.pop().expect("a copy for each child after the first")
+                    }
+                };
+                let back = (i == 0).then_some(&back);
                 async move {
-                    dev.write(offset, copy, flags)
-                        .await
-                        .map(drop)
-                        .map_err(|e| e.error)
+                    let r = dev.write(offset, data, flags).await;
+                    let (r, buf) = match r {
+                        Ok(buf) => (Ok(()), buf),
+                        Err(e) => (Err(e.error), e.buf),
+                    };
+                    match back {
+                        Some(back) => *back.lock().expect("buffer lock") = Some(buf),
+                        None => volume::io::pool::give(buf),
+                    }
+                    r
                 }
             })
             .await;
+        // Only a child that gave up with the I/O still running keeps the buffer.
+        let buf = back
+            .into_inner()
+            .expect("buffer lock")
+            .unwrap_or_else(|| IoBuf::zeroed(len as usize));
         match r {
             Ok(_) => Ok(buf),
             Err(error) => Err(BufError { error, buf }),
@@ -552,8 +583,11 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> BlockDevice for Nexus<D> {
             .into_iter()
             .filter(|c| c.state().writable())
             .collect();
-        self.fan_out(("flush", 0, 0), |dev: D| async move { dev.flush().await })
-            .await?;
+        self.fan_out(
+            ("flush", 0, 0),
+            |dev: D, _, _| async move { dev.flush().await },
+        )
+        .await?;
         // A target that failed the flush was ejected (with its older point) before this.
         for c in targets.iter().filter(|c| c.state().writable()) {
             c.flushed.fetch_max(durable, SeqCst);
@@ -565,7 +599,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> BlockDevice for Nexus<D> {
         let _gate = self.gate.read().await;
         self.check_range("discard", offset, len)?;
         let _admitted = self.admit(offset, len).await;
-        self.fan_out(("discard", offset, len), |dev: D| async move {
+        self.fan_out(("discard", offset, len), |dev: D, _, _| async move {
             dev.discard(offset, len).await
         })
         .await
@@ -576,7 +610,7 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> BlockDevice for Nexus<D> {
         let _gate = self.gate.read().await;
         self.check_range("write_zeroes", offset, len)?;
         let _admitted = self.admit(offset, len).await;
-        self.fan_out(("write_zeroes", offset, len), |dev: D| async move {
+        self.fan_out(("write_zeroes", offset, len), |dev: D, _, _| async move {
             dev.write_zeroes(offset, len).await
         })
         .await

@@ -69,6 +69,10 @@ pub mod init {
     pub const ASYNC_DIO: u32 = 1 << 15;
     pub const PARALLEL_DIROPS: u32 = 1 << 18;
     pub const MAX_PAGES: u32 = 1 << 22;
+    /// `flags2` is valid (7.36).
+    pub const INIT_EXT: u32 = 1 << 30;
+    /// `flags2`: FUSE over io_uring (bit 41 of the 64 flags, 7.42).
+    pub const OVER_IO_URING: u32 = 1 << 9;
 }
 
 /// `fuse_open_out.open_flags`.
@@ -160,11 +164,13 @@ pub struct BadRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request<'a> {
     /// `INIT`, protocol major [`MAJOR`]: the kernel's minor version, readahead and
-    /// capability flags.
+    /// capability flags (`flags2` is 0 unless `flags` has [`init::INIT_EXT`] and the body
+    /// carries it, 7.36 and later).
     Init {
         minor: u32,
         max_readahead: u32,
         flags: u32,
+        flags2: u32,
     },
     /// `FORGET`, `BATCH_FORGET`: not answered.
     Forget,
@@ -226,10 +232,16 @@ impl<'a> Request<'a> {
                         errno: libc::EPROTO,
                     });
                 }
+                let flags = u32_at(body, 12);
                 Self::Init {
                     minor: u32_at(body, 4),
                     max_readahead: u32_at(body, 8),
-                    flags: u32_at(body, 12),
+                    flags,
+                    flags2: if flags & init::INIT_EXT != 0 && body.len() >= INIT_IN + 4 {
+                        u32_at(body, INIT_IN)
+                    } else {
+                        0
+                    },
                 }
             }
             op::FORGET | op::BATCH_FORGET => Self::Forget,
@@ -386,7 +398,7 @@ impl Attr {
 pub fn init_out(
     minor: u32,
     max_readahead: u32,
-    flags: u32,
+    (flags, flags2): (u32, u32),
     max_background: u16,
     max_write: u32,
     max_pages: u16,
@@ -396,7 +408,7 @@ pub fn init_out(
     o.u16(max_background).u16(max_background / 4 * 3); // congestion threshold
     o.u32(max_write).u32(1); // max_write, time_gran
     o.u16(max_pages).u16(0); // max_pages, map_alignment
-    o.zeros(32);
+    o.u32(flags2).zeros(28);
     o
 }
 
@@ -495,12 +507,36 @@ mod tests {
             minor: 39,
             max_readahead: 128 << 10,
             flags: init::ASYNC_READ | init::MAX_PAGES,
+            flags2: 0,
         };
         assert_eq!(decode(&request(op::INIT, 0, &body.0)), Ok(want));
-        // 7.36 and later: flags2 and reserved words follow (64 bytes in all).
+        // 7.36 and later: flags2 and reserved words follow (64 bytes in all); flags2 counts
+        // only with INIT_EXT.
         let mut long = body.0.clone();
         long.resize(64, 0xee);
         assert_eq!(decode(&request(op::INIT, 0, &long)), Ok(want));
+        let flags = init::ASYNC_READ | init::INIT_EXT;
+        long[12..16].copy_from_slice(&flags.to_ne_bytes());
+        long[16..20].copy_from_slice(&init::OVER_IO_URING.to_ne_bytes());
+        assert_eq!(
+            decode(&request(op::INIT, 0, &long)),
+            Ok(Request::Init {
+                minor: 39,
+                max_readahead: 128 << 10,
+                flags,
+                flags2: init::OVER_IO_URING,
+            })
+        );
+        // A body that ends before flags2 has none, INIT_EXT or not.
+        assert_eq!(
+            decode(&request(op::INIT, 0, &long[..INIT_IN])),
+            Ok(Request::Init {
+                minor: 39,
+                max_readahead: 128 << 10,
+                flags,
+                flags2: 0,
+            })
+        );
         let eproto = Err(BadRequest {
             errno: libc::EPROTO,
         });

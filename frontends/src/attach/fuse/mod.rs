@@ -21,11 +21,12 @@
 //! the loop device above always sends aligned requests.
 
 pub mod abi;
+pub mod ring;
 pub mod session;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use volume::device::{BlockDevice, WriteFlags};
 use volume::io::{pool, IoBuf};
@@ -209,6 +210,8 @@ impl FallocatePlan {
 pub struct VolumeFs {
     registry: Registry,
     runtime: tokio::runtime::Handle,
+    /// Set until `INIT` when the io_uring transport is wanted ([`VolumeFs::want_ring`]).
+    ring: Mutex<Option<Weak<VolumeFs>>>,
 }
 
 /// Reply to a request with the outcome of an engine call.
@@ -222,7 +225,18 @@ fn done(ch: &Channel, unique: u64, r: Result<(), volume::device::DeviceError>) {
 impl VolumeFs {
     /// A filesystem serving `registry`, doing its I/O on `runtime`.
     pub fn new(registry: Registry, runtime: tokio::runtime::Handle) -> Self {
-        Self { registry, runtime }
+        Self {
+            registry,
+            runtime,
+            ring: Mutex::new(None),
+        }
+    }
+
+    /// Ask the kernel for FUSE over io_uring in the `INIT` reply, and start the ring queues
+    /// ([`ring::start`]) once it is sent. If the kernel does not offer it, requests stay on
+    /// `/dev/fuse` (logged).
+    pub fn want_ring(self: &Arc<Self>) {
+        *self.ring.lock().expect("ring lock") = Some(Arc::downgrade(self));
     }
 
     /// Serve one request of `dev`: a local volume's on this worker thread, start to finish
@@ -231,7 +245,18 @@ impl VolumeFs {
     /// one waits for its peers. (Serving those on the worker too was measured: fewer context
     /// switches per write, the same latency within noise, lower QD32 throughput, and a peer
     /// that stalls for its timeout would hold workers that every other attached volume needs.)
+    ///
+    /// On a ring queue's thread ([`ring`]) a request is a task of that thread's runtime: its
+    /// I/O goes into the thread's own engine ring, so many are in flight at once. A local
+    /// volume's request that is alone on its queue runs inline instead (lower latency at
+    /// queue depth 1; nothing waits behind it).
     fn serve(&self, dev: &VolumeDevice, work: impl Future<Output = ()> + Send + 'static) {
+        if ring::on_ring_thread() {
+            if matches!(dev, VolumeDevice::Local(_)) && ring::alone() {
+                return volume::io::inline(|| volume::io::block_on(work));
+            }
+            return drop(tokio::spawn(work));
+        }
         match dev {
             VolumeDevice::Local(_) => volume::io::inline(|| volume::io::block_on(work)),
             VolumeDevice::Replicated(_) => drop(self.runtime.spawn(work)),
@@ -280,7 +305,8 @@ impl VolumeFs {
                 minor,
                 max_readahead,
                 flags,
-            } => Self::init(ch, u, minor, max_readahead, flags),
+                flags2,
+            } => self.init(ch, u, minor, max_readahead, (flags, flags2)),
             Request::Forget => {} // no reply; inode numbers are never reused
             Request::Lookup { name } => match (h.nodeid, self.registry.lookup(name)) {
                 (ROOT_ID, Some((ino, e))) => {
@@ -337,22 +363,48 @@ impl VolumeFs {
         }
     }
 
-    fn init(ch: &Channel, u: u64, minor: u32, readahead: u32, kernel: u32) {
+    fn init(&self, ch: &Channel, u: u64, minor: u32, readahead: u32, kernel: (u32, u32)) {
         let wanted = abi::init::ASYNC_READ
             | abi::init::BIG_WRITES
             | abi::init::ASYNC_DIO
             | abi::init::PARALLEL_DIROPS
             | abi::init::MAX_PAGES;
+        let mut flags = (kernel.0 & wanted, 0);
+        let ring = self.ring.lock().expect("ring lock").take();
+        let ring = ring.and_then(|fs| {
+            let offered = kernel.0 & abi::init::INIT_EXT != 0
+                && kernel.1 & abi::init::OVER_IO_URING != 0;
+            if !offered {
+                tracing::warn!("the kernel does not offer FUSE over io_uring (needs 6.14+ and the fuse module's enable_uring); requests go through /dev/fuse");
+            }
+            offered.then_some(fs)
+        });
+        if ring.is_some() {
+            flags.0 |= abi::init::INIT_EXT;
+            flags.1 |= abi::init::OVER_IO_URING;
+        }
         let out = abi::init_out(
             minor.min(abi::MINOR),
             readahead,
-            kernel & wanted,
+            flags,
             MAX_BACKGROUND,
             MAX_IO as u32,
             (MAX_IO / 4096) as u16,
         );
-        tracing::debug!(minor, flags = kernel & wanted, "FUSE session initialised");
+        tracing::debug!(
+            minor,
+            flags = flags.0,
+            flags2 = flags.1,
+            "FUSE session initialised"
+        );
         ch.reply(u, &[&out.0]);
+        // The kernel takes ring commands once it has the reply.
+        if let (Some(fs), Some(fd)) = (ring.and_then(|w| w.upgrade()), ch.dev_fd()) {
+            match ring::start(fd, &fs) {
+                Ok(queues) => tracing::info!(queues, "FUSE requests go through io_uring"),
+                Err(e) => tracing::error!(error = %e, "cannot start the FUSE io_uring queues"),
+            }
+        }
     }
 
     /// Answer a `GETATTR`, or a `SETATTR` (that sets the size to `size`, if given).

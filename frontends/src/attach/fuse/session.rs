@@ -28,14 +28,35 @@ use super::VolumeFs;
 /// The largest request payload (and `max_read`): 1 MiB, i.e. 256 pages.
 pub const MAX_IO: usize = pool::POOL_BUF;
 
-/// One `/dev/fuse` descriptor of the session; replies go to the descriptor the request came
-/// from.
+/// Where a request came from, and so where its reply goes: a `/dev/fuse` descriptor of the
+/// session, or a queue of its io_uring transport ([`super::ring`]).
 #[derive(Debug)]
 pub struct Channel {
-    fd: OwnedFd,
+    to: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Dev(OwnedFd),
+    Ring(Arc<super::ring::Queue>),
 }
 
 impl Channel {
+    /// The channel of a ring queue.
+    pub(super) fn ring(queue: Arc<super::ring::Queue>) -> Self {
+        Self {
+            to: Kind::Ring(queue),
+        }
+    }
+
+    /// The `/dev/fuse` descriptor, unless this is a ring queue.
+    pub(super) fn dev_fd(&self) -> Option<RawFd> {
+        match &self.to {
+            Kind::Dev(fd) => Some(fd.as_raw_fd()),
+            Kind::Ring(_) => None,
+        }
+    }
+
     /// Reply to `unique` with success and a body made of `parts`.
     pub fn reply(&self, unique: u64, parts: &[&[u8]]) {
         self.send(unique, 0, parts);
@@ -47,6 +68,15 @@ impl Channel {
     }
 
     fn send(&self, unique: u64, error: i32, parts: &[&[u8]]) {
+        let fd = match &self.to {
+            Kind::Dev(fd) => fd,
+            Kind::Ring(queue) => {
+                if !queue.answer(unique, error, parts) {
+                    tracing::debug!(unique, "a FUSE reply to a request not being served");
+                }
+                return;
+            }
+        };
         let len = abi::OUT_HEADER + parts.iter().map(|p| p.len()).sum::<usize>();
         let mut header = [0u8; abi::OUT_HEADER];
         header[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
@@ -64,7 +94,7 @@ impl Channel {
         let count = libc::c_int::try_from(iov.len()).unwrap_or(libc::c_int::MAX);
         // SAFETY: every iovec points into a live slice of the stated length (and `count` never
         // exceeds `iov.len()`); the kernel only reads from them.
-        let r = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), count) };
+        let r = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), count) };
         if r < 0 {
             let e = io::Error::last_os_error();
             // ENOENT: the request was interrupted or the connection aborted meanwhile.
@@ -73,6 +103,17 @@ impl Channel {
             }
         }
     }
+}
+
+/// How requests reach the filesystem; chosen once, at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// Worker threads read `/dev/fuse`.
+    #[default]
+    Classic,
+    /// FUSE over io_uring ([`super::ring`]), with two `/dev/fuse` workers for what stays
+    /// there; falls back to `Classic` (logged) where the kernel lacks it.
+    IoUring,
 }
 
 /// A mounted session. Dropping it does not unmount; see [`Session::unmount`].
@@ -129,7 +170,7 @@ fn open_dev() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(high) })
 }
 
-fn clone_dev(session: RawFd) -> io::Result<OwnedFd> {
+pub(super) fn clone_dev(session: RawFd) -> io::Result<OwnedFd> {
     let fd = open_dev()?;
     let src = session as u32;
     // SAFETY: FUSE_DEV_IOC_CLONE reads one u32 (the source descriptor) from the pointer.
@@ -141,11 +182,29 @@ fn clone_dev(session: RawFd) -> io::Result<OwnedFd> {
 }
 
 impl Session {
-    /// Mount `fs` at `mountpoint` and start `workers` threads serving it.
+    /// Mount `fs` at `mountpoint` and start `workers` threads serving it (two with the
+    /// io_uring transport, which starts its queues once the kernel sends `INIT`).
     ///
     /// # Errors
     /// `/dev/fuse` cannot be opened or cloned, or the mount fails.
-    pub fn mount(mountpoint: &Path, fs: &Arc<VolumeFs>, workers: usize) -> io::Result<Self> {
+    pub fn mount(
+        mountpoint: &Path,
+        fs: &Arc<VolumeFs>,
+        workers: usize,
+        transport: Transport,
+    ) -> io::Result<Self> {
+        let mut workers = workers;
+        if transport == Transport::IoUring {
+            match super::ring::enable() {
+                Ok(()) => {
+                    fs.want_ring();
+                    workers = 2;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no FUSE over io_uring; requests go through /dev/fuse");
+                }
+            }
+        }
         let fd = open_dev()?;
         let target = cstr(mountpoint.as_os_str().as_encoded_bytes())?;
         // `allow_other` lets root in any context (the loop driver, containers) in;
@@ -185,7 +244,7 @@ impl Session {
         let n = fds.len();
         let mut handles = Vec::with_capacity(n);
         for (i, fd) in fds.into_iter().enumerate() {
-            let ch = Arc::new(Channel { fd });
+            let ch = Arc::new(Channel { to: Kind::Dev(fd) });
             let fs = fs.clone();
             handles.push(
                 std::thread::Builder::new()
@@ -205,6 +264,7 @@ impl Session {
 
 /// Read and dispatch requests until the session ends (`ENODEV` after unmount).
 fn worker(ch: &Arc<Channel>, fs: &Arc<VolumeFs>) {
+    let fd = ch.dev_fd().expect("a worker reads a /dev/fuse descriptor");
     let mut head = [0u8; abi::HEAD];
     let mut data = IoBuf::zeroed(MAX_IO);
     loop {
@@ -221,7 +281,7 @@ fn worker(ch: &Arc<Channel>, fs: &Arc<VolumeFs>) {
         ];
         // SAFETY: both iovecs point at owned, writable buffers of the stated lengths, which
         // nothing else references during the call.
-        let n = unsafe { libc::readv(ch.fd.as_raw_fd(), iov.as_ptr(), 2) };
+        let n = unsafe { libc::readv(fd, iov.as_ptr(), 2) };
         if n < 0 {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
