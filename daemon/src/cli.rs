@@ -65,6 +65,17 @@ pub enum Command {
     /// The client commands (`volume`, `pool`, `status`, `node`).
     #[command(flatten)]
     Client(::cli::args::ClientCommand),
+    /// Keep the attach FUSE session's descriptors across daemon restarts (started by the
+    /// daemon; not for direct use).
+    #[command(hide = true)]
+    Holder {
+        /// The unix socket to answer on.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// The FUSE mount point of the session; the holder exits once it is unmounted.
+        #[arg(long, value_name = "DIR")]
+        mountpoint: PathBuf,
+    },
 }
 
 /// `ballast ca ...`

@@ -24,6 +24,15 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Holder { socket, mountpoint } => {
+            match frontends::attach::holder::run(&socket, &mountpoint) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: the FUSE descriptor holder: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Ca(daemon::cli::CaCommand::Init { dir }) => {
             report(daemon::certs::ca_init(&dir).map(|[cert, key]| {
                 format!(

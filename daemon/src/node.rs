@@ -778,7 +778,7 @@ async fn start_attacher(
     let runtime = tokio::runtime::Handle::current();
     let data_dir = data_dir.to_owned();
     let started = tokio::task::spawn_blocking(move || {
-        let frontend = FuseLoop::new(mountpoint, runtime).with_transport(transport);
+        let frontend = FuseLoop::new(mountpoint, runtime, transport);
         let attacher = Arc::new(Attacher::new(source, Box::new(frontend), &data_dir));
         attacher.restore();
         attacher

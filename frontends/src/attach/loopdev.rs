@@ -110,6 +110,44 @@ impl LoopDevice {
         Err(last.unwrap_or_else(|| std::io::Error::other("no free loop device")))
     }
 
+    /// The loop device already set up on `backing` (by an earlier daemon whose attach session
+    /// this one took over), opened, if there is one. Found by the kernel's record of each
+    /// device's backing file (`/sys/block/loopN/loop/backing_file`).
+    pub fn find(backing: &Path) -> Option<Self> {
+        let want = backing.as_os_str().as_encoded_bytes();
+        for entry in std::fs::read_dir("/sys/block").ok()?.flatten() {
+            let name = entry.file_name();
+            let Some(n) = name
+                .to_str()
+                .and_then(|s| s.strip_prefix("loop"))
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(file) = std::fs::read(entry.path().join("loop/backing_file")) else {
+                continue;
+            };
+            if file.strip_suffix(b"\n").unwrap_or(&file) != want {
+                continue;
+            }
+            let dio = std::fs::read(entry.path().join("loop/dio")).unwrap_or_default();
+            let path = PathBuf::from(format!("/dev/loop{n}"));
+            match open_device(&path, n) {
+                Ok(file) => {
+                    return Some(Self {
+                        path,
+                        file,
+                        direct_io: dio.first() == Some(&b'1'),
+                    })
+                }
+                Err(e) => {
+                    tracing::debug!(device = %path.display(), error = %e, "cannot open a loop device to take it over");
+                }
+            }
+        }
+        None
+    }
+
     /// `/dev/loopN`.
     pub fn path(&self) -> &Path {
         &self.path

@@ -18,6 +18,7 @@
 //!   (autoclear), and the next daemon lazily unmounts the dead FUSE mount before mounting.
 
 pub mod fuse;
+pub mod holder;
 pub mod loopdev;
 
 use std::collections::BTreeMap;
@@ -30,6 +31,7 @@ use ::api::{Attachment, ControlError, ErrorKind, VolumeName};
 
 use self::fuse::session::{Session, Transport};
 use self::fuse::{Registry, VolumeFs};
+use self::holder::Holder;
 use self::loopdev::LoopDevice;
 use replication::device::{DeviceSource, VolumeDevice};
 
@@ -98,8 +100,12 @@ pub trait Frontend: Send + Sync + std::fmt::Debug {
     /// `failed_precondition` when it is not attached, `internal` when the kernel refuses.
     fn refresh(&self, name: &VolumeName) -> Result<u64, ControlError>;
 
-    /// Detach everything and release the frontend's resources.
-    fn shutdown(&self);
+    /// Release the frontend's resources: detach everything, or leave the devices to the
+    /// next daemon (returns `true` then; their links stay).
+    fn shutdown(&self) -> bool;
+
+    /// Attaching the recorded volumes again after a start has ended.
+    fn restored(&self) {}
 }
 
 /// FUSE file + loop device.
@@ -111,29 +117,79 @@ pub struct FuseLoop {
     transport: Transport,
     session: Mutex<Option<Session>>,
     devices: Mutex<BTreeMap<String, LoopDevice>>,
+    /// Keeps the session's descriptors across a restart (classic transport only).
+    holder: Option<Holder>,
+    /// The saved FUSE table, for the next daemon.
+    table: PathBuf,
 }
+
+/// The saved FUSE table's name in the data directory (see `fuse::Registry::save_to`).
+pub const TABLE_FILE: &str = "fuse-table.json";
 
 impl FuseLoop {
     /// A frontend that mounts its FUSE filesystem at `mountpoint` on the first attach (so a
-    /// daemon that never attaches never mounts). A dead mount left there by a killed daemon
-    /// is lazily unmounted now.
-    pub fn new(mountpoint: PathBuf, runtime: tokio::runtime::Handle) -> Self {
-        lazy_unmount(&mountpoint);
-        Self {
+    /// daemon that never attaches never mounts), serving requests through `transport`.
+    ///
+    /// With the classic transport, a session that an earlier daemon left mounted, with its
+    /// descriptors kept by the holder, is taken over now: its requests are served again
+    /// (those of volumes not attached again yet wait for [`Attacher::restore`]). Any other
+    /// mount left there (by a killed daemon without a holder) is lazily unmounted.
+    pub fn new(mountpoint: PathBuf, runtime: tokio::runtime::Handle, transport: Transport) -> Self {
+        // Canonical, as the kernel shows mounts and loop devices' backing files.
+        let dir = mountpoint.parent().unwrap_or(Path::new("/"));
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+        let mountpoint = match mountpoint.file_name() {
+            Some(leaf) => dir.join(leaf),
+            None => mountpoint,
+        };
+        let holder =
+            (transport == Transport::Classic).then(|| Holder::new(dir.join(holder::SOCKET)));
+        let this = Self {
             mountpoint,
             registry: Registry::default(),
             runtime,
-            transport: Transport::default(),
+            transport,
             session: Mutex::new(None),
             devices: Mutex::new(BTreeMap::new()),
+            holder,
+            table: dir.join(TABLE_FILE),
+        };
+        if let Err(e) = this.take_over() {
+            if let Some(h) = &this.holder {
+                h.end();
+            }
+            tracing::warn!(error = %e, "cannot take over the attach session of the daemon before; its devices fail");
+            lazy_unmount(&this.mountpoint);
         }
+        this
     }
 
-    /// Serve FUSE requests through `transport` (the classic `/dev/fuse` workers unless set).
-    #[must_use]
-    pub fn with_transport(mut self, transport: Transport) -> Self {
-        self.transport = transport;
-        self
+    /// Take over the session at the mount point, if there is one and the holder has its
+    /// descriptors; otherwise unmount what is there. `Err` when taking over failed.
+    fn take_over(&self) -> std::io::Result<()> {
+        let fds = match &self.holder {
+            Some(h) if holder::fuse_mounted(&self.mountpoint) => h.take(),
+            _ => None,
+        };
+        let Some(fds) = fds else {
+            if let Some(h) = &self.holder {
+                h.end();
+            }
+            lazy_unmount(&self.mountpoint);
+            return Ok(());
+        };
+        self.registry
+            .restore(&self.table)
+            .map_err(std::io::Error::other)?;
+        let fs = Arc::new(VolumeFs::new(self.registry.clone(), self.runtime.clone()));
+        let n = fds.len();
+        let s = Session::adopt(fds, &fs)?;
+        self.registry
+            .save_to(&self.table)
+            .map_err(std::io::Error::other)?;
+        tracing::info!(path = %self.mountpoint.display(), workers = n, "took over the attach FUSE session of the daemon before; requests it left unanswered are served again");
+        *self.session.lock().expect("session lock") = Some(s);
+        Ok(())
     }
 
     /// Mount the filesystem unless it is mounted.
@@ -150,6 +206,19 @@ impl FuseLoop {
             std::thread::available_parallelism().map_or(16, |n| (n.get() * 8).clamp(8, 32));
         let s = Session::mount(&self.mountpoint, &fs, workers, self.transport)?;
         tracing::info!(path = %self.mountpoint.display(), workers = s.workers(), transport = ?self.transport, "mounted the attach FUSE filesystem");
+        if let Some(h) = &self.holder {
+            let held = self
+                .registry
+                .save_to(&self.table)
+                .map_err(std::io::Error::other)
+                .and_then(|()| h.spawn(&self.mountpoint))
+                .and_then(|()| h.keep(&s.dev_fds()));
+            if let Err(e) = held {
+                tracing::warn!(error = %e, "no holder for the attach session: a daemon restart fails the attached devices' I/O");
+            }
+        } else {
+            tracing::info!("with the io_uring FUSE transport, a daemon restart fails the attached devices' I/O (requests in ring entries are not sent again)");
+        }
         *session = Some(s);
         Ok(())
     }
@@ -190,6 +259,16 @@ impl Frontend for FuseLoop {
         })?;
         self.registry.insert(name.as_str(), device);
         let file = self.mountpoint.join(name.as_str());
+        if let Some(dev) = LoopDevice::find(&file) {
+            // Set up by the daemon before this one, on the session taken over.
+            let path = dev.path().to_owned();
+            tracing::info!(volume = %name, device = %path.display(), "took over the loop device");
+            self.devices
+                .lock()
+                .expect("devices lock")
+                .insert(name.to_string(), dev);
+            return Ok(path);
+        }
         let backing = OpenOptions::new()
             .read(true)
             .write(true)
@@ -288,15 +367,35 @@ impl Frontend for FuseLoop {
         Ok(size)
     }
 
-    fn shutdown(&self) {
+    fn shutdown(&self) -> bool {
         let devices = std::mem::take(&mut *self.devices.lock().expect("devices lock"));
+        let session = self.session.lock().expect("session lock").take();
+        if session.is_some() && !devices.is_empty() && self.holder.is_some() {
+            // Hand over: the holder keeps the session, the loop devices stay (each one that
+            // nobody else has open goes with our descriptor; the next daemon sets it up
+            // again), and what fails from now on is left for the next daemon.
+            fuse::session::freeze();
+            tracing::info!(
+                devices = devices.len(),
+                "leaving the attached devices to the next daemon"
+            );
+            return true;
+        }
         for (_, dev) in devices {
             dev.detach();
         }
-        if let Some(session) = self.session.lock().expect("session lock").take() {
+        if let Some(session) = session {
             drop(session);
             lazy_unmount(&self.mountpoint);
         }
+        if let Some(h) = &self.holder {
+            h.end();
+        }
+        false
+    }
+
+    fn restored(&self) {
+        self.registry.end_restore();
     }
 }
 
@@ -520,23 +619,30 @@ impl Attacher {
                 tracing::error!(volume = %name, error = %e.full_message(), "cannot attach again after restart");
             }
         }
+        self.frontend.restored();
     }
 
     /// Detach every device (keeping the recorded set for the next start) and stop the
-    /// frontend. Blocking.
+    /// frontend, or leave the devices and their links to the next daemon when the frontend
+    /// hands them over ([`Frontend::shutdown`]). Blocking.
     pub fn shutdown(&self) {
         let _op = self.ops.lock().expect("attach lock");
-        for name in self.load().unwrap_or_default() {
-            let Ok(vn) = VolumeName::new(&name) else {
-                continue;
-            };
-            if let Some(dev) = self.frontend.device(&vn) {
-                let link = self.link(&vn);
-                if std::fs::read_link(&link).is_ok_and(|t| t == dev) {
-                    let _ = std::fs::remove_file(&link);
-                }
+        let links: Vec<(PathBuf, PathBuf)> = self
+            .load()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|name| {
+                let vn = VolumeName::new(name).ok()?;
+                Some((self.link(&vn), self.frontend.device(&vn)?))
+            })
+            .collect();
+        if self.frontend.shutdown() {
+            return;
+        }
+        for (link, dev) in links {
+            if std::fs::read_link(&link).is_ok_and(|t| t == dev) {
+                let _ = std::fs::remove_file(&link);
             }
         }
-        self.frontend.shutdown();
     }
 }

@@ -81,7 +81,26 @@ struct Table {
     by_name: HashMap<String, u64>,
     next_ino: u64,
     generations: u64,
+    /// Attachments of a session this daemon took over from the one before it, not attached
+    /// again yet: inode → generation. Their requests wait until they are ([`Registry::get`]).
+    waiting: HashMap<u64, u64>,
+    /// Where the table is saved for the next daemon ([`Registry::save_to`]).
+    file: Option<std::path::PathBuf>,
 }
+
+/// The part of the table a daemon that takes the session over needs: every name's inode
+/// number (the kernel caches them) and each attached volume's generation (open file handles
+/// carry it).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedTable {
+    inodes: std::collections::BTreeMap<String, u64>,
+    attached: std::collections::BTreeMap<String, u64>,
+    next_ino: u64,
+    generations: u64,
+}
+
+/// How long a request waits for its volume to be attached again after a takeover.
+const RESTORE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The volumes the filesystem serves; shared between the frontend and the FUSE session.
 #[derive(Debug, Clone, Default)]
@@ -90,24 +109,109 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Serve `device` as the file `name` (replacing any earlier one of that name).
-    /// Handles opened on an earlier device of that name fail from now on.
-    pub fn insert(&self, name: &str, device: VolumeDevice) {
-        let mut t = self.inner.write().expect("registry lock");
-        t.generations += 1;
-        let entry = Entry {
-            name: name.to_owned(),
-            device,
-            generation: t.generations,
+    /// Save the table to `file` on every change from now on (and now).
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub fn save_to(&self, file: &std::path::Path) -> Result<(), ::host::persist::PersistError> {
+        let saved = {
+            let mut t = self.inner.write().expect("registry lock");
+            t.file = Some(file.to_owned());
+            Self::snapshot(&t)
         };
-        if let Some(ino) = t.by_name.get(name).copied() {
-            t.by_ino.insert(ino, entry);
-            return;
+        ::host::persist::write_json(file, &saved)
+    }
+
+    /// Take over the table of the daemon before this one (read from `file`): the same
+    /// inode numbers, and every attached volume's requests held until it is attached again
+    /// with its generation, or [`Registry::end_restore`].
+    ///
+    /// # Errors
+    /// The file cannot be read or is not a saved table.
+    pub fn restore(&self, file: &std::path::Path) -> Result<(), ::host::persist::PersistError> {
+        let saved: SavedTable = ::host::persist::read_json(file)?.unwrap_or_default();
+        let mut t = self.inner.write().expect("registry lock");
+        t.by_name = saved.inodes.into_iter().collect();
+        t.next_ino = saved.next_ino;
+        t.generations = saved.generations;
+        t.waiting = saved
+            .attached
+            .iter()
+            .filter_map(|(name, g)| Some((*t.by_name.get(name)?, *g)))
+            .collect();
+        t.generations = t
+            .generations
+            .max(t.waiting.values().copied().max().unwrap_or(0));
+        Ok(())
+    }
+
+    /// Stop holding requests for volumes of a taken-over session that were not attached
+    /// again: they fail from now on.
+    pub fn end_restore(&self) {
+        self.inner.write().expect("registry lock").waiting.clear();
+    }
+
+    fn snapshot(t: &Table) -> SavedTable {
+        SavedTable {
+            inodes: t.by_name.iter().map(|(n, i)| (n.clone(), *i)).collect(),
+            attached: t
+                .by_ino
+                .values()
+                .map(|e| (e.name.clone(), e.generation))
+                .chain(t.waiting.iter().filter_map(|(ino, g)| {
+                    let name = t.by_name.iter().find(|(_, i)| *i == ino)?.0;
+                    Some((name.clone(), *g))
+                }))
+                .collect(),
+            next_ino: t.next_ino,
+            generations: t.generations,
         }
-        t.next_ino = t.next_ino.max(ROOT_ID) + 1;
-        let ino = t.next_ino;
-        t.by_name.insert(name.to_owned(), ino);
-        t.by_ino.insert(ino, entry);
+    }
+
+    /// Save the table if it is saved (see [`Registry::save_to`]); an error is logged.
+    fn persist(&self) {
+        let (file, saved) = {
+            let t = self.inner.read().expect("registry lock");
+            let Some(file) = t.file.clone() else {
+                return;
+            };
+            (file, Self::snapshot(&t))
+        };
+        if let Err(e) = ::host::persist::write_json(&file, &saved) {
+            tracing::warn!(error = %e, "cannot save the FUSE table; a restart may fail requests in flight");
+        }
+    }
+
+    /// Serve `device` as the file `name` (replacing any earlier one of that name).
+    /// Handles opened on an earlier device of that name fail from now on, except after a
+    /// takeover: the first device of a name that was attached keeps its generation, so the
+    /// handles opened before the restart keep working.
+    pub fn insert(&self, name: &str, device: VolumeDevice) {
+        {
+            let mut t = self.inner.write().expect("registry lock");
+            let known = t.by_name.get(name).copied();
+            let generation = match known.and_then(|ino| t.waiting.remove(&ino)) {
+                Some(g) => g,
+                None => {
+                    t.generations += 1;
+                    t.generations
+                }
+            };
+            let entry = Entry {
+                name: name.to_owned(),
+                device,
+                generation,
+            };
+            if let Some(ino) = known {
+                t.by_ino.insert(ino, entry);
+            } else {
+                t.next_ino = t.next_ino.max(ROOT_ID) + 1;
+                let ino = t.next_ino;
+                t.by_name.insert(name.to_owned(), ino);
+                t.by_ino.insert(ino, entry);
+            }
+        }
+        self.persist();
     }
 
     /// The device served as `name`, if any.
@@ -123,26 +227,46 @@ impl Registry {
     /// Stop serving `name`. Its inode number stays reserved for it, so a dentry the kernel
     /// still caches resolves to the same file when the volume is attached again.
     pub fn remove(&self, name: &str) {
-        let mut t = self.inner.write().expect("registry lock");
-        if let Some(ino) = t.by_name.get(name).copied() {
-            t.by_ino.remove(&ino);
+        {
+            let mut t = self.inner.write().expect("registry lock");
+            if let Some(ino) = t.by_name.get(name).copied() {
+                t.by_ino.remove(&ino);
+                t.waiting.remove(&ino);
+            }
+        }
+        self.persist();
+    }
+
+    /// The entry of inode `ino`. One of a taken-over session that is not attached again yet
+    /// is waited for (up to [`RESTORE_WAIT`]).
+    fn get(&self, ino: u64) -> Option<Entry> {
+        let deadline = std::time::Instant::now() + RESTORE_WAIT;
+        loop {
+            {
+                let t = self.inner.read().expect("registry lock");
+                if let Some(e) = t.by_ino.get(&ino) {
+                    return Some(e.clone());
+                }
+                if !t.waiting.contains_key(&ino) {
+                    return None;
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
     }
 
-    fn get(&self, ino: u64) -> Option<Entry> {
-        self.inner
+    fn lookup(&self, name: &[u8]) -> Option<(u64, Entry)> {
+        let ino = *self
+            .inner
             .read()
             .expect("registry lock")
-            .by_ino
-            .get(&ino)
-            .cloned()
-    }
-
-    fn lookup(&self, name: &[u8]) -> Option<(u64, Entry)> {
-        let t = self.inner.read().expect("registry lock");
-        let ino = *t.by_name.get(std::str::from_utf8(name).ok()?)?;
+            .by_name
+            .get(std::str::from_utf8(name).ok()?)?;
         // A reserved inode of a detached volume is not found.
-        Some((ino, t.by_ino.get(&ino)?.clone()))
+        Some((ino, self.get(ino)?))
     }
 
     fn list(&self) -> Vec<(u64, String)> {

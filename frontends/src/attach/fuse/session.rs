@@ -28,6 +28,24 @@ use super::VolumeFs;
 /// The largest request payload (and `max_read`): 1 MiB, i.e. 256 pages.
 pub const MAX_IO: usize = pool::POOL_BUF;
 
+/// `FUSE_NOTIFY_RESEND`: the kernel queues again every request read and not answered.
+const NOTIFY_RESEND: i32 = 7;
+
+/// Set when the daemon hands its session over to the next one ([`freeze`]).
+static FROZEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Hand the session over: from now on no request is started and none is answered. What is
+/// in flight stays unanswered, and the next daemon serves it again after
+/// `FUSE_NOTIFY_RESEND`. (Not even successes: a write that completes while storage closes
+/// may miss the last commit, and a failure there is the closing, not the request.)
+pub fn freeze() {
+    FROZEN.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn frozen() -> bool {
+    FROZEN.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Where a request came from, and so where its reply goes: a `/dev/fuse` descriptor of the
 /// session, or a queue of its io_uring transport ([`super::ring`]).
 #[derive(Debug)]
@@ -68,6 +86,9 @@ impl Channel {
     }
 
     fn send(&self, unique: u64, error: i32, parts: &[&[u8]]) {
+        if frozen() {
+            return;
+        }
         let fd = match &self.to {
             Kind::Dev(fd) => fd,
             Kind::Ring(queue) => {
@@ -116,10 +137,12 @@ pub enum Transport {
     IoUring,
 }
 
-/// A mounted session. Dropping it does not unmount; see [`Session::unmount`].
+/// A mounted session. Dropping it does not unmount.
 #[derive(Debug)]
 pub struct Session {
     workers: Vec<std::thread::JoinHandle<()>>,
+    /// The `/dev/fuse` descriptors the workers read (each clone included).
+    channels: Vec<Arc<Channel>>,
 }
 
 fn cstr(s: &[u8]) -> io::Result<CString> {
@@ -241,10 +264,17 @@ impl Session {
             }
         }
         fds.insert(0, fd);
+        Self::serve(fds, fs)
+    }
+
+    /// Start one worker thread per descriptor.
+    fn serve(fds: Vec<OwnedFd>, fs: &Arc<VolumeFs>) -> io::Result<Self> {
         let n = fds.len();
         let mut handles = Vec::with_capacity(n);
+        let mut channels = Vec::with_capacity(n);
         for (i, fd) in fds.into_iter().enumerate() {
             let ch = Arc::new(Channel { to: Kind::Dev(fd) });
+            channels.push(ch.clone());
             let fs = fs.clone();
             handles.push(
                 std::thread::Builder::new()
@@ -253,7 +283,45 @@ impl Session {
             );
         }
         tracing::debug!(workers = n, "FUSE session started");
-        Ok(Self { workers: handles })
+        Ok(Self {
+            workers: handles,
+            channels,
+        })
+    }
+
+    /// Take over a session that an earlier daemon mounted, from its `/dev/fuse` descriptors
+    /// (kept by the holder, see [`crate::attach::holder`]): serve them, then have the kernel
+    /// send again every request that daemon read and did not answer. `INIT` is never sent
+    /// again; the kernel keeps what the first daemon negotiated.
+    ///
+    /// # Errors
+    /// No descriptor was given, a worker cannot be started, or the kernel refuses the
+    /// notification (then the session is not usable).
+    pub fn adopt(fds: Vec<OwnedFd>, fs: &Arc<VolumeFs>) -> io::Result<Self> {
+        if fds.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no /dev/fuse descriptor to take over",
+            ));
+        }
+        let session = Self::serve(fds, fs)?;
+        let mut notify = [0u8; abi::OUT_HEADER];
+        notify[0..4].copy_from_slice(&(abi::OUT_HEADER as u32).to_ne_bytes());
+        notify[4..8].copy_from_slice(&NOTIFY_RESEND.to_ne_bytes());
+        let fd = session.channels[0]
+            .dev_fd()
+            .expect("adopted channels are /dev/fuse descriptors");
+        // SAFETY: writes the 16 bytes of a live local buffer.
+        let r = unsafe { libc::write(fd, notify.as_ptr().cast(), notify.len()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(session)
+    }
+
+    /// The `/dev/fuse` descriptors of the session (for the holder).
+    pub fn dev_fds(&self) -> Vec<RawFd> {
+        self.channels.iter().filter_map(|c| c.dev_fd()).collect()
     }
 
     /// How many worker threads serve the session.
@@ -292,6 +360,10 @@ fn worker(ch: &Arc<Channel>, fs: &Arc<VolumeFs>) {
                     return;
                 }
             }
+        }
+        if frozen() {
+            // Handed over: the next daemon serves it after RESEND.
+            continue;
         }
         let n = n as usize;
         let Some((h, write_in)) = abi::parse_head(&head[..n.min(head.len())]) else {
