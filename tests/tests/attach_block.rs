@@ -216,15 +216,21 @@ fn attached_volumes_survive_a_restart() {
     let data = random_file(&pattern, 2 << 20);
     write_direct(&pattern, &dev, 5);
 
+    // Issue 16: a stop with volumes attached leaves the devices to the next daemon; one that
+    // an application holds open is the same device after the restart, and works throughout.
+    let held = File::open(&dev).unwrap();
+    let loop_before = loop_of(&dev);
     assert!(daemon.terminate().unwrap().success());
-    assert!(
-        !Path::new(&dev).exists(),
-        "a clean shutdown removes the device"
-    );
+    assert_eq!(loop_of(&dev), loop_before, "the link stays across a stop");
     drop(daemon);
 
     let daemon = Daemon::start(&node).unwrap();
     assert!(Path::new(&dev).exists(), "attached again after restart");
+    assert_eq!(loop_of(&dev), loop_before, "the held loop device is taken over");
+    let mut through_held = vec![0u8; data.len()];
+    std::os::unix::fs::FileExt::read_exact_at(&held, &mut through_held, 5 << 20).unwrap();
+    assert!(through_held == data, "data read through the held device differs");
+    drop(held);
     let back = read_direct(&dev, &node.scratch("back"), 5, 2);
     assert!(back == data, "data read after restart differs");
     // Attaching again is a no-op on the restored device.
