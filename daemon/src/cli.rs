@@ -75,6 +75,10 @@ pub enum Command {
         /// The FUSE mount point of the session; the holder exits once it is unmounted.
         #[arg(long, value_name = "DIR")]
         mountpoint: PathBuf,
+        /// Give the session up (its devices then fail their I/O) once no daemon has watched
+        /// it for this many seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        give_up_after: u64,
     },
 }
 

@@ -24,8 +24,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Holder { socket, mountpoint } => {
-            match frontends::attach::holder::run(&socket, &mountpoint) {
+        Command::Holder {
+            socket,
+            mountpoint,
+            give_up_after,
+        } => {
+            let limit = std::time::Duration::from_secs(give_up_after);
+            match frontends::attach::holder::run(&socket, &mountpoint, limit) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: the FUSE descriptor holder: {e}");

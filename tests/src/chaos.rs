@@ -11,7 +11,8 @@
 //!   healthy), then read through the device;
 //! - the volume moved to another node: cleanly (detach, attach), or by a forced takeover while
 //!   the attached node is SIGSTOPped, which is continued afterwards (a zombie writer);
-//! - the attached node SIGKILLed and started again (it attaches the volume again);
+//! - the attached node SIGKILLed and started again (it takes the attach session over from
+//!   the holder: the writer only pauses);
 //! - one replica node's disk failing every write, or holding every request, for a while
 //!   (debug builds of the daemon, `volume::io::faults`), the attached node's included;
 //! - a power cut of one replica node, the attached one included: the daemon is SIGKILLed and
@@ -720,6 +721,7 @@ impl Trial<'_> {
                     self.restart_attached(Some(f.pick))?;
                 } else {
                     self.kill(i);
+                    crate::kill_holder(&self.dirs[i]);
                     self.cut_power(i, f.pick)?;
                     std::thread::sleep(f.hold);
                     self.daemons[i] = Some(self.start_node(i)?);
@@ -764,16 +766,27 @@ impl Trial<'_> {
         Ok(())
     }
 
-    /// SIGKILL the attached node (and cut its power, drawn by `power`), start it again, and
-    /// resume writing once it has attached the volume again by itself.
+    /// SIGKILL the attached node's daemon and start it again. Without a power cut the holder
+    /// keeps the attach session, so the writer only pauses until the restarted daemon takes
+    /// the session over: any error it sees counts as an application error. A power cut
+    /// (drawn by `power`) takes the machine's holder too: the writer's I/O fails (expected),
+    /// the disk loses what it had not made durable, and writing resumes once the restarted
+    /// daemon has attached the volume again by itself.
     fn restart_attached(&mut self, power: Option<u64>) -> Result<()> {
         let i = self.attached;
         self.kill(i);
+        let Some(pick) = power else {
+            self.daemons[i] = Some(self.start_node(i)?);
+            self.dev = self.attach(i, false)?;
+            let w = self.workload.take().expect("a workload runs");
+            let ledger = self.stop_writer(w, false);
+            self.audit(&ledger, &self.dev.clone(), &self.ids[i].clone())?;
+            return self.resume(ledger);
+        };
+        crate::kill_holder(&self.dirs[i]);
         let w = self.workload.take().expect("a workload runs");
         let ledger = self.stop_writer(w, true);
-        if let Some(pick) = power {
-            self.cut_power(i, pick)?;
-        }
+        self.cut_power(i, pick)?;
         self.daemons[i] = Some(self.start_node(i)?);
         // The restarted daemon attaches the volume again by itself; this waits for it.
         self.dev = self.attach(i, false)?;

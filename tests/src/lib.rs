@@ -701,6 +701,35 @@ pub fn release_attachments(fuse: &Path, names: &[String]) {
         .status();
 }
 
+/// The processes of the FUSE descriptor holder (`ballast holder`) of `node`'s daemons.
+pub fn holder_pids(node: &NodeDir) -> Vec<u32> {
+    let needle = node.data_dir().join("fuse-holder.sock");
+    let needle = needle.to_string_lossy();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| {
+            let pid = p.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .contains(&*needle)
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// SIGKILL the holder of `node`'s attach session: what a power cut of the machine does to it
+/// (with no daemon holding the session either, its devices fail their I/O).
+pub fn kill_holder(node: &NodeDir) {
+    for pid in holder_pids(node) {
+        if let Ok(pid) = i32::try_from(pid) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
 /// Best-effort lazy unmount of everything mounted under `root`, deepest first, so a failed
 /// test leaves no filesystem of a volume mounted.
 pub fn unmount_all_under(root: &Path) {

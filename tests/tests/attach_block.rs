@@ -226,10 +226,17 @@ fn attached_volumes_survive_a_restart() {
 
     let daemon = Daemon::start(&node).unwrap();
     assert!(Path::new(&dev).exists(), "attached again after restart");
-    assert_eq!(loop_of(&dev), loop_before, "the held loop device is taken over");
+    assert_eq!(
+        loop_of(&dev),
+        loop_before,
+        "the held loop device is taken over"
+    );
     let mut through_held = vec![0u8; data.len()];
     std::os::unix::fs::FileExt::read_exact_at(&held, &mut through_held, 5 << 20).unwrap();
-    assert!(through_held == data, "data read through the held device differs");
+    assert!(
+        through_held == data,
+        "data read through the held device differs"
+    );
     drop(held);
     let back = read_direct(&dev, &node.scratch("back"), 5, 2);
     assert!(back == data, "data read after restart differs");

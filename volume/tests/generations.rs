@@ -56,9 +56,9 @@ async fn writes_record_generations_and_recovery_marks_uncommitted_extents_unknow
         r.write_zeroes(4096, 4096).await.unwrap();
         assert_eq!(gens(&r)[0], (0, 43));
         r.flush().await.unwrap();
-        // After the last commit: a write to extent 2 only. Then the process "dies": the pool
-        // is dropped without closing.
-        r.write(2 * MIB + 8192, IoBuf::from_slice(&[5; 4096]), stamped(50))
+        // After the last commit: an overwrite in extent 2 only (a first write would commit
+        // before completing). Then the process "dies": the pool is dropped without closing.
+        r.write(2 * MIB, IoBuf::from_slice(&[5; 4096]), stamped(50))
             .await
             .unwrap();
         let generations = r.generations().await.unwrap();

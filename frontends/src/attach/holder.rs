@@ -36,7 +36,7 @@ pub const SOCKET: &str = "fuse-holder.sock";
 /// The most descriptors one message carries (the kernel's `SCM_MAX_FD`).
 const MAX_FDS: usize = 253;
 /// How often the holder checks that its mount still exists.
-const WATCH: Duration = Duration::from_millis(500);
+const CHECK: Duration = Duration::from_millis(500);
 /// How long a client waits for the holder's answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -91,38 +91,67 @@ pub fn fuse_mounted(mountpoint: &Path) -> bool {
 }
 
 /// Run the holder for the session mounted at `mountpoint`, answering on `socket`, until it
-/// is told to end or the mount is gone.
+/// is told to end, the mount is gone, or no daemon has watched it for `orphaned` (then the
+/// session is given up: closing the last descriptors aborts it, and its devices fail their
+/// I/O instead of waiting for a daemon that does not come back).
 ///
 /// # Errors
 /// The socket cannot be set up.
-pub fn run(socket: &Path, mountpoint: &Path) -> io::Result<()> {
-    serve(socket, &|| fuse_mounted(mountpoint))
+pub fn run(socket: &Path, mountpoint: &Path, orphaned: Duration) -> io::Result<()> {
+    serve(socket, &|| fuse_mounted(mountpoint), orphaned)
 }
 
 /// [`run`], with `alive` telling whether the session still exists.
-fn serve(socket: &Path, alive: &dyn Fn() -> bool) -> io::Result<()> {
+fn serve(socket: &Path, alive: &dyn Fn() -> bool, orphaned: Duration) -> io::Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener = seqpacket()?;
     bind(listener.as_raw_fd(), &UnixAddr::new(socket)?)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     listen(&listener, Backlog::new(16)?)?;
     let mut held: Vec<OwnedFd> = Vec::new();
+    // Connections of daemons serving the session (`WATCH`): one closes when its daemon exits.
+    let mut watchers: Vec<OwnedFd> = Vec::new();
+    // Since when no daemon watches (the holder starts watched by the one that spawned it).
+    let mut alone: Option<std::time::Instant> = None;
     loop {
-        let mut pfd = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let mut pfds: Vec<libc::pollfd> = std::iter::once(&listener)
+            .chain(&watchers)
+            .map(|fd| libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: a valid array of pollfds of the stated length.
+        let n = unsafe {
+            libc::poll(
+                pfds.as_mut_ptr(),
+                pfds.len() as libc::nfds_t,
+                CHECK.as_millis() as i32,
+            )
         };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&raw mut pfd, 1, WATCH.as_millis() as i32) };
-        if n == 0 || (n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted) {
+        if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return Err(io::Error::last_os_error());
+        }
+        // A watcher's connection only ever becomes readable by closing.
+        let before = watchers.len();
+        let gone: Vec<bool> = pfds[1..].iter().map(|p| p.revents != 0).collect();
+        let mut i = 0;
+        watchers.retain(|_| {
+            i += 1;
+            !gone[i - 1]
+        });
+        if watchers.is_empty() && before > 0 {
+            alone = Some(std::time::Instant::now());
+        }
+        if n <= 0 || pfds[0].revents == 0 {
             if !alive() {
                 break;
             }
+            if alone.is_some_and(|t| t.elapsed() >= orphaned) {
+                break;
+            }
             continue;
-        }
-        if n < 0 {
-            return Err(io::Error::last_os_error());
         }
         let Ok(conn) = accept(listener.as_raw_fd()) else {
             continue;
@@ -143,6 +172,12 @@ fn serve(socket: &Path, alive: &dyn Fn() -> bool) -> io::Result<()> {
             b"TAKE" => {
                 let raw: Vec<RawFd> = held.iter().map(AsRawFd::as_raw_fd).collect();
                 let _ = send(conn.as_raw_fd(), b"FDS", &raw);
+            }
+            b"WATCH" => {
+                if send(conn.as_raw_fd(), b"OK", &[]).is_ok() {
+                    watchers.push(conn);
+                    alone = None;
+                }
             }
             b"PING" => {
                 let _ = send(conn.as_raw_fd(), b"OK", &[]);
@@ -176,7 +211,7 @@ impl Holder {
     ///
     /// # Errors
     /// The process cannot be started or does not answer within five seconds.
-    pub fn spawn(&self, mountpoint: &Path) -> io::Result<()> {
+    pub fn spawn(&self, mountpoint: &Path, orphaned: Duration) -> io::Result<()> {
         use std::os::unix::process::CommandExt;
         let exe = std::env::current_exe()?;
         let mut cmd = std::process::Command::new(exe);
@@ -185,6 +220,8 @@ impl Holder {
             .arg(&self.socket)
             .arg("--mountpoint")
             .arg(mountpoint)
+            .arg("--give-up-after")
+            .arg(orphaned.as_secs().max(1).to_string())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
@@ -267,6 +304,25 @@ impl Holder {
         }
     }
 
+    /// Watch the holder from this process: the returned connection stays open while this
+    /// daemon lives, and the holder gives the session up once no daemon has watched it for
+    /// its time limit.
+    ///
+    /// # Errors
+    /// The holder does not answer.
+    pub fn watch(&self) -> io::Result<OwnedFd> {
+        let s = seqpacket()?;
+        connect(s.as_raw_fd(), &UnixAddr::new(&self.socket)?)?;
+        send(s.as_raw_fd(), b"WATCH", &[])?;
+        match receive(s.as_raw_fd())?.0.as_slice() {
+            b"OK" => Ok(s),
+            other => Err(io::Error::other(format!(
+                "the holder answered {:?}",
+                String::from_utf8_lossy(other)
+            ))),
+        }
+    }
+
     /// Tell the holder to close what it holds and exit (no error if there is none).
     pub fn end(&self) {
         let _ = self.ask(b"END", &[]);
@@ -288,7 +344,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join(SOCKET);
         let s = socket.clone();
-        let t = std::thread::spawn(move || serve(&s, &|| true));
+        let t = std::thread::spawn(move || serve(&s, &|| true, Duration::from_secs(60)));
         let h = Holder::new(socket.clone());
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while h.ask(b"PING", &[]).is_err() {
@@ -314,5 +370,45 @@ mod tests {
         // Every write end is closed now: the reader sees EOF.
         assert_eq!(nix::unistd::read(r.as_raw_fd(), &mut b).unwrap(), 0);
         assert!(!socket.exists());
+    }
+
+    /// A holder that no daemon watches any more gives its session up after its time limit
+    /// (its descriptors close, which aborts the session), but not while one watches.
+    #[test]
+    fn a_holder_gives_up_once_no_daemon_has_watched_it_for_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join(SOCKET);
+        let s = socket.clone();
+        let limit = Duration::from_millis(1500);
+        let t = std::thread::spawn(move || serve(&s, &|| true, limit));
+        let h = Holder::new(socket.clone());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while h.ask(b"PING", &[]).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the holder never answered"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (r, w) = nix::unistd::pipe().unwrap();
+        h.keep(&[w.as_raw_fd()]).unwrap();
+        drop(w);
+        let watch = h.watch().unwrap();
+        std::thread::sleep(limit * 2);
+        assert!(!t.is_finished(), "the holder gave up while watched");
+        drop(watch);
+        let started = std::time::Instant::now();
+        t.join().unwrap().unwrap();
+        let took = started.elapsed();
+        assert!(
+            took >= limit - Duration::from_millis(100),
+            "gave up after {took:?}"
+        );
+        let mut b = [0u8; 1];
+        assert_eq!(
+            nix::unistd::read(r.as_raw_fd(), &mut b).unwrap(),
+            0,
+            "descriptors closed"
+        );
     }
 }

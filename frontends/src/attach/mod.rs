@@ -119,12 +119,19 @@ pub struct FuseLoop {
     devices: Mutex<BTreeMap<String, LoopDevice>>,
     /// Keeps the session's descriptors across a restart (classic transport only).
     holder: Option<Holder>,
+    /// This daemon's watch of the holder, open while it lives (see [`HANDOVER_LIMIT`]).
+    watch: Mutex<Option<std::os::fd::OwnedFd>>,
     /// The saved FUSE table, for the next daemon.
     table: PathBuf,
 }
 
 /// The saved FUSE table's name in the data directory (see `fuse::Registry::save_to`).
 pub const TABLE_FILE: &str = "fuse-table.json";
+
+/// How long the attached devices wait for a daemon after one exits: past it with no daemon
+/// back, the holder gives the session up and their I/O fails with an error (as it did at
+/// once before the holder) instead of waiting for ever.
+pub const HANDOVER_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl FuseLoop {
     /// A frontend that mounts its FUSE filesystem at `mountpoint` on the first attach (so a
@@ -152,6 +159,7 @@ impl FuseLoop {
             session: Mutex::new(None),
             devices: Mutex::new(BTreeMap::new()),
             holder,
+            watch: Mutex::new(None),
             table: dir.join(TABLE_FILE),
         };
         if let Err(e) = this.take_over() {
@@ -189,7 +197,21 @@ impl FuseLoop {
             .map_err(std::io::Error::other)?;
         tracing::info!(path = %self.mountpoint.display(), workers = n, "took over the attach FUSE session of the daemon before; requests it left unanswered are served again");
         *self.session.lock().expect("session lock") = Some(s);
+        self.watch_holder();
         Ok(())
+    }
+
+    /// Keep a watch on the holder open for as long as this daemon lives.
+    fn watch_holder(&self) {
+        let Some(h) = &self.holder else {
+            return;
+        };
+        match h.watch() {
+            Ok(fd) => *self.watch.lock().expect("watch lock") = Some(fd),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the FUSE holder: if this daemon dies, its devices wait for the next one without a time limit");
+            }
+        }
     }
 
     /// Mount the filesystem unless it is mounted.
@@ -211,10 +233,13 @@ impl FuseLoop {
                 .registry
                 .save_to(&self.table)
                 .map_err(std::io::Error::other)
-                .and_then(|()| h.spawn(&self.mountpoint))
+                .and_then(|()| h.spawn(&self.mountpoint, HANDOVER_LIMIT))
                 .and_then(|()| h.keep(&s.dev_fds()));
-            if let Err(e) = held {
-                tracing::warn!(error = %e, "no holder for the attach session: a daemon restart fails the attached devices' I/O");
+            match held {
+                Ok(()) => self.watch_holder(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no holder for the attach session: a daemon restart fails the attached devices' I/O");
+                }
             }
         } else {
             tracing::info!("with the io_uring FUSE transport, a daemon restart fails the attached devices' I/O (requests in ring entries are not sent again)");

@@ -880,6 +880,12 @@ impl Disk {
         start..start + BLOCKS_PER_EXTENT as usize
     }
 
+    /// Whether a block got its first checksum since the last journal record: a write that
+    /// completes then commits first (see [`crate::pool::replica`]).
+    pub(crate) fn has_fresh(&self) -> bool {
+        self.fresh.load(SeqCst)
+    }
+
     pub(crate) fn csum(&self, pblock: usize) -> u32 {
         self.csums[pblock].load(SeqCst)
     }

@@ -7,7 +7,10 @@
 //!   verified against its CRC32C. A mismatch is retried only if a write to the same extent
 //!   raced with the read; otherwise it is a [`DeviceErrorKind::Checksum`] error and counted.
 //! - A write allocates extents on first touch, pins them, makes sure they are in the open set
-//!   (see `disk.rs`), writes the data, and only then publishes the new checksums.
+//!   (see `disk.rs`), writes the data, and only then publishes the new checksums. A write
+//!   that gave a block its first checksum (or found one uncommitted) completes only after a
+//!   commit, so every completed write survives a crash of the daemon; `write_zeroes`
+//!   likewise.
 //! - Every extent touched by an operation is pinned until the operation completes, so a
 //!   concurrent discard can never hand the extent to another volume under it.
 
@@ -404,7 +407,14 @@ impl Replica {
             self.disk.mark_extent(p);
         }
         drop(pins);
-        if flags.fua {
+        // A block's first write (and a new extent's allocation) is recorded only by a
+        // commit; until then a crash would make the block read as zeros again. So a write
+        // completes only once no first checksum is left uncommitted, this one's or another
+        // write's (which may have set one on the same block): a completed write survives a
+        // daemon crash, whose devices the next daemon takes over with nothing lost. An
+        // overwrite of committed blocks costs nothing more (recovery recomputes the open
+        // extents' checksums).
+        if flags.fua || self.disk.has_fresh() {
             if let Err(e) = self.disk.commit(false).await {
                 return Err(BufError {
                     error: commit_failed("write", offset, len, e),
@@ -499,7 +509,16 @@ impl BlockDevice for Replica {
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         let start = Instant::now();
-        let r = self.zero_range("write_zeroes", offset, len);
+        let mut r = self.zero_range("write_zeroes", offset, len);
+        if r.is_ok() {
+            // Zeroes the caller relies on: committed before they are acknowledged (see the
+            // module docs), so a crash never brings the old data back.
+            r = self
+                .disk
+                .commit(false)
+                .await
+                .map_err(|e| commit_failed("write_zeroes", offset, len, e));
+        }
         self.vol
             .counters
             .discard
