@@ -3,11 +3,16 @@
 //! Devices are always allocated with `LOOP_CTL_GET_FREE` on `/dev/loop-control`, never by a
 //! fixed number, so any number of volumes can be attached (the kernel creates new nodes on
 //! demand). A device is configured in one `LOOP_CONFIGURE` call with a 4 KiB logical block
-//! size, direct I/O and `LO_FLAGS_AUTOCLEAR`.
+//! size and direct I/O.
 //!
-//! Invariant: a [`LoopDevice`] keeps its `/dev/loopN` open for as long as it lives. With
-//! autoclear, the kernel detaches the device as soon as the last opener closes it, so a
-//! daemon that dies (even by SIGKILL) leaves no loop device behind once its users are gone.
+//! Invariant: the daemon keeps no loop device open. A device stays configured when the daemon
+//! exits or dies, so that the next daemon takes it over (see `fuse::session::Session::adopt`), and it
+//! is detached explicitly (`LOOP_CLR_FD`, which the kernel defers to the last close while
+//! anyone has it open). Holding it open would also be a hazard: a dying daemon's last close
+//! of a loop device waits for the disk's open mutex, which `sync(2)` holds while it waits
+//! for the device's writeback, which waits for the next daemon, which waits for the dying
+//! one to be gone. Devices left behind by a session that nobody took over are detached at
+//! the next start ([`release_under`]).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -21,7 +26,6 @@ const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
 /// `BLKGETSIZE64`: `_IOR(0x12, 114, size_t)`.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-const LO_FLAGS_AUTOCLEAR: u32 = 4;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
 
 /// `struct loop_info64` of `<linux/loop.h>` (field names as in the kernel).
@@ -52,11 +56,10 @@ struct LoopConfig {
     reserved: [u64; 8],
 }
 
-/// A configured loop device, held open by the daemon.
+/// A configured loop device (not held open, see the module docs).
 #[derive(Debug)]
 pub struct LoopDevice {
     path: PathBuf,
-    file: File,
     direct_io: bool,
 }
 
@@ -88,7 +91,7 @@ impl LoopDevice {
                 Err(e) => return Err(e),
             };
             let mut result = Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-            for flags in [LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO, LO_FLAGS_AUTOCLEAR] {
+            for flags in [LO_FLAGS_DIRECT_IO, 0] {
                 result = loop_configure(&file, backing, name, block_size, flags);
                 match &result {
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
@@ -96,13 +99,7 @@ impl LoopDevice {
                 }
             }
             match result {
-                Ok(direct_io) => {
-                    return Ok(Self {
-                        path,
-                        file,
-                        direct_io,
-                    })
-                }
+                Ok(direct_io) => return Ok(Self { path, direct_io }),
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last = Some(e),
                 Err(e) => return Err(e),
             }
@@ -131,21 +128,19 @@ impl LoopDevice {
                 continue;
             }
             let dio = std::fs::read(entry.path().join("loop/dio")).unwrap_or_default();
-            let path = PathBuf::from(format!("/dev/loop{n}"));
-            match open_device(&path, n) {
-                Ok(file) => {
-                    return Some(Self {
-                        path,
-                        file,
-                        direct_io: dio.first() == Some(&b'1'),
-                    })
-                }
-                Err(e) => {
-                    tracing::debug!(device = %path.display(), error = %e, "cannot open a loop device to take it over");
-                }
-            }
+            return Some(Self {
+                path: PathBuf::from(format!("/dev/loop{n}")),
+                direct_io: dio.first() == Some(&b'1'),
+            });
         }
         None
+    }
+
+    fn open(&self) -> std::io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&self.path)
     }
 
     /// `/dev/loopN`.
@@ -164,13 +159,14 @@ impl LoopDevice {
     /// # Errors
     /// The ioctls failed.
     pub fn set_capacity(&self) -> std::io::Result<u64> {
-        // SAFETY: LOOP_SET_CAPACITY takes no argument; `self.file` is an open loop device.
-        if unsafe { libc::ioctl(self.file.as_raw_fd(), LOOP_SET_CAPACITY, 0) } < 0 {
+        let file = self.open()?;
+        // SAFETY: LOOP_SET_CAPACITY takes no argument; `file` is an open loop device.
+        if unsafe { libc::ioctl(file.as_raw_fd(), LOOP_SET_CAPACITY, 0) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
         let mut size: u64 = 0;
         // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
-        if unsafe { libc::ioctl(self.file.as_raw_fd(), BLKGETSIZE64, &raw mut size) } < 0 {
+        if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &raw mut size) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(size)
@@ -179,8 +175,15 @@ impl LoopDevice {
     /// Detach the device from its backing file. If someone still has it open, the kernel
     /// detaches it when they close it (autoclear).
     pub fn detach(self) {
-        // SAFETY: LOOP_CLR_FD takes no argument; `self.file` is an open loop device.
-        let r = unsafe { libc::ioctl(self.file.as_raw_fd(), LOOP_CLR_FD, 0) };
+        let file = match self.open() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(device = %self.path.display(), error = %e, "cannot open a loop device to detach it");
+                return;
+            }
+        };
+        // SAFETY: LOOP_CLR_FD takes no argument; `file` is an open loop device.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), LOOP_CLR_FD, 0) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             // ENXIO: already detached.
@@ -259,6 +262,37 @@ fn open_device(path: &Path, n: i32) -> std::io::Result<File> {
         }
     }
     OpenOptions::new().read(true).write(true).open(path)
+}
+
+/// Detach every loop device whose backing file is under `dir` except those at `keep`: the
+/// devices of a session that was not taken over, or of volumes not attached again.
+pub fn release_under(dir: &Path, keep: &[PathBuf]) {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return;
+    };
+    let want = dir.as_os_str().as_encoded_bytes();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(n) = name
+            .to_str()
+            .and_then(|s| s.strip_prefix("loop"))
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(file) = std::fs::read(entry.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let path = PathBuf::from(format!("/dev/loop{n}"));
+        if file.starts_with(want) && file.get(want.len()) == Some(&b'/') && !keep.contains(&path) {
+            tracing::info!(device = %path.display(), "detaching a loop device left by an earlier daemon");
+            LoopDevice {
+                path,
+                direct_io: false,
+            }
+            .detach();
+        }
+    }
 }
 
 /// Whether the block device at `path` is in use by someone other than this process: mounted,

@@ -14,8 +14,10 @@
 //! - attach and detach are idempotent; they are serialised by one mutex, which is never
 //!   taken on the data path (FUSE requests only touch the [`fuse::Registry`] briefly);
 //! - detach refuses while the device is mounted or open, unless forced;
-//! - a killed daemon leaves no loop device behind once the device's users close it
-//!   (autoclear), and the next daemon lazily unmounts the dead FUSE mount before mounting.
+//! - a daemon that stops with volumes attached, or dies, leaves the FUSE session (kept by the
+//!   holder, [`holder`]), the loop devices and the links to the next daemon, which takes them
+//!   over; a session nobody takes over (no holder, or it gave up) is lazily unmounted by the
+//!   next daemon, which also detaches its loop devices ([`loopdev::release_under`]).
 
 pub mod fuse;
 pub mod holder;
@@ -168,6 +170,7 @@ impl FuseLoop {
             }
             tracing::warn!(error = %e, "cannot take over the attach session of the daemon before; its devices fail");
             lazy_unmount(&this.mountpoint);
+            loopdev::release_under(&this.mountpoint, &[]);
         }
         this
     }
@@ -184,6 +187,7 @@ impl FuseLoop {
                 h.end();
             }
             lazy_unmount(&self.mountpoint);
+            loopdev::release_under(&self.mountpoint, &[]);
             return Ok(());
         };
         self.registry
@@ -421,6 +425,15 @@ impl Frontend for FuseLoop {
 
     fn restored(&self) {
         self.registry.end_restore();
+        // Devices of the session taken over whose volumes were not attached again.
+        let keep: Vec<PathBuf> = self
+            .devices
+            .lock()
+            .expect("devices lock")
+            .values()
+            .map(|d| d.path().to_owned())
+            .collect();
+        loopdev::release_under(&self.mountpoint, &keep);
     }
 }
 
