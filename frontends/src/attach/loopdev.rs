@@ -127,6 +127,11 @@ impl LoopDevice {
             if file.strip_suffix(b"\n").unwrap_or(&file) != want {
                 continue;
             }
+            // One detached while held open goes at its last close: not a device to use.
+            let autoclear = std::fs::read(entry.path().join("loop/autoclear")).unwrap_or_default();
+            if autoclear.first() == Some(&b'1') {
+                continue;
+            }
             let dio = std::fs::read(entry.path().join("loop/dio")).unwrap_or_default();
             return Some(Self {
                 path: PathBuf::from(format!("/dev/loop{n}")),

@@ -125,6 +125,10 @@ pub struct FuseLoop {
     watch: Mutex<Option<std::os::fd::OwnedFd>>,
     /// The saved FUSE table, for the next daemon.
     table: PathBuf,
+    /// Set from taking a session over until the recorded volumes are attached again: only
+    /// then is a loop device found on a volume's file the one to take over (later, one still
+    /// there is an old attachment's, detached while held open).
+    adopting: std::sync::atomic::AtomicBool,
 }
 
 /// The saved FUSE table's name in the data directory (see `fuse::Registry::save_to`).
@@ -163,6 +167,7 @@ impl FuseLoop {
             holder,
             watch: Mutex::new(None),
             table: dir.join(TABLE_FILE),
+            adopting: std::sync::atomic::AtomicBool::new(false),
         };
         if let Err(e) = this.take_over() {
             if let Some(h) = &this.holder {
@@ -201,6 +206,8 @@ impl FuseLoop {
             .map_err(std::io::Error::other)?;
         tracing::info!(path = %self.mountpoint.display(), workers = n, "took over the attach FUSE session of the daemon before; requests it left unanswered are served again");
         *self.session.lock().expect("session lock") = Some(s);
+        self.adopting
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.watch_holder();
         Ok(())
     }
@@ -288,7 +295,8 @@ impl Frontend for FuseLoop {
         })?;
         self.registry.insert(name.as_str(), device);
         let file = self.mountpoint.join(name.as_str());
-        if let Some(dev) = LoopDevice::find(&file) {
+        let adopting = self.adopting.load(std::sync::atomic::Ordering::SeqCst);
+        if let Some(dev) = adopting.then(|| LoopDevice::find(&file)).flatten() {
             // Set up by the daemon before this one, on the session taken over.
             let path = dev.path().to_owned();
             tracing::info!(volume = %name, device = %path.display(), "took over the loop device");
@@ -400,9 +408,8 @@ impl Frontend for FuseLoop {
         let devices = std::mem::take(&mut *self.devices.lock().expect("devices lock"));
         let session = self.session.lock().expect("session lock").take();
         if session.is_some() && !devices.is_empty() && self.holder.is_some() {
-            // Hand over: the holder keeps the session, the loop devices stay (each one that
-            // nobody else has open goes with our descriptor; the next daemon sets it up
-            // again), and what fails from now on is left for the next daemon.
+            // Hand over: the holder keeps the session, the loop devices stay configured, and
+            // nothing is answered from now on: the next daemon serves it again.
             fuse::session::freeze();
             tracing::info!(
                 devices = devices.len(),
@@ -424,6 +431,8 @@ impl Frontend for FuseLoop {
     }
 
     fn restored(&self) {
+        self.adopting
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         self.registry.end_restore();
         // Devices of the session taken over whose volumes were not attached again.
         let keep: Vec<PathBuf> = self
