@@ -40,6 +40,23 @@ impl Drop for Cleanup {
     }
 }
 
+/// A node with a daemon and a 128 MiB volume named after `tag`, and its clean-up.
+fn set_up(tag: &str) -> (NodeDir, String, Cleanup, Daemon) {
+    let node = NodeDir::new().unwrap();
+    let name = format!("rs{}-{tag}", std::process::id());
+    let clean = Cleanup {
+        fuse: node.data_dir().join("fuse"),
+        names: vec![name.clone()],
+        fio: None,
+        mount: None,
+    };
+    let daemon = Daemon::start(&node).unwrap();
+    daemon
+        .cli(["volume", "create", &name, "--size", "128MiB"])
+        .success();
+    (node, name, clean, daemon)
+}
+
 fn start_fio(dev: &str, out: &Path, seconds: u64) -> Child {
     Command::new("fio")
         .args([
@@ -70,18 +87,7 @@ fn start_fio(dev: &str, out: &Path, seconds: u64) -> Child {
 /// Restart the daemon `kills` times with SIGKILL and `terms` times with SIGTERM (alternating)
 /// under fio, and check fio's outcome.
 fn restarts_under_fio(kills: usize, terms: usize) {
-    let node = NodeDir::new().unwrap();
-    let name = format!("rs{}-{kills}-{terms}", std::process::id());
-    let mut clean = Cleanup {
-        fuse: node.data_dir().join("fuse"),
-        names: vec![name.clone()],
-        fio: None,
-        mount: None,
-    };
-    let mut daemon = Daemon::start(&node).unwrap();
-    daemon
-        .cli(["volume", "create", &name, "--size", "128MiB"])
-        .success();
+    let (node, name, mut clean, mut daemon) = set_up(&format!("{kills}-{terms}"));
     let out = daemon.cli(["volume", "attach", &name]);
     out.success();
     let dev = out.stdout.trim().to_owned();
@@ -186,18 +192,7 @@ fn ext4_keeps_every_synced_file_across_daemon_kills_and_stops() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    let node = NodeDir::new().unwrap();
-    let name = format!("rs{}-ext4", std::process::id());
-    let mut clean = Cleanup {
-        fuse: node.data_dir().join("fuse"),
-        names: vec![name.clone()],
-        fio: None,
-        mount: None,
-    };
-    let mut daemon = Daemon::start(&node).unwrap();
-    daemon
-        .cli(["volume", "create", &name, "--size", "128MiB"])
-        .success();
+    let (node, name, mut clean, mut daemon) = set_up("ext4");
     let mnt = node.scratch("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     let mnt_s = mnt.to_string_lossy().into_owned();

@@ -173,11 +173,9 @@ fn serve(socket: &Path, alive: &dyn Fn() -> bool, orphaned: Duration) -> io::Res
                 let raw: Vec<RawFd> = held.iter().map(AsRawFd::as_raw_fd).collect();
                 let _ = send(conn.as_raw_fd(), b"FDS", &raw);
             }
-            b"WATCH" => {
-                if send(conn.as_raw_fd(), b"OK", &[]).is_ok() {
-                    watchers.push(conn);
-                    alone = None;
-                }
+            b"WATCH" if send(conn.as_raw_fd(), b"OK", &[]).is_ok() => {
+                watchers.push(conn);
+                alone = None;
             }
             b"PING" => {
                 let _ = send(conn.as_raw_fd(), b"OK", &[]);
@@ -258,7 +256,7 @@ impl Holder {
         let s = seqpacket()?;
         connect(s.as_raw_fd(), &UnixAddr::new(&self.socket)?)?;
         let timeout = libc::timeval {
-            tv_sec: ANSWER_TIMEOUT.as_secs() as libc::time_t,
+            tv_sec: libc::time_t::try_from(ANSWER_TIMEOUT.as_secs()).unwrap_or(libc::time_t::MAX),
             tv_usec: 0,
         };
         // SAFETY: SO_RCVTIMEO takes a timeval by pointer with its size.
@@ -333,6 +331,25 @@ impl Holder {
 mod tests {
     use super::*;
 
+    /// A holder serving `socket` on a thread (its session always there), once it answers.
+    fn started(
+        socket: &Path,
+        orphaned: Duration,
+    ) -> (std::thread::JoinHandle<io::Result<()>>, Holder) {
+        let s = socket.to_owned();
+        let t = std::thread::spawn(move || serve(&s, &|| true, orphaned));
+        let h = Holder::new(socket.to_owned());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while h.ask(b"PING", &[]).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the holder never answered"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (t, h)
+    }
+
     #[test]
     fn the_root_is_no_fuse_mount() {
         assert!(!fuse_mounted(Path::new("/")));
@@ -343,17 +360,7 @@ mod tests {
     fn a_holder_keeps_descriptors_and_hands_out_duplicates_until_told_to_end() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join(SOCKET);
-        let s = socket.clone();
-        let t = std::thread::spawn(move || serve(&s, &|| true, Duration::from_secs(60)));
-        let h = Holder::new(socket.clone());
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while h.ask(b"PING", &[]).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the holder never answered"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let (t, h) = started(&socket, Duration::from_secs(60));
         assert!(h.take().is_none(), "nothing held yet");
         let (r, w) = nix::unistd::pipe().unwrap();
         h.keep(&[w.as_raw_fd()]).unwrap();
@@ -378,18 +385,8 @@ mod tests {
     fn a_holder_gives_up_once_no_daemon_has_watched_it_for_its_limit() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join(SOCKET);
-        let s = socket.clone();
         let limit = Duration::from_millis(1500);
-        let t = std::thread::spawn(move || serve(&s, &|| true, limit));
-        let h = Holder::new(socket.clone());
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while h.ask(b"PING", &[]).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the holder never answered"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let (t, h) = started(&socket, limit);
         let (r, w) = nix::unistd::pipe().unwrap();
         h.keep(&[w.as_raw_fd()]).unwrap();
         drop(w);

@@ -112,33 +112,15 @@ impl LoopDevice {
     /// device's backing file (`/sys/block/loopN/loop/backing_file`).
     pub fn find(backing: &Path) -> Option<Self> {
         let want = backing.as_os_str().as_encoded_bytes();
-        for entry in std::fs::read_dir("/sys/block").ok()?.flatten() {
-            let name = entry.file_name();
-            let Some(n) = name
-                .to_str()
-                .and_then(|s| s.strip_prefix("loop"))
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Ok(file) = std::fs::read(entry.path().join("loop/backing_file")) else {
-                continue;
-            };
-            if file.strip_suffix(b"\n").unwrap_or(&file) != want {
-                continue;
-            }
+        configured().find_map(|(path, sys, file)| {
             // One detached while held open goes at its last close: not a device to use.
-            let autoclear = std::fs::read(entry.path().join("loop/autoclear")).unwrap_or_default();
-            if autoclear.first() == Some(&b'1') {
-                continue;
-            }
-            let dio = std::fs::read(entry.path().join("loop/dio")).unwrap_or_default();
-            return Some(Self {
-                path: PathBuf::from(format!("/dev/loop{n}")),
-                direct_io: dio.first() == Some(&b'1'),
-            });
-        }
-        None
+            let flag =
+                |f: &str| std::fs::read(sys.join(f)).unwrap_or_default().first() == Some(&b'1');
+            (file == want && !flag("loop/autoclear")).then(|| Self {
+                path,
+                direct_io: flag("loop/dio"),
+            })
+        })
     }
 
     fn open(&self) -> std::io::Result<File> {
@@ -272,23 +254,8 @@ fn open_device(path: &Path, n: i32) -> std::io::Result<File> {
 /// Detach every loop device whose backing file is under `dir` except those at `keep`: the
 /// devices of a session that was not taken over, or of volumes not attached again.
 pub fn release_under(dir: &Path, keep: &[PathBuf]) {
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
-        return;
-    };
     let want = dir.as_os_str().as_encoded_bytes();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(n) = name
-            .to_str()
-            .and_then(|s| s.strip_prefix("loop"))
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(file) = std::fs::read(entry.path().join("loop/backing_file")) else {
-            continue;
-        };
-        let path = PathBuf::from(format!("/dev/loop{n}"));
+    for (path, _, file) in configured() {
         if file.starts_with(want) && file.get(want.len()) == Some(&b'/') && !keep.contains(&path) {
             tracing::info!(device = %path.display(), "detaching a loop device left by an earlier daemon");
             LoopDevice {
@@ -298,6 +265,28 @@ pub fn release_under(dir: &Path, keep: &[PathBuf]) {
             .detach();
         }
     }
+}
+
+/// The configured loop devices: `/dev/loopN`, its sysfs directory and its backing file's path.
+fn configured() -> impl Iterator<Item = (PathBuf, PathBuf, Vec<u8>)> {
+    let entries = std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten();
+    entries.filter_map(|entry| {
+        let n: i32 = entry
+            .file_name()
+            .to_str()?
+            .strip_prefix("loop")?
+            .parse()
+            .ok()?;
+        let sys = entry.path();
+        let mut file = std::fs::read(sys.join("loop/backing_file")).ok()?;
+        if file.last() == Some(&b'\n') {
+            file.pop();
+        }
+        Some((PathBuf::from(format!("/dev/loop{n}")), sys, file))
+    })
 }
 
 /// Whether the block device at `path` is in use by someone other than this process: mounted,

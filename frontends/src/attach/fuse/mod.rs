@@ -190,12 +190,11 @@ impl Registry {
         {
             let mut t = self.inner.write().expect("registry lock");
             let known = t.by_name.get(name).copied();
-            let generation = match known.and_then(|ino| t.waiting.remove(&ino)) {
-                Some(g) => g,
-                None => {
-                    t.generations += 1;
-                    t.generations
-                }
+            let generation = if let Some(g) = known.and_then(|ino| t.waiting.remove(&ino)) {
+                g
+            } else {
+                t.generations += 1;
+                t.generations
             };
             let entry = Entry {
                 name: name.to_owned(),

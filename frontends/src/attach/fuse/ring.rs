@@ -130,10 +130,12 @@ impl std::fmt::Debug for Queue {
     }
 }
 
+/// A queue's ring: SQE128 for `URING_CMD`.
+type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
+
 thread_local! {
     /// The ring of the queue this thread serves, and whether a commit is already scheduled.
-    static RING: RefCell<Option<(IoUring<squeue::Entry128, cqueue::Entry>, Arc<Queue>)>> =
-        const { RefCell::new(None) };
+    static RING: RefCell<Option<(Ring, Arc<Queue>)>> = const { RefCell::new(None) };
     static COMMIT_DUE: Cell<bool> = const { Cell::new(false) };
     /// Requests of the current batch of completions not yet taken.
     static BATCH_LEFT: Cell<usize> = const { Cell::new(0) };
@@ -307,7 +309,7 @@ fn commit_answered() {
     });
 }
 
-fn push(ring: &mut IoUring<squeue::Entry128, cqueue::Entry>, sqe: &squeue::Entry128) {
+fn push(ring: &mut Ring, sqe: &squeue::Entry128) {
     loop {
         // SAFETY: the SQE points at a slot's iovecs, which the queue keeps alive and in place
         // for as long as the ring exists.
