@@ -7,8 +7,8 @@
 //! - a `WRITE` decodes the same through the session's head path and the whole-body decoder,
 //!   its payload being what follows the first `HEAD` bytes;
 //! - a request that decodes still decodes, to the same thing, with bytes appended (a newer
-//!   kernel's longer structs), but for a lookup name without its NUL, a write's payload and
-//!   a SETATTR too short to say it sets the size;
+//!   kernel's longer structs), but for a lookup name without its NUL, a write's payload, a
+//!   SETATTR too short to say it sets the size and an INIT too short to carry `flags2`;
 //! - a lookup name is a NUL-free prefix of the body;
 //! - a `FALLOCATE` plan's range is never empty, made of whole blocks, and inside both the
 //!   request and the device.
@@ -60,6 +60,22 @@ fuzz_target!(|data: &[u8]| {
         // A SETATTR too short to say it sets the size sets nothing (it is answered as a
         // GETATTR), whatever longer one it is the start of.
         (Ok(Request::Setattr { size: None }), Ok(Request::Setattr { .. })) if body.len() < 24 => {}
+        // An INIT that ends before `flags2` has none (0), whatever longer one it is the start
+        // of; everything else stays.
+        (
+            Ok(Request::Init {
+                minor,
+                max_readahead,
+                flags,
+                flags2: 0,
+            }),
+            Ok(Request::Init {
+                minor: m,
+                max_readahead: r,
+                flags: f,
+                ..
+            }),
+        ) if body.len() < 20 => assert_eq!((minor, max_readahead, flags), (m, r, f)),
         (Ok(short), Ok(again)) => assert_eq!(short, again),
         (Ok(short), Err(e)) => panic!("{short:?} no longer decodes with more bytes: {e:?}"),
         (Err(_), _) => {}

@@ -15,10 +15,15 @@
 //! message per connection:
 //! - `KEEP` with the descriptors (`SCM_RIGHTS`): hold these instead of any held before;
 //! - `TAKE`: answered `FDS` with duplicates of the held descriptors, or `NONE`;
+//! - `WATCH`: the connection stays open for as long as the daemon that sent it lives;
+//! - `PING`: answered, nothing else;
 //! - `END`: close them and exit (the daemon unmounted).
 //!
-//! Every answer but `FDS` is `OK`. It also exits by itself once the mount point no longer
-//! holds a FUSE mount (unmounted by anyone), so it never keeps a dead session alive.
+//! Every other answer is `OK`. It also exits by itself once the mount point no longer holds a
+//! FUSE mount (unmounted by anyone), and once no daemon has watched it for its time limit
+//! (60 s from the daemon, `HANDOVER_LIMIT`): the devices then fail their I/O rather than wait
+//! for a daemon that does not come back. A client that connects and says nothing is cut off
+//! after a second.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -54,6 +59,28 @@ fn send(fd: RawFd, tag: &[u8], fds: &[RawFd]) -> io::Result<()> {
     let cmsg = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
     sendmsg::<()>(fd, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+    Ok(())
+}
+
+/// Make a receive on `s` fail after `t` instead of waiting for ever.
+fn set_timeout(s: &OwnedFd, t: Duration) -> io::Result<()> {
+    let timeout = libc::timeval {
+        tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_usec: libc::suseconds_t::from(t.subsec_micros()),
+    };
+    // SAFETY: SO_RCVTIMEO takes a timeval by pointer with its size.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
 }
 
@@ -158,6 +185,9 @@ fn serve(socket: &Path, alive: &dyn Fn() -> bool, orphaned: Duration) -> io::Res
         };
         // SAFETY: `accept` returned a new descriptor that nobody else owns.
         let conn = unsafe { OwnedFd::from_raw_fd(conn) };
+        if set_timeout(&conn, Duration::from_secs(1)).is_err() {
+            continue;
+        }
         let Ok((tag, fds)) = receive(conn.as_raw_fd()) else {
             continue;
         };
@@ -255,20 +285,7 @@ impl Holder {
     fn ask(&self, tag: &[u8], fds: &[RawFd]) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
         let s = seqpacket()?;
         connect(s.as_raw_fd(), &UnixAddr::new(&self.socket)?)?;
-        let timeout = libc::timeval {
-            tv_sec: libc::time_t::try_from(ANSWER_TIMEOUT.as_secs()).unwrap_or(libc::time_t::MAX),
-            tv_usec: 0,
-        };
-        // SAFETY: SO_RCVTIMEO takes a timeval by pointer with its size.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const timeout).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            );
-        }
+        set_timeout(&s, ANSWER_TIMEOUT)?;
         send(s.as_raw_fd(), tag, fds)?;
         receive(s.as_raw_fd())
     }
