@@ -258,10 +258,24 @@ fn attached_volumes_survive_a_restart() {
     assert!(back == data, "data read after the crash differs");
     // A power cut takes the holder too: there is no session to take over. The next daemon
     // detaches the dead session's loop device and attaches the volume on a new session.
+    let lost = loop_of(&dev);
     let mut daemon = daemon;
     daemon.kill().unwrap();
     integration_tests::kill_holder(&node);
     let daemon = Daemon::start(&node).unwrap();
+    // The old device was detached, not left on the dead session (its backing file would then
+    // show a path without the data directory: that of the detached mount).
+    let old_backing = format!(
+        "/sys/block/{}/loop/backing_file",
+        lost.file_name().unwrap().to_string_lossy()
+    );
+    if let Ok(b) = std::fs::read_to_string(&old_backing) {
+        assert!(
+            b.contains(&*node.data_dir().to_string_lossy()),
+            "{} is left on the lost session: {b}",
+            lost.display()
+        );
+    }
     let back = read_direct(&dev, &node.scratch("back3"), 5, 2);
     assert!(back == data, "data read after a lost session differs");
     let ours: Vec<String> = std::fs::read_dir("/sys/block")

@@ -174,8 +174,10 @@ impl FuseLoop {
                 h.end();
             }
             tracing::warn!(error = %e, "cannot take over the attach session of the daemon before; its devices fail");
-            lazy_unmount(&this.mountpoint);
+            // Loop devices first: once the mount is detached, their backing files no longer
+            // show its path.
             loopdev::release_under(&this.mountpoint, &[]);
+            lazy_unmount(&this.mountpoint);
         }
         this
     }
@@ -191,8 +193,8 @@ impl FuseLoop {
             if let Some(h) = &self.holder {
                 h.end();
             }
-            lazy_unmount(&self.mountpoint);
             loopdev::release_under(&self.mountpoint, &[]);
+            lazy_unmount(&self.mountpoint);
             return Ok(());
         };
         self.registry
