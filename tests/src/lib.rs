@@ -417,6 +417,16 @@ impl Daemon {
             return Ok(status);
         }
         self.child.kill().context("kill")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().context("wait")?.is_none() {
+            if Instant::now() > deadline {
+                // A daemon stuck in its exit waits on the kernel: show where, for the record
+                // (the holder gives the session up after its limit, which frees it).
+                eprintln!("{}", stuck_report(self.pid()));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let status = self.child.wait().context("wait")?;
         self.status = Some(status);
         Ok(status)
@@ -699,6 +709,32 @@ pub fn release_attachments(fuse: &Path, names: &[String]) {
         .arg(fuse)
         .stderr(std::process::Stdio::null())
         .status();
+}
+
+/// The kernel stacks of `pid`'s threads and of every process in uninterruptible sleep.
+fn stuck_report(pid: u32) -> String {
+    let mut out = format!("ballast daemon {pid} is not gone 10 s after SIGKILL; kernel stacks:\n");
+    let stack = |task: &Path| {
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let stack = std::fs::read_to_string(task.join("stack")).unwrap_or_default();
+        format!("-- {} {}{stack}", task.display(), comm)
+    };
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            out.push_str(&stack(&t.path()));
+        }
+    }
+    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+        if stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('D'))
+        {
+            out.push_str(&stack(&p.path()));
+        }
+    }
+    out
 }
 
 /// The processes of the FUSE descriptor holder (`ballast holder`) of `node`'s daemons.
