@@ -57,6 +57,18 @@ fn set_up(tag: &str) -> (NodeDir, String, Cleanup, Daemon) {
     (node, name, clean, daemon)
 }
 
+/// Stop `daemon` with SIGKILL (or SIGTERM, which must exit cleanly) and start another.
+fn restart(mut daemon: Daemon, node: &NodeDir, sigkill: bool) -> Daemon {
+    let status = if sigkill {
+        daemon.kill().unwrap()
+    } else {
+        daemon.terminate().unwrap()
+    };
+    assert!(sigkill || status.success(), "SIGTERM: {status}");
+    drop(daemon);
+    Daemon::start(node).unwrap()
+}
+
 fn start_fio(dev: &str, out: &Path, seconds: u64) -> Child {
     Command::new("fio")
         .args([
@@ -99,14 +111,7 @@ fn restarts_under_fio(kills: usize, terms: usize) {
     for i in 0..cycles {
         std::thread::sleep(Duration::from_millis(1500));
         // The kills first, then the stops.
-        let sigkill = i < kills;
-        let status = if sigkill {
-            daemon.kill().unwrap()
-        } else {
-            daemon.terminate().unwrap()
-        };
-        assert!(sigkill || status.success(), "SIGTERM: {status}");
-        daemon = Daemon::start(&node).unwrap();
+        daemon = restart(daemon, &node, i < kills);
         let log = daemon.log();
         assert!(
             log.contains("took over the attach FUSE session"),
@@ -227,13 +232,7 @@ fn ext4_keeps_every_synced_file_across_daemon_kills_and_stops() {
     };
     for sigkill in [true, false, true, false, true] {
         std::thread::sleep(Duration::from_millis(1200));
-        let status = if sigkill {
-            daemon.kill().unwrap()
-        } else {
-            daemon.terminate().unwrap()
-        };
-        assert!(sigkill || status.success(), "SIGTERM: {status}");
-        daemon = Daemon::start(&node).unwrap();
+        daemon = restart(daemon, &node, sigkill);
     }
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::SeqCst);
