@@ -65,8 +65,9 @@ pub enum Command {
     /// The client commands (`volume`, `pool`, `status`, `node`).
     #[command(flatten)]
     Client(::cli::args::ClientCommand),
-    /// Keep the attach FUSE session's descriptors across daemon restarts (started by the
-    /// daemon; not for direct use).
+    /// Keep the attach FUSE session's descriptors across daemon restarts. Started by the
+    /// daemon, or with --standing on its own (the holder container of a Kubernetes pod, given
+    /// to the daemon as --holder-socket).
     #[command(hide = true)]
     Holder {
         /// The unix socket to answer on.
@@ -79,6 +80,10 @@ pub enum Command {
         /// it for this many seconds.
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         give_up_after: u64,
+        /// Outlive sessions: close a session given up or unmounted and wait for the next,
+        /// until killed.
+        #[arg(long)]
+        standing: bool,
     },
 }
 
@@ -152,6 +157,25 @@ pub struct DaemonArgs {
     /// free port; the bound address is logged and written to <data-dir>/http.addr.
     #[arg(long, value_name = "ADDR")]
     pub http: Option<SocketAddr>,
+
+    /// Take over from the daemon running on this data directory: ask it (over its API
+    /// socket) to hand its attached volumes over and stop, wait for it to let go, then start.
+    /// Attached devices see a pause, not an error. Without a running daemon, start as usual.
+    #[arg(long)]
+    pub upgrade: bool,
+
+    /// What this daemon does once it has handed over to a `--upgrade` daemon [default:
+    /// exit]: exit (0), or wait, doing nothing, until SIGTERM (in a Kubernetes pod, whose
+    /// container would otherwise be restarted).
+    #[arg(long, value_enum, value_name = "WHAT")]
+    pub after_hand_over: Option<AfterHandOver>,
+
+    /// The socket of a standing holder (`ballast holder --standing`, started on its own) that
+    /// keeps the attach session across daemon restarts, instead of one the daemon spawns in
+    /// <data-dir>. Other holders' sockets in the same directory are searched for a session to
+    /// take over (another pod's, during a DaemonSet update).
+    #[arg(long, value_name = "PATH")]
+    pub holder_socket: Option<PathBuf>,
 
     /// The I/O engine [default: auto, which uses io_uring when the kernel allows it].
     #[arg(long, value_enum)]
@@ -274,6 +298,17 @@ impl From<EngineChoice> for volume::io::EngineKind {
             EngineChoice::Sync => Self::Sync,
         }
     }
+}
+
+/// What a daemon does once it has handed over to the next one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AfterHandOver {
+    /// Exit with status 0.
+    #[default]
+    Exit,
+    /// Stay, doing nothing, until SIGTERM or SIGINT.
+    Wait,
 }
 
 /// How FUSE requests reach the daemon.

@@ -19,7 +19,8 @@ use volume::pool::DeviceSpec;
 use ::cli::args::DEFAULT_API_SOCKET;
 
 use crate::cli::{
-    DaemonArgs, EngineChoice, FuseTransport, LogFormat, LEASE_TTL_SECONDS, REPLACE_AFTER_SECONDS,
+    AfterHandOver, DaemonArgs, EngineChoice, FuseTransport, LogFormat, LEASE_TTL_SECONDS,
+    REPLACE_AFTER_SECONDS,
 };
 use ::api::byte_size::ByteSize;
 
@@ -98,6 +99,8 @@ pub enum ConfigError {
 /// http = "0.0.0.0:9470"
 /// engine = "auto"          # auto | uring | sync
 /// fuse_transport = "classic"   # classic | io-uring
+/// holder_socket = "/var/lib/ballast/holders/pod-a.sock"   # a standing holder
+/// after_hand_over = "exit"      # exit | wait
 /// io_threads = 2
 /// force_format = false
 /// log_format = "text"      # text | json
@@ -140,6 +143,10 @@ pub struct ConfigFile {
     pub engine: Option<EngineChoice>,
     /// See `--fuse-transport`.
     pub fuse_transport: Option<FuseTransport>,
+    /// See `--holder-socket`.
+    pub holder_socket: Option<PathBuf>,
+    /// See `--after-hand-over`.
+    pub after_hand_over: Option<AfterHandOver>,
     /// See `--io-threads`.
     pub io_threads: Option<u16>,
     /// See `--force-format`.
@@ -273,6 +280,12 @@ pub struct DaemonConfig {
     pub engine: EngineChoice,
     /// How FUSE requests reach the daemon.
     pub fuse_transport: FuseTransport,
+    /// A standing holder's socket, instead of a holder the daemon spawns.
+    pub holder_socket: Option<PathBuf>,
+    /// Take over from the daemon running on the data directory (`--upgrade`).
+    pub upgrade: bool,
+    /// What to do once handed over.
+    pub after_hand_over: AfterHandOver,
     /// Data-path threads, at least 1.
     pub io_threads: u16,
     /// Format devices even if they hold a foreign signature.
@@ -436,6 +449,12 @@ impl DaemonConfig {
             fuse_transport: args
                 .fuse_transport
                 .or(file.fuse_transport)
+                .unwrap_or_default(),
+            holder_socket: args.holder_socket.clone().or(file.holder_socket),
+            upgrade: args.upgrade,
+            after_hand_over: args
+                .after_hand_over
+                .or(file.after_hand_over)
                 .unwrap_or_default(),
             io_threads,
             force_format: args.force_format || file.force_format.unwrap_or(false),

@@ -28,9 +28,10 @@ fn main() -> ExitCode {
             socket,
             mountpoint,
             give_up_after,
+            standing,
         } => {
             let limit = std::time::Duration::from_secs(give_up_after);
-            match frontends::attach::holder::run(&socket, &mountpoint, limit) {
+            match frontends::attach::holder::run(&socket, &mountpoint, limit, standing) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: the FUSE descriptor holder: {e}");

@@ -39,6 +39,7 @@ use volume::pool::{PoolError, Storage, StorageConfig};
 
 use crate::api;
 use crate::api_socket::{BoundSocket, LocalListener, SocketError};
+use crate::cli::AfterHandOver;
 use crate::config::DaemonConfig;
 use crate::data_dir_lock::{DataDirLock, LockError};
 use crate::host::NodeHost;
@@ -120,6 +121,21 @@ pub enum NodeError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    /// `--upgrade`: the running daemon did not take the hand-over request.
+    #[error("--upgrade: the daemon running on this data directory (pid {pid:?}) did not take the hand-over request; is it a ballast older than --upgrade, or is --api-socket not its socket?")]
+    Upgrade {
+        /// The running daemon's pid, if it recorded one.
+        pid: Option<u32>,
+        /// Why.
+        #[source]
+        source: ::cli::client::ClientError,
+    },
+    /// `--upgrade`: the running daemon did not let go of the data directory in time.
+    #[error("--upgrade: the daemon running on this data directory (pid {pid:?}) has not stopped within {}s of handing over; see its log", UPGRADE_WAIT.as_secs())]
+    UpgradeTimeout {
+        /// The running daemon's pid, if it recorded one.
+        pid: Option<u32>,
+    },
     /// A server stopped on its own.
     #[error("the {0} server stopped unexpectedly")]
     Serve(&'static str, #[source] std::io::Error),
@@ -400,7 +416,8 @@ async fn lease_loop(cluster: Arc<Cluster>, mut lease: cluster::store::LeaseId, t
 /// open, …), a server failing, or storage failing to close.
 pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
     let mut signals = ShutdownSignals::install()?;
-    let held = Held::acquire(&cfg)?;
+    let lock = lock_data_dir(&cfg).await?;
+    let held = Held::acquire(&cfg, lock)?;
     let engine =
         volume::io::probe(cfg.engine.into(), cfg.io_threads.into()).map_err(NodeError::Engine)?;
     let node = Arc::new(NodeInfo::new(cfg.node_id.clone(), engine.name()));
@@ -435,11 +452,76 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), NodeError> {
         }
         Err(e) => Err(e),
     };
-    let result = running.stop(served).await;
+    let ended = served.as_ref().ok().copied();
+    let result = running.stop(served.map(drop)).await;
     drop(held.socket);
     ops.stop().await;
     drop(held.lock);
+    if result.is_ok()
+        && ended == Some(Ended::HandedOver)
+        && cfg.after_hand_over == AfterHandOver::Wait
+    {
+        tracing::info!("handed over; waiting for SIGTERM (--after-hand-over wait)");
+        let name = signals.recv().await;
+        tracing::info!(signal = name, "exiting");
+    }
     result
+}
+
+/// Why the daemon stopped serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// A `--upgrade` daemon asked for a hand-over.
+    HandedOver,
+}
+
+/// How long `--upgrade` waits for the running daemon to stop once it agreed to hand over.
+pub const UPGRADE_WAIT: Duration = Duration::from_secs(120);
+
+/// Lock the data directory; with `--upgrade`, first have the daemon holding it hand over and
+/// stop (`POST /v1/daemon/hand-over` on its API socket).
+async fn lock_data_dir(cfg: &DaemonConfig) -> Result<DataDirLock, NodeError> {
+    private_dir(&cfg.data_dir).map_err(|source| NodeError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    let pid = match DataDirLock::acquire(&cfg.lock_file()) {
+        Err(LockError::Held { pid, .. }) if cfg.upgrade => pid,
+        Ok(lock) => {
+            if cfg.upgrade {
+                tracing::info!(
+                    "--upgrade: no daemon runs on this data directory; starting as usual"
+                );
+            }
+            return Ok(lock);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(pid, socket = %cfg.api_socket.display(), "--upgrade: asking the running daemon to hand over");
+    let asked = std::time::Instant::now();
+    let _: (_, serde_json::Value) = ::cli::client::ApiClient::new(&cfg.api_socket)
+        .post("/v1/daemon/hand-over", &serde_json::json!({}))
+        .await
+        .map_err(|source| NodeError::Upgrade { pid, source })?;
+    loop {
+        match DataDirLock::acquire(&cfg.lock_file()) {
+            Ok(lock) => {
+                tracing::info!(
+                    pid,
+                    waited_ms = asked.elapsed().as_millis() as u64,
+                    "--upgrade: the daemon before handed over and stopped"
+                );
+                return Ok(lock);
+            }
+            Err(LockError::Held { .. }) if asked.elapsed() < UPGRADE_WAIT => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(LockError::Held { .. }) => return Err(NodeError::UpgradeTimeout { pid }),
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// The exclusive resources taken before anything starts: the data directory's lock, the API
@@ -498,12 +580,7 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 impl Held {
-    fn acquire(cfg: &DaemonConfig) -> Result<Self, NodeError> {
-        private_dir(&cfg.data_dir).map_err(|source| NodeError::DataDir {
-            path: cfg.data_dir.clone(),
-            source,
-        })?;
-        let lock = DataDirLock::acquire(&cfg.lock_file())?;
+    fn acquire(cfg: &DaemonConfig, lock: DataDirLock) -> Result<Self, NodeError> {
         tracing::debug!(path = %lock.path().display(), "locked the data directory");
         let (socket, api) = BoundSocket::bind(&cfg.api_socket)?;
         // The CSI and Docker sockets follow the same rules: 0600 from the start, a stale
@@ -580,6 +657,8 @@ struct Running {
     /// The other servers, with the socket each one removes when it stops.
     servers: Vec<(&'static str, ServerTask, BoundSocket)>,
     checkpoints: Option<JoinHandle<()>>,
+    /// Signalled by `POST /v1/daemon/hand-over`.
+    hand_over: Arc<tokio::sync::Notify>,
 }
 
 impl Running {
@@ -600,6 +679,7 @@ impl Running {
             api: None,
             servers: Vec::new(),
             checkpoints: None,
+            hand_over: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -631,7 +711,13 @@ impl Running {
         .map_err(|source| NodeError::NbdSocket { path, source })?;
         self.nbd = Some(Arc::clone(&nbd));
         let source = Arc::clone(&devices);
-        self.attacher = start_attacher(source, &cfg.data_dir, cfg.fuse_transport.into()).await;
+        self.attacher = start_attacher(
+            source,
+            &cfg.data_dir,
+            cfg.fuse_transport.into(),
+            cfg.holder_socket.clone(),
+        )
+        .await;
         let host = Arc::new(NodeHost::new(
             Arc::clone(&self.node),
             cfg.zone.clone(),
@@ -642,7 +728,8 @@ impl Running {
             .merge(api::nodes::router(Arc::clone(&host)))
             .merge(api::attach::router(Arc::clone(&host)))
             .merge(api::mount::router(Arc::clone(&host)))
-            .merge(api::export::router(devices, nbd));
+            .merge(api::export::router(devices, nbd))
+            .merge(api::hand_over_router(Arc::clone(&self.hand_over)));
         if let Some((socket, listener)) = listeners.docker {
             let config = plugin::PluginConfig {
                 mount_root: cfg.data_dir.join(DOCKER_MOUNT_DIR),
@@ -687,18 +774,22 @@ impl Running {
         Ok(())
     }
 
-    /// Serve until a shutdown signal (`Ok`) or until the local API or the operator endpoint
-    /// fails.
+    /// Serve until a shutdown signal or a hand-over request (`Ok`), or until the local API or
+    /// the operator endpoint fails.
     async fn serve(
         &mut self,
         signals: &mut ShutdownSignals,
         http: &mut ServerTask,
-    ) -> Result<(), NodeError> {
+    ) -> Result<Ended, NodeError> {
         let api = self.api.as_mut().expect("started");
         tokio::select! {
             name = signals.recv() => {
                 tracing::info!(signal = name, "shutting down");
-                Ok(())
+                Ok(Ended::Signal)
+            }
+            () = self.hand_over.notified() => {
+                tracing::info!("handing over to the next daemon (--upgrade) and shutting down");
+                Ok(Ended::HandedOver)
             }
             r = api => Err(NodeError::Serve("local API", server_failure(r))),
             r = http => Err(NodeError::Serve("HTTP", server_failure(r))),
@@ -773,12 +864,13 @@ async fn start_attacher(
     source: Arc<dyn DeviceSource>,
     data_dir: &Path,
     transport: attach::fuse::session::Transport,
+    holder_socket: Option<PathBuf>,
 ) -> Option<Arc<Attacher>> {
     let mountpoint = data_dir.join(attach::FUSE_DIR);
     let runtime = tokio::runtime::Handle::current();
     let data_dir = data_dir.to_owned();
     let started = tokio::task::spawn_blocking(move || {
-        let frontend = FuseLoop::new(mountpoint, runtime, transport);
+        let frontend = FuseLoop::new(mountpoint, runtime, transport, holder_socket);
         let attacher = Arc::new(Attacher::new(source, Box::new(frontend), &data_dir));
         attacher.restore();
         attacher

@@ -259,6 +259,21 @@ impl Daemon {
         Self::spawn_wrapped(node, &["ip", "netns", "exec", netns], args)
     }
 
+    /// [`Daemon::spawn`] of another binary than the one under test (a copy of it, for an
+    /// upgrade from a different file).
+    ///
+    /// # Errors
+    /// The process cannot be started.
+    pub fn spawn_binary<I, S>(node: &NodeDir, binary: &Path, args: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        // `sh -c SCRIPT BALLAST ARGS...`: the script ignores `$0` (the binary under test).
+        let script = format!("exec '{}' \"$@\"", binary.display());
+        Self::spawn_wrapped(node, &["sh", "-c", &script], args)
+    }
+
     fn spawn_wrapped<I, S>(node: &NodeDir, wrapper: &[&str], args: I) -> Result<Self>
     where
         I: IntoIterator<Item = S>,
@@ -452,7 +467,11 @@ impl Daemon {
         }
     }
 
-    fn try_status(&mut self) -> Result<Option<ExitStatus>> {
+    /// The exit status if it has exited, `None` while it runs.
+    ///
+    /// # Errors
+    /// `wait(2)` fails.
+    pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
             self.status = self.child.try_wait().context("wait")?;
         }

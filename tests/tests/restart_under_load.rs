@@ -25,6 +25,8 @@ struct Cleanup {
     names: Vec<String>,
     fio: Option<Child>,
     mount: Option<PathBuf>,
+    /// Standing holders the test started.
+    holders: Vec<Child>,
 }
 
 impl Drop for Cleanup {
@@ -32,6 +34,10 @@ impl Drop for Cleanup {
         if let Some(mut fio) = self.fio.take() {
             let _ = fio.kill();
             let _ = fio.wait();
+        }
+        for mut h in self.holders.drain(..) {
+            let _ = h.kill();
+            let _ = h.wait();
         }
         if let Some(m) = self.mount.take() {
             let _ = Command::new("umount").arg("-l").arg(m).status();
@@ -49,6 +55,7 @@ fn set_up(tag: &str) -> (NodeDir, String, Cleanup, Daemon) {
         names: vec![name.clone()],
         fio: None,
         mount: None,
+        holders: Vec::new(),
     };
     let daemon = Daemon::start(&node).unwrap();
     daemon
@@ -96,6 +103,37 @@ fn start_fio(dev: &str, out: &Path, seconds: u64) -> Child {
         .expect("start fio")
 }
 
+/// Wait for `fio` (started by [`start_fio`] for `seconds`) and check it saw no error; the
+/// bytes it wrote and verified, and its longest write in ms (the pause).
+fn fio_outcome(mut fio: Child, report: &Path, seconds: u64) -> (u64, u64, f64) {
+    let deadline = Instant::now() + Duration::from_secs(seconds + 120);
+    let status = loop {
+        if let Some(s) = fio.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "fio hangs: a request was lost");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    if let Some(mut e) = fio.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    let json = std::fs::read_to_string(report).unwrap_or_default();
+    assert!(status.success(), "fio failed ({status}): {stderr}\n{json}");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("fio's JSON report");
+    let job = &v["jobs"][0];
+    assert_eq!(job["error"], 0, "{json}");
+    let writes = job["write"]["io_bytes"].as_u64().unwrap_or(0);
+    let reads = job["read"]["io_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        writes > 0 && reads > 0,
+        "fio wrote {writes} and verified {reads} bytes"
+    );
+    let max_ms = job["write"]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6;
+    (writes, reads, max_ms)
+}
+
 /// Restart the daemon `kills` times with SIGKILL and `terms` times with SIGTERM (alternating)
 /// under fio, and check fio's outcome.
 fn restarts_under_fio(kills: usize, terms: usize) {
@@ -122,32 +160,7 @@ fn restarts_under_fio(kills: usize, terms: usize) {
             "the restarts outlasted fio; nothing was tested under load"
         );
     }
-    let mut fio = clean.fio.take().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(seconds + 120);
-    let status = loop {
-        if let Some(s) = fio.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "fio hangs: a request was lost");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut stderr = String::new();
-    if let Some(mut e) = fio.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut stderr);
-    }
-    let json = std::fs::read_to_string(&report).unwrap_or_default();
-    assert!(status.success(), "fio failed ({status}): {stderr}\n{json}");
-    let v: serde_json::Value = serde_json::from_str(&json).expect("fio's JSON report");
-    let job = &v["jobs"][0];
-    assert_eq!(job["error"], 0, "{json}");
-    let writes = job["write"]["io_bytes"].as_u64().unwrap_or(0);
-    let reads = job["read"]["io_bytes"].as_u64().unwrap_or(0);
-    assert!(
-        writes > 0 && reads > 0,
-        "fio wrote {writes} and verified {reads} bytes"
-    );
-    let max_ms = job["write"]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6;
+    let (writes, reads, max_ms) = fio_outcome(clean.fio.take().unwrap(), &report, seconds);
     eprintln!(
         "{kills} SIGKILL and {terms} SIGTERM restarts under fio: 0 errors, {} MiB written, {} MiB verified, longest write {max_ms:.0} ms",
         writes >> 20,
@@ -262,4 +275,216 @@ fn ext4_keeps_every_synced_file_across_daemon_kills_and_stops() {
         "ext4 across 3 SIGKILLs and 2 SIGTERMs: {written} files synced, all intact, e2fsck clean"
     );
     daemon.cli(["volume", "detach", &name]).success();
+}
+
+/// Wait until `daemon`'s log says `text`.
+#[track_caller]
+fn wait_log(daemon: &Daemon, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon.log().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never logged {text:?}: {}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Start fio on a new attachment of `name` for `seconds`; its JSON report's path.
+fn attach_and_start_fio(
+    daemon: &Daemon,
+    node: &NodeDir,
+    name: &str,
+    clean: &mut Cleanup,
+    seconds: u64,
+) -> PathBuf {
+    let out = daemon.cli(["volume", "attach", name]);
+    out.success();
+    let dev = out.stdout.trim().to_owned();
+    let report = node.scratch(&format!("fio-{name}.json"));
+    clean.fio = Some(start_fio(&dev, &report, seconds));
+    report
+}
+
+/// `ballast daemon --upgrade`, from another copy of the binary, twice under fio: each new
+/// daemon asks the running one to hand over, and starts once it has let go. fio sees no
+/// error, and each old daemon exits cleanly on its own.
+#[test]
+fn fio_sees_no_error_across_upgrades_from_another_binary() {
+    let (node, name, mut clean, mut daemon) = set_up("upgrade");
+    let seconds = 10;
+    let report = attach_and_start_fio(&daemon, &node, &name, &mut clean, seconds);
+    let next = node.scratch("ballast-next");
+    std::fs::copy(integration_tests::ballast_bin(), &next).unwrap();
+    let binaries = [next.as_path(), integration_tests::ballast_bin()];
+    for bin in binaries {
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut args = node.daemon_args();
+        args.push("--upgrade".into());
+        let newer = Daemon::spawn_binary(&node, bin, args).unwrap();
+        let status = daemon.wait_exit(Duration::from_secs(30)).unwrap();
+        assert!(
+            status.success(),
+            "the old daemon: {status}: {}",
+            daemon.log()
+        );
+        assert!(
+            daemon.log().contains("handing over to the next daemon"),
+            "{}",
+            daemon.log()
+        );
+        // Not `wait_ready`: until the old daemon stops, its `/readyz` answers at the address
+        // the node's address file names.
+        wait_log(&newer, "ballast daemon ready");
+        let log = newer.log();
+        assert!(
+            log.contains("the daemon before handed over")
+                && log.contains("took over the attach FUSE session"),
+            "{log}"
+        );
+        daemon = newer;
+    }
+    let (writes, reads, max_ms) = fio_outcome(clean.fio.take().unwrap(), &report, seconds);
+    eprintln!(
+        "2 upgrades under fio: 0 errors, {} MiB written, {} MiB verified, longest write {max_ms:.0} ms",
+        writes >> 20,
+        reads >> 20
+    );
+
+    // With no daemon running, --upgrade starts as usual.
+    daemon.cli(["volume", "detach", &name]).success();
+    assert!(daemon.terminate().unwrap().success());
+    let mut args = node.daemon_args();
+    args.push("--upgrade".into());
+    let mut alone = Daemon::spawn(&node, args).unwrap();
+    alone.wait_ready(Duration::from_secs(30)).unwrap();
+    assert!(alone
+        .log()
+        .contains("no daemon runs on this data directory"));
+}
+
+/// Start a standing holder (`ballast holder --standing`) on `socket` for `node`'s session,
+/// as the holder container of a pod would be.
+fn standing_holder(node: &NodeDir, socket: &Path) -> Child {
+    Command::new(integration_tests::ballast_bin())
+        .arg("holder")
+        .arg("--standing")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--mountpoint")
+        .arg(node.data_dir().join("fuse"))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start a standing holder")
+}
+
+/// What a Kubernetes DaemonSet update does (`maxSurge: 1`), with processes for pods: each pod
+/// has a standing holder and a daemon given its socket (`--holder-socket`). The new pod's
+/// daemon (`--upgrade`) has the old one hand over, finds the session in the old pod's holder,
+/// moves it to its own holder and serves it, while the old daemon waits to be deleted
+/// (`--after-hand-over wait`). Then the old pod goes (daemon and holder SIGKILLed), and the new
+/// pod's daemon container restarts (SIGKILL, started again): fio sees no error throughout.
+#[test]
+fn a_pod_replacement_and_a_container_restart_under_fio_see_no_error() {
+    let node = NodeDir::new().unwrap();
+    let name = format!("rs{}-pods", std::process::id());
+    let mut clean = Cleanup {
+        fuse: node.data_dir().join("fuse"),
+        names: vec![name.clone()],
+        fio: None,
+        mount: None,
+        holders: Vec::new(),
+    };
+    let holders = node.scratch("holders");
+    std::fs::create_dir_all(&holders).unwrap();
+    let pod_args = |pod: &str| {
+        let mut args = node.daemon_args();
+        args.extend(
+            [
+                "--holder-socket",
+                &holders.join(format!("{pod}.sock")).display().to_string(),
+                "--after-hand-over",
+                "wait",
+                "--upgrade",
+            ]
+            .map(String::from),
+        );
+        args
+    };
+    clean
+        .holders
+        .push(standing_holder(&node, &holders.join("pod-a.sock")));
+    let mut old = Daemon::spawn(&node, pod_args("pod-a")).unwrap();
+    old.wait_ready(Duration::from_secs(30)).unwrap();
+    old.cli(["volume", "create", &name, "--size", "128MiB"])
+        .success();
+    let seconds = 10;
+    let report = attach_and_start_fio(&old, &node, &name, &mut clean, seconds);
+
+    std::thread::sleep(Duration::from_millis(1500));
+    clean
+        .holders
+        .push(standing_holder(&node, &holders.join("pod-b.sock")));
+    let mut new = Daemon::spawn(&node, pod_args("pod-b")).unwrap();
+    wait_log(&new, "ballast daemon ready");
+    assert!(
+        new.log()
+            .contains("moved the attach session to this daemon's holder"),
+        "{}",
+        new.log()
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        old.try_status().unwrap().is_none(),
+        "the old daemon must wait to be deleted: {}",
+        old.log()
+    );
+    assert!(old.log().contains("handed over; waiting for SIGTERM"));
+    // The old daemon, alive, reads no request any more: reads through the device complete
+    // (one taken by a frozen worker would never be answered, having missed the RESEND).
+    let link = format!("/dev/ballast/{name}");
+    let mut dd = Command::new("dd")
+        .args([&format!("if={link}"), "of=/dev/null", "bs=4k", "count=256"])
+        .args(["iflag=direct", "status=none"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let read = loop {
+        if let Some(status) = dd.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            // Killing the old daemon lets the next restart send its requests again.
+            let _ = dd.kill();
+            panic!("reads during the hand-over never complete: the old daemon took them");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(read.success(), "reads during the hand-over: {read}");
+    // The old pod is deleted: its daemon and its holder go.
+    old.kill().unwrap();
+    let mut old_holder = clean.holders.remove(0);
+    old_holder.kill().unwrap();
+    old_holder.wait().unwrap();
+
+    std::thread::sleep(Duration::from_millis(1500));
+    // The new pod's daemon container restarts; its holder container stays.
+    new.kill().unwrap();
+    let mut args = pod_args("pod-b");
+    args.retain(|a| a != "--upgrade");
+    let mut restarted = Daemon::spawn(&node, args).unwrap();
+    restarted.wait_ready(Duration::from_secs(30)).unwrap();
+    assert!(restarted
+        .log()
+        .contains("took over the attach FUSE session"));
+
+    let (writes, reads, max_ms) = fio_outcome(clean.fio.take().unwrap(), &report, seconds);
+    eprintln!(
+        "a pod replacement and a container restart under fio: 0 errors, {} MiB written, {} MiB verified, longest write {max_ms:.0} ms",
+        writes >> 20,
+        reads >> 20
+    );
+    restarted.cli(["volume", "detach", &name]).success();
+    assert!(restarted.terminate().unwrap().success());
 }

@@ -15,6 +15,7 @@
 //! | `GET /v1/pools` | | `200` [`PoolList`] |
 //! | `GET /v1/nodes` | | `200` [`NodeList`](::api::http::NodeList) (route in [`nodes`]) |
 //! | `GET /v1/status` | | `200` [`NodeStatus`] |
+//! | `POST /v1/daemon/hand-over` | `{}` | `202` `{"handing_over": true}`: hand the attached volumes over to the next daemon and stop (`ballast daemon --upgrade`) |
 //!
 //! Request and answer bodies are the `api` crate's [`::api::http`] types, shared with the CLI.
 //!
@@ -83,6 +84,21 @@ pub fn router<C: VolumeControl>(control: Arc<C>, node: Arc<NodeInfo>) -> Router 
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(ApiState { control, node })
+}
+
+/// `POST /v1/daemon/hand-over`: have the daemon hand over and stop (`serve` waits on
+/// `hand_over`). The socket is root's (or the daemon user's) only, like every route.
+pub fn hand_over_router(hand_over: Arc<tokio::sync::Notify>) -> Router {
+    Router::new().route(
+        "/v1/daemon/hand-over",
+        post(move || async move {
+            hand_over.notify_one();
+            (
+                StatusCode::ACCEPTED,
+                Json(serde_json::json!({"handing_over": true})),
+            )
+        }),
+    )
 }
 
 fn volume_name(name: &str) -> Result<VolumeName, ApiError> {

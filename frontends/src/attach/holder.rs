@@ -24,6 +24,15 @@
 //! (60 s from the daemon, `HANDOVER_LIMIT`): the devices then fail their I/O rather than wait
 //! for a daemon that does not come back. A client that connects and says nothing is cut off
 //! after a second.
+//!
+//! A *standing* holder (`ballast holder --standing`, the holder container of a Kubernetes pod,
+//! configured to the daemon as `--holder-socket`) is started on its own, not by the daemon, and
+//! outlives its sessions: where a spawned holder exits (`END`, the mount gone, the time limit),
+//! it only closes what it holds and waits for the next session. It ends with its container.
+//!
+//! Hand-over between holders: a daemon whose own (standing) holder holds nothing looks for the
+//! session in the other holders' sockets of the same directory (another pod's holder, during a
+//! DaemonSet update), takes it there, has its own holder keep it, then tells the other `END`.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -124,12 +133,20 @@ pub fn fuse_mounted(mountpoint: &Path) -> bool {
 ///
 /// # Errors
 /// The socket cannot be set up.
-pub fn run(socket: &Path, mountpoint: &Path, orphaned: Duration) -> io::Result<()> {
-    serve(socket, &|| fuse_mounted(mountpoint), orphaned)
+///
+/// A `standing` holder does not exit for any of these: it closes what it holds and waits for
+/// the next session, until it is killed.
+pub fn run(socket: &Path, mountpoint: &Path, orphaned: Duration, standing: bool) -> io::Result<()> {
+    serve(socket, &|| fuse_mounted(mountpoint), orphaned, standing)
 }
 
 /// [`run`], with `alive` telling whether the session still exists.
-fn serve(socket: &Path, alive: &dyn Fn() -> bool, orphaned: Duration) -> io::Result<()> {
+fn serve(
+    socket: &Path,
+    alive: &dyn Fn() -> bool,
+    orphaned: Duration,
+    standing: bool,
+) -> io::Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener = seqpacket()?;
     bind(listener.as_raw_fd(), &UnixAddr::new(socket)?)?;
@@ -172,11 +189,14 @@ fn serve(socket: &Path, alive: &dyn Fn() -> bool, orphaned: Duration) -> io::Res
             alone = Some(std::time::Instant::now());
         }
         if n <= 0 || pfds[0].revents == 0 {
-            if !alive() {
+            let over = alone.is_some_and(|t| t.elapsed() >= orphaned) || !alive();
+            if over && !standing {
                 break;
             }
-            if alone.is_some_and(|t| t.elapsed() >= orphaned) {
-                break;
+            if over && !held.is_empty() {
+                // Standing: the session is gone or given up; wait for the next one.
+                held.clear();
+                alone = None;
             }
             continue;
         }
@@ -211,8 +231,12 @@ fn serve(socket: &Path, alive: &dyn Fn() -> bool, orphaned: Duration) -> io::Res
                 let _ = send(conn.as_raw_fd(), b"OK", &[]);
             }
             b"END" => {
+                held.clear();
+                alone = None;
                 let _ = send(conn.as_raw_fd(), b"OK", &[]);
-                break;
+                if !standing {
+                    break;
+                }
             }
             _ => {}
         }
@@ -226,21 +250,82 @@ fn serve(socket: &Path, alive: &dyn Fn() -> bool, orphaned: Duration) -> io::Res
 #[derive(Debug, Clone)]
 pub struct Holder {
     socket: PathBuf,
+    /// A standing holder started by someone else (`--holder-socket`), not spawned.
+    standing: bool,
 }
 
+/// How long a daemon waits for a standing holder (another container of its pod) to answer.
+const STANDING_WAIT: Duration = Duration::from_secs(30);
+
 impl Holder {
-    /// The holder answering on `socket` (started or not).
+    /// The holder the daemon spawns, answering on `socket` (started or not).
     pub fn new(socket: PathBuf) -> Self {
-        Self { socket }
+        Self {
+            socket,
+            standing: false,
+        }
     }
 
-    /// Start a holder for the session mounted at `mountpoint`, in a session of its own, and
-    /// wait until it answers.
+    /// A standing holder, started on its own, answering on `socket`.
+    pub fn standing(socket: PathBuf) -> Self {
+        Self {
+            socket,
+            standing: true,
+        }
+    }
+
+    /// The socket it answers on.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The other holders whose sockets are in the same directory as this standing holder's
+    /// (none for a spawned holder, whose directory is the data directory).
+    pub fn others(&self) -> Vec<Holder> {
+        if !self.standing {
+            return Vec::new();
+        }
+        let Some(dir) = self.socket.parent() else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut others: Vec<Holder> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| *p != self.socket && p.extension().is_some_and(|x| x == "sock"))
+            .map(Holder::standing)
+            .collect();
+        others.sort_by(|a, b| a.socket.cmp(&b.socket));
+        others
+    }
+
+    /// Make sure a holder answers for the session mounted at `mountpoint`: spawn one, in a
+    /// session of its own, or wait for the standing one.
     ///
     /// # Errors
-    /// The process cannot be started or does not answer within five seconds.
+    /// The process cannot be started, or the holder does not answer in time.
     pub fn spawn(&self, mountpoint: &Path, orphaned: Duration) -> io::Result<()> {
         use std::os::unix::process::CommandExt;
+        if self.standing {
+            let deadline = std::time::Instant::now() + STANDING_WAIT;
+            loop {
+                match self.ask(b"PING", &[]) {
+                    Ok(_) => return Ok(()),
+                    Err(e) if std::time::Instant::now() >= deadline => {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!(
+                                "the standing holder at {} does not answer: {e}",
+                                self.socket.display()
+                            ),
+                        ))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
         let exe = std::env::current_exe()?;
         let mut cmd = std::process::Command::new(exe);
         cmd.arg("holder")
@@ -338,7 +423,8 @@ impl Holder {
         }
     }
 
-    /// Tell the holder to close what it holds and exit (no error if there is none).
+    /// Tell the holder to close what it holds and exit, or for a standing holder to close it
+    /// and wait for the next session (no error if there is none).
     pub fn end(&self) {
         let _ = self.ask(b"END", &[]);
     }
@@ -354,7 +440,7 @@ mod tests {
         orphaned: Duration,
     ) -> (std::thread::JoinHandle<io::Result<()>>, Holder) {
         let s = socket.to_owned();
-        let t = std::thread::spawn(move || serve(&s, &|| true, orphaned));
+        let t = std::thread::spawn(move || serve(&s, &|| true, orphaned, false));
         let h = Holder::new(socket.to_owned());
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while h.ask(b"PING", &[]).is_err() {
@@ -424,5 +510,52 @@ mod tests {
             0,
             "descriptors closed"
         );
+    }
+
+    /// A standing holder outlives its sessions: `END` and its time limit close what it holds,
+    /// and it takes the next session; another standing holder in its directory finds it.
+    #[test]
+    fn a_standing_holder_closes_a_session_it_gives_up_and_waits_for_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("pod-a.sock");
+        let limit = Duration::from_millis(600);
+        let s = socket.clone();
+        let t = std::thread::spawn(move || serve(&s, &|| true, limit, true));
+        let h = Holder::standing(socket.clone());
+        h.spawn(Path::new("/unused"), limit).unwrap();
+        let eof = |r: &OwnedFd| {
+            let mut b = [0u8; 1];
+            nix::unistd::read(r.as_raw_fd(), &mut b).unwrap() == 0
+        };
+
+        let (r, w) = nix::unistd::pipe().unwrap();
+        h.keep(&[w.as_raw_fd()]).unwrap();
+        drop(w);
+        h.end();
+        assert!(eof(&r), "END closes what it held");
+        assert!(!t.is_finished(), "a standing holder stays after END");
+
+        let (r, w) = nix::unistd::pipe().unwrap();
+        h.keep(&[w.as_raw_fd()]).unwrap();
+        drop(w);
+        drop(h.watch().unwrap());
+        std::thread::sleep(limit * 3);
+        assert!(eof(&r), "given up after its limit unwatched");
+        assert!(!t.is_finished(), "a standing holder stays after giving up");
+        assert!(h.take().is_none());
+
+        let other = Holder::standing(dir.path().join("pod-b.sock"));
+        let found: Vec<PathBuf> = other
+            .others()
+            .iter()
+            .map(|o| o.socket().to_owned())
+            .collect();
+        assert_eq!(found, vec![socket.clone()]);
+        assert!(Holder::new(dir.path().join("x.sock")).others().is_empty());
+        let (_r, w) = nix::unistd::pipe().unwrap();
+        h.keep(&[w.as_raw_fd()]).unwrap();
+        assert_eq!(other.others()[0].take().map(|f| f.len()), Some(1));
+        // Only a kill ends it; the test thread cannot be killed, so it is left running.
+        assert!(!t.is_finished());
     }
 }

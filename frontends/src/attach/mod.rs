@@ -147,7 +147,15 @@ impl FuseLoop {
     /// descriptors kept by the holder, is taken over now: its requests are served again
     /// (those of volumes not attached again yet wait for [`Attacher::restore`]). Any other
     /// mount left there (by a killed daemon without a holder) is lazily unmounted.
-    pub fn new(mountpoint: PathBuf, runtime: tokio::runtime::Handle, transport: Transport) -> Self {
+    ///
+    /// `holder_socket` names a standing holder ([`holder`]) to use instead of spawning one;
+    /// then the session is also looked for in the other holders beside it, and moved to it.
+    pub fn new(
+        mountpoint: PathBuf,
+        runtime: tokio::runtime::Handle,
+        transport: Transport,
+        holder_socket: Option<PathBuf>,
+    ) -> Self {
         // Canonical, as the kernel shows mounts and loop devices' backing files.
         let dir = mountpoint.parent().unwrap_or(Path::new("/"));
         let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
@@ -155,8 +163,10 @@ impl FuseLoop {
             Some(leaf) => dir.join(leaf),
             None => mountpoint,
         };
-        let holder =
-            (transport == Transport::Classic).then(|| Holder::new(dir.join(holder::SOCKET)));
+        let holder = (transport == Transport::Classic).then(|| match holder_socket {
+            Some(socket) => Holder::standing(socket),
+            None => Holder::new(dir.join(holder::SOCKET)),
+        });
         let this = Self {
             mountpoint,
             registry: Registry::default(),
@@ -185,11 +195,18 @@ impl FuseLoop {
     /// Take over the session at the mount point, if there is one and the holder has its
     /// descriptors; otherwise unmount what is there. `Err` when taking over failed.
     fn take_over(&self) -> std::io::Result<()> {
-        let fds = match &self.holder {
-            Some(h) if holder::fuse_mounted(&self.mountpoint) => h.take(),
+        // Our holder's session (a restart), else another holder's (a hand-over between pods).
+        let found = match &self.holder {
+            Some(h) if holder::fuse_mounted(&self.mountpoint) => {
+                h.take().map(|fds| (fds, None)).or_else(|| {
+                    h.others()
+                        .into_iter()
+                        .find_map(|o| o.take().map(|fds| (fds, Some(o))))
+                })
+            }
             _ => None,
         };
-        let Some(fds) = fds else {
+        let Some((fds, other)) = found else {
             if let Some(h) = &self.holder {
                 h.end();
             }
@@ -207,18 +224,35 @@ impl FuseLoop {
             .save_to(&self.table)
             .map_err(std::io::Error::other)?;
         tracing::info!(path = %self.mountpoint.display(), workers = n, "took over the attach FUSE session of the daemon before; requests it left unanswered are served again");
+        let mut keeper = self.holder.clone();
+        if let (Some(h), Some(other)) = (&self.holder, other) {
+            // Taken from another holder: ours keeps it from now on and the other lets go. If
+            // ours cannot, the other keeps it (and this daemon watches that one).
+            let moved = h
+                .spawn(&self.mountpoint, HANDOVER_LIMIT)
+                .and_then(|()| h.keep(&s.dev_fds()));
+            match moved {
+                Ok(()) => {
+                    other.end();
+                    tracing::info!(from = %other.socket().display(), to = %h.socket().display(), "moved the attach session to this daemon's holder");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, holder = %other.socket().display(), "cannot move the attach session to this daemon's holder; the other keeps it");
+                    keeper = Some(other);
+                }
+            }
+        }
         *self.session.lock().expect("session lock") = Some(s);
         self.adopting
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.watch_holder();
+        if let Some(k) = &keeper {
+            self.watch_holder(k);
+        }
         Ok(())
     }
 
-    /// Keep a watch on the holder open for as long as this daemon lives.
-    fn watch_holder(&self) {
-        let Some(h) = &self.holder else {
-            return;
-        };
+    /// Keep a watch on `h` open for as long as this daemon lives.
+    fn watch_holder(&self, h: &Holder) {
         match h.watch() {
             Ok(fd) => *self.watch.lock().expect("watch lock") = Some(fd),
             Err(e) => {
@@ -249,7 +283,7 @@ impl FuseLoop {
                 .and_then(|()| h.spawn(&self.mountpoint, HANDOVER_LIMIT))
                 .and_then(|()| h.keep(&s.dev_fds()));
             match held {
-                Ok(()) => self.watch_holder(),
+                Ok(()) => self.watch_holder(h),
                 Err(e) => {
                     tracing::warn!(error = %e, "no holder for the attach session: a daemon restart fails the attached devices' I/O");
                 }
@@ -411,8 +445,11 @@ impl Frontend for FuseLoop {
         let session = self.session.lock().expect("session lock").take();
         if session.is_some() && !devices.is_empty() && self.holder.is_some() {
             // Hand over: the holder keeps the session, the loop devices stay configured, and
-            // nothing is answered from now on: the next daemon serves it again.
-            fuse::session::freeze();
+            // nothing is answered (or read) from now on: the next daemon serves it again.
+            let s = session.as_ref().expect("checked above");
+            if !s.freeze_and_stop_reading(std::time::Duration::from_secs(5)) {
+                tracing::warn!("a FUSE worker did not stop reading within 5 s; a request it reads after the next daemon took over is never answered");
+            }
             tracing::info!(
                 devices = devices.len(),
                 "leaving the attached devices to the next daemon"

@@ -46,6 +46,25 @@ fn frozen() -> bool {
     FROZEN.load(std::sync::atomic::Ordering::SeqCst)
 }
 
+/// Workers that stopped reading since the session was frozen.
+static PARKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The signal that interrupts a frozen worker's read (its handler does nothing).
+fn wake_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 3
+}
+
+extern "C" fn ignore_wake(_: libc::c_int) {}
+
+/// A frozen worker reads no more: the next daemon shares its `/dev/fuse` file descriptions,
+/// and a request read here after that daemon's `FUSE_NOTIFY_RESEND` would never be answered.
+fn park_forever() -> ! {
+    PARKED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    loop {
+        std::thread::park();
+    }
+}
+
 /// Where a request came from, and so where its reply goes: a `/dev/fuse` descriptor of the
 /// session, or a queue of its io_uring transport ([`super::ring`]).
 #[derive(Debug)]
@@ -319,6 +338,46 @@ impl Session {
         Ok(session)
     }
 
+    /// Hand the session over ([`freeze`]) and wait until none of its `/dev/fuse` workers reads
+    /// any more (each is interrupted by a signal and parks), so that this process, even if
+    /// it lives on (`--after-hand-over wait`), takes no request that the next daemon's
+    /// `FUSE_NOTIFY_RESEND` has already passed. `false` if some worker did not park within
+    /// `within`.
+    pub fn freeze_and_stop_reading(&self, within: std::time::Duration) -> bool {
+        use std::os::unix::thread::JoinHandleExt;
+        freeze();
+        let readers = self
+            .channels
+            .iter()
+            .filter(|c| c.dev_fd().is_some())
+            .count();
+        let handler = libc::sigaction {
+            sa_sigaction: ignore_wake as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            // No SA_RESTART: a read waiting in /dev/fuse returns EINTR.
+            sa_flags: 0,
+            // SAFETY: an all-zero sigset is a valid empty set.
+            sa_mask: unsafe { std::mem::zeroed() },
+            sa_restorer: None,
+        };
+        // SAFETY: installs a handler that touches nothing, for a signal nothing else uses.
+        if unsafe { libc::sigaction(wake_signal(), &raw const handler, std::ptr::null_mut()) } != 0
+        {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + within;
+        while PARKED.load(std::sync::atomic::Ordering::SeqCst) < readers {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            for w in self.workers.iter().filter(|w| !w.is_finished()) {
+                // SAFETY: the thread is alive (not finished, and never joined elsewhere).
+                unsafe { libc::pthread_kill(w.as_pthread_t(), wake_signal()) };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
+    }
+
     /// The `/dev/fuse` descriptors of the session (for the holder).
     pub fn dev_fds(&self) -> Vec<RawFd> {
         self.channels.iter().filter_map(|c| c.dev_fd()).collect()
@@ -336,6 +395,9 @@ fn worker(ch: &Arc<Channel>, fs: &Arc<VolumeFs>) {
     let mut head = [0u8; abi::HEAD];
     let mut data = IoBuf::zeroed(MAX_IO);
     loop {
+        if frozen() {
+            park_forever();
+        }
         data.set_len(data.capacity());
         let iov = [
             libc::iovec {
@@ -363,7 +425,7 @@ fn worker(ch: &Arc<Channel>, fs: &Arc<VolumeFs>) {
         }
         if frozen() {
             // Handed over: the next daemon serves it after RESEND.
-            continue;
+            park_forever();
         }
         let n = n as usize;
         let Some((h, write_in)) = abi::parse_head(&head[..n.min(head.len())]) else {
