@@ -443,10 +443,12 @@ impl Frontend for FuseLoop {
     fn shutdown(&self) -> bool {
         let devices = std::mem::take(&mut *self.devices.lock().expect("devices lock"));
         let session = self.session.lock().expect("session lock").take();
-        if session.is_some() && !devices.is_empty() && self.holder.is_some() {
+        if let Some(s) = session
+            .as_ref()
+            .filter(|_| !devices.is_empty() && self.holder.is_some())
+        {
             // Hand over: the holder keeps the session, the loop devices stay configured, and
             // nothing is answered (or read) from now on: the next daemon serves it again.
-            let s = session.as_ref().expect("checked above");
             if !s.freeze_and_stop_reading(std::time::Duration::from_secs(5)) {
                 tracing::warn!("a FUSE worker did not stop reading within 5 s; a request it reads after the next daemon took over is never answered");
             }
