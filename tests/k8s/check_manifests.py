@@ -306,12 +306,20 @@ def check_node_daemonset(docs, r):
         "must tolerate every taint (operator: Exists) to run on every node",
     )
     strategy = ds_spec.get("updateStrategy") or {}
+    rolling = strategy.get("rollingUpdate") or {}
     r.check(
         strategy.get("type") == "RollingUpdate"
-        and (strategy.get("rollingUpdate") or {}).get("maxUnavailable") == 1,
+        and rolling.get("maxSurge") == 1
+        and rolling.get("maxUnavailable") == 0,
         f"{d} updateStrategy",
-        "must be RollingUpdate with maxUnavailable 1",
+        "must be RollingUpdate with maxSurge 1 and maxUnavailable 0 (the hand-over of issue 16)",
     )
+    for c in containers(spec):
+        r.check(
+            not c.get("ports"),
+            f"{d} container {c.get('name')} ports",
+            "a surge pod on the host network cannot declare ports (they are host ports)",
+        )
     by_name = {c["name"]: c for c in spec.get("containers") or []}
     ballast = by_name.get("ballast")
     if not r.check(ballast is not None, f"{d} container ballast", "missing"):
@@ -341,6 +349,47 @@ def check_node_daemonset(docs, r):
         )
     for host in ("/var/lib/ballast", "/run/ballast"):
         r.check(host in propagation, f"{d} ballast mount of {host}", "no hostPath mount")
+    r.check(
+        propagation.get("/var/lib/ballast") == ("/var/lib/ballast", "Bidirectional"),
+        f"{d} ballast mount of /var/lib/ballast",
+        "must be Bidirectional: the next pod and the holders see the attach FUSE mount",
+    )
+    # Issue 16: a holder container per pod, the daemon handing over to the next pod's.
+    for flag in ("--upgrade",):
+        r.check(has_flag(ballast, flag), f"{d} ballast {flag}", "missing")
+    r.check(
+        arg_value(ballast, "--after-hand-over") == "wait",
+        f"{d} ballast --after-hand-over",
+        "must be wait, or the old pod's container restarts and takes the node back",
+    )
+    holder_socket = arg_value(ballast, "--holder-socket")
+    holder = by_name.get("holder")
+    if r.check(holder is not None, f"{d} container holder", "missing") and r.check(
+        holder_socket is not None, f"{d} ballast --holder-socket", "missing"
+    ):
+        words = (holder.get("command") or []) + (holder.get("args") or [])
+        r.check(
+            words[:1] == ["holder"] and "--standing" in words,
+            f"{d} holder command",
+            "must run `ballast holder --standing`",
+        )
+        r.check(
+            host_path_of(spec, holder, arg_value(holder, "--socket") or "")
+            == host_path_of(spec, ballast, holder_socket)
+            and "$(POD_NAME)" in holder_socket,
+            f"{d} holder --socket",
+            f"must be the daemon's --holder-socket {holder_socket!r} on the host, one per pod",
+        )
+        mountpoint = arg_value(holder, "--mountpoint") or ""
+        r.check(
+            host_path_of(spec, holder, mountpoint) == "/var/lib/ballast/fuse"
+            and any(
+                m.get("mountPropagation") in ("HostToContainer", "Bidirectional")
+                for m in holder.get("volumeMounts") or []
+            ),
+            f"{d} holder --mountpoint",
+            "must see /var/lib/ballast/fuse of the host, with mount propagation",
+        )
     r.check(
         ((ballast.get("livenessProbe") or {}).get("httpGet") or {}).get("path") == "/healthz",
         f"{d} ballast livenessProbe",

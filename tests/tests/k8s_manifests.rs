@@ -90,7 +90,7 @@ fn a_broken_manifest_fails_the_check() {
         &'static str,
         &'static str,
     );
-    let cases: [Break; 6] = [
+    let cases: [Break; 8] = [
         (
             "a misspelt field in a container",
             "05-controller.yaml",
@@ -125,6 +125,20 @@ fn a_broken_manifest_fails_the_check() {
             "  zoneSpread: soft\n",
             "  zoneSpread: soft\n  encrypted: \"true\"\n",
             "the driver refuses ['encrypted']",
+        ),
+        (
+            "an update that stops the old pod before the new one runs (no hand-over)",
+            "04-node-daemonset.yaml",
+            "      maxSurge: 1\n      maxUnavailable: 0",
+            "      maxUnavailable: 1",
+            "must be RollingUpdate with maxSurge 1",
+        ),
+        (
+            "an old pod's daemon that exits after handing over (its container would restart)",
+            "04-node-daemonset.yaml",
+            "            - --after-hand-over=wait",
+            "            - --after-hand-over=exit",
+            "ballast --after-hand-over",
         ),
         (
             "the kubelet directory without Bidirectional propagation",

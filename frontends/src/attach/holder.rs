@@ -147,6 +147,9 @@ fn serve(
     orphaned: Duration,
     standing: bool,
 ) -> io::Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let _ = std::fs::remove_file(socket);
     let listener = seqpacket()?;
     bind(listener.as_raw_fd(), &UnixAddr::new(socket)?)?;
