@@ -251,3 +251,73 @@ fn a_new_node_on_the_plugin_socket_mounts_what_the_dead_one_wrote() {
     docker_ok(["rm", "-f", "dkr-writer"]);
     docker_ok(["volume", "rm", "dkr-ha"]);
 }
+
+/// Issue 16: a container keeps writing through the plugin's mount while the daemon is
+/// SIGKILLed and started again, then stopped with SIGTERM and started again. Every write and
+/// sync in the container succeeds (its script stops at the first error), every file it wrote
+/// reads back with the checksum it recorded, and the mount is the same one throughout.
+#[test]
+fn a_container_keeps_writing_across_daemon_restarts() {
+    let _turn = turn();
+    let node = NodeDir::new().unwrap();
+    let _cleanup = Cleanup::new(std::slice::from_ref(&node), &["dkr-rs"]);
+    let _docker = DockerCleanup {
+        containers: vec!["dkr-rs-writer".into()],
+        volumes: vec!["dkr-rs".into()],
+        mount_roots: vec![mount_root(&node)],
+        sockets: vec![SOCKET.into()],
+    };
+    let mut d = start_standalone(&node);
+    docker_ok([
+        "volume", "create", "-d", "ballast", "-o", "size=256MiB", "dkr-rs",
+    ]);
+    docker_ok([
+        "run",
+        "-d",
+        "--name",
+        "dkr-rs-writer",
+        "-v",
+        "dkr-rs:/data",
+        IMAGE,
+        "sh",
+        "-c",
+        "set -e; i=0; end=$(( $(date +%s) + 14 )); \
+         while [ $(date +%s) -lt $end ]; do i=$((i+1)); \
+         dd if=/dev/urandom of=/data/f$i bs=64k count=1 conv=fsync 2>/dev/null; \
+         md5sum /data/f$i >> /data/sums; sync; done; \
+         md5sum -c /data/sums > /dev/null; echo wrote $i files",
+    ]);
+    let mounted = host::mount::mount_at(&mount_root(&node).join("dkr-rs"))
+        .expect("the plugin's mount");
+    for sigkill in [true, false] {
+        std::thread::sleep(Duration::from_millis(3000));
+        let status = if sigkill {
+            d.kill().unwrap()
+        } else {
+            d.terminate().unwrap()
+        };
+        assert!(sigkill || status.success(), "SIGTERM: {status}");
+        drop(d);
+        d = start_standalone(&node);
+        assert!(
+            d.log().contains("took over the attach FUSE session"),
+            "{}",
+            d.log()
+        );
+    }
+    // The writer still runs (14 s) on the same mount.
+    assert_eq!(
+        host::mount::mount_at(&mount_root(&node).join("dkr-rs")).map(|m| m.source),
+        Some(mounted.source),
+        "the same mount throughout"
+    );
+    let code = docker_ok(["wait", "dkr-rs-writer"]);
+    let logs = docker_ok(["logs", "dkr-rs-writer"]);
+    assert_eq!(code, "0", "the writer failed: {logs}");
+    assert!(logs.contains("wrote "), "{logs}");
+    eprintln!("a container across a daemon SIGKILL and a SIGTERM: {logs}");
+    docker_ok(["rm", "-f", "dkr-rs-writer"]);
+    assert_eq!(run("dkr-rs", "md5sum -c /data/sums | grep -vc ': OK$' || true"), "0");
+    docker_ok(["volume", "rm", "dkr-rs"]);
+    drop(d);
+}
