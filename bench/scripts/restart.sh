@@ -4,20 +4,22 @@
 # 256 MiB area written once and flushed; then, per cycle, fio writes 4 KiB blocks at QD8 with
 # --verify=crc32c and --verify_backlog for a few seconds while the daemon is SIGKILLed,
 # SIGTERMed, or SIGTERMed and replaced by a copy of the binary at another path (a binary
-# swap), and started again at once. Prints, per kind of restart, the cycles, fio's errors
+# swap), and started again at once, or replaced by `ballast daemon --upgrade` from the other
+# copy (the new daemon asks the running one to hand over). Prints, per kind of restart, the cycles, fio's errors
 # (I/O errors and verify failures: a failed fio run counts as one), and the pause: each
-# cycle's longest write (p50 and max over the cycles).
+# cycle's longest I/O, write or verifying read (p50 and max over the cycles).
 #
-#   bench/scripts/restart.sh [--kills 20] [--stops 10] [--swaps 2] [--dir /var/tmp]
+#   bench/scripts/restart.sh [--kills 20] [--stops 10] [--swaps 2] [--upgrades 4] [--dir /var/tmp]
 set -euo pipefail
-kills=20 stops=10 swaps=2 dir=/var/tmp
+kills=20 stops=10 swaps=2 upgrades=4 dir=/var/tmp
 while (($#)); do
   case "$1" in
     --kills) kills=$2; shift 2 ;;
     --stops) stops=$2; shift 2 ;;
     --swaps) swaps=$2; shift 2 ;;
+    --upgrades) upgrades=$2; shift 2 ;;
     --dir) dir=$2; shift 2 ;;
-    *) echo "usage: $0 [--kills N] [--stops N] [--swaps N] [--dir DIR]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--kills N] [--stops N] [--swaps N] [--upgrades N] [--dir DIR]" >&2; exit 2 ;;
   esac
 done
 cd "$(dirname "$0")/../.."
@@ -40,12 +42,20 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 cli() { BALLAST_API_SOCKET=$work/api.sock "$bin" "$@"; }
-start() { # BINARY
-  "$1" daemon --data-dir "$work/data" --node-id restart --api-socket "$work/api.sock" \
-    --http 127.0.0.1:0 --pool "$work/pool.img:4GiB" >>"$work/daemon.log" 2>&1 &
+launch() { # BINARY [FLAGS...]
+  local binary=$1
+  shift
+  "$binary" daemon --data-dir "$work/data" --node-id restart --api-socket "$work/api.sock" \
+    --http 127.0.0.1:0 --pool "$work/pool.img:4GiB" "$@" >>"$work/daemon.log" 2>&1 &
   pid=$!
+}
+ready() {
   for _ in $(seq 300); do cli status >/dev/null 2>&1 && return; sleep 0.02; done
   echo "the daemon did not start:" >&2; tail "$work/daemon.log" >&2; exit 1
+}
+start() { # BINARY
+  launch "$1"
+  ready
 }
 start "$bin"
 cli volume create v --size 1GiB >/dev/null
@@ -60,9 +70,16 @@ cycle() { # KIND SIGNAL BINARY
     --output="$work/fio-$n.json" 2>"$work/fio-$n.err" &
   local fio=$!
   sleep 1.5
-  kill -"$sig" "$pid"
-  wait "$pid" 2>/dev/null || true
-  start "$next"
+  if [ "$sig" = UPGRADE ]; then
+    local old=$pid
+    launch "$next" --upgrade
+    wait "$old" 2>/dev/null || true
+    ready
+  else
+    kill -"$sig" "$pid"
+    wait "$pid" 2>/dev/null || true
+    start "$next"
+  fi
   local rc=0
   wait "$fio" || rc=$?
   echo "$kind $rc $work/fio-$n.json" >>"$work/cycles"
@@ -76,6 +93,10 @@ for i in $(seq "$swaps"); do
   # Alternate between two copies of the binary, so each swap starts another executable.
   if ((i % 2)); then cycle "binary swap" TERM "$other" $n; else cycle "binary swap" TERM "$bin" $n; fi
 done
+for i in $(seq "$upgrades"); do
+  n=$((n + 1))
+  if ((i % 2)); then cycle "--upgrade" UPGRADE "$other" $n; else cycle "--upgrade" UPGRADE "$bin" $n; fi
+done
 python3 - "$work/cycles" <<'EOF'
 import json, statistics, sys
 rows = {}
@@ -86,7 +107,8 @@ for line in open(sys.argv[1]):
     try:
         job = json.load(open(path))["jobs"][0]
         errors = max(errors, 1 if job["error"] else 0)
-        pause = job["write"]["clat_ns"]["max"] / 1e6
+        # fio reads back what it wrote as it goes (verify_backlog): the pause may hit a read.
+        pause = max(job[d]["clat_ns"]["max"] for d in ("write", "read")) / 1e6
     except (OSError, ValueError, KeyError, IndexError):
         errors = max(errors, 1)
     rows.setdefault(kind, []).append((errors, pause))

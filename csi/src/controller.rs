@@ -53,6 +53,9 @@ impl<C, N> Controller<C, N> {
     }
 }
 
+/// What a `ListVolumes` paging token starts with (see `list_volumes`).
+const TOKEN_PREFIX: &str = "after:";
+
 const NO_SNAPSHOTS: &str =
     "snapshots are not available yet: the Ballast engine has no snapshots, so the driver does \
      not advertise CREATE_DELETE_SNAPSHOT";
@@ -358,13 +361,19 @@ impl<C: VolumeControl, N: NodeControl> ControllerService for Controller<C, N> {
                 req.max_entries
             )));
         }
-        // The token is the name of the last volume returned; the list is sorted by name.
+        // The token is `after:` and the name of the last volume returned (the list is sorted
+        // by name), so a token this driver did not issue is told apart from one whose volume
+        // was deleted since (the listing goes on after it).
         let after = if req.starting_token.is_empty() {
             None
         } else {
-            Some(VolumeName::new(&req.starting_token).map_err(|_| {
+            let name = req
+                .starting_token
+                .strip_prefix(TOKEN_PREFIX)
+                .and_then(|n| VolumeName::new(n).ok());
+            Some(name.ok_or_else(|| {
                 Status::aborted(format!(
-                    "starting_token {:?} was not issued by this driver",
+                    "starting_token {:?} was not issued by this driver; list again without one",
                     req.starting_token
                 ))
             })?)
@@ -386,7 +395,9 @@ impl<C: VolumeControl, N: NodeControl> ControllerService for Controller<C, N> {
         };
         let page = &rest[..limit.min(rest.len())];
         let next_token = if page.len() < rest.len() {
-            page.last().map(|v| v.name.to_string()).unwrap_or_default()
+            page.last()
+                .map(|v| format!("{TOKEN_PREFIX}{}", v.name))
+                .unwrap_or_default()
         } else {
             String::new()
         };

@@ -352,12 +352,18 @@ impl<C: VolumeControl, N: NodeControl> NodeService for Node<C, N> {
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
         let name = params::volume_id(&req.volume_id)?;
-        let path = self.checked_path("volume_path", &req.volume_path)?;
+        if req.volume_path.is_empty() {
+            return Err(missing("volume_path"));
+        }
+        // An unknown volume, or a path that does not exist, is NOT_FOUND whatever the path
+        // looks like (the spec's order); an existing path must still lie under the root.
         let status = self
             .control
             .get_volume(&name)
             .await
             .map_err(|e| from_control(&e))?;
+        path_exists(&req.volume_path)?;
+        let path = self.checked_path("volume_path", &req.volume_path)?;
         let Ok(meta) = std::fs::metadata(&path) else {
             return Err(Status::not_found(format!(
                 "volume_path {:?} does not exist",
@@ -406,16 +412,21 @@ impl<C: VolumeControl, N: NodeControl> NodeService for Node<C, N> {
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         let name = params::volume_id(&req.volume_id)?;
-        let path = self.checked_path("volume_path", &req.volume_path)?;
+        if req.volume_path.is_empty() {
+            return Err(missing("volume_path"));
+        }
         if let Some(cap) = &req.volume_capability {
             if let Some(why) = params::unsupported(cap) {
                 return Err(invalid(why));
             }
         }
+        // As in NodeGetVolumeStats: an unknown volume or a missing path first.
         self.control
             .get_volume(&name)
             .await
             .map_err(|e| from_control(&e))?;
+        path_exists(&req.volume_path)?;
+        let path = self.checked_path("volume_path", &req.volume_path)?;
         let Ok(meta) = std::fs::metadata(&path) else {
             return Err(Status::not_found(format!(
                 "volume_path {:?} does not exist",
@@ -490,4 +501,14 @@ impl<C: VolumeControl, N: NodeControl> NodeService for Node<C, N> {
             accessible_topology: Some(params::node_segment(self.host.node_id(), self.host.zone())),
         }))
     }
+}
+
+/// NOT_FOUND unless something exists at `path` (a link counts).
+fn path_exists(path: &str) -> Result<(), Status> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Err(Status::not_found(format!(
+            "volume_path {path:?} does not exist"
+        )));
+    }
+    Ok(())
 }

@@ -332,6 +332,16 @@ fn identity_and_controller_answer_with_the_spec_codes() {
     assert_eq!(list(0, "").unwrap().into_inner().entries.len(), 4);
     assert_eq!(code(list(-1, "")), Code::InvalidArgument);
     assert_eq!(code(list(2, "Not A Token!")), Code::Aborted);
+    // A well-formed name is not a token either (csi-sanity's invalid token).
+    assert_eq!(code(list(2, "invalid-token")), Code::Aborted);
+    // A token whose volume is gone since goes on after it.
+    let after_gone = list(0, "after:list-aa").unwrap().into_inner();
+    let names: Vec<String> = after_gone
+        .entries
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .collect();
+    assert_eq!(names, ["list-b", "list-c"]);
 
     // GetCapacity: the pool's free space, split over the replicas asked for.
     let cap = |params: &[(&str, &str)], topo: Option<Topology>| {
@@ -598,6 +608,17 @@ fn stage_publish_expand_and_tear_down_in_mount_and_block_access() {
         Code::NotFound
     );
     assert_eq!(code(stats(&target, "nosuchvol")), Code::NotFound);
+    // Unknown volume first: NOT_FOUND even for a path outside the kubelet directory.
+    assert_eq!(
+        code(stats(Path::new("/not/a/kubelet/path"), "nosuchvol")),
+        Code::NotFound
+    );
+    assert_eq!(code(stats(Path::new("some/path"), "fsvol")), Code::NotFound);
+    // An existing path outside the kubelet directory is refused.
+    assert_eq!(
+        code(stats(Path::new("/tmp"), "fsvol")),
+        Code::InvalidArgument
+    );
     assert_eq!(code(stats(&target, "")), Code::InvalidArgument);
 
     // Online expansion: controller, then node; the filesystem grows while mounted.
@@ -644,6 +665,14 @@ fn stage_publish_expand_and_tear_down_in_mount_and_block_access() {
     assert_eq!(
         code(node_expand(&target, "fsvol", 1 << 30)),
         Code::OutOfRange
+    );
+    assert_eq!(
+        code(node_expand(
+            Path::new("/not/a/kubelet/path"),
+            "nosuchvol",
+            0
+        )),
+        Code::NotFound
     );
 
     // A staged volume is in use: deleting it is refused.

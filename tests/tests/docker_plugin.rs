@@ -269,7 +269,13 @@ fn a_container_keeps_writing_across_daemon_restarts() {
     };
     let mut d = start_standalone(&node);
     docker_ok([
-        "volume", "create", "-d", "ballast", "-o", "size=256MiB", "dkr-rs",
+        "volume",
+        "create",
+        "-d",
+        "ballast",
+        "-o",
+        "size=256MiB",
+        "dkr-rs",
     ]);
     docker_ok([
         "run",
@@ -287,8 +293,8 @@ fn a_container_keeps_writing_across_daemon_restarts() {
          md5sum /data/f$i >> /data/sums; sync; done; \
          md5sum -c /data/sums > /dev/null; echo wrote $i files",
     ]);
-    let mounted = host::mount::mount_at(&mount_root(&node).join("dkr-rs"))
-        .expect("the plugin's mount");
+    let mounted =
+        host::mount::mount_at(&mount_root(&node).join("dkr-rs")).expect("the plugin's mount");
     for sigkill in [true, false] {
         std::thread::sleep(Duration::from_millis(3000));
         let status = if sigkill {
@@ -317,7 +323,10 @@ fn a_container_keeps_writing_across_daemon_restarts() {
     assert!(logs.contains("wrote "), "{logs}");
     eprintln!("a container across a daemon SIGKILL and a SIGTERM: {logs}");
     docker_ok(["rm", "-f", "dkr-rs-writer"]);
-    assert_eq!(run("dkr-rs", "md5sum -c /data/sums | grep -vc ': OK$' || true"), "0");
+    assert_eq!(
+        run("dkr-rs", "md5sum -c /data/sums | grep -vc ': OK$' || true"),
+        "0"
+    );
     docker_ok(["volume", "rm", "dkr-rs"]);
     drop(d);
 }
