@@ -562,3 +562,44 @@ fn a_three_replica_volume_sees_no_error_while_its_nodes_restart() {
     drop(b);
     a.cli(["volume", "detach", &name]).success();
 }
+
+/// `--upgrade` when the data directory is locked by something that does not answer the
+/// hand-over request (here `flock(1)`, standing in for an older daemon): a clear error naming
+/// the problem, exit 1, and nothing else started.
+#[test]
+fn an_upgrade_that_nobody_answers_fails_with_a_clear_error() {
+    let node = NodeDir::new().unwrap();
+    std::fs::create_dir_all(node.data_dir()).unwrap();
+    let lock = node.data_dir().join("lock");
+    let mut locker = Command::new("flock")
+        .arg(&lock)
+        .args(["sleep", "60"])
+        .spawn()
+        .expect("flock(1)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Wait until the lock is taken: a non-blocking try fails from then on.
+    while Command::new("flock")
+        .args(["-n"])
+        .arg(&lock)
+        .arg("true")
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(Instant::now() < deadline, "flock(1) never took the lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut args = node.daemon_args();
+    args.push("--upgrade".into());
+    let mut daemon = Daemon::spawn(&node, args).unwrap();
+    let status = daemon.wait_exit(Duration::from_secs(30)).unwrap();
+    let _ = locker.kill();
+    let _ = locker.wait();
+    assert_eq!(status.code(), Some(1), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(
+        log.contains("--upgrade: the daemon running on this data directory")
+            && log.contains("did not take the hand-over request"),
+        "{log}"
+    );
+}
