@@ -251,6 +251,12 @@ impl Registry {
                 }
             }
             if std::time::Instant::now() >= deadline {
+                // Logged: a request failed this way is an I/O error after a restart.
+                tracing::warn!(
+                    ino,
+                    "a request waited {}s for its volume to be attached again after a takeover; failing it",
+                    RESTORE_WAIT.as_secs()
+                );
                 return None;
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
