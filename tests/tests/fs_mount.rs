@@ -400,7 +400,11 @@ fn daemon_crash_while_writing_pauses_the_writers_and_fsck_is_clean() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(status.success(), "dd failed across the crash: {status}");
+    assert!(
+        status.success(),
+        "dd failed across the crash: {status}; the holder's log: {:?}",
+        std::fs::read_to_string(node.data_dir().join("fuse-holder.log")).unwrap_or_default()
+    );
     assert_eq!(
         std::fs::metadata(mnt.join("big")).unwrap().len(),
         2000 * 64 * 1024,

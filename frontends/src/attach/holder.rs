@@ -23,7 +23,8 @@
 //! FUSE mount (unmounted by anyone), and once no daemon has watched it for its time limit
 //! (60 s from the daemon, `HANDOVER_LIMIT`): the devices then fail their I/O rather than wait
 //! for a daemon that does not come back. A client that connects and says nothing is cut off
-//! after a second.
+//! after a second. A spawned holder writes why it gave a session up to `fuse-holder.log` beside
+//! its socket.
 //!
 //! A *standing* holder (`ballast holder --standing`, the holder container of a Kubernetes pod,
 //! configured to the daemon as `--holder-socket`) is started on its own, not by the daemon, and
@@ -192,7 +193,20 @@ fn serve(
             alone = Some(std::time::Instant::now());
         }
         if n <= 0 || pfds[0].revents == 0 {
-            let over = alone.is_some_and(|t| t.elapsed() >= orphaned) || !alive();
+            let orphan = alone.is_some_and(|t| t.elapsed() >= orphaned);
+            let over = orphan || !alive();
+            if over && !held.is_empty() {
+                eprintln!(
+                    "ballast holder {}: giving the session up ({} descriptors): {}",
+                    socket.display(),
+                    held.len(),
+                    if orphan {
+                        "no daemon watched it for its time limit"
+                    } else {
+                        "its mount is gone"
+                    }
+                );
+            }
             if over && !standing {
                 break;
             }
@@ -340,7 +354,14 @@ impl Holder {
             .arg(orphaned.as_secs().max(1).to_string())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+            .stderr(
+                // What it gave up and why, for whoever looks into a failed restart.
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.socket.with_extension("log"))
+                    .map_or_else(|_| std::process::Stdio::null(), Into::into),
+            );
         // SAFETY: `setsid` is async-signal-safe and touches no memory of the parent.
         unsafe {
             cmd.pre_exec(|| {
