@@ -346,11 +346,6 @@ impl Session {
     pub fn freeze_and_stop_reading(&self, within: std::time::Duration) -> bool {
         use std::os::unix::thread::JoinHandleExt;
         freeze();
-        let readers = self
-            .channels
-            .iter()
-            .filter(|c| c.dev_fd().is_some())
-            .count();
         let handler = libc::sigaction {
             sa_sigaction: ignore_wake as extern "C" fn(libc::c_int) as libc::sighandler_t,
             // No SA_RESTART: a read waiting in /dev/fuse returns EINTR.
@@ -365,7 +360,12 @@ impl Session {
             return false;
         }
         let deadline = std::time::Instant::now() + within;
-        while PARKED.load(std::sync::atomic::Ordering::SeqCst) < readers {
+        // Every worker parked, or ended (the session was unmounted under it).
+        let stopped = || {
+            PARKED.load(std::sync::atomic::Ordering::SeqCst)
+                + self.workers.iter().filter(|w| w.is_finished()).count()
+        };
+        while stopped() < self.workers.len() {
             if std::time::Instant::now() >= deadline {
                 return false;
             }
