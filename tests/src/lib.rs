@@ -447,6 +447,20 @@ impl Daemon {
         Ok(status)
     }
 
+    /// Stop the daemon as a crash does (SIGKILL) or as a planned restart does (SIGTERM, after
+    /// which it must exit 0), for the restart tests.
+    ///
+    /// # Panics
+    /// A SIGTERM that does not end in a clean exit (the panic shows the daemon's log).
+    pub fn stop(&mut self, sigkill: bool) {
+        if sigkill {
+            self.kill().expect("SIGKILL the daemon");
+            return;
+        }
+        let status = self.terminate().expect("SIGTERM the daemon");
+        assert!(status.success(), "SIGTERM: {status}: {}", self.log());
+    }
+
     /// Wait for the daemon to exit on its own.
     ///
     /// # Errors

@@ -297,12 +297,7 @@ fn a_container_keeps_writing_across_daemon_restarts() {
         host::mount::mount_at(&mount_root(&node).join("dkr-rs")).expect("the plugin's mount");
     for sigkill in [true, false] {
         std::thread::sleep(Duration::from_millis(3000));
-        let status = if sigkill {
-            d.kill().unwrap()
-        } else {
-            d.terminate().unwrap()
-        };
-        assert!(sigkill || status.success(), "SIGTERM: {status}");
+        d.stop(sigkill);
         drop(d);
         d = start_standalone(&node);
         assert!(

@@ -66,12 +66,7 @@ fn set_up(tag: &str) -> (NodeDir, String, Cleanup, Daemon) {
 
 /// Stop `daemon` with SIGKILL (or SIGTERM, which must exit cleanly) and start another.
 fn restart(mut daemon: Daemon, node: &NodeDir, sigkill: bool) -> Daemon {
-    let status = if sigkill {
-        daemon.kill().unwrap()
-    } else {
-        daemon.terminate().unwrap()
-    };
-    assert!(sigkill || status.success(), "SIGTERM: {status}");
+    daemon.stop(sigkill);
     drop(daemon);
     Daemon::start(node).unwrap()
 }
@@ -523,16 +518,7 @@ fn a_three_replica_volume_sees_no_error_while_its_nodes_restart() {
 
     for sigkill in [true, false] {
         std::thread::sleep(Duration::from_millis(2500));
-        let status = if sigkill {
-            a.kill().unwrap()
-        } else {
-            a.terminate().unwrap()
-        };
-        assert!(
-            sigkill || status.success(),
-            "SIGTERM: {status}: {}",
-            a.log()
-        );
+        a.stop(sigkill);
         drop(a);
         a = cluster::start(&dirs[0], "node-a", "zone-a", &etcd);
         let log = a.log();
