@@ -353,7 +353,7 @@ fn daemon_crash_while_writing_pauses_the_writers_and_fsck_is_clean() {
                 "status=none",
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(node.data_dir().join("../dd.err")).unwrap())
             .spawn()
             .unwrap(),
     );
@@ -361,7 +361,12 @@ fn daemon_crash_while_writing_pauses_the_writers_and_fsck_is_clean() {
         Command::new("sh")
             .args([
                 "-c",
-                &format!("i=0; while :; do echo $i > {m}/small.$i || exit 0; i=$((i+1)); done"),
+                // A bounded set of files, rewritten over and over: on a slow machine an
+                // unbounded one filled the filesystem before dd ended (dd then failed with
+                // ENOSPC, which looked like an I/O error across the crash).
+                &format!(
+                    "i=0; while :; do echo $i > {m}/small.$((i % 2000)) || exit 0; i=$((i+1)); done"
+                ),
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -402,7 +407,9 @@ fn daemon_crash_while_writing_pauses_the_writers_and_fsck_is_clean() {
     };
     assert!(
         status.success(),
-        "dd failed across the crash: {status}; the holder's log: {:?}",
+        "dd failed across the crash: {status}; it said {:?}; df: {}; the holder's log: {:?}",
+        std::fs::read_to_string(node.data_dir().join("../dd.err")).unwrap_or_default(),
+        run("df", &["-h", "-i", m]).1,
         std::fs::read_to_string(node.data_dir().join("fuse-holder.log")).unwrap_or_default()
     );
     assert_eq!(
