@@ -9,6 +9,12 @@
 //!
 //! The child is this same test binary, started with `BALLAST_CRASH_CHILD` set. It prints one
 //! line per completed operation, so the parent knows exactly which operations completed.
+//!
+//! Every fifth flush is a snapshot instead (a snapshot makes every write before it durable,
+//! as a flush does), and the child deletes the snapshot before the previous one. After each
+//! kill, the newest snapshot whose operation completed must hold exactly the blocks as they
+//! were when it was taken (read through a clone), even though the volume has since written
+//! over them; then the parent deletes every snapshot.
 
 mod common;
 
@@ -29,12 +35,19 @@ const MIB: u64 = 1 << 20;
 const POOL: u64 = 256 * MIB;
 const BLOCKS: u64 = 16 * 1024; // a 64 MiB volume
 const FLUSH_EVERY: u64 = 8;
+/// Every this many flushes, a snapshot instead.
+const SNAPSHOT_EVERY: u64 = 5;
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
     Write { block: u64, count: u64, fua: bool },
     Discard { block: u64, count: u64 },
     Flush,
+    Snapshot,
+}
+
+fn snapshot_name(iter: u64, op: u64) -> VolumeName {
+    VolumeName::new(&format!("c{iter}-{op}")).unwrap()
 }
 
 /// The deterministic operation sequence of iteration `iter`.
@@ -42,6 +55,9 @@ fn ops(iter: u64) -> impl Iterator<Item = Op> {
     let mut rng = StdRng::seed_from_u64(0x0BA1_1A57 ^ iter);
     (0u64..).map(move |i| {
         if i % FLUSH_EVERY == FLUSH_EVERY - 1 {
+            if (i / FLUSH_EVERY) % SNAPSHOT_EVERY == SNAPSHOT_EVERY - 1 {
+                return Op::Snapshot;
+            }
             return Op::Flush;
         }
         let block = rng.gen_range(0..BLOCKS);
@@ -109,6 +125,16 @@ fn child(path: &Path, iter: u64) {
                     r.discard(block * 4096, count * 4096).await.unwrap();
                 }
                 Op::Flush => r.flush().await.unwrap(),
+                Op::Snapshot => {
+                    s.create_snapshot(&name, &snapshot_name(iter, i as u64))
+                        .await
+                        .unwrap();
+                    // Keep two.
+                    let span = FLUSH_EVERY * SNAPSHOT_EVERY;
+                    if let Some(old) = (i as u64).checked_sub(2 * span) {
+                        s.delete_snapshot(&snapshot_name(iter, old)).await.unwrap();
+                    }
+                }
             }
             println!("DONE {i}");
         }
@@ -117,6 +143,23 @@ fn child(path: &Path, iter: u64) {
 
 /// Per block, the tag it holds (0 = zeros).
 type Model = HashMap<u64, u64>;
+
+/// What the snapshot taken by op `at` of iteration `iter` holds, over `before` (the blocks as
+/// the iteration found them): every op before it completed and is durable.
+fn snapshot_model(before: &Model, iter: u64, at: u64) -> Model {
+    let mut m = before.clone();
+    for (i, op) in ops(iter).enumerate().take(at as usize) {
+        let (block, count, value) = match op {
+            Op::Write { block, count, .. } => (block, count, tag(iter, i as u64)),
+            Op::Discard { block, count } => (block, count, 0),
+            Op::Flush | Op::Snapshot => continue,
+        };
+        for b in block..block + count {
+            m.insert(b, value);
+        }
+    }
+    m
+}
 
 fn verify(model: &mut Model, iter: u64, completed: Option<u64>, got: &[u8]) -> usize {
     // Blocks' durable values and the values they may hold beyond them.
@@ -131,7 +174,7 @@ fn verify(model: &mut Model, iter: u64, completed: Option<u64>, got: &[u8]) -> u
         let (block, count, value) = match op {
             Op::Write { block, count, .. } => (block, count, tag(iter, i)),
             Op::Discard { block, count } => (block, count, 0),
-            Op::Flush => continue,
+            Op::Flush | Op::Snapshot => continue,
         };
         for b in block..block + count {
             // A SIGKILL is a crash of the process, not of the machine: every write that
@@ -233,17 +276,43 @@ fn main() {
             "iteration {iter}: the child exited before the kill: {status}"
         );
         total_ops += completed.map_or(0, |c| c + 1);
+        let before = model.clone();
         rt.block_on(async {
             let s = open(&path, POOL, EngineKind::Auto).await;
             let r = s.replica(&VolumeName::new("crash").unwrap()).expect("volume survives");
             let got = r.read(0, IoBuf::zeroed((BLOCKS * 4096) as usize)).await.expect("every block reads, no checksum errors");
             let live = verify(&mut model, iter, completed, &got);
+            // The newest completed snapshot holds the blocks as they were when it was taken.
+            let newest = ops(iter)
+                .enumerate()
+                .take(completed.map_or(0, |c| c as usize + 1))
+                .filter(|(_, op)| matches!(op, Op::Snapshot))
+                .map(|(i, _)| i as u64)
+                .last();
+            if let Some(at) = newest {
+                let want = snapshot_model(&before, iter, at);
+                let clone = VolumeName::new("check").unwrap();
+                s.clone_snapshot(&snapshot_name(iter, at), &clone, 0).await.expect("the snapshot survives");
+                let c = s.replica(&clone).unwrap();
+                let held = c.read(0, IoBuf::zeroed((BLOCKS * 4096) as usize)).await.expect("the snapshot reads");
+                for b in 0..BLOCKS {
+                    let t = want.get(&b).copied().unwrap_or(0);
+                    let data = &held[(b * 4096) as usize..((b + 1) * 4096) as usize];
+                    let ok = if t == 0 { data.iter().all(|&x| x == 0) } else { data == pattern(b, t).as_slice() };
+                    assert!(ok, "iteration {iter}: block {b} of the snapshot taken by op {at} is not {t:#x}");
+                }
+                drop(c);
+                s.delete_volume(&clone).await.unwrap();
+            }
+            for snap in s.list_snapshots() {
+                s.delete_snapshot(&snap.name).await.unwrap();
+            }
             let pools = s.list_pools().await.unwrap();
             assert_eq!(pools[0].allocated_bytes, r.allocated_bytes(), "accounting");
             assert_eq!(pools[0].allocated_bytes + pools[0].free_bytes, pools[0].capacity_bytes);
             let extents_with_data = (0..BLOCKS / 256).filter(|e| (e * 256..(e + 1) * 256).any(|b| model[&b] != 0)).count() as u64;
             assert!(r.allocated_bytes() >= extents_with_data * MIB, "allocated space covers the data");
-            eprintln!("iteration {iter}: killed after {delay:?}, {} ops completed, {live} live blocks verified", completed.map_or(0, |c| c + 1));
+            eprintln!("iteration {iter}: killed after {delay:?}, {} ops completed, {live} live blocks verified, snapshot checked: {newest:?}", completed.map_or(0, |c| c + 1));
             if iter % 2 == 0 {
                 s.close().await.unwrap();
             }

@@ -1,6 +1,8 @@
 //! Format 1 devices (no journal) are upgraded in place at open: data in the extents the
 //! journal needs is moved, nothing is lost, and a device that has no room for the move is
-//! refused with a message that says what to do, and left as it was.
+//! refused with a message that says what to do, and left as it was. Format 2 devices (no
+//! snapshots) are upgraded to format 3 at open by their superblocks alone; a device of a
+//! format newer than this build is refused with a message to upgrade.
 
 mod common;
 
@@ -11,7 +13,7 @@ use api::{VolumeControl, VolumeName};
 use common::{open, pattern, tempdir, try_open, volume};
 use volume::device::{BlockDevice, WriteFlags};
 use volume::io::{EngineKind, IoBuf};
-use volume::pool::format::{Layout, Superblock, JOURNAL_EXTENTS};
+use volume::pool::format::{Layout, Superblock, FORMAT_VERSION, JOURNAL_EXTENTS};
 use volume::pool::metadata::{check_slot, encode_header, ExtentEntry, JournalMark, MetaState};
 use volume::pool::PoolError;
 
@@ -31,18 +33,25 @@ fn read(f: &std::fs::File, at: u64, len: u64) -> Vec<u8> {
     b
 }
 
-/// Rewrite a cleanly closed current-format pool as format 1 would have left it, with logical
-/// extent 0 of its only volume in the device's last extent (where the journal goes now).
-/// With `fill`, every other free extent is given to the volume too, so nothing is free.
-fn make_format_1(path: &Path, fill: bool) {
+/// The pool at `path`, open for writing, and its superblock.
+fn superblock(path: &Path) -> (std::fs::File, Superblock) {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .unwrap();
-    let mut sb = Superblock::decode(&read(&f, 0, 4096)).unwrap();
+    let sb = Superblock::decode(&read(&f, 0, 4096)).unwrap();
+    (f, sb)
+}
+
+/// Rewrite a cleanly closed current-format pool as format 1 would have left it, with logical
+/// extent 0 of its only volume in the device's last extent (where the journal goes now).
+/// With `fill`, every other free extent is given to the volume too, so nothing is free.
+fn make_format_1(path: &Path, fill: bool) {
+    let (f, mut sb) = superblock(path);
     let l = Layout::version_1(SIZE).unwrap();
     sb.layout = l;
+    sb.version = 1;
     let encoded = sb.encode();
     f.write_all_at(&encoded, 0).unwrap();
     f.write_all_at(&encoded, l.sb_b_offset()).unwrap();
@@ -142,7 +151,7 @@ fn a_format_1_device_is_upgraded_in_place_and_keeps_its_data() {
         for at in [0, Layout::for_device(SIZE).unwrap().sb_b_offset()] {
             let sb = Superblock::decode(&read(&f, at, 4096)).unwrap();
             assert_eq!(sb.layout.journal_extents, JOURNAL_EXTENTS);
-            assert_eq!(sb.layout.version(), 2);
+            assert_eq!(sb.version, FORMAT_VERSION);
         }
     });
 }
@@ -175,5 +184,56 @@ fn a_format_1_device_without_room_for_the_journal_is_refused_and_left_as_it_was(
             after[l.csum_offset as usize..],
             before[l.csum_offset as usize..]
         );
+    });
+}
+
+/// Write both superblocks of the pool at `path` with format version `version`.
+fn set_version(path: &Path, version: u32) {
+    let (f, mut sb) = superblock(path);
+    sb.version = version;
+    let encoded = sb.encode();
+    f.write_all_at(&encoded, 0).unwrap();
+    f.write_all_at(&encoded, sb.layout.sb_b_offset()).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn a_format_2_device_is_upgraded_to_format_3_and_keeps_its_data() {
+    rt().block_on(async {
+        let dir = tempdir();
+        let path = dir.path().join("pool");
+        fill_volume(&path).await;
+        set_version(&path, 2);
+        let s = open(&path, SIZE, EngineKind::Auto).await;
+        let r = s.replica(&VolumeName::new("old").unwrap()).unwrap();
+        for e in 0..4 {
+            let got = r.read(e * MIB + 4096, IoBuf::zeroed(4096)).await.unwrap();
+            assert_eq!(got.to_vec(), pattern(e, 9), "extent {e}");
+        }
+        s.close().await.unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        for at in [0, Layout::for_device(SIZE).unwrap().sb_b_offset()] {
+            assert_eq!(Superblock::decode(&read(&f, at, 4096)).unwrap().version, 3);
+        }
+    });
+}
+
+#[test]
+fn a_device_of_a_newer_format_is_refused_with_a_message_to_upgrade() {
+    rt().block_on(async {
+        let dir = tempdir();
+        let path = dir.path().join("pool");
+        fill_volume(&path).await;
+        set_version(&path, FORMAT_VERSION + 1);
+        let before = std::fs::read(&path).unwrap();
+        let e = try_open(&path, SIZE, EngineKind::Auto, false)
+            .await
+            .unwrap_err();
+        let msg = format!("{e} {e:?}");
+        assert!(
+            msg.contains("newer than this build reads") && msg.contains("upgrade ballast"),
+            "{msg}"
+        );
+        assert!(std::fs::read(&path).unwrap() == before, "left as it was");
     });
 }

@@ -74,7 +74,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::format::{detect_foreign, Layout, Superblock, BLOCK, BLOCKS_PER_EXTENT, EXTENT};
+use super::format::{
+    detect_foreign, Layout, Superblock, BLOCK, BLOCKS_PER_EXTENT, EXTENT, FORMAT_VERSION,
+};
 use super::journal::{ExtentChange, Record};
 use super::metadata::{
     check_slot, encode_header, ExtentEntry, JournalMark, MetaState, MetadataError, VolumeRecord,
@@ -84,6 +86,9 @@ use super::PoolError;
 use crate::device::GENERATION_UNKNOWN;
 use crate::io::{IoBuf, IoEngine, IoFile, IoOp, IoRequest, Segment};
 use api::VolumeName;
+
+mod snapshot;
+pub use snapshot::SnapshotUsage;
 
 /// Commits without writes before an extent may leave the open set.
 pub const KEEP_OPEN_COMMITS: u64 = 8;
@@ -242,9 +247,47 @@ pub(crate) struct VolRt {
     pub allocated_extents: AtomicU64,
     pub deleted: AtomicBool,
     pub counters: IoCounters,
+    /// A snapshot: read-only, never attached. (Its `uuid` is its source volume's.)
+    pub snapshot: bool,
+    /// A deleted snapshot kept for the records based on it (see `metadata.rs`).
+    pub hidden: AtomicBool,
+    /// The snapshot this record is based on: it reads through to it where it maps nothing.
+    /// Changed only under the state lock, inside [`Disk::chain`]'s odd epochs.
+    pub parent: RwLock<Option<Arc<VolRt>>>,
+    /// Serialises this volume's copy-on-write allocations with the merges into it.
+    pub cow: tokio::sync::Mutex<()>,
+    /// Held shared by every write, discard and zeroing of the volume, exclusively while a
+    /// snapshot of it is taken (the write barrier).
+    pub gate: tokio::sync::RwLock<()>,
 }
 
 impl VolRt {
+    /// The run-time state of record `rec` in slot `index`, with nothing mapped yet.
+    fn new(index: usize, rec: &VolumeRecord) -> Self {
+        Self {
+            index: index as u32,
+            name: rec.name.clone(),
+            uuid: rec.uuid,
+            created_at: rec.created_at,
+            replicas: rec.replicas,
+            size: AtomicU64::new(rec.size),
+            seq: AtomicU64::new(rec.generation),
+            map: RwLock::new(
+                (0..rec.size / EXTENT)
+                    .map(|_| AtomicU32::new(UNMAPPED))
+                    .collect(),
+            ),
+            allocated_extents: AtomicU64::new(0),
+            deleted: AtomicBool::new(false),
+            counters: IoCounters::default(),
+            snapshot: rec.snapshot,
+            hidden: AtomicBool::new(rec.hidden),
+            parent: RwLock::new(None),
+            cow: tokio::sync::Mutex::new(()),
+            gate: tokio::sync::RwLock::new(()),
+        }
+    }
+
     fn record(&self) -> VolumeRecord {
         VolumeRecord {
             name: self.name.clone(),
@@ -253,7 +296,31 @@ impl VolRt {
             created_at: self.created_at,
             generation: self.seq.load(SeqCst),
             replicas: self.replicas,
+            snapshot: self.snapshot,
+            hidden: self.hidden.load(SeqCst),
+            parent: self.parent_slot(),
         }
+    }
+
+    /// The snapshot this record is based on, if any.
+    pub(crate) fn parent(&self) -> Option<Arc<VolRt>> {
+        self.parent.read().expect("parent lock").clone()
+    }
+
+    /// 0, or the slot + 1 of the parent (as recorded).
+    fn parent_slot(&self) -> u32 {
+        self.parent().map_or(0, |p| p.index + 1)
+    }
+
+    /// What a journal record compares to see whether the record changed.
+    fn mark(&self) -> ([u8; 16], u64, u64, u32, bool) {
+        (
+            self.uuid,
+            self.size.load(SeqCst),
+            self.seq.load(SeqCst),
+            self.parent_slot(),
+            self.hidden.load(SeqCst),
+        )
     }
 
     /// Point `logical` at physical extent `p` (or [`UNMAPPED`]). Caller holds the state lock.
@@ -328,8 +395,8 @@ struct CommitState {
     unsure: Vec<u32>,
 }
 
-/// A volume slot as the journal records it: (uuid, size, generation), or free.
-type VolumeMark = Option<([u8; 16], u64, u64)>;
+/// A volume slot as the journal records it: (uuid, size, generation, parent, hidden), or free.
+type VolumeMark = Option<([u8; 16], u64, u64, u32, bool)>;
 
 /// What a record snapshot took, to account for once the record is durable.
 struct RecordSnap {
@@ -393,6 +460,8 @@ pub(crate) struct Disk {
     commits_started: AtomicU64,
     /// Give freed extents' space back to the filesystem holding a pool file.
     punch_holes: bool,
+    /// Odd while the chain of records changes (see `snapshot.rs`).
+    chain: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -464,13 +533,27 @@ impl Disk {
         let head = read_at(&*engine, &file, 0, head_len)
             .await
             .map_err(io_err("read"))?;
-        let mut sb = Superblock::decode(&head[..BLOCK as usize]).ok();
+        // A newer format is refused as such, never taken for something to format over.
+        let newer = |d: &Result<Superblock, super::format::FormatError>| match d {
+            Err(super::format::FormatError::UnsupportedVersion(version)) if !force => {
+                Err(PoolError::Newer {
+                    path: p.clone(),
+                    version: *version,
+                })
+            }
+            _ => Ok(()),
+        };
+        let decoded = Superblock::decode(&head[..BLOCK as usize]);
+        newer(&decoded)?;
+        let mut sb = decoded.ok();
         let mut rewrite_a = false;
         if sb.is_none() && &head[..8] == super::format::SB_MAGIC {
             let b = read_at(&*engine, &file, layout.sb_b_offset(), BLOCK as usize)
                 .await
                 .map_err(io_err("read"))?;
-            sb = Superblock::decode(&b).ok();
+            let decoded = Superblock::decode(&b);
+            newer(&decoded)?;
+            sb = decoded.ok();
             rewrite_a = sb.is_some();
             if rewrite_a {
                 tracing::warn!(path = %path.display(), "superblock A is damaged; using copy B");
@@ -501,7 +584,19 @@ impl Disk {
                     drop(disk);
                     disk = Self::new(p.clone(), file, engine, sb);
                     disk.load().await?;
-                    tracing::info!(path = %path.display(), version = disk.layout.version(), "upgraded the pool device's on-disk format in place");
+                    tracing::info!(path = %path.display(), version = disk.sb.version, "upgraded the pool device's on-disk format in place");
+                } else if disk.sb.version < FORMAT_VERSION {
+                    // Same layout; only the version moves (from then on, a build that does not
+                    // know snapshots refuses the device).
+                    disk.sb.version = FORMAT_VERSION;
+                    let encoded = disk.sb.encode();
+                    for at in [disk.layout.sb_b_offset(), 0] {
+                        disk.write_raw(at, &encoded)
+                            .await
+                            .map_err(io_err("write"))?;
+                        disk.fsync().await.map_err(io_err("fdatasync"))?;
+                    }
+                    tracing::info!(path = %path.display(), version = FORMAT_VERSION, "upgraded the pool device's on-disk format in place");
                 }
                 Ok((disk, report))
             }
@@ -516,6 +611,7 @@ impl Disk {
                     node_id: node_id.to_owned(),
                     created_at: now_secs(),
                     layout,
+                    version: FORMAT_VERSION,
                 };
                 let disk = Self::new(p.clone(), file, engine, sb);
                 disk.format().await?;
@@ -583,6 +679,7 @@ impl Disk {
             committed_changes: AtomicU64::new(0),
             commits_started: AtomicU64::new(0),
             punch_holes,
+            chain: AtomicU64::new(0),
         }
     }
 
@@ -685,6 +782,7 @@ impl Disk {
         self.checkpoint(true).await?;
         let sb = Superblock {
             layout: v2,
+            version: FORMAT_VERSION,
             ..self.sb.clone()
         };
         let encoded = sb.encode();
@@ -782,23 +880,16 @@ impl Disk {
             for (i, rec) in meta.volumes.iter().enumerate() {
                 let Some(rec) = rec else { continue };
                 st.volumes_high = st.volumes_high.max(i + 1);
-                st.volumes[i] = Some(Arc::new(VolRt {
-                    index: i as u32,
-                    name: rec.name.clone(),
-                    uuid: rec.uuid,
-                    created_at: rec.created_at,
-                    replicas: rec.replicas,
-                    size: AtomicU64::new(rec.size),
-                    seq: AtomicU64::new(rec.generation),
-                    map: RwLock::new(
-                        (0..rec.size / EXTENT)
-                            .map(|_| AtomicU32::new(UNMAPPED))
-                            .collect(),
-                    ),
-                    allocated_extents: AtomicU64::new(0),
-                    deleted: AtomicBool::new(false),
-                    counters: IoCounters::default(),
-                }));
+                st.volumes[i] = Some(Arc::new(VolRt::new(i, rec)));
+            }
+            // Decode checked that every parent is a live snapshot.
+            for (i, rec) in meta.volumes.iter().enumerate() {
+                let Some(rec) = rec.as_ref().filter(|r| r.parent != 0) else {
+                    continue;
+                };
+                let parent = st.volumes[rec.parent as usize - 1].clone();
+                let v = st.volumes[i].as_ref().expect("loaded above");
+                *v.parent.write().expect("parent lock") = parent;
             }
             st.free.clear();
             for (p, e) in meta.extents.iter().enumerate() {
@@ -929,12 +1020,13 @@ impl Disk {
         &self.file
     }
 
-    /// Every live volume.
+    /// Every live volume (snapshots are not volumes).
     pub(crate) fn volumes(&self) -> Vec<Arc<VolRt>> {
         lock(&self.state)
             .volumes
             .iter()
             .flatten()
+            .filter(|v| !v.snapshot)
             .cloned()
             .collect()
     }
@@ -946,7 +1038,7 @@ impl Disk {
             .volumes
             .iter()
             .flatten()
-            .find(|v| &v.name == name)
+            .find(|v| !v.snapshot && &v.name == name)
             .cloned()
     }
 
@@ -982,23 +1074,20 @@ impl Disk {
                     what: "volume table",
                 });
             };
-            let vol = Arc::new(VolRt {
-                index: index as u32,
-                name: name.clone(),
-                uuid,
-                created_at: now_secs(),
-                replicas,
-                size: AtomicU64::new(size),
-                seq: AtomicU64::new(0),
-                map: RwLock::new(
-                    (0..size / EXTENT)
-                        .map(|_| AtomicU32::new(UNMAPPED))
-                        .collect(),
-                ),
-                allocated_extents: AtomicU64::new(0),
-                deleted: AtomicBool::new(false),
-                counters: IoCounters::default(),
-            });
+            let vol = Arc::new(VolRt::new(
+                index,
+                &VolumeRecord {
+                    name: name.clone(),
+                    uuid,
+                    size,
+                    created_at: now_secs(),
+                    generation: 0,
+                    replicas,
+                    snapshot: false,
+                    hidden: false,
+                    parent: 0,
+                },
+            ));
             st.volumes[index] = Some(vol.clone());
             st.volumes_high = st.volumes_high.max(index + 1);
             vol
@@ -1007,17 +1096,14 @@ impl Disk {
         Ok(vol)
     }
 
-    /// Remove a volume, free its extents, and commit.
+    /// Remove a volume, free its extents, and commit. (Its snapshots stay; a deleted one it
+    /// was based on goes now if nothing else is based on it.)
     pub(crate) async fn delete_volume(&self, vol: &VolRt) -> Result<(), PoolError> {
         {
             let mut st = lock(&self.state);
-            vol.deleted.store(true, SeqCst);
-            st.volumes[vol.index as usize] = None;
-            let map = vol.map.read().expect("volume map lock");
-            for le in 0..map.len() as u64 {
-                self.free_extent_locked(&mut st, vol, &map, le);
-            }
+            self.drop_record(&mut st, vol);
         }
+        self.collect(vol.parent()).await;
         self.commit(false).await
     }
 
@@ -1035,8 +1121,21 @@ impl Disk {
         self.commit(false).await
     }
 
-    /// The physical extent backing `logical`, allocating one if needed.
+    /// The extent `vol` maps at `logical`, allocating one if needed: a copy of its ancestor's
+    /// if one maps it (`snapshot.rs`).
     pub(crate) async fn map_or_alloc(&self, vol: &VolRt, logical: u64) -> Result<u32, AllocError> {
+        let p = vol.lookup(logical);
+        if p != UNMAPPED {
+            return Ok(p);
+        }
+        if self.shared_below(vol, logical) {
+            return self.copy_on_write(vol, logical, true).await;
+        }
+        self.allocate(vol, logical).await
+    }
+
+    /// The extent `vol` maps at `logical`, allocating a fresh one if needed.
+    async fn allocate(&self, vol: &VolRt, logical: u64) -> Result<u32, AllocError> {
         let mut committed_for_space = false;
         loop {
             let p = vol.lookup(logical);
@@ -1321,9 +1420,7 @@ impl Disk {
         }
         let mut volumes = Vec::new();
         for (i, v) in st.volumes.iter().enumerate().take(st.volumes_high) {
-            let now = v
-                .as_ref()
-                .map(|v| (v.uuid, v.size.load(SeqCst), v.seq.load(SeqCst)));
+            let now = v.as_ref().map(|v| v.mark());
             if now != cs.recorded_volumes[i] {
                 volumes.push((i as u32, now));
                 record
@@ -1447,10 +1544,7 @@ impl Disk {
             let volumes: Vec<_> = st
                 .volumes
                 .iter()
-                .map(|v| {
-                    v.as_ref()
-                        .map(|v| (v.uuid, v.size.load(SeqCst), v.seq.load(SeqCst)))
-                })
+                .map(|v| v.as_ref().map(|v| v.mark()))
                 .collect();
             (meta, new_open, releasable, volumes)
         };

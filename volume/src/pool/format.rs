@@ -22,6 +22,10 @@
 //!   `journal.rs`): a flush appends one record there. Everything else is laid out exactly as in
 //!   version 1, so a version 1 device is upgraded in place at open: whatever data its last
 //!   extents hold is moved to free extents, and the superblocks are rewritten (B, then A).
+//! - **3**: snapshots: a record of the volume table may be a snapshot and may be based on one
+//!   (`metadata.rs`). The layout is version 2's, so a version 2 device is upgraded at open by
+//!   rewriting its superblocks (B, then A). A build that knows only version 2 refuses a
+//!   version 3 device and says to upgrade, so it never reads a snapshot as a volume.
 //!
 //! # Superblock
 //!
@@ -55,7 +59,7 @@ pub const MAX_DEVICE_BYTES: u64 = (u32::MAX as u64) * EXTENT;
 /// The magic at the start of a superblock.
 pub const SB_MAGIC: &[u8; 8] = b"BALLASTP";
 /// The current on-disk format version.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Extents at the end of the data area that hold the journal (format 2).
 pub const JOURNAL_EXTENTS: u32 = 4;
 /// Bytes per volume record in the metadata body.
@@ -190,7 +194,7 @@ impl Layout {
         }
     }
 
-    /// The format version this layout is.
+    /// The newest format version with this layout (1 without a journal).
     pub fn version(&self) -> u32 {
         if self.journal_extents == 0 {
             1
@@ -246,6 +250,8 @@ pub struct Superblock {
     pub created_at: u64,
     /// The geometry.
     pub layout: Layout,
+    /// The format version recorded (1 only with a layout without a journal).
+    pub version: u32,
 }
 
 pub(crate) fn put_u32(b: &mut [u8], at: usize, v: u32) {
@@ -270,7 +276,7 @@ impl Superblock {
         let mut b = vec![0u8; BLOCK as usize];
         let l = &self.layout;
         b[0..8].copy_from_slice(SB_MAGIC);
-        put_u32(&mut b, 8, l.version());
+        put_u32(&mut b, 8, self.version);
         put_u32(&mut b, 12, BLOCK as u32);
         put_u32(&mut b, 16, EXTENT as u32);
         b[24..40].copy_from_slice(&self.pool_uuid);
@@ -354,6 +360,7 @@ impl Superblock {
             node_id: String::from_utf8_lossy(&b[130..130 + n]).into_owned(),
             created_at: get_u64(b, 120),
             layout,
+            version,
         })
     }
 }
@@ -411,6 +418,7 @@ mod tests {
             node_id: "n".into(),
             created_at: 1,
             layout: Layout::for_device(MIN_DEVICE_BYTES).unwrap(),
+            version: FORMAT_VERSION,
         };
         for size in [u64::MAX, u64::MAX - BLOCK, MAX_DEVICE_BYTES + EXTENT] {
             let mut b = sb.encode();
@@ -459,6 +467,7 @@ mod tests {
             node_id: "node-a".into(),
             created_at: 42,
             layout: Layout::for_device(1 << 30).unwrap(),
+            version: FORMAT_VERSION,
         };
         let mut b = sb.encode();
         assert_eq!(Superblock::decode(&b).unwrap(), sb);
@@ -482,6 +491,7 @@ mod tests {
                 node_id: "n".into(),
                 created_at: 1,
                 layout: Layout::for_device(256 << 20).unwrap(),
+                version: FORMAT_VERSION,
             };
             let mut b = sb.encode();
             let end = (at + junk.len()).min(b.len());

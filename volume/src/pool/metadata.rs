@@ -19,24 +19,35 @@
 //!
 //! ```text
 //! volume table   max_volumes records of 128 bytes:
-//!                  0 state u8 (0 free, 1 live)   1 name length u8   2..65 name
-//!                 68 uuid [16]   88 size u64   96 created_at u64   104 generation u64
-//!                112 desired replicas u8
+//!                  0 state u8 (0 free, 1 volume, 2 snapshot; format 3)   1 name length u8
+//!                  2..65 name   68 uuid [16] (a snapshot's: its source volume's)
+//!                 88 size u64   96 created_at u64   104 generation u64
+//!                112 desired replicas u8   113 flags u8 (bit 0: a deleted snapshot kept for
+//!                the records based on it)   116 parent u32 (0 = none, else the slot + 1 of
+//!                the snapshot this record is based on)
 //! extent table   n_extents entries of 16 bytes, one per physical extent:
-//!                  0 owner u32 (0 = free, else volume index + 1)   4 logical extent u32
+//!                  0 owner u32 (0 = free, else the owning record's slot + 1)   4 logical extent u32
 //!                  8 generation u64 (the volume's write sequence at the extent's last write)
 //! open bitmap    one bit per physical extent: the extent may hold data newer than its
 //!                durable checksums (see `disk.rs`), so recovery recomputes them
 //! ```
 //!
-//! Decoding checks the invariants: every owner is a live volume, every logical index lies
-//! inside its volume, and no two physical extents claim the same logical extent.
+//! Decoding checks the invariants: every owner is a live record, every logical index lies
+//! inside its record, no two physical extents claim the same logical extent of one record,
+//! every parent is a live snapshot, and parents form no cycle.
+//!
+//! # Snapshots (format 3)
+//!
+//! Records form a forest. A snapshot is a read-only record; a volume or snapshot based on one
+//! (its `parent`) reads through to it wherever it maps no extent of its own. Every physical
+//! extent still has exactly one owner, so sharing needs no reference counts: an extent of a
+//! snapshot is shared by every record below it that does not map that logical extent itself.
+//! Taking a snapshot of a volume moves the volume's extents to a new snapshot record (a
+//! change of owner, no data moves) and bases the volume on it; the volume's first write to a
+//! logical extent after that copies the snapshot's extent once (`disk.rs`).
 //!
 //! # Designed for later
 //!
-//! - **Snapshots** (copy-on-write): the owner field becomes a reference to an extent-map node
-//!   and a per-extent reference count is added; writes to a shared extent allocate a new one.
-//!   The format version is bumped; the slot mechanism is unchanged.
 //! - **Encryption** (AES-XTS per volume): the volume record gains a wrapped key and a cipher
 //!   ID in its reserved bytes; checksums cover the ciphertext, so scrub and rebuild need no key.
 //! - **Generations** are already stored per extent; delta rebuild sends the extents whose
@@ -82,6 +93,13 @@ pub struct VolumeRecord {
     pub generation: u64,
     /// The desired replica count.
     pub replicas: u8,
+    /// A snapshot (read-only) rather than a volume.
+    pub snapshot: bool,
+    /// A deleted snapshot kept because other records are based on it (not listed; its name
+    /// is free).
+    pub hidden: bool,
+    /// 0, or the slot + 1 of the snapshot this record is based on.
+    pub parent: u32,
 }
 
 /// One physical extent's owner.
@@ -177,18 +195,42 @@ impl MetaState {
         Ok(s)
     }
 
-    /// Check the invariants: volume names are unique, every owner is a live volume, every
-    /// logical index lies inside its volume, no two physical extents claim the same logical
-    /// extent, and the journal's extents are free.
+    /// Check the invariants: volume names are unique, and so are the names of the listed
+    /// snapshots; every owner is a live record, every logical index lies inside its record, no
+    /// two physical extents claim the same logical extent, every parent is a live snapshot and
+    /// parents form no cycle, and the journal's extents are free.
     ///
     /// # Errors
     /// [`MetadataError::Inconsistent`] naming the broken invariant.
     pub fn check(&self, layout: &Layout) -> Result<(), MetadataError> {
         let bad = |m: String| MetadataError::Inconsistent(m);
         let mut names = HashSet::new();
-        for v in self.volumes.iter().flatten() {
-            if !names.insert(v.name.clone()) {
-                return Err(bad(format!("volume name {} appears twice", v.name)));
+        for v in self.volumes.iter().flatten().filter(|v| !v.hidden) {
+            if !names.insert((v.snapshot, v.name.clone())) {
+                return Err(bad(format!("the name {} appears twice", v.name)));
+            }
+        }
+        for (i, v) in self.volumes.iter().enumerate() {
+            let Some(v) = v else { continue };
+            // At most one step per slot: a longer walk is a cycle.
+            let mut at = v.parent;
+            for _ in 0..=self.volumes.len() {
+                if at == 0 {
+                    break;
+                }
+                match self.volumes.get(at as usize - 1).and_then(Option::as_ref) {
+                    Some(p) if p.snapshot => at = p.parent,
+                    _ => {
+                        return Err(bad(format!(
+                            "record {i} ({}) is based on slot {}, which is not a snapshot",
+                            v.name,
+                            at - 1
+                        )))
+                    }
+                }
+            }
+            if at != 0 {
+                return Err(bad(format!("record {i} ({}) is based on a cycle", v.name)));
             }
         }
         let mut claimed = HashSet::new();
@@ -231,7 +273,7 @@ impl MetaState {
 impl VolumeRecord {
     /// Encode into a zeroed 128-byte record.
     pub(crate) fn encode(&self, r: &mut [u8]) {
-        r[0] = 1;
+        r[0] = if self.snapshot { 2 } else { 1 };
         let name = self.name.as_str().as_bytes();
         r[1] = name.len() as u8;
         r[2..2 + name.len()].copy_from_slice(name);
@@ -240,6 +282,8 @@ impl VolumeRecord {
         put_u64(r, 96, self.created_at);
         put_u64(r, 104, self.generation);
         r[112] = self.replicas;
+        r[113] = u8::from(self.hidden);
+        put_u32(r, 116, self.parent);
     }
 
     /// Decode the 128-byte record of volume slot `i`: `None` if the slot is free.
@@ -247,7 +291,7 @@ impl VolumeRecord {
         let bad = |m: String| MetadataError::Inconsistent(m);
         match r[0] {
             0 => Ok(None),
-            1 => {
+            1 | 2 => {
                 let n = r[1] as usize;
                 let name = std::str::from_utf8(
                     r.get(2..2 + n)
@@ -276,6 +320,9 @@ impl VolumeRecord {
                     created_at: get_u64(r, 96),
                     generation: get_u64(r, 104),
                     replicas: r[112],
+                    snapshot: r[0] == 2,
+                    hidden: r[0] == 2 && r[113] & 1 != 0,
+                    parent: get_u32(r, 116),
                 }))
             }
             s => Err(bad(format!("volume {i}: unknown state {s}"))),
@@ -381,6 +428,9 @@ mod tests {
             created_at: 99,
             generation: 1234,
             replicas: 1,
+            snapshot: false,
+            hidden: false,
+            parent: 0,
         });
         s.extents[10] = ExtentEntry {
             owner: 4,

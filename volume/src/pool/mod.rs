@@ -33,10 +33,13 @@ pub mod format;
 pub mod journal;
 pub mod metadata;
 pub mod replica;
+mod snapshots;
 pub mod stats;
 
+pub use disk::SnapshotUsage;
 pub use disk::{encode_crc, OpenReport, KEEP_OPEN_COMMITS, OPEN_LIMIT};
 pub use replica::Replica;
+pub use snapshots::SnapshotInfo;
 
 /// One replica of a volume and the pool device holding it.
 #[derive(Debug, Clone)]
@@ -100,6 +103,14 @@ pub enum PoolError {
         path: PathBuf,
         /// What was found.
         what: String,
+    },
+    /// The device holds a pool of an on-disk format newer than this build reads.
+    #[error("pool device {path} holds a Ballast pool of on-disk format {version}, newer than this build reads ({}); upgrade ballast (never format the device: that loses its volumes)", format::FORMAT_VERSION)]
+    Newer {
+        /// The device.
+        path: PathBuf,
+        /// Its format version.
+        version: u32,
     },
     /// The device's geometry or superblock is unusable.
     #[error("pool device {path} cannot hold a Ballast pool")]

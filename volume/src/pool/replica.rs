@@ -45,10 +45,20 @@ struct Pins<'a> {
 }
 
 impl Pins<'_> {
-    /// Pin the extent mapped at `logical`, or return `UNMAPPED`.
+    /// The extent to pin at `logical`: a writer's own (`map_or_alloc` made it), else
+    /// whichever extent the volume reads there (its own or an ancestor's).
+    fn find(&self, vol: &VolRt, logical: u64) -> u32 {
+        if self.writing {
+            vol.lookup(logical)
+        } else {
+            self.disk.resolve(vol, logical)
+        }
+    }
+
+    /// Pin the extent mapped at `logical` (see [`Pins::find`]), or return `UNMAPPED`.
     fn pin(&mut self, vol: &VolRt, logical: u64) -> u32 {
         loop {
-            let p = vol.lookup(logical);
+            let p = self.find(vol, logical);
             if p == UNMAPPED {
                 return p;
             }
@@ -59,7 +69,7 @@ impl Pins<'_> {
                 e.version.fetch_add(1, SeqCst);
                 e.last_write.store(self.disk.current_interval(), SeqCst);
             }
-            if vol.lookup(logical) == p {
+            if self.find(vol, logical) == p {
                 self.extents.push(p);
                 return p;
             }
@@ -103,6 +113,33 @@ fn commit_failed(op: &'static str, offset: u64, len: u64, e: PoolError) -> Devic
     }
 }
 
+/// Allocating an extent for an operation failed.
+fn alloc_failed(
+    op: &'static str,
+    offset: u64,
+    len: u64,
+    disk: &Disk,
+    e: AllocError,
+) -> DeviceError {
+    match e {
+        AllocError::NoSpace => DeviceError::new(
+            DeviceErrorKind::NoSpace,
+            op,
+            offset,
+            len,
+            format!("pool {} has no free extent", disk.path.display()),
+        ),
+        AllocError::Closed => DeviceError::new(
+            DeviceErrorKind::Closed,
+            op,
+            offset,
+            len,
+            "the volume was deleted",
+        ),
+        AllocError::Commit(e) => commit_failed(op, offset, len, e),
+    }
+}
+
 /// Writes registered as in flight; unregistered on drop, also if the write is cancelled.
 struct Registered<'a> {
     disk: &'a Disk,
@@ -139,7 +176,7 @@ impl Replica {
             extent_size: EXTENT,
             extents: (0..extents)
                 .filter_map(|logical| {
-                    let p = self.vol.lookup(logical);
+                    let p = self.disk.resolve(&self.vol, logical);
                     (p != UNMAPPED).then(|| ExtentGeneration {
                         extent: logical,
                         generation: self.disk.ext[p as usize].generation.load(SeqCst),
@@ -296,6 +333,8 @@ impl Replica {
         if let Err(error) = self.check("write", offset, len) {
             return Err(BufError { error, buf });
         }
+        // Held to the end: a snapshot waits for this write (see `disk/snapshot.rs`).
+        let _gate = self.vol.gate.read().await;
         let first = offset / BLOCK;
         let nblocks = (len / BLOCK) as usize;
         let crcs: Vec<u32> = buf.chunks(BLOCK as usize).map(encode_crc).collect();
@@ -314,23 +353,7 @@ impl Replica {
                 logical = lb / BLOCKS_PER_EXTENT;
                 loop {
                     if let Err(e) = self.disk.map_or_alloc(&self.vol, logical).await {
-                        let error = match e {
-                            AllocError::NoSpace => DeviceError::new(
-                                DeviceErrorKind::NoSpace,
-                                "write",
-                                offset,
-                                len,
-                                format!("pool {} has no free extent", self.disk.path.display()),
-                            ),
-                            AllocError::Closed => DeviceError::new(
-                                DeviceErrorKind::Closed,
-                                "write",
-                                offset,
-                                len,
-                                "the volume was deleted",
-                            ),
-                            AllocError::Commit(e) => commit_failed("write", offset, len, e),
-                        };
+                        let error = alloc_failed("write", offset, len, &self.disk, e);
                         return Err(BufError { error, buf });
                     }
                     p = pins.pin(&self.vol, logical);
@@ -425,14 +448,24 @@ impl Replica {
         Ok(buf)
     }
 
-    fn zero_range(&self, op: &'static str, offset: u64, len: u64) -> Result<(), DeviceError> {
+    async fn zero_range(&self, op: &'static str, offset: u64, len: u64) -> Result<(), DeviceError> {
         self.check(op, offset, len)?;
+        let _gate = self.vol.gate.read().await;
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
             let logical = pos / EXTENT;
             let ext_end = ((logical + 1) * EXTENT).min(end);
-            if pos % EXTENT == 0 && ext_end - pos == EXTENT {
+            let whole = pos % EXTENT == 0 && ext_end - pos == EXTENT;
+            if self.vol.lookup(logical) == UNMAPPED && self.disk.shared_below(&self.vol, logical) {
+                // A snapshot's data shows through here: the volume needs an extent of its own
+                // that reads as zeros where zeroed (a copy, for a part of the extent).
+                self.disk
+                    .copy_on_write(&self.vol, logical, !whole)
+                    .await
+                    .map_err(|e| alloc_failed(op, offset, len, &self.disk, e))?;
+            }
+            if whole && !self.disk.shared_below(&self.vol, logical) {
                 self.disk.free_extent(&self.vol, logical);
             } else {
                 let p = self.vol.lookup(logical);
@@ -499,7 +532,7 @@ impl BlockDevice for Replica {
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         let start = Instant::now();
-        let r = self.zero_range("discard", offset, len);
+        let r = self.zero_range("discard", offset, len).await;
         self.vol
             .counters
             .discard
@@ -509,7 +542,7 @@ impl BlockDevice for Replica {
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         let start = Instant::now();
-        let mut r = self.zero_range("write_zeroes", offset, len);
+        let mut r = self.zero_range("write_zeroes", offset, len).await;
         if r.is_ok() {
             // Zeroes the caller relies on: committed before they are acknowledged (see the
             // module docs), so a crash never brings the old data back.
