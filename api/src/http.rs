@@ -20,11 +20,41 @@ use crate::{NodeRecord, PoolStatus, VolumeStatus};
 pub struct CreateVolumeRequest {
     /// The volume name; validated by the server.
     pub name: String,
-    /// The size: a number of bytes or a string such as `"10GiB"`.
-    pub size: ByteSize,
+    /// The size: a number of bytes or a string such as `"10GiB"`. Required, except for a
+    /// copy (`source`), which is its source's size unless larger is asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<ByteSize>,
     /// Synchronous replicas (default 1).
     #[serde(default = "one_replica")]
     pub replicas: u8,
+    /// What it starts from: `{"snapshot": NAME}` or `{"volume": NAME}`; empty if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::VolumeSource>,
+}
+
+/// `POST /v1/snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotRequest {
+    /// The snapshot's name; validated by the server.
+    pub name: String,
+    /// The volume to snapshot.
+    pub volume: String,
+}
+
+/// `GET /v1/snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotList {
+    /// Every snapshot, sorted by name.
+    pub snapshots: Vec<crate::SnapshotStatus>,
+}
+
+/// `POST /v1/volumes/{name}/revert`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevertVolumeRequest {
+    /// The snapshot of the volume to revert to.
+    pub snapshot: String,
 }
 
 fn one_replica() -> u8 {

@@ -445,6 +445,40 @@ pub struct VolumeStatus {
     pub replica_status: Vec<ReplicaStatus>,
 }
 
+/// What the control plane reports about a snapshot: a read-only, crash-consistent image of a
+/// volume at one instant, taken at a write barrier on every replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotStatus {
+    /// Its name, which is also its id.
+    pub name: VolumeName,
+    /// The volume it was taken of (`None` only if no record of its name is left).
+    pub source_volume: Option<VolumeName>,
+    /// Whether that volume still exists (it may be deleted; the snapshot stays).
+    pub source_exists: bool,
+    /// The volume's size when it was taken.
+    pub size_bytes: u64,
+    /// Seconds since the Unix epoch when it was taken.
+    pub created_at: u64,
+    /// Whether it can be cloned or reverted to (always, once taken).
+    pub ready_to_use: bool,
+    /// Bytes of pool space only it holds (what deleting it frees), over its replicas.
+    pub exclusive_bytes: u64,
+    /// Bytes of pool space it shares with its volume and clones, over its replicas.
+    pub shared_bytes: u64,
+    /// How many replicas of it there are.
+    pub replicas: u8,
+}
+
+/// What a new volume starts from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum VolumeSource {
+    /// A copy of a snapshot: thin, sharing its extents.
+    Snapshot(VolumeName),
+    /// A copy of a volume as it is now (through a snapshot that is not listed).
+    Volume(VolumeName),
+}
+
 /// What the control plane reports about a pool (one backing device of a node).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolStatus {
@@ -609,6 +643,73 @@ pub trait VolumeControl: Send + Sync + 'static {
 
     /// Every pool device of this node.
     fn list_pools(&self) -> impl Future<Output = Result<Vec<PoolStatus>, ControlError>> + Send;
+
+    /// Snapshot `volume` as `name`, at a write barrier: every write completed before it is
+    /// in the snapshot, none after. Taking it again answers with it; the name taken by a
+    /// snapshot of another volume is a `Conflict`.
+    fn create_snapshot(
+        &self,
+        volume: &VolumeName,
+        name: &VolumeName,
+    ) -> impl Future<Output = Result<SnapshotStatus, ControlError>> + Send {
+        let _ = (volume, name);
+        async { Err(no_snapshots()) }
+    }
+
+    /// Delete a snapshot; what clones of it read stays. `NotFound` if it does not exist.
+    fn delete_snapshot(
+        &self,
+        name: &VolumeName,
+    ) -> impl Future<Output = Result<(), ControlError>> + Send {
+        let _ = name;
+        async { Err(no_snapshots()) }
+    }
+
+    /// Look up one snapshot.
+    fn get_snapshot(
+        &self,
+        name: &VolumeName,
+    ) -> impl Future<Output = Result<SnapshotStatus, ControlError>> + Send {
+        let _ = name;
+        async { Err(no_snapshots()) }
+    }
+
+    /// Every snapshot, sorted by name.
+    fn list_snapshots(
+        &self,
+    ) -> impl Future<Output = Result<Vec<SnapshotStatus>, ControlError>> + Send {
+        async { Err(no_snapshots()) }
+    }
+
+    /// Create volume `spec` from `source` (its size may be 0: the source's). Idempotent for
+    /// the same clone.
+    fn create_volume_from(
+        &self,
+        spec: VolumeSpec,
+        source: VolumeSource,
+    ) -> impl Future<Output = Result<VolumeStatus, ControlError>> + Send {
+        let _ = (spec, source);
+        async { Err(no_snapshots()) }
+    }
+
+    /// Make the detached volume `name` read what its snapshot `snapshot` holds; what it wrote
+    /// since is gone.
+    fn revert_volume(
+        &self,
+        name: &VolumeName,
+        snapshot: &VolumeName,
+    ) -> impl Future<Output = Result<VolumeStatus, ControlError>> + Send {
+        let _ = (name, snapshot);
+        async { Err(no_snapshots()) }
+    }
+}
+
+/// The answer of a [`VolumeControl`] without snapshots.
+fn no_snapshots() -> ControlError {
+    ControlError::new(
+        ErrorKind::Unimplemented,
+        "this backend has no snapshots or clones",
+    )
 }
 
 /// A storage node: what the cluster records of it (under its lease), what placement sees, and

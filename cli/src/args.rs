@@ -17,13 +17,21 @@ pub enum NodeCommand {
 /// `ballast volume …`
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
-    /// Create a volume (idempotent when the spec is identical).
+    /// Create a volume (idempotent when the spec is identical), empty or as a copy of a
+    /// snapshot or of another volume (thin: it shares their extents, and is usable at once).
     Create {
         /// The volume name: a lowercase DNS label of at most 63 characters.
         name: String,
-        /// The size, e.g. 10GiB, 500MiB, 1G or a number of bytes.
+        /// The size, e.g. 10GiB, 500MiB, 1G or a number of bytes. A copy is its source's size
+        /// unless a larger one is given.
+        #[arg(long, required_unless_present_any = ["from_snapshot", "from_volume"])]
+        size: Option<String>,
+        /// Start as a copy of this snapshot.
+        #[arg(long, conflicts_with = "from_volume")]
+        from_snapshot: Option<String>,
+        /// Start as a copy of this volume as it is now.
         #[arg(long)]
-        size: String,
+        from_volume: Option<String>,
         /// Synchronous replicas, 1 to 5: on distinct nodes (cluster mode), or on distinct pool
         /// devices of this node (standalone).
         #[arg(long, default_value_t = 1)]
@@ -52,6 +60,18 @@ pub enum VolumeCommand {
     Delete {
         /// The volume name.
         name: String,
+    },
+    /// Make a detached volume read what one of its snapshots holds. What it wrote since the
+    /// snapshot is lost.
+    Revert {
+        /// The volume name.
+        name: String,
+        /// The snapshot to revert to.
+        #[arg(long)]
+        snapshot: String,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Grow a volume (shrinking is refused).
     Resize {
@@ -114,6 +134,40 @@ pub enum VolumeCommand {
     Unmount(crate::mount::UnmountArgs),
 }
 
+/// `ballast snapshot …`
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Snapshot a volume: a read-only image of it at one instant, taken at a write barrier
+    /// (idempotent for the same volume and name).
+    Create {
+        /// The volume to snapshot.
+        volume: String,
+        /// The snapshot's name: a lowercase DNS label of at most 63 characters.
+        name: String,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// List snapshots.
+    #[command(alias = "ls")]
+    List(OutputArgs),
+    /// Show one snapshot.
+    Inspect {
+        /// The snapshot's name.
+        name: String,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Delete a snapshot. Space only it holds is freed; volumes copied from it keep what
+    /// they read.
+    #[command(alias = "rm")]
+    Delete {
+        /// The snapshot's name.
+        name: String,
+    },
+}
+
 /// `ballast pool …`
 #[derive(Debug, Subcommand)]
 pub enum PoolCommand {
@@ -152,6 +206,9 @@ pub enum ClientCommand {
     /// Create, list, inspect, resize and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Create, list, inspect and delete snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Show this node's storage pools.
     #[command(subcommand)]
     Pool(PoolCommand),

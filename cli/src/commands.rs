@@ -9,18 +9,19 @@
 
 use std::fmt::Write;
 
-use ::api::{format_size, PoolStatus, VolumeName, VolumeStatus};
+use ::api::{format_size, PoolStatus, SnapshotStatus, VolumeName, VolumeSource, VolumeStatus};
 use hyper::StatusCode;
 use serde::Serialize;
 
 use ::api::byte_size::ByteSize;
 use ::api::http::{
-    AttachRequest, CreateVolumeRequest, DetachRequest, ExportInfo, ExportRequest, NodeList,
-    NodeStatus, PoolList, ResizeVolumeRequest, VolumeList,
+    AttachRequest, CreateSnapshotRequest, CreateVolumeRequest, DetachRequest, ExportInfo,
+    ExportRequest, NodeList, NodeStatus, PoolList, ResizeVolumeRequest, RevertVolumeRequest,
+    SnapshotList, VolumeList,
 };
 use ::api::Attachment;
 
-use crate::args::{NodeCommand, OutputFormat, PoolCommand, VolumeCommand};
+use crate::args::{NodeCommand, OutputFormat, PoolCommand, SnapshotCommand, VolumeCommand};
 use crate::client::{ApiClient, ClientError};
 use crate::table::{duration, key_values, utc_timestamp, Table};
 
@@ -36,15 +37,28 @@ pub async fn volume(client: &ApiClient, command: VolumeCommand) -> Result<Output
         VolumeCommand::Create {
             name,
             size,
+            from_snapshot,
+            from_volume,
             replicas,
             output,
         } => {
             let name = validate_name(&name)?;
-            let size = validate_size(&size)?;
+            let size = size.as_deref().map(validate_size).transpose()?;
+            let source = match (from_snapshot, from_volume) {
+                (Some(s), _) => Some(VolumeSource::Snapshot(validate_name(&s)?)),
+                (None, Some(v)) => Some(VolumeSource::Volume(validate_name(&v)?)),
+                (None, None) => None,
+            };
+            if size.is_none() && source.is_none() {
+                return Err(ClientError::InvalidArgument(
+                    "give the volume a --size, or make it a copy with --from-snapshot or --from-volume".to_owned(),
+                ));
+            }
             let request = CreateVolumeRequest {
                 name: name.to_string(),
                 size,
                 replicas,
+                source,
             };
             let (status, volume): (_, VolumeStatus) = client.post("/v1/volumes", &request).await?;
             Ok(match output.format {
@@ -80,6 +94,25 @@ pub async fn volume(client: &ApiClient, command: VolumeCommand) -> Result<Output
             let name = validate_name(&name)?;
             client.delete(&volume_path(&name)).await?;
             Ok(format!("volume {name} deleted\n"))
+        }
+        VolumeCommand::Revert {
+            name,
+            snapshot,
+            output,
+        } => {
+            let name = validate_name(&name)?;
+            let snapshot = validate_name(&snapshot)?;
+            let path = format!("{}/revert", volume_path(&name));
+            let request = RevertVolumeRequest {
+                snapshot: snapshot.to_string(),
+            };
+            let (_, volume): (_, VolumeStatus) = client.post(&path, &request).await?;
+            Ok(match output.format {
+                OutputFormat::Json => json(&volume),
+                OutputFormat::Table => {
+                    format!("volume {} reverted to snapshot {snapshot}\n", volume.name)
+                }
+            })
         }
         VolumeCommand::Resize { name, size, output } => {
             let name = validate_name(&name)?;
@@ -145,6 +178,113 @@ pub async fn volume(client: &ApiClient, command: VolumeCommand) -> Result<Output
         VolumeCommand::Mount(args) => crate::mount::mount(client, args).await,
         VolumeCommand::Unmount(args) => crate::mount::unmount(client, args).await,
     }
+}
+
+/// Run a `ballast snapshot …` command.
+///
+/// # Errors
+/// A local validation failure, the daemon being unreachable, or the daemon's error answer.
+pub async fn snapshot(client: &ApiClient, command: SnapshotCommand) -> Result<Output, ClientError> {
+    match command {
+        SnapshotCommand::Create {
+            volume,
+            name,
+            output,
+        } => {
+            let volume = validate_name(&volume)?;
+            let name = validate_name(&name)?;
+            let request = CreateSnapshotRequest {
+                name: name.to_string(),
+                volume: volume.to_string(),
+            };
+            let (status, snap): (_, SnapshotStatus) =
+                client.post("/v1/snapshots", &request).await?;
+            Ok(match output.format {
+                OutputFormat::Json => json(&snap),
+                OutputFormat::Table if status == StatusCode::CREATED => {
+                    format!("snapshot {} of volume {volume} created\n", snap.name)
+                }
+                OutputFormat::Table => {
+                    format!("snapshot {} of volume {volume} already exists\n", snap.name)
+                }
+            })
+        }
+        SnapshotCommand::List(output) => {
+            let list: SnapshotList = client.get("/v1/snapshots").await?;
+            Ok(match output.format {
+                OutputFormat::Json => json(&list.snapshots),
+                OutputFormat::Table => snapshot_table(&list.snapshots),
+            })
+        }
+        SnapshotCommand::Inspect { name, output } => {
+            let name = validate_name(&name)?;
+            let snap: SnapshotStatus = client.get(&snapshot_path(&name)).await?;
+            Ok(match output.format {
+                OutputFormat::Json => json(&snap),
+                OutputFormat::Table => snapshot_details(&snap),
+            })
+        }
+        SnapshotCommand::Delete { name } => {
+            let name = validate_name(&name)?;
+            client.delete(&snapshot_path(&name)).await?;
+            Ok(format!("snapshot {name} deleted\n"))
+        }
+    }
+}
+
+fn snapshot_path(name: &VolumeName) -> String {
+    format!("/v1/snapshots/{name}")
+}
+
+fn source_cell(s: &SnapshotStatus) -> String {
+    match (&s.source_volume, s.source_exists) {
+        (Some(v), true) => v.to_string(),
+        (Some(v), false) => format!("{v} (deleted)"),
+        (None, _) => "-".to_owned(),
+    }
+}
+
+fn snapshot_table(snaps: &[SnapshotStatus]) -> Output {
+    if snaps.is_empty() {
+        return "no snapshots\n".to_owned();
+    }
+    let mut t = Table::new(["NAME", "VOLUME", "SIZE", "EXCLUSIVE", "SHARED", "CREATED"]);
+    for s in snaps {
+        t.row([
+            s.name.to_string(),
+            source_cell(s),
+            format_size(s.size_bytes),
+            format_size(s.exclusive_bytes),
+            format_size(s.shared_bytes),
+            utc_timestamp(s.created_at),
+        ]);
+    }
+    t.render()
+}
+
+fn snapshot_details(s: &SnapshotStatus) -> Output {
+    key_values(&[
+        ("name", s.name.to_string()),
+        ("volume", source_cell(s)),
+        (
+            "size",
+            format!("{} ({} bytes)", format_size(s.size_bytes), s.size_bytes),
+        ),
+        (
+            "exclusive",
+            format!("{} (freed by deleting it)", format_size(s.exclusive_bytes)),
+        ),
+        (
+            "shared",
+            format!(
+                "{} (with its volume and copies)",
+                format_size(s.shared_bytes)
+            ),
+        ),
+        ("replicas", s.replicas.to_string()),
+        ("ready", s.ready_to_use.to_string()),
+        ("created", utc_timestamp(s.created_at)),
+    ])
 }
 
 /// Run a `ballast pool …` command.

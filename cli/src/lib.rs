@@ -55,6 +55,7 @@ pub fn run(command: ClientCommand, socket: &Path) -> ExitCode {
                 commands::watch_volume(&client, &name, output.format, tty, &mut emit).await
             }
             ClientCommand::Volume(c) => commands::volume(&client, c).await,
+            ClientCommand::Snapshot(c) => commands::snapshot(&client, c).await,
             ClientCommand::Pool(c) => commands::pool(&client, c).await,
             ClientCommand::Status(o) => commands::status(&client, o.format).await,
             ClientCommand::Node(c) => commands::node(&client, c).await,

@@ -34,7 +34,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ::api::{
     format_size, round_volume_size, ControlError, ErrorKind, PlacementHints, PoolStatus,
-    ReplicaStatus, VolumeControl, VolumeName, VolumeSpec, VolumeState, VolumeStatus, MAX_REPLICAS,
+    ReplicaStatus, SnapshotStatus, VolumeControl, VolumeName, VolumeSource, VolumeSpec,
+    VolumeState, VolumeStatus, MAX_REPLICAS,
 };
 use replication::fence::FenceTable;
 use replication::nexus::{ChildSpec, ChildState, EjectFuture, Ejector, Nexus, Resizable};
@@ -59,7 +60,7 @@ pub const ORPHAN_GRACE: Duration = Duration::from_secs(3600);
 /// Compare-and-swap retries before giving up on a contended record.
 const CAS_RETRIES: usize = 20;
 
-fn store_error(e: StoreError) -> ControlError {
+pub(crate) fn store_error(e: StoreError) -> ControlError {
     ControlError::new(ErrorKind::Unavailable, "the cluster store cannot be used").with_source(e)
 }
 
@@ -500,7 +501,7 @@ impl Cluster {
         }
     }
 
-    fn status(&self, rec: &VolumeRecord) -> VolumeStatus {
+    pub(crate) fn status(&self, rec: &VolumeRecord) -> VolumeStatus {
         // Allocation of the replicas on this node, by pool device.
         let local: Vec<(String, u64)> = VolumeName::new(&rec.name)
             .ok()
@@ -1357,6 +1358,42 @@ impl VolumeControl for ClusterSource {
             tracing::warn!(volume = %name, error = %e.full_message(), "the attached device does not serve the new size yet");
         }
         Ok(c.status(&rec))
+    }
+
+    async fn create_snapshot(
+        &self,
+        volume: &VolumeName,
+        name: &VolumeName,
+    ) -> Result<SnapshotStatus, ControlError> {
+        self.0.create_snapshot(volume, name).await
+    }
+
+    async fn delete_snapshot(&self, name: &VolumeName) -> Result<(), ControlError> {
+        self.0.delete_snapshot(name).await
+    }
+
+    async fn get_snapshot(&self, name: &VolumeName) -> Result<SnapshotStatus, ControlError> {
+        self.0.get_snapshot(name).await
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotStatus>, ControlError> {
+        self.0.list_snapshots().await
+    }
+
+    async fn create_volume_from(
+        &self,
+        spec: VolumeSpec,
+        source: VolumeSource,
+    ) -> Result<VolumeStatus, ControlError> {
+        self.0.create_volume_from(spec, source).await
+    }
+
+    async fn revert_volume(
+        &self,
+        name: &VolumeName,
+        snapshot: &VolumeName,
+    ) -> Result<VolumeStatus, ControlError> {
+        self.0.revert_volume(name, snapshot).await
     }
 
     async fn list_pools(&self) -> Result<Vec<PoolStatus>, ControlError> {

@@ -18,6 +18,7 @@ pub mod model;
 pub mod peer;
 pub mod placement;
 pub mod repair;
+pub mod snapshots;
 pub mod standalone;
 pub mod store;
 

@@ -247,3 +247,35 @@ fn a_volume_reverts_to_its_snapshot_and_callers_get_clear_errors() {
         assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
     });
 }
+
+#[test]
+fn a_volume_cloned_from_a_volume_is_independent_and_its_hidden_base_goes_with_it() {
+    rt().block_on(async {
+        let dir = tempdir();
+        let s = open(&dir.path().join("pool"), 64 * MIB, EngineKind::Auto).await;
+        let v = volume(&s, "db", 4 * MIB).await;
+        write(&v, 0, 1).await;
+        write(&v, 300, 1).await;
+        s.clone_volume(&n("db"), &n("copy"), 0).await.unwrap();
+        assert!(s.list_snapshots().is_empty(), "its base is not listed");
+        let c = s.replica(&n("copy")).unwrap();
+        write(&v, 0, 2).await;
+        write(&c, 300, 3).await;
+        assert_eq!(tag_of(&c, 0, &[1, 2]).await, 1);
+        assert_eq!(tag_of(&v, 300, &[1, 3]).await, 1);
+        // Idempotent; another volume's name conflicts; smaller is refused.
+        s.clone_volume(&n("db"), &n("copy"), 0).await.unwrap();
+        let e = s.clone_volume(&n("db"), &n("db"), 0).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+        let e = s.clone_volume(&n("db"), &n("x"), MIB).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        // Once the clone goes, its base merges into the volume: only the volume's extents
+        // stay allocated.
+        drop(c);
+        s.delete_volume(&n("copy")).await.unwrap();
+        assert_eq!(allocated(&s).await, v.allocated_bytes());
+        assert_eq!(v.allocated_bytes(), 2 * MIB);
+        assert_eq!(tag_of(&v, 0, &[2]).await, 2);
+        assert_eq!(tag_of(&v, 300, &[1]).await, 1);
+    });
+}

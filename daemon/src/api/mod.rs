@@ -37,7 +37,7 @@ pub mod nodes;
 
 use std::sync::Arc;
 
-use ::api::{ErrorKind, VolumeControl, VolumeName, VolumeSpec};
+use ::api::{ErrorKind, VolumeControl, VolumeName, VolumeSource, VolumeSpec};
 use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -48,7 +48,8 @@ use self::error::ApiError;
 use self::json_body::ApiJson;
 use crate::node_info::{NodeInfo, VERSION};
 use ::api::http::{
-    CreateVolumeRequest, NodeStatus, PoolList, PoolsSummary, ResizeVolumeRequest, VolumeList,
+    CreateSnapshotRequest, CreateVolumeRequest, NodeStatus, PoolList, PoolsSummary,
+    ResizeVolumeRequest, RevertVolumeRequest, SnapshotList, VolumeList,
 };
 
 /// What the API handlers share.
@@ -79,6 +80,15 @@ pub fn router<C: VolumeControl>(control: Arc<C>, node: Arc<NodeInfo>) -> Router 
             get(get_volume::<C>).delete(delete_volume::<C>),
         )
         .route("/v1/volumes/{name}/resize", post(resize_volume::<C>))
+        .route("/v1/volumes/{name}/revert", post(revert_volume::<C>))
+        .route(
+            "/v1/snapshots",
+            post(create_snapshot::<C>).get(list_snapshots::<C>),
+        )
+        .route(
+            "/v1/snapshots/{name}",
+            get(get_snapshot::<C>).delete(delete_snapshot::<C>),
+        )
         .route("/v1/pools", get(list_pools::<C>))
         .route("/v1/status", get(node_status::<C>))
         .fallback(unknown_route)
@@ -113,12 +123,27 @@ async fn create_volume<C: VolumeControl>(
     // Only used to choose between 201 and 200; the control implementation decides whether an
     // existing volume matches the spec (idempotent) or conflicts with it.
     let existed = st.control.get_volume(&name).await.is_ok();
+    let size_bytes = req.size.map(::api::byte_size::ByteSize::bytes);
     let spec = VolumeSpec {
         name,
-        size_bytes: req.size.bytes(),
+        size_bytes: size_bytes.unwrap_or(0),
         replicas: req.replicas,
     };
-    let status = st.control.create_volume(spec).await?;
+    let status = match req.source {
+        Some(source) => {
+            let source = match source {
+                VolumeSource::Snapshot(n) => VolumeSource::Snapshot(volume_name(n.as_str())?),
+                VolumeSource::Volume(n) => VolumeSource::Volume(volume_name(n.as_str())?),
+            };
+            st.control.create_volume_from(spec, source).await?
+        }
+        None if size_bytes.is_none() => {
+            return Err(ApiError::from(::api::ControlError::new(ErrorKind::InvalidArgument, 
+                "size is required (for example \"10GiB\"), unless the volume is a copy of a snapshot or a volume (source)",
+            )))
+        }
+        None => st.control.create_volume(spec).await?,
+    };
     let code = if existed {
         StatusCode::OK
     } else {
@@ -160,6 +185,58 @@ async fn resize_volume<C: VolumeControl>(
     let name = volume_name(&name)?;
     let status = st.control.resize_volume(&name, req.size.bytes()).await?;
     Ok(Json(status).into_response())
+}
+
+async fn revert_volume<C: VolumeControl>(
+    State(st): State<ApiState<C>>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<RevertVolumeRequest>,
+) -> Result<Response, ApiError> {
+    let name = volume_name(&name)?;
+    let snapshot = volume_name(&req.snapshot)?;
+    let status = st.control.revert_volume(&name, &snapshot).await?;
+    Ok(Json(status).into_response())
+}
+
+async fn create_snapshot<C: VolumeControl>(
+    State(st): State<ApiState<C>>,
+    ApiJson(req): ApiJson<CreateSnapshotRequest>,
+) -> Result<Response, ApiError> {
+    let name = volume_name(&req.name)?;
+    let volume = volume_name(&req.volume)?;
+    // Only used to choose between 201 and 200.
+    let existed = st.control.get_snapshot(&name).await.is_ok();
+    let status = st.control.create_snapshot(&volume, &name).await?;
+    let code = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((code, Json(status)).into_response())
+}
+
+async fn list_snapshots<C: VolumeControl>(
+    State(st): State<ApiState<C>>,
+) -> Result<Json<SnapshotList>, ApiError> {
+    Ok(Json(SnapshotList {
+        snapshots: st.control.list_snapshots().await?,
+    }))
+}
+
+async fn get_snapshot<C: VolumeControl>(
+    State(st): State<ApiState<C>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let status = st.control.get_snapshot(&volume_name(&name)?).await?;
+    Ok(Json(status).into_response())
+}
+
+async fn delete_snapshot<C: VolumeControl>(
+    State(st): State<ApiState<C>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    st.control.delete_snapshot(&volume_name(&name)?).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_pools<C: VolumeControl>(

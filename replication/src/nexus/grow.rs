@@ -16,6 +16,18 @@ use super::Nexus;
 use super::Resizable;
 
 impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
+    /// A write barrier: wait for every changing request in flight, hold new ones until the
+    /// guard drops, and flush, so that every child holds every completed write durably and
+    /// none holds a write the others lack. A snapshot is taken of every replica under it.
+    ///
+    /// # Errors
+    /// The flush failed (the guard is dropped: writes go on).
+    pub async fn hold_writes(&self) -> Result<tokio::sync::RwLockWriteGuard<'_, ()>, DeviceError> {
+        let exclusive = self.gate.write().await;
+        self.flush().await?;
+        Ok(exclusive)
+    }
+
     /// Grow the volume to `new_size` bytes while it serves I/O; returns the size now (a
     /// smaller or equal `new_size` changes nothing). The caller grows every replica where it
     /// lives first. Changing requests pause while every child that takes writes learns its

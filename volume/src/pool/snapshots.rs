@@ -115,7 +115,7 @@ impl Storage {
         }
         let mut made = Vec::new();
         for (d, v) in &copies {
-            match d.create_snapshot(v, name).await {
+            match d.create_snapshot(v, name, false).await {
                 Ok(s) => made.push((d.clone(), s)),
                 Err(e) => {
                     // All or nothing.
@@ -246,6 +246,88 @@ impl Storage {
             }
         }
         tracing::info!(volume = %name, snapshot = %snapshot, replicas = made.len(), "created a volume from a snapshot");
+        Ok(self.status(&made))
+    }
+
+    /// A new volume `name` from volume `source` as it is now: through a snapshot that is not
+    /// listed (it goes once one of the two does). The caller holds the source's writes
+    /// meanwhile if it mirrors them to several replicas. `size_bytes` as for
+    /// [`Storage::clone_snapshot`].
+    ///
+    /// # Errors
+    /// `NotFound`, `InvalidArgument`, `Conflict`, `ResourceExhausted`, `Internal`.
+    pub async fn clone_volume(
+        &self,
+        source: &VolumeName,
+        name: &VolumeName,
+        size_bytes: u64,
+    ) -> Result<VolumeStatus, ControlError> {
+        let _guard = self.control.lock().await;
+        let copies = self.find(source);
+        let Some((_, v)) = copies.first() else {
+            return Err(Self::not_found(source));
+        };
+        let have = v.size.load(SeqCst);
+        let size = if size_bytes == 0 {
+            have
+        } else {
+            round_volume_size(size_bytes)?
+        };
+        if size < have {
+            return Err(ControlError::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "a volume from volume {source} needs at least its size, {}; {} was asked",
+                    format_size(have),
+                    format_size(size)
+                ),
+            ));
+        }
+        let existing = self.find(name);
+        if let Some((_, e)) = existing.first() {
+            // The same clone: based on a snapshot of the source, and of this size.
+            let same = e.size.load(SeqCst) == size
+                && e.uuid != v.uuid
+                && e.parent()
+                    .is_some_and(|p| p.uuid == v.uuid && p.hidden.load(SeqCst));
+            if same {
+                return Ok(self.status(&existing));
+            }
+            return Err(ControlError::new(
+                ErrorKind::Conflict,
+                format!("volume {name} already exists; choose another name"),
+            ));
+        }
+        let uuid = *uuid::Uuid::new_v4().as_bytes();
+        let mut made: Vec<(Arc<Disk>, Arc<VolRt>)> = Vec::new();
+        let mut failed = None;
+        for (d, v) in &copies {
+            let cloned = match d.create_snapshot(v, name, true).await {
+                Ok(s) => {
+                    let c = d.create_clone(&s, name, size, uuid).await;
+                    // A failed clone leaves the snapshot with one record on it: it goes.
+                    d.collect(Some(s)).await;
+                    c
+                }
+                Err(e) => Err(e),
+            };
+            match cloned {
+                Ok(c) => made.push((d.clone(), c)),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            for (d, c) in &made {
+                if let Err(e) = d.delete_volume(c).await {
+                    tracing::error!(volume = %name, pool = %d.path.display(), error = %e, "cannot delete a replica of a failed clone");
+                }
+            }
+            return Err(exhausted_or_internal(e));
+        }
+        tracing::info!(volume = %name, source = %source, replicas = made.len(), "created a volume from a volume");
         Ok(self.status(&made))
     }
 

@@ -294,11 +294,14 @@ impl Disk {
             })
     }
 
-    /// Snapshot `vol` as `name` (see the module docs) and make it durable.
+    /// Snapshot `vol` as `name` (see the module docs) and make it durable. A `hidden` one is
+    /// not listed and goes once at most one record is based on it (the base of a clone of a
+    /// volume).
     pub(crate) async fn create_snapshot(
         &self,
         vol: &Arc<VolRt>,
         name: &VolumeName,
+        hidden: bool,
     ) -> Result<Arc<VolRt>, PoolError> {
         // The write barrier: no write of the volume is in flight from here on.
         let _gate = vol.gate.write().await;
@@ -321,7 +324,7 @@ impl Disk {
                 generation: vol.seq.load(SeqCst),
                 replicas: vol.replicas,
                 snapshot: true,
-                hidden: false,
+                hidden,
                 parent: 0,
             };
             let snap = Arc::new(VolRt::new(slot, &rec));
