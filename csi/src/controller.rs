@@ -7,34 +7,39 @@
 //! - ControllerPublishVolume / ControllerUnpublishVolume: not advertised — the volume is
 //!   attached at NodeStageVolume and fenced by epoch, so Kubernetes never waits on a
 //!   VolumeAttachment. They answer `UNIMPLEMENTED`.
-//! - CreateSnapshot, DeleteSnapshot, ListSnapshots and cloning (a content source): the engine
-//!   has no snapshots yet, so they are not advertised and answer `UNIMPLEMENTED`.
+//! - CreateSnapshot, DeleteSnapshot, ListSnapshots (paged by name, filtered by snapshot and by
+//!   source volume) and CreateVolume from a snapshot or a volume (a content source): served.
+//!   A snapshot's id is its Ballast name (derived from the CO's name as a volume's is).
 //! - ControllerModifyVolume: not advertised (no mutable parameters); `UNIMPLEMENTED`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use api::{
-    NodeControl, NodeRecord, PlacementHints, VolumeControl, VolumeName, VolumeSpec, VolumeState,
-    VolumeStatus,
+    NodeControl, NodeRecord, PlacementHints, SnapshotStatus, VolumeControl, VolumeName,
+    VolumeSource, VolumeSpec, VolumeState, VolumeStatus,
 };
 use tonic::{Request, Response, Status};
 
 use crate::params::{self, CTX_FS_TYPE};
 use crate::proto::controller_server::Controller as ControllerService;
 use crate::proto::controller_service_capability::{rpc, Rpc, Type as CapType};
+use crate::proto::volume_content_source::{
+    SnapshotSource, Type as SourceType, VolumeSource as CsiVolumeSource,
+};
 use crate::proto::{
-    list_volumes_response, validate_volume_capabilities_response, ControllerExpandVolumeRequest,
-    ControllerExpandVolumeResponse, ControllerGetCapabilitiesRequest,
-    ControllerGetCapabilitiesResponse, ControllerGetVolumeRequest, ControllerGetVolumeResponse,
-    ControllerModifyVolumeRequest, ControllerModifyVolumeResponse, ControllerPublishVolumeRequest,
+    list_snapshots_response, list_volumes_response, validate_volume_capabilities_response,
+    ControllerExpandVolumeRequest, ControllerExpandVolumeResponse,
+    ControllerGetCapabilitiesRequest, ControllerGetCapabilitiesResponse,
+    ControllerGetVolumeRequest, ControllerGetVolumeResponse, ControllerModifyVolumeRequest,
+    ControllerModifyVolumeResponse, ControllerPublishVolumeRequest,
     ControllerPublishVolumeResponse, ControllerServiceCapability, ControllerUnpublishVolumeRequest,
     ControllerUnpublishVolumeResponse, CreateSnapshotRequest, CreateSnapshotResponse,
     CreateVolumeRequest, CreateVolumeResponse, DeleteSnapshotRequest, DeleteSnapshotResponse,
     DeleteVolumeRequest, DeleteVolumeResponse, GetCapacityRequest, GetCapacityResponse,
-    ListSnapshotsRequest, ListSnapshotsResponse, ListVolumesRequest, ListVolumesResponse, Topology,
-    TopologyRequirement, ValidateVolumeCapabilitiesRequest, ValidateVolumeCapabilitiesResponse,
-    Volume, VolumeCondition,
+    ListSnapshotsRequest, ListSnapshotsResponse, ListVolumesRequest, ListVolumesResponse, Snapshot,
+    Topology, TopologyRequirement, ValidateVolumeCapabilitiesRequest,
+    ValidateVolumeCapabilitiesResponse, Volume, VolumeCondition, VolumeContentSource,
 };
 use crate::status::{from_control, invalid, missing, OpLocks};
 
@@ -55,10 +60,6 @@ impl<C, N> Controller<C, N> {
 
 /// What a `ListVolumes` paging token starts with (see `list_volumes`).
 const TOKEN_PREFIX: &str = "after:";
-
-const NO_SNAPSHOTS: &str =
-    "snapshots are not available yet: the Ballast engine has no snapshots, so the driver does \
-     not advertise CREATE_DELETE_SNAPSHOT";
 
 /// The volume's condition: abnormal while degraded, rebuilding or faulted, saying which.
 pub fn condition(status: &VolumeStatus) -> VolumeCondition {
@@ -193,6 +194,119 @@ impl<C: VolumeControl, N: NodeControl> Controller<C, N> {
     }
 }
 
+/// The Ballast source of a CSI content source; a source with no id is `INVALID_ARGUMENT`, an
+/// id that cannot name anything is `NOT_FOUND`.
+fn content_source(source: Option<&VolumeContentSource>) -> Result<Option<VolumeSource>, Status> {
+    let Some(t) = source.and_then(|s| s.r#type.as_ref()) else {
+        return Ok(None);
+    };
+    let (id, what) = match t {
+        SourceType::Snapshot(s) => (&s.snapshot_id, "snapshot"),
+        SourceType::Volume(v) => (&v.volume_id, "volume"),
+    };
+    if id.is_empty() {
+        return Err(missing(&format!("volume_content_source.{what} id")));
+    }
+    let name = VolumeName::new(id)
+        .map_err(|_| Status::not_found(format!("source {what} {id} does not exist")))?;
+    Ok(Some(match t {
+        SourceType::Snapshot(_) => VolumeSource::Snapshot(name),
+        SourceType::Volume(_) => VolumeSource::Volume(name),
+    }))
+}
+
+/// The CSI content source of a Ballast source.
+fn csi_source(source: &VolumeSource) -> VolumeContentSource {
+    VolumeContentSource {
+        r#type: Some(match source {
+            VolumeSource::Snapshot(s) => SourceType::Snapshot(SnapshotSource {
+                snapshot_id: s.to_string(),
+            }),
+            VolumeSource::Volume(v) => SourceType::Volume(CsiVolumeSource {
+                volume_id: v.to_string(),
+            }),
+        }),
+    }
+}
+
+/// A snapshot as CSI describes it.
+fn csi_snapshot(s: &SnapshotStatus) -> Snapshot {
+    Snapshot {
+        size_bytes: crate::to_i64(s.size_bytes),
+        snapshot_id: s.name.to_string(),
+        source_volume_id: s
+            .source_volume
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: i64::try_from(s.created_at).unwrap_or(i64::MAX),
+            nanos: 0,
+        }),
+        ready_to_use: s.ready_to_use,
+        group_snapshot_id: String::new(),
+    }
+}
+
+impl<C: VolumeControl, N: NodeControl> Controller<C, N> {
+    /// CreateVolume from a content source (the volume lock held).
+    async fn create_from(
+        &self,
+        name: &VolumeName,
+        req: &CreateVolumeRequest,
+        source: VolumeSource,
+        replicas: u8,
+        fs_type: Option<&str>,
+    ) -> Result<Response<CreateVolumeResponse>, Status> {
+        let not_found = |what: &str, n: &VolumeName| {
+            Status::not_found(format!("source {what} {n} does not exist"))
+        };
+        let source_size = match &source {
+            VolumeSource::Snapshot(s) => match self.control.get_snapshot(s).await {
+                Ok(st) => st.size_bytes,
+                Err(e) if e.kind() == api::ErrorKind::NotFound => {
+                    return Err(not_found("snapshot", s))
+                }
+                Err(e) => return Err(from_control(&e)),
+            },
+            VolumeSource::Volume(v) => match self.control.get_volume(v).await {
+                Ok(st) => st.size_bytes,
+                Err(e) if e.kind() == api::ErrorKind::NotFound => {
+                    return Err(not_found("volume", v))
+                }
+                Err(e) => return Err(from_control(&e)),
+            },
+        };
+        let range = req.capacity_range.as_ref();
+        let limit = range.map_or(0, |r| r.limit_bytes);
+        if limit > 0 && u64::try_from(limit).unwrap_or(0) < source_size {
+            return Err(Status::out_of_range(format!(
+                "the source holds {source_size} bytes, more than the limit of {limit}"
+            )));
+        }
+        let required = range.map_or(0, |r| u64::try_from(r.required_bytes).unwrap_or(0));
+        let spec = VolumeSpec {
+            name: name.clone(),
+            size_bytes: required.max(source_size),
+            replicas,
+        };
+        let status = self
+            .control
+            .create_volume_from(spec, source.clone())
+            .await
+            .map_err(|e| match e.kind() {
+                api::ErrorKind::Conflict => Status::already_exists(e.full_message()),
+                _ => from_control(&e),
+            })?;
+        tracing::info!(volume = %name, source = ?source, "CSI created a volume from a copy");
+        let mut volume = self.to_volume(&status, fs_type).await;
+        volume.content_source = Some(csi_source(&source));
+        Ok(Response::new(CreateVolumeResponse {
+            volume: Some(volume),
+        }))
+    }
+}
+
 fn rpc_cap(t: rpc::Type) -> ControllerServiceCapability {
     ControllerServiceCapability {
         r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })),
@@ -210,12 +324,13 @@ impl<C: VolumeControl, N: NodeControl> ControllerService for Controller<C, N> {
         params::check_capabilities(&req.volume_capabilities)?;
         let p = params::parameters(&req.parameters)?;
         let size = params::size_for(req.capacity_range.as_ref())?;
-        if req.volume_content_source.is_some() {
-            return Err(Status::unimplemented(format!(
-                "creating a volume from a snapshot or another volume needs snapshots: {NO_SNAPSHOTS}"
-            )));
-        }
+        let source = content_source(req.volume_content_source.as_ref())?;
         let _op = self.ops.acquire(name.as_str())?;
+        if let Some(source) = source {
+            return self
+                .create_from(&name, &req, source, p.replicas, p.fs_type.as_deref())
+                .await;
+        }
         let nodes = self.node.nodes().await.map_err(|e| from_control(&e))?;
         let (allowed, preferred) =
             Self::placement(&nodes, req.accessibility_requirements.as_ref())?;
@@ -462,6 +577,9 @@ impl<C: VolumeControl, N: NodeControl> ControllerService for Controller<C, N> {
                 rpc::Type::ExpandVolume,
                 rpc::Type::VolumeCondition,
                 rpc::Type::GetVolume,
+                rpc::Type::CreateDeleteSnapshot,
+                rpc::Type::ListSnapshots,
+                rpc::Type::CloneVolume,
             ]
             .into_iter()
             .map(rpc_cap)
@@ -471,23 +589,120 @@ impl<C: VolumeControl, N: NodeControl> ControllerService for Controller<C, N> {
 
     async fn create_snapshot(
         &self,
-        _: Request<CreateSnapshotRequest>,
+        request: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
-        Err(Status::unimplemented(NO_SNAPSHOTS))
+        let req = request.into_inner();
+        let name = params::volume_name_for(&req.name)?;
+        if req.source_volume_id.is_empty() {
+            return Err(missing("source_volume_id"));
+        }
+        let volume = VolumeName::new(&req.source_volume_id).map_err(|_| {
+            Status::not_found(format!("volume {} does not exist", req.source_volume_id))
+        })?;
+        let _op = self.ops.acquire(volume.as_str())?;
+        let snap = self
+            .control
+            .create_snapshot(&volume, &name)
+            .await
+            .map_err(|e| match e.kind() {
+                api::ErrorKind::Conflict => Status::already_exists(e.full_message()),
+                _ => from_control(&e),
+            })?;
+        tracing::info!(volume = %volume, snapshot = %name, "CSI took a snapshot");
+        Ok(Response::new(CreateSnapshotResponse {
+            snapshot: Some(csi_snapshot(&snap)),
+        }))
     }
 
     async fn delete_snapshot(
         &self,
-        _: Request<DeleteSnapshotRequest>,
+        request: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        Err(Status::unimplemented(NO_SNAPSHOTS))
+        let req = request.into_inner();
+        if req.snapshot_id.is_empty() {
+            return Err(missing("snapshot_id"));
+        }
+        // An id that cannot name a snapshot names none: deleting it is done.
+        let Ok(name) = VolumeName::new(&req.snapshot_id) else {
+            return Ok(Response::new(DeleteSnapshotResponse {}));
+        };
+        match self.control.delete_snapshot(&name).await {
+            Ok(()) => {
+                tracing::info!(snapshot = %name, "CSI deleted a snapshot");
+                Ok(Response::new(DeleteSnapshotResponse {}))
+            }
+            Err(e) if e.kind() == api::ErrorKind::NotFound => {
+                Ok(Response::new(DeleteSnapshotResponse {}))
+            }
+            Err(e) => Err(from_control(&e)),
+        }
     }
 
     async fn list_snapshots(
         &self,
-        _: Request<ListSnapshotsRequest>,
+        request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        Err(Status::unimplemented(NO_SNAPSHOTS))
+        let req = request.into_inner();
+        if req.max_entries < 0 {
+            return Err(invalid(format!(
+                "max_entries must not be negative, got {}",
+                req.max_entries
+            )));
+        }
+        // Tokens as ListVolumes's: `after:` and the last name returned.
+        let after = if req.starting_token.is_empty() {
+            None
+        } else {
+            let name = req
+                .starting_token
+                .strip_prefix(TOKEN_PREFIX)
+                .and_then(|n| VolumeName::new(n).ok());
+            Some(name.ok_or_else(|| {
+                Status::aborted(format!(
+                    "starting_token {:?} was not issued by this driver; list again without one",
+                    req.starting_token
+                ))
+            })?)
+        };
+        let mut all = self
+            .control
+            .list_snapshots()
+            .await
+            .map_err(|e| from_control(&e))?;
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        let rest: Vec<&SnapshotStatus> = all
+            .iter()
+            .filter(|s| req.snapshot_id.is_empty() || s.name.as_str() == req.snapshot_id)
+            .filter(|s| {
+                req.source_volume_id.is_empty()
+                    || s.source_volume
+                        .as_ref()
+                        .is_some_and(|v| v.as_str() == req.source_volume_id)
+            })
+            .filter(|s| after.as_ref().is_none_or(|a| s.name > *a))
+            .collect();
+        let limit = if req.max_entries == 0 {
+            rest.len()
+        } else {
+            req.max_entries as usize
+        };
+        let page = &rest[..limit.min(rest.len())];
+        let next_token = if page.len() < rest.len() {
+            page.last()
+                .map(|s| format!("{TOKEN_PREFIX}{}", s.name))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListSnapshotsResponse {
+            entries: page
+                .iter()
+                .map(|s| list_snapshots_response::Entry {
+                    snapshot: Some(csi_snapshot(s)),
+                })
+                .collect(),
+            next_token,
+        }))
     }
 
     async fn controller_expand_volume(

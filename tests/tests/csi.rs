@@ -92,7 +92,7 @@ fn identity_and_controller_answer_with_the_spec_codes() {
         assert_eq!(probe.ready, Some(true));
     }
 
-    // Controller capabilities: no publish, no snapshots.
+    // Controller capabilities: snapshots and clones, no publish.
     let ctl_caps: Vec<i32> = csi
         .run(ctl.controller_get_capabilities(ControllerGetCapabilitiesRequest {}))
         .unwrap()
@@ -111,10 +111,13 @@ fn identity_and_controller_answer_with_the_spec_codes() {
         CtlCap::ExpandVolume,
         CtlCap::VolumeCondition,
         CtlCap::GetVolume,
+        CtlCap::CreateDeleteSnapshot,
+        CtlCap::ListSnapshots,
+        CtlCap::CloneVolume,
     ] {
         assert!(ctl_caps.contains(&(want as i32)), "{want:?} missing");
     }
-    for absent in [CtlCap::PublishUnpublishVolume, CtlCap::CreateDeleteSnapshot] {
+    for absent in [CtlCap::PublishUnpublishVolume, CtlCap::ModifyVolume] {
         assert!(
             !ctl_caps.contains(&(absent as i32)),
             "{absent:?} advertised"
@@ -126,7 +129,7 @@ fn identity_and_controller_answer_with_the_spec_codes() {
     );
     assert_eq!(
         code(csi.run(ctl.create_snapshot(CreateSnapshotRequest::default()))),
-        Code::Unimplemented
+        Code::InvalidArgument
     );
 
     // CreateVolume: rounded up to 1 MiB, the node's topology, idempotent.
@@ -229,7 +232,7 @@ fn identity_and_controller_answer_with_the_spec_codes() {
             },
         )),
     });
-    assert_eq!(code(csi.create(from_snapshot)), Code::Unimplemented);
+    assert_eq!(code(csi.create(from_snapshot)), Code::NotFound);
     // A standalone node serves only itself: a requisite elsewhere cannot be met.
     let mut elsewhere = create_req("x9", 1 << 20, &[], mount_cap(""));
     elsewhere.accessibility_requirements = Some(TopologyRequirement {
@@ -900,4 +903,214 @@ fn node_calls_check_their_paths_and_arguments() {
     // Once it finished, a retry succeeds (idempotent).
     csi.stage("racevol", &rstaging, mount_cap("")).unwrap();
     csi.unstage("racevol", &rstaging).unwrap();
+}
+
+/// A content source naming `snapshot`.
+fn snapshot_source(snapshot: &str) -> VolumeContentSource {
+    VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: snapshot.into(),
+            },
+        )),
+    }
+}
+
+#[test]
+fn snapshots_and_clones_answer_with_the_spec_codes() {
+    use csi::proto::{DeleteSnapshotRequest, ListSnapshotsRequest};
+    let node = NodeDir::new().unwrap();
+    let _d = start(&node);
+    let csi = Csi::connect(&csi_socket(&node)).unwrap();
+    let mut ctl = csi.controller.clone();
+    let vol = csi
+        .create(create_req("snapsrc", 8 << 20, &[], mount_cap("")))
+        .unwrap();
+    let snap_req = |name: &str, source: &str| CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: source.into(),
+        ..Default::default()
+    };
+    // Taken, with its fields; again the same; another source under its name is refused.
+    let s1 = csi
+        .run(ctl.create_snapshot(snap_req("s1", &vol.volume_id)))
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(s1.snapshot_id, "s1");
+    assert_eq!(s1.source_volume_id, vol.volume_id);
+    assert_eq!(s1.size_bytes, 8 << 20);
+    assert!(s1.ready_to_use);
+    assert!(s1.creation_time.is_some_and(|t| t.seconds > 1_700_000_000));
+    let again = csi
+        .run(ctl.create_snapshot(snap_req("s1", &vol.volume_id)))
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(again.snapshot_id, "s1");
+    let other = csi
+        .create(create_req("snapother", 8 << 20, &[], mount_cap("")))
+        .unwrap();
+    assert_eq!(
+        code(csi.run(ctl.create_snapshot(snap_req("s1", &other.volume_id)))),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(csi.run(ctl.create_snapshot(snap_req("s2", "")))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(csi.run(ctl.create_snapshot(snap_req("", &vol.volume_id)))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(csi.run(ctl.create_snapshot(snap_req("s2", "no-such-volume")))),
+        Code::NotFound
+    );
+    // A CO name that is not a Ballast name gets a stable derived id.
+    let long = csi
+        .run(ctl.create_snapshot(snap_req("Snapshot_With.Odd-Name", &vol.volume_id)))
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(
+        long.snapshot_id.starts_with("snapshot-with-odd-name-"),
+        "{long:?}"
+    );
+    csi.run(ctl.create_snapshot(snap_req("s3", &other.volume_id)))
+        .unwrap();
+
+    // ListSnapshots: filters, pages, and tokens it did not issue.
+    let list = |req: ListSnapshotsRequest| {
+        let mut c = csi.controller.clone();
+        csi.run(async move { c.list_snapshots(req).await.map(tonic::Response::into_inner) })
+    };
+    let ids = |r: &csi::proto::ListSnapshotsResponse| -> Vec<String> {
+        r.entries
+            .iter()
+            .map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone())
+            .collect()
+    };
+    let all = list(ListSnapshotsRequest::default()).unwrap();
+    assert_eq!(ids(&all).len(), 3);
+    let by_source = list(ListSnapshotsRequest {
+        source_volume_id: other.volume_id.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(ids(&by_source), ["s3"]);
+    let by_id = list(ListSnapshotsRequest {
+        snapshot_id: "s1".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(ids(&by_id), ["s1"]);
+    let none = list(ListSnapshotsRequest {
+        snapshot_id: "nope".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(none.entries.is_empty());
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = list(ListSnapshotsRequest {
+            max_entries: 1,
+            starting_token: token.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(page.entries.len() <= 1);
+        seen.extend(ids(&page));
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    assert_eq!(seen, ids(&all));
+    assert_eq!(
+        code(list(ListSnapshotsRequest {
+            starting_token: "bogus".into(),
+            ..Default::default()
+        })),
+        Code::Aborted
+    );
+    assert_eq!(
+        code(list(ListSnapshotsRequest {
+            max_entries: -1,
+            ..Default::default()
+        })),
+        Code::InvalidArgument
+    );
+
+    // CreateVolume from a snapshot and from a volume: the source echoed, sizes checked.
+    let mut clone = create_req("fromsnap", 8 << 20, &[], mount_cap(""));
+    clone.volume_content_source = Some(snapshot_source("s1"));
+    let c = csi.create(clone.clone()).unwrap();
+    assert_eq!(c.content_source, Some(snapshot_source("s1")));
+    assert_eq!(c.capacity_bytes, 8 << 20);
+    assert_eq!(
+        csi.create(clone).unwrap().volume_id,
+        c.volume_id,
+        "idempotent"
+    );
+    let mut small = create_req("small", 4 << 20, &[], mount_cap(""));
+    small.capacity_range = Some(CapacityRange {
+        required_bytes: 4 << 20,
+        limit_bytes: 4 << 20,
+    });
+    small.volume_content_source = Some(snapshot_source("s1"));
+    assert_eq!(code(csi.create(small)), Code::OutOfRange);
+    let mut taken = create_req("snapother", 8 << 20, &[], mount_cap(""));
+    taken.volume_content_source = Some(snapshot_source("s1"));
+    assert_eq!(code(csi.create(taken)), Code::AlreadyExists);
+    let mut from_vol = create_req("fromvol", 16 << 20, &[], mount_cap(""));
+    from_vol.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Volume(
+            volume_content_source::VolumeSource {
+                volume_id: vol.volume_id.clone(),
+            },
+        )),
+    });
+    let fv = csi.create(from_vol.clone()).unwrap();
+    assert_eq!(fv.capacity_bytes, 16 << 20, "larger than its source");
+    assert_eq!(fv.content_source, from_vol.volume_content_source);
+    let mut missing = from_vol;
+    missing.name = "fromnothing".into();
+    missing.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Volume(
+            volume_content_source::VolumeSource {
+                volume_id: "no-such-volume".into(),
+            },
+        )),
+    });
+    assert_eq!(code(csi.create(missing)), Code::NotFound);
+
+    // DeleteSnapshot: done, again done, an id that names nothing done; an empty one refused.
+    let del = |id: &str| {
+        let mut c = csi.controller.clone();
+        let req = DeleteSnapshotRequest {
+            snapshot_id: id.into(),
+            ..Default::default()
+        };
+        csi.run(async move { c.delete_snapshot(req).await.map(drop) })
+    };
+    del("s1").unwrap();
+    del("s1").unwrap();
+    del("Not A Ballast Name").unwrap();
+    assert_eq!(code(del("")), Code::InvalidArgument);
+    // The clone outlives its snapshot; the source volume can go too.
+    for v in ["fromsnap", "fromvol", "snapsrc", "snapother"] {
+        let mut c = csi.controller.clone();
+        csi.run(c.delete_volume(DeleteVolumeRequest {
+            volume_id: v.into(),
+            ..Default::default()
+        }))
+        .unwrap();
+    }
+    let left = list(ListSnapshotsRequest::default()).unwrap();
+    assert_eq!(ids(&left).len(), 2, "snapshots outlive their volumes");
 }

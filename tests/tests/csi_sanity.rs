@@ -5,7 +5,8 @@
 //! has it), or the path in `CSI_SANITY`. Without it this test fails and says where it looked:
 //! it is part of issue 17's done-when, so it is never skipped.
 //!
-//! The junit report gives the counts. Expected: 0 failures. The specs csi-sanity skips (those
+//! The junit report gives the counts. Expected: 0 failures, and no snapshot, clone or
+//! content-source spec skipped. The specs csi-sanity skips (those
 //! of capabilities the driver does not advertise) are printed with their names, so a change
 //! in what is skipped shows in the log.
 
@@ -105,6 +106,22 @@ fn csi_sanity_reports_no_failure() {
         "csi-sanity failed {failures:#?} ({}):\n{text}",
         out.status
     );
-    assert!(passed >= 48, "only {passed} specs passed:\n{text}");
+    assert!(passed >= 67, "only {passed} specs passed:\n{text}");
+    // Every snapshot, clone and content-source spec runs and passes: none is skipped.
+    let skipped_names: Vec<&String> = cases
+        .iter()
+        .filter(|(_, c)| *c == "skipped")
+        .map(|(n, _)| n)
+        .collect();
+    for n in &skipped_names {
+        assert!(
+            !(n.contains("Snapshot")
+                && !n.contains("GroupSnapshot")
+                && !n.contains("GroupController"))
+                && !n.contains("clone")
+                && !n.contains("source"),
+            "a snapshot or clone spec was skipped: {n}"
+        );
+    }
     drop(daemon);
 }
