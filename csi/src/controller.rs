@@ -10,6 +10,8 @@
 //! - CreateSnapshot, DeleteSnapshot, ListSnapshots (paged by name, filtered by snapshot and by
 //!   source volume) and CreateVolume from a snapshot or a volume (a content source): served.
 //!   A snapshot's id is its Ballast name (derived from the CO's name as a volume's is).
+//!   Advertised by standalone nodes only: in cluster mode the replica protocol does not carry
+//!   snapshots yet, and the control plane answers `UNIMPLEMENTED`.
 //! - ControllerModifyVolume: not advertised (no mutable parameters); `UNIMPLEMENTED`.
 
 use std::collections::{BTreeSet, HashMap};
@@ -569,21 +571,26 @@ impl<C: VolumeControl, N: NodeControl> ControllerService for Controller<C, N> {
         &self,
         _: Request<ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
-        Ok(Response::new(ControllerGetCapabilitiesResponse {
-            capabilities: [
-                rpc::Type::CreateDeleteVolume,
-                rpc::Type::ListVolumes,
-                rpc::Type::GetCapacity,
-                rpc::Type::ExpandVolume,
-                rpc::Type::VolumeCondition,
-                rpc::Type::GetVolume,
+        let mut capabilities = vec![
+            rpc::Type::CreateDeleteVolume,
+            rpc::Type::ListVolumes,
+            rpc::Type::GetCapacity,
+            rpc::Type::ExpandVolume,
+            rpc::Type::VolumeCondition,
+            rpc::Type::GetVolume,
+        ];
+        // Snapshots are built for standalone nodes: in a cluster a volume's replicas live on
+        // other nodes, which the replica protocol cannot snapshot yet (the RPCs answer
+        // UNIMPLEMENTED there, saying so).
+        if !self.node.shared() {
+            capabilities.extend([
                 rpc::Type::CreateDeleteSnapshot,
                 rpc::Type::ListSnapshots,
                 rpc::Type::CloneVolume,
-            ]
-            .into_iter()
-            .map(rpc_cap)
-            .collect(),
+            ]);
+        }
+        Ok(Response::new(ControllerGetCapabilitiesResponse {
+            capabilities: capabilities.into_iter().map(rpc_cap).collect(),
         }))
     }
 

@@ -11,9 +11,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use csi::proto::controller_service_capability::rpc::Type as CtlCap;
 use csi::proto::{
-    CapacityRange, ControllerExpandVolumeRequest, ControllerGetVolumeRequest, DeleteVolumeRequest,
-    GetCapacityRequest, NodeExpandVolumeRequest, NodeGetInfoRequest, Topology, TopologyRequirement,
+    controller_service_capability, CapacityRange, ControllerExpandVolumeRequest,
+    ControllerGetCapabilitiesRequest, ControllerGetVolumeRequest, CreateSnapshotRequest,
+    DeleteVolumeRequest, GetCapacityRequest, NodeExpandVolumeRequest, NodeGetInfoRequest, Topology,
+    TopologyRequirement,
 };
 use integration_tests::cluster::{cluster_args, node_dirs, nodes, wait_for, Cleanup};
 use integration_tests::csi::{
@@ -129,6 +132,40 @@ fn topology_and_failover_across_three_nodes() {
         .json();
     assert_eq!(placed["replica_status"][0]["node_id"], "node-b", "{placed}");
     assert_eq!(csi_a.create(req).unwrap(), v, "idempotent");
+
+    // Snapshots are not offered in cluster mode yet, and a request says why.
+    let caps = csi_a
+        .run(
+            csi_a
+                .controller
+                .clone()
+                .controller_get_capabilities(ControllerGetCapabilitiesRequest {}),
+        )
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    assert!(
+        !caps.iter().any(|c| c.r#type
+            == Some(controller_service_capability::Type::Rpc(
+                controller_service_capability::Rpc {
+                    r#type: CtlCap::CreateDeleteSnapshot as i32
+                }
+            ))),
+        "snapshots advertised in cluster mode"
+    );
+    let refused = csi_a.run(
+        csi_a
+            .controller
+            .clone()
+            .create_snapshot(CreateSnapshotRequest {
+                name: "snap".into(),
+                source_volume_id: "pref-vol".into(),
+                ..Default::default()
+            }),
+    );
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented);
+    assert!(refused.message().contains("standalone"), "{refused:?}");
 
     // A requisite zone narrows both placement and accessibility.
     let mut req = create_req("zone-vol", 8 << 20, &[("replicas", "1")], mount_cap(""));

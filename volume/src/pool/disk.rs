@@ -101,6 +101,9 @@ pub const KEEP_OPEN_COMMITS: u64 = 8;
 /// in four: 0.18 of raw's rate at QD1.)
 pub const OPEN_LIMIT: usize = 2048;
 
+/// Locks a volume's copies on write are sharded over (by logical extent).
+const COW_SHARDS: u64 = 64;
+
 /// "No physical extent" in a volume map.
 pub(crate) const UNMAPPED: u32 = u32::MAX;
 
@@ -254,8 +257,8 @@ pub(crate) struct VolRt {
     /// The snapshot this record is based on: it reads through to it where it maps nothing.
     /// Changed only under the state lock, inside [`Disk::chain`]'s odd epochs.
     pub parent: RwLock<Option<Arc<VolRt>>>,
-    /// Serialises this volume's copy-on-write allocations with the merges into it.
-    pub cow: tokio::sync::Mutex<()>,
+    /// Serialises the copies on write of each logical extent (sharded by index).
+    cow: Box<[tokio::sync::Mutex<()>]>,
     /// Held shared by every write, discard and zeroing of the volume, exclusively while a
     /// snapshot of it is taken (the write barrier).
     pub gate: tokio::sync::RwLock<()>,
@@ -283,7 +286,9 @@ impl VolRt {
             snapshot: rec.snapshot,
             hidden: AtomicBool::new(rec.hidden),
             parent: RwLock::new(None),
-            cow: tokio::sync::Mutex::new(()),
+            cow: (0..COW_SHARDS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             gate: tokio::sync::RwLock::new(()),
         }
     }
@@ -300,6 +305,11 @@ impl VolRt {
             hidden: self.hidden.load(SeqCst),
             parent: self.parent_slot(),
         }
+    }
+
+    /// The lock that serialises copies on write of logical extent `logical`.
+    pub(crate) fn cow_lock(&self, logical: u64) -> &tokio::sync::Mutex<()> {
+        &self.cow[(logical % COW_SHARDS) as usize]
     }
 
     /// The snapshot this record is based on, if any.

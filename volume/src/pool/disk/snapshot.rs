@@ -135,7 +135,8 @@ impl Disk {
         logical: u64,
         copy: bool,
     ) -> Result<u32, AllocError> {
-        let _cow = vol.cow.lock().await;
+        // Two writes to the extent copy it once; copies of other extents go on meanwhile.
+        let _cow = vol.cow_lock(logical).lock().await;
         let own = vol.lookup(logical);
         if own != UNMAPPED {
             return Ok(own);
@@ -303,9 +304,9 @@ impl Disk {
         name: &VolumeName,
         hidden: bool,
     ) -> Result<Arc<VolRt>, PoolError> {
-        // The write barrier: no write of the volume is in flight from here on.
+        // The write barrier: no write of the volume (nor a copy on write, which only writes
+        // do) is in flight from here on.
         let _gate = vol.gate.write().await;
-        let _cow = vol.cow.lock().await;
         let snap = {
             let mut st = lock(&self.state);
             if vol.deleted.load(SeqCst) {
@@ -396,7 +397,6 @@ impl Disk {
         snap: &Arc<VolRt>,
     ) -> Result<(), PoolError> {
         let _gate = vol.gate.write().await;
-        let _cow = vol.cow.lock().await;
         let old = {
             let mut st = lock(&self.state);
             let old = vol.parent();
@@ -446,8 +446,9 @@ impl Disk {
                     at = snap.parent();
                 }
                 [child] => {
-                    // No copy-on-write into the child while its extents arrive.
-                    let _cow = child.cow.lock().await;
+                    // No write (so no copy on write) into the child while its extents arrive:
+                    // a brief pause, the merge changes only the tables in memory.
+                    let _gate = child.gate.write().await;
                     let mut st = lock(&self.state);
                     if child.parent().is_none_or(|p| p.index != snap.index) {
                         // Changed while we waited (not with the control lock held): look again.
