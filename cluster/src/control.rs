@@ -1509,6 +1509,100 @@ mod tests {
             .unwrap();
     }
 
+    /// A snapshot of an attached two-replica volume taken while writers write: both of its
+    /// replicas hold the same blocks (the write barrier), and each block holds the write
+    /// acknowledged to it before the snapshot was asked for, or a later one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_under_writes_is_the_same_on_every_replica() {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        use volume::device::WriteFlags;
+        use volume::io::IoBuf;
+        const BLOCKS: u64 = 2048; // the 8 MiB volume
+        let block = |b: u64, tag: u64| {
+            let mut v = vec![0u8; 4096];
+            v[..8].copy_from_slice(&b.to_le_bytes());
+            v[8..16].copy_from_slice(&tag.to_le_bytes());
+            v
+        };
+        let (_dir, source, name) = with_volume().await;
+        let nexus = open(&source, &name).await;
+        // Per block, the newest tag acknowledged.
+        let acked = Arc::new(Mutex::new(vec![0u64; BLOCKS as usize]));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut writers = Vec::new();
+        for w in 0..4u64 {
+            let (nexus, acked, stop) = (nexus.clone(), acked.clone(), stop.clone());
+            writers.push(tokio::spawn(async move {
+                let mut tag = 0;
+                while !stop.load(SeqCst) {
+                    tag += 1;
+                    let b = (tag * 7 + w * 509) % BLOCKS;
+                    let data = IoBuf::from_slice(&block(b, tag * 4 + w));
+                    nexus
+                        .write(b * 4096, data, WriteFlags::default())
+                        .await
+                        .map_err(|e| e.error)
+                        .unwrap();
+                    let mut a = acked.lock().unwrap();
+                    a[b as usize] = a[b as usize].max(tag * 4 + w);
+                }
+                tag
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = acked.lock().unwrap().clone();
+        let snap = VolumeName::new("s1").unwrap();
+        let st = source.create_snapshot(&name, &snap).await.unwrap();
+        assert_eq!(st.replicas, 2);
+        stop.store(true, SeqCst);
+        let mut written = 0;
+        for w in writers {
+            written += w.await.unwrap();
+        }
+        assert!(written > 100, "the writers wrote {written} blocks only");
+        let clone = VolumeName::new("copy").unwrap();
+        source
+            .create_volume_from(
+                VolumeSpec {
+                    name: clone.clone(),
+                    size_bytes: 0,
+                    replicas: 2,
+                },
+                ::api::VolumeSource::Snapshot(snap),
+            )
+            .await
+            .unwrap();
+        let reps = source.0.storage.replicas(&clone).unwrap();
+        assert_eq!(reps.len(), 2);
+        let mut images = Vec::new();
+        for r in &reps {
+            images.push(
+                r.replica
+                    .read(0, IoBuf::zeroed((BLOCKS * 4096) as usize))
+                    .await
+                    .unwrap(),
+            );
+        }
+        assert!(
+            images[0][..] == images[1][..],
+            "the snapshot's replicas differ"
+        );
+        for b in 0..BLOCKS as usize {
+            let got = &images[0][b * 4096..(b + 1) * 4096];
+            let tag = u64::from_le_bytes(got[8..16].try_into().unwrap());
+            assert!(
+                tag >= before[b],
+                "block {b} holds write {tag}, older than {} acknowledged before the snapshot",
+                before[b]
+            );
+            if tag > 0 {
+                assert!(got == block(b as u64, tag), "block {b} is torn");
+            }
+        }
+        drop(nexus);
+        release(&source, &name).await;
+    }
+
     /// New writes are numbered above every recorded ejection point, even when no extent
     /// holds a generation that high any more (discards free extents and their generations).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
