@@ -435,8 +435,13 @@ pub struct VolumeStatus {
     pub size_bytes: u64,
     /// The desired replica count.
     pub replicas: u8,
-    /// Bytes of pool space the volume occupies (thin provisioning: written extents only).
+    /// Bytes of pool space the volume occupies (thin provisioning: written extents only), its
+    /// own: not counting what it reads from its snapshots.
     pub allocated_bytes: u64,
+    /// Bytes the volume reads from snapshots it is based on, shared with them (copied into
+    /// its own at its first write to each 1 MiB extent).
+    #[serde(default)]
+    pub shared_bytes: u64,
     /// Overall health.
     pub state: VolumeState,
     /// Seconds since the Unix epoch when the volume was created.

@@ -555,6 +555,10 @@ fn volume_details(v: &VolumeStatus) -> Output {
                 percent(v.allocated_bytes, v.size_bytes)
             ),
         ),
+        (
+            "shared",
+            format!("{} (read from its snapshots)", format_size(v.shared_bytes)),
+        ),
         ("replicas", v.replicas.to_string()),
         ("state", v.state.to_string()),
         ("created", utc_timestamp(v.created_at)),
@@ -642,6 +646,7 @@ mod tests {
             size_bytes: 1 << 30,
             replicas: 2,
             allocated_bytes: 0,
+            shared_bytes: 0,
             state: VolumeState::Degraded,
             created_at: 0,
             replica_status: vec![

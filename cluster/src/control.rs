@@ -503,13 +503,19 @@ impl Cluster {
 
     pub(crate) fn status(&self, rec: &VolumeRecord) -> VolumeStatus {
         // Allocation of the replicas on this node, by pool device.
-        let local: Vec<(String, u64)> = VolumeName::new(&rec.name)
+        let replicas = VolumeName::new(&rec.name)
             .ok()
             .and_then(|n| self.storage.replicas(&n).ok())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let local: Vec<(String, u64)> = replicas
             .iter()
             .map(|c| (c.pool_id.clone(), c.replica.allocated_bytes()))
             .collect();
+        let shared = replicas
+            .iter()
+            .map(|c| c.replica.shared_bytes())
+            .max()
+            .unwrap_or(0);
         let allocated = |r: &ReplicaRecord| {
             if r.node != self.me.id {
                 return 0;
@@ -550,6 +556,7 @@ impl Cluster {
             size_bytes: rec.size_bytes,
             replicas: rec.replicas,
             allocated_bytes: local_allocated,
+            shared_bytes: shared,
             state: volume_state,
             created_at: rec.created_at,
             replica_status: rec

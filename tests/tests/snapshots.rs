@@ -223,6 +223,16 @@ fn snapshots_and_clones_through_the_cli() {
     let j = d.cli(["volume", "inspect", "copy2", "-o", "json"]);
     j.success();
     assert_eq!(j.json()["size_bytes"], 128 << 20);
+    // Thin: it owns nothing yet and reads what it shares with db.
+    assert_eq!(j.json()["allocated_bytes"], 0, "{}", j.json());
+    assert!(
+        j.json()["shared_bytes"].as_u64().unwrap() > 0,
+        "{}",
+        j.json()
+    );
+    d.cli(["volume", "inspect", "copy2"])
+        .success()
+        .stdout_has("read from its snapshots");
 
     // Snapshots outlive a restart.
     d.cli(["volume", "unmount", "db", s(&src)]).success();

@@ -70,6 +70,8 @@ fn a_snapshot_keeps_what_was_written_before_it_and_clones_are_independent() {
             "the volume's extents moved to the snapshot"
         );
         assert_eq!(allocated(&s).await, 3 * MIB);
+        let st = s.get_volume(&n("db")).await.unwrap();
+        assert_eq!((st.allocated_bytes, st.shared_bytes), (0, 3 * MIB));
 
         // The volume writes over extent 0: it copies it once, the snapshot keeps the old.
         write(&v, 0, 2).await;
@@ -90,6 +92,8 @@ fn a_snapshot_keeps_what_was_written_before_it_and_clones_are_independent() {
         assert_eq!(v.allocated_bytes(), MIB);
         let info = s.get_snapshot(&n("s1")).unwrap();
         assert_eq!((info.exclusive_bytes, info.shared_bytes), (MIB, 2 * MIB));
+        let st = s.get_volume(&n("db")).await.unwrap();
+        assert_eq!((st.allocated_bytes, st.shared_bytes), (MIB, 2 * MIB));
 
         // A clone reads the snapshot, not the volume, and its writes stay its own.
         s.clone_snapshot(&n("s1"), &n("copy"), 0).await.unwrap();

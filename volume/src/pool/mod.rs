@@ -348,6 +348,11 @@ impl Storage {
                 .map(|r| r.allocated_bytes)
                 .max()
                 .unwrap_or(0),
+            shared_bytes: copies
+                .iter()
+                .map(|(d, v)| d.shared_bytes(v))
+                .max()
+                .unwrap_or(0),
             state: if copies.len() < usize::from(first.replicas) {
                 VolumeState::Degraded
             } else {

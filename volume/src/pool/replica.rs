@@ -169,6 +169,11 @@ impl Replica {
         self.vol.allocated_extents.load(SeqCst) * EXTENT
     }
 
+    /// Bytes the replica reads from the snapshots it is based on.
+    pub fn shared_bytes(&self) -> u64 {
+        self.disk.shared_bytes(&self.vol)
+    }
+
     /// The allocated extents and the generation of each one's last write.
     pub fn extent_generations(&self) -> Generations {
         let extents = self.vol.size.load(SeqCst).div_ceil(EXTENT);

@@ -92,6 +92,18 @@ impl Disk {
         }
     }
 
+    /// Bytes `vol` reads from its ancestors (logical extents it does not map itself).
+    pub(crate) fn shared_bytes(&self, vol: &VolRt) -> u64 {
+        if vol.parent().is_none() {
+            return 0;
+        }
+        let extents = vol.size.load(SeqCst) / EXTENT;
+        (0..extents)
+            .filter(|&l| vol.lookup(l) == UNMAPPED && self.shared_below(vol, l))
+            .count() as u64
+            * EXTENT
+    }
+
     /// Whether an ancestor of `vol` maps `logical` (so `vol` reads its data there).
     pub(crate) fn shared_below(&self, vol: &VolRt, logical: u64) -> bool {
         vol.parent()
