@@ -262,7 +262,22 @@ mod tests {
         let r: CreateVolumeRequest =
             serde_json::from_str(r#"{"name": "db", "size": "1GiB"}"#).unwrap();
         assert_eq!(r.replicas, 1);
-        assert_eq!(r.size.bytes(), 1 << 30);
+        assert_eq!(r.size.map(ByteSize::bytes), Some(1 << 30));
+        assert_eq!(r.source, None);
+        // A copy names its source and may leave the size out.
+        let r: CreateVolumeRequest =
+            serde_json::from_str(r#"{"name": "db2", "source": {"snapshot": "s1"}}"#).unwrap();
+        assert_eq!(r.size, None);
+        assert_eq!(
+            r.source,
+            Some(crate::VolumeSource::Snapshot(
+                crate::VolumeName::new("s1").unwrap()
+            ))
+        );
+        assert!(serde_json::from_str::<CreateVolumeRequest>(
+            r#"{"name": "db2", "source": {"tape": "s1"}}"#
+        )
+        .is_err());
         let e = serde_json::from_str::<CreateVolumeRequest>(
             r#"{"name": "db", "size": 1, "colour": 1}"#,
         )
