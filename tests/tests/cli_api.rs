@@ -104,7 +104,9 @@ fn malformed_requests_get_json_errors_naming_the_problem() {
             r#"{"name": "db", "size": "16MiB", "colour": "red"}"#,
             "unknown field `colour`",
         ),
-        (r#"{"name": "db"}"#, "missing field `size`"),
+        // Only a copy of a snapshot or a volume may leave the size out.
+        (r#"{"name": "db"}"#, "size is required"),
+        (r#"{"size": "16MiB"}"#, "missing field `name`"),
         (r#"{"name": "db", "size": "#, "not valid JSON"),
         ("", "empty"),
     ];

@@ -68,7 +68,7 @@ mod tests {
         assert!(
             message(r#"{"name": "a", "size": 1, "sizee": 2}"#).contains("unknown field `sizee`")
         );
-        assert!(message(r#"{"name": "a"}"#).contains("missing field `size`"));
+        assert!(message(r#"{"size": 1}"#).contains("missing field `name`"));
         assert!(message(r#"{"name": "a", "size": "lots"}"#).contains("invalid size"));
     }
 }
