@@ -24,9 +24,10 @@ pub struct CreateVolumeRequest {
     /// copy (`source`), which is its source's size unless larger is asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<ByteSize>,
-    /// Synchronous replicas (default 1).
-    #[serde(default = "one_replica")]
-    pub replicas: u8,
+    /// Synchronous replicas (default 1; a copy has its source's, and asking for another
+    /// count is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u8>,
     /// What it starts from: `{"snapshot": NAME}` or `{"volume": NAME}`; empty if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<crate::VolumeSource>,
@@ -55,10 +56,6 @@ pub struct SnapshotList {
 pub struct RevertVolumeRequest {
     /// The snapshot of the volume to revert to.
     pub snapshot: String,
-}
-
-fn one_replica() -> u8 {
-    1
 }
 
 /// `POST /v1/volumes/{name}/resize`.
@@ -261,7 +258,7 @@ mod tests {
     fn create_request_defaults_and_refusals() {
         let r: CreateVolumeRequest =
             serde_json::from_str(r#"{"name": "db", "size": "1GiB"}"#).unwrap();
-        assert_eq!(r.replicas, 1);
+        assert_eq!(r.replicas, None);
         assert_eq!(r.size.map(ByteSize::bytes), Some(1 << 30));
         assert_eq!(r.source, None);
         // A copy names its source and may leave the size out.

@@ -686,8 +686,9 @@ pub trait VolumeControl: Send + Sync + 'static {
         async { Err(no_snapshots()) }
     }
 
-    /// Create volume `spec` from `source` (its size may be 0: the source's). Idempotent for
-    /// the same clone.
+    /// Create volume `spec` from `source` (its size may be 0: the source's; its replica count
+    /// 0: the source's, which is the only count a copy can have). Idempotent for the same
+    /// clone.
     fn create_volume_from(
         &self,
         spec: VolumeSpec,

@@ -33,9 +33,9 @@ pub enum VolumeCommand {
         #[arg(long)]
         from_volume: Option<String>,
         /// Synchronous replicas, 1 to 5: on distinct nodes (cluster mode), or on distinct pool
-        /// devices of this node (standalone).
-        #[arg(long, default_value_t = 1)]
-        replicas: u8,
+        /// devices of this node (standalone). Default 1; a copy has its source's.
+        #[arg(long)]
+        replicas: Option<u8>,
         /// Output format.
         #[command(flatten)]
         output: OutputArgs,

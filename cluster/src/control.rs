@@ -1573,12 +1573,26 @@ mod tests {
                 VolumeSpec {
                     name: clone.clone(),
                     size_bytes: 0,
-                    replicas: 2,
+                    replicas: 0,
+                },
+                ::api::VolumeSource::Snapshot(snap.clone()),
+            )
+            .await
+            .unwrap();
+        // It has the snapshot's two replicas; another count is refused, saying why.
+        let e = source
+            .create_volume_from(
+                VolumeSpec {
+                    name: VolumeName::new("one").unwrap(),
+                    size_bytes: 0,
+                    replicas: 1,
                 },
                 ::api::VolumeSource::Snapshot(snap),
             )
             .await
-            .unwrap();
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert!(e.message().contains("2 replica"), "{e}");
         let reps = source.0.storage.replicas(&clone).unwrap();
         assert_eq!(reps.len(), 2);
         let mut images = Vec::new();

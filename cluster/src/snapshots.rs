@@ -199,7 +199,7 @@ impl Cluster {
             VolumeSource::Snapshot(s) => self.storage.get_snapshot(s)?.replicas,
             VolumeSource::Volume(v) => self.volume(v.as_str()).await?.0.replicas.into(),
         };
-        if usize::from(spec.replicas) != replicas {
+        if spec.replicas != 0 && usize::from(spec.replicas) != replicas {
             return Err(ControlError::new(
                 ErrorKind::InvalidArgument,
                 format!(

@@ -127,7 +127,8 @@ async fn create_volume<C: VolumeControl>(
     let spec = VolumeSpec {
         name,
         size_bytes: size_bytes.unwrap_or(0),
-        replicas: req.replicas,
+        // Unless asked: 1 for a new volume, 0 (the source's count) for a copy.
+        replicas: req.replicas.unwrap_or(u8::from(req.source.is_none())),
     };
     let status = match req.source {
         Some(source) => {
