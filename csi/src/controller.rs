@@ -309,6 +309,51 @@ impl<C: VolumeControl, N: NodeControl> Controller<C, N> {
     }
 }
 
+/// One page of `all` (sorted here by `name`) for a List call: at most `max_entries` (0: all)
+/// after the one `token` names, and the token of the next page (empty after the last).
+///
+/// A token is `after:` and the name of the last entry returned, so a token this driver did
+/// not issue (`ABORTED`) is told apart from one whose entry was deleted since (the listing
+/// goes on after it).
+fn page_of<T>(
+    mut all: Vec<T>,
+    name: impl Fn(&T) -> &VolumeName,
+    max_entries: i32,
+    token: &str,
+) -> Result<(Vec<T>, String), Status> {
+    if max_entries < 0 {
+        return Err(invalid(format!(
+            "max_entries must not be negative, got {max_entries}"
+        )));
+    }
+    let after = if token.is_empty() {
+        None
+    } else {
+        let after = token
+            .strip_prefix(TOKEN_PREFIX)
+            .and_then(|n| VolumeName::new(n).ok());
+        Some(after.ok_or_else(|| {
+            Status::aborted(format!(
+                "starting_token {token:?} was not issued by this driver; list again without one"
+            ))
+        })?)
+    };
+    all.sort_by(|a, b| name(a).cmp(name(b)));
+    all.retain(|e| after.as_ref().is_none_or(|a| name(e) > a));
+    let limit = if max_entries == 0 {
+        all.len()
+    } else {
+        max_entries as usize
+    };
+    let more = all.len() > limit;
+    all.truncate(limit);
+    let next = match all.last() {
+        Some(last) if more => format!("{TOKEN_PREFIX}{}", name(last)),
+        _ => String::new(),
+    };
+    Ok((all, next))
+}
+
 fn rpc_cap(t: rpc::Type) -> ControllerServiceCapability {
     ControllerServiceCapability {
         r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })),
@@ -472,54 +517,14 @@ impl<C: VolumeControl, N: NodeControl> ControllerService for Controller<C, N> {
         request: Request<ListVolumesRequest>,
     ) -> Result<Response<ListVolumesResponse>, Status> {
         let req = request.into_inner();
-        if req.max_entries < 0 {
-            return Err(invalid(format!(
-                "max_entries must not be negative, got {}",
-                req.max_entries
-            )));
-        }
-        // The token is `after:` and the name of the last volume returned (the list is sorted
-        // by name), so a token this driver did not issue is told apart from one whose volume
-        // was deleted since (the listing goes on after it).
-        let after = if req.starting_token.is_empty() {
-            None
-        } else {
-            let name = req
-                .starting_token
-                .strip_prefix(TOKEN_PREFIX)
-                .and_then(|n| VolumeName::new(n).ok());
-            Some(name.ok_or_else(|| {
-                Status::aborted(format!(
-                    "starting_token {:?} was not issued by this driver; list again without one",
-                    req.starting_token
-                ))
-            })?)
-        };
-        let mut all = self
+        let all = self
             .control
             .list_volumes()
             .await
             .map_err(|e| from_control(&e))?;
-        all.sort_by(|a, b| a.name.cmp(&b.name));
-        let rest: Vec<&VolumeStatus> = all
-            .iter()
-            .filter(|v| after.as_ref().is_none_or(|a| v.name > *a))
-            .collect();
-        let limit = if req.max_entries == 0 {
-            rest.len()
-        } else {
-            req.max_entries as usize
-        };
-        let page = &rest[..limit.min(rest.len())];
-        let next_token = if page.len() < rest.len() {
-            page.last()
-                .map(|v| format!("{TOKEN_PREFIX}{}", v.name))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let (page, next_token) = page_of(all, |v| &v.name, req.max_entries, &req.starting_token)?;
         let mut entries = Vec::with_capacity(page.len());
-        for v in page {
+        for v in &page {
             entries.push(list_volumes_response::Entry {
                 volume: Some(self.to_volume(v, None).await),
                 status: Some(list_volumes_response::VolumeStatus {
@@ -650,35 +655,12 @@ impl<C: VolumeControl, N: NodeControl> ControllerService for Controller<C, N> {
         request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
         let req = request.into_inner();
-        if req.max_entries < 0 {
-            return Err(invalid(format!(
-                "max_entries must not be negative, got {}",
-                req.max_entries
-            )));
-        }
-        // Tokens as ListVolumes's: `after:` and the last name returned.
-        let after = if req.starting_token.is_empty() {
-            None
-        } else {
-            let name = req
-                .starting_token
-                .strip_prefix(TOKEN_PREFIX)
-                .and_then(|n| VolumeName::new(n).ok());
-            Some(name.ok_or_else(|| {
-                Status::aborted(format!(
-                    "starting_token {:?} was not issued by this driver; list again without one",
-                    req.starting_token
-                ))
-            })?)
-        };
-        let mut all = self
+        let all: Vec<SnapshotStatus> = self
             .control
             .list_snapshots()
             .await
-            .map_err(|e| from_control(&e))?;
-        all.sort_by(|a, b| a.name.cmp(&b.name));
-        let rest: Vec<&SnapshotStatus> = all
-            .iter()
+            .map_err(|e| from_control(&e))?
+            .into_iter()
             .filter(|s| req.snapshot_id.is_empty() || s.name.as_str() == req.snapshot_id)
             .filter(|s| {
                 req.source_volume_id.is_empty()
@@ -686,21 +668,8 @@ impl<C: VolumeControl, N: NodeControl> ControllerService for Controller<C, N> {
                         .as_ref()
                         .is_some_and(|v| v.as_str() == req.source_volume_id)
             })
-            .filter(|s| after.as_ref().is_none_or(|a| s.name > *a))
             .collect();
-        let limit = if req.max_entries == 0 {
-            rest.len()
-        } else {
-            req.max_entries as usize
-        };
-        let page = &rest[..limit.min(rest.len())];
-        let next_token = if page.len() < rest.len() {
-            page.last()
-                .map(|s| format!("{TOKEN_PREFIX}{}", s.name))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let (page, next_token) = page_of(all, |s| &s.name, req.max_entries, &req.starting_token)?;
         Ok(Response::new(ListSnapshotsResponse {
             entries: page
                 .iter()

@@ -36,12 +36,7 @@ impl Drop for Cleanup {
 }
 
 fn start(node: &NodeDir) -> Daemon {
-    let args: Vec<String> = node
-        .daemon_args()
-        .into_iter()
-        .map(|a| a.replace(&format!(":{}", integration_tests::POOL_SIZE), ":1GiB"))
-        .collect();
-    let mut d = Daemon::spawn(node, args).unwrap();
+    let mut d = Daemon::spawn(node, node.daemon_args_with_pool("1GiB")).unwrap();
     d.wait_ready(Duration::from_secs(30)).unwrap();
     d
 }

@@ -48,6 +48,55 @@ fn exhausted_or_internal(e: PoolError) -> ControlError {
     }
 }
 
+/// The size of a copy of `what`, which holds `have` bytes: `size_bytes` rounded up, or
+/// `have` for 0; never less than `have`.
+fn copy_size(what: &str, have: u64, size_bytes: u64) -> Result<u64, ControlError> {
+    let size = if size_bytes == 0 {
+        have
+    } else {
+        round_volume_size(size_bytes)?
+    };
+    if size < have {
+        return Err(ControlError::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "a volume from {what} needs at least its size, {}; {} was asked",
+                format_size(have),
+                format_size(size)
+            ),
+        ));
+    }
+    Ok(size)
+}
+
+/// Make copy `name` of each of `sources` with `make`, all or nothing: after a failure, the
+/// copies made are deleted.
+async fn make_copies<F, Fut>(
+    name: &VolumeName,
+    sources: &[(Arc<Disk>, Arc<VolRt>)],
+    make: F,
+) -> Result<Vec<(Arc<Disk>, Arc<VolRt>)>, ControlError>
+where
+    F: Fn(Arc<Disk>, Arc<VolRt>) -> Fut,
+    Fut: std::future::Future<Output = Result<Arc<VolRt>, PoolError>>,
+{
+    let mut made = Vec::new();
+    for (d, source) in sources {
+        match make(d.clone(), source.clone()).await {
+            Ok(c) => made.push((d.clone(), c)),
+            Err(e) => {
+                for (d, c) in &made {
+                    if let Err(e) = d.delete_volume(c).await {
+                        tracing::error!(volume = %name, pool = %d.path.display(), error = %e, "cannot delete a replica of a failed copy");
+                    }
+                }
+                return Err(exhausted_or_internal(e));
+            }
+        }
+    }
+    Ok(made)
+}
+
 impl Storage {
     /// Every replica of snapshot `name`, in device order.
     fn find_snapshot(&self, name: &VolumeName) -> Vec<(Arc<Disk>, Arc<VolRt>)> {
@@ -196,55 +245,25 @@ impl Storage {
         let Some((_, s)) = copies.first() else {
             return Err(not_found(snapshot));
         };
-        let snap_size = s.size.load(SeqCst);
-        let size = if size_bytes == 0 {
-            snap_size
-        } else {
-            round_volume_size(size_bytes)?
-        };
-        if size < snap_size {
-            return Err(ControlError::new(
-                ErrorKind::InvalidArgument,
-                format!(
-                    "a volume from snapshot {snapshot} needs at least its size, {}; {} was asked",
-                    format_size(snap_size),
-                    format_size(size)
-                ),
-            ));
-        }
-        let existing = self.find(name);
-        if let Some((d, v)) = existing.first() {
-            // A clone of it (not the volume it was taken of, which may be based on it too).
-            let same = v.size.load(SeqCst) == size
-                && v.uuid != s.uuid
+        let what = format!("snapshot {snapshot}");
+        let size = copy_size(&what, s.size.load(SeqCst), size_bytes)?;
+        // The same clone: based on it (not the volume it was taken of, which may be too).
+        let same = |d: &Arc<Disk>, v: &VolRt| {
+            v.uuid != s.uuid
                 && v.parent().is_some_and(|p| {
                     copies
                         .iter()
                         .any(|(cd, cs)| Arc::ptr_eq(cd, d) && cs.index == p.index)
-                });
-            if same {
-                return Ok(self.status(&existing));
-            }
-            return Err(ControlError::new(
-                ErrorKind::Conflict,
-                format!("volume {name} already exists; choose another name"),
-            ));
+                })
+        };
+        if let Some(status) = self.existing_copy(name, size, same)? {
+            return Ok(status);
         }
         let uuid = *uuid::Uuid::new_v4().as_bytes();
-        let mut made = Vec::new();
-        for (d, s) in &copies {
-            match d.create_clone(s, name, size, uuid).await {
-                Ok(v) => made.push((d.clone(), v)),
-                Err(e) => {
-                    for (d, v) in &made {
-                        if let Err(e) = d.delete_volume(v).await {
-                            tracing::error!(volume = %name, pool = %d.path.display(), error = %e, "cannot delete a replica of a failed clone");
-                        }
-                    }
-                    return Err(exhausted_or_internal(e));
-                }
-            }
-        }
+        let made = make_copies(name, &copies, |d, s| async move {
+            d.create_clone(&s, name, size, uuid).await
+        })
+        .await?;
         tracing::info!(volume = %name, snapshot = %snapshot, replicas = made.len(), "created a volume from a snapshot");
         Ok(self.status(&made))
     }
@@ -267,68 +286,49 @@ impl Storage {
         let Some((_, v)) = copies.first() else {
             return Err(Self::not_found(source));
         };
-        let have = v.size.load(SeqCst);
-        let size = if size_bytes == 0 {
-            have
-        } else {
-            round_volume_size(size_bytes)?
-        };
-        if size < have {
-            return Err(ControlError::new(
-                ErrorKind::InvalidArgument,
-                format!(
-                    "a volume from volume {source} needs at least its size, {}; {} was asked",
-                    format_size(have),
-                    format_size(size)
-                ),
-            ));
-        }
-        let existing = self.find(name);
-        if let Some((_, e)) = existing.first() {
-            // The same clone: based on a snapshot of the source, and of this size.
-            let same = e.size.load(SeqCst) == size
-                && e.uuid != v.uuid
+        let what = format!("volume {source}");
+        let size = copy_size(&what, v.size.load(SeqCst), size_bytes)?;
+        // The same clone: based on a hidden snapshot of the source.
+        let same = |_: &Arc<Disk>, e: &VolRt| {
+            e.uuid != v.uuid
                 && e.parent()
-                    .is_some_and(|p| p.uuid == v.uuid && p.hidden.load(SeqCst));
-            if same {
-                return Ok(self.status(&existing));
-            }
-            return Err(ControlError::new(
-                ErrorKind::Conflict,
-                format!("volume {name} already exists; choose another name"),
-            ));
+                    .is_some_and(|p| p.uuid == v.uuid && p.hidden.load(SeqCst))
+        };
+        if let Some(status) = self.existing_copy(name, size, same)? {
+            return Ok(status);
         }
         let uuid = *uuid::Uuid::new_v4().as_bytes();
-        let mut made: Vec<(Arc<Disk>, Arc<VolRt>)> = Vec::new();
-        let mut failed = None;
-        for (d, v) in &copies {
-            let cloned = match d.create_snapshot(v, name, true).await {
-                Ok(s) => {
-                    let c = d.create_clone(&s, name, size, uuid).await;
-                    // A failed clone leaves the snapshot with one record on it: it goes.
-                    d.collect(Some(s)).await;
-                    c
-                }
-                Err(e) => Err(e),
-            };
-            match cloned {
-                Ok(c) => made.push((d.clone(), c)),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        if let Some(e) = failed {
-            for (d, c) in &made {
-                if let Err(e) = d.delete_volume(c).await {
-                    tracing::error!(volume = %name, pool = %d.path.display(), error = %e, "cannot delete a replica of a failed clone");
-                }
-            }
-            return Err(exhausted_or_internal(e));
-        }
+        let made = make_copies(name, &copies, |d, v| async move {
+            let s = d.create_snapshot(&v, name, true).await?;
+            let c = d.create_clone(&s, name, size, uuid).await;
+            // A failed clone leaves the snapshot with one record on it: it goes.
+            d.collect(Some(s)).await;
+            c
+        })
+        .await?;
         tracing::info!(volume = %name, source = %source, replicas = made.len(), "created a volume from a volume");
         Ok(self.status(&made))
+    }
+
+    /// If volume `name` exists: its status when it is the copy asked for again (`size` bytes,
+    /// and `same`), else `Conflict`.
+    fn existing_copy(
+        &self,
+        name: &VolumeName,
+        size: u64,
+        same: impl Fn(&Arc<Disk>, &VolRt) -> bool,
+    ) -> Result<Option<VolumeStatus>, ControlError> {
+        let existing = self.find(name);
+        let Some((d, v)) = existing.first() else {
+            return Ok(None);
+        };
+        if v.size.load(SeqCst) == size && same(d, v) {
+            return Ok(Some(self.status(&existing)));
+        }
+        Err(ControlError::new(
+            ErrorKind::Conflict,
+            format!("volume {name} already exists; choose another name"),
+        ))
     }
 
     /// Make volume `volume` read what snapshot `snapshot` of it holds. What the volume wrote
