@@ -139,9 +139,11 @@ async fn create_volume<C: VolumeControl>(
             st.control.create_volume_from(spec, source).await?
         }
         None if size_bytes.is_none() => {
-            return Err(ApiError::from(::api::ControlError::new(ErrorKind::InvalidArgument, 
-                "size is required (for example \"10GiB\"), unless the volume is a copy of a snapshot or a volume (source)",
-            )))
+            return Err(ApiError::from(::api::ControlError::new(
+                ErrorKind::InvalidArgument,
+                "size is required (for example \"10GiB\"), unless the volume is a copy of a \
+                 snapshot or a volume (source)",
+            )));
         }
         None => st.control.create_volume(spec).await?,
     };
