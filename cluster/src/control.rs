@@ -1028,11 +1028,16 @@ impl Cluster {
                 ..spec.clone()
             })
             .await?;
-        Ok(status
+        Ok(self.on_devices(&status))
+    }
+
+    /// The placement of a volume whose replicas this node's storage made (standalone).
+    pub(crate) fn on_devices(&self, status: &VolumeStatus) -> Vec<ReplicaRecord> {
+        status
             .replica_status
             .iter()
             .map(|r| ReplicaRecord::on_device(&self.me.id, &r.pool_id))
-            .collect())
+            .collect()
     }
 
     /// Steps 2 and 3 of a resize: check, then grow, every replica of `rec` that can be

@@ -20,7 +20,7 @@ use api::{
 use serde::{Deserialize, Serialize};
 
 use crate::control::{now_secs, store_error, Cluster, Mode};
-use crate::model::{volume_key, ReplicaRecord, VolumeRecord};
+use crate::model::{volume_key, VolumeRecord};
 
 /// The key prefix of snapshot records.
 pub const SNAPSHOTS: &str = "/ballast/v1/snapshots/";
@@ -237,11 +237,7 @@ impl Cluster {
             size_bytes: status.size_bytes,
             replicas: status.replicas,
             created_at: now_secs(),
-            placement: status
-                .replica_status
-                .iter()
-                .map(|r| ReplicaRecord::on_device(&self.me.id, &r.pool_id))
-                .collect(),
+            placement: self.on_devices(&status),
             attachment: None,
             epoch: 0,
         };

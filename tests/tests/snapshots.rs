@@ -313,6 +313,19 @@ fn bad_snapshot_requests_get_clear_errors() {
         .as_str()
         .unwrap()
         .contains("size is required"));
+    // A source's name is checked with the body.
+    let r = d
+        .api(
+            "POST",
+            "/v1/volumes",
+            Some(r#"{"name": "y", "source": {"snapshot": "Bad_Name"}}"#),
+        )
+        .unwrap();
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.json().unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .contains("lowercase DNS labels"));
     // A snapshot of a deleted volume stays, and says its volume is gone.
     d.cli(["volume", "delete", "db"]).success();
     let j = d.cli(["snapshot", "inspect", "s1", "-o", "json"]);

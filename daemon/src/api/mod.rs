@@ -37,7 +37,7 @@ pub mod nodes;
 
 use std::sync::Arc;
 
-use ::api::{ErrorKind, VolumeControl, VolumeName, VolumeSource, VolumeSpec};
+use ::api::{ErrorKind, VolumeControl, VolumeName, VolumeSpec};
 use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -131,13 +131,8 @@ async fn create_volume<C: VolumeControl>(
         replicas: req.replicas.unwrap_or(u8::from(req.source.is_none())),
     };
     let status = match req.source {
-        Some(source) => {
-            let source = match source {
-                VolumeSource::Snapshot(n) => VolumeSource::Snapshot(volume_name(n.as_str())?),
-                VolumeSource::Volume(n) => VolumeSource::Volume(volume_name(n.as_str())?),
-            };
-            st.control.create_volume_from(spec, source).await?
-        }
+        // (The source's name was validated with the body.)
+        Some(source) => st.control.create_volume_from(spec, source).await?,
         None if size_bytes.is_none() => {
             return Err(ApiError::from(::api::ControlError::new(
                 ErrorKind::InvalidArgument,

@@ -36,7 +36,6 @@ pub mod replica;
 mod snapshots;
 pub mod stats;
 
-pub use disk::SnapshotUsage;
 pub use disk::{encode_crc, OpenReport, KEEP_OPEN_COMMITS, OPEN_LIMIT};
 pub use replica::Replica;
 pub use snapshots::SnapshotInfo;
