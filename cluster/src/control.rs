@@ -314,7 +314,7 @@ impl Cluster {
         ))
     }
 
-    fn node_addr(nodes: &[NodeRecord], id: &str) -> Option<String> {
+    pub(crate) fn node_addr(nodes: &[NodeRecord], id: &str) -> Option<String> {
         nodes
             .iter()
             .find(|n| n.id == id)
@@ -349,7 +349,7 @@ impl Cluster {
     /// Record in the store this node's intent to make `change` (to `size` bytes) to the
     /// replica of `name` on `node`, which that node's replica server checks before it obeys;
     /// run `ask`; then delete the intent, whatever the answer.
-    async fn with_intent<T>(
+    pub(crate) async fn with_intent<T>(
         &self,
         node: &str,
         name: &VolumeName,
@@ -357,7 +357,7 @@ impl Cluster {
         size: u64,
         ask: impl std::future::Future<Output = Result<T, ControlError>>,
     ) -> Result<T, ControlError> {
-        let key = crate::model::intent_key(name.as_str(), node);
+        let key = crate::model::change_intent_key(change, name.as_str(), node);
         let intent = crate::model::IntentRecord {
             by: self.me.id.clone(),
             change,
@@ -485,7 +485,7 @@ impl Cluster {
             .map(Some)
     }
 
-    async fn delete_replica(&self, nodes: &[NodeRecord], node: &str, name: &VolumeName) {
+    pub(crate) async fn delete_replica(&self, nodes: &[NodeRecord], node: &str, name: &VolumeName) {
         let r = if node == self.me.id {
             match self.storage.delete_volume(name).await {
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
@@ -631,7 +631,7 @@ impl Cluster {
                 tokio::time::sleep(ttl).await;
             }
         }
-        let opened = self.open_taken(name, &rec).await;
+        let opened = self.open_taken(name, &rec, false).await;
         if opened.is_err() {
             // Do not keep an attachment this node cannot serve, and give the volume back to
             // the node that held it: a takeover that failed (say, its only healthy replica is
@@ -642,10 +642,56 @@ impl Cluster {
         opened
     }
 
+    /// Take the attachment of `name` for an operation of this node's control plane (a
+    /// snapshot or a revert of a volume no node holds): a nexus over its healthy replicas,
+    /// reconciled and fencing any older writer, that serves nothing else, has no repair task
+    /// and is not in the nexus table. Give it back with [`Cluster::release_internal`].
+    pub(crate) async fn open_internal(
+        self: &Arc<Self>,
+        name: &VolumeName,
+    ) -> Result<(Arc<Nexus<Child>>, u64, Option<AttachmentRecord>), ControlError> {
+        let (rec, previous) = self.take_attachment(name, false).await?;
+        if let (Some(ttl), Some(p)) = (self.attachment_ttl, &previous) {
+            if p.node != self.me.id {
+                // As in `open_async`: the old holder's lease expired; its nexus stops within
+                // one TTL of its last confirmation.
+                tokio::time::sleep(ttl).await;
+            }
+        }
+        match self.open_taken(name, &rec, true).await {
+            Ok(VolumeDevice::Replicated(nexus)) => Ok((nexus, rec.epoch, previous)),
+            Ok(VolumeDevice::Local(_)) => {
+                self.release_to(name, rec.epoch, previous).await;
+                Err(ControlError::new(
+                    ErrorKind::Internal,
+                    format!("volume {name} has no replicated device in cluster mode"),
+                ))
+            }
+            Err(e) => {
+                self.release_to(name, rec.epoch, previous).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Give back an attachment [`Cluster::open_internal`] took: the nexus stops and the
+    /// attachment it replaced (if any) is recorded again.
+    pub(crate) async fn release_internal(
+        &self,
+        name: &VolumeName,
+        nexus: &Nexus<Child>,
+        epoch: u64,
+        previous: Option<AttachmentRecord>,
+    ) {
+        nexus.fence();
+        self.release_to(name, epoch, previous).await;
+    }
+
     async fn open_taken(
         self: &Arc<Self>,
         name: &VolumeName,
         rec: &VolumeRecord,
+        internal: bool,
     ) -> Result<VolumeDevice, ControlError> {
         let epoch = rec.epoch;
         if self.mode == Mode::Standalone && rec.replicas == 1 {
@@ -754,6 +800,9 @@ impl Cluster {
         if let Some(floor) = rec.placement.iter().map(|r| r.since).max() {
             nexus.number_above(floor);
         }
+        if internal {
+            return Ok(VolumeDevice::Replicated(nexus));
+        }
         self.nexus_table()
             .insert(name.to_string(), (Arc::clone(&nexus), epoch));
         tracing::info!(volume = %name, epoch, replicas = nexus.children().len(), "attached a replicated volume");
@@ -839,11 +888,25 @@ impl Cluster {
     /// Stop this node's nexus of `name` and, if the record still names this node (at `epoch`,
     /// when given), record `then` as the attachment.
     async fn give_up(&self, name: &VolumeName, epoch: Option<u64>, then: Option<AttachmentRecord>) {
-        // Nobody serves it any more: stop its repair task and any rebuild with it.
-        if let Some((nexus, _)) = self.nexus_table().remove(name.as_str()) {
-            nexus.fence();
+        // Nobody serves it any more: stop its repair task and any rebuild with it (only this
+        // attachment's, when it is named: another may have replaced it on this node).
+        let replaced = {
+            let mut table = self.nexus_table();
+            let other = table
+                .get(name.as_str())
+                .is_some_and(|(_, e)| epoch.is_some_and(|want| *e != want));
+            if other {
+                None
+            } else {
+                Some(table.remove(name.as_str()))
+            }
+        };
+        if let Some(removed) = replaced {
+            if let Some((nexus, _)) = removed {
+                nexus.fence();
+            }
+            self.set_view(name.as_str(), None);
         }
-        self.set_view(name.as_str(), None);
         let me = self.me.id.clone();
         let r = self
             .update(name.as_str(), |rec| {
@@ -940,7 +1003,7 @@ impl Cluster {
             return Ok(0);
         }
         let now = now_secs();
-        let mut deleted = 0;
+        let mut deleted = self.collect_snapshot_orphans().await?;
         for local in self.storage.list_volumes().await? {
             let orphan = match self.volume(local.name.as_str()).await {
                 Ok((rec, _)) => !rec.placement.iter().any(|r| r.node == self.me.id),

@@ -9,6 +9,8 @@
 //!   volumes over the store;
 //! - [`repair`]: background rebuild and replacement of ejected replicas;
 //! - [`peer`]: the control client for other nodes' replicas;
+//! - [`snapshots`] and [`replicated_snapshots`]: snapshots and clones, on one node and
+//!   across nodes;
 //! - [`standalone`]: multi-replica volumes on one node's pool devices.
 //!
 //! Depends on `api`, `host`, `volume` and `replication`; never on a frontend or the daemon.
@@ -18,6 +20,7 @@ pub mod model;
 pub mod peer;
 pub mod placement;
 pub mod repair;
+pub mod replicated_snapshots;
 pub mod snapshots;
 pub mod standalone;
 pub mod store;

@@ -4,7 +4,9 @@
 //! |---|---|---|
 //! | `/ballast/v1/nodes/{id}` | [`NodeRecord`], attached to the node's lease | the node itself |
 //! | `/ballast/v1/volumes/{name}` | [`VolumeRecord`] | any node, by compare-and-swap |
-//! | `/ballast/v1/intents/{name}/{node}` | [`IntentRecord`]: a node is about to create or grow the replica of `name` on `node` | the node that asks, just before it asks |
+//! | `/ballast/v1/intents/{name}/{node}` | [`IntentRecord`]: a node is about to create, grow or clone into the replica of `name` on `node` | the node that asks, just before it asks |
+//! | `/ballast/v1/snapshot-intents/{name}/{node}` | [`IntentRecord`]: a node is about to ask `node` to take or delete snapshot `name` | the node that asks, just before it asks |
+//! | `/ballast/v1/snapshots/{name}` | [`crate::snapshots::SnapshotRecord`] | the node that took it |
 //!
 //! A node's record disappears when its lease expires, so the set of node records is the set
 //! of live nodes. Every change to a volume record is a compare-and-swap on its revision, so
@@ -25,6 +27,19 @@ pub const INTENTS: &str = "/ballast/v1/intents/";
 /// The key of the intent about volume `name`'s replica on node `node`.
 pub fn intent_key(name: &str, node: &str) -> String {
     format!("{INTENTS}{name}/{node}")
+}
+
+/// The key prefix of intents about snapshots.
+pub const SNAPSHOT_INTENTS: &str = "/ballast/v1/snapshot-intents/";
+
+/// The key of the intent to make `change` about `subject` on node `node`: a volume's
+/// replica there, or a snapshot (see [`replication::tls::Change::about_snapshot`]).
+pub fn change_intent_key(change: replication::tls::Change, subject: &str, node: &str) -> String {
+    if change.about_snapshot() {
+        format!("{SNAPSHOT_INTENTS}{subject}/{node}")
+    } else {
+        intent_key(subject, node)
+    }
 }
 
 /// A node's intent to create or grow a replica on another node. The replica server of that

@@ -67,6 +67,19 @@ pub async fn resize(
         })
 }
 
+/// Send the node at `addr` a control request answered by `Ok` (a snapshot's clone, deletion
+/// or taking); its refusal comes back as the control error it was.
+///
+/// # Errors
+/// The peer cannot be reached or refuses.
+pub async fn ask(
+    addr: &str,
+    req: replication::wire::Request,
+    opts: &RemoteOptions,
+) -> Result<(), ControlError> {
+    client(addr, opts).await?.ask(req).await
+}
+
 /// Delete the replica `volume` on the node at `addr` (idempotent).
 ///
 /// # Errors
@@ -156,7 +169,7 @@ impl replication::tls::Members for StoreMembers {
         size: u64,
     ) -> replication::tls::Answer<'a> {
         Box::pin(async move {
-            let key = crate::model::intent_key(volume, &self.me);
+            let key = crate::model::change_intent_key(change, volume, &self.me);
             let intent = match self
                 .store
                 .get_json::<crate::model::IntentRecord>(&key)
@@ -243,6 +256,37 @@ mod tests {
                 .may_change("node-a", "v", Change::Create, 4096)
                 .await
         );
+        // A snapshot's intents have keys of their own: one about volume "v" authorizes no
+        // change to snapshot "v", and the other way round.
+        for change in [Change::TakeSnapshot, Change::DeleteSnapshot] {
+            let snapshot = IntentRecord {
+                change,
+                size_bytes: 0,
+                ..intent(now)
+            };
+            store
+                .put_json(
+                    &key,
+                    &IntentRecord {
+                        change,
+                        ..snapshot.clone()
+                    },
+                    None,
+                )
+                .await
+                .unwrap();
+            assert!(!members.may_change("node-a", "v", change, 0).await);
+            let snapshot_key = crate::model::change_intent_key(change, "v", "node-b");
+            assert_ne!(snapshot_key, key);
+            store
+                .put_json(&snapshot_key, &snapshot, None)
+                .await
+                .unwrap();
+            assert!(members.may_change("node-a", "v", change, 0).await);
+            assert!(!members.may_change("node-c", "v", change, 0).await);
+            store.delete(&snapshot_key).await.unwrap();
+        }
+        store.put_json(&key, &intent(now), None).await.unwrap();
         // A stale intent (its asker died before deleting it) authorizes nothing.
         let stale = now - IntentRecord::TTL.as_secs() - 1;
         store.put_json(&key, &intent(stale), None).await.unwrap();

@@ -9,9 +9,10 @@
 //! ([`replication::nexus::Nexus::hold_writes`]): new writes wait, the ones in flight finish,
 //! every replica is flushed and then snapshotted, and the writes go on. The pause is logged.
 //!
-//! Standalone mode only, in this release: in cluster mode a volume's replicas live on other
-//! nodes, and the replica protocol does not carry snapshots yet.
+//! In cluster mode, where a volume's replicas live on several nodes, see
+//! [`crate::replicated_snapshots`].
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use api::{
@@ -41,30 +42,40 @@ pub struct SnapshotRecord {
     pub volume_id: String,
     /// Seconds since the epoch when it was taken.
     pub created_at: u64,
-}
-
-fn cluster_mode() -> ControlError {
-    ControlError::new(
-        ErrorKind::Unimplemented,
-        "snapshots and clones are built for standalone mode in this release; in cluster mode a volume's replicas live on other nodes and the replica protocol does not carry snapshots yet",
-    )
+    /// Its size in bytes (cluster mode).
+    #[serde(default)]
+    pub size_bytes: u64,
+    /// Cluster mode: the nodes that hold a copy (none yet: the name is only reserved).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// Cluster mode: being deleted; `nodes` still hold a copy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
 }
 
 impl Cluster {
-    fn snapshots_here(&self) -> Result<(), ControlError> {
-        match self.mode {
-            Mode::Standalone => Ok(()),
-            Mode::Cluster => Err(cluster_mode()),
-        }
-    }
-
-    async fn snapshot_record(&self, name: &str) -> Result<Option<SnapshotRecord>, ControlError> {
+    pub(crate) async fn snapshot_record(
+        &self,
+        name: &str,
+    ) -> Result<Option<SnapshotRecord>, ControlError> {
         Ok(self
             .store
             .get_json(&snapshot_key(name))
             .await
             .map_err(store_error)?
             .map(|v| v.value))
+    }
+
+    /// Every snapshot record in the store.
+    pub(crate) async fn snapshot_records(&self) -> Result<Vec<SnapshotRecord>, ControlError> {
+        Ok(self
+            .store
+            .list(SNAPSHOTS)
+            .await
+            .map_err(store_error)?
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+            .collect())
     }
 
     fn snapshot_status(
@@ -89,11 +100,13 @@ impl Cluster {
 
     /// See [`api::VolumeControl::create_snapshot`].
     pub(crate) async fn create_snapshot(
-        &self,
+        self: &Arc<Self>,
         volume: &VolumeName,
         name: &VolumeName,
     ) -> Result<SnapshotStatus, ControlError> {
-        self.snapshots_here()?;
+        if self.mode == Mode::Cluster {
+            return self.take_replicated_snapshot(volume, name).await;
+        }
         let (rec, _) = self.volume(volume.as_str()).await?;
         if let Some(existing) = self.snapshot_record(name.as_str()).await? {
             if existing.volume_id != rec.id {
@@ -131,6 +144,9 @@ impl Cluster {
             volume: volume.to_string(),
             volume_id: rec.id.clone(),
             created_at: info.created_at,
+            size_bytes: info.size_bytes,
+            nodes: Vec::new(),
+            deleting: false,
         };
         self.store
             .put_json(&snapshot_key(name.as_str()), &record, None)
@@ -141,7 +157,9 @@ impl Cluster {
 
     /// See [`api::VolumeControl::delete_snapshot`].
     pub(crate) async fn delete_snapshot(&self, name: &VolumeName) -> Result<(), ControlError> {
-        self.snapshots_here()?;
+        if self.mode == Mode::Cluster {
+            return self.delete_replicated_snapshot(name).await;
+        }
         let known = self.snapshot_record(name.as_str()).await?.is_some();
         match self.storage.delete_snapshot(name).await {
             Ok(()) => {}
@@ -160,7 +178,9 @@ impl Cluster {
         &self,
         name: &VolumeName,
     ) -> Result<SnapshotStatus, ControlError> {
-        self.snapshots_here()?;
+        if self.mode == Mode::Cluster {
+            return self.get_replicated_snapshot(name).await;
+        }
         let info = self.storage.get_snapshot(name)?;
         let rec = self.snapshot_record(name.as_str()).await?;
         Ok(Self::snapshot_status(&info, rec.as_ref()))
@@ -168,15 +188,10 @@ impl Cluster {
 
     /// See [`api::VolumeControl::list_snapshots`].
     pub(crate) async fn list_snapshots(&self) -> Result<Vec<SnapshotStatus>, ControlError> {
-        self.snapshots_here()?;
-        let records: Vec<SnapshotRecord> = self
-            .store
-            .list(SNAPSHOTS)
-            .await
-            .map_err(store_error)?
-            .iter()
-            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
-            .collect();
+        if self.mode == Mode::Cluster {
+            return self.list_replicated_snapshots().await;
+        }
+        let records = self.snapshot_records().await?;
         Ok(self
             .storage
             .list_snapshots()
@@ -190,11 +205,13 @@ impl Cluster {
 
     /// See [`api::VolumeControl::create_volume_from`].
     pub(crate) async fn create_volume_from(
-        &self,
+        self: &Arc<Self>,
         spec: VolumeSpec,
         source: VolumeSource,
     ) -> Result<VolumeStatus, ControlError> {
-        self.snapshots_here()?;
+        if self.mode == Mode::Cluster {
+            return self.create_replicated_copy(spec, source).await;
+        }
         let replicas = match &source {
             VolumeSource::Snapshot(s) => self.storage.get_snapshot(s)?.replicas,
             VolumeSource::Volume(v) => self.volume(v.as_str()).await?.0.replicas.into(),
@@ -254,11 +271,10 @@ impl Cluster {
 
     /// See [`api::VolumeControl::revert_volume`].
     pub(crate) async fn revert_volume(
-        &self,
+        self: &Arc<Self>,
         name: &VolumeName,
         snapshot: &VolumeName,
     ) -> Result<VolumeStatus, ControlError> {
-        self.snapshots_here()?;
         let (rec, _) = self.volume(name.as_str()).await?;
         if let Some(a) = &rec.attachment {
             return Err(ControlError::new(
@@ -268,6 +284,9 @@ impl Cluster {
                     a.node
                 ),
             ));
+        }
+        if self.mode == Mode::Cluster {
+            return self.revert_replicated(name, snapshot).await;
         }
         self.storage.revert_volume(name, snapshot).await?;
         Ok(self.status(&rec))

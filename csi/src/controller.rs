@@ -576,24 +576,17 @@ impl<C: VolumeControl, N: NodeControl> ControllerService for Controller<C, N> {
         &self,
         _: Request<ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
-        let mut capabilities = vec![
+        let capabilities = vec![
             rpc::Type::CreateDeleteVolume,
             rpc::Type::ListVolumes,
             rpc::Type::GetCapacity,
             rpc::Type::ExpandVolume,
             rpc::Type::VolumeCondition,
             rpc::Type::GetVolume,
+            rpc::Type::CreateDeleteSnapshot,
+            rpc::Type::ListSnapshots,
+            rpc::Type::CloneVolume,
         ];
-        // Snapshots are built for standalone nodes: in a cluster a volume's replicas live on
-        // other nodes, which the replica protocol cannot snapshot yet (the RPCs answer
-        // UNIMPLEMENTED there, saying so).
-        if !self.node.shared() {
-            capabilities.extend([
-                rpc::Type::CreateDeleteSnapshot,
-                rpc::Type::ListSnapshots,
-                rpc::Type::CloneVolume,
-            ]);
-        }
         Ok(Response::new(ControllerGetCapabilitiesResponse {
             capabilities: capabilities.into_iter().map(rpc_cap).collect(),
         }))

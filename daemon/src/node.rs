@@ -276,6 +276,11 @@ async fn start_cluster(
         cluster
     });
     let server = server.map(|(s, _)| s);
+    if let Some(s) = &server {
+        s.set_control(Arc::new(cluster::replicated_snapshots::ServerControl(
+            Arc::downgrade(&cluster),
+        )));
+    }
     let stop_server = |server: Option<replication::server::ServerHandle>| async move {
         if let Some(s) = server {
             s.stop().await;

@@ -494,6 +494,42 @@ impl ReplicaClient {
         self.expect_ok(At::new("register", 0, 0), req).await
     }
 
+    /// Send a control request answered by `Ok` (a snapshot's clone, deletion or taking):
+    /// the server's refusal comes back as the control error it was.
+    ///
+    /// # Errors
+    /// What the server answered (`NotFound`, `InvalidArgument`, `Conflict`,
+    /// `ResourceExhausted`, else `Unavailable` with its message), or `Unavailable` when the
+    /// connection failed.
+    pub async fn ask(&self, req: Request) -> Result<(), api::ControlError> {
+        use api::{ControlError, ErrorKind};
+        let addr = self.addr();
+        match self.conn.call(req).await.0 {
+            Ok(Response::Ok) => Ok(()),
+            Ok(Response::Error { code, message }) => {
+                let kind = match code {
+                    wire::ErrCode::NotFound => ErrorKind::NotFound,
+                    wire::ErrCode::Invalid => ErrorKind::InvalidArgument,
+                    wire::ErrCode::Conflict => ErrorKind::Conflict,
+                    wire::ErrCode::NoSpace => ErrorKind::ResourceExhausted,
+                    _ => ErrorKind::Unavailable,
+                };
+                Err(ControlError::new(
+                    kind,
+                    format!("node at {addr}: {message}"),
+                ))
+            }
+            Ok(other) => Err(ControlError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "node at {addr} sent an unexpected response ({})",
+                    describe(&other)
+                ),
+            )),
+            Err(e) => Err(ControlError::new(ErrorKind::Unavailable, e.0)),
+        }
+    }
+
     /// The replica's size and allocated bytes.
     ///
     /// # Errors
@@ -631,6 +667,38 @@ impl RemoteReplica {
         let (size, allocated) = self.inner.client.stat(&self.inner.volume).await?;
         self.inner.size.store(size, Ordering::Relaxed);
         Ok((size, allocated))
+    }
+
+    /// Snapshot the replica as `name` on its server (idempotent), or with `revert` make it
+    /// read what its snapshot `name` holds; fenced by this attachment's epoch. The caller
+    /// holds the volume's writes (see [`crate::nexus::Nexus::hold_writes`]).
+    ///
+    /// # Errors
+    /// `Fenced` for a newer attachment; the server's refusal; the connection failed.
+    pub async fn snapshot(&self, name: &str, revert: bool) -> Result<(), DeviceError> {
+        let (volume, epoch) = (self.inner.volume.clone(), self.inner.epoch);
+        let (op, req) = if revert {
+            let snapshot = name.into();
+            (
+                "revert",
+                Request::Revert {
+                    volume,
+                    epoch,
+                    snapshot,
+                },
+            )
+        } else {
+            let name = name.into();
+            (
+                "snapshot",
+                Request::Snapshot {
+                    volume,
+                    epoch,
+                    name,
+                },
+            )
+        };
+        self.simple(At::new(op, 0, 0), req).await
     }
 
     fn error(&self, at: At, resp: Response) -> DeviceError {

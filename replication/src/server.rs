@@ -103,6 +103,25 @@ struct Ctx {
     connections: Arc<Semaphore>,
     /// Bytes held by requests of every connection, in KiB (see [`SERVER_BUDGET_KIB`]).
     budget: Arc<Semaphore>,
+    /// The node's control plane, for the requests only it can carry out (set once it
+    /// exists, after the server: see [`ServerHandle::set_control`]).
+    control: Arc<std::sync::OnceLock<Arc<dyn Control>>>,
+}
+
+/// A future answered by a [`Control`].
+pub type ControlFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ControlError>> + Send + 'a>>;
+
+/// What the replica server asks of its node's control plane: requests that need more than
+/// this node's storage.
+pub trait Control: Send + Sync + std::fmt::Debug {
+    /// Take snapshot `name` of `volume`, attached on this node, under its write barrier, and
+    /// record it in the cluster store.
+    fn take_snapshot<'a>(
+        &'a self,
+        volume: &'a VolumeName,
+        name: &'a VolumeName,
+    ) -> ControlFuture<'a>;
 }
 
 /// A bound replica server, not yet serving.
@@ -120,6 +139,7 @@ pub struct ServerHandle {
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
     drain: Arc<RwLock<()>>,
+    control: Arc<std::sync::OnceLock<Arc<dyn Control>>>,
 }
 
 impl ServerHandle {
@@ -132,6 +152,12 @@ impl ServerHandle {
     /// already started still run to completion.
     pub fn shutdown(&self) {
         self.shutdown.send_replace(true);
+    }
+
+    /// Hand the server its node's control plane (once; later calls change nothing). Until
+    /// then, the requests that need it are refused as unavailable.
+    pub fn set_control(&self, control: Arc<dyn Control>) {
+        let _ = self.control.set(control);
     }
 
     /// Shut down, and wait for the accept loop to end and for every request in flight to
@@ -172,6 +198,7 @@ impl ReplicaServer {
                 limits: Limits::default(),
                 connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
                 budget: Arc::new(Semaphore::new(SERVER_BUDGET_KIB)),
+                control: Arc::default(),
             }),
             shutdown,
         })
@@ -217,12 +244,14 @@ impl ReplicaServer {
         let addr = self.listener.local_addr()?;
         let shutdown = self.shutdown.clone();
         let drain = Arc::clone(&self.ctx.drain);
+        let control = Arc::clone(&self.ctx.control);
         let task = tokio::spawn(self.serve());
         Ok(ServerHandle {
             addr,
             shutdown,
             task,
             drain,
+            control,
         })
     }
 
@@ -530,6 +559,26 @@ async fn authorize(ctx: &Ctx, peer: &str, req: &Request) -> Result<(), Response>
                 .await,
             format!("node {peer}'s growth of the replica of {volume} here to {size} bytes"),
         ),
+        Request::Clone {
+            snapshot,
+            volume,
+            size,
+        } => (
+            members.may_change(peer, volume, Change::Clone, *size).await,
+            format!("node {peer}'s creation of volume {volume} from snapshot {snapshot} here"),
+        ),
+        Request::DeleteSnapshot { name } => (
+            members
+                .may_change(peer, name, Change::DeleteSnapshot, 0)
+                .await,
+            format!("node {peer}'s removal of snapshot {name} here"),
+        ),
+        Request::TakeSnapshot { volume, name } => (
+            members
+                .may_change(peer, name, Change::TakeSnapshot, 0)
+                .await,
+            format!("node {peer}'s snapshot {name} of volume {volume}"),
+        ),
         _ => return Ok(()),
     };
     if allowed {
@@ -633,6 +682,49 @@ async fn handle(ctx: &Ctx, req: Request, session: u64) -> Response {
                 allocated: replica.allocated_bytes(),
             }
         }
+        Request::Clone {
+            snapshot,
+            volume,
+            size,
+        } => {
+            let names = VolumeName::new(&snapshot).and_then(|s| Ok((s, VolumeName::new(&volume)?)));
+            let (snapshot, volume) = match names {
+                Ok(n) => n,
+                Err(e) => return control_error(&e),
+            };
+            match ctx.storage.clone_snapshot(&snapshot, &volume, size).await {
+                Ok(_) => Response::Ok,
+                Err(e) => control_error(&e),
+            }
+        }
+        Request::DeleteSnapshot { name } => {
+            let name = match VolumeName::new(&name) {
+                Ok(n) => n,
+                Err(e) => return control_error(&e),
+            };
+            match ctx.storage.delete_snapshot(&name).await {
+                Ok(()) => Response::Ok,
+                Err(e) if e.kind() == ErrorKind::NotFound => Response::Ok,
+                Err(e) => control_error(&e),
+            }
+        }
+        Request::TakeSnapshot { volume, name } => {
+            let names = VolumeName::new(&volume).and_then(|v| Ok((v, VolumeName::new(&name)?)));
+            let (volume, name) = match names {
+                Ok(n) => n,
+                Err(e) => return control_error(&e),
+            };
+            let Some(control) = ctx.control.get() else {
+                return error(ErrCode::Io, "this node is still starting; try again");
+            };
+            match control.take_snapshot(&volume, &name).await {
+                Ok(()) => Response::Ok,
+                Err(e) => control_error(&e),
+            }
+        }
+        req @ (Request::Snapshot { .. } | Request::Revert { .. }) => {
+            snapshot_request(ctx, req, session).await
+        }
         req @ (Request::Read { .. }
         | Request::Write { .. }
         | Request::Flush { .. }
@@ -696,6 +788,42 @@ pub async fn resize_replica(
             _ => Err(e),
         },
         Err(e) => Err(e),
+    }
+}
+
+/// Execute a snapshot or revert of a local replica: fenced like a write, so only the node
+/// that holds the volume's attachment (under its write barrier) can ask.
+async fn snapshot_request(ctx: &Ctx, req: Request, session: u64) -> Response {
+    let (volume, epoch, name, revert) = match req {
+        Request::Snapshot {
+            volume,
+            epoch,
+            name,
+        } => (volume, epoch, name, false),
+        Request::Revert {
+            volume,
+            epoch,
+            snapshot,
+        } => (volume, epoch, snapshot, true),
+        _ => return error(ErrCode::Invalid, "not a snapshot request"),
+    };
+    let names = VolumeName::new(&volume).and_then(|v| Ok((v, VolumeName::new(&name)?)));
+    let (vol, name) = match names {
+        Ok(n) => n,
+        Err(e) => return control_error(&e),
+    };
+    let _admitted = match ctx.fence.admit_session(&volume, epoch, session).await {
+        Ok(a) => a,
+        Err(e) => return fence_error(&e),
+    };
+    let done = if revert {
+        ctx.storage.revert_volume(&vol, &name).await.map(drop)
+    } else {
+        ctx.storage.create_snapshot(&vol, &name).await.map(drop)
+    };
+    match done {
+        Ok(()) => Response::Ok,
+        Err(e) => control_error(&e),
     }
 }
 

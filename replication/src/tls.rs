@@ -115,6 +115,20 @@ pub enum Change {
     Create,
     /// Grow the replica.
     Resize,
+    /// Create a volume from a snapshot held here (`size` bytes; 0: the snapshot's size).
+    Clone,
+    /// Delete this node's copy of a snapshot (the size is 0).
+    DeleteSnapshot,
+    /// Take a snapshot of a volume attached on this node, under its write barrier (the size
+    /// is 0).
+    TakeSnapshot,
+}
+
+impl Change {
+    /// Whether the change is about a snapshot (named by the request) rather than a volume.
+    pub fn about_snapshot(self) -> bool {
+        matches!(self, Change::DeleteSnapshot | Change::TakeSnapshot)
+    }
 }
 
 /// A node's TLS identity and trust, reloaded when its files change.

@@ -66,6 +66,11 @@ mod kind {
     pub const STAT: u8 = 0x0a;
     pub const GENERATIONS: u8 = 0x0b;
     pub const RESIZE: u8 = 0x0c;
+    pub const SNAPSHOT: u8 = 0x0d;
+    pub const REVERT: u8 = 0x0e;
+    pub const CLONE: u8 = 0x0f;
+    pub const DELETE_SNAPSHOT: u8 = 0x10;
+    pub const TAKE_SNAPSHOT: u8 = 0x11;
 
     pub const OK: u8 = 0x81;
     pub const DATA: u8 = 0x82;
@@ -334,6 +339,49 @@ pub enum Request {
         /// The first extent index to report.
         from: u64,
     },
+    /// Snapshot the local replica as `name` (idempotent). Sent by the attached node under its
+    /// write barrier, fenced like a write.
+    Snapshot {
+        /// The volume.
+        volume: String,
+        /// The attachment epoch.
+        epoch: u64,
+        /// The snapshot's name.
+        name: String,
+    },
+    /// Make the local replica read what its snapshot `snapshot` holds, fenced like a write.
+    Revert {
+        /// The volume.
+        volume: String,
+        /// The attachment epoch.
+        epoch: u64,
+        /// The snapshot.
+        snapshot: String,
+    },
+    /// Create volume `volume` from the local copy of snapshot `snapshot` (`size` bytes, 0:
+    /// the snapshot's); idempotent for the same clone.
+    Clone {
+        /// The snapshot.
+        snapshot: String,
+        /// The new volume.
+        volume: String,
+        /// Its size in bytes (0: the snapshot's).
+        size: u64,
+    },
+    /// Delete the local copy of snapshot `name`; idempotent.
+    DeleteSnapshot {
+        /// The snapshot.
+        name: String,
+    },
+    /// Take snapshot `name` of `volume`, which this node holds attached, under its write
+    /// barrier, and record it in the cluster store: a node asks the node that holds the
+    /// attachment.
+    TakeSnapshot {
+        /// The volume.
+        volume: String,
+        /// The snapshot's name.
+        name: String,
+    },
 }
 
 /// The most extents one `Generations` answer carries (16 bytes each).
@@ -516,6 +564,11 @@ impl Message for Request {
             Request::Stat { .. } => kind::STAT,
             Request::Generations { .. } => kind::GENERATIONS,
             Request::Resize { .. } => kind::RESIZE,
+            Request::Snapshot { .. } => kind::SNAPSHOT,
+            Request::Revert { .. } => kind::REVERT,
+            Request::Clone { .. } => kind::CLONE,
+            Request::DeleteSnapshot { .. } => kind::DELETE_SNAPSHOT,
+            Request::TakeSnapshot { .. } => kind::TAKE_SNAPSHOT,
         }
     }
 
@@ -589,7 +642,36 @@ impl Message for Request {
                 put_u64(out, *size);
                 out.push(u8::from(*dry_run));
             }
-            Request::Delete { volume } | Request::Stat { volume } => put_str(out, volume),
+            Request::Delete { volume }
+            | Request::Stat { volume }
+            | Request::DeleteSnapshot { name: volume } => put_str(out, volume),
+            Request::Snapshot {
+                volume,
+                epoch,
+                name,
+            }
+            | Request::Revert {
+                volume,
+                epoch,
+                snapshot: name,
+            } => {
+                put_str(out, volume);
+                put_u64(out, *epoch);
+                put_str(out, name);
+            }
+            Request::Clone {
+                snapshot,
+                volume,
+                size,
+            } => {
+                put_str(out, snapshot);
+                put_str(out, volume);
+                put_u64(out, *size);
+            }
+            Request::TakeSnapshot { volume, name } => {
+                put_str(out, volume);
+                put_str(out, name);
+            }
             Request::Generations {
                 volume,
                 epoch,
@@ -687,6 +769,28 @@ impl Message for Request {
                 volume: f.string("volume")?,
                 epoch: f.u64("epoch")?,
                 from: f.u64("from")?,
+            },
+            kind::SNAPSHOT => Request::Snapshot {
+                volume: f.string("volume")?,
+                epoch: f.u64("epoch")?,
+                name: f.string("name")?,
+            },
+            kind::REVERT => Request::Revert {
+                volume: f.string("volume")?,
+                epoch: f.u64("epoch")?,
+                snapshot: f.string("snapshot")?,
+            },
+            kind::CLONE => Request::Clone {
+                snapshot: f.string("snapshot")?,
+                volume: f.string("volume")?,
+                size: f.u64("size")?,
+            },
+            kind::DELETE_SNAPSHOT => Request::DeleteSnapshot {
+                name: f.string("name")?,
+            },
+            kind::TAKE_SNAPSHOT => Request::TakeSnapshot {
+                volume: f.string("volume")?,
+                name: f.string("name")?,
             },
             other => return Err(WireError::UnknownKind(other)),
         };

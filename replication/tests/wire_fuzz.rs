@@ -81,6 +81,23 @@ fn request() -> impl Strategy<Value = Request> {
                 from,
             }
         }),
+        (name(), any::<u64>(), name()).prop_map(|(volume, epoch, name)| Request::Snapshot {
+            volume,
+            epoch,
+            name,
+        }),
+        (name(), any::<u64>(), name()).prop_map(|(volume, epoch, snapshot)| Request::Revert {
+            volume,
+            epoch,
+            snapshot,
+        }),
+        (name(), name(), any::<u64>()).prop_map(|(snapshot, volume, size)| Request::Clone {
+            snapshot,
+            volume,
+            size,
+        }),
+        name().prop_map(|name| Request::DeleteSnapshot { name }),
+        (name(), name()).prop_map(|(volume, name)| Request::TakeSnapshot { volume, name }),
     ]
 }
 

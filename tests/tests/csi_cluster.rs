@@ -1,5 +1,6 @@
 //! The CSI driver on a three-node cluster (real etcd, real daemons, each serving CSI):
-//! topology (node info, accessibility requirements, zone spread, capacity per segment) and
+//! topology (node info, accessibility requirements, zone spread, capacity per segment),
+//! snapshots and clones across nodes, and
 //! failover and online expansion — a volume unstaged on node A and staged on node B once A is killed, and a volume
 //! still staged on A when it dies, taken over by B once A's lease expires — with the data
 //! there both times.
@@ -15,9 +16,10 @@ use csi::proto::controller_service_capability::rpc::Type as CtlCap;
 use csi::proto::{
     controller_service_capability, CapacityRange, ControllerExpandVolumeRequest,
     ControllerGetCapabilitiesRequest, ControllerGetVolumeRequest, CreateSnapshotRequest,
-    DeleteVolumeRequest, GetCapacityRequest, NodeExpandVolumeRequest, NodeGetInfoRequest, Topology,
-    TopologyRequirement,
+    DeleteSnapshotRequest, DeleteVolumeRequest, GetCapacityRequest, ListSnapshotsRequest,
+    NodeExpandVolumeRequest, NodeGetInfoRequest, Topology, TopologyRequirement,
 };
+use csi::proto::{volume_content_source, VolumeContentSource};
 use integration_tests::cluster::{cluster_args, node_dirs, nodes, wait_for, Cleanup};
 use integration_tests::csi::{
     create_req, csi_args, csi_socket, kubelet_dir, mount_cap, Csi, MountsUnder,
@@ -133,7 +135,9 @@ fn topology_and_failover_across_three_nodes() {
     assert_eq!(placed["replica_status"][0]["node_id"], "node-b", "{placed}");
     assert_eq!(csi_a.create(req).unwrap(), v, "idempotent");
 
-    // Snapshots are not offered in cluster mode yet, and a request says why.
+    // Snapshots are offered in cluster mode: one of a detached volume whose only replica is
+    // on node B, taken through node A, and a volume made from it (on node B, where the copy
+    // is), usable from every zone.
     let caps = csi_a
         .run(
             csi_a
@@ -144,28 +148,90 @@ fn topology_and_failover_across_three_nodes() {
         .unwrap()
         .into_inner()
         .capabilities;
-    assert!(
-        !caps.iter().any(|c| c.r#type
-            == Some(controller_service_capability::Type::Rpc(
-                controller_service_capability::Rpc {
-                    r#type: CtlCap::CreateDeleteSnapshot as i32
-                }
-            ))),
-        "snapshots advertised in cluster mode"
-    );
-    let refused = csi_a.run(
-        csi_a
-            .controller
-            .clone()
-            .create_snapshot(CreateSnapshotRequest {
-                name: "snap".into(),
-                source_volume_id: "pref-vol".into(),
-                ..Default::default()
-            }),
-    );
-    let refused = refused.unwrap_err();
-    assert_eq!(refused.code(), Code::Unimplemented);
-    assert!(refused.message().contains("standalone"), "{refused:?}");
+    for cap in [
+        CtlCap::CreateDeleteSnapshot,
+        CtlCap::ListSnapshots,
+        CtlCap::CloneVolume,
+    ] {
+        assert!(
+            caps.iter().any(|c| c.r#type
+                == Some(controller_service_capability::Type::Rpc(
+                    controller_service_capability::Rpc { r#type: cap as i32 }
+                ))),
+            "{cap:?} not advertised in cluster mode"
+        );
+    }
+    let snap = csi_a
+        .run(
+            csi_a
+                .controller
+                .clone()
+                .create_snapshot(CreateSnapshotRequest {
+                    name: "pref-snap".into(),
+                    source_volume_id: "pref-vol".into(),
+                    ..Default::default()
+                }),
+        )
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snap.ready_to_use, "{snap:?}");
+    assert_eq!(snap.size_bytes, 8 << 20);
+    assert_eq!(snap.source_volume_id, "pref-vol");
+    let listed = csi_b
+        .run(
+            csi_b
+                .controller
+                .clone()
+                .list_snapshots(ListSnapshotsRequest {
+                    source_volume_id: "pref-vol".into(),
+                    ..Default::default()
+                }),
+        )
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let mut req = create_req("pref-copy", 8 << 20, &[("replicas", "1")], mount_cap(""));
+    req.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: "pref-snap".into(),
+            },
+        )),
+    });
+    let copy = csi_a.create(req).unwrap();
+    assert_eq!(copy.accessible_topology.len(), 3, "{copy:?}");
+    let placed = a
+        .cli(["volume", "inspect", "pref-copy", "-o", "json"])
+        .json();
+    assert_eq!(placed["replica_status"][0]["node_id"], "node-b", "{placed}");
+    for (id, snapshot) in [("pref-copy", false), ("pref-snap", true)] {
+        if snapshot {
+            csi_a
+                .run(
+                    csi_a
+                        .controller
+                        .clone()
+                        .delete_snapshot(DeleteSnapshotRequest {
+                            snapshot_id: id.into(),
+                            ..Default::default()
+                        }),
+                )
+                .unwrap();
+        } else {
+            csi_a
+                .run(csi_a.controller.clone().delete_volume(DeleteVolumeRequest {
+                    volume_id: id.into(),
+                    ..Default::default()
+                }))
+                .unwrap();
+        }
+    }
+    let snaps = b.cli(["snapshot", "list", "-o", "json"]);
+    snaps.success();
+    assert_eq!(snaps.json(), serde_json::json!([]));
 
     // A requisite zone narrows both placement and accessibility.
     let mut req = create_req("zone-vol", 8 << 20, &[("replicas", "1")], mount_cap(""));

@@ -351,6 +351,18 @@ impl<D: BlockDevice + Clone + Send + Sync + 'static> Nexus<D> {
             .collect()
     }
 
+    /// The id and device of each healthy child (in sync: the ones a snapshot is taken of).
+    pub fn healthy_devices(&self) -> Vec<(String, D)>
+    where
+        D: Clone,
+    {
+        self.snapshot()
+            .iter()
+            .filter(|c| c.state() == ChildState::Healthy)
+            .map(|c| (c.id.clone(), c.dev.clone()))
+            .collect()
+    }
+
     /// The nexus's counters.
     pub fn stats(&self) -> &NexusStats {
         &self.stats

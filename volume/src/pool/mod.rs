@@ -38,7 +38,7 @@ pub mod stats;
 
 pub use disk::{encode_crc, OpenReport, KEEP_OPEN_COMMITS, OPEN_LIMIT};
 pub use replica::Replica;
-pub use snapshots::SnapshotInfo;
+pub use snapshots::{copy_size, SnapshotInfo};
 
 /// One replica of a volume and the pool device holding it.
 #[derive(Debug, Clone)]

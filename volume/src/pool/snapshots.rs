@@ -50,7 +50,7 @@ fn exhausted_or_internal(e: PoolError) -> ControlError {
 
 /// The size of a copy of `what`, which holds `have` bytes: `size_bytes` rounded up, or
 /// `have` for 0; never less than `have`.
-fn copy_size(what: &str, have: u64, size_bytes: u64) -> Result<u64, ControlError> {
+pub fn copy_size(what: &str, have: u64, size_bytes: u64) -> Result<u64, ControlError> {
     let size = if size_bytes == 0 {
         have
     } else {

@@ -1,0 +1,300 @@
+//! Snapshots and clones of a three-replica volume on a real three-node cluster over a real
+//! etcd, through the real attach path (FUSE file + loop device):
+//!
+//! - four writers on node A write numbered blocks, each synced before the writer's next, while
+//!   node B (which does not hold the volume) takes a snapshot: node A takes it under its write
+//!   barrier. The snapshot is exactly the volume after one write of each writer's sequence,
+//!   no earlier than its last write acknowledged before the request and no later than the one
+//!   in flight when it returned;
+//! - a clone of it made through node C holds exactly that state in each of its three copies
+//!   (attached in turn on each node, which reads its own copy), and writes to the clone leave
+//!   the source alone;
+//! - a copy of the attached source, asked of node C, holds the source as it is;
+//! - revert is refused while attached, then (asked of node B, once detached) brings the
+//!   source back to the snapshot on every replica;
+//! - deleting everything leaves no snapshot and no allocated byte on any node.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use integration_tests::cluster::{
+    attach, create_volume, node_dirs, pread_direct, pwrite_direct, three_nodes, wait_for, Cleanup,
+};
+use integration_tests::etcd::Etcd;
+use integration_tests::Daemon;
+
+const BLOCK: usize = 4096;
+/// Writers at once, each writing its own slots in turn.
+const WRITERS: u64 = 4;
+/// Slots of each writer.
+const PER_WRITER: u64 = 16;
+/// Slots in all, 256 KiB apart (64 over 16 MiB: sixteen 1 MiB extents).
+const SLOTS: u64 = WRITERS * PER_WRITER;
+const STRIDE: u64 = 256 << 10;
+
+/// The slot of writer `w`'s write `i`.
+fn slot(w: u64, i: u64) -> u64 {
+    w + WRITERS * (i % PER_WRITER)
+}
+
+/// Writer `w`'s write `i`: its writer, its number and a pattern of both.
+fn block(w: u64, i: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK];
+    b[..8].copy_from_slice(&(i + 1).to_le_bytes());
+    b[8..16].copy_from_slice(&w.to_le_bytes());
+    for (n, byte) in b.iter_mut().enumerate().skip(16) {
+        *byte = (i as u8).wrapping_mul(31) ^ (n as u8) ^ (w as u8) ^ 0x5a;
+    }
+    b
+}
+
+/// The number of the write slot `s` holds (`None`: never written), checking the whole block.
+fn written(s: u64, data: &[u8]) -> Option<u64> {
+    let n = u64::from_le_bytes(data[..8].try_into().unwrap());
+    if n == 0 {
+        assert!(
+            data.iter().all(|&b| b == 0),
+            "slot {s}: a torn or foreign block"
+        );
+        return None;
+    }
+    let w = s % WRITERS;
+    assert_eq!(data, block(w, n - 1), "slot {s}: write {} is torn", n - 1);
+    assert_eq!(
+        slot(w, n - 1),
+        s,
+        "write {} of writer {w} is misplaced",
+        n - 1
+    );
+    Some(n - 1)
+}
+
+/// What the slots hold once writer `w` has made writes `0..=last[w]` (`None`: none).
+fn state_after(last: &[Option<u64>]) -> Vec<Option<u64>> {
+    (0..SLOTS)
+        .map(|s| {
+            let (w, nth) = (s % WRITERS, s / WRITERS);
+            match last[w as usize] {
+                Some(k) if k >= nth => Some(k - (k - nth) % PER_WRITER),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn read_state(dev: &Path) -> Vec<Option<u64>> {
+    (0..SLOTS)
+        .map(|s| written(s, &pread_direct(dev, s * STRIDE, BLOCK)))
+        .collect()
+}
+
+/// The last write of each writer a state holds.
+fn last_writes(state: &[Option<u64>]) -> Vec<Option<u64>> {
+    (0..WRITERS)
+        .map(|w| {
+            state
+                .iter()
+                .skip(w as usize)
+                .step_by(WRITERS as usize)
+                .flatten()
+                .max()
+                .copied()
+        })
+        .collect()
+}
+
+/// The device reads exactly the state after each writer's writes up to `last`.
+#[track_caller]
+fn assert_state(dev: &Path, last: &[Option<u64>], what: &str) {
+    assert_eq!(read_state(dev), state_after(last), "{what}");
+}
+
+/// No node had to reconcile `volume`'s replicas at an attach: they were equal.
+#[track_caller]
+fn assert_no_reconcile(nodes: &[&Daemon], volume: &str) {
+    for d in nodes {
+        let log = d.log();
+        let differed: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("reconciled extents where replicas differed")
+                    && l.contains(&format!("volume={volume} "))
+            })
+            .collect();
+        assert!(
+            differed.is_empty(),
+            "the copies of {volume} differed: {differed:?}"
+        );
+    }
+}
+
+fn detach(d: &Daemon, name: &str) {
+    d.cli(["volume", "detach", name]).success();
+}
+
+#[test]
+fn a_snapshot_of_a_replicated_volume_under_writes_is_one_point_of_its_history() {
+    let etcd = Etcd::start().unwrap();
+    let dirs = node_dirs(3);
+    let _cleanup = Cleanup::new(&dirs, &["svol", "sclone", "vcopy"]);
+    let [a, b, c] = three_nodes(&dirs, &etcd);
+    create_volume(&a, "svol");
+    let dev = attach(&a, "svol");
+
+    // The writers: writer w's write i goes to slot(w, i) and is synced before its write
+    // i + 1 starts.
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..WRITERS).map(|_| AtomicU64::new(0)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (acked, stop, dev) = (Arc::clone(&acked), Arc::clone(&stop), dev.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    pwrite_direct(Path::new(&dev), slot(w, i) * STRIDE, &block(w, i));
+                    i += 1;
+                    acked[w as usize].store(i, Ordering::SeqCst);
+                }
+                i
+            })
+        })
+        .collect();
+    let counts = |acked: &[AtomicU64]| -> Vec<u64> {
+        acked.iter().map(|a| a.load(Ordering::SeqCst)).collect()
+    };
+    wait_for("the writers to get going", Duration::from_secs(30), || {
+        counts(&acked).iter().all(|&n| n >= 2 * PER_WRITER)
+    });
+    // Asked of node B; node A holds the volume and takes it.
+    let before = counts(&acked);
+    let snap = b.cli(["snapshot", "create", "svol", "s1", "-o", "json"]);
+    let after = counts(&acked);
+    snap.success();
+    assert_eq!(snap.json()["replicas"], 3, "{}", snap.json());
+    assert_eq!(snap.json()["source_volume"], "svol", "{}", snap.json());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let totals: Vec<u64> = writers.into_iter().map(|t| t.join().unwrap()).collect();
+    for w in 0..WRITERS as usize {
+        assert!(
+            totals[w] > after[w],
+            "writer {w} stopped before the snapshot"
+        );
+    }
+    assert!(
+        a.log().contains("writes paused for the snapshot"),
+        "node A did not take the snapshot"
+    );
+    let source_now: Vec<Option<u64>> = totals.iter().map(|&n| Some(n - 1)).collect();
+    assert_state(Path::new(&dev), &source_now, "the source after the writers");
+
+    // A clone, made through node C, on the nodes that hold the snapshot.
+    c.cli(["volume", "create", "sclone", "--from-snapshot", "s1"])
+        .success();
+    let mut at: Option<Vec<Option<u64>>> = None;
+    for (d, node) in [(&c, "node-c"), (&a, "node-a"), (&b, "node-b")] {
+        // Attached on each node in turn, it reads that node's copy.
+        let clone = attach(d, "sclone");
+        let state = read_state(Path::new(&clone));
+        let last = last_writes(&state);
+        assert_eq!(
+            state,
+            state_after(&last),
+            "the copy on {node} is not one point of each writer's history"
+        );
+        for w in 0..WRITERS as usize {
+            let k = last[w].expect("the snapshot holds writes of every writer");
+            assert!(
+                k + 1 >= before[w] && k <= after[w],
+                "the snapshot holds writer {w}'s writes 0..={k}; {} were acknowledged before it was asked and {} when it returned",
+                before[w],
+                after[w]
+            );
+        }
+        if let Some(first) = &at {
+            assert_eq!(&last, first, "the copy on {node} differs from the others");
+        }
+        at = Some(last);
+        detach(d, "sclone");
+    }
+    // The copies were equal as taken: the clone's first attachment had nothing to reconcile
+    // (which would have hidden a difference by copying the newest extents over the others).
+    assert_no_reconcile(&[&a, &b, &c], "sclone");
+    let k = at.unwrap();
+    eprintln!("snapshot at writes {k:?}: {before:?} acknowledged before, {after:?} after");
+
+    // Writes to the clone leave the source alone.
+    let clone = attach(&b, "sclone");
+    for s in 0..SLOTS {
+        pwrite_direct(Path::new(&clone), s * STRIDE, &vec![0xee; BLOCK]);
+    }
+    assert_state(
+        Path::new(&dev),
+        &source_now,
+        "the source after writes to its clone",
+    );
+    detach(&b, "sclone");
+
+    // A copy of the attached source, asked of node C: node A holds its writes meanwhile.
+    c.cli(["volume", "create", "vcopy", "--from-volume", "svol"])
+        .success();
+    let copy = attach(&b, "vcopy");
+    assert_state(Path::new(&copy), &source_now, "the copy of the volume");
+    detach(&b, "vcopy");
+
+    // Revert: refused while attached; once detached, every replica reads the snapshot.
+    b.cli(["volume", "revert", "svol", "--snapshot", "s1"])
+        .expect_code(1)
+        .stderr_has("detach it");
+    detach(&a, "svol");
+    b.cli(["volume", "revert", "svol", "--snapshot", "s1"])
+        .success();
+    for (d, node) in [(&b, "node-b"), (&c, "node-c"), (&a, "node-a")] {
+        let dev = attach(d, "svol");
+        assert_state(
+            Path::new(&dev),
+            &k,
+            &format!("the reverted source on {node}"),
+        );
+        detach(d, "svol");
+    }
+    assert_no_reconcile(&[&a, &b, &c], "svol");
+
+    // Errors name the problem.
+    c.cli(["snapshot", "create", "nope", "s2"])
+        .expect_code(4)
+        .stderr_has("volume nope not found");
+    c.cli(["snapshot", "create", "sclone", "s1"])
+        .expect_code(5)
+        .stderr_has("already exists, of volume svol");
+
+    // Everything deleted (the snapshot first, while a clone reads it): nothing is left.
+    c.cli(["snapshot", "delete", "s1"]).success();
+    let clone = attach(&c, "sclone");
+    for s in 0..SLOTS {
+        assert_eq!(
+            pread_direct(Path::new(&clone), s * STRIDE, BLOCK),
+            vec![0xee; BLOCK],
+            "the clone after its snapshot was deleted, slot {s}"
+        );
+    }
+    detach(&c, "sclone");
+    for v in ["sclone", "vcopy", "svol"] {
+        a.cli(["volume", "delete", v]).success();
+    }
+    for (d, node) in [(&a, "node-a"), (&b, "node-b"), (&c, "node-c")] {
+        let snaps = d.cli(["snapshot", "list", "-o", "json"]);
+        snaps.success();
+        assert_eq!(snaps.json(), serde_json::json!([]), "on {node}");
+        let pools = d.cli(["pool", "list", "-o", "json"]);
+        pools.success();
+        assert_eq!(
+            pools.json()[0]["allocated_bytes"],
+            0,
+            "on {node}: {}",
+            pools.json()
+        );
+    }
+}
