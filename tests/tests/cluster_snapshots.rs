@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use integration_tests::cluster::{
-    attach, create_volume, node_dirs, pread_direct, pwrite_direct, three_nodes, wait_for, Cleanup,
+    attach, create_volume, node_dirs, nodes, pattern, pread_direct, pwrite_direct, read_direct,
+    replica_states, start, three_nodes, wait_for, write_direct, Cleanup, MIB,
 };
 use integration_tests::etcd::Etcd;
 use integration_tests::Daemon;
@@ -297,4 +298,102 @@ fn a_snapshot_of_a_replicated_volume_under_writes_is_one_point_of_its_history() 
             pools.json()
         );
     }
+}
+
+/// The state of `volume`'s replica on `node`, as `d` reports it.
+fn replica_state(d: &Daemon, volume: &str, node: &str) -> String {
+    replica_states(d, volume)
+        .into_iter()
+        .find(|(n, _)| n == node)
+        .map_or_else(|| "<absent>".into(), |(_, s)| s)
+}
+
+/// A node that is down while a snapshot it holds is deleted deletes its copy when it comes
+/// back; a revert made while it is down marks its replica for a full rebuild, so the writes
+/// it took after the snapshot do not survive as if unchanged.
+#[test]
+fn a_node_down_during_a_delete_and_a_revert_catches_up() {
+    let etcd = Etcd::start().unwrap();
+    let dirs = node_dirs(3);
+    let _cleanup = Cleanup::new(&dirs, &["dvol"]);
+    let [a, b, mut c] = three_nodes(&dirs, &etcd);
+    create_volume(&a, "dvol");
+    let dev = attach(&a, "dvol");
+    let first = pattern(1, 0, 4 * MIB);
+    write_direct(&dev, 0, &first).unwrap();
+    for s in ["s0", "s1"] {
+        b.cli(["snapshot", "create", "dvol", s]).success();
+    }
+    // Overwrites the same extents, on every replica.
+    write_direct(&dev, 0, &pattern(2, 0, 4 * MIB)).unwrap();
+
+    // C goes down for good (its lease expires): it holds s0, s1 and the overwrite.
+    c.kill().unwrap();
+    wait_for("node-c's lease to expire", Duration::from_secs(15), || {
+        !nodes(&a).contains(&"node-c".to_owned())
+    });
+    write_direct(&dev, 4 * MIB, &pattern(3, 4 * MIB, MIB)).unwrap();
+    let s2 = b.cli(["snapshot", "create", "dvol", "s2", "-o", "json"]);
+    s2.success();
+    assert_eq!(s2.json()["replicas"], 2, "C is down: {}", s2.json());
+
+    // Deleted while C is down: gone from every listing, its name held until C deletes its copy.
+    b.cli(["snapshot", "delete", "s0"]).success();
+    let listed = a.cli(["snapshot", "list", "-o", "json"]);
+    let names: Vec<String> = listed
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["s1", "s2"]);
+    a.cli(["snapshot", "create", "dvol", "s0"])
+        .expect_code(5)
+        .stderr_has("being deleted");
+
+    // Revert to s1 with C down: A and B read the first data again.
+    detach(&a, "dvol");
+    b.cli(["volume", "revert", "dvol", "--snapshot", "s1"])
+        .success();
+
+    // C comes back: it deletes its copy of s0 (the name is free again), and its replica is
+    // rebuilt in full once the volume is attached.
+    c = start(&dirs[2], "node-c", "zone-c", &etcd);
+    assert!(
+        c.log().contains("deleted a snapshot snapshot=s0"),
+        "node-c did not delete its copy of s0"
+    );
+    a.cli(["snapshot", "create", "dvol", "s0"]).success();
+    a.cli(["snapshot", "delete", "s0"]).success();
+    let dev = attach(&a, "dvol");
+    wait_for("node-c to be rebuilt", Duration::from_secs(60), || {
+        replica_state(&a, "dvol", "node-c") == "healthy"
+    });
+    let rebuilt = a.cli(["volume", "inspect", "dvol", "-o", "json"]);
+    let last = rebuilt.json()["replica_status"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node_id"] == "node-c")
+        .unwrap()["last_rebuild"]
+        .clone();
+    assert_eq!(last["kind"], "full", "{last}");
+    assert!(
+        read_direct(&dev, 0, 4 * MIB) == first,
+        "the reverted volume does not read the snapshot's data"
+    );
+    detach(&a, "dvol");
+    // C's own replica (attached there, it reads it) holds the reverted data, not the
+    // overwrite it took before it went down.
+    let dev_c = attach(&c, "dvol");
+    assert!(
+        read_direct(&dev_c, 0, 4 * MIB) == first,
+        "node-c's replica kept the overwrite it took before the snapshot it was reverted to"
+    );
+    assert!(
+        read_direct(&dev_c, 4 * MIB, MIB).iter().all(|&b| b == 0),
+        "node-c's replica holds data written after the snapshot"
+    );
+    detach(&c, "dvol");
 }
