@@ -58,7 +58,7 @@ use replication::device::{Child, DeviceSource, LocalChild, VolumeDevice};
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(3600);
 
 /// Compare-and-swap retries before giving up on a contended record.
-const CAS_RETRIES: usize = 20;
+pub(crate) const CAS_RETRIES: usize = 20;
 
 pub(crate) fn store_error(e: StoreError) -> ControlError {
     ControlError::new(ErrorKind::Unavailable, "the cluster store cannot be used").with_source(e)

@@ -543,11 +543,11 @@ impl Cluster {
             snap.size_bytes,
             spec.size_bytes,
         )?;
-        if spec.replicas != 0 && usize::from(spec.replicas) != snap.nodes.len() {
+        if usize::from(spec.replicas) > snap.nodes.len() {
             return Err(ControlError::new(
                 ErrorKind::InvalidArgument,
                 format!(
-                    "a copy keeps its source's {} replica(s) (it shares their extents); {} were asked",
+                    "a copy has its replicas where the snapshot's copies are (it shares their extents): at most {}; {} were asked",
                     snap.nodes.len(),
                     spec.replicas
                 ),
@@ -556,9 +556,31 @@ impl Cluster {
         if let Ok((rec, _)) = self.volume(spec.name.as_str()).await {
             return self.same_copy(spec, &rec, Some(size));
         }
+        // On the nodes holding a copy that are up (one that is down may have been replaced
+        // for good): as many as asked, or all of them.
         let nodes = self.nodes().await?;
+        let live: Vec<&String> = snap
+            .nodes
+            .iter()
+            .filter(|n| nodes.iter().any(|l| l.id == **n))
+            .collect();
+        let want = match spec.replicas {
+            0 => live.len(),
+            n => usize::from(n),
+        };
+        if want == 0 || live.len() < want {
+            let down: Vec<&String> = snap.nodes.iter().filter(|n| !live.contains(n)).collect();
+            return Err(ControlError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "{want} replica(s) of a copy of snapshot {snapshot} need as many nodes holding it up; {} are (down: {down:?}); try again once they are back",
+                    live.len()
+                ),
+            ));
+        }
+        let holders: Vec<String> = live.into_iter().take(want).cloned().collect();
         let mut made: Vec<&String> = Vec::new();
-        for node in &snap.nodes {
+        for node in &holders {
             let done = if *node == self.me.id {
                 self.storage
                     .clone_snapshot(snapshot, &spec.name, size)
@@ -621,7 +643,7 @@ impl Cluster {
             let (won, _) = self.volume(spec.name.as_str()).await?;
             return self.same_copy(spec, &won, Some(size));
         }
-        tracing::info!(volume = %spec.name, snapshot = %snapshot, replicas = ?snap.nodes, "created a replicated volume from a snapshot");
+        tracing::info!(volume = %spec.name, snapshot = %snapshot, replicas = ?holders, "created a replicated volume from a snapshot");
         Ok(self.status(&rec))
     }
 
@@ -737,6 +759,146 @@ impl Cluster {
         })
         .await
         .map(drop)
+    }
+}
+
+impl Cluster {
+    /// Give `target` (the replica `r` of `name`, empty, not yet a child of `nexus`) the
+    /// snapshots the volume reads through on a healthy replica: each snapshot's own extents
+    /// are written in order, with their generations, and each snapshot of this volume that
+    /// the store lists is taken on the target once its data is there, and recorded. Returns
+    /// the generation the target then holds every write up to (the rebuild's starting point),
+    /// 0 when nothing was seeded.
+    ///
+    /// # Errors
+    /// The source or the target failed, or the source's snapshots changed meanwhile (the
+    /// rebuild is then a full one; what was seeded is correct).
+    pub(crate) async fn seed_snapshots(
+        &self,
+        nexus: &Nexus<Child>,
+        name: &VolumeName,
+        r: &ReplicaRecord,
+        target: &Child,
+    ) -> Result<u64, ControlError> {
+        let failed = |what: &str, e: volume::device::DeviceError| {
+            ControlError::new(ErrorKind::Unavailable, format!("{what}: {e}"))
+        };
+        if !target
+            .generations()
+            .await
+            .map_err(|e| failed("the new replica", e))?
+            .extents
+            .is_empty()
+        {
+            // Not empty: a seed would mix with what it holds.
+            return Ok(0);
+        }
+        let sources = nexus.healthy_devices();
+        let Some((source_id, source)) = sources
+            .iter()
+            .find(|(id, _)| node_of(id) == self.me.id)
+            .or_else(|| sources.first())
+        else {
+            return Ok(0);
+        };
+        let chain = source
+            .chain()
+            .await
+            .map_err(|e| failed("the source replica", e))?;
+        let size = target.size();
+        if chain.links.is_empty() || chain.links.iter().any(|l| l.size != size) {
+            // None, or one older than a resize (its copy would have another size).
+            return Ok(0);
+        }
+        let (vrec, _) = self.volume(name.as_str()).await?;
+        let records = self.snapshot_records().await?;
+        let mut since = 0;
+        let mut seeded = Vec::new();
+        for (i, link) in chain.links.iter().enumerate() {
+            for &(extent, generation) in &link.own {
+                let data = source
+                    .read_link(chain.epoch, i, extent)
+                    .await
+                    .map_err(|e| failed(&format!("replica {source_id}"), e))?;
+                let flags = volume::device::WriteFlags {
+                    fua: false,
+                    generation,
+                };
+                target
+                    .write(extent * volume::pool::format::EXTENT, data, flags)
+                    .await
+                    .map_err(|e| failed("the new replica", e.error))?;
+                if generation != volume::device::GENERATION_UNKNOWN {
+                    // An unknown one is newer than any: the rebuild copies it again.
+                    since = since.max(generation);
+                }
+            }
+            let Some(snapshot) = link.name.as_ref().filter(|_| link.of_volume) else {
+                continue;
+            };
+            let listed = records.iter().any(|rec| {
+                rec.name == snapshot.as_str()
+                    && rec.volume_id == vrec.id
+                    && !rec.deleting
+                    && !rec.nodes.is_empty()
+            });
+            if !listed {
+                continue;
+            }
+            target
+                .flush()
+                .await
+                .map_err(|e| failed("the new replica", e))?;
+            match target {
+                Child::Local(_) => self
+                    .storage
+                    .create_snapshot(name, snapshot)
+                    .await
+                    .map(drop)?,
+                Child::Remote(remote) => remote
+                    .snapshot(snapshot.as_str(), false)
+                    .await
+                    .map_err(|e| failed("the new replica", e))?,
+            }
+            self.add_holder(snapshot, &r.node).await?;
+            seeded.push(snapshot.to_string());
+        }
+        target
+            .flush()
+            .await
+            .map_err(|e| failed("the new replica", e))?;
+        tracing::info!(volume = %name, replica = %r.id(), snapshots = ?seeded, from = since, "gave a new replica the volume's snapshots");
+        Ok(since)
+    }
+
+    /// Record that `node` holds a copy of snapshot `name`.
+    async fn add_holder(&self, name: &VolumeName, node: &str) -> Result<(), ControlError> {
+        let key = snapshot_key(name.as_str());
+        for _ in 0..crate::control::CAS_RETRIES {
+            let Some(kv) = self.store.get(&key).await.map_err(store_error)? else {
+                return Ok(());
+            };
+            let Ok(mut rec) = serde_json::from_slice::<SnapshotRecord>(&kv.value) else {
+                return Ok(());
+            };
+            if rec.nodes.iter().any(|n| n == node) {
+                return Ok(());
+            }
+            rec.nodes.push(node.to_owned());
+            let value = serde_json::to_vec(&rec).expect("a snapshot record serializes");
+            if self
+                .store
+                .cas(&key, kv.mod_revision, &value)
+                .await
+                .map_err(store_error)?
+            {
+                return Ok(());
+            }
+        }
+        Err(ControlError::new(
+            ErrorKind::Unavailable,
+            format!("snapshot {name} is being changed by others; try again"),
+        ))
     }
 }
 

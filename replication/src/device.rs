@@ -224,6 +224,41 @@ impl BlockDevice for Child {
     }
 }
 
+impl Child {
+    /// The snapshots the replica reads through (see [`volume::pool::Replica::chain`]).
+    ///
+    /// # Errors
+    /// Fenced, or the replica cannot answer.
+    pub async fn chain(&self) -> Result<volume::pool::Chain, DeviceError> {
+        match self {
+            Child::Local(l) => l.run(("chain", 0, 0), |r| async move { r.chain() }).await,
+            Child::Remote(r) => r.chain().await,
+        }
+    }
+
+    /// What link `link` of the chain read at `chain_epoch` maps itself at logical extent
+    /// `extent` (see [`volume::pool::Replica::read_link`]).
+    ///
+    /// # Errors
+    /// The chain changed, fenced, or the read failed.
+    pub async fn read_link(
+        &self,
+        chain_epoch: u64,
+        link: usize,
+        extent: u64,
+    ) -> Result<IoBuf, DeviceError> {
+        match self {
+            Child::Local(l) => {
+                l.run(("read_link", extent, 0), move |r| async move {
+                    r.read_link(chain_epoch, link, extent).await
+                })
+                .await?
+            }
+            Child::Remote(r) => r.read_link(chain_epoch, link, extent).await,
+        }
+    }
+}
+
 impl Resizable for Child {
     async fn refresh_size(&self) -> Result<u64, DeviceError> {
         match self {

@@ -701,6 +701,56 @@ impl RemoteReplica {
         self.simple(At::new(op, 0, 0), req).await
     }
 
+    /// The snapshots the replica reads through (see [`volume::pool::Replica::chain`]).
+    ///
+    /// # Errors
+    /// The server refused, or sent something else than a chain.
+    pub async fn chain(&self) -> Result<volume::pool::Chain, DeviceError> {
+        let at = At::new("chain", 0, 0);
+        let req = Request::Chain {
+            volume: self.inner.volume.clone(),
+            epoch: self.inner.epoch,
+        };
+        match self.inner.client.conn.call(req).await.0 {
+            Ok(Response::Data(json)) => serde_json::from_slice(&json)
+                .map_err(|e| at.io(format!("replica server {}: a bad chain: {e}", self.addr()))),
+            Ok(other) => Err(self.error(at, other)),
+            Err(e) => Err(at.io(e.0)),
+        }
+    }
+
+    /// The extent `extent` that link `link` of the chain read at `chain_epoch` maps itself
+    /// (see [`volume::pool::Replica::read_link`]).
+    ///
+    /// # Errors
+    /// The chain changed, the server refused, or the connection failed.
+    pub async fn read_link(
+        &self,
+        chain_epoch: u64,
+        link: usize,
+        extent: u64,
+    ) -> Result<IoBuf, DeviceError> {
+        let size = volume::pool::format::EXTENT;
+        let at = At::new("read_link", extent * size, size);
+        let req = Request::ReadLink {
+            volume: self.inner.volume.clone(),
+            epoch: self.inner.epoch,
+            chain_epoch,
+            link: u32::try_from(link).unwrap_or(u32::MAX),
+            extent,
+        };
+        match self.inner.client.conn.call(req).await.0 {
+            Ok(Response::Data(data)) if data.len() as u64 == size => Ok(data),
+            Ok(Response::Data(data)) => Err(at.io(format!(
+                "replica server {} returned {} bytes for an extent",
+                self.addr(),
+                data.len()
+            ))),
+            Ok(other) => Err(self.error(at, other)),
+            Err(e) => Err(at.io(e.0)),
+        }
+    }
+
     fn error(&self, at: At, resp: Response) -> DeviceError {
         response_error(self.addr(), Some(self.inner.epoch), at, resp)
     }

@@ -480,6 +480,7 @@ fn request_kib(req: &Request) -> u32 {
     let bytes = match req {
         Request::Write { data, .. } => data.len(),
         Request::Read { len, .. } => *len as usize,
+        Request::ReadLink { .. } => volume::pool::format::EXTENT as usize,
         _ => 0,
     };
     u32::try_from(bytes.div_ceil(1024))
@@ -725,6 +726,9 @@ async fn handle(ctx: &Ctx, req: Request, session: u64) -> Response {
         req @ (Request::Snapshot { .. } | Request::Revert { .. }) => {
             snapshot_request(ctx, req, session).await
         }
+        req @ (Request::Chain { .. } | Request::ReadLink { .. }) => {
+            chain_request(ctx, req, session).await
+        }
         req @ (Request::Read { .. }
         | Request::Write { .. }
         | Request::Flush { .. }
@@ -824,6 +828,44 @@ async fn snapshot_request(ctx: &Ctx, req: Request, session: u64) -> Response {
     match done {
         Ok(()) => Response::Ok,
         Err(e) => control_error(&e),
+    }
+}
+
+/// Answer a seed's question about the snapshots the local replica reads through: fenced like
+/// a read, so only the node that holds the volume's attachment can ask.
+async fn chain_request(ctx: &Ctx, req: Request, session: u64) -> Response {
+    let (Request::Chain { volume, epoch } | Request::ReadLink { volume, epoch, .. }) = &req else {
+        return error(ErrCode::Invalid, "not a chain request");
+    };
+    let replica = match VolumeName::new(volume).and_then(|n| ctx.storage.replica(&n)) {
+        Ok(r) => r,
+        Err(e) => return control_error(&e),
+    };
+    let _admitted = match ctx.fence.admit_session(volume, *epoch, session).await {
+        Ok(a) => a,
+        Err(e) => return fence_error(&e),
+    };
+    match req {
+        Request::ReadLink {
+            chain_epoch,
+            link,
+            extent,
+            ..
+        } => match replica.read_link(chain_epoch, link as usize, extent).await {
+            Ok(data) => Response::Data(data),
+            Err(e) => device_error(&e),
+        },
+        _ => match serde_json::to_vec(&replica.chain()) {
+            Ok(json) if json.len() <= MAX_IO => Response::Data(IoBuf::from_slice(&json)),
+            Ok(json) => error(
+                ErrCode::Invalid,
+                format!(
+                    "the snapshot chain of {volume} takes {} bytes, above the {MAX_IO} an answer holds",
+                    json.len()
+                ),
+            ),
+            Err(e) => error(ErrCode::Io, format!("cannot encode the snapshot chain: {e}")),
+        },
     }
 }
 

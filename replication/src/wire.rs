@@ -71,6 +71,8 @@ mod kind {
     pub const CLONE: u8 = 0x0f;
     pub const DELETE_SNAPSHOT: u8 = 0x10;
     pub const TAKE_SNAPSHOT: u8 = 0x11;
+    pub const CHAIN: u8 = 0x12;
+    pub const READ_LINK: u8 = 0x13;
 
     pub const OK: u8 = 0x81;
     pub const DATA: u8 = 0x82;
@@ -382,6 +384,28 @@ pub enum Request {
         /// The snapshot's name.
         name: String,
     },
+    /// The snapshots the local replica reads through (`volume::pool::Chain`, as JSON in a
+    /// `Data` answer), fenced like a read.
+    Chain {
+        /// The volume.
+        volume: String,
+        /// The attachment epoch.
+        epoch: u64,
+    },
+    /// The extent `extent` that link `link` of the chain read at `chain_epoch` maps itself,
+    /// answered with `Data` (one extent), fenced like a read.
+    ReadLink {
+        /// The volume.
+        volume: String,
+        /// The attachment epoch.
+        epoch: u64,
+        /// The chain's epoch.
+        chain_epoch: u64,
+        /// The link, oldest first.
+        link: u32,
+        /// The logical extent.
+        extent: u64,
+    },
 }
 
 /// The most extents one `Generations` answer carries (16 bytes each).
@@ -569,6 +593,8 @@ impl Message for Request {
             Request::Clone { .. } => kind::CLONE,
             Request::DeleteSnapshot { .. } => kind::DELETE_SNAPSHOT,
             Request::TakeSnapshot { .. } => kind::TAKE_SNAPSHOT,
+            Request::Chain { .. } => kind::CHAIN,
+            Request::ReadLink { .. } => kind::READ_LINK,
         }
     }
 
@@ -582,7 +608,9 @@ impl Message for Request {
     fn encode_fields(&self, out: &mut Vec<u8>) {
         match self {
             Request::Hello { node } => put_str(out, node),
-            Request::Register { volume, epoch } | Request::Flush { volume, epoch } => {
+            Request::Register { volume, epoch }
+            | Request::Flush { volume, epoch }
+            | Request::Chain { volume, epoch } => {
                 put_str(out, volume);
                 put_u64(out, *epoch);
             }
@@ -671,6 +699,19 @@ impl Message for Request {
             Request::TakeSnapshot { volume, name } => {
                 put_str(out, volume);
                 put_str(out, name);
+            }
+            Request::ReadLink {
+                volume,
+                epoch,
+                chain_epoch,
+                link,
+                extent,
+            } => {
+                put_str(out, volume);
+                put_u64(out, *epoch);
+                put_u64(out, *chain_epoch);
+                out.extend_from_slice(&link.to_le_bytes());
+                put_u64(out, *extent);
             }
             Request::Generations {
                 volume,
@@ -791,6 +832,17 @@ impl Message for Request {
             kind::TAKE_SNAPSHOT => Request::TakeSnapshot {
                 volume: f.string("volume")?,
                 name: f.string("name")?,
+            },
+            kind::CHAIN => Request::Chain {
+                volume: f.string("volume")?,
+                epoch: f.u64("epoch")?,
+            },
+            kind::READ_LINK => Request::ReadLink {
+                volume: f.string("volume")?,
+                epoch: f.u64("epoch")?,
+                chain_epoch: f.u64("chain_epoch")?,
+                link: f.u32("link")?,
+                extent: f.u64("extent")?,
             },
             other => return Err(WireError::UnknownKind(other)),
         };

@@ -98,6 +98,23 @@ fn request() -> impl Strategy<Value = Request> {
         }),
         name().prop_map(|name| Request::DeleteSnapshot { name }),
         (name(), name()).prop_map(|(volume, name)| Request::TakeSnapshot { volume, name }),
+        (name(), any::<u64>()).prop_map(|(volume, epoch)| Request::Chain { volume, epoch }),
+        (
+            name(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u64>()
+        )
+            .prop_map(
+                |(volume, epoch, chain_epoch, link, extent)| Request::ReadLink {
+                    volume,
+                    epoch,
+                    chain_epoch,
+                    link,
+                    extent,
+                }
+            ),
     ]
 }
 

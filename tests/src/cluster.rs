@@ -144,6 +144,27 @@ pub fn three_nodes(dirs: &[NodeDir], etcd: &Etcd) -> [Daemon; 3] {
     nodes_up
 }
 
+/// Nodes `node-a`, `node-b`, … (in zones `zone-0`, `zone-1`, …), one per directory of
+/// `dirs`, each started with `extra` flags too, and registered.
+pub fn nodes_with(dirs: &[NodeDir], etcd: &Etcd, extra: &[&str]) -> Vec<Daemon> {
+    let up: Vec<Daemon> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| {
+            let id = format!("node-{}", char::from(b'a' + i as u8));
+            let mut args = cluster_args(dir, &id, &format!("zone-{i}"), etcd);
+            args.extend(extra.iter().map(|a| (*a).to_owned()));
+            let mut d = Daemon::spawn(dir, args).unwrap();
+            d.wait_ready(Duration::from_secs(30)).unwrap();
+            d
+        })
+        .collect();
+    wait_for("every node registered", Duration::from_secs(10), || {
+        nodes(&up[0]).len() == dirs.len()
+    });
+    up
+}
+
 /// `node list -o json` as seen by `d`.
 pub fn node_list(d: &Daemon) -> Vec<serde_json::Value> {
     let out = d.cli(["node", "list", "-o", "json"]);

@@ -11,8 +11,8 @@
 use std::time::{Duration, Instant};
 
 use integration_tests::cluster::{
-    attach, cluster_args, node_dirs, nodes, pattern, read_direct, replica_states, start,
-    three_nodes, wait_for, write_direct, Cleanup, MIB,
+    attach, cluster_args, node_dirs, nodes, nodes_with, pattern, read_direct, replica_states,
+    start, three_nodes, wait_for, write_direct, Cleanup, MIB,
 };
 use integration_tests::etcd::Etcd;
 use integration_tests::workload::{Config, Workload};
@@ -142,18 +142,7 @@ fn a_replica_of_a_node_gone_for_good_is_replaced_with_a_full_rebuild() {
     let dirs = node_dirs(3);
     let _cleanup = Cleanup::new(&dirs, &["rvol"]);
     let ids = ["node-a", "node-b", "node-c"];
-    let mut up: Vec<Daemon> = (0..3)
-        .map(|i| {
-            let mut args = cluster_args(&dirs[i], ids[i], &format!("zone-{i}"), &etcd);
-            args.extend(["--replace-after", "2"].map(String::from));
-            let mut d = Daemon::spawn(&dirs[i], args).unwrap();
-            d.wait_ready(Duration::from_secs(30)).unwrap();
-            d
-        })
-        .collect();
-    wait_for("three nodes registered", Duration::from_secs(10), || {
-        nodes(&up[0]).len() == 3
-    });
+    let mut up = nodes_with(&dirs, &etcd, &["--replace-after", "2"]);
     up[0]
         .cli([
             "volume",

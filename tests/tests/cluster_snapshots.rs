@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use integration_tests::cluster::{
-    attach, create_volume, node_dirs, nodes, pattern, pread_direct, pwrite_direct, read_direct,
-    replica_states, start, three_nodes, wait_for, write_direct, Cleanup, MIB,
+    attach, create_volume, node_dirs, nodes, nodes_with, pattern, pread_direct, pwrite_direct,
+    read_direct, replica_states, start, three_nodes, wait_for, write_direct, Cleanup, MIB,
 };
 use integration_tests::etcd::Etcd;
 use integration_tests::Daemon;
@@ -396,4 +396,116 @@ fn a_node_down_during_a_delete_and_a_revert_catches_up() {
         "node-c's replica holds data written after the snapshot"
     );
     detach(&c, "dvol");
+}
+
+/// A replica that replaces one of a node gone for good receives the volume's snapshots
+/// before its rebuild, which is then a delta from the newest one: every copy it got reads as
+/// the snapshot did, and clones can be made on it.
+#[test]
+fn a_replacement_replica_receives_the_snapshots_and_its_rebuild_is_a_delta() {
+    let etcd = Etcd::start().unwrap();
+    let dirs = node_dirs(3);
+    let _cleanup = Cleanup::new(&dirs, &["pvol", "pc1", "pc2"]);
+    let ids = ["node-a", "node-b", "node-c"];
+    let mut up = nodes_with(&dirs, &etcd, &["--replace-after", "2"]);
+    up[0]
+        .cli([
+            "volume",
+            "create",
+            "pvol",
+            "--size",
+            "64MiB",
+            "--replicas",
+            "2",
+        ])
+        .success();
+    let placed: Vec<String> = replica_states(&up[0], "pvol")
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let at = |id: &str| ids.iter().position(|i| *i == id).unwrap();
+    let holder = at(&placed[0]);
+    let victim = at(&placed[1]);
+    let spare = 3 - holder - victim;
+    let dev = attach(&up[holder], "pvol");
+    // s1: 8 MiB of the first data; s2: 4 MiB of it overwritten; then 1 MiB more.
+    let first = pattern(1, 0, 8 * MIB);
+    write_direct(&dev, 0, &first).unwrap();
+    up[spare]
+        .cli(["snapshot", "create", "pvol", "s1"])
+        .success();
+    let second = pattern(2, 2 * MIB, 4 * MIB);
+    write_direct(&dev, 2 * MIB, &second).unwrap();
+    up[spare]
+        .cli(["snapshot", "create", "pvol", "s2"])
+        .success();
+    let third = pattern(3, 20 * MIB, MIB);
+    write_direct(&dev, 20 * MIB, &third).unwrap();
+
+    // The victim goes for good; the spare replaces it.
+    up[victim].kill().unwrap();
+    let d = &up[holder];
+    wait_for(
+        "the replacement replica to be healthy",
+        Duration::from_secs(60),
+        || replica_state(d, "pvol", ids[spare]) == "healthy",
+    );
+    assert!(
+        d.log()
+            .contains("gave a new replica the volume's snapshots"),
+        "{}",
+        d.log()
+    );
+    let inspect = d.cli(["volume", "inspect", "pvol", "-o", "json"]);
+    let last = inspect.json()["replica_status"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node_id"] == ids[spare])
+        .unwrap()["last_rebuild"]
+        .clone();
+    assert_eq!(last["kind"], "delta", "{last}");
+    assert_eq!(
+        last["done_bytes"].as_u64().unwrap(),
+        MIB as u64,
+        "the rebuild after the snapshots copies only what was written since: {last}"
+    );
+
+    // Each snapshot's copy on the spare reads as the snapshot: a clone of it on the holder
+    // and the spare, attached on the spare (which reads its own copy).
+    let mut expect_s2 = first.clone();
+    expect_s2[2 * MIB..6 * MIB].copy_from_slice(&second);
+    for (snapshot, clone, expect) in [("s1", "pc1", &first), ("s2", "pc2", &expect_s2)] {
+        up[holder]
+            .cli(["volume", "create", clone, "--from-snapshot", snapshot])
+            .success();
+        let holders: Vec<String> = replica_states(&up[holder], clone)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert!(holders.contains(&ids[spare].to_owned()), "{holders:?}");
+        let dev_c = attach(&up[spare], clone);
+        assert!(
+            read_direct(&dev_c, 0, 8 * MIB) == *expect,
+            "the spare's copy of {snapshot} differs from the snapshot"
+        );
+        detach(&up[spare], clone);
+        up[holder].cli(["volume", "delete", clone]).success();
+    }
+    let alive: Vec<&Daemon> = up
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, d)| d)
+        .collect();
+    assert_no_reconcile(&alive, "pc1");
+    assert_no_reconcile(&alive, "pc2");
+
+    // The volume on the spare alone: everything.
+    detach(&up[holder], "pvol");
+    let dev_s = attach(&up[spare], "pvol");
+    assert!(read_direct(&dev_s, 0, 8 * MIB) == expect_s2);
+    assert!(read_direct(&dev_s, 20 * MIB, MIB) == third);
+    detach(&up[spare], "pvol");
+    up.clear();
 }

@@ -283,3 +283,60 @@ fn a_volume_cloned_from_a_volume_is_independent_and_its_hidden_base_goes_with_it
         assert_eq!(tag_of(&v, 300, &[1]).await, 1);
     });
 }
+
+/// A volume's chain, as a new replica is seeded from it: its snapshots oldest first, what
+/// each maps itself with its generations, the data of each as it was taken (unwritten blocks
+/// zeros), and a refusal once the chain changed.
+#[test]
+fn a_volume_chain_lists_each_snapshot_with_its_own_extents_and_data() {
+    rt().block_on(async {
+        let dir = tempdir();
+        let s = open(&dir.path().join("pool"), 64 * MIB, EngineKind::Auto).await;
+        let v = volume(&s, "db", 4 * MIB).await;
+        assert!(v.chain().links.is_empty());
+        write(&v, 0, 1).await; // extent 0
+        write(&v, 256 + 3, 1).await; // extent 1
+        s.create_snapshot(&n("db"), &n("s1")).await.unwrap();
+        write(&v, 256 + 3, 2).await; // extent 1 again
+        write(&v, 2 * 256, 2).await; // extent 2
+        s.create_snapshot(&n("db"), &n("s2")).await.unwrap();
+        write(&v, 0, 3).await;
+
+        let chain = v.chain();
+        let names: Vec<_> = chain.links.iter().map(|l| l.name.clone()).collect();
+        assert_eq!(names, [Some(n("s1")), Some(n("s2"))]);
+        assert!(chain.links.iter().all(|l| l.of_volume && l.size == 4 * MIB));
+        let own = |i: usize| -> Vec<u64> { chain.links[i].own.iter().map(|e| e.0).collect() };
+        assert_eq!(own(0), [0, 1]);
+        assert_eq!(own(1), [1, 2]);
+        // Generations grow along the chain: s2's extent 1 is newer than s1's.
+        assert!(chain.links[1].own[0].1 > chain.links[0].own[1].1);
+
+        // s1's extent 1 holds tag 1 at block 3 and zeros elsewhere; s2's holds tag 2.
+        for (link, tag) in [(0, 1), (1, 2)] {
+            let data = v.read_link(chain.epoch, link, 1).await.unwrap();
+            assert_eq!(data.len() as u64, MIB);
+            assert_eq!(&data[3 * 4096..4 * 4096], &pattern(256 + 3, tag)[..]);
+            assert!(data[..3 * 4096].iter().all(|&b| b == 0));
+        }
+        // Not an extent the link maps itself.
+        assert!(v.read_link(chain.epoch, 1, 0).await.is_err());
+
+        // Deleting s1 merges it into s2: the chain changed, the old epoch reads nothing.
+        s.delete_snapshot(&n("s1")).await.unwrap();
+        let err = v.read_link(chain.epoch, 1, 1).await.unwrap_err();
+        assert!(err.message.contains("changed"), "{err}");
+        let chain = v.chain();
+        assert_eq!(chain.links.len(), 1);
+        let data = v.read_link(chain.epoch, 0, 0).await.unwrap();
+        assert_eq!(&data[..4096], &pattern(0, 1)[..]);
+
+        // A clone's chain holds the source's snapshot, not as one of its own.
+        let c = s.clone_snapshot(&n("s2"), &n("copy"), 0).await.unwrap();
+        assert_eq!(c.name, n("copy"));
+        let copy = s.replica(&n("copy")).unwrap();
+        let links = copy.chain().links;
+        assert_eq!(links.len(), 1);
+        assert!(!links[0].of_volume);
+    });
+}

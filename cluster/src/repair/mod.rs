@@ -277,7 +277,6 @@ async fn rebuild(
     size: u64,
 ) -> Result<(), RepairError> {
     let id = r.id();
-    let kind = if since == 0 { "full" } else { "delta" };
     let dev = cluster
         .open_child(nodes, r, name, epoch)
         .await
@@ -292,6 +291,21 @@ async fn rebuild(
             replica: id.clone(),
             source,
         })?;
+    // A replica that starts empty (a replacement, or one rebuilt in full) first receives the
+    // volume's snapshots, oldest first, while it takes no writes yet: the rebuild after them
+    // is a delta from the newest.
+    let since = if since == 0 && cluster.mode == crate::control::Mode::Cluster {
+        match cluster.seed_snapshots(nexus, name, r, &dev).await {
+            Ok(from) => from,
+            Err(e) => {
+                tracing::warn!(volume = %name, replica = %id, error = %e.full_message(), "cannot give a new replica the volume's snapshots; it is rebuilt in full without the ones it lacks");
+                0
+            }
+        }
+    } else {
+        since
+    };
+    let kind = if since == 0 { "full" } else { "delta" };
     nexus.upsert_child(ChildSpec {
         id: id.clone(),
         dev,

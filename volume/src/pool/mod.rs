@@ -37,7 +37,7 @@ mod snapshots;
 pub mod stats;
 
 pub use disk::{encode_crc, OpenReport, KEEP_OPEN_COMMITS, OPEN_LIMIT};
-pub use replica::Replica;
+pub use replica::{Chain, ChainLink, Replica};
 pub use snapshots::{copy_size, SnapshotInfo};
 
 /// One replica of a volume and the pool device holding it.

@@ -18,6 +18,8 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::Instant;
 
+use api::VolumeName;
+
 use super::disk::{encode_crc, push_segment, AllocError, Disk, VolRt, UNMAPPED};
 use super::format::{BLOCK, BLOCKS_PER_EXTENT, EXTENT};
 use super::PoolError;
@@ -154,9 +156,91 @@ impl Drop for Registered<'_> {
     }
 }
 
+/// The records a volume reads through, oldest first: what a new replica of it needs to hold
+/// the same snapshots (see [`Replica::chain`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Chain {
+    /// The pool device's chain epoch when it was read: [`Replica::read_link`] answers only
+    /// while it holds.
+    pub epoch: u64,
+    /// The records, oldest first.
+    pub links: Vec<ChainLink>,
+}
+
+/// One record of a [`Chain`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChainLink {
+    /// The snapshot's name; `None` for a deleted snapshot kept for the records based on it.
+    pub name: Option<VolumeName>,
+    /// Whether it is a snapshot of this volume (not of the volume this one was cloned from).
+    pub of_volume: bool,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The logical extents it maps itself, and their generations, in order.
+    pub own: Vec<(u64, u64)>,
+}
+
 impl Replica {
     pub(crate) fn new(disk: Arc<Disk>, vol: Arc<VolRt>) -> Self {
         Self { disk, vol }
+    }
+
+    /// The snapshots (and deleted snapshots kept for others) this volume reads through.
+    pub fn chain(&self) -> Chain {
+        let (epoch, links) = self.disk.ancestors(&self.vol);
+        let links = links
+            .iter()
+            .map(|r| ChainLink {
+                name: (!r.hidden.load(SeqCst)).then(|| r.name.clone()),
+                of_volume: r.uuid == self.vol.uuid,
+                size: r.size.load(SeqCst),
+                own: (0..r.size.load(SeqCst) / EXTENT)
+                    .filter_map(|l| {
+                        let p = r.lookup(l);
+                        (p != UNMAPPED)
+                            .then(|| (l, self.disk.ext[p as usize].generation.load(SeqCst)))
+                    })
+                    .collect(),
+            })
+            .collect();
+        Chain { epoch, links }
+    }
+
+    /// The data link `link` of [`Replica::chain`] (read at `epoch`) maps itself at logical
+    /// extent `logical`, verified.
+    ///
+    /// # Errors
+    /// `Io`: the chain changed since (read it again), or the read failed.
+    pub async fn read_link(
+        &self,
+        epoch: u64,
+        link: usize,
+        logical: u64,
+    ) -> Result<IoBuf, DeviceError> {
+        let fail = |why: String| {
+            DeviceError::new(
+                DeviceErrorKind::Io,
+                "read_link",
+                logical * EXTENT,
+                EXTENT,
+                why,
+            )
+        };
+        let changed = || {
+            fail(format!(
+                "the snapshots of volume {} changed; read them again",
+                self.vol.name
+            ))
+        };
+        let (now, links) = self.disk.ancestors(&self.vol);
+        let Some(rec) = links.get(link).filter(|_| now == epoch) else {
+            return Err(changed());
+        };
+        match self.disk.read_own(rec, logical, epoch).await {
+            Ok(Some(data)) => Ok(data),
+            Ok(None) => Err(changed()),
+            Err(e) => Err(fail(e.to_string())),
+        }
     }
 
     /// The volume's name.

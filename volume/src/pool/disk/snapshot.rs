@@ -92,6 +92,77 @@ impl Disk {
         }
     }
 
+    /// The records `vol` reads through, oldest first, and the chain epoch they were read at
+    /// (even: no change was under way).
+    pub(crate) fn ancestors(&self, vol: &VolRt) -> (u64, Vec<Arc<VolRt>>) {
+        loop {
+            let epoch = self.chain.load(SeqCst);
+            if epoch % 2 == 1 {
+                std::thread::yield_now();
+                continue;
+            }
+            let mut out = Vec::new();
+            let mut up = vol.parent();
+            while let Some(v) = up {
+                up = v.parent();
+                out.push(v);
+            }
+            if self.chain.load(SeqCst) == epoch {
+                out.reverse();
+                return (epoch, out);
+            }
+        }
+    }
+
+    /// The data of logical extent `logical` that `rec` (a snapshot) maps itself, as long as
+    /// no chain changed since epoch `epoch`: each written block verified against its
+    /// checksum, each unwritten one zeros. `None` when the chain changed or `rec` does not map
+    /// it.
+    pub(crate) async fn read_own(
+        &self,
+        rec: &VolRt,
+        logical: u64,
+        epoch: u64,
+    ) -> Result<Option<crate::io::IoBuf>, PoolError> {
+        let p = rec.lookup(logical);
+        if p == UNMAPPED {
+            return Ok(None);
+        }
+        // Pinned, it is never reused while it is read; a snapshot's blocks never change.
+        self.ext[p as usize].pins.fetch_add(1, SeqCst);
+        let _pin = Pin(self, p);
+        if self.chain.load(SeqCst) != epoch || rec.lookup(logical) != p {
+            return Ok(None);
+        }
+        let csums: Vec<u32> = Self::block_range(p).map(|b| self.csum(b)).collect();
+        let first = self
+            .layout
+            .data_block_offset(u64::from(p) * BLOCKS_PER_EXTENT);
+        let mut data = super::read_at(&*self.engine, &self.file, first, EXTENT as usize)
+            .await
+            .map_err(|source| PoolError::Io {
+                path: self.path.clone(),
+                op: "read a snapshot",
+                source,
+            })?;
+        for (k, &c) in csums.iter().enumerate() {
+            let block = &mut data[k * BLOCK as usize..(k + 1) * BLOCK as usize];
+            if c == 0 {
+                block.fill(0);
+            } else if super::encode_crc(block) != c {
+                self.checksum_errors.fetch_add(1, SeqCst);
+                return Err(PoolError::Io {
+                    path: self.path.clone(),
+                    op: "read a snapshot",
+                    source: std::io::Error::other(format!(
+                        "block {k} of extent {p} does not match its CRC32C checksum"
+                    )),
+                });
+            }
+        }
+        Ok(Some(data))
+    }
+
     /// Bytes `vol` reads from its ancestors (logical extents it does not map itself).
     pub(crate) fn shared_bytes(&self, vol: &VolRt) -> u64 {
         if vol.parent().is_none() {
