@@ -763,87 +763,112 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// Give `target` (the replica `r` of `name`, empty, not yet a child of `nexus`) the
-    /// snapshots the volume reads through on a healthy replica: each snapshot's own extents
-    /// are written in order, with their generations, and each snapshot of this volume that
-    /// the store lists is taken on the target once its data is there, and recorded. Returns
-    /// the generation the target then holds every write up to (the rebuild's starting point),
-    /// 0 when nothing was seeded.
+    /// Give `target` (the replica `r` of `name`, about to be rebuilt from generation `since`,
+    /// not yet a child of `nexus`: it takes no writes) the snapshots of the volume it lacks:
+    /// those the store lists and does not record on its node (all of them, for a replacement;
+    /// the ones taken while it was out, for one that comes back). In chain order, the target
+    /// is brought to each one's data as a healthy replica holds it (a delta, as a rebuild
+    /// plans it) and the snapshot is taken there and recorded. Returns the generation the
+    /// target then holds every write up to: where the rebuild starts (`since` if nothing was
+    /// missing).
     ///
     /// # Errors
     /// The source or the target failed, or the source's snapshots changed meanwhile (the
-    /// rebuild is then a full one; what was seeded is correct).
+    /// rebuild then starts at `since`; the snapshots given so far are correct).
     pub(crate) async fn seed_snapshots(
         &self,
         nexus: &Nexus<Child>,
         name: &VolumeName,
         r: &ReplicaRecord,
         target: &Child,
+        since: u64,
     ) -> Result<u64, ControlError> {
+        use std::collections::BTreeMap;
+        use volume::device::{ExtentGeneration, Generations, GENERATION_UNKNOWN};
+        use volume::pool::format::EXTENT;
         let failed = |what: &str, e: volume::device::DeviceError| {
             ControlError::new(ErrorKind::Unavailable, format!("{what}: {e}"))
         };
-        if !target
-            .generations()
-            .await
-            .map_err(|e| failed("the new replica", e))?
-            .extents
-            .is_empty()
-        {
-            // Not empty: a seed would mix with what it holds.
-            return Ok(0);
-        }
         let sources = nexus.healthy_devices();
         let Some((source_id, source)) = sources
             .iter()
             .find(|(id, _)| node_of(id) == self.me.id)
             .or_else(|| sources.first())
         else {
-            return Ok(0);
+            return Ok(since);
         };
         let chain = source
             .chain()
             .await
             .map_err(|e| failed("the source replica", e))?;
         let size = target.size();
-        if chain.links.is_empty() || chain.links.iter().any(|l| l.size != size) {
-            // None, or one older than a resize (its copy would have another size).
-            return Ok(0);
+        if chain.links.iter().any(|l| l.size != size) {
+            // One older than a resize: its copy here would have another size.
+            return Ok(since);
         }
         let (vrec, _) = self.volume(name.as_str()).await?;
         let records = self.snapshot_records().await?;
-        let mut since = 0;
+        let missing = |link: &volume::pool::ChainLink| -> Option<VolumeName> {
+            let snapshot = link.name.clone().filter(|_| link.of_volume)?;
+            records
+                .iter()
+                .any(|rec| {
+                    rec.name == snapshot.as_str()
+                        && rec.volume_id == vrec.id
+                        && !rec.deleting
+                        && !rec.nodes.is_empty()
+                        && !rec.nodes.contains(&r.node)
+                })
+                .then_some(snapshot)
+        };
+        if !chain.links.iter().any(|l| missing(l).is_some()) {
+            return Ok(since);
+        }
+        let mut since = since;
+        // The newest link that maps each extent so far, and its generation.
+        let mut resolved: BTreeMap<u64, (usize, u64)> = BTreeMap::new();
         let mut seeded = Vec::new();
         for (i, link) in chain.links.iter().enumerate() {
             for &(extent, generation) in &link.own {
-                let data = source
-                    .read_link(chain.epoch, i, extent)
-                    .await
-                    .map_err(|e| failed(&format!("replica {source_id}"), e))?;
-                let flags = volume::device::WriteFlags {
-                    fua: false,
-                    generation,
-                };
-                target
-                    .write(extent * volume::pool::format::EXTENT, data, flags)
-                    .await
-                    .map_err(|e| failed("the new replica", e.error))?;
-                if generation != volume::device::GENERATION_UNKNOWN {
-                    // An unknown one is newer than any: the rebuild copies it again.
-                    since = since.max(generation);
-                }
+                resolved.insert(extent, (i, generation));
             }
-            let Some(snapshot) = link.name.as_ref().filter(|_| link.of_volume) else {
+            let Some(snapshot) = missing(link) else {
                 continue;
             };
-            let listed = records.iter().any(|rec| {
-                rec.name == snapshot.as_str()
-                    && rec.volume_id == vrec.id
-                    && !rec.deleting
-                    && !rec.nodes.is_empty()
-            });
-            if !listed {
-                continue;
+            // Bring the target to this snapshot's data, as a rebuild would to the volume's.
+            let wanted = Generations {
+                extent_size: EXTENT,
+                extents: resolved
+                    .iter()
+                    .map(|(&extent, &(_, generation))| ExtentGeneration { extent, generation })
+                    .collect(),
+            };
+            let have = target
+                .generations()
+                .await
+                .map_err(|e| failed("the new replica", e))?;
+            for step in replication::nexus::plan_rebuild(&wanted, &have, since) {
+                match step {
+                    replication::nexus::Step::Copy { extent, generation } => {
+                        let (owner, _) = resolved[&extent];
+                        let data = source
+                            .read_link(chain.epoch, owner, extent)
+                            .await
+                            .map_err(|e| failed(&format!("replica {source_id}"), e))?;
+                        let flags = volume::device::WriteFlags {
+                            fua: false,
+                            generation,
+                        };
+                        target
+                            .write(extent * EXTENT, data, flags)
+                            .await
+                            .map_err(|e| failed("the new replica", e.error))?;
+                    }
+                    replication::nexus::Step::Release { extent } => target
+                        .discard(extent * EXTENT, EXTENT)
+                        .await
+                        .map_err(|e| failed("the new replica", e))?,
+                }
             }
             target
                 .flush()
@@ -852,7 +877,7 @@ impl Cluster {
             match target {
                 Child::Local(_) => self
                     .storage
-                    .create_snapshot(name, snapshot)
+                    .create_snapshot(name, &snapshot)
                     .await
                     .map(drop)?,
                 Child::Remote(remote) => remote
@@ -860,14 +885,19 @@ impl Cluster {
                     .await
                     .map_err(|e| failed("the new replica", e))?,
             }
-            self.add_holder(snapshot, &r.node).await?;
+            self.add_holder(&snapshot, &r.node).await?;
             seeded.push(snapshot.to_string());
+            // The target holds this snapshot's data: every write up to its newest generation
+            // (an unknown one is newer than any, and the rebuild copies it again).
+            since = resolved
+                .values()
+                .map(|&(_, g)| g)
+                .filter(|&g| g != GENERATION_UNKNOWN)
+                .max()
+                .unwrap_or(0)
+                .max(since);
         }
-        target
-            .flush()
-            .await
-            .map_err(|e| failed("the new replica", e))?;
-        tracing::info!(volume = %name, replica = %r.id(), snapshots = ?seeded, from = since, "gave a new replica the volume's snapshots");
+        tracing::info!(volume = %name, replica = %r.id(), snapshots = ?seeded, from = since, "gave a replica the volume's snapshots it lacked");
         Ok(since)
     }
 

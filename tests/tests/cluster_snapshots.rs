@@ -452,7 +452,7 @@ fn a_replacement_replica_receives_the_snapshots_and_its_rebuild_is_a_delta() {
     );
     assert!(
         d.log()
-            .contains("gave a new replica the volume's snapshots"),
+            .contains("gave a replica the volume's snapshots it lacked volume=pvol"),
         "{}",
         d.log()
     );
@@ -508,4 +508,77 @@ fn a_replacement_replica_receives_the_snapshots_and_its_rebuild_is_a_delta() {
     assert!(read_direct(&dev_s, 20 * MIB, MIB) == third);
     detach(&up[spare], "pvol");
     up.clear();
+}
+
+/// A replica that comes back receives the snapshots taken while it was out, each brought
+/// over as a delta from what it held, and its rebuild after them is a delta from the newest.
+#[test]
+fn a_returning_replica_receives_the_snapshots_taken_while_it_was_out() {
+    let etcd = Etcd::start().unwrap();
+    let dirs = node_dirs(3);
+    let _cleanup = Cleanup::new(&dirs, &["rvol", "rc1", "rc2"]);
+    let [a, b, mut c] = three_nodes(&dirs, &etcd);
+    create_volume(&a, "rvol");
+    let dev = attach(&a, "rvol");
+    let first = pattern(1, 0, 8 * MIB);
+    write_direct(&dev, 0, &first).unwrap();
+    b.cli(["snapshot", "create", "rvol", "s1"]).success();
+
+    // C goes down; s2 is taken without it.
+    c.kill().unwrap();
+    let second = pattern(2, 2 * MIB, 4 * MIB);
+    write_direct(&dev, 2 * MIB, &second).unwrap();
+    wait_for("node-c to be ejected", Duration::from_secs(30), || {
+        replica_state(&a, "rvol", "node-c") == "ejected"
+    });
+    let s2 = b.cli(["snapshot", "create", "rvol", "s2", "-o", "json"]);
+    s2.success();
+    assert_eq!(s2.json()["replicas"], 2, "{}", s2.json());
+    let third = pattern(3, 20 * MIB, MIB);
+    write_direct(&dev, 20 * MIB, &third).unwrap();
+
+    // C comes back: it gets s2, then the 1 MiB written since.
+    c = start(&dirs[2], "node-c", "zone-c", &etcd);
+    wait_for("node-c to be rebuilt", Duration::from_secs(60), || {
+        replica_state(&a, "rvol", "node-c") == "healthy"
+    });
+    assert!(
+        a.log()
+            .contains("gave a replica the volume's snapshots it lacked volume=rvol replica=node-c snapshots=[\"s2\"]"),
+        "{}",
+        a.log()
+    );
+    let inspect = a.cli(["volume", "inspect", "rvol", "-o", "json"]);
+    let last = inspect.json()["replica_status"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node_id"] == "node-c")
+        .unwrap()["last_rebuild"]
+        .clone();
+    assert_eq!(last["kind"], "delta", "{last}");
+    assert_eq!(last["done_bytes"].as_u64().unwrap(), MIB as u64, "{last}");
+    let s2 = c.cli(["snapshot", "inspect", "s2", "-o", "json"]);
+    assert_eq!(s2.json()["replicas"], 3, "{}", s2.json());
+
+    // C's copies read as the snapshots did.
+    let mut expect_s2 = first.clone();
+    expect_s2[2 * MIB..6 * MIB].copy_from_slice(&second);
+    for (snapshot, clone, expect) in [("s1", "rc1", &first), ("s2", "rc2", &expect_s2)] {
+        a.cli(["volume", "create", clone, "--from-snapshot", snapshot])
+            .success();
+        let dev_c = attach(&c, clone);
+        assert!(
+            read_direct(&dev_c, 0, 8 * MIB) == *expect,
+            "node-c's copy of {snapshot} differs from the snapshot"
+        );
+        detach(&c, clone);
+    }
+    assert_no_reconcile(&[&a, &b, &c], "rc1");
+    assert_no_reconcile(&[&a, &b, &c], "rc2");
+    detach(&a, "rvol");
+    let dev_c = attach(&c, "rvol");
+    assert!(read_direct(&dev_c, 0, 8 * MIB) == expect_s2);
+    assert!(read_direct(&dev_c, 20 * MIB, MIB) == third);
+    detach(&c, "rvol");
 }

@@ -291,15 +291,15 @@ async fn rebuild(
             replica: id.clone(),
             source,
         })?;
-    // A replica that starts empty (a replacement, or one rebuilt in full) first receives the
-    // volume's snapshots, oldest first, while it takes no writes yet: the rebuild after them
-    // is a delta from the newest.
-    let since = if since == 0 && cluster.mode == crate::control::Mode::Cluster {
-        match cluster.seed_snapshots(nexus, name, r, &dev).await {
+    // The replica first receives the volume's snapshots it lacks (all of them, for a
+    // replacement; the ones taken while it was out, for one that comes back), while it takes
+    // no writes yet: the rebuild after them is a delta from the newest.
+    let since = if cluster.mode == crate::control::Mode::Cluster {
+        match cluster.seed_snapshots(nexus, name, r, &dev, since).await {
             Ok(from) => from,
             Err(e) => {
-                tracing::warn!(volume = %name, replica = %id, error = %e.full_message(), "cannot give a new replica the volume's snapshots; it is rebuilt in full without the ones it lacks");
-                0
+                tracing::warn!(volume = %name, replica = %id, error = %e.full_message(), "cannot give a replica the volume's snapshots it lacks; it is rebuilt without them");
+                since
             }
         }
     } else {
