@@ -310,16 +310,21 @@ impl Cluster {
         })?;
         let mut nodes = Vec::new();
         let mut failures = Vec::new();
-        for (id, dev) in nexus.healthy_devices() {
-            let took = match &dev {
+        // Every replica at once: the writes wait for the slowest, not for the sum.
+        let children = nexus.healthy_devices();
+        let taken = futures_util::future::join_all(children.iter().map(|(_, dev)| async move {
+            match dev {
                 Child::Local(_) => self.storage.create_snapshot(volume, name).await.map(drop),
                 Child::Remote(r) => r
                     .snapshot(name.as_str(), false)
                     .await
                     .map_err(|e| ControlError::new(ErrorKind::Unavailable, e.to_string())),
-            };
+            }
+        }))
+        .await;
+        for ((id, _), took) in children.iter().zip(taken) {
             match took {
-                Ok(()) => nodes.push(node_of(&id).to_owned()),
+                Ok(()) => nodes.push(node_of(id).to_owned()),
                 Err(e) => failures.push(format!("replica {id}: {}", e.full_message())),
             }
         }
