@@ -392,7 +392,14 @@ impl Cluster {
             return Err(not_found(name));
         };
         if rec.nodes.is_empty() {
-            // Only reserved: nothing was taken.
+            // Only reserved: being taken (the taker records it once done), or the
+            // reservation of a request that died, which is freed.
+            if now_secs().saturating_sub(rec.created_at) < 2 * TAKE_TIMEOUT.as_secs() {
+                return Err(ControlError::new(
+                    ErrorKind::Unavailable,
+                    format!("snapshot {name} is being taken; delete it once it is"),
+                ));
+            }
             return self.store.delete(&key).await.map_err(store_error);
         }
         if !rec.deleting {
