@@ -836,6 +836,12 @@ impl Cluster {
         if !chain.links.iter().any(|l| missing(l).is_some()) {
             return Ok(since);
         }
+        // Holders that stay recorded beside the new one: the volume's replicas' nodes and the
+        // live ones. A node that is neither was replaced for good; its copy is now garbage,
+        // deleted if it ever comes back (`collect_orphans`).
+        let live = self.nodes().await?;
+        let kept =
+            |n: &str| vrec.placement.iter().any(|p| p.node == n) || live.iter().any(|l| l.id == n);
         let mut since = since;
         // The newest link that maps each extent so far, and its generation.
         let mut resolved: BTreeMap<u64, (usize, u64)> = BTreeMap::new();
@@ -897,7 +903,7 @@ impl Cluster {
                     .await
                     .map_err(|e| failed("the new replica", e))?,
             }
-            self.add_holder(&snapshot, &r.node).await?;
+            self.add_holder(&snapshot, &r.node, &kept).await?;
             seeded.push(snapshot.to_string());
             // The target holds this snapshot's data: every write up to its newest generation
             // (an unknown one is newer than any, and the rebuild copies it again).
@@ -913,8 +919,14 @@ impl Cluster {
         Ok(since)
     }
 
-    /// Record that `node` holds a copy of snapshot `name`.
-    async fn add_holder(&self, name: &VolumeName, node: &str) -> Result<(), ControlError> {
+    /// Record that `node` holds a copy of snapshot `name`, and forget the holders `kept`
+    /// refuses.
+    async fn add_holder(
+        &self,
+        name: &VolumeName,
+        node: &str,
+        kept: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<(), ControlError> {
         let key = snapshot_key(name.as_str());
         for _ in 0..crate::control::CAS_RETRIES {
             let Some(kv) = self.store.get(&key).await.map_err(store_error)? else {
@@ -923,10 +935,14 @@ impl Cluster {
             let Ok(mut rec) = serde_json::from_slice::<SnapshotRecord>(&kv.value) else {
                 return Ok(());
             };
-            if rec.nodes.iter().any(|n| n == node) {
+            let before = rec.nodes.clone();
+            rec.nodes.retain(|n| n == node || kept(n));
+            if !rec.nodes.iter().any(|n| n == node) {
+                rec.nodes.push(node.to_owned());
+            }
+            if rec.nodes == before {
                 return Ok(());
             }
-            rec.nodes.push(node.to_owned());
             let value = serde_json::to_vec(&rec).expect("a snapshot record serializes");
             if self
                 .store

@@ -20,8 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use integration_tests::cluster::{
-    attach, create_volume, node_dirs, nodes, nodes_with, pattern, pread_direct, pwrite_direct,
-    read_direct, replica_states, start, three_nodes, wait_for, write_direct, Cleanup, MIB,
+    attach, cluster_args, create_volume, node_dirs, nodes, nodes_with, pattern, pread_direct,
+    pwrite_direct, read_direct, replica_states, start, three_nodes, wait_for, write_direct,
+    Cleanup, MIB,
 };
 use integration_tests::etcd::Etcd;
 use integration_tests::Daemon;
@@ -471,6 +472,13 @@ fn a_replacement_replica_receives_the_snapshots_and_its_rebuild_is_a_delta() {
         "the rebuild after the snapshots copies only what was written since: {last}"
     );
 
+    // The gone node is no longer recorded as a holder: the copies are the holder's and the
+    // spare's.
+    for snapshot in ["s1", "s2"] {
+        let info = up[holder].cli(["snapshot", "inspect", snapshot, "-o", "json"]);
+        assert_eq!(info.json()["replicas"], 2, "{}", info.json());
+    }
+
     // Each snapshot's copy on the spare reads as the snapshot: a clone of it on the holder
     // and the spare, attached on the spare (which reads its own copy).
     let mut expect_s2 = first.clone();
@@ -507,6 +515,23 @@ fn a_replacement_replica_receives_the_snapshots_and_its_rebuild_is_a_delta() {
     assert!(read_direct(&dev_s, 0, 8 * MIB) == expect_s2);
     assert!(read_direct(&dev_s, 20 * MIB, MIB) == third);
     detach(&up[spare], "pvol");
+
+    // The gone node comes back: its copies of the snapshots are garbage now, and go.
+    let mut args = cluster_args(&dirs[victim], ids[victim], &format!("zone-{victim}"), &etcd);
+    args.extend(["--replace-after", "2"].map(String::from));
+    let mut back = Daemon::spawn(&dirs[victim], args).unwrap();
+    back.wait_ready(Duration::from_secs(30)).unwrap();
+    for snapshot in ["s1", "s2"] {
+        assert!(
+            back.log()
+                .contains(&format!("deleted a snapshot snapshot={snapshot} ")),
+            "{}",
+            back.log()
+        );
+    }
+    let pools = back.cli(["pool", "list", "-o", "json"]);
+    assert_eq!(pools.json()[0]["allocated_bytes"], 0, "{}", pools.json());
+    drop(back);
     up.clear();
 }
 
