@@ -865,7 +865,22 @@ impl Cluster {
                 .generations()
                 .await
                 .map_err(|e| failed("the new replica", e))?;
-            for step in replication::nexus::plan_rebuild(&wanted, &have, since) {
+            // Every write up to this snapshot's newest generation is in it (it was taken at
+            // a barrier after them): where the target is at or past that point, what it holds
+            // up to there is the snapshot's, and what it took after must go.
+            let newest = resolved
+                .values()
+                .map(|&(_, g)| g)
+                .filter(|&g| g != GENERATION_UNKNOWN)
+                .max()
+                .unwrap_or(0);
+            let have_gen = |extent: u64| {
+                have.extents
+                    .binary_search_by_key(&extent, |e| e.extent)
+                    .ok()
+                    .map(|i| have.extents[i].generation)
+            };
+            for step in replication::nexus::plan_rebuild(&wanted, &have, since.min(newest)) {
                 match step {
                     replication::nexus::Step::Copy { extent, generation } => {
                         let (owner, _) = resolved[&extent];
@@ -877,6 +892,16 @@ impl Cluster {
                             fua: false,
                             generation,
                         };
+                        // A write keeps the higher of the extent's old and new generations:
+                        // where the target's is higher, the extent is released first, as a
+                        // rebuild does, so the copy records the snapshot's. (Not otherwise: a
+                        // release of an extent a snapshot of the target maps stamps a new one.)
+                        if have_gen(extent).is_some_and(|g| g > generation) {
+                            target
+                                .discard(extent * EXTENT, EXTENT)
+                                .await
+                                .map_err(|e| failed("the new replica", e))?;
+                        }
                         target
                             .write(extent * EXTENT, data, flags)
                             .await
@@ -905,15 +930,9 @@ impl Cluster {
             }
             self.add_holder(&snapshot, &r.node, &kept).await?;
             seeded.push(snapshot.to_string());
-            // The target holds this snapshot's data: every write up to its newest generation
-            // (an unknown one is newer than any, and the rebuild copies it again).
-            since = resolved
-                .values()
-                .map(|&(_, g)| g)
-                .filter(|&g| g != GENERATION_UNKNOWN)
-                .max()
-                .unwrap_or(0)
-                .max(since);
+            // The target holds this snapshot's data now: every write up to its newest
+            // generation, none after (an unknown one is newer than any: copied again).
+            since = newest;
         }
         tracing::info!(volume = %name, replica = %r.id(), snapshots = ?seeded, from = since, "gave a replica the volume's snapshots it lacked");
         Ok(since)

@@ -607,3 +607,77 @@ fn a_returning_replica_receives_the_snapshots_taken_while_it_was_out() {
     assert!(read_direct(&dev_c, 20 * MIB, MIB) == third);
     detach(&c, "rvol");
 }
+
+/// A replica can lack a snapshot older than what it holds: one taken while it was being
+/// rebuilt. When it next comes back, it is given that snapshot as the snapshot was, not with
+/// the writes it took after it.
+#[test]
+fn a_replica_is_given_a_snapshot_older_than_what_it_holds_as_it_was() {
+    let etcd = Etcd::start().unwrap();
+    let dirs = node_dirs(3);
+    let _cleanup = Cleanup::new(&dirs, &["ovol", "oc"]);
+    // Rebuilds at 1 MiB/s: long enough to take a snapshot during one.
+    let extra = ["--rebuild-rate", "1"];
+    let mut up = nodes_with(&dirs, &etcd, &extra);
+    let restart = |i: usize| {
+        let id = format!("node-{}", char::from(b'a' + i as u8));
+        let mut args = cluster_args(&dirs[i], &id, &format!("zone-{i}"), &etcd);
+        args.extend(extra.map(String::from));
+        let mut d = Daemon::spawn(&dirs[i], args).unwrap();
+        d.wait_ready(Duration::from_secs(30)).unwrap();
+        d
+    };
+    create_volume(&up[0], "ovol");
+    let dev = attach(&up[0], "ovol");
+    write_direct(&dev, 0, &pattern(1, 0, 8 * MIB)).unwrap();
+
+    // C misses the second data, and s2 is taken while it is rebuilt.
+    up[2].kill().unwrap();
+    let second = pattern(2, 0, 8 * MIB);
+    write_direct(&dev, 0, &second).unwrap();
+    wait_for("node-c to be ejected", Duration::from_secs(30), || {
+        replica_state(&up[0], "ovol", "node-c") == "ejected"
+    });
+    up[2] = restart(2);
+    wait_for("node-c to be rebuilding", Duration::from_secs(30), || {
+        replica_state(&up[0], "ovol", "node-c") == "rebuilding"
+    });
+    let s2 = up[1].cli(["snapshot", "create", "ovol", "s2", "-o", "json"]);
+    s2.success();
+    assert_eq!(s2.json()["replicas"], 2, "{}", s2.json());
+    wait_for("node-c to be healthy", Duration::from_secs(60), || {
+        replica_state(&up[0], "ovol", "node-c") == "healthy"
+    });
+
+    // C takes the third data, then goes down again and comes back. (Synced writes elsewhere
+    // first, so C's pool closes those extents with their generations known: a kill leaves
+    // the extents still open with generations unknown, which any rebuild copies.)
+    write_direct(&dev, 0, &pattern(3, 0, 8 * MIB)).unwrap();
+    for i in 0..16 {
+        write_direct(&dev, 32 * MIB, &pattern(5 + i, 32 * MIB, 4096)).unwrap();
+    }
+    up[2].kill().unwrap();
+    write_direct(&dev, 16 * MIB, &pattern(4, 16 * MIB, MIB)).unwrap();
+    wait_for("node-c to be ejected", Duration::from_secs(30), || {
+        replica_state(&up[0], "ovol", "node-c") == "ejected"
+    });
+    up[2] = restart(2);
+    wait_for("node-c to be healthy", Duration::from_secs(60), || {
+        replica_state(&up[0], "ovol", "node-c") == "healthy"
+    });
+    let info = up[1].cli(["snapshot", "inspect", "s2", "-o", "json"]);
+    assert_eq!(info.json()["replicas"], 3, "{}", info.json());
+
+    // C's copy of s2 (a clone attached there reads it) holds the second data, not the third.
+    up[0]
+        .cli(["volume", "create", "oc", "--from-snapshot", "s2"])
+        .success();
+    let dev_c = attach(&up[2], "oc");
+    assert!(
+        read_direct(&dev_c, 0, 8 * MIB) == second,
+        "node-c's copy of s2 holds writes taken after it"
+    );
+    detach(&up[2], "oc");
+    assert_no_reconcile(&up.iter().collect::<Vec<_>>(), "oc");
+    detach(&up[0], "ovol");
+}
