@@ -634,13 +634,9 @@ impl Cluster {
             name: spec.name.to_string(),
             id: uuid::Uuid::new_v4().to_string(),
             size_bytes: size,
-            replicas: u8::try_from(snap.nodes.len()).unwrap_or(u8::MAX),
+            replicas: u8::try_from(holders.len()).unwrap_or(u8::MAX),
             created_at: now_secs(),
-            placement: snap
-                .nodes
-                .iter()
-                .map(|n| ReplicaRecord::healthy(n))
-                .collect(),
+            placement: holders.iter().map(|n| ReplicaRecord::healthy(n)).collect(),
             attachment: None,
             epoch: 0,
         };

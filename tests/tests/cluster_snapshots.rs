@@ -140,7 +140,7 @@ fn detach(d: &Daemon, name: &str) {
 fn a_snapshot_of_a_replicated_volume_under_writes_is_one_point_of_its_history() {
     let etcd = Etcd::start().unwrap();
     let dirs = node_dirs(3);
-    let _cleanup = Cleanup::new(&dirs, &["svol", "sclone", "vcopy"]);
+    let _cleanup = Cleanup::new(&dirs, &["svol", "sclone", "vcopy", "sone"]);
     let [a, b, c] = three_nodes(&dirs, &etcd);
     create_volume(&a, "svol");
     let dev = attach(&a, "svol");
@@ -226,6 +226,35 @@ fn a_snapshot_of_a_replicated_volume_under_writes_is_one_point_of_its_history() 
     assert_no_reconcile(&[&a, &b, &c], "sclone");
     let k = at.unwrap();
     eprintln!("snapshot at writes {k:?}: {before:?} acknowledged before, {after:?} after");
+
+    // A clone with fewer replicas than the snapshot has copies: on as many of its holders.
+    c.cli([
+        "volume",
+        "create",
+        "sone",
+        "--from-snapshot",
+        "s1",
+        "--replicas",
+        "1",
+    ])
+    .success();
+    let placed = replica_states(&c, "sone");
+    assert_eq!(placed.len(), 1, "{placed:?}");
+    let one = attach(&b, "sone");
+    assert_state(Path::new(&one), &k, "a one-replica clone");
+    detach(&b, "sone");
+    b.cli(["volume", "delete", "sone"]).success();
+    c.cli([
+        "volume",
+        "create",
+        "sfour",
+        "--from-snapshot",
+        "s1",
+        "--replicas",
+        "4",
+    ])
+    .expect_code(6)
+    .stderr_has("at most 3");
 
     // Writes to the clone leave the source alone.
     let clone = attach(&b, "sclone");
