@@ -743,10 +743,21 @@ impl Cluster {
                 ),
             ));
         }
+        let mut unrecorded = Vec::new();
         for (id, why) in &eject {
             if !nexus.eject_child(id, why).await {
-                tracing::warn!(volume = %name, replica = %id, "cannot eject a replica that was not reverted");
+                unrecorded.push(id.as_str());
             }
+        }
+        if !unrecorded.is_empty() {
+            // Still recorded healthy, with newer data: the next attachment would reconcile
+            // the reverted replicas back to it.
+            return Err(ControlError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "volume {name} was reverted on some replicas, but {unrecorded:?}, not reverted, could not be recorded as out of sync; revert it again"
+                ),
+            ));
         }
         // Whatever is not healthy now copies everything when rebuilt: a delta from where it
         // stopped would keep what it holds from after the snapshot.
