@@ -383,6 +383,8 @@ fn daemon_crash_while_writing_pauses_the_writers_and_fsck_is_clean() {
     }
     std::thread::sleep(Duration::from_millis(300));
     daemon.kill().unwrap();
+    // Kept for a failure's message: what the killed daemon did last.
+    let killed_log = daemon.log();
     drop(daemon);
 
     // Issue 16: the holder keeps the attach session, so the writers only pause; the next
@@ -407,10 +409,13 @@ fn daemon_crash_while_writing_pauses_the_writers_and_fsck_is_clean() {
     };
     assert!(
         status.success(),
-        "dd failed across the crash: {status}; it said {:?}; df: {}; the holder's log: {:?}",
+        "dd failed across the crash: {status}; it said {:?}; df: {}; the holder's log: {:?}; \
+         the kernel's last messages:\n{}\nthe killed daemon's last log lines:\n{}",
         std::fs::read_to_string(node.data_dir().join("../dd.err")).unwrap_or_default(),
         run("df", &["-h", "-i", m]).1,
-        std::fs::read_to_string(node.data_dir().join("fuse-holder.log")).unwrap_or_default()
+        std::fs::read_to_string(node.data_dir().join("fuse-holder.log")).unwrap_or_default(),
+        tail(&run("dmesg", &["-T"]).1, 30),
+        tail(&killed_log, 40)
     );
     assert_eq!(
         std::fs::metadata(mnt.join("big")).unwrap().len(),
@@ -442,4 +447,10 @@ fn daemon_crash_while_writing_pauses_the_writers_and_fsck_is_clean() {
     check_files(&mnt, &files);
     daemon.cli(["volume", "unmount", &name, m]).success();
     daemon.cli(["volume", "detach", &name]).success();
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
