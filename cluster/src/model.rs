@@ -42,7 +42,8 @@ pub fn change_intent_key(change: replication::tls::Change, subject: &str, node: 
     }
 }
 
-/// A node's intent to create or grow a replica on another node. The replica server of that
+/// A node's intent to make a change on another node: create, grow or clone into a replica,
+/// take or delete a snapshot ([`replication::tls::Change`]). The replica server of that
 /// node (under TLS) does it only for the node, change and size recorded here, and only while
 /// the intent is fresh ([`IntentRecord::TTL`]); the asking node deletes it once answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

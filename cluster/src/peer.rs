@@ -1,4 +1,5 @@
-//! Control requests to peers over the replica protocol: create, grow and delete a replica.
+//! Control requests to peers over the replica protocol: create, grow and delete a replica;
+//! clone, take and delete a snapshot (`ask`).
 
 use ::api::{ControlError, ErrorKind};
 use replication::remote::{RemoteOptions, ReplicaClient};
@@ -94,8 +95,9 @@ pub async fn delete(addr: &str, volume: &str, opts: &RemoteOptions) -> Result<()
 
 /// What the store lets peers of this node (`me`) do over TLS: connect if registered (a
 /// node's record lives while its lease does), register the attachment recorded in the
-/// volume's record, delete a replica the record no longer places here, create or grow one as
-/// its fresh intent says. A store that cannot be read answers no.
+/// volume's record, delete a replica the record no longer places here, create or grow one,
+/// clone a snapshot, take or delete one, as its fresh intent says. A store that cannot be
+/// read answers no.
 #[derive(Debug, Clone)]
 pub struct StoreMembers {
     /// The store.

@@ -396,7 +396,8 @@ impl At {
     }
 }
 
-/// A control client of one replica server: create, delete, stat and register.
+/// A control client of one replica server: create, delete, stat and register, and the
+/// snapshot requests answered by `Ok` ([`ReplicaClient::ask`]).
 #[derive(Debug, Clone)]
 pub struct ReplicaClient {
     conn: Arc<Conn>,

@@ -16,9 +16,10 @@
 //! - At most [`MAX_IN_FLIGHT`] requests per connection run at once; the reader stops reading
 //!   until one completes, which bounds the memory one peer can pin.
 //! - With TLS ([`ReplicaServer::with_tls`]), nothing is served before a `Hello` naming a node
-//!   the client certificate is valid for and the store lists; `Register`, `Delete`, `Create`
-//!   and `Resize` are then checked against the store, and every data request must come on the
-//!   connection that registered the current epoch (see [`crate::tls`]).
+//!   the client certificate is valid for and the store lists; `Register`, `Delete`, `Create`,
+//!   `Resize`, `Clone`, `DeleteSnapshot` and `TakeSnapshot` are then checked against the
+//!   store, and every data request (and `Snapshot`, `Revert`, `Chain`, `ReadLink`) must come
+//!   on the connection that registered the current epoch (see [`crate::tls`]).
 //! - Peers are bounded ([`Limits`]): connections, the hello's and each frame's arrival, and the
 //!   bytes requests hold per connection and per server.
 //! - A malformed frame closes that connection only. Request tasks are never aborted: a write

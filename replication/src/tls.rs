@@ -13,8 +13,9 @@
 //! - what a node may ask is checked against the store too ([`Members`]): `Register` only for
 //!   the node and epoch recorded as the volume's attachment (reads and writes are admitted only
 //!   on the connection that registered the current epoch, see `crate::fence`), `Delete` only of
-//!   a replica the store no longer places here, `Create` and `Resize` (but a dry run) only as
-//!   the store's fresh intent by that node says ([`Change`]).
+//!   a replica the store no longer places here, `Create`, `Resize` (but a dry run), `Clone`,
+//!   `DeleteSnapshot` and `TakeSnapshot` only as the store's fresh intent by that node says
+//!   ([`Change`]).
 //!
 //! The files are read again when they change (their size or modification time, checked at
 //! most once a second on a new connection): certificates rotate with no restart. A rotation

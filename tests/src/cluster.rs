@@ -144,20 +144,24 @@ pub fn three_nodes(dirs: &[NodeDir], etcd: &Etcd) -> [Daemon; 3] {
     nodes_up
 }
 
+/// Start node `i` of a [`nodes_with`] cluster (`node-a`, `node-b`, … in `zone-0`,
+/// `zone-1`, …) in `dir`, with `extra` flags too, and wait until it is ready.
+pub fn start_with(dir: &NodeDir, i: usize, etcd: &Etcd, extra: &[&str]) -> Daemon {
+    let id = format!("node-{}", char::from(b'a' + i as u8));
+    let mut args = cluster_args(dir, &id, &format!("zone-{i}"), etcd);
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let mut d = Daemon::spawn(dir, args).unwrap();
+    d.wait_ready(Duration::from_secs(30)).unwrap();
+    d
+}
+
 /// Nodes `node-a`, `node-b`, … (in zones `zone-0`, `zone-1`, …), one per directory of
 /// `dirs`, each started with `extra` flags too, and registered.
 pub fn nodes_with(dirs: &[NodeDir], etcd: &Etcd, extra: &[&str]) -> Vec<Daemon> {
     let up: Vec<Daemon> = dirs
         .iter()
         .enumerate()
-        .map(|(i, dir)| {
-            let id = format!("node-{}", char::from(b'a' + i as u8));
-            let mut args = cluster_args(dir, &id, &format!("zone-{i}"), etcd);
-            args.extend(extra.iter().map(|a| (*a).to_owned()));
-            let mut d = Daemon::spawn(dir, args).unwrap();
-            d.wait_ready(Duration::from_secs(30)).unwrap();
-            d
-        })
+        .map(|(i, dir)| start_with(dir, i, etcd, extra))
         .collect();
     wait_for("every node registered", Duration::from_secs(10), || {
         nodes(&up[0]).len() == dirs.len()
@@ -225,6 +229,27 @@ pub fn replica_states(d: &Daemon, volume: &str) -> Vec<(String, String)> {
             )
         })
         .collect()
+}
+
+/// The replica of `volume` on `node` as `d` inspects it (`null` if there is none).
+pub fn replica(d: &Daemon, volume: &str, node: &str) -> serde_json::Value {
+    let out = d.cli(["volume", "inspect", volume, "-o", "json"]);
+    out.success();
+    out.json()["replica_status"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node_id"] == node)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// The state of `volume`'s replica on `node` as `d` inspects it (`<absent>` if none).
+pub fn replica_state(d: &Daemon, volume: &str, node: &str) -> String {
+    replica(d, volume, node)["state"]
+        .as_str()
+        .unwrap_or("<absent>")
+        .to_owned()
 }
 
 /// Create a 64 MiB volume with 3 replicas on `d`.

@@ -11,35 +11,14 @@
 use std::time::{Duration, Instant};
 
 use integration_tests::cluster::{
-    attach, cluster_args, node_dirs, nodes, nodes_with, pattern, read_direct, replica_states,
-    start, three_nodes, wait_for, write_direct, Cleanup, MIB,
+    attach, node_dirs, nodes_with, pattern, read_direct, replica, replica_state, replica_states,
+    start, start_with, three_nodes, wait_for, write_direct, Cleanup, MIB,
 };
 use integration_tests::etcd::Etcd;
 use integration_tests::workload::{Config, Workload};
-use integration_tests::Daemon;
 
 const STEP: u64 = 100;
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The replica of `volume` on `node` as `d` reports it.
-fn replica(d: &Daemon, volume: &str, node: &str) -> serde_json::Value {
-    let out = d.cli(["volume", "inspect", volume, "-o", "json"]);
-    out.success();
-    out.json()["replica_status"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["node_id"] == node)
-        .cloned()
-        .unwrap_or(serde_json::Value::Null)
-}
-
-fn state(d: &Daemon, volume: &str, node: &str) -> String {
-    replica(d, volume, node)["state"]
-        .as_str()
-        .unwrap_or("<absent>")
-        .to_owned()
-}
 
 #[test]
 fn a_killed_replica_node_returns_through_a_delta_rebuild() {
@@ -68,7 +47,7 @@ fn a_killed_replica_node_returns_through_a_delta_rebuild() {
     b.kill().unwrap();
     let down_at = w.acked();
     wait_for("node-b to be ejected", Duration::from_secs(30), || {
-        state(&a, "avol", "node-b") == "ejected"
+        replica_state(&a, "avol", "node-b") == "ejected"
     });
     w.wait_more_acked(STEP, STEP_TIMEOUT).unwrap();
     let during = pattern(8, 70 * MIB, MIB);
@@ -82,7 +61,7 @@ fn a_killed_replica_node_returns_through_a_delta_rebuild() {
     wait_for(
         "node-b to be healthy again",
         Duration::from_secs(60),
-        || state(&a, "avol", "node-b") == "healthy",
+        || replica_state(&a, "avol", "node-b") == "healthy",
     );
     let written_while_down = w.acked() - down_at;
     eprintln!(
@@ -187,7 +166,7 @@ fn a_replica_of_a_node_gone_for_good_is_replaced_with_a_full_rebuild() {
     wait_for(
         "a replacement replica to be healthy",
         Duration::from_secs(60),
-        || state(d, "rvol", spare) == "healthy",
+        || replica_state(d, "rvol", spare) == "healthy",
     );
     w.wait_more_acked(STEP, STEP_TIMEOUT).unwrap();
     let report = w.stop();
@@ -215,10 +194,7 @@ fn a_replica_of_a_node_gone_for_good_is_replaced_with_a_full_rebuild() {
     up[spare_i].cli(["volume", "detach", "rvol"]).success();
 
     // The gone node comes back: its replaced replica is garbage and is deleted.
-    let mut args = cluster_args(&dirs[victim], ids[victim], &format!("zone-{victim}"), &etcd);
-    args.extend(["--replace-after", "2"].map(String::from));
-    let mut back = Daemon::spawn(&dirs[victim], args).unwrap();
-    back.wait_ready(Duration::from_secs(30)).unwrap();
+    let back = start_with(&dirs[victim], victim, &etcd, &["--replace-after", "2"]);
     let pools = back.cli(["pool", "list", "-o", "json"]);
     pools.success();
     let held: u64 = pools

@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use integration_tests::cluster::{
-    attach, cluster_args, create_volume, node_dirs, nodes, nodes_with, pattern, pread_direct,
-    pwrite_direct, read_direct, replica_states, start, three_nodes, wait_for, write_direct,
-    Cleanup, MIB,
+    attach, create_volume, node_dirs, nodes, nodes_with, pattern, pread_direct, pwrite_direct,
+    read_direct, replica, replica_state, replica_states, start, start_with, three_nodes, wait_for,
+    write_direct, Cleanup, MIB,
 };
 use integration_tests::etcd::Etcd;
 use integration_tests::Daemon;
@@ -330,14 +330,6 @@ fn a_snapshot_of_a_replicated_volume_under_writes_is_one_point_of_its_history() 
     }
 }
 
-/// The state of `volume`'s replica on `node`, as `d` reports it.
-fn replica_state(d: &Daemon, volume: &str, node: &str) -> String {
-    replica_states(d, volume)
-        .into_iter()
-        .find(|(n, _)| n == node)
-        .map_or_else(|| "<absent>".into(), |(_, s)| s)
-}
-
 /// A node that is down while a snapshot it holds is deleted deletes its copy when it comes
 /// back; a revert made while it is down marks its replica for a full rebuild, so the writes
 /// it took after the snapshot do not survive as if unchanged.
@@ -400,14 +392,7 @@ fn a_node_down_during_a_delete_and_a_revert_catches_up() {
     wait_for("node-c to be rebuilt", Duration::from_secs(60), || {
         replica_state(&a, "dvol", "node-c") == "healthy"
     });
-    let rebuilt = a.cli(["volume", "inspect", "dvol", "-o", "json"]);
-    let last = rebuilt.json()["replica_status"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["node_id"] == "node-c")
-        .unwrap()["last_rebuild"]
-        .clone();
+    let last = replica(&a, "dvol", "node-c")["last_rebuild"].clone();
     assert_eq!(last["kind"], "full", "{last}");
     assert!(
         read_direct(&dev, 0, 4 * MIB) == first,
@@ -486,14 +471,7 @@ fn a_replacement_replica_receives_the_snapshots_and_its_rebuild_is_a_delta() {
         "{}",
         d.log()
     );
-    let inspect = d.cli(["volume", "inspect", "pvol", "-o", "json"]);
-    let last = inspect.json()["replica_status"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["node_id"] == ids[spare])
-        .unwrap()["last_rebuild"]
-        .clone();
+    let last = replica(d, "pvol", ids[spare])["last_rebuild"].clone();
     assert_eq!(last["kind"], "delta", "{last}");
     assert_eq!(
         last["done_bytes"].as_u64().unwrap(),
@@ -546,10 +524,7 @@ fn a_replacement_replica_receives_the_snapshots_and_its_rebuild_is_a_delta() {
     detach(&up[spare], "pvol");
 
     // The gone node comes back: its copies of the snapshots are garbage now, and go.
-    let mut args = cluster_args(&dirs[victim], ids[victim], &format!("zone-{victim}"), &etcd);
-    args.extend(["--replace-after", "2"].map(String::from));
-    let mut back = Daemon::spawn(&dirs[victim], args).unwrap();
-    back.wait_ready(Duration::from_secs(30)).unwrap();
+    let back = start_with(&dirs[victim], victim, &etcd, &["--replace-after", "2"]);
     for snapshot in ["s1", "s2"] {
         assert!(
             back.log()
@@ -602,14 +577,7 @@ fn a_returning_replica_receives_the_snapshots_taken_while_it_was_out() {
         "{}",
         a.log()
     );
-    let inspect = a.cli(["volume", "inspect", "rvol", "-o", "json"]);
-    let last = inspect.json()["replica_status"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["node_id"] == "node-c")
-        .unwrap()["last_rebuild"]
-        .clone();
+    let last = replica(&a, "rvol", "node-c")["last_rebuild"].clone();
     assert_eq!(last["kind"], "delta", "{last}");
     assert_eq!(last["done_bytes"].as_u64().unwrap(), MIB as u64, "{last}");
     let s2 = c.cli(["snapshot", "inspect", "s2", "-o", "json"]);
@@ -648,14 +616,6 @@ fn a_replica_is_given_a_snapshot_older_than_what_it_holds_as_it_was() {
     // Rebuilds at 1 MiB/s: long enough to take a snapshot during one.
     let extra = ["--rebuild-rate", "1"];
     let mut up = nodes_with(&dirs, &etcd, &extra);
-    let restart = |i: usize| {
-        let id = format!("node-{}", char::from(b'a' + i as u8));
-        let mut args = cluster_args(&dirs[i], &id, &format!("zone-{i}"), &etcd);
-        args.extend(extra.map(String::from));
-        let mut d = Daemon::spawn(&dirs[i], args).unwrap();
-        d.wait_ready(Duration::from_secs(30)).unwrap();
-        d
-    };
     create_volume(&up[0], "ovol");
     let dev = attach(&up[0], "ovol");
     write_direct(&dev, 0, &pattern(1, 0, 8 * MIB)).unwrap();
@@ -667,7 +627,7 @@ fn a_replica_is_given_a_snapshot_older_than_what_it_holds_as_it_was() {
     wait_for("node-c to be ejected", Duration::from_secs(30), || {
         replica_state(&up[0], "ovol", "node-c") == "ejected"
     });
-    up[2] = restart(2);
+    up[2] = start_with(&dirs[2], 2, &etcd, &extra);
     wait_for("node-c to be rebuilding", Duration::from_secs(30), || {
         replica_state(&up[0], "ovol", "node-c") == "rebuilding"
     });
@@ -690,7 +650,7 @@ fn a_replica_is_given_a_snapshot_older_than_what_it_holds_as_it_was() {
     wait_for("node-c to be ejected", Duration::from_secs(30), || {
         replica_state(&up[0], "ovol", "node-c") == "ejected"
     });
-    up[2] = restart(2);
+    up[2] = start_with(&dirs[2], 2, &etcd, &extra);
     wait_for("node-c to be healthy", Duration::from_secs(60), || {
         replica_state(&up[0], "ovol", "node-c") == "healthy"
     });
